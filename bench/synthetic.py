@@ -1,0 +1,136 @@
+"""Synthetic participants' media that a receiver can measure.
+
+Video: every frame carries, in large black and white blocks along its top,
+a publisher tag, the frame number and the capture time in milliseconds, so a
+receiver can tell whose frame it is, which one, and how late, even after lossy
+VP8 compression. Audio: a sine tone at a known frequency per publisher.
+"""
+
+from __future__ import annotations
+
+import fractions
+import time
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
+
+STAMP_BITS = 64  # tag (8) | frame number (24) | capture time ms mod 2**32 (32)
+BLOCKS_PER_ROW = 32
+AUDIO_RATE = 48000
+AUDIO_SAMPLES = 960  # 20 ms
+
+
+@dataclass(frozen=True)
+class FrameStamp:
+    tag: int
+    frame: int
+    capture_ms: int
+
+
+def _block_size(width: int) -> int:
+    return max(4, width // BLOCKS_PER_ROW)
+
+
+def draw_stamp(luma: np.ndarray, stamp: FrameStamp) -> None:
+    """Write ``stamp`` into the top rows of a Y plane, in place."""
+    value = ((stamp.tag & 0xFF) << 56) | ((stamp.frame & 0xFFFFFF) << 32) | (stamp.capture_ms & 0xFFFFFFFF)
+    size = _block_size(luma.shape[1])
+    for bit in range(STAMP_BITS):
+        row, col = divmod(bit, BLOCKS_PER_ROW)
+        level = 235 if (value >> (STAMP_BITS - 1 - bit)) & 1 else 16
+        luma[row * size:(row + 1) * size, col * size:(col + 1) * size] = level
+
+
+def read_stamp(luma: np.ndarray) -> FrameStamp:
+    """Read the stamp back from a decoded Y plane."""
+    size = _block_size(luma.shape[1])
+    margin = size // 4
+    value = 0
+    for bit in range(STAMP_BITS):
+        row, col = divmod(bit, BLOCKS_PER_ROW)
+        block = luma[row * size + margin:(row + 1) * size - margin,
+                     col * size + margin:(col + 1) * size - margin]
+        value = (value << 1) | int(block.mean() > 128)
+    return FrameStamp(tag=value >> 56, frame=(value >> 32) & 0xFFFFFF, capture_ms=value & 0xFFFFFFFF)
+
+
+def source_luma(width: int, height: int, frame: int) -> np.ndarray:
+    """The picture under the stamp: a moving diagonal gradient, regenerable for PSNR."""
+    y = np.arange(height, dtype=np.uint16)[:, None]
+    x = np.arange(width, dtype=np.uint16)[None, :]
+    return ((x + y + frame * 4) % 200 + 28).astype(np.uint8)
+
+
+def wall_ms() -> int:
+    return int(time.time() * 1000) & 0xFFFFFFFF
+
+
+class StampedVideoTrack(VideoStreamTrack):
+    """Publishes stamped frames at ``fps``."""
+
+    def __init__(self, tag: int, width: int = 640, height: int = 480, fps: int = 30) -> None:
+        super().__init__()
+        self.tag = tag
+        self.width, self.height, self.fps = width, height, fps
+        self.frames_sent = 0
+        self._chroma = np.full((height // 2, width), 128, dtype=np.uint8)
+        self._start: float | None = None
+
+    async def recv(self) -> av.VideoFrame:
+        import asyncio
+
+        if self._start is None:
+            self._start = time.monotonic()
+        due = self._start + self.frames_sent / self.fps
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        number = self.frames_sent
+        luma = source_luma(self.width, self.height, number)
+        draw_stamp(luma, FrameStamp(self.tag, number, wall_ms()))
+        frame = av.VideoFrame.from_ndarray(np.vstack([luma, self._chroma]), format="yuv420p")
+        frame.pts = int(number * 90000 / self.fps)
+        frame.time_base = fractions.Fraction(1, 90000)
+        self.frames_sent += 1
+        return frame
+
+
+class ToneAudioTrack(AudioStreamTrack):
+    """Publishes a continuous sine tone at ``frequency`` Hz."""
+
+    def __init__(self, frequency: float, amplitude: float = 0.3) -> None:
+        super().__init__()
+        self.frequency = frequency
+        self.amplitude = amplitude
+        self.samples_sent = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        import asyncio
+
+        if self._start is None:
+            self._start = time.monotonic()
+        due = self._start + self.samples_sent / AUDIO_RATE
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t = (np.arange(AUDIO_SAMPLES) + self.samples_sent) / AUDIO_RATE
+        pcm = (np.sin(2 * np.pi * self.frequency * t) * self.amplitude * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = self.samples_sent
+        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        self.samples_sent += AUDIO_SAMPLES
+        return frame
+
+
+def dominant_frequency(frame: av.AudioFrame) -> float:
+    """The strongest frequency in a decoded audio frame (first channel)."""
+    samples = frame.to_ndarray().astype(np.float64)
+    channels = len(frame.layout.channels)
+    mono = samples.reshape(-1)[::channels] if samples.shape[0] == 1 else samples[0]
+    spectrum = np.abs(np.fft.rfft(mono * np.hanning(len(mono))))
+    spectrum[0] = 0
+    return float(np.argmax(spectrum) * frame.sample_rate / len(mono))

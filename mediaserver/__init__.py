@@ -1,0 +1,1 @@
+"""Nära media server: a forwarding SFU on aiortc."""

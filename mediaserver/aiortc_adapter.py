@@ -1,0 +1,321 @@
+"""Every use of aiortc (and aioice) internals in Nära, in one place.
+
+aiortc is our transport: ICE, DTLS, SRTP, RTP/RTCP parsing and SDP. It has no
+public way to receive encoded packets or to send packets it did not encode, so
+the forwarding SFU reaches into it here and nowhere else. The pinned minor
+version is in pyproject.toml; ``tests/test_aiortc_adapter.py`` checks every
+assumption below and fails loudly when aiortc changes under us.
+
+The hook points and why they are shaped this way:
+
+* Inbound: ``RTCRtpReceiver._handle_rtp_packet`` does SRTP-decrypted parsing,
+  receive statistics (for receiver reports), REMB estimation, NACK generation
+  and RTX unwrapping, then hands the packet to a jitter buffer that counts
+  packets, not time; one unrecoverable packet can stall it for seconds. We keep
+  everything up to the jitter buffer and replace the buffer itself with a sink
+  that collects each packet, so forwarding never waits on reassembly and
+  nothing is decoded.
+* Outbound: ``RTCRtpSender`` only sends what its own loop encodes and
+  re-packetises per frame. We park that loop on a track that never yields a
+  frame and write our rewritten RTP packets straight to the sender's DTLS
+  transport, keeping the sender-report counters it uses for RTCP SR.
+* RTCP from a subscriber (NACK, PLI/FIR, REMB, receiver reports) arrives at the
+  sender's ``_handle_rtcp_packet``; we route it to Nära first and let aiortc
+  keep only what it can still use (RTT and statistics from reports).
+* Host candidates: aioice gathers every interface address except 127.0.0.1.
+  A server must announce only the addresses it is configured for, so the list
+  is set here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import aioice.ice
+from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
+from aiortc import clock as aiortc_clock
+from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    AnyRtcpPacket,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpRtpfbPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    unpack_remb_fci,
+)
+
+__all__ = [
+    "RtpPacket",
+    "InboundTap",
+    "OutboundPort",
+    "ParkedTrack",
+    "RtcpFeedback",
+    "restrict_host_addresses",
+    "prefer_codec",
+    "negotiated_payload_type",
+    "ntp_now",
+]
+
+logger = logging.getLogger(__name__)
+
+RTCP_PSFB_FIR = 4
+
+PacketHandler = Callable[[RtpPacket], Awaitable[None]]
+
+
+def ntp_now() -> int:
+    """The current time as a 64-bit NTP timestamp, as aiortc's RTCP uses it."""
+    return aiortc_clock.current_ntp_time()
+
+
+# --- ICE host addresses -------------------------------------------------------
+
+_original_get_host_addresses = aioice.ice.get_host_addresses
+
+
+def restrict_host_addresses(addresses: Iterable[str] | None) -> None:
+    """Gather ICE host candidates only on ``addresses`` (None: every interface).
+
+    aioice looks this function up as a module global at gathering time, so the
+    setting applies to every peer connection created afterwards in this process.
+    """
+    if addresses is None:
+        aioice.ice.get_host_addresses = _original_get_host_addresses
+        return
+    fixed = list(addresses)
+
+    def configured(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in fixed if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+    aioice.ice.get_host_addresses = configured
+
+
+# --- codecs ------------------------------------------------------------------
+
+
+def prefer_codec(transceiver: RTCRtpTransceiver, mime_type: str, with_rtx: bool) -> None:
+    """Offer only ``mime_type`` (and optionally its RTX) on this transceiver."""
+    capabilities = RTCRtpSender.getCapabilities(transceiver.kind).codecs
+    wanted: list[RTCRtpCodecCapability] = [
+        c for c in capabilities if c.mimeType.lower() == mime_type.lower()
+    ]
+    if not wanted:
+        raise RuntimeError(f"aiortc does not offer {mime_type}")
+    if with_rtx:
+        wanted += [c for c in capabilities if c.mimeType.lower().endswith("/rtx")]
+    transceiver.setCodecPreferences(wanted)
+
+
+def negotiated_payload_type(transceiver: RTCRtpTransceiver, mime_type: str) -> int | None:
+    """The payload type agreed for ``mime_type`` in the last negotiation."""
+    for codec in transceiver._codecs:
+        if codec.mimeType.lower() == mime_type.lower():
+            return int(codec.payloadType)
+    return None
+
+
+# --- inbound -----------------------------------------------------------------
+
+
+class _PacketSink:
+    """Stands in for aiortc's jitter buffer: keeps each packet for the tap."""
+
+    def __init__(self) -> None:
+        self.packets: deque[RtpPacket] = deque()
+
+    def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        self.packets.append(packet)
+        return False, None
+
+
+class InboundTap:
+    """Hands every RTP packet a receiver gets to ``on_packet``, undecoded.
+
+    Packets arrive after SRTP, statistics, NACK generation and RTX unwrapping,
+    so retransmissions come through with their original sequence number.
+    """
+
+    def __init__(self, receiver: RTCRtpReceiver, on_packet: PacketHandler) -> None:
+        self._receiver = receiver
+        self._on_packet = on_packet
+        sink = _PacketSink()
+        if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
+            raise RuntimeError("aiortc changed: RTCRtpReceiver has no jitter buffer to replace")
+        receiver._RTCRtpReceiver__jitter_buffer = sink  # type: ignore[attr-defined]
+        original = receiver._handle_rtp_packet
+
+        async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
+            await original(packet, arrival_time_ms)
+            while sink.packets:
+                await self._on_packet(sink.packets.popleft())
+
+        receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
+
+    async def request_keyframe(self, media_ssrc: int) -> None:
+        """Send a PLI to the publisher."""
+        await self._receiver._send_rtcp_pli(media_ssrc)
+
+    async def request_retransmission(self, media_ssrc: int, sequence_numbers: list[int]) -> None:
+        """Send a generic NACK to the publisher."""
+        await self._receiver._send_rtcp_nack(media_ssrc, sequence_numbers)
+
+
+# --- outbound ----------------------------------------------------------------
+
+
+class ParkedTrack(MediaStreamTrack):
+    """A track whose ``recv`` never returns: it parks the sender's own RTP loop.
+
+    Without a track aiortc's sender polls every 20 ms; with this one it waits
+    without waking, and Nära writes packets to the transport itself.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._never: asyncio.Future[None] | None = None
+
+    async def recv(self) -> Any:
+        self._never = asyncio.get_running_loop().create_future()
+        await self._never
+        raise asyncio.CancelledError
+
+    def stop(self) -> None:
+        if self._never is not None and not self._never.done():
+            self._never.cancel()
+        super().stop()
+
+
+class RtcpFeedback:
+    """What a subscriber told us about one outbound stream, in plain data."""
+
+    __slots__ = ("kind", "lost", "bitrate", "fraction_lost", "packets_lost", "jitter")
+
+    def __init__(
+        self,
+        kind: str,
+        lost: list[int] | None = None,
+        bitrate: int | None = None,
+        fraction_lost: int = 0,
+        packets_lost: int = 0,
+        jitter: int = 0,
+    ) -> None:
+        self.kind = kind  # "nack" | "keyframe" | "remb" | "report"
+        self.lost = lost or []
+        self.bitrate = bitrate
+        self.fraction_lost = fraction_lost
+        self.packets_lost = packets_lost
+        self.jitter = jitter
+
+
+FeedbackHandler = Callable[[RtcpFeedback], Awaitable[None]]
+
+
+class OutboundPort:
+    """Sends Nära's RTP packets through an aiortc sender's transport."""
+
+    def __init__(self, sender: RTCRtpSender, on_feedback: FeedbackHandler) -> None:
+        for name in (
+            "_RTCRtpSender__rtp_header_extensions_map",
+            "_RTCRtpSender__ntp_timestamp",
+            "_RTCRtpSender__rtp_timestamp",
+            "_RTCRtpSender__octet_count",
+            "_RTCRtpSender__packet_count",
+            "_RTCRtpSender__rtt",
+        ):
+            if not hasattr(sender, name):
+                raise RuntimeError(f"aiortc changed: RTCRtpSender has no {name}")
+        self._sender = sender
+        self._on_feedback = on_feedback
+        self.ssrc: int = sender._ssrc
+        self.payload_type: int | None = None
+        self.mid: str | None = None
+        original = sender._handle_rtcp_packet
+
+        async def handle_rtcp_packet(packet: AnyRtcpPacket) -> None:
+            if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+                await self._on_feedback(RtcpFeedback("nack", lost=list(packet.lost)))
+            elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+                await self._on_feedback(RtcpFeedback("keyframe"))
+            elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+                try:
+                    bitrate, ssrcs = unpack_remb_fci(packet.fci)
+                except ValueError:
+                    return
+                if self.ssrc in ssrcs:
+                    await self._on_feedback(RtcpFeedback("remb", bitrate=bitrate))
+            elif isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+                await original(packet)  # RTT and remote-inbound statistics
+                for report in packet.reports:
+                    if report.ssrc == self.ssrc:
+                        await self._on_feedback(
+                            RtcpFeedback(
+                                "report",
+                                fraction_lost=report.fraction_lost,
+                                packets_lost=report.packets_lost,
+                                jitter=report.jitter,
+                            )
+                        )
+
+        sender._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
+
+    def configure(self, payload_type: int, mid: str | None) -> None:
+        self.payload_type = payload_type
+        self.mid = mid
+
+    @property
+    def round_trip_time(self) -> float | None:
+        """Smoothed RTT in seconds from the subscriber's receiver reports."""
+        rtt: float | None = self._sender._RTCRtpSender__rtt  # type: ignore[attr-defined]
+        return rtt
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._sender.transport.state == "connected")
+
+    async def send(
+        self,
+        payload: bytes,
+        *,
+        sequence_number: int,
+        timestamp: int,
+        marker: int,
+        padding_size: int = 0,
+        audio_level: Any = None,
+    ) -> None:
+        """Send one RTP packet on this sender's SSRC and payload type.
+
+        Raises ConnectionError when the transport is not (or no longer) up.
+        """
+        if self.payload_type is None:
+            raise ConnectionError("outbound stream not negotiated yet")
+        sender = self._sender
+        packet = RtpPacket(
+            payload_type=self.payload_type,
+            marker=marker,
+            sequence_number=sequence_number,
+            timestamp=timestamp,
+            ssrc=self.ssrc,
+            payload=payload,
+        )
+        packet.padding_size = padding_size
+        now = ntp_now()
+        packet.extensions.abs_send_time = (now >> 14) & 0x00FFFFFF
+        packet.extensions.mid = self.mid
+        packet.extensions.audio_level = audio_level
+        data = packet.serialize(sender._RTCRtpSender__rtp_header_extensions_map)  # type: ignore[attr-defined]
+        await sender.transport._send_rtp(data)
+        # The sender's RTCP loop builds its sender reports from these.
+        sender._RTCRtpSender__ntp_timestamp = now  # type: ignore[attr-defined]
+        sender._RTCRtpSender__rtp_timestamp = timestamp  # type: ignore[attr-defined]
+        sender._RTCRtpSender__octet_count += len(payload)  # type: ignore[attr-defined]
+        sender._RTCRtpSender__packet_count += 1  # type: ignore[attr-defined]

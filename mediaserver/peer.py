@@ -1,0 +1,257 @@
+"""One participant's peer connection with the SFU.
+
+The server is always the offerer. That keeps renegotiation free of glare: when
+participants or tracks come and go, the server builds a new offer and the
+client only ever answers. A publishing participant gets one receive-only audio
+and one receive-only video transceiver in the first offer, which its answer
+turns into its published tracks; every other participant's track reaches it on
+a send-only transceiver ("slot"). Slots are reused when a track goes away,
+because m-lines can never be removed from a session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiortc import (
+    RTCBundlePolicy,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.rtcrtptransceiver import RTCRtpTransceiver
+
+from .aiortc_adapter import (
+    InboundTap,
+    OutboundPort,
+    ParkedTrack,
+    RtcpFeedback,
+    RtpPacket,
+    negotiated_payload_type,
+    prefer_codec,
+)
+from .errors import MediaError
+from .forwarder import MIME_TYPES, Publication, Subscription
+
+if TYPE_CHECKING:
+    from .room import Room
+
+logger = logging.getLogger(__name__)
+
+Signal = Callable[[dict[str, Any]], Awaitable[None]]
+
+ANSWER_DEADLINE = 15.0
+
+
+@dataclass(frozen=True)
+class ParticipantInfo:
+    id: str
+    name: str
+    role: str
+    can_publish: bool
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "role": self.role}
+
+
+class Slot:
+    """A send-only transceiver carrying one other participant's track."""
+
+    def __init__(self, transceiver: RTCRtpTransceiver, kind: str) -> None:
+        self.transceiver = transceiver
+        self.kind = kind
+        self.port = OutboundPort(transceiver.sender, self._on_feedback)
+        self.publication: Publication | None = None
+        self.subscription: Subscription | None = None
+
+    async def _on_feedback(self, feedback: RtcpFeedback) -> None:
+        if self.subscription is not None:
+            await self.subscription.on_feedback(feedback)
+
+    def release(self) -> None:
+        if self.subscription is not None:
+            self.subscription.publication.detach(self.subscription)
+        self.subscription = None
+        self.publication = None
+
+
+class Peer:
+    def __init__(
+        self,
+        room: Room,
+        info: ParticipantInfo,
+        signal: Signal,
+        ice_servers: list[RTCIceServer],
+        on_failed: Callable[[Peer, str], Awaitable[None]],
+    ) -> None:
+        self.room = room
+        self.info = info
+        self.signal = signal
+        self.on_failed = on_failed
+        # MAX_BUNDLE: with aiortc's default (balanced), a second transceiver of a kind
+        # created before the first answer stays on a transport that bundling discards.
+        self.pc = RTCPeerConnection(
+            RTCConfiguration(iceServers=ice_servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+        )
+        self.inbound: dict[str, RTCRtpTransceiver] = {}
+        self._taps: dict[str, InboundTap] = {}
+        self.publications: dict[str, Publication] = {}
+        self.muted: dict[str, bool] = {"audio": False, "video": False}
+        self.slots: list[Slot] = []
+        self.closed = False
+        self._lock = asyncio.Lock()
+        self._awaiting_answer = False
+        self._renegotiate = False
+        self._answer_timer: asyncio.TimerHandle | None = None
+        self.pc.on("track", self._on_track)
+        self.pc.on("connectionstatechange", self._on_connection_state)
+
+    # --- set-up ------------------------------------------------------------
+
+    def open_publishing(self) -> None:
+        """Add the receive-only transceivers this participant publishes into."""
+        for kind in ("audio", "video"):
+            transceiver = self.pc.addTransceiver(kind, direction="recvonly")
+            prefer_codec(transceiver, MIME_TYPES[kind], with_rtx=(kind == "video"))
+            self._taps[kind] = InboundTap(transceiver.receiver, self._inbound_handler(kind))
+            self.inbound[kind] = transceiver
+
+    def _inbound_handler(self, kind: str) -> Callable[[RtpPacket], Awaitable[None]]:
+        async def on_packet(packet: RtpPacket) -> None:
+            publication = self.publications.get(kind)
+            if publication is not None:
+                await publication.on_packet(packet)
+
+        return on_packet
+
+    def _on_track(self, track: Any) -> None:
+        kind = track.kind
+        if kind in self.publications or self.closed:
+            return
+        if not self.info.can_publish:
+            # The answer turned a slot around; nothing from this peer is forwarded.
+            asyncio.ensure_future(
+                self.room.notify_error(self, "publish_not_allowed", "This role may not publish media.")
+            )
+            return
+        if kind not in self._taps:
+            return
+        publication = Publication(self.info.id, kind, self._taps[kind])
+        publication.muted = self.muted[kind]
+        self.publications[kind] = publication
+        asyncio.ensure_future(self.room.publish(publication))
+
+    async def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        logger.info("participant %s media connection %s", self.info.id, state)
+        if state == "failed" and not self.closed:
+            await self.on_failed(self, "media_failed")
+
+    # --- negotiation ---------------------------------------------------------
+
+    async def negotiate(self) -> None:
+        """Bring this peer's slots in line with the room and send an offer."""
+        async with self._lock:
+            if self.closed:
+                return
+            if self._awaiting_answer:
+                self._renegotiate = True
+                return
+            self._assign_slots()
+            offer = await self.pc.createOffer()
+            await self.pc.setLocalDescription(offer)
+            self._awaiting_answer = True
+            self._arm_answer_deadline()
+            tracks = [
+                {
+                    "mid": slot.transceiver.mid,
+                    "participant_id": slot.publication.participant_id,
+                    "kind": slot.kind,
+                }
+                for slot in self.slots
+                if slot.publication is not None
+            ]
+            publish = {kind: t.mid for kind, t in self.inbound.items()}
+            description = self.pc.localDescription
+        await self.signal({"type": "offer", "sdp": description.sdp, "tracks": tracks, "publish": publish})
+
+    def _assign_slots(self) -> None:
+        wanted = {p.id: p for p in self.room.publications_for(self.info.id)}
+        for slot in self.slots:
+            if slot.publication is not None and wanted.get(slot.publication.id) is not slot.publication:
+                slot.release()
+                slot.transceiver.direction = "inactive"
+        assigned = {slot.publication.id for slot in self.slots if slot.publication is not None}
+        for publication in wanted.values():
+            if publication.id in assigned:
+                continue
+            slot = next(
+                (s for s in self.slots if s.publication is None and s.kind == publication.kind),
+                None,
+            )
+            if slot is None:
+                transceiver = self.pc.addTransceiver(ParkedTrack(publication.kind), direction="sendonly")
+                prefer_codec(transceiver, MIME_TYPES[publication.kind], with_rtx=False)
+                slot = Slot(transceiver, publication.kind)
+                self.slots.append(slot)
+            slot.publication = publication
+            slot.transceiver.direction = "sendonly"
+
+    async def handle_answer(self, sdp: str) -> None:
+        async with self._lock:
+            if not self._awaiting_answer:
+                raise MediaError("unexpected_answer", "No offer is waiting for an answer.")
+            try:
+                await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="answer"))
+            except Exception as exc:  # aiortc raises ValueError, OperationError, ...
+                raise MediaError("sdp_invalid", f"The answer could not be applied: {exc}") from exc
+            self._awaiting_answer = False
+            if self._answer_timer is not None:
+                self._answer_timer.cancel()
+                self._answer_timer = None
+            for slot in self.slots:
+                if slot.publication is not None and slot.subscription is None:
+                    mime = MIME_TYPES[slot.kind]
+                    payload_type = negotiated_payload_type(slot.transceiver, mime)
+                    if payload_type is None:
+                        continue
+                    slot.port.configure(payload_type, slot.transceiver.mid)
+                    slot.subscription = slot.publication.attach(slot.port)
+            again = self._renegotiate
+            self._renegotiate = False
+        if again:
+            await self.negotiate()
+
+    def _arm_answer_deadline(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def expired() -> None:
+            if self._awaiting_answer and not self.closed:
+                asyncio.ensure_future(self.on_failed(self, "answer_timeout"))
+
+        self._answer_timer = loop.call_later(ANSWER_DEADLINE, expired)
+
+    # --- state -----------------------------------------------------------------
+
+    def set_muted(self, kind: str, muted: bool) -> None:
+        self.muted[kind] = muted
+        publication = self.publications.get(kind)
+        if publication is not None:
+            publication.muted = muted
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._answer_timer is not None:
+            self._answer_timer.cancel()
+        for slot in self.slots:
+            slot.release()
+        for publication in self.publications.values():
+            publication.close()
+        await self.pc.close()

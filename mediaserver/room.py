@@ -1,0 +1,159 @@
+"""A consultation's media: who is in it, what they publish, who receives what."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from aiortc import RTCIceServer
+
+from .aiortc_adapter import restrict_host_addresses
+from .forwarder import Publication
+from .peer import ParticipantInfo, Peer, Signal
+
+logger = logging.getLogger(__name__)
+
+FailureHandler = Callable[[Peer, str], Awaitable[None]]
+
+
+class Room:
+    def __init__(self, room_id: str, ice_servers: list[RTCIceServer]) -> None:
+        self.id = room_id
+        self.ice_servers = ice_servers
+        self.peers: dict[str, Peer] = {}
+
+    def publications_for(self, participant_id: str) -> list[Publication]:
+        """Every live publication a participant should receive (all but its own)."""
+        return [
+            publication
+            for peer in self.peers.values()
+            if peer.info.id != participant_id and not peer.closed
+            for publication in peer.publications.values()
+            if not publication.closed
+        ]
+
+    def participants(self) -> list[dict[str, Any]]:
+        return [
+            {
+                **peer.info.public(),
+                "tracks": [
+                    {"kind": p.kind, "muted": p.muted} for p in peer.publications.values()
+                ],
+                "muted": dict(peer.muted),
+            }
+            for peer in self.peers.values()
+        ]
+
+    async def add(self, info: ParticipantInfo, signal: Signal, on_failed: FailureHandler) -> Peer:
+        """Add a participant; a second session of the same participant replaces the first."""
+        if info.id in self.peers:
+            await self.remove(info.id)
+        peer = Peer(self, info, signal, self.ice_servers, on_failed)
+        if info.can_publish:
+            peer.open_publishing()
+        self.peers[info.id] = peer
+        await self.broadcast({"type": "participant-joined", "participant": info.public()}, exclude=info.id)
+        return peer
+
+    async def remove(self, participant_id: str) -> None:
+        peer = self.peers.pop(participant_id, None)
+        if peer is None:
+            return
+        publications = list(peer.publications.values())
+        await peer.close()
+        for publication in publications:
+            await self.broadcast(
+                {"type": "track-unpublished", "participant_id": participant_id, "kind": publication.kind}
+            )
+        await self.broadcast({"type": "participant-left", "participant_id": participant_id})
+        await self._renegotiate_all()
+
+    async def publish(self, publication: Publication) -> None:
+        await self.broadcast(
+            {
+                "type": "track-published",
+                "participant_id": publication.participant_id,
+                "kind": publication.kind,
+                "muted": publication.muted,
+            },
+            exclude=publication.participant_id,
+        )
+        await self._renegotiate_all(exclude=publication.participant_id)
+
+    async def set_muted(self, peer: Peer, kind: str, muted: bool) -> None:
+        peer.set_muted(kind, muted)
+        await self.broadcast(
+            {"type": "mute", "participant_id": peer.info.id, "kind": kind, "muted": muted},
+            exclude=peer.info.id,
+        )
+
+    async def notify_error(self, peer: Peer, code: str, message: str) -> None:
+        await self._send(peer, {"type": "error", "code": code, "message": message})
+
+    async def broadcast(self, message: dict[str, Any], exclude: str | None = None) -> None:
+        await asyncio.gather(
+            *(self._send(p, message) for p in list(self.peers.values()) if p.info.id != exclude)
+        )
+
+    async def _send(self, peer: Peer, message: dict[str, Any]) -> None:
+        try:
+            await peer.signal(message)
+        except Exception as exc:  # one broken connection must not stop the others
+            logger.info("could not signal participant %s: %s", peer.info.id, exc)
+
+    async def _renegotiate_all(self, exclude: str | None = None) -> None:
+        peers = [p for p in list(self.peers.values()) if p.info.id != exclude]
+        results = await asyncio.gather(*(p.negotiate() for p in peers), return_exceptions=True)
+        for peer, result in zip(peers, results):
+            if isinstance(result, BaseException):
+                logger.warning("renegotiation with %s failed: %r", peer.info.id, result)
+
+    async def close(self) -> None:
+        for participant_id in list(self.peers):
+            await self.remove(participant_id)
+
+
+class MediaServer:
+    """All rooms of this process."""
+
+    def __init__(
+        self,
+        ice_servers: Iterable[RTCIceServer] = (),
+        host_addresses: Iterable[str] | None = None,
+    ) -> None:
+        restrict_host_addresses(host_addresses)
+        self.ice_servers = list(ice_servers)
+        self.rooms: dict[str, Room] = {}
+
+    def room(self, room_id: str) -> Room:
+        room = self.rooms.get(room_id)
+        if room is None:
+            room = self.rooms[room_id] = Room(room_id, self.ice_servers)
+        return room
+
+    async def leave(self, room_id: str, participant_id: str, peer: Peer | None = None) -> None:
+        """Remove a participant (only if ``peer`` is still its current session)."""
+        room = self.rooms.get(room_id)
+        if room is None:
+            return
+        current = room.peers.get(participant_id)
+        if current is None or (peer is not None and current is not peer):
+            if peer is not None:
+                await peer.close()
+            return
+        await room.remove(participant_id)
+        if not room.peers and self.rooms.get(room_id) is room:
+            del self.rooms[room_id]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "rooms": len(self.rooms),
+            "participants": sum(len(r.peers) for r in self.rooms.values()),
+        }
+
+    async def close(self) -> None:
+        for room in list(self.rooms.values()):
+            await room.close()
+        self.rooms.clear()

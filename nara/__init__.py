@@ -1,0 +1,1 @@
+"""Nära: video consultations for palliative care at home over poor rural links."""

@@ -1,0 +1,130 @@
+"""The ``nara`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from signalling.tokens import DEFAULT_TTL, MAX_TTL, ROLES
+
+
+def _server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from signalling.config import ServerConfig
+
+    config = ServerConfig(data_dir=Path(args.data_dir))
+    for name in ("host", "port", "public_url", "token_algorithm", "issuer", "audience"):
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(config, name, value)
+    if getattr(args, "token_private_key", None):
+        config.token_private_key = Path(args.token_private_key)
+    if getattr(args, "token_public_key", None):
+        config.token_public_key = Path(args.token_public_key)
+    if getattr(args, "media_address", None):
+        config.media_addresses = None if args.media_address == ["all"] else args.media_address
+    if getattr(args, "no_demo", False):
+        config.demo = False
+    return config
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default="nara-data", help="state directory (default: ./nara-data)")
+    parser.add_argument("--token-algorithm", choices=("HS256", "EdDSA", "RS256"), help="default HS256")
+    parser.add_argument("--token-private-key", help="PEM private key for EdDSA/RS256 tokens")
+    parser.add_argument("--token-public-key", help="PEM public key for EdDSA/RS256 tokens")
+    parser.add_argument("--issuer", help="token issuer (default: nara)")
+    parser.add_argument("--audience", help="token audience (default: nara)")
+    parser.add_argument("--public-url", help="URL participants use to reach this server")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from signalling.app import run
+
+    run(_server_config(args))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from signalling.config import DATABASE_FILE, prepare_data_dir, token_keys
+    from signalling.store import ConsultationStore
+    from signalling.tokens import TokenAuthority
+
+    config = _server_config(args)
+    prepare_data_dir(config)
+    store = ConsultationStore(config.data_dir / DATABASE_FILE)
+    try:
+        if store.get(args.room) is None:
+            print(f"nara token: no consultation {args.room!r} in {config.data_dir}", file=sys.stderr)
+            return 2
+    finally:
+        store.close()
+    authority = TokenAuthority(token_keys(config), config.issuer, config.audience)
+    try:
+        token, claims = authority.mint(args.room, args.name, args.role, args.ttl, args.participant_id)
+    except ValueError as exc:
+        print(f"nara token: {exc}", file=sys.stderr)
+        return 2
+    if args.link:
+        print(f"{config.base_url}/c/{args.room}#token={token}")
+    else:
+        print(token)
+    return 0
+
+
+def cmd_bench_forward(args: argparse.Namespace) -> int:
+    from bench.forward import main as forward_main
+
+    return forward_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nara", description="Nära video consultations")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the signalling server and SFU",
+                           description="Run the Nära server on its embedded defaults.")
+    _add_common(serve)
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8080)")
+    serve.add_argument("--media-address", action="append",
+                       help="address the SFU announces for media (repeatable; 'all' for every "
+                            "interface; default 127.0.0.1)")
+    serve.add_argument("--no-demo", action="store_true", help="do not create the demo consultation")
+    serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="mint a join token",
+                           description="Mint a join token for a consultation (signed with the "
+                                       "server's key in --data-dir).")
+    _add_common(token)
+    token.add_argument("--room", required=True, help="consultation id")
+    token.add_argument("--name", required=True, help="participant's display name")
+    token.add_argument("--role", required=True, choices=ROLES)
+    token.add_argument("--ttl", type=int, default=DEFAULT_TTL, help=f"seconds (max {MAX_TTL})")
+    token.add_argument("--participant-id", help="stable participant id (default: generated)")
+    token.add_argument("--link", action="store_true", help="print a join link instead of the token")
+    token.set_defaults(func=cmd_token)
+
+    bench = sub.add_parser("bench", help="benchmarks", description="Nära benchmarks.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    forward = bench_sub.add_parser(
+        "forward", help="SFU forwarding cost against a re-encoding relay",
+        description="N subscribers receive one 640x480 publisher through the forwarding SFU "
+                    "and through a naive relay that re-encodes per subscriber; reports server "
+                    "CPU per subscriber and delivery for each N.")
+    forward.add_argument("--subscribers", default="1,5,10,20", help="comma-separated N values")
+    forward.add_argument("--naive-subscribers", default="1,2,4,8", help="N values for the naive relay")
+    forward.add_argument("--duration", type=float, default=10.0, help="seconds measured per N")
+    forward.add_argument("--bitrate", type=int, default=550_000, help="publisher video bitrate, bit/s")
+    forward.add_argument("--output", help="write the results as JSON here")
+    forward.set_defaults(func=cmd_bench_forward)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

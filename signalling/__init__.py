@@ -1,0 +1,1 @@
+"""Nära signalling: consultations, join tokens, WebSocket offer/answer and events."""

@@ -1,0 +1,93 @@
+"""The Nära server: signalling (REST + WebSocket) and the SFU in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from aiohttp import web
+from aiortc import RTCIceServer
+
+from mediaserver.room import MediaServer
+
+from . import rest
+from .config import ServerConfig, admin_key, prepare_data_dir, token_keys, DATABASE_FILE
+from .store import ConsultationStore
+from .tokens import TokenAuthority
+from .ws import HUB, SignallingHub, websocket_handler
+
+logger = logging.getLogger(__name__)
+
+DEMO_TITLE = "Demokonsultation"
+
+
+def ice_servers(config: ServerConfig) -> list[RTCIceServer]:
+    return [
+        RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+        for s in config.ice_servers
+    ]
+
+
+def build_app(config: ServerConfig) -> web.Application:
+    """An aiohttp application with its own store, token authority and media server."""
+    prepare_data_dir(config)
+    store = ConsultationStore(config.data_dir / DATABASE_FILE)
+    authority = TokenAuthority(token_keys(config), config.issuer, config.audience)
+    media = MediaServer(ice_servers(config), config.media_addresses)
+    hub = SignallingHub(config, authority, store, media)
+    app = web.Application(middlewares=[rest.json_errors, rest.require_admin], client_max_size=1024**2)
+    app[HUB] = hub
+    app[rest.ADMIN_KEY] = admin_key(config)
+    rest.add_routes(app)
+    app.router.add_get("/ws", websocket_handler)
+
+    async def shutdown(app: web.Application) -> None:
+        for session in list(hub.sessions.values()):
+            await session.close(1001, "server shutting down")
+        await media.close()
+        store.close()
+
+    app.on_shutdown.append(shutdown)
+    return app
+
+
+def demo_links(app: web.Application) -> list[tuple[str, str]]:
+    """Make sure a demo consultation exists and mint a join link per kind of participant."""
+    hub = app[HUB]
+    demo = next((c for c in hub.store.list() if c.title == DEMO_TITLE), None) or hub.store.create(DEMO_TITLE)
+    links = []
+    for label, name, role in (
+        ("clinician", "Doktor Demo", "clinician"),
+        ("relative", "Anhörig Demo", "relative"),
+        ("home kit", "Hemkit Demo", "kit"),
+    ):
+        token, _ = hub.authority.mint(demo.id, name, role)
+        links.append((label, rest.join_url(hub, demo.id, token)))
+    return links
+
+
+async def serve(config: ServerConfig) -> None:
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log_format='%a "%r" %s %b %Tfs')
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    print(f"Nära is listening on {config.base_url} (data in {config.data_dir.resolve()})", flush=True)
+    print(f"Admin key for /api: in {(config.data_dir / 'admin-key').resolve()} (mode 0600)", flush=True)
+    if config.demo:
+        print("Join links for the demo consultation (valid 2 hours):", flush=True)
+        for label, url in demo_links(app):
+            print(f"  {label:10} {url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def run(config: ServerConfig, **_: Any) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))

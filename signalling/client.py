@@ -1,0 +1,191 @@
+"""A Python participant: joins a consultation over the signalling protocol.
+
+Used by the home kit's agent, the benchmark's synthetic participants and the
+tests. It answers the server's offers, publishes the tracks it is given into
+the transceivers the server set aside for them, keeps the heartbeat, and keeps
+track of which remote track belongs to which participant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+from aiortc import (
+    RTCBundlePolicy,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamTrack
+
+logger = logging.getLogger(__name__)
+
+
+class JoinRefused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConsultationClient:
+    def __init__(
+        self,
+        base_url: str,
+        room: str,
+        token: str,
+        *,
+        audio: MediaStreamTrack | None = None,
+        video: MediaStreamTrack | None = None,
+        publish: bool = True,
+        configure_peer: Callable[[RTCPeerConnection], None] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.room = room
+        self.token = token
+        self.local = {k: t for k, t in (("audio", audio), ("video", video)) if t is not None}
+        self.publish = publish
+        self.configure_peer = configure_peer
+        self.pc: RTCPeerConnection | None = None
+        self.participant: dict[str, Any] | None = None
+        self.participants: dict[str, dict[str, Any]] = {}
+        self.owners: dict[str, tuple[str, str]] = {}  # mid -> (participant id, kind)
+        self.remote_tracks: dict[str, MediaStreamTrack] = {}  # mid -> track
+        self.events: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
+        self.answers_sent = 0
+        self.changed = asyncio.Condition()
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._joined: asyncio.Future[dict[str, Any]] | None = None
+
+    # --- life cycle ----------------------------------------------------------
+
+    async def join(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Connect and join; raises JoinRefused with the server's code on refusal."""
+        self._http = aiohttp.ClientSession()
+        self._ws = await self._http.ws_connect(f"{self.base_url}/ws", heartbeat=None)
+        self._joined = asyncio.get_running_loop().create_future()
+        self._tasks.append(asyncio.ensure_future(self._read()))
+        await self.send({"type": "join", "room": self.room, "token": self.token, "publish": self.publish})
+        return await asyncio.wait_for(asyncio.shield(self._joined), timeout)
+
+    async def close(self) -> None:
+        if self._ws is not None and not self._ws.closed:
+            with contextlib.suppress(Exception):
+                await self.send({"type": "leave"})
+            await self._ws.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.pc is not None:
+            await self.pc.close()
+        if self._http is not None:
+            await self._http.close()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self._ws is not None
+        await self._ws.send_str(json.dumps(message))
+
+    async def send_raw(self, raw: str) -> None:
+        assert self._ws is not None
+        await self._ws.send_str(raw)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds; it is checked whenever a message arrives."""
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(predicate), timeout)
+
+    def tracks_of(self, participant_id: str, kind: str) -> MediaStreamTrack | None:
+        for mid, owner in self.owners.items():
+            if owner == (participant_id, kind) and mid in self.remote_tracks:
+                return self.remote_tracks[mid]
+        return None
+
+    # --- protocol --------------------------------------------------------------
+
+    async def _read(self) -> None:
+        assert self._ws is not None and self._joined is not None
+        try:
+            async for msg in self._ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                await self._handle(json.loads(msg.data))
+                async with self.changed:
+                    self.changed.notify_all()
+        finally:
+            if not self._joined.done():
+                self._joined.set_exception(JoinRefused("connection_closed", "The server closed the connection."))
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        assert self._joined is not None
+        if kind == "joined":
+            self.participant = message["participant"]
+            self.participants = {p["id"]: p for p in message["participants"]}
+            servers = [RTCIceServer(**s) for s in message.get("ice_servers", [])]
+            self.pc = RTCPeerConnection(
+                RTCConfiguration(iceServers=servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+            )
+            self.pc.on("track", self._on_track)
+            if self.configure_peer is not None:
+                self.configure_peer(self.pc)
+            self._tasks.append(asyncio.ensure_future(self._heartbeat(message["heartbeat_interval"])))
+            self._joined.set_result(message)
+        elif kind == "offer":
+            await self._answer(message)
+        elif kind == "error":
+            self.errors.append(message)
+            if not self._joined.done():
+                self._joined.set_exception(JoinRefused(message["code"], message["message"]))
+        else:
+            self.events.append(message)
+            if kind == "participant-joined":
+                self.participants[message["participant"]["id"]] = message["participant"]
+            elif kind == "participant-left":
+                self.participants.pop(message["participant_id"], None)
+
+    async def _answer(self, offer: dict[str, Any]) -> None:
+        assert self.pc is not None
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
+        publish_mids = offer.get("publish", {})
+        for transceiver in self.pc.getTransceivers():
+            for kind, mid in publish_mids.items():
+                track = self.local.get(kind)
+                if transceiver.mid == mid and track is not None and transceiver.sender.track is None:
+                    transceiver.sender.replaceTrack(track)
+                    transceiver.direction = "sendonly"
+        self.owners = {t["mid"]: (t["participant_id"], t["kind"]) for t in offer.get("tracks", [])}
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.mid is not None and transceiver.receiver.track is not None:
+                self.remote_tracks.setdefault(transceiver.mid, transceiver.receiver.track)
+        answer = await self.pc.createAnswer()
+        await self.pc.setLocalDescription(answer)
+        await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
+        self.answers_sent += 1
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        assert self.pc is not None
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.receiver.track is track and transceiver.mid is not None:
+                self.remote_tracks[transceiver.mid] = track
+
+    async def _heartbeat(self, interval: float) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(interval)
+            n += 1
+            await self.send({"type": "ping", "id": n})

@@ -1,0 +1,122 @@
+"""The signalling protocol's client messages, validated (see docs/protocol.md).
+
+Every inbound WebSocket message goes through ``parse_client_message``. It
+either returns one of the dataclasses below or raises ``ProtocolError`` with a
+stable code; nothing unvalidated reaches the room.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 128 * 1024
+MAX_SDP_BYTES = 100 * 1024
+KINDS = ("audio", "video")
+
+
+class ProtocolError(Exception):
+    """A message was refused. ``code`` is stable; ``message`` is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Join:
+    room: str
+    token: str
+    publish: bool
+
+
+@dataclass(frozen=True)
+class Answer:
+    sdp: str
+
+
+@dataclass(frozen=True)
+class Mute:
+    kind: str
+    muted: bool
+
+
+@dataclass(frozen=True)
+class Ping:
+    id: int | str | None
+
+
+@dataclass(frozen=True)
+class Leave:
+    pass
+
+
+ClientMessage = Join | Answer | Mute | Ping | Leave
+
+
+def error_message(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, **extra}
+
+
+def _field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+    if name not in data:
+        if required:
+            raise ProtocolError("message_invalid", f"Field '{name}' is required.")
+        return None
+    value = data[name]
+    # bool is an int in Python; never accept it where a number or text is meant.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        raise ProtocolError("message_invalid", f"Field '{name}' has the wrong type.")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _text(data: dict[str, Any], name: str, limit: int) -> str:
+    value: str = _field(data, name, str)
+    if not value or len(value) > limit:
+        raise ProtocolError("message_invalid", f"Field '{name}' must be 1 to {limit} characters.")
+    return value
+
+
+def parse_client_message(raw: str | bytes) -> ClientMessage:
+    if isinstance(raw, bytes):
+        raise ProtocolError("message_malformed", "Messages must be JSON text, not binary.")
+    if len(raw.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
+        raise ProtocolError("message_too_large", f"Messages may be at most {MAX_MESSAGE_BYTES} bytes.")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ProtocolError("message_malformed", "The message is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("message_malformed", "A message must be a JSON object.")
+    kind = data.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError("message_invalid", "Field 'type' is required.")
+    if kind == "join":
+        publish = _field(data, "publish", bool, required=False)
+        return Join(room=_text(data, "room", 64), token=_text(data, "token", 4096),
+                    publish=True if publish is None else publish)
+    if kind == "answer":
+        sdp = _text(data, "sdp", MAX_SDP_BYTES)
+        if not sdp.startswith("v=0"):
+            raise ProtocolError("sdp_invalid", "The answer is not an SDP session description.")
+        return Answer(sdp=sdp)
+    if kind == "mute":
+        media = _field(data, "kind", str)
+        if media not in KINDS:
+            raise ProtocolError("message_invalid", "Field 'kind' must be 'audio' or 'video'.")
+        return Mute(kind=media, muted=_field(data, "muted", bool))
+    if kind == "ping":
+        ping_id = _field(data, "id", (int, str), required=False)
+        if isinstance(ping_id, str) and len(ping_id) > 64:
+            raise ProtocolError("message_invalid", "Field 'id' is too long.")
+        return Ping(id=ping_id)
+    if kind == "leave":
+        return Leave()
+    raise ProtocolError("message_unknown_type", f"Unknown message type {kind[:40]!r}.")

@@ -1,0 +1,151 @@
+"""REST: consultations and join tokens, for administrators and booking systems.
+
+Every endpoint under /api needs the admin key as a bearer token. Errors are
+JSON ``{"error": {"code": ..., "message": ...}}`` with a stable code.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .tokens import DEFAULT_TTL, MAX_TTL, ROLES
+from .ws import HUB, SignallingHub
+
+ADMIN_KEY: web.AppKey[str] = web.AppKey("admin_key", str)
+MAX_BODY = 16 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def api_error(status: int, code: str, message: str) -> ApiError:
+    return ApiError(status, code, message)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return web.json_response({"error": {"code": exc.code, "message": exc.message}}, status=exc.status)
+
+
+@web.middleware
+async def require_admin(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        expected = request.app[ADMIN_KEY]
+        header = request.headers.get("Authorization", "")
+        scheme, _, supplied = header.partition(" ")
+        if scheme.lower() != "bearer" or not supplied:
+            raise api_error(401, "admin_key_missing", "Send the admin key as 'Authorization: Bearer <key>'.")
+        if not hmac.compare_digest(supplied.encode(), expected.encode()):
+            raise api_error(403, "admin_key_invalid", "The admin key is not valid.")
+    return await handler(request)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise api_error(413, "body_too_large", f"Request bodies may be at most {MAX_BODY} bytes.")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise api_error(413, "body_too_large", f"Request bodies may be at most {MAX_BODY} bytes.")
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise api_error(400, "body_malformed", "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise api_error(400, "body_malformed", "The request body must be a JSON object.")
+    return data
+
+
+def _consultation_json(hub: SignallingHub, consultation: Any) -> dict[str, Any]:
+    room = hub.media.rooms.get(consultation.id)
+    return {**consultation.public(), "participants": room.participants() if room else []}
+
+
+async def create_consultation(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    data = await _json_body(request)
+    title = data.get("title", "Konsultation")
+    if not isinstance(title, str) or not 0 < len(title.strip()) <= 200:
+        raise api_error(400, "title_invalid", "title must be text of 1 to 200 characters.")
+    scheduled_for = data.get("scheduled_for")
+    if scheduled_for is not None and (isinstance(scheduled_for, bool) or not isinstance(scheduled_for, (int, float))):
+        raise api_error(400, "scheduled_for_invalid", "scheduled_for must be a Unix time in seconds.")
+    consultation = hub.store.create(title.strip(), scheduled_for)
+    return web.json_response(_consultation_json(hub, consultation), status=201)
+
+
+async def list_consultations(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    return web.json_response({"consultations": [_consultation_json(hub, c) for c in hub.store.list()]})
+
+
+async def get_consultation(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    consultation = hub.store.get(request.match_info["id"])
+    if consultation is None:
+        raise api_error(404, "consultation_not_found", "There is no consultation with this id.")
+    return web.json_response(_consultation_json(hub, consultation))
+
+
+def join_url(hub: SignallingHub, room: str, token: str) -> str:
+    # The token rides in the fragment, which browsers never send to a server,
+    # so it stays out of access logs and proxies.
+    return f"{hub.config.base_url}/c/{room}#token={token}"
+
+
+async def mint_token(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    room = request.match_info["id"]
+    if hub.store.get(room) is None:
+        raise api_error(404, "consultation_not_found", "There is no consultation with this id.")
+    data = await _json_body(request)
+    name, role = data.get("name"), data.get("role")
+    ttl = data.get("ttl_seconds", DEFAULT_TTL)
+    participant_id = data.get("participant_id")
+    if not isinstance(name, str):
+        raise api_error(400, "name_invalid", "name is required: the participant's display name.")
+    if role not in ROLES:
+        raise api_error(400, "role_invalid", f"role must be one of: {', '.join(ROLES)}.")
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= MAX_TTL:
+        raise api_error(400, "ttl_invalid", f"ttl_seconds must be a whole number from 1 to {MAX_TTL}.")
+    if participant_id is not None and not isinstance(participant_id, str):
+        raise api_error(400, "participant_id_invalid", "participant_id must be text.")
+    try:
+        token, claims = hub.authority.mint(room, name, role, ttl, participant_id)
+    except ValueError as exc:
+        raise api_error(400, "token_request_invalid", str(exc)) from None
+    return web.json_response(
+        {
+            "token": token,
+            "participant_id": claims.participant_id,
+            "role": claims.role,
+            "expires_at": claims.expires_at,
+            "join_url": join_url(hub, room, token),
+        },
+        status=201,
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", **request.app[HUB].media.counts()})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/consultations", create_consultation)
+    app.router.add_get("/api/consultations", list_consultations)
+    app.router.add_get("/api/consultations/{id}", get_consultation)
+    app.router.add_post("/api/consultations/{id}/tokens", mint_token)
+    app.router.add_get("/healthz", health)

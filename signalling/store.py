@@ -1,0 +1,68 @@
+"""Consultations, kept in SQLite."""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS consultation (
+    id TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    scheduled_for REAL,
+    status TEXT NOT NULL DEFAULT 'open'
+);
+"""
+
+
+@dataclass(frozen=True)
+class Consultation:
+    id: str
+    title: str
+    created_at: float
+    scheduled_for: float | None
+    status: str
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ConsultationStore:
+    def __init__(self, path: Path | str) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def create(self, title: str, scheduled_for: float | None = None) -> Consultation:
+        consultation = Consultation(
+            id=secrets.token_urlsafe(9), title=title, created_at=time.time(),
+            scheduled_for=scheduled_for, status="open",
+        )
+        self._db.execute(
+            "INSERT INTO consultation (id, title, created_at, scheduled_for, status) VALUES (?,?,?,?,?)",
+            (consultation.id, consultation.title, consultation.created_at,
+             consultation.scheduled_for, consultation.status),
+        )
+        return consultation
+
+    def get(self, consultation_id: str) -> Consultation | None:
+        row = self._db.execute(
+            "SELECT id, title, created_at, scheduled_for, status FROM consultation WHERE id = ?",
+            (consultation_id,),
+        ).fetchone()
+        return Consultation(*row) if row else None
+
+    def list(self) -> list[Consultation]:
+        rows = self._db.execute(
+            "SELECT id, title, created_at, scheduled_for, status FROM consultation ORDER BY created_at"
+        ).fetchall()
+        return [Consultation(*row) for row in rows]
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,207 @@
+"""One participant's WebSocket: validation, rate limiting, and the room's events.
+
+A connection must send ``join`` first; after that it answers offers, reports
+mute state and sends heartbeats. A malformed message gets an error reply and
+changes nothing; a connection that floods is throttled and then closed; a
+connection that falls silent past the heartbeat deadline is closed and its
+participant leaves. None of this touches anyone else in the room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from mediaserver.errors import MediaError
+from mediaserver.peer import ParticipantInfo, Peer
+from mediaserver.room import MediaServer
+
+from .config import ServerConfig
+from .protocol import (
+    PROTOCOL_VERSION,
+    Answer,
+    ClientMessage,
+    Join,
+    Leave,
+    Mute,
+    Ping,
+    ProtocolError,
+    error_message,
+    parse_client_message,
+)
+from .ratelimit import TokenBucket
+from .store import ConsultationStore
+from .tokens import TokenAuthority, TokenError
+
+logger = logging.getLogger(__name__)
+
+# aiohttp closes a connection outright (1009) past this size; between
+# protocol.MAX_MESSAGE_BYTES and this, the sender gets an error reply instead.
+WS_MAX_FRAME = 1024 * 1024
+JOIN_DEADLINE = 10.0
+MESSAGES_PER_SECOND = 20.0
+MESSAGE_BURST = 40.0
+DROPPED_BEFORE_CLOSE = 200
+
+CLOSE_REFUSED = 4001  # token or permission refused
+CLOSE_REPLACED = 4002  # the same participant joined from elsewhere
+CLOSE_POLICY = 1008
+
+
+@dataclass
+class SignallingHub:
+    """What every WebSocket of this server shares."""
+
+    config: ServerConfig
+    authority: TokenAuthority
+    store: ConsultationStore
+    media: MediaServer
+    sessions: dict[tuple[str, str], ParticipantSocket] = field(default_factory=dict)
+
+
+class ParticipantSocket:
+    def __init__(self, hub: SignallingHub, ws: web.WebSocketResponse, remote: str | None) -> None:
+        self.hub = hub
+        self.ws = ws
+        self.remote = remote
+        self.peer: Peer | None = None
+        self.room_id: str | None = None
+        self.bucket = TokenBucket(MESSAGES_PER_SECOND, MESSAGE_BURST)
+        self.dropped = 0
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if not self.ws.closed:
+            await self.ws.send_str(json.dumps(message, ensure_ascii=False))
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        if not self.ws.closed:
+            await self.ws.close(code=code, message=reason.encode()[:120])
+
+    async def refuse(self, code: str, message: str, close_code: int = CLOSE_REFUSED) -> None:
+        await self.send(error_message(code, message))
+        await self.close(close_code, code)
+
+    async def run(self) -> None:
+        try:
+            while not self.ws.closed:
+                timeout = self.hub.config.heartbeat_timeout if self.peer else JOIN_DEADLINE
+                try:
+                    msg = await self.ws.receive(timeout=timeout)
+                except asyncio.TimeoutError:
+                    await self.refuse(
+                        "heartbeat_timeout",
+                        "Nothing was heard from this connection in time; it was closed.",
+                        CLOSE_POLICY,
+                    )
+                    break
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    break
+                if not self.bucket.take():
+                    self.dropped += 1
+                    if self.dropped > DROPPED_BEFORE_CLOSE:
+                        await self.refuse("rate_limited", "Too many messages; connection closed.", CLOSE_POLICY)
+                        break
+                    if self.dropped % 20 == 1:
+                        await self.send(error_message("rate_limited", "Too many messages; some were dropped."))
+                    continue
+                await self.handle(msg.data)
+        finally:
+            await self.leave()
+
+    async def handle(self, raw: str | bytes) -> None:
+        try:
+            message = parse_client_message(raw)
+            await self.dispatch(message)
+        except (ProtocolError, MediaError) as exc:
+            await self.send(error_message(exc.code, exc.message))
+
+    async def dispatch(self, message: ClientMessage) -> None:
+        if isinstance(message, Join):
+            await self.join(message)
+            return
+        if isinstance(message, Ping):
+            await self.send({"type": "pong", "id": message.id})
+            return
+        if self.peer is None or self.room_id is None:
+            raise ProtocolError("not_joined", "Send 'join' before anything else.")
+        if isinstance(message, Answer):
+            await self.peer.handle_answer(message.sdp)
+        elif isinstance(message, Mute):
+            await self.hub.media.room(self.room_id).set_muted(self.peer, message.kind, message.muted)
+        elif isinstance(message, Leave):
+            await self.close(1000, "left")
+
+    async def join(self, message: Join) -> None:
+        if self.peer is not None:
+            raise ProtocolError("already_joined", "This connection has already joined.")
+        consultation = self.hub.store.get(message.room)
+        if consultation is None or consultation.status != "open":
+            await self.refuse("room_not_found", "There is no open consultation with this id.")
+            return
+        try:
+            claims = self.hub.authority.verify(message.token, message.room)
+        except TokenError as exc:
+            logger.info("join refused from %s: %s", self.remote, exc.code)
+            await self.refuse(exc.code, exc.message)
+            return
+        if message.publish and not claims.may_publish:
+            await self.refuse(
+                "publish_not_allowed",
+                f"The role {claims.role} may not publish; join with publish set to false.",
+            )
+            return
+        key = (message.room, claims.participant_id)
+        previous = self.hub.sessions.get(key)
+        if previous is not None and previous is not self:
+            await previous.refuse("replaced", "You joined from another connection.", CLOSE_REPLACED)
+        info = ParticipantInfo(claims.participant_id, claims.name, claims.role, message.publish)
+        room = self.hub.media.room(message.room)
+        self.peer = await room.add(info, self.send, self._media_failed)
+        self.room_id = message.room
+        self.hub.sessions[key] = self
+        logger.info("participant %s (%s) joined %s", info.id, info.role, message.room)
+        await self.send(
+            {
+                "type": "joined",
+                "protocol": PROTOCOL_VERSION,
+                "participant": info.public(),
+                "room": {"id": consultation.id, "title": consultation.title},
+                "participants": [p for p in room.participants() if p["id"] != info.id],
+                "ice_servers": self.hub.config.ice_servers,
+                "heartbeat_interval": self.hub.config.heartbeat_interval,
+                "heartbeat_timeout": self.hub.config.heartbeat_timeout,
+            }
+        )
+        await self.peer.negotiate()
+
+    async def _media_failed(self, peer: Peer, code: str) -> None:
+        if peer is self.peer:
+            await self.refuse(code, "The media connection failed; join again.", CLOSE_POLICY)
+
+    async def leave(self) -> None:
+        peer, room_id = self.peer, self.room_id
+        self.peer = None
+        await self.close()
+        if peer is None or room_id is None:
+            return
+        key = (room_id, peer.info.id)
+        if self.hub.sessions.get(key) is self:
+            del self.hub.sessions[key]
+        await self.hub.media.leave(room_id, peer.info.id, peer)
+        logger.info("participant %s left %s", peer.info.id, room_id)
+
+
+async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    hub: SignallingHub = request.app[HUB]
+    ws = web.WebSocketResponse(max_msg_size=WS_MAX_FRAME, autoping=True)
+    await ws.prepare(request)
+    await ParticipantSocket(hub, ws, request.remote).run()
+    return ws
+
+
+HUB: web.AppKey[SignallingHub] = web.AppKey("hub", SignallingHub)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a real Nära server on loopback, with its own data directory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from signalling.app import build_app
+from signalling.config import ServerConfig
+from signalling.rest import ADMIN_KEY
+from signalling.ws import HUB, SignallingHub
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: web.Application
+    config: ServerConfig
+
+    @property
+    def hub(self) -> SignallingHub:
+        return self.app[HUB]
+
+    @property
+    def admin_key(self) -> str:
+        return self.app[ADMIN_KEY]
+
+    def consultation(self, title: str = "Test") -> str:
+        return self.hub.store.create(title).id
+
+    def token(self, room: str, name: str = "Test", role: str = "clinician", **kw: object) -> str:
+        token, _ = self.hub.authority.mint(room, name, role, **kw)  # type: ignore[arg-type]
+        return token
+
+
+async def start_server(tmp_path: Path, **overrides: object) -> tuple[RunningServer, web.AppRunner]:
+    config = ServerConfig(data_dir=tmp_path / "data", port=0, demo=False)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    app = build_app(config)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    config.port = port
+    return RunningServer(f"http://127.0.0.1:{port}", app, config), runner
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    running, runner = await start_server(tmp_path)
+    yield running
+    await runner.cleanup()
+
+
+def in_ci() -> bool:
+    return bool(os.environ.get("CI"))
