@@ -63,6 +63,8 @@ __all__ = [
     "prefer_codec",
     "negotiated_payload_type",
     "ntp_now",
+    "filter_inbound_rtp",
+    "dtls_transport",
 ]
 
 logger = logging.getLogger(__name__)
@@ -167,6 +169,34 @@ class InboundTap:
     async def request_retransmission(self, media_ssrc: int, sequence_numbers: list[int]) -> None:
         """Send a generic NACK to the publisher."""
         await self._receiver._send_rtcp_nack(media_ssrc, sequence_numbers)
+
+
+def filter_inbound_rtp(transport: Any, keep: Callable[[bytes], bool]) -> None:
+    """Drop inbound RTP on ``transport`` (an RTCDtlsTransport) unless ``keep(data)``.
+
+    Loss at the receiver's socket, before SRTP: ``data`` is the encrypted
+    datagram, whose 12-byte RTP header is in the clear. Dropping before
+    decryption matters: SRTP's replay protection would refuse a retransmission
+    of a packet that had been decrypted once. For tests and benchmarks that
+    need a link to lose packets without a network.
+    """
+    ice = transport.transport
+    original = ice._recv
+
+    async def recv() -> bytes:
+        while True:
+            data: bytes = await original()
+            is_rtp = len(data) >= 12 and 127 < data[0] < 192 and not 192 <= data[1] <= 223
+            if not is_rtp or keep(data):
+                return data
+
+    ice._recv = recv
+
+
+def dtls_transport(pc: Any) -> Any:
+    """The one DTLS transport of a max-bundle peer connection (None before negotiation)."""
+    transceivers = pc.getTransceivers()
+    return transceivers[0].receiver.transport if transceivers else None
 
 
 # --- outbound ----------------------------------------------------------------

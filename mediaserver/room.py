@@ -126,12 +126,29 @@ class MediaServer:
         restrict_host_addresses(host_addresses)
         self.ice_servers = list(ice_servers)
         self.rooms: dict[str, Room] = {}
+        self._changed = asyncio.Condition()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Wait until ``predicate()`` holds; checked whenever someone joins or leaves."""
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
 
     def room(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
         if room is None:
             room = self.rooms[room_id] = Room(room_id, self.ice_servers)
         return room
+
+    async def join(
+        self, room_id: str, info: ParticipantInfo, signal: Signal, on_failed: FailureHandler
+    ) -> Peer:
+        peer = await self.room(room_id).add(info, signal, on_failed)
+        await self._notify()
+        return peer
 
     async def leave(self, room_id: str, participant_id: str, peer: Peer | None = None) -> None:
         """Remove a participant (only if ``peer`` is still its current session)."""
@@ -146,6 +163,7 @@ class MediaServer:
         await room.remove(participant_id)
         if not room.peers and self.rooms.get(room_id) is room:
             del self.rooms[room_id]
+        await self._notify()
 
     def counts(self) -> dict[str, int]:
         return {
@@ -157,3 +175,4 @@ class MediaServer:
         for room in list(self.rooms.values()):
             await room.close()
         self.rooms.clear()
+        await self._notify()

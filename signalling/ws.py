@@ -160,8 +160,8 @@ class ParticipantSocket:
         if previous is not None and previous is not self:
             await previous.refuse("replaced", "You joined from another connection.", CLOSE_REPLACED)
         info = ParticipantInfo(claims.participant_id, claims.name, claims.role, message.publish)
+        self.peer = await self.hub.media.join(message.room, info, self.send, self._media_failed)
         room = self.hub.media.room(message.room)
-        self.peer = await room.add(info, self.send, self._media_failed)
         self.room_id = message.room
         self.hub.sessions[key] = self
         logger.info("participant %s (%s) joined %s", info.id, info.role, message.room)

@@ -1,0 +1,134 @@
+"""The aiortc internals Nära relies on. These fail loudly when aiortc changes.
+
+If one of these fails after an aiortc upgrade, read
+mediaserver/aiortc_adapter.py's module docstring before changing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import aioice.ice
+import aiortc
+from aiortc import RTCBundlePolicy, RTCDtlsTransport, RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+
+from mediaserver import aiortc_adapter
+from mediaserver.aiortc_adapter import (
+    InboundTap,
+    OutboundPort,
+    ParkedTrack,
+    RtcpFeedback,
+    RtpPacket,
+    negotiated_payload_type,
+    prefer_codec,
+    restrict_host_addresses,
+)
+
+
+def test_pinned_minor_version() -> None:
+    assert aiortc.__version__.startswith("1.16."), (
+        f"aiortc {aiortc.__version__}: the adapter is tested against 1.16 only"
+    )
+
+
+def test_internal_hook_points_exist_with_expected_signatures() -> None:
+    assert list(inspect.signature(RTCRtpReceiver._handle_rtp_packet).parameters) == [
+        "self", "packet", "arrival_time_ms"]
+    assert list(inspect.signature(RTCRtpSender._handle_rtcp_packet).parameters) == ["self", "packet"]
+    assert list(inspect.signature(RTCRtpReceiver._send_rtcp_pli).parameters) == ["self", "media_ssrc"]
+    assert list(inspect.signature(RTCRtpReceiver._send_rtcp_nack).parameters) == [
+        "self", "media_ssrc", "lost"]
+    assert list(inspect.signature(aioice.ice.get_host_addresses).parameters) == ["use_ipv4", "use_ipv6"]
+    source = inspect.getsource(RTCRtpReceiver._handle_rtp_packet)
+    assert "self.__jitter_buffer.add(packet)" in source
+    assert "unwrap_rtx" in source and "nack_generator" in source
+    assert "self.transport._recv()" in inspect.getsource(RTCDtlsTransport._recv_next)
+    sender_source = inspect.getsource(RTCRtpSender._run_rtcp)
+    for name in ("__ntp_timestamp", "__rtp_timestamp", "__packet_count", "__octet_count"):
+        assert f"self.{name}" in sender_source
+
+
+async def connected_pair() -> tuple[RTCPeerConnection, RTCPeerConnection, OutboundPort, list[RtpPacket], list[RtcpFeedback], InboundTap]:
+    config = RTCConfiguration(bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+    sender_pc, receiver_pc = RTCPeerConnection(config), RTCPeerConnection(config)
+    send_t = sender_pc.addTransceiver(ParkedTrack("video"), direction="sendonly")
+    prefer_codec(send_t, "video/VP8", with_rtx=False)
+    feedback: list[RtcpFeedback] = []
+
+    async def on_feedback(f: RtcpFeedback) -> None:
+        feedback.append(f)
+        arrived.set()
+
+    port = OutboundPort(send_t.sender, on_feedback)
+    await sender_pc.setLocalDescription(await sender_pc.createOffer())
+    await receiver_pc.setRemoteDescription(sender_pc.localDescription)
+    received: list[RtpPacket] = []
+
+    async def on_packet(p: RtpPacket) -> None:
+        received.append(p)
+        arrived.set()
+
+    recv_t = receiver_pc.getTransceivers()[0]
+    tap = InboundTap(recv_t.receiver, on_packet)
+    await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
+    await sender_pc.setRemoteDescription(receiver_pc.localDescription)
+    connected = asyncio.Event()
+
+    @sender_pc.on("connectionstatechange")
+    def _() -> None:
+        if sender_pc.connectionState == "connected":
+            connected.set()
+
+    await asyncio.wait_for(connected.wait(), 10)
+    pt = negotiated_payload_type(send_t, "video/VP8")
+    assert pt is not None
+    port.configure(pt, send_t.mid)
+    assert port.connected
+    return sender_pc, receiver_pc, port, received, feedback, tap
+
+
+async def test_packets_pass_untouched_from_port_to_tap_and_feedback_comes_back() -> None:
+    restrict_host_addresses(["127.0.0.1"])
+    sender_pc, receiver_pc, port, received, feedback, tap = await connected_pair()
+    try:
+        payloads = [bytes([0x10, 0x00]) + bytes([i]) * 200 for i in range(5)]
+        for i, payload in enumerate(payloads):
+            await port.send(payload, sequence_number=1000 + i, timestamp=9000 + i * 3000, marker=1)
+        await asyncio.wait_for(_until(lambda: len(received) == 5), 5)
+        assert [p.payload for p in received] == payloads
+        assert [p.sequence_number for p in received] == list(range(1000, 1005))
+        assert [p.timestamp for p in received] == [9000 + i * 3000 for i in range(5)]
+        assert {p.ssrc for p in received} == {port.ssrc}
+        # the receiver's side asks for a keyframe and a retransmission: both reach the port
+        await tap.request_keyframe(port.ssrc)
+        await tap.request_retransmission(port.ssrc, [1002, 1003])
+        await asyncio.wait_for(_until(lambda: {f.kind for f in feedback} >= {"keyframe", "nack"}), 5)
+        nack = next(f for f in feedback if f.kind == "nack")
+        assert nack.lost == [1002, 1003]
+        # nothing was decoded: the remote track never yields a frame
+        track = receiver_pc.getTransceivers()[0].receiver.track
+        assert track._queue.empty()  # type: ignore[attr-defined]
+    finally:
+        await sender_pc.close()
+        await receiver_pc.close()
+        restrict_host_addresses(None)
+
+
+arrived = asyncio.Event()  # set whenever a packet or feedback arrives
+
+
+async def _until(predicate) -> None:  # type: ignore[no-untyped-def]
+    while not predicate():
+        arrived.clear()
+        await arrived.wait()
+
+
+def test_host_addresses_are_restricted_and_restored() -> None:
+    restrict_host_addresses(["127.0.0.1", "::1"])
+    try:
+        assert aioice.ice.get_host_addresses(True, False) == ["127.0.0.1"]
+        assert aioice.ice.get_host_addresses(True, True) == ["127.0.0.1", "::1"]
+    finally:
+        restrict_host_addresses(None)
+    assert aioice.ice.get_host_addresses is aiortc_adapter._original_get_host_addresses

@@ -1,0 +1,87 @@
+"""The pure decisions of the forwarding path, driven with exact numbers and a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from mediaserver.keyframes import KeyframeThrottle
+from mediaserver.packet_cache import PacketCache
+from mediaserver.rewriter import StreamRewriter, seq_newer
+from mediaserver.vp8 import is_keyframe_start
+from signalling.ratelimit import TokenBucket
+
+
+@pytest.mark.parametrize(
+    "payload, keyframe",
+    [
+        (bytes([0x10, 0x00]), True),  # S=1, PID=0, no extension; P=0
+        (bytes([0x10, 0x01]), False),  # interframe (P=1)
+        (bytes([0x00, 0x00]), False),  # not the start of a partition
+        (bytes([0x11, 0x00]), False),  # partition 1
+        (bytes([0x90, 0x80, 0x05, 0x00]), True),  # X, I with 7-bit picture id
+        (bytes([0x90, 0x80, 0x85, 0x05, 0x00]), True),  # X, I with 15-bit picture id
+        (bytes([0x90, 0xE0, 0x85, 0x05, 0x01, 0x20, 0x00]), True),  # I, L, T
+        (bytes([0x90, 0xE0, 0x85, 0x05, 0x01, 0x20, 0x01]), False),
+        (b"", False),
+        (bytes([0x90]), False),  # truncated
+    ],
+)
+def test_vp8_keyframe_detection(payload: bytes, keyframe: bool) -> None:
+    assert is_keyframe_start(payload) is keyframe
+
+
+def test_rewriter_keeps_gaps_and_continues_across_sources() -> None:
+    r = StreamRewriter(90000)
+    r.switch_source(ssrc=1, first_seq=65534, first_ts=1000, now=0.0)
+    assert r.rewrite(65534, 1000, 0.0) == (65534, 1000)
+    assert r.rewrite(1, 4000, 0.033) == (1, 4000)  # wraps, gap of one (65535 lost) kept
+    assert r.source_seq(65535) == 65535
+    # a new source continues right after the last packet, 0.5 s later
+    r.switch_source(ssrc=2, first_seq=100, first_ts=7, now=0.533)
+    seq, ts = r.rewrite(100, 7, 0.533)
+    assert seq == 2
+    assert ts == (4000 + 45000) % (1 << 32)
+    assert r.source_seq(2) == 100
+    # a late (reordered) packet does not move the high-water mark
+    r.rewrite(99, 4, 0.6)
+    assert r.last_out_seq == 2
+
+
+def test_seq_newer_wraps() -> None:
+    assert seq_newer(1, 65535)
+    assert not seq_newer(65535, 1)
+    assert not seq_newer(5, 5)
+
+
+def test_packet_cache_holds_recent_and_drops_duplicates() -> None:
+    cache: PacketCache[str] = PacketCache(4)
+    assert cache.store(10, "a")
+    assert not cache.store(10, "a again")
+    assert cache.get(10) == "a"
+    cache.store(14, "e")  # same slot, evicts 10
+    assert cache.get(10) is None
+    assert cache.get(14) == "e"
+    with pytest.raises(ValueError):
+        PacketCache(3)
+
+
+def test_keyframe_requests_are_merged_within_the_interval() -> None:
+    t = KeyframeThrottle(interval=0.5)
+    assert t.request(10.0)
+    assert not t.request(10.1)  # merged, but remembered
+    assert not t.due(10.4)
+    assert t.due(10.5)  # sent once the interval is over
+    assert not t.due(10.6)
+    assert not t.request(10.7)
+    t.keyframe_seen()  # the publisher sent one anyway
+    assert not t.due(11.5)
+    assert t.request(11.5)
+
+
+def test_token_bucket() -> None:
+    now = [0.0]
+    bucket = TokenBucket(rate=2, burst=3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    now[0] = 0.5
+    assert bucket.take()
+    assert not bucket.take()
