@@ -154,6 +154,10 @@ class Peer:
 
     # --- negotiation ---------------------------------------------------------
 
+    @property
+    def awaiting_answer(self) -> bool:
+        return self._awaiting_answer
+
     async def negotiate(self) -> None:
         """Bring this peer's slots in line with the room and send an offer."""
         async with self._lock:

@@ -121,7 +121,11 @@ class ConsultationClient:
             async for msg in self._ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
-                await self._handle(json.loads(msg.data))
+                try:
+                    await self._handle(json.loads(msg.data))
+                except Exception:
+                    logger.exception("could not handle %s", msg.data[:200])
+                    raise
                 async with self.changed:
                     self.changed.notify_all()
         finally:

@@ -101,24 +101,38 @@ class ParticipantSocket:
                     break
                 if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                     break
-                if not self.bucket.take():
-                    self.dropped += 1
-                    if self.dropped > DROPPED_BEFORE_CLOSE:
-                        await self.refuse("rate_limited", "Too many messages; connection closed.", CLOSE_POLICY)
-                        break
-                    if self.dropped % 20 == 1:
-                        await self.send(error_message("rate_limited", "Too many messages; some were dropped."))
-                    continue
-                await self.handle(msg.data)
+                if not await self.admit(msg.data):
+                    break
         finally:
             await self.leave()
 
-    async def handle(self, raw: str | bytes) -> None:
+    async def admit(self, raw: str | bytes) -> bool:
+        """Validate, rate-limit and act on one message; False when the connection must end."""
         try:
             message = parse_client_message(raw)
+        except ProtocolError as exc:
+            message, error = None, exc
+        else:
+            error = None
+        # An answer to the server's own outstanding offer is bounded by the
+        # server and never costs the client its budget; everything else does.
+        expected = isinstance(message, Answer) and self.peer is not None and self.peer.awaiting_answer
+        if not expected and not self.bucket.take():
+            self.dropped += 1
+            if self.dropped > DROPPED_BEFORE_CLOSE:
+                await self.refuse("rate_limited", "Too many messages; connection closed.", CLOSE_POLICY)
+                return False
+            if self.dropped % 20 == 1:
+                await self.send(error_message("rate_limited", "Too many messages; some were dropped."))
+            return True
+        try:
+            if error is not None:
+                raise error
+            assert message is not None
             await self.dispatch(message)
         except (ProtocolError, MediaError) as exc:
             await self.send(error_message(exc.code, exc.message))
+        return True
 
     async def dispatch(self, message: ClientMessage) -> None:
         if isinstance(message, Join):
