@@ -65,6 +65,7 @@ __all__ = [
     "ntp_now",
     "filter_inbound_rtp",
     "dtls_transport",
+    "hold_encoder_bitrate",
 ]
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,26 @@ def negotiated_payload_type(transceiver: RTCRtpTransceiver, mime_type: str) -> i
         if codec.mimeType.lower() == mime_type.lower():
             return int(codec.payloadType)
     return None
+
+
+def hold_encoder_bitrate(sender: RTCRtpSender, bitrate: int) -> None:
+    """Make aiortc's own VP8 encoder on ``sender`` run at a fixed ``bitrate``.
+
+    For benchmarks that need the same load in every run: aiortc starts its
+    encoders at a module-wide default and follows the receiver's REMB; here
+    the default is set and REMB is ignored for this sender.
+    """
+    import aiortc.codecs.vpx as vpx
+
+    vpx.DEFAULT_BITRATE = bitrate
+    original = sender._handle_rtcp_packet
+
+    async def handle_rtcp_packet(packet: AnyRtcpPacket) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            return
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
 
 
 # --- inbound -----------------------------------------------------------------

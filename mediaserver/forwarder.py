@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket
 from .keyframes import KeyframeThrottle

@@ -106,7 +106,7 @@ class Room:
     async def _renegotiate_all(self, exclude: str | None = None) -> None:
         peers = [p for p in list(self.peers.values()) if p.info.id != exclude]
         results = await asyncio.gather(*(p.negotiate() for p in peers), return_exceptions=True)
-        for peer, result in zip(peers, results):
+        for peer, result in zip(peers, results, strict=False):
             if isinstance(result, BaseException):
                 logger.warning("renegotiation with %s failed: %r", peer.info.id, result)
 

@@ -13,7 +13,7 @@ from aiortc import RTCIceServer
 from mediaserver.room import MediaServer
 
 from . import rest
-from .config import ServerConfig, admin_key, prepare_data_dir, token_keys, DATABASE_FILE
+from .config import DATABASE_FILE, ServerConfig, admin_key, prepare_data_dir, token_keys
 from .store import ConsultationStore
 from .tokens import TokenAuthority
 from .ws import HUB, SignallingHub, websocket_handler

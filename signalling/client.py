@@ -24,6 +24,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtcrtptransceiver import RTCRtpTransceiver
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ConsultationClient:
         video: MediaStreamTrack | None = None,
         publish: bool = True,
         configure_peer: Callable[[RTCPeerConnection], None] | None = None,
+        on_new_transceiver: Callable[[RTCRtpTransceiver], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.room = room
@@ -53,6 +55,8 @@ class ConsultationClient:
         self.local = {k: t for k, t in (("audio", audio), ("video", video)) if t is not None}
         self.publish = publish
         self.configure_peer = configure_peer
+        self.on_new_transceiver = on_new_transceiver
+        self._seen_transceivers: set[int] = set()
         self.pc: RTCPeerConnection | None = None
         self.participant: dict[str, Any] | None = None
         self.participants: dict[str, dict[str, Any]] = {}
@@ -123,14 +127,18 @@ class ConsultationClient:
                     break
                 try:
                     await self._handle(json.loads(msg.data))
+                except (ConnectionError, aiohttp.ClientConnectionResetError):
+                    break  # the server went away while we were answering
                 except Exception:
-                    logger.exception("could not handle %s", msg.data[:200])
+                    logger.exception("could not handle a %s message", msg.data[:40])
                     raise
                 async with self.changed:
                     self.changed.notify_all()
         finally:
             if not self._joined.done():
-                self._joined.set_exception(JoinRefused("connection_closed", "The server closed the connection."))
+                self._joined.set_exception(
+                    JoinRefused("connection_closed", "The server closed the connection.")
+                )
             async with self.changed:
                 self.changed.notify_all()
 
@@ -165,6 +173,11 @@ class ConsultationClient:
     async def _answer(self, offer: dict[str, Any]) -> None:
         assert self.pc is not None
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer["sdp"], type="offer"))
+        if self.on_new_transceiver is not None:
+            for transceiver in self.pc.getTransceivers():
+                if id(transceiver) not in self._seen_transceivers:
+                    self._seen_transceivers.add(id(transceiver))
+                    self.on_new_transceiver(transceiver)
         publish_mids = offer.get("publish", {})
         for transceiver in self.pc.getTransceivers():
             for kind, mid in publish_mids.items():
@@ -192,4 +205,7 @@ class ConsultationClient:
         while True:
             await asyncio.sleep(interval)
             n += 1
-            await self.send({"type": "ping", "id": n})
+            try:
+                await self.send({"type": "ping", "id": n})
+            except (ConnectionError, aiohttp.ClientConnectionResetError):
+                return

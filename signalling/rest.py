@@ -81,7 +81,9 @@ async def create_consultation(request: web.Request) -> web.Response:
     if not isinstance(title, str) or not 0 < len(title.strip()) <= 200:
         raise api_error(400, "title_invalid", "title must be text of 1 to 200 characters.")
     scheduled_for = data.get("scheduled_for")
-    if scheduled_for is not None and (isinstance(scheduled_for, bool) or not isinstance(scheduled_for, (int, float))):
+    if scheduled_for is not None and (
+        isinstance(scheduled_for, bool) or not isinstance(scheduled_for, (int, float))
+    ):
         raise api_error(400, "scheduled_for_invalid", "scheduled_for must be a Unix time in seconds.")
     consultation = hub.store.create(title.strip(), scheduled_for)
     return web.json_response(_consultation_json(hub, consultation), status=201)

@@ -154,7 +154,9 @@ class TokenAuthority:
         except jwt.ImmatureSignatureError:
             raise TokenError("token_not_yet_valid", "The join token is not valid yet.") from None
         except jwt.InvalidAudienceError:
-            raise TokenError("token_wrong_audience", "The join token is not meant for this service.") from None
+            raise TokenError(
+                "token_wrong_audience", "The join token is not meant for this service."
+            ) from None
         except jwt.InvalidIssuerError:
             raise TokenError("token_wrong_issuer", "The join token was issued by someone else.") from None
         except jwt.InvalidSignatureError:

@@ -9,7 +9,6 @@ participant leaves. None of this touches anyone else in the room.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -92,7 +91,7 @@ class ParticipantSocket:
                 timeout = self.hub.config.heartbeat_timeout if self.peer else JOIN_DEADLINE
                 try:
                     msg = await self.ws.receive(timeout=timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     await self.refuse(
                         "heartbeat_timeout",
                         "Nothing was heard from this connection in time; it was closed.",

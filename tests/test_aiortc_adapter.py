@@ -11,7 +11,14 @@ import inspect
 
 import aioice.ice
 import aiortc
-from aiortc import RTCBundlePolicy, RTCDtlsTransport, RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc import (
+    RTCBundlePolicy,
+    RTCConfiguration,
+    RTCDtlsTransport,
+    RTCPeerConnection,
+    RTCRtpReceiver,
+    RTCRtpSender,
+)
 
 from mediaserver import aiortc_adapter
 from mediaserver.aiortc_adapter import (
@@ -49,7 +56,12 @@ def test_internal_hook_points_exist_with_expected_signatures() -> None:
         assert f"self.{name}" in sender_source
 
 
-async def connected_pair() -> tuple[RTCPeerConnection, RTCPeerConnection, OutboundPort, list[RtpPacket], list[RtcpFeedback], InboundTap]:
+Pair = tuple[
+    RTCPeerConnection, RTCPeerConnection, OutboundPort, list[RtpPacket], list[RtcpFeedback], InboundTap
+]
+
+
+async def connected_pair() -> Pair:
     config = RTCConfiguration(bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
     sender_pc, receiver_pc = RTCPeerConnection(config), RTCPeerConnection(config)
     send_t = sender_pc.addTransceiver(ParkedTrack("video"), direction="sendonly")

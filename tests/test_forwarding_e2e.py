@@ -14,8 +14,8 @@ from .media_helpers import TONES, Watcher, join_publisher, receiving_from
 async def test_three_participants_see_and_hear_each_other(server: RunningServer) -> None:
     room = server.consultation()
     joined = [await join_publisher(server, room, tag) for tag in (1, 2, 3)]
-    clients = {tag: c for tag, (c, _) in zip((1, 2, 3), joined)}
-    videos = {tag: v for tag, (_, v) in zip((1, 2, 3), joined)}
+    clients = {tag: c for tag, (c, _) in zip((1, 2, 3), joined, strict=False)}
+    videos = {tag: v for tag, (_, v) in zip((1, 2, 3), joined, strict=False)}
     watchers = {tag: Watcher(c) for tag, c in clients.items()}
     try:
         for tag, client in clients.items():

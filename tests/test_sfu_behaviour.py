@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-
-import aiohttp
 import random
 import time
+
+import aiohttp
 
 from mediaserver.aiortc_adapter import dtls_transport, filter_inbound_rtp, negotiated_payload_type
 from signalling.client import ConsultationClient

@@ -1,0 +1,1 @@
+"""Nära benchmarks: synthetic participants, measurement, and load runs."""

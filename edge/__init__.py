@@ -1,0 +1,1 @@
+"""The home kit's agent (`nara edge`): joins, stays connected, delivers stills."""
