@@ -38,7 +38,6 @@ WARMUP = 2.0
 DEGRADED_DELIVERY = 0.95
 DEGRADED_LOSS = 0.01
 DEGRADED_DELAY_MS = 100.0
-GENERATORS = 2
 
 
 # --- load generator processes ---------------------------------------------------
@@ -246,13 +245,13 @@ async def _ask(conn: Connection, command: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_mode(mode: str, steps: list[int], duration: float, bitrate: int, workdir: Path,
-                   progress: Any = print) -> list[dict[str, Any]]:
+                   generators_count: int = 2, progress: Any = print) -> list[dict[str, Any]]:
     server = ServerUnderTest(mode, bitrate, workdir)
     context = multiprocessing.get_context("spawn")
     workers: list[tuple[Any, Connection]] = []
     try:
         await server.prepare()
-        for _ in range(GENERATORS + 1):  # worker 0 publishes
+        for _ in range(generators_count + 1):  # worker 0 publishes
             parent, child = context.Pipe()
             process = context.Process(target=_generator_main, args=(child, mode, server.url, server.room))
             process.start()
@@ -267,7 +266,10 @@ async def run_mode(mode: str, steps: list[int], duration: float, bitrate: int, w
             tokens = await server.tokens("observer", n - current)
             shares = [tokens[i::len(generators)] for i in range(len(generators))]
             replies = await asyncio.gather(*(
-                _ask(g, {"cmd": "add", "tokens": share}) for g, share in zip(generators, shares, strict=False) if share))
+                _ask(g, {"cmd": "add", "tokens": share})
+                for g, share in zip(generators, shares, strict=True)
+                if share
+            ))
             current = n
             await asyncio.sleep(WARMUP)  # let the new subscribers' keyframes and rates settle
             for _, conn in workers:
@@ -316,7 +318,8 @@ def marginal_cost(steps: list[dict[str, Any]]) -> tuple[float, float]:
     n = len(xs)
     mean_x, mean_y = sum(xs) / n, sum(ys) / n
     var = sum((x - mean_x) ** 2 for x in xs)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=False)) / var if var else ys[0] / xs[0]
+    covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+    slope = covariance / var if var else ys[0] / xs[0]
     return slope, mean_y - slope * mean_x
 
 
@@ -334,7 +337,9 @@ def _row(s: dict[str, Any]) -> str:
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for mode, steps in results.items():
-        slope, intercept = marginal_cost(steps)
+        # The fit uses healthy steps only: past saturation CPU says nothing about cost.
+        healthy_steps = [s for s in steps if not s["degraded"]] or steps
+        slope, intercept = marginal_cost(healthy_steps)
         healthy = [s["subscribers"] for s in steps if not s["degraded"]]
         summary[mode] = {
             "marginal_cores_per_subscriber": slope,
@@ -354,14 +359,13 @@ def main(args: argparse.Namespace) -> int:
     forward_steps = sorted({int(n) for n in args.subscribers.split(",")})
     naive_steps = sorted({int(n) for n in args.naive_subscribers.split(",")})
     print(f"nara bench forward: 640x480@{FPS} VP8 at {args.bitrate // 1000} kbit/s, "
-          f"{args.duration:.0f} s per step, {GENERATORS} generator processes", flush=True)
+          f"{args.duration:.0f} s per step, {args.generators} generator processes", flush=True)
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         results = {
-            "forward": asyncio.run(run_mode("forward", forward_steps, args.duration, args.bitrate,
-                                            Path(tmp), lambda r: print(r, flush=True))),
-            "naive": asyncio.run(run_mode("naive", naive_steps, args.duration, args.bitrate,
-                                          Path(tmp), lambda r: print(r, flush=True))),
+            mode: asyncio.run(run_mode(mode, steps, args.duration, args.bitrate, Path(tmp),
+                                       args.generators, lambda r: print(r, flush=True)))
+            for mode, steps in (("forward", forward_steps), ("naive", naive_steps))
         }
     summary = summarise(results)
     print()

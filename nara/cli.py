@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--naive-subscribers", default="1,2,4,8", help="N values for the naive relay")
     forward.add_argument("--duration", type=float, default=10.0, help="seconds measured per N")
     forward.add_argument("--bitrate", type=int, default=550_000, help="publisher video bitrate, bit/s")
+    forward.add_argument("--generators", type=int, default=2, help="subscriber load processes")
     forward.add_argument("--output", help="write the results as JSON here")
     forward.set_defaults(func=cmd_bench_forward)
     return parser

@@ -98,6 +98,13 @@ class ConsultationClient:
         if self._http is not None:
             await self._http.close()
 
+    def abort_connection(self) -> None:
+        """Drop the signalling connection without a word, as a dying network would."""
+        if self._ws is not None:
+            transport = self._ws._response.connection.transport  # type: ignore[union-attr]
+            if transport is not None:
+                transport.abort()
+
     async def send(self, message: dict[str, Any]) -> None:
         assert self._ws is not None
         await self._ws.send_str(json.dumps(message))

@@ -14,7 +14,7 @@ from signalling.client import ConsultationClient
 
 from .conftest import RunningServer
 
-TONES = {1: 440.0, 2: 660.0, 3: 880.0, 4: 1100.0, 5: 1320.0, 6: 1540.0, 7: 1760.0}
+TONES = {1: 440.0, 2: 660.0, 3: 880.0, 4: 1100.0, 5: 1320.0, 6: 1540.0, 7: 1760.0, 8: 1980.0}
 
 
 class Watcher:
@@ -60,10 +60,10 @@ class Watcher:
 
 async def join_publisher(
     server: RunningServer, room: str, tag: int, width: int = 320, height: int = 240, fps: int = 15,
-    **client_kw: Any,
+    participant_id: str | None = None, **client_kw: Any,
 ) -> tuple[ConsultationClient, StampedVideoTrack]:
     video = StampedVideoTrack(tag, width=width, height=height, fps=fps)
-    token = server.token(room, f"P{tag}", participant_id=f"p{tag}")
+    token = server.token(room, f"P{tag}", participant_id=participant_id or f"p{tag}")
     client = ConsultationClient(server.url, room, token, video=video, audio=ToneAudioTrack(TONES[tag]),
                                 **client_kw)
     await client.join()

@@ -44,6 +44,10 @@ async def one_cycle(server: RunningServer, host: ConsultationClient, room: str, 
 
     await asyncio.wait_for(connected.wait(), 10)
     await host.wait_for(lambda: ("visitor", "video") in host.owners.values())
+    if n % 10 == 5:
+        # Vanish: the connection drops without a word; the server must notice by itself.
+        client.abort_connection()
+        await host.wait_for(lambda: not host.owners)
     await client.close()
     # the host sees the visitor's tracks go: the server has closed and renegotiated
     await host.wait_for(lambda: not host.owners)
