@@ -76,14 +76,14 @@ class StampedVideoTrack(VideoStreamTrack):
         self.width, self.height, self.fps = width, height, fps
         self.frames_sent = 0
         self._chroma = np.full((height // 2, width), 128, dtype=np.uint8)
-        self._start: float | None = None
+        self._began: float | None = None
 
     async def recv(self) -> av.VideoFrame:
         import asyncio
 
-        if self._start is None:
-            self._start = time.monotonic()
-        due = self._start + self.frames_sent / self.fps
+        if self._began is None:
+            self._began = time.monotonic()
+        due = self._began + self.frames_sent / self.fps
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -105,14 +105,14 @@ class ToneAudioTrack(AudioStreamTrack):
         self.frequency = frequency
         self.amplitude = amplitude
         self.samples_sent = 0
-        self._start: float | None = None
+        self._began: float | None = None
 
     async def recv(self) -> av.AudioFrame:
         import asyncio
 
-        if self._start is None:
-            self._start = time.monotonic()
-        due = self._start + self.samples_sent / AUDIO_RATE
+        if self._began is None:
+            self._began = time.monotonic()
+        due = self._began + self.samples_sent / AUDIO_RATE
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)

@@ -121,7 +121,7 @@ def prefer_codec(transceiver: RTCRtpTransceiver, mime_type: str, with_rtx: bool)
 def negotiated_payload_type(transceiver: RTCRtpTransceiver, mime_type: str) -> int | None:
     """The payload type agreed for ``mime_type`` in the last negotiation."""
     for codec in transceiver._codecs:
-        if codec.mimeType.lower() == mime_type.lower():
+        if codec.mimeType.lower() == mime_type.lower() and codec.payloadType is not None:
             return int(codec.payloadType)
     return None
 
@@ -173,7 +173,7 @@ class InboundTap:
         sink = _PacketSink()
         if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
             raise RuntimeError("aiortc changed: RTCRtpReceiver has no jitter buffer to replace")
-        receiver._RTCRtpReceiver__jitter_buffer = sink  # type: ignore[attr-defined]
+        receiver._RTCRtpReceiver__jitter_buffer = sink
         original = receiver._handle_rtp_packet
 
         async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:

@@ -194,11 +194,13 @@ class Peer:
         for publication in wanted.values():
             if publication.id in assigned:
                 continue
-            slot = next(
+            free = next(
                 (s for s in self.slots if s.publication is None and s.kind == publication.kind),
                 None,
             )
-            if slot is None:
+            if free is not None:
+                slot = free
+            else:
                 transceiver = self.pc.addTransceiver(ParkedTrack(publication.kind), direction="sendonly")
                 prefer_codec(transceiver, MIME_TYPES[publication.kind], with_rtx=False)
                 slot = Slot(transceiver, publication.kind)

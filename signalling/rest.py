@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +33,9 @@ def api_error(status: int, code: str, message: str) -> ApiError:
 
 
 @web.middleware
-async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
@@ -40,7 +43,9 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 @web.middleware
-async def require_admin(request: web.Request, handler: Any) -> web.StreamResponse:
+async def require_admin(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     if request.path.startswith("/api/"):
         expected = request.app[ADMIN_KEY]
         header = request.headers.get("Authorization", "")

@@ -107,12 +107,12 @@ class ParticipantSocket:
 
     async def admit(self, raw: str | bytes) -> bool:
         """Validate, rate-limit and act on one message; False when the connection must end."""
+        message: ClientMessage | None = None
+        error: ProtocolError | None = None
         try:
             message = parse_client_message(raw)
         except ProtocolError as exc:
-            message, error = None, exc
-        else:
-            error = None
+            error = exc
         # An answer to the server's own outstanding offer is bounded by the
         # server and never costs the client its budget; everything else does.
         expected = isinstance(message, Answer) and self.peer is not None and self.peer.awaiting_answer
