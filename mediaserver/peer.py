@@ -167,6 +167,8 @@ class Peer:
                 self._renegotiate = True
                 return
             self._assign_slots()
+            if not self.pc.getTransceivers():
+                return  # nothing to send or receive yet; an empty offer is not valid SDP
             offer = await self.pc.createOffer()
             await self.pc.setLocalDescription(offer)
             self._awaiting_answer = True

@@ -12,7 +12,7 @@ from aiortc import RTCIceServer
 
 from mediaserver.room import MediaServer
 
-from . import rest
+from . import rest, web as web_client
 from .config import DATABASE_FILE, ServerConfig, admin_key, prepare_data_dir, token_keys
 from .store import ConsultationStore
 from .tokens import TokenAuthority
@@ -41,6 +41,7 @@ def build_app(config: ServerConfig) -> web.Application:
     app[HUB] = hub
     app[rest.ADMIN_KEY] = admin_key(config)
     rest.add_routes(app)
+    web_client.add_routes(app)
     app.router.add_get("/ws", websocket_handler)
 
     async def shutdown(app: web.Application) -> None:

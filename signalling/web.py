@@ -1,0 +1,72 @@
+"""The browser client: the consultation page, its static files, and the link check.
+
+The page is plain ES modules with no build step. A join link looks like
+``/c/<consultation>#token=<jwt>``; the token stays in the fragment, so it never
+reaches a server log. Before asking for camera and microphone, the page asks
+``POST /join/check`` whether the link is still good, so an expired link or a
+link for another consultation gets a clear page instead of a failed call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from aiohttp import web
+
+from .tokens import TokenError
+from .ws import HUB
+
+STATIC = Path(__file__).parent / "static"
+NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+PAGE_HEADERS = {
+    **NO_STORE,
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+        "media-src 'self' blob:; connect-src 'self' ws: wss:; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+async def consultation_page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+
+async def check_link(request: web.Request) -> web.Response:
+    """Is this join link usable? Answers who it is for, or why not."""
+    hub = request.app[HUB]
+    try:
+        data = json.loads(await request.content.read(8192))
+        room, token = data["room"], data["token"]
+        if not isinstance(room, str) or not isinstance(token, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return web.json_response(
+            {"error": {"code": "body_malformed", "message": "Send {\"room\": ..., \"token\": ...}."}},
+            status=400, headers=NO_STORE)
+    consultation = hub.store.get(room)
+    if consultation is None or consultation.status != "open":
+        return web.json_response(
+            {"error": {"code": "room_not_found", "message": "There is no open consultation with this id."}},
+            status=404, headers=NO_STORE)
+    try:
+        claims = hub.authority.verify(token, room)
+    except TokenError as exc:
+        return web.json_response({"error": {"code": exc.code, "message": exc.message}},
+                                 status=403, headers=NO_STORE)
+    return web.json_response(
+        {
+            "participant": {"id": claims.participant_id, "name": claims.name, "role": claims.role},
+            "may_publish": claims.may_publish,
+            "room": {"id": consultation.id, "title": consultation.title},
+            "expires_at": claims.expires_at,
+        },
+        headers=NO_STORE,
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/c/{room}", consultation_page)
+    app.router.add_post("/join/check", check_link)
+    app.router.add_static("/static/", STATIC, append_version=False)
