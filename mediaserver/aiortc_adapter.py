@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aioice.ice
+import pylibsrtp
 from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc import clock as aiortc_clock
 from aiortc.mediastreams import MediaStreamTrack
@@ -66,6 +67,7 @@ __all__ = [
     "filter_inbound_rtp",
     "dtls_transport",
     "hold_encoder_bitrate",
+    "SendFailed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -246,6 +248,10 @@ class ParkedTrack(MediaStreamTrack):
         super().stop()
 
 
+class SendFailed(ConnectionError):
+    """A packet could not be protected or sent on an outbound stream."""
+
+
 class RtcpFeedback:
     """What a subscriber told us about one outbound stream, in plain data."""
 
@@ -345,7 +351,8 @@ class OutboundPort:
     ) -> None:
         """Send one RTP packet on this sender's SSRC and payload type.
 
-        Raises ConnectionError when the transport is not (or no longer) up.
+        Raises ConnectionError (SendFailed for SRTP refusals) when the packet
+        cannot go out; nothing else.
         """
         if self.payload_type is None:
             raise ConnectionError("outbound stream not negotiated yet")
@@ -364,7 +371,12 @@ class OutboundPort:
         packet.extensions.mid = self.mid
         packet.extensions.audio_level = audio_level
         data = packet.serialize(sender._RTCRtpSender__rtp_header_extensions_map)  # type: ignore[attr-defined]
-        await sender.transport._send_rtp(data)
+        try:
+            await sender.transport._send_rtp(data)
+        except pylibsrtp.Error as exc:
+            # An SRTP refusal concerns this stream only; it must never travel up
+            # into the publisher's receive path that called us.
+            raise SendFailed(f"SRTP refused the packet: {exc}") from exc
         # The sender's RTCP loop builds its sender reports from these.
         sender._RTCRtpSender__ntp_timestamp = now  # type: ignore[attr-defined]
         sender._RTCRtpSender__rtp_timestamp = timestamp  # type: ignore[attr-defined]

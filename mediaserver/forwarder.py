@@ -99,8 +99,8 @@ class Publication:
         except ConnectionError:
             pass
 
-    def attach(self, port: OutboundPort) -> Subscription:
-        subscription = Subscription(self, port)
+    def attach(self, port: OutboundPort, rewriter: StreamRewriter) -> Subscription:
+        subscription = Subscription(self, port, rewriter)
         self.subscriptions.add(subscription)
         return subscription
 
@@ -114,12 +114,18 @@ class Publication:
 
 
 class Subscription:
-    """One publication on one subscriber's outbound stream."""
+    """One publication on one subscriber's outbound stream.
 
-    def __init__(self, publication: Publication, port: OutboundPort) -> None:
+    The rewriter belongs to the outbound stream, not to the subscription: when a
+    stream is reused for another publication, its sequence numbers and
+    timestamps must carry on from where they were (SRTP refuses to send a
+    sequence number far behind the last one on the same SSRC).
+    """
+
+    def __init__(self, publication: Publication, port: OutboundPort, rewriter: StreamRewriter) -> None:
         self.publication = publication
         self.port = port
-        self.rewriter = StreamRewriter(CLOCK_RATES[publication.kind])
+        self.rewriter = rewriter
         # Video starts on a keyframe so the subscriber never sees a broken picture.
         self.waiting_for_keyframe = publication.kind == "video"
         self.asked_for_keyframe = False

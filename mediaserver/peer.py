@@ -36,7 +36,8 @@ from .aiortc_adapter import (
     prefer_codec,
 )
 from .errors import MediaError
-from .forwarder import MIME_TYPES, Publication, Subscription
+from .forwarder import CLOCK_RATES, MIME_TYPES, Publication, Subscription
+from .rewriter import StreamRewriter
 
 if TYPE_CHECKING:
     from .room import Room
@@ -66,6 +67,7 @@ class Slot:
         self.transceiver = transceiver
         self.kind = kind
         self.port = OutboundPort(transceiver.sender, self._on_feedback)
+        self.rewriter = StreamRewriter(CLOCK_RATES[kind])
         self.publication: Publication | None = None
         self.subscription: Subscription | None = None
 
@@ -229,7 +231,7 @@ class Peer:
                     if payload_type is None:
                         continue
                     slot.port.configure(payload_type, slot.transceiver.mid)
-                    slot.subscription = slot.publication.attach(slot.port)
+                    slot.subscription = slot.publication.attach(slot.port, slot.rewriter)
             again = self._renegotiate
             self._renegotiate = False
         if again:

@@ -12,7 +12,8 @@ from aiortc import RTCIceServer
 
 from mediaserver.room import MediaServer
 
-from . import rest, web as web_client
+from . import rest
+from . import web as web_client
 from .config import DATABASE_FILE, ServerConfig, admin_key, prepare_data_dir, token_keys
 from .store import ConsultationStore
 from .tokens import TokenAuthority

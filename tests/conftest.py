@@ -38,14 +38,16 @@ class RunningServer:
         return token
 
 
-async def start_server(tmp_path: Path, **overrides: object) -> tuple[RunningServer, web.AppRunner]:
-    config = ServerConfig(data_dir=tmp_path / "data", port=0, demo=False)
+async def start_server(
+    tmp_path: Path, port: int = 0, **overrides: object
+) -> tuple[RunningServer, web.AppRunner]:
+    config = ServerConfig(data_dir=tmp_path / "data", port=port, demo=False)
     for key, value in overrides.items():
         setattr(config, key, value)
     app = build_app(config)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     config.port = port

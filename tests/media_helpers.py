@@ -24,6 +24,7 @@ class Watcher:
         self.client = client
         self.frames: dict[int, set[int]] = defaultdict(set)  # publisher tag -> frame numbers
         self.first_frame_at: float | None = None
+        self.frames_from: dict[str, int] = defaultdict(int)  # participant -> decoded video frames
         self.tones: dict[str, list[float]] = defaultdict(list)  # participant -> frequencies
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.changed = asyncio.Condition()
@@ -38,6 +39,8 @@ class Watcher:
             frame = await track.recv()
             owner = self.client.owners.get(mid)
             if track.kind == "video":
+                if owner is not None:
+                    self.frames_from[owner[0]] += 1
                 stamp = read_stamp(frame.to_ndarray(format="yuv420p")[: frame.height])
                 self.frames[stamp.tag].add(stamp.frame)
                 if self.first_frame_at is None:

@@ -11,6 +11,7 @@ import inspect
 
 import aioice.ice
 import aiortc
+import pytest
 from aiortc import (
     RTCBundlePolicy,
     RTCConfiguration,
@@ -27,6 +28,7 @@ from mediaserver.aiortc_adapter import (
     ParkedTrack,
     RtcpFeedback,
     RtpPacket,
+    SendFailed,
     negotiated_payload_type,
     prefer_codec,
     restrict_host_addresses,
@@ -106,18 +108,21 @@ async def test_packets_pass_untouched_from_port_to_tap_and_feedback_comes_back()
     try:
         payloads = [bytes([0x10, 0x00]) + bytes([i]) * 200 for i in range(5)]
         for i, payload in enumerate(payloads):
-            await port.send(payload, sequence_number=1000 + i, timestamp=9000 + i * 3000, marker=1)
+            await port.send(payload, sequence_number=10000 + i, timestamp=9000 + i * 3000, marker=1)
         await asyncio.wait_for(_until(lambda: len(received) == 5), 5)
         assert [p.payload for p in received] == payloads
-        assert [p.sequence_number for p in received] == list(range(1000, 1005))
+        assert [p.sequence_number for p in received] == list(range(10000, 10005))
         assert [p.timestamp for p in received] == [9000 + i * 3000 for i in range(5)]
         assert {p.ssrc for p in received} == {port.ssrc}
+        # SRTP refuses a sequence number far behind the last one: that surfaces as SendFailed
+        with pytest.raises(SendFailed):
+            await port.send(payloads[0], sequence_number=10004 - 3000, timestamp=0, marker=1)
         # the receiver's side asks for a keyframe and a retransmission: both reach the port
         await tap.request_keyframe(port.ssrc)
-        await tap.request_retransmission(port.ssrc, [1002, 1003])
+        await tap.request_retransmission(port.ssrc, [10002, 10003])
         await asyncio.wait_for(_until(lambda: {f.kind for f in feedback} >= {"keyframe", "nack"}), 5)
         nack = next(f for f in feedback if f.kind == "nack")
-        assert nack.lost == [1002, 1003]
+        assert nack.lost == [10002, 10003]
         # nothing was decoded: the remote track never yields a frame
         track = receiver_pc.getTransceivers()[0].receiver.track
         assert track._queue.empty()  # type: ignore[attr-defined]

@@ -99,19 +99,26 @@ async def test_leaving_and_muting_are_seen_and_a_rejoin_flows_again(server: Runn
     await p2.wait_for(lambda: any(e.get("type") == "mute" and e["muted"] for e in p2.events))
     mute = next(e for e in p2.events if e["type"] == "mute")
     assert (mute["participant_id"], mute["kind"]) == ("p1", "audio")
-    await p1.close()
-    await p2.wait_for(lambda: any(e.get("type") == "participant-left" for e in p2.events))
-    await p2.wait_for(lambda: not p2.owners)  # renegotiated: p1's slots are idle
-    p1_again, _ = await join_publisher(server, room, 1)
     watcher = Watcher(p2)
     try:
-        await receiving_from(p2, {"p1"})
-        watcher.follow()
-        await watcher.wait_for(lambda: len(watcher.frames[1]) >= 10)
-        assert len(p2.remote_tracks) == 2, "the idle slots were reused, not multiplied"
+        # Leave and come back a few times: each new source starts at a random sequence
+        # number, and the reused outbound stream must carry on without a break.
+        for _ in range(3):
+            await p1.close()
+            await p2.wait_for(lambda: any(e.get("type") == "participant-left" for e in p2.events))
+            await p2.wait_for(lambda: not p2.owners)  # renegotiated: p1's slots are idle
+            p2.events.clear()
+            p1, _ = await join_publisher(server, room, 1)
+            await receiving_from(p2, {"p1"})
+            watcher.follow()
+            seen = len(watcher.frames[1])
+            await watcher.wait_for(lambda seen=seen: len(watcher.frames[1]) >= seen + 10)
+            assert len(p2.remote_tracks) == 2, "the idle slots were reused, not multiplied"
+        slots = server.hub.media.rooms[room].peers["p2"].slots
+        assert all(s.subscription is not None and s.subscription.stats.send_errors == 0 for s in slots)
     finally:
         await watcher.stop()
-        await p1_again.close()
+        await p1.close()
         await p2.close()
 
 

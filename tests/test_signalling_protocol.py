@@ -12,6 +12,8 @@ import aiohttp
 import jwt
 import pytest
 
+from bench.synthetic import StampedVideoTrack
+from signalling.client import ConsultationClient
 from signalling.protocol import MAX_MESSAGE_BYTES
 
 from .conftest import RunningServer, start_server
@@ -82,8 +84,17 @@ async def test_observer_may_watch_but_not_publish(server: RunningServer) -> None
         joined = await reply(ws)
         assert joined["type"] == "joined"
         assert joined["participant"]["role"] == "observer"
-        offer = await reply(ws)
-        assert offer["type"] == "offer" and offer["publish"] == {}
+        # Nothing to receive yet, so no offer; the first publisher brings one.
+        publisher = ConsultationClient(server.url, room, server.token(room, "Nurse", "nurse"),
+                                       video=StampedVideoTrack(1, 160, 120, 5))
+        await publisher.join()
+        try:
+            messages = [await reply(ws) for _ in range(3)]
+            offer = next(m for m in messages if m["type"] == "offer")
+            assert offer["publish"] == {}
+            assert {t["kind"] for t in offer["tracks"]} == {"video"}
+        finally:
+            await publisher.close()
 
 
 async def test_malformed_messages_get_errors_and_change_nothing(server: RunningServer) -> None:

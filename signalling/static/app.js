@@ -19,6 +19,7 @@ const page = {
   refusal: null,
   tiles: new Map(), // participant id -> element
   activeSpeaker: null,
+  stateLog: [], // every connection state the call went through, for IT staff
 };
 window.naraDebug = page; // for IT staff in the console, and for the browser tests
 
@@ -124,6 +125,7 @@ function join() {
 
 function renderState() {
   const state = page.call?.state;
+  if (state && page.stateLog.at(-1) !== state) page.stateLog.push(state);
   if (!state || state === "refused") return;
   if (state === "closed") { setStatus(""); return; }
   setStatus(t(`state.${state}`));
@@ -161,6 +163,7 @@ function renderTiles() {
   }
   $("alone").hidden = call.participants.size > 0 || call.state !== "connected";
   container.dataset.count = String(call.participants.size);
+  container.style.setProperty("--count", String(Math.max(1, call.participants.size)));
   renderQuality();
 }
 

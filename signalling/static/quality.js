@@ -6,7 +6,7 @@ export function classify({ loss, rttMs, fps, receivingVideo }) {
   const l = loss ?? 0;
   const r = rttMs ?? 0;
   const f = receivingVideo ? fps ?? 0 : 30;
-  if (l < 0.02 && r < 300 && f >= 15) return "good";
+  if (l < 0.02 && r < 300 && f >= 12) return "good"; // the home kit sends 15 fps
   if (l < 0.08 && r < 800 && f >= 5) return "weak";
   return "poor";
 }
