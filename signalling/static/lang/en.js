@@ -21,6 +21,7 @@ export default {
   "prejoin.watch_only": "You can see and hear the others but will not be seen.",
   "prejoin.join": "Join the call",
   "prejoin.preview": "How you will look",
+  "call.controls": "Call controls",
   "call.you": "You",
   "call.mute": "Mute microphone",
   "call.unmute": "Unmute microphone",

@@ -21,6 +21,7 @@ export default {
   "prejoin.watch_only": "Du kan se och höra de andra men inte synas.",
   "prejoin.join": "Gå in i samtalet",
   "prejoin.preview": "Så här syns du",
+  "call.controls": "Samtalsknappar",
   "call.you": "Du",
   "call.mute": "Stäng av mikrofon",
   "call.unmute": "Slå på mikrofon",
