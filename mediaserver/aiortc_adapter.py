@@ -68,6 +68,7 @@ __all__ = [
     "dtls_transport",
     "hold_encoder_bitrate",
     "SendFailed",
+    "selected_local_candidate_type",
 ]
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,15 @@ def filter_inbound_rtp(transport: Any, keep: Callable[[bytes], bool]) -> None:
                 return data
 
     ice._recv = recv
+
+
+def selected_local_candidate_type(pc: Any) -> str | None:
+    """'host', 'srflx' or 'relay': the kind of local candidate ICE chose, if any."""
+    transport = dtls_transport(pc)
+    if transport is None:
+        return None
+    pair = transport.transport._connection._nominated.get(1)
+    return None if pair is None else str(pair.local_candidate.type)
 
 
 def dtls_transport(pc: Any) -> Any:

@@ -20,6 +20,7 @@ from aiortc import (
     RTCBundlePolicy,
     RTCConfiguration,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
     RTCSessionDescription,
 )
@@ -48,6 +49,8 @@ class ConsultationClient:
         publish: bool = True,
         configure_peer: Callable[[RTCPeerConnection], None] | None = None,
         on_new_transceiver: Callable[[RTCRtpTransceiver], None] | None = None,
+        ice_servers: list[RTCIceServer] | None = None,
+        relay_only: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.room = room
@@ -56,6 +59,8 @@ class ConsultationClient:
         self.publish = publish
         self.configure_peer = configure_peer
         self.on_new_transceiver = on_new_transceiver
+        self.ice_servers = ice_servers  # instead of the server's, e.g. a TURN relay
+        self.relay_only = relay_only
         self._seen_transceivers: set[int] = set()
         self.pc: RTCPeerConnection | None = None
         self.participant: dict[str, Any] | None = None
@@ -155,9 +160,13 @@ class ConsultationClient:
         if kind == "joined":
             self.participant = message["participant"]
             self.participants = {p["id"]: p for p in message["participants"]}
-            servers = [RTCIceServer(**s) for s in message.get("ice_servers", [])]
+            servers = self.ice_servers
+            if servers is None:
+                servers = [RTCIceServer(**s) for s in message.get("ice_servers", [])]
+            policy = RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL
             self.pc = RTCPeerConnection(
-                RTCConfiguration(iceServers=servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+                RTCConfiguration(iceServers=servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE,
+                                 iceTransportPolicy=policy)
             )
             self.pc.on("track", self._on_track)
             if self.configure_peer is not None:
