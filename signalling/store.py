@@ -20,6 +20,14 @@ CREATE TABLE IF NOT EXISTS consultation (
 """
 
 
+ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no look-alikes, never a leading '-'
+
+
+def new_id(length: int = 16) -> str:
+    """A consultation id: 80 random bits, safe in URLs and on command lines."""
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(length))
+
+
 @dataclass(frozen=True)
 class Consultation:
     id: str
@@ -41,7 +49,7 @@ class ConsultationStore:
 
     def create(self, title: str, scheduled_for: float | None = None) -> Consultation:
         consultation = Consultation(
-            id=secrets.token_urlsafe(9), title=title, created_at=time.time(),
+            id=new_id(), title=title, created_at=time.time(),
             scheduled_for=scheduled_for, status="open",
         )
         self._db.execute(
