@@ -163,7 +163,8 @@ class ConsultationClient:
             servers = self.ice_servers
             if servers is None:
                 servers = [RTCIceServer(**s) for s in message.get("ice_servers", [])]
-            policy = RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL
+            relay = self.relay_only or message.get("ice_transport_policy") == "relay"
+            policy = RTCIceTransportPolicy.RELAY if relay else RTCIceTransportPolicy.ALL
             self.pc = RTCPeerConnection(
                 RTCConfiguration(iceServers=servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE,
                                  iceTransportPolicy=policy)

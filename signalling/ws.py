@@ -186,6 +186,7 @@ class ParticipantSocket:
                 "room": {"id": consultation.id, "title": consultation.title},
                 "participants": [p for p in room.participants() if p["id"] != info.id],
                 "ice_servers": self.hub.config.ice_servers,
+                "ice_transport_policy": self.hub.config.ice_transport_policy,
                 "heartbeat_interval": self.hub.config.heartbeat_interval,
                 "heartbeat_timeout": self.hub.config.heartbeat_timeout,
             }

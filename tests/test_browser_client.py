@@ -11,6 +11,8 @@ import jwt
 import pytest
 
 from bench.synthetic import StampedVideoTrack, ToneAudioTrack
+from bench.turn import ImpairingTurnServer
+from mediaserver.aiortc_adapter import selected_local_candidate_type
 from signalling.client import ConsultationClient
 
 from .conftest import RunningServer, in_ci, start_server
@@ -219,3 +221,33 @@ async def test_page_rejoins_after_a_server_restart(tmp_path: Path, browser: Any)
             await rising(pages[pid], other, "framesDecoded", 30, timeout=30)
     finally:
         await runner.cleanup()
+
+
+async def test_browser_reaches_the_others_only_through_the_relay(tmp_path: Path, browser: Any) -> None:
+    relay = ImpairingTurnServer(seed=2)
+    await relay.start()
+    ice = [{"urls": [relay.url], "username": "loopback/browser", "credential": relay.password}]
+    server, runner = await start_server(tmp_path, ice_servers=ice, ice_transport_policy="relay")
+    try:
+        room = server.consultation()
+        kit = await kit_client(server, room)  # also relay-only: the server tells every client
+        page = await join_call(browser, server, room, "Dr Berg", "clinician", "doctor")
+        await rising(page, "kit", "framesDecoded", 30)
+        local_type = await page.evaluate("""async () => {
+            const stats = await naraDebug.call.pc.getStats();
+            let pair = null; const candidates = new Map();
+            stats.forEach(s => {
+                if (s.type === "candidate-pair" && s.nominated && s.state === "succeeded") pair = s;
+                if (s.type === "local-candidate") candidates.set(s.id, s.candidateType);
+            });
+            return pair && candidates.get(pair.localCandidateId);
+        }""")
+        assert local_type == "relay"
+        assert selected_local_candidate_type(kit.pc) == "relay"
+        carrying = {label for label, _, down in relay.links() if down.counters.delivered > 100}
+        assert carrying == {"loopback/browser"}, "browser and kit media both cross the relay"
+        assert sum(1 for label, _, _ in relay.links() if label == "loopback/browser") >= 2
+        await kit.close()
+    finally:
+        await runner.cleanup()
+        relay.close()

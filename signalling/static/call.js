@@ -163,7 +163,11 @@ export class Call extends EventTarget {
   joined(message) {
     this.self = message.participant;
     this.participants = new Map(message.participants.map((p) => [p.id, this.newParticipant(p)]));
-    this.pc = new RTCPeerConnection({ iceServers: message.ice_servers, bundlePolicy: "max-bundle" });
+    this.pc = new RTCPeerConnection({
+      iceServers: message.ice_servers,
+      iceTransportPolicy: message.ice_transport_policy ?? "all",
+      bundlePolicy: "max-bundle",
+    });
     const generation = this.generation;
     this.pc.onconnectionstatechange = () => {
       if (generation !== this.generation) return;
