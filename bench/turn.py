@@ -100,7 +100,7 @@ class ImpairingTurnServer(asyncio.DatagramProtocol):
         self.loop = asyncio.get_running_loop()
         self.epoch = self.loop.time()
         transport, _ = await self.loop.create_datagram_endpoint(lambda: self, local_addr=(self.host, self.port))
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = transport
         self.port = transport.get_extra_info("sockname")[1]
         return self.host, self.port
 
@@ -212,7 +212,7 @@ class ImpairingTurnServer(asyncio.DatagramProtocol):
     async def _open_relay(self, allocation: Allocation, message: stun.Message) -> None:
         transport, _ = await self.loop.create_datagram_endpoint(
             lambda: _RelaySocket(self, allocation), local_addr=(self.host, 0))
-        allocation.relay = transport  # type: ignore[assignment]
+        allocation.relay = transport
         allocation.relayed_address = transport.get_extra_info("sockname")[:2]
         lifetime = min(message.attributes.get("LIFETIME", DEFAULT_LIFETIME), 3600)
         allocation.expires = self.loop.time() + lifetime
