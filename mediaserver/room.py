@@ -165,6 +165,23 @@ class MediaServer:
             del self.rooms[room_id]
         await self._notify()
 
+    def forwarding_stats(self) -> dict[str, Any]:
+        """Per room and participant: what came in, and what went out to each subscriber."""
+        rooms: dict[str, Any] = {}
+        for room_id, room in self.rooms.items():
+            rooms[room_id] = {
+                peer.info.id: {
+                    "published": {k: vars(p.stats) for k, p in peer.publications.items()},
+                    "received": [
+                        {"from": slot.publication.id, **vars(slot.subscription.stats)}
+                        for slot in peer.slots
+                        if slot.publication is not None and slot.subscription is not None
+                    ],
+                }
+                for peer in room.peers.values()
+            }
+        return rooms
+
     def counts(self) -> dict[str, int]:
         return {
             "rooms": len(self.rooms),

@@ -78,6 +78,18 @@ def cmd_bench_forward(args: argparse.Namespace) -> int:
     return forward_main(args)
 
 
+def cmd_bench_run(args: argparse.Namespace) -> int:
+    from bench.run import main as run_main
+
+    return run_main(args)
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from bench.run import compare_main
+
+    return compare_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nara", description="Nära video consultations")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--generators", type=int, default=2, help="subscriber load processes")
     forward.add_argument("--output", help="write the results as JSON here")
     forward.set_defaults(func=cmd_bench_forward)
+
+    run = bench_sub.add_parser(
+        "run", help="consultations over an emulated rural link",
+        description="Run synthetic consultations whose participants reach the server only through "
+                    "an impairing TURN relay, through Nära's SFU and peer to peer, and write "
+                    "summary.json, per-second.csv and report.html.")
+    run.add_argument("--profile", default="poor-3g", help="link profile (see bench/profiles.py)")
+    run.add_argument("--rooms", type=int, default=1)
+    run.add_argument("--participants", type=int, default=2, help="per room")
+    run.add_argument("--duration", type=float, default=30.0, help="seconds")
+    run.add_argument("--seed", type=int, default=1)
+    run.add_argument("--modes", default="sfu,p2p", help="sfu, p2p or both (default)")
+    run.add_argument("--video", default="320x240", help="WIDTHxHEIGHT of the synthetic camera")
+    run.add_argument("--fps", type=int, default=15)
+    run.add_argument("--settle", type=float, default=5.0, help="seconds left out of the summaries")
+    run.add_argument("--budget", help="TOML file of thresholds; exit 1 when the SFU run falls short")
+    run.add_argument("--output", help="results folder (default bench-results/<profile>-<time>)")
+    run.set_defaults(func=cmd_bench_run)
+
+    compare = bench_sub.add_parser("compare", help="two result folders side by side",
+                                   description="Print two runs' summaries side by side.")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    compare.set_defaults(func=cmd_bench_compare)
     return parser
 
 

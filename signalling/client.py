@@ -51,6 +51,7 @@ class ConsultationClient:
         on_new_transceiver: Callable[[RTCRtpTransceiver], None] | None = None,
         ice_servers: list[RTCIceServer] | None = None,
         relay_only: bool = False,
+        on_answered: Callable[[RTCPeerConnection], object] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.room = room
@@ -61,6 +62,7 @@ class ConsultationClient:
         self.on_new_transceiver = on_new_transceiver
         self.ice_servers = ice_servers  # instead of the server's, e.g. a TURN relay
         self.relay_only = relay_only
+        self.on_answered = on_answered
         self._seen_transceivers: set[int] = set()
         self.pc: RTCPeerConnection | None = None
         self.participant: dict[str, Any] | None = None
@@ -210,6 +212,8 @@ class ConsultationClient:
         await self.pc.setLocalDescription(answer)
         await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
         self.answers_sent += 1
+        if self.on_answered is not None:
+            self.on_answered(self.pc)
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         assert self.pc is not None

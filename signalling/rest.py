@@ -146,6 +146,10 @@ async def mint_token(request: web.Request) -> web.Response:
     )
 
 
+async def forwarding_stats(request: web.Request) -> web.Response:
+    return web.json_response({"rooms": request.app[HUB].media.forwarding_stats()})
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", **request.app[HUB].media.counts()})
 
@@ -155,4 +159,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/consultations", list_consultations)
     app.router.add_get("/api/consultations/{id}", get_consultation)
     app.router.add_post("/api/consultations/{id}/tokens", mint_token)
+    app.router.add_get("/api/stats", forwarding_stats)
     app.router.add_get("/healthz", health)
