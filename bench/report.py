@@ -54,7 +54,8 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float | None]]], 
         parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>')
     for i in range(6):
         x = x_max * i / 5
-        parts.append(f'<text x="{sx(x):.1f}" y="{top + plot_h + 13}" font-size="11" text-anchor="middle">{x:.0f}</text>')
+        parts.append(f'<text x="{sx(x):.1f}" y="{top + plot_h + 13}" font-size="11" '
+                     f'text-anchor="middle">{x:.0f}</text>')
     parts.append(f'<text x="{left + plot_w / 2}" y="{height - 3}" font-size="11" text-anchor="middle">'
                  f'seconds</text>')
     legend = []
@@ -62,7 +63,8 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float | None]]], 
         colour = COLOURS[i % len(COLOURS)]
         dash = ' stroke-dasharray="5,3"' if "capacity" in name else ""
         run: list[str] = []
-        for x, y in values + [(0.0, None)]:
+        ended: list[tuple[float, float | None]] = [*values, (0.0, None)]
+        for x, y in ended:
             if y is None:
                 if len(run) > 1:
                     parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.8"{dash} '

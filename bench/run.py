@@ -41,8 +41,11 @@ MODES = ("sfu", "p2p")
 class Participant:
     """A synthetic participant: stamped video and a tone out, every other participant measured in."""
 
-    def __init__(self, label: str, tag: int, width: int, height: int, fps: int, run_start: float) -> None:
+    def __init__(self, label: str, tag: int, width: int, height: int, fps: int, run_start: float,
+                 tags: dict[str, int]) -> None:
         self.label = label
+        self.tags = tags  # every participant's label -> the tag its frames carry
+        self.corrupt_frames = 0
         self.tag = tag
         self.video = StampedVideoTrack(tag, width, height, fps)
         self.audio = ToneAudioTrack(300 + 40 * tag)
@@ -77,6 +80,9 @@ class Participant:
                 luma = frame.to_ndarray(format="yuv420p")[: frame.height]
                 stamp = read_stamp(luma)
                 latency = (wall_ms() - stamp.capture_ms) % (1 << 32)
+                if stamp.tag != self.tags.get(who) or latency > 600_000:
+                    self.corrupt_frames += 1  # decoded, but not a picture anyone sent
+                    continue
                 count += 1
                 psnr = picture_psnr(luma, stamp) if count % PSNR_EVERY == 0 else None
                 self.record(who).add_frame(at, stamp, float(latency), psnr)
@@ -168,9 +174,13 @@ async def _join_sfu(sfu: SfuProcess, room: str, p: Participant, relay: Impairing
         followed.add(transceiver.mid)
         p.follow(transceiver.receiver.track, owner(transceiver.mid))
 
+    def follow_all(pc: RTCPeerConnection) -> None:
+        for transceiver in pc.getTransceivers():
+            follow_new(transceiver)
+
     client = ConsultationClient(sfu.url, room, minted["token"], video=p.video, audio=p.audio,
                                 ice_servers=_ice(relay, profile_name, p.label), relay_only=True,
-                                on_answered=lambda pc: [follow_new(t) for t in pc.getTransceivers()])
+                                on_answered=follow_all)
     p.client = client
     await client.join()
 
@@ -205,8 +215,9 @@ async def run_mode(mode: str, args: argparse.Namespace, workdir: Path, progress:
     samples: list[dict[str, Any]] = []
     try:
         for r in range(args.rooms):
-            members = [Participant(f"r{r}p{i}", 1 + r * args.participants + i, width, height, args.fps, run_start)
-                       for i in range(args.participants)]
+            tags = {f"r{r}p{i}": 1 + r * args.participants + i for i in range(args.participants)}
+            members = [Participant(label, tag, width, height, args.fps, run_start, tags)
+                       for label, tag in tags.items()]
             participants.append(members)
             if sfu is not None:
                 room = (await sfu.api("POST", "/api/consultations", {"title": f"bench {r}"}))["id"]
@@ -219,28 +230,26 @@ async def run_mode(mode: str, args: argparse.Namespace, workdir: Path, progress:
                         await _connect_p2p(a, b, relay, args.profile, fanout)
         if sfu is not None:
             sfu.sample()
-        previous: dict[str, tuple[int, int]] = {}
+        previous: dict[int, int] = {}  # bytes delivered so far, per allocation
         for second in range(int(args.duration)):
             await asyncio.sleep(max(0.0, run_start + second + 1 - time.time()))  # the run's own clock
             row: dict[str, Any] = {"second": second, "links": {}}
             if sfu is not None:
                 row["server_cores"], row["server_mem_mb"] = sfu.sample()
             now = relay.loop.time()
-            for label, up, down in relay.links():
+            for index, (label, _, down) in enumerate(relay.links(ever=True)):
                 who = label.split("/", 1)[1]
-                got = previous.get(label, (0, 0))
                 entry = row["links"].setdefault(who, {"kbps": 0.0, "capacity_kbps": None})
-                entry["kbps"] += (down.counters.bytes_delivered - got[0]) * 8 / 1000
+                entry["kbps"] += (down.counters.bytes_delivered - previous.get(index, 0)) * 8 / 1000
                 capacity = down.capacity_at(now)
                 entry["capacity_kbps"] = None if capacity is None else capacity / 1000
-                previous[label] = (down.counters.bytes_delivered, 0)
+                previous[index] = down.counters.bytes_delivered
             samples.append(row)
             progress(mode, second + 1, int(args.duration))
         forwarding = (await sfu.api("GET", "/api/stats"))["rooms"] if sfu is not None else {}
-        lost = sum(d.counters.lost_random + d.counters.lost_queue + d.counters.lost_outage
-                   + u.counters.lost_random + u.counters.lost_queue + u.counters.lost_outage
-                   for _, u, d in relay.links())
-        offered = sum(u.counters.offered + d.counters.offered for _, u, d in relay.links())
+        links = [link for _, up, down in relay.links(ever=True) for link in (up, down)]
+        lost = sum(k.counters.lost_random + k.counters.lost_queue + k.counters.lost_outage for k in links)
+        offered = sum(k.counters.offered for k in links)
         residual = await _residual_loss(participants)
     finally:
         for members in participants:
@@ -249,7 +258,8 @@ async def run_mode(mode: str, args: argparse.Namespace, workdir: Path, progress:
         if sfu is not None:
             sfu.stop()
         relay.close()
-    return _mode_result(mode, args, participants, samples, forwarding, lost / max(offered, 1), residual)
+    return _mode_result(mode, args, participants, samples, forwarding, lost / max(offered, 1), residual,
+                        len(relay.history))
 
 
 async def _residual_loss(participants: list[list[Participant]]) -> float | None:
@@ -271,7 +281,7 @@ async def _residual_loss(participants: list[list[Participant]]) -> float | None:
 
 def _mode_result(mode: str, args: argparse.Namespace, participants: list[list[Participant]],
                  samples: list[dict[str, Any]], forwarding: dict[str, Any], link_loss: float,
-                 residual: float | None) -> dict[str, Any]:
+                 residual: float | None, allocations: int) -> dict[str, Any]:
     seconds = len(samples)
     settle = int(min(args.settle, max(0, seconds - 1)))
     rows = []
@@ -295,7 +305,7 @@ def _mode_result(mode: str, args: argparse.Namespace, participants: list[list[Pa
                 keyframes += received["keyframe_requests"]
 
     def mean(key: str) -> float | None:
-        values = [s[key] for s in streams if s[key] is not None]
+        values = [float(s[key] or 0) for s in streams if s[key] is not None]
         return sum(values) / len(values) if values else None
 
     def worst(key: str, pick: Any) -> float | None:
@@ -326,6 +336,8 @@ def _mode_result(mode: str, args: argparse.Namespace, participants: list[list[Pa
         "capacity_kbps_mean": sum(capacity) / len(capacity) if capacity else None,
         "server_cores_mean": sum(cores) / len(cores) if cores else None,
         "server_mem_mb_max": max((s["server_mem_mb"] for s in measured if "server_mem_mb" in s), default=None),
+        "corrupt_frames": sum(p.corrupt_frames for members in participants for p in members),
+        "relay_allocations": allocations,
         "video_layer": None,  # server-made layers arrive with the adaptation work
     }
     return {"summary": summary, "rows": rows, "samples": samples}
@@ -401,9 +413,11 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-COMPARE_KEYS = ("fps_mean", "fps_worst_stream", "freeze_count", "freeze_ratio", "latency_p50_ms", "latency_p95_ms",
-                "psnr_db", "audio_missing", "link_loss", "residual_video_loss", "nacks", "keyframe_requests",
-                "received_kbps_mean", "capacity_kbps_mean", "server_cores_mean", "server_mem_mb_max")
+COMPARE_KEYS = (
+    "corrupt_frames", "fps_mean", "fps_worst_stream", "freeze_count", "freeze_ratio", "latency_p50_ms",
+    "latency_p95_ms", "psnr_db", "audio_missing", "link_loss", "residual_video_loss", "nacks",
+    "keyframe_requests", "received_kbps_mean", "capacity_kbps_mean", "server_cores_mean", "server_mem_mb_max",
+)
 
 
 def compare_table(columns: dict[str, dict[str, Any]]) -> str:

@@ -89,6 +89,7 @@ class ImpairingTurnServer(asyncio.DatagramProtocol):
         self.profiles = profiles
         self.nonce = secrets.token_hex(8).encode()
         self.allocations: dict[Address, Allocation] = {}
+        self.history: list[Allocation] = []  # every allocation ever made, for the run's totals
         self.transport: asyncio.DatagramTransport | None = None
         self.epoch = 0.0  # every link's clock starts with the relay
         self.down = False  # a switch for tests: the whole relay carries nothing
@@ -114,8 +115,10 @@ class ImpairingTurnServer(asyncio.DatagramProtocol):
     def url(self) -> str:
         return f"turn:{self.host}:{self.port}?transport=udp"
 
-    def links(self) -> list[tuple[str, Link, Link]]:
-        return [(a.username, a.uplink, a.downlink) for a in self.allocations.values()]
+    def links(self, ever: bool = False) -> list[tuple[str, Link, Link]]:
+        """(username, uplink, downlink) of the live allocations, or of every one made."""
+        allocations = self.history if ever else list(self.allocations.values())
+        return [(a.username, a.uplink, a.downlink) for a in allocations]
 
     # --- from clients -----------------------------------------------------------
 
@@ -207,6 +210,7 @@ class ImpairingTurnServer(asyncio.DatagramProtocol):
             downlink=Link(link_profile.downlink, seed=seed + 1, start=self.epoch),
         )
         self.allocations[client] = allocation
+        self.history.append(allocation)
         asyncio.ensure_future(self._open_relay(allocation, message))
 
     async def _open_relay(self, allocation: Allocation, message: stun.Message) -> None:
