@@ -64,14 +64,14 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float | None]]], 
         dash = ' stroke-dasharray="5,3"' if "capacity" in name else ""
         run: list[str] = []
         ended: list[tuple[float, float | None]] = [*values, (0.0, None)]
-        for x, y in ended:
-            if y is None:
+        for px, py in ended:
+            if py is None:
                 if len(run) > 1:
                     parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.8"{dash} '
                                  f'points="{" ".join(run)}"/>')
                 run = []
             else:
-                run.append(f"{sx(x):.1f},{sy(y):.1f}")
+                run.append(f"{sx(px):.1f},{sy(py):.1f}")
         legend.append(f'<span style="color:{colour}">■ {html.escape(name)}</span>')
     parts.append("</svg>")
     return (f"<figure><figcaption><b>{html.escape(title)}</b> ({html.escape(unit)})</figcaption>"
