@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket
 from .keyframes import KeyframeThrottle
 from .packet_cache import PacketCache
-from .rewriter import StreamRewriter
+from .rewriter import SEQ_MOD, StreamRewriter, seq_newer
 from .vp8 import is_keyframe_start
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 Clock = Callable[[], float]
 
 CLOCK_RATES = {"audio": 48000, "video": 90000}
+# A packet this far behind the newest one forwarded is of no use to anyone, and
+# aiortc receivers reset their whole jitter buffer on a packet 100 or more behind
+# (jitterbuffer.MAX_MISORDER), which freezes the picture until the next keyframe.
+MAX_LATE_PACKETS = 64
+# How often one missing packet may be asked for again upstream.
+UPSTREAM_NACK_INTERVAL = 0.1
 MIME_TYPES = {"audio": "audio/opus", "video": "video/VP8"}
 
 
@@ -41,6 +47,7 @@ class ForwardingStats:
     nacks: int = 0
     keyframe_requests: int = 0
     send_errors: int = 0
+    too_late: int = 0
 
 
 class Publication:
@@ -63,6 +70,8 @@ class Publication:
         self.cache: PacketCache[RtpPacket] = PacketCache(1024 if kind == "video" else 128)
         self.throttle = KeyframeThrottle(interval=keyframe_interval)
         self.source_ssrc: int | None = None
+        self.newest_seq: int | None = None
+        self.asked_upstream: dict[int, float] = {}  # source seq -> when we last NACKed it
         self.muted = False
         self.closed = False
         self.stats = ForwardingStats()
@@ -70,7 +79,13 @@ class Publication:
     async def on_packet(self, packet: RtpPacket) -> None:
         if self.closed:
             return
-        if not self.cache.store(packet.sequence_number, packet):
+        seq = packet.sequence_number
+        if packet.ssrc != self.source_ssrc or self.newest_seq is None or seq_newer(seq, self.newest_seq):
+            self.newest_seq = seq
+        elif (self.newest_seq - seq) % SEQ_MOD > MAX_LATE_PACKETS:
+            self.stats.too_late += 1
+            return
+        if not self.cache.store(seq, packet):
             return  # a retransmission we already forwarded
         self.source_ssrc = packet.ssrc
         self.stats.packets += 1
@@ -96,6 +111,27 @@ class Publication:
         self.stats.keyframe_requests += 1
         try:
             await self.tap.request_keyframe(self.source_ssrc)
+        except ConnectionError:
+            pass
+
+    async def recover(self, missing: list[int]) -> None:
+        """Ask the publisher again for packets a subscriber lacks and we never got.
+
+        aiortc's receiver NACKs a gap once, when it appears; if that NACK or its
+        retransmission is lost, only a subscriber's NACK tells us the hole is
+        still there.
+        """
+        now = self.clock()
+        wanted = [seq for seq in missing if now - self.asked_upstream.get(seq, -1.0) >= UPSTREAM_NACK_INTERVAL]
+        if not wanted or self.source_ssrc is None or self.closed:
+            return
+        for seq in wanted:
+            self.asked_upstream[seq] = now
+        if len(self.asked_upstream) > 512:
+            self.asked_upstream = {s: t for s, t in self.asked_upstream.items() if now - t < 2.0}
+        self.stats.nacks += 1
+        try:
+            await self.tap.request_retransmission(self.source_ssrc, wanted)
         except ConnectionError:
             pass
 
@@ -167,14 +203,18 @@ class Subscription:
     async def on_feedback(self, feedback: RtcpFeedback) -> None:
         if feedback.kind == "nack":
             self.stats.nacks += 1
+            upstream = []
             for out_seq in feedback.lost:
                 source_seq = self.rewriter.source_seq(out_seq)
                 cached = self.publication.cache.get(source_seq)
                 if cached is None or cached.ssrc != self.rewriter.source_ssrc:
+                    upstream.append(source_seq)
                     continue
                 out_ts = (cached.timestamp + self.rewriter.ts_offset) % (1 << 32)
                 await self._send(cached, out_seq, out_ts)
                 self.stats.retransmitted += 1
+            if upstream and self.rewriter.source_ssrc == self.publication.source_ssrc:
+                await self.publication.recover(upstream)
         elif feedback.kind == "keyframe":
             self.stats.keyframe_requests += 1
             await self.publication.request_keyframe()

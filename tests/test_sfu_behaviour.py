@@ -164,3 +164,46 @@ async def test_a_client_sending_garbage_does_not_disturb_the_others(server: Runn
             await w.stop()
         for c in (p1, p2, vandal):
             await c.close()
+
+
+async def test_a_hole_upstream_is_repaired_when_a_subscriber_asks_again(server: RunningServer) -> None:
+    room = server.consultation()
+    p1, v1 = await join_publisher(server, room, 1, width=640, height=480, fps=15)
+    p2, _ = await join_publisher(server, room, 2)
+    await receiving_from(p2, {"p1"})
+    publisher_side = server.hub.media.rooms[room].peers["p1"]
+    video_pt = negotiated_payload_type(publisher_side.inbound["video"], "video/VP8")
+    rtx_pt = negotiated_payload_type(publisher_side.inbound["video"], "video/rtx")
+    dropped: set[int] = set()
+    retransmissions = {"lost": 0, "passed": 0}
+
+    def keep(data: bytes) -> bool:
+        # Every 15th video packet is lost on the way in, and so is every other
+        # retransmission (RTX, numbered on its own): aiortc's receiver asks for a gap
+        # once, so what its first retransmission does not bring, only a subscriber's
+        # NACK, passed upstream by the SFU, can.
+        pt, seq = data[1] & 0x7F, int.from_bytes(data[2:4], "big")
+        if pt == rtx_pt:
+            lost = seq % 2 == 0
+            retransmissions["lost" if lost else "passed"] += 1
+            return not lost
+        if pt != video_pt or seq % 15 or seq in dropped:
+            return True
+        dropped.add(seq)
+        return False
+    filter_inbound_rtp(dtls_transport(publisher_side.pc), keep)
+    watcher = Watcher(p2)
+    watcher.follow()
+    try:
+        await watcher.wait_for(lambda: len(watcher.frames[1]) >= 20)
+        start = v1.frames_sent
+        await asyncio.sleep(4)  # measurement window
+        window = set(range(start, v1.frames_sent - 5))
+        ratio = len(watcher.frames[1] & window) / len(window)
+        assert ratio >= 0.9, f"only {ratio:.0%} of frames decoded"
+        assert retransmissions["lost"] >= 3 and retransmissions["passed"] >= 3
+        assert publisher_side.publications["video"].stats.nacks > 0, "subscriber NACKs were passed upstream"
+    finally:
+        await watcher.stop()
+        await p1.close()
+        await p2.close()
