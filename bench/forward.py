@@ -21,10 +21,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection
@@ -32,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+from .process import NaraServer, cpu_seconds, free_port, start_python, stop
 
 FPS = 30
 WARMUP = 2.0
@@ -167,75 +165,36 @@ def _generator_main(conn: Connection, mode: str, url: str, room: str) -> None:
 # --- orchestration -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _process_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class ServerUnderTest:
+    """The forwarding SFU (`nara serve`) or the naive relay, in a process of its own."""
+
     def __init__(self, mode: str, bitrate: int, workdir: Path) -> None:
         self.mode = mode
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        if mode == "forward":
-            self.data_dir = workdir / "forward-data"
-            command = [sys.executable, "-m", "nara.cli", "serve", "--port", str(self.port),
-                       "--data-dir", str(self.data_dir), "--no-demo"]
-            ready = "listening on"
-        else:
-            command = [sys.executable, "-m", "bench.naive_relay", "--port", str(self.port),
-                       "--bitrate", str(bitrate)]
-            ready = "ready"
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True)
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if ready in line:
-                break
-        else:
-            raise RuntimeError(f"the {mode} server did not start")
         self.room = ""
-        self._admin = ""
+        self.nara: NaraServer | None = None
+        if mode == "forward":
+            self.nara = NaraServer(workdir / "forward-data")
+            self.url, self.process = self.nara.url, self.nara.process
+        else:
+            port = free_port()
+            self.url = f"http://127.0.0.1:{port}"
+            self.process = start_python("bench.naive_relay", "--port", str(port), "--bitrate", str(bitrate),
+                                        ready="ready")
 
     async def prepare(self) -> None:
-        if self.mode != "forward":
-            return
-        self._admin = (self.data_dir / "admin-key").read_text().strip()
-        async with aiohttp.ClientSession(headers=self._auth) as http:
-            async with http.post(f"{self.url}/api/consultations", json={"title": "bench"}) as r:
-                self.room = (await r.json())["id"]
-
-    @property
-    def _auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._admin}"}
+        if self.nara is not None:
+            self.room = await self.nara.consultation("bench")
 
     async def tokens(self, role: str, count: int) -> list[str]:
-        if self.mode != "forward":
+        if self.nara is None:
             return [""] * count
-        out = []
-        async with aiohttp.ClientSession(headers=self._auth) as http:
-            for _ in range(count):
-                async with http.post(f"{self.url}/api/consultations/{self.room}/tokens",
-                                     json={"name": "bench", "role": role}) as r:
-                    out.append((await r.json())["token"])
-        return out
+        return [await self.nara.token(self.room, "bench", role) for _ in range(count)]
 
     def cpu_seconds(self) -> float:
-        return _process_cpu_seconds(self.process.pid)
+        return cpu_seconds(self.process.pid)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop(self.process)
 
 
 async def _ask(conn: Connection, command: dict[str, Any]) -> dict[str, Any]:

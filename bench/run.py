@@ -16,8 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,11 +23,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection
 from aiortc.contrib.media import MediaRelay
 
 from .metrics import StreamRecord, picture_psnr
+from .process import NaraServer, cpu_seconds, resident_mb
 from .profiles import profile as find_profile
 from .synthetic import StampedVideoTrack, ToneAudioTrack, dominant_frequency, read_stamp, wall_ms
 from .turn import ImpairingTurnServer
@@ -102,53 +100,20 @@ class Participant:
 # --- the server under test -----------------------------------------------------------
 
 
-class SfuProcess:
+class SfuProcess(NaraServer):
+    """The SFU under test, sampled for CPU and memory once a second."""
+
     def __init__(self, workdir: Path) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data = workdir / "sfu-data"
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "nara.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data),
-             "--no-demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if "listening on" in line:
-                break
-        self.admin = (self.data / "admin-key").read_text().strip()
-        self._cpu = self.cpu_seconds()
+        super().__init__(workdir / "sfu-data")
+        self._cpu = cpu_seconds(self.process.pid)
         self._at = time.monotonic()
-
-    async def api(self, method: str, path: str, body: Any = None) -> Any:
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.admin}"}) as http:
-            async with http.request(method, f"{self.url}{path}", json=body) as response:
-                return await response.json()
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def sample(self) -> tuple[float, float]:
         """(cores used since the last sample, resident memory in MB)."""
-        cpu, now = self.cpu_seconds(), time.monotonic()
+        cpu, now = cpu_seconds(self.process.pid), time.monotonic()
         cores = (cpu - self._cpu) / max(now - self._at, 1e-6)
         self._cpu, self._at = cpu, now
-        rss = 0.0
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
-        return cores, rss
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        return cores, resident_mb(self.process.pid)
 
 
 # --- scenarios -------------------------------------------------------------------------
@@ -161,8 +126,7 @@ def _ice(relay: ImpairingTurnServer, profile_name: str, label: str) -> list[RTCI
 async def _join_sfu(sfu: SfuProcess, room: str, p: Participant, relay: ImpairingTurnServer, profile_name: str) -> None:
     from signalling.client import ConsultationClient
 
-    minted = await sfu.api("POST", f"/api/consultations/{room}/tokens",
-                           {"name": p.label, "role": "patient", "participant_id": p.label})
+    token = await sfu.token(room, p.label, "patient", p.label)
     followed: set[str] = set()
 
     def owner(mid: str) -> Any:
@@ -178,7 +142,7 @@ async def _join_sfu(sfu: SfuProcess, room: str, p: Participant, relay: Impairing
         for transceiver in pc.getTransceivers():
             follow_new(transceiver)
 
-    client = ConsultationClient(sfu.url, room, minted["token"], video=p.video, audio=p.audio,
+    client = ConsultationClient(sfu.url, room, token, video=p.video, audio=p.audio,
                                 ice_servers=_ice(relay, profile_name, p.label), relay_only=True,
                                 on_answered=follow_all)
     p.client = client
@@ -220,7 +184,7 @@ async def run_mode(mode: str, args: argparse.Namespace, workdir: Path, progress:
                        for label, tag in tags.items()]
             participants.append(members)
             if sfu is not None:
-                room = (await sfu.api("POST", "/api/consultations", {"title": f"bench {r}"}))["id"]
+                room = await sfu.consultation(f"bench {r}")
                 for p in members:
                     await _join_sfu(sfu, room, p, relay, args.profile)
             else:
@@ -347,6 +311,10 @@ def _mode_result(mode: str, args: argparse.Namespace, participants: list[list[Pa
 
 
 def _progress(mode: str, done: int, total: int) -> None:
+    if not sys.stderr.isatty():  # in a log, a line every ten seconds
+        if done % 10 == 0 or done == total:
+            print(f"{mode}: {done}/{total} s", file=sys.stderr, flush=True)
+        return
     width = 30
     filled = int(width * done / total)
     print(f"\r{mode:4} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} s", end="", file=sys.stderr,

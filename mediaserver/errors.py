@@ -1,8 +1,14 @@
-"""Errors the media server reports to a participant, each with a stable code."""
+"""Errors reported to people, each with a stable code and a sentence they can act on."""
 
 
-class MediaError(Exception):
+class CodedError(Exception):
+    """Base of every refusal Nära reports: ``code`` is stable, ``message`` is for people."""
+
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class MediaError(CodedError):
+    """Something about a participant's media (SDP, negotiation) was refused."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket
 from .keyframes import KeyframeThrottle
 from .packet_cache import PacketCache
-from .rewriter import SEQ_MOD, StreamRewriter, seq_newer
+from .rewriter import StreamRewriter
 from .vp8 import is_keyframe_start
 
 logger = logging.getLogger(__name__)
@@ -30,10 +30,6 @@ logger = logging.getLogger(__name__)
 Clock = Callable[[], float]
 
 CLOCK_RATES = {"audio": 48000, "video": 90000}
-# A packet this far behind the newest one forwarded is of no use to anyone, and
-# aiortc receivers reset their whole jitter buffer on a packet 100 or more behind
-# (jitterbuffer.MAX_MISORDER), which freezes the picture until the next keyframe.
-MAX_LATE_PACKETS = 64
 # How often one missing packet may be asked for again upstream.
 UPSTREAM_NACK_INTERVAL = 0.1
 MIME_TYPES = {"audio": "audio/opus", "video": "video/VP8"}
@@ -47,7 +43,6 @@ class ForwardingStats:
     nacks: int = 0
     keyframe_requests: int = 0
     send_errors: int = 0
-    too_late: int = 0
 
 
 class Publication:
@@ -70,7 +65,6 @@ class Publication:
         self.cache: PacketCache[RtpPacket] = PacketCache(1024 if kind == "video" else 128)
         self.throttle = KeyframeThrottle(interval=keyframe_interval)
         self.source_ssrc: int | None = None
-        self.newest_seq: int | None = None
         self.asked_upstream: dict[int, float] = {}  # source seq -> when we last NACKed it
         self.muted = False
         self.closed = False
@@ -79,13 +73,9 @@ class Publication:
     async def on_packet(self, packet: RtpPacket) -> None:
         if self.closed:
             return
-        seq = packet.sequence_number
-        if packet.ssrc != self.source_ssrc or self.newest_seq is None or seq_newer(seq, self.newest_seq):
-            self.newest_seq = seq
-        elif (self.newest_seq - seq) % SEQ_MOD > MAX_LATE_PACKETS:
-            self.stats.too_late += 1
-            return
-        if not self.cache.store(seq, packet):
+        # Late packets (retransmissions after a loss or an outage) are forwarded too:
+        # they fill holes that receivers would otherwise wait on.
+        if not self.cache.store(packet.sequence_number, packet):
             return  # a retransmission we already forwarded
         self.source_ssrc = packet.ssrc
         self.stats.packets += 1

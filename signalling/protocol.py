@@ -11,19 +11,16 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from mediaserver.errors import CodedError
+
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 128 * 1024
 MAX_SDP_BYTES = 100 * 1024
 KINDS = ("audio", "video")
 
 
-class ProtocolError(Exception):
-    """A message was refused. ``code`` is stable; ``message`` is for people."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class ProtocolError(CodedError):
+    """A signalling message was refused."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from typing import Any
 
 import jwt
 
+from mediaserver.errors import CodedError
+
 ROLES = ("clinician", "nurse", "patient", "relative", "kit", "observer")
 PUBLISHING_ROLES = frozenset({"clinician", "nurse", "patient", "relative", "kit"})
 SUPPORTED_ALGORITHMS = ("HS256", "EdDSA", "RS256")
@@ -28,13 +30,8 @@ LEEWAY = 5  # seconds of clock skew tolerated between servers
 PARTICIPANT_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
-class TokenError(Exception):
-    """A token was refused. ``code`` is stable; ``message`` is for people."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class TokenError(CodedError):
+    """A token was refused."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from mediaserver.errors import MediaError
+from mediaserver.errors import CodedError
 from mediaserver.peer import ParticipantInfo, Peer
 from mediaserver.room import MediaServer
 
@@ -129,7 +129,7 @@ class ParticipantSocket:
                 raise error
             assert message is not None
             await self.dispatch(message)
-        except (ProtocolError, MediaError) as exc:
+        except CodedError as exc:
             await self.send(error_message(exc.code, exc.message))
         return True
 

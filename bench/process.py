@@ -1,0 +1,81 @@
+"""Processes under measurement: a free port, CPU and memory from /proc, a `nara serve` to test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def start_python(module: str, *args: str, ready: str) -> subprocess.Popen[str]:
+    """Start ``python -m module args``, returning once it prints a line containing ``ready``."""
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    process = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if ready in line:
+            return process
+    process.kill()
+    raise RuntimeError(f"{module} did not start")
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+class NaraServer:
+    """A `nara serve` process of its own, with its admin key at hand."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.process = start_python("nara.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
+                                    "--no-demo", ready="listening on")
+        self.admin = (data_dir / "admin-key").read_text().strip()
+
+    async def api(self, method: str, path: str, body: Any = None) -> Any:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.admin}"}) as http:
+            async with http.request(method, f"{self.url}{path}", json=body) as response:
+                return await response.json()
+
+    async def consultation(self, title: str) -> str:
+        return str((await self.api("POST", "/api/consultations", {"title": title}))["id"])
+
+    async def token(self, room: str, name: str, role: str, participant_id: str | None = None) -> str:
+        body = {"name": name, "role": role, **({"participant_id": participant_id} if participant_id else {})}
+        return str((await self.api("POST", f"/api/consultations/{room}/tokens", body))["token"])
+
+    def stop(self) -> None:
+        stop(self.process)
