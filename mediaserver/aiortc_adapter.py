@@ -51,6 +51,7 @@ from aiortc.rtp import (
     RtcpRtpfbPacket,
     RtcpSrPacket,
     RtpPacket,
+    pack_remb_fci,
     unpack_remb_fci,
 )
 
@@ -173,6 +174,21 @@ class InboundTap:
     def __init__(self, receiver: RTCRtpReceiver, on_packet: PacketHandler) -> None:
         self._receiver = receiver
         self._on_packet = on_packet
+        self.uplink_estimate: int | None = None  # aiortc's delay-based estimate of the publisher's uplink
+        self._send_own_rtcp = receiver._send_rtcp
+
+        async def send_rtcp(packet: AnyRtcpPacket) -> None:
+            # aiortc sends its own REMB from this receiver; Nära decides the cap the
+            # publisher is told (see send_remb), so keep aiortc's figure as one input.
+            if isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+                try:
+                    self.uplink_estimate = unpack_remb_fci(packet.fci)[0]
+                except ValueError:
+                    pass
+                return
+            await self._send_own_rtcp(packet)
+
+        receiver._send_rtcp = send_rtcp  # type: ignore[method-assign]
         sink = _PacketSink()
         if not hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
             raise RuntimeError("aiortc changed: RTCRtpReceiver has no jitter buffer to replace")
@@ -193,6 +209,15 @@ class InboundTap:
     async def request_retransmission(self, media_ssrc: int, sequence_numbers: list[int]) -> None:
         """Send a generic NACK to the publisher."""
         await self._receiver._send_rtcp_nack(media_ssrc, sequence_numbers)
+
+    async def send_remb(self, bitrate: int, media_ssrcs: list[int]) -> None:
+        """Tell the publisher the most it should send on these streams (REMB)."""
+        rtcp_ssrc = self._receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+        if rtcp_ssrc is None:
+            return
+        packet = RtcpPsfbPacket(fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0,
+                                fci=pack_remb_fci(bitrate, media_ssrcs))
+        await self._send_own_rtcp(packet)
 
 
 def filter_inbound_rtp(transport: Any, keep: Callable[[bytes], bool]) -> None:

@@ -32,6 +32,8 @@ Clock = Callable[[], float]
 CLOCK_RATES = {"audio": 48000, "video": 90000}
 # How often one missing packet may be asked for again upstream.
 UPSTREAM_NACK_INTERVAL = 0.1
+# How often the publisher is told its rate cap (REMB), in seconds.
+REMB_INTERVAL = 1.0
 MIME_TYPES = {"audio": "audio/opus", "video": "video/VP8"}
 
 
@@ -66,6 +68,8 @@ class Publication:
         self.throttle = KeyframeThrottle(interval=keyframe_interval)
         self.source_ssrc: int | None = None
         self.asked_upstream: dict[int, float] = {}  # source seq -> when we last NACKed it
+        self.last_remb: float | None = None
+        self.rate_cap: int | None = None  # what the publisher was last told, bit/s
         self.muted = False
         self.closed = False
         self.stats = ForwardingStats()
@@ -87,6 +91,25 @@ class Publication:
             await subscription.forward(packet, keyframe)
         if self.throttle.pending and self.throttle.due(self.clock()):
             await self._send_keyframe_request()
+        if self.kind == "video":
+            now = self.clock()
+            if self.last_remb is None or now - self.last_remb >= REMB_INTERVAL:
+                self.last_remb = now
+                await self._tell_rate_cap()
+
+    async def _tell_rate_cap(self) -> None:
+        """Cap the publisher at what its best-connected subscriber can take, and its uplink allows."""
+        budgets = [s.budget() for s in self.subscriptions]
+        wanted = [b for b in budgets if b is not None]
+        uplink = self.tap.uplink_estimate
+        caps = ([int(max(wanted))] if wanted else []) + ([uplink] if uplink else [])
+        if not caps or self.source_ssrc is None:
+            return
+        self.rate_cap = min(caps)
+        try:
+            await self.tap.send_remb(self.rate_cap, [self.source_ssrc])
+        except ConnectionError:
+            pass
 
     async def request_keyframe(self) -> None:
         """A subscriber needs a keyframe; ask the publisher, throttled."""
@@ -125,8 +148,9 @@ class Publication:
         except ConnectionError:
             pass
 
-    def attach(self, port: OutboundPort, rewriter: StreamRewriter) -> Subscription:
-        subscription = Subscription(self, port, rewriter)
+    def attach(self, port: OutboundPort, rewriter: StreamRewriter,
+               budget: Callable[[], float | None] = lambda: None) -> Subscription:
+        subscription = Subscription(self, port, rewriter, budget)
         self.subscriptions.add(subscription)
         return subscription
 
@@ -148,10 +172,12 @@ class Subscription:
     sequence number far behind the last one on the same SSRC).
     """
 
-    def __init__(self, publication: Publication, port: OutboundPort, rewriter: StreamRewriter) -> None:
+    def __init__(self, publication: Publication, port: OutboundPort, rewriter: StreamRewriter,
+                 budget: Callable[[], float | None] = lambda: None) -> None:
         self.publication = publication
         self.port = port
         self.rewriter = rewriter
+        self.budget = budget  # the subscriber's video bit/s for this stream, if known
         # Video starts on a keyframe so the subscriber never sees a broken picture.
         self.waiting_for_keyframe = publication.kind == "video"
         self.asked_for_keyframe = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from .aiortc_adapter import (
     negotiated_payload_type,
     prefer_codec,
 )
+from .bwe import BandwidthEstimate
 from .errors import MediaError
 from .forwarder import CLOCK_RATES, MIME_TYPES, Publication, Subscription
 from .rewriter import StreamRewriter
@@ -63,15 +65,25 @@ class ParticipantInfo:
 class Slot:
     """A send-only transceiver carrying one other participant's track."""
 
-    def __init__(self, transceiver: RTCRtpTransceiver, kind: str) -> None:
+    def __init__(self, transceiver: RTCRtpTransceiver, kind: str, peer: Peer) -> None:
         self.transceiver = transceiver
         self.kind = kind
+        self.peer = peer
         self.port = OutboundPort(transceiver.sender, self._on_feedback)
         self.rewriter = StreamRewriter(CLOCK_RATES[kind])
         self.publication: Publication | None = None
         self.subscription: Subscription | None = None
 
     async def _on_feedback(self, feedback: RtcpFeedback) -> None:
+        now = time.monotonic()
+        bandwidth = self.peer.bandwidth
+        if feedback.kind == "remb" and feedback.bitrate is not None:
+            bandwidth.on_remb(feedback.bitrate, now)
+        elif feedback.kind == "report" and self.kind == "video":
+            rtt = self.port.round_trip_time
+            if rtt is not None:
+                bandwidth.on_rtt(rtt)
+            bandwidth.on_report(feedback.fraction_lost, now)
         if self.subscription is not None:
             await self.subscription.on_feedback(feedback)
 
@@ -105,6 +117,7 @@ class Peer:
         self.publications: dict[str, Publication] = {}
         self.muted: dict[str, bool] = {"audio": False, "video": False}
         self.slots: list[Slot] = []
+        self.bandwidth = BandwidthEstimate()
         self.closed = False
         self._lock = asyncio.Lock()
         self._awaiting_answer = False
@@ -207,7 +220,7 @@ class Peer:
             else:
                 transceiver = self.pc.addTransceiver(ParkedTrack(publication.kind), direction="sendonly")
                 prefer_codec(transceiver, MIME_TYPES[publication.kind], with_rtx=False)
-                slot = Slot(transceiver, publication.kind)
+                slot = Slot(transceiver, publication.kind, self)
                 self.slots.append(slot)
             slot.publication = publication
             slot.transceiver.direction = "sendonly"
@@ -231,7 +244,7 @@ class Peer:
                     if payload_type is None:
                         continue
                     slot.port.configure(payload_type, slot.transceiver.mid)
-                    slot.subscription = slot.publication.attach(slot.port, slot.rewriter)
+                    slot.subscription = slot.publication.attach(slot.port, slot.rewriter, self.video_budget)
             again = self._renegotiate
             self._renegotiate = False
         if again:
@@ -245,6 +258,13 @@ class Peer:
                 asyncio.ensure_future(self.on_failed(self, "answer_timeout"))
 
         self._answer_timer = loop.call_later(ANSWER_DEADLINE, expired)
+
+    def video_budget(self) -> float | None:
+        """This subscriber's bandwidth estimate, shared equally by the videos it receives."""
+        videos = sum(1 for s in self.slots if s.kind == "video" and s.subscription is not None)
+        if self.bandwidth.remb is None and self.bandwidth.last_growth is None:
+            return None  # nothing heard from this subscriber's link yet
+        return self.bandwidth.estimate / max(videos, 1)
 
     # --- state -----------------------------------------------------------------
 

@@ -171,7 +171,8 @@ class MediaServer:
         for room_id, room in self.rooms.items():
             rooms[room_id] = {
                 peer.info.id: {
-                    "published": {k: vars(p.stats) for k, p in peer.publications.items()},
+                    "published": {k: {**vars(p.stats), "rate_cap": p.rate_cap} for k, p in peer.publications.items()},
+                    "bandwidth_estimate": int(peer.bandwidth.estimate),
                     "received": [
                         {"from": slot.publication.id, **vars(slot.subscription.stats)}
                         for slot in peer.slots

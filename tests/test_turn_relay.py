@@ -97,3 +97,35 @@ async def test_relay_demands_long_term_credentials(relay: ImpairingTurnServer) -
         assert not relay.allocations
     finally:
         transport.close()
+
+
+async def test_the_publisher_is_capped_at_what_its_subscriber_can_take(
+    server: RunningServer, relay: ImpairingTurnServer
+) -> None:
+    room = server.consultation()
+    publisher = ConsultationClient(server.url, room, server.token(room, "Kit", "kit", participant_id="kit"),
+                                   video=StampedVideoTrack(1, 640, 480, 15), audio=ToneAudioTrack(440))
+    await publisher.join()
+    thin, _ = await relayed_publisher(server, room, relay, 2, profile="webrtc-150k")
+    try:
+        await receiving_from(thin, {"kit"})
+        media = server.hub.media
+        publication = media.rooms[room].peers["kit"].publications["video"]
+        start = publication.stats.bytes
+        await asyncio.sleep(3)  # measure what the kit sends before it is told
+        before = (publication.stats.bytes - start) * 8 / 3
+        # The subscriber's reports show heavy loss; its estimate falls and the kit is told.
+        watcher = Watcher(thin)
+        watcher.follow()  # every decoded audio or video frame wakes the check below
+        await watcher.wait_for(lambda: (publication.rate_cap or 10**9) <= 100_000, timeout=20)
+        await watcher.stop()
+        await asyncio.sleep(3)  # let the kit's encoder follow the cap
+        start = publication.stats.bytes
+        await asyncio.sleep(3)  # measurement window
+        after = (publication.stats.bytes - start) * 8 / 3
+        assert media.rooms[room].peers["p2"].bandwidth.estimate < 150_000
+        # aiortc's own VP8 encoder will not go under 250 kbit/s; the cap takes it there.
+        assert after < 0.75 * before, f"kit sent {before / 1000:.0f} kbit/s, then {after / 1000:.0f}"
+    finally:
+        await thin.close()
+        await publisher.close()
