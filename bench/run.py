@@ -26,6 +26,8 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection
 from aiortc.contrib.media import MediaRelay
 
+from mediaserver.encoders import OpusTrack
+
 from .metrics import StreamRecord, picture_psnr
 from .process import NaraServer, cpu_seconds, resident_mb
 from .profiles import profile as find_profile
@@ -40,13 +42,15 @@ class Participant:
     """A synthetic participant: stamped video and a tone out, every other participant measured in."""
 
     def __init__(self, label: str, tag: int, width: int, height: int, fps: int, run_start: float,
-                 tags: dict[str, int]) -> None:
+                 tags: dict[str, int], nara_audio: bool = False) -> None:
         self.label = label
         self.tags = tags  # every participant's label -> the tag its frames carry
         self.corrupt_frames = 0
         self.tag = tag
         self.video = StampedVideoTrack(tag, width, height, fps)
-        self.audio = ToneAudioTrack(300 + 40 * tag)
+        tone = ToneAudioTrack(300 + 40 * tag)
+        # Nära's Opus (24 kbit/s, in-band FEC) or aiortc's default (96 kbit/s, no FEC).
+        self.audio: Any = OpusTrack(tone) if nara_audio else tone
         self.run_start = run_start
         self.records: dict[str, StreamRecord] = {}
         self.tasks: list[asyncio.Task[None]] = []
@@ -180,7 +184,8 @@ async def run_mode(mode: str, args: argparse.Namespace, workdir: Path, progress:
     try:
         for r in range(args.rooms):
             tags = {f"r{r}p{i}": 1 + r * args.participants + i for i in range(args.participants)}
-            members = [Participant(label, tag, width, height, args.fps, run_start, tags)
+            nara_audio = mode == "sfu" and args.encoders == "nara"
+            members = [Participant(label, tag, width, height, args.fps, run_start, tags, nara_audio)
                        for label, tag in tags.items()]
             participants.append(members)
             if sfu is not None:
@@ -365,7 +370,7 @@ def main(args: argparse.Namespace) -> int:
     summary = {
         "scenario": {"profile": args.profile, "profile_source": named.source, "rooms": args.rooms,
                      "participants": args.participants, "duration_s": args.duration, "seed": args.seed,
-                     "video": args.video, "fps": args.fps, "settle_s": args.settle,
+                     "video": args.video, "fps": args.fps, "settle_s": args.settle, "encoders": args.encoders,
                      "command": " ".join(sys.argv)},
         "modes": {mode: r["summary"] for mode, r in results.items()},
     }

@@ -40,6 +40,7 @@ from .bwe import BandwidthEstimate
 from .errors import MediaError
 from .forwarder import CLOCK_RATES, MIME_TYPES, Publication, Subscription
 from .rewriter import StreamRewriter
+from .sdp import with_opus_fec
 
 if TYPE_CHECKING:
     from .room import Room
@@ -185,6 +186,7 @@ class Peer:
             if not self.pc.getTransceivers():
                 return  # nothing to send or receive yet; an empty offer is not valid SDP
             offer = await self.pc.createOffer()
+            offer = RTCSessionDescription(sdp=with_opus_fec(offer.sdp), type=offer.type)
             await self.pc.setLocalDescription(offer)
             self._awaiting_answer = True
             self._arm_answer_deadline()

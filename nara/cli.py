@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--video", default="320x240", help="WIDTHxHEIGHT of the synthetic camera")
     run.add_argument("--fps", type=int, default=15)
     run.add_argument("--settle", type=float, default=5.0, help="seconds left out of the summaries")
+    run.add_argument("--encoders", choices=("nara", "aiortc"), default="nara",
+                     help="SFU participants' audio: Nära's Opus (24 kbit/s, FEC) or aiortc's default; "
+                          "peer to peer always uses aiortc's defaults, the baseline")
     run.add_argument("--budget", help="TOML file of thresholds; exit 1 when the SFU run falls short")
     run.add_argument("--output", help="results folder (default bench-results/<profile>-<time>)")
     run.set_defaults(func=cmd_bench_run)
