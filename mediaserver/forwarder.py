@@ -39,6 +39,9 @@ MIME_TYPES = {"audio": "audio/opus", "video": "video/VP8"}
 
 @dataclass
 class ForwardingStats:
+    """Counters of a publication (what came in, what we asked upstream) or a subscription
+    (what went out, what the subscriber asked for)."""
+
     packets: int = 0
     bytes: int = 0
     retransmitted: int = 0
