@@ -8,6 +8,10 @@ aiortc, each participant sending to every other directly (through the relay).
 
 Results go to one folder: ``summary.json``, ``per-second.csv`` and a
 self-contained ``report.html``.
+
+Peer to peer with more than two participants is a mesh, and each of a
+participant's connections gets its own TURN allocation, hence its own emulated
+link: the baseline is then kinder than a real shared uplink would be.
 """
 
 from __future__ import annotations
