@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,11 +232,3 @@ class Link:
         self._busy_until = leaves
         return max(leaves, now)
 
-
-def parse_steps(text: str) -> Sequence[tuple[float, float]]:
-    """'0:1e6,40:2.5e6' -> [(0, 1e6), (40, 2.5e6)]."""
-    steps = []
-    for part in text.split(","):
-        start, rate = part.split(":")
-        steps.append((float(start), float(rate)))
-    return steps

@@ -7,7 +7,7 @@ participant). Round-trip times are split evenly between the two directions.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .link import DeliveryTrace, GilbertElliott, LinkProfile
@@ -152,12 +152,3 @@ def profile(name: str) -> NamedProfile:
     known = ", ".join([*CATALOGUE, *TRACE_PROFILES])
     raise KeyError(f"unknown link profile {name!r}; known: {known}")
 
-
-def with_outage(base: NamedProfile, start: float, length: float) -> NamedProfile:
-    """``base`` with one more outage on both directions."""
-    return replace(
-        base,
-        name=f"{base.name}+outage{length:g}s@{start:g}s",
-        uplink=replace(base.uplink, outages=(*base.uplink.outages, (start, length))),
-        downlink=replace(base.downlink, outages=(*base.downlink.outages, (start, length))),
-    )

@@ -125,12 +125,6 @@ class ConsultationClient:
         async with self.changed:
             await asyncio.wait_for(self.changed.wait_for(predicate), timeout)
 
-    def tracks_of(self, participant_id: str, kind: str) -> MediaStreamTrack | None:
-        for mid, owner in self.owners.items():
-            if owner == (participant_id, kind) and mid in self.remote_tracks:
-                return self.remote_tracks[mid]
-        return None
-
     # --- protocol --------------------------------------------------------------
 
     async def _read(self) -> None:

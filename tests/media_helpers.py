@@ -61,6 +61,14 @@ class Watcher:
                 await task
 
 
+async def share_decoded(watcher: Watcher, tag: int, video: StampedVideoTrack, seconds: float) -> float:
+    """The share of the frames ``video`` sends over the next ``seconds`` that ``watcher`` decodes."""
+    start = video.frames_sent
+    await asyncio.sleep(seconds)  # the measurement window itself
+    window = set(range(start, video.frames_sent - 5))  # the last few may still be on their way
+    return len(watcher.frames[tag] & window) / len(window)
+
+
 async def join_publisher(
     server: RunningServer, room: str, tag: int, width: int = 320, height: int = 240, fps: int = 15,
     participant_id: str | None = None, **client_kw: Any,
