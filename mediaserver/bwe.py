@@ -1,11 +1,26 @@
 """How much video one subscriber's link can take: a pure function of time and reports.
 
-Inputs are what a subscriber's RTCP says: REMB (its receiver's own delay-based
-estimate) and receiver reports (fraction lost, and the round-trip time aiortc
-derives from them). The rule is loss-based, after Galène: grow 5 % a second
-while loss stays under 2 %, hold between 2 % and 10 %, and above 10 % cut by
-half the loss rate, at most once per round trip; never above the subscriber's
-REMB. Audio is outside this budget: it is never counted here and never cut.
+Inputs are what a subscriber's RTCP says: receiver reports (fraction lost, and
+the round-trip time derived from them) and REMB (its receiver's own
+delay-based estimate). Audio is outside this budget: it is never counted here
+and never cut.
+
+* Loss, after Galène: grow 5 % a second while loss stays under 2 %, hold
+  between 2 % and 10 %, and above 10 % cut by half the loss rate, at most once
+  per round trip.
+* Queueing: a round trip that has grown well above the lowest one seen means a
+  queue is filling somewhere (rural links have deep buffers and lose late);
+  cut by 15 % once per round trip, and do not grow while it persists.
+* REMB: a receiver's REMB falls only when it has seen its link overuse, so a
+  falling REMB cuts the estimate to it. A REMB that merely lags behind (it can
+  never exceed 1.5 times what arrives) is not a ceiling: that would stop every
+  ramp-up.
+* Probing: growing 5 % a second takes half a minute to double, too slow after
+  a link comes back. When the link has been clean for a while and more would
+  be used, the sender pads the stream up to a probe rate for a moment; if the
+  round trip stays flat, the estimate jumps to that rate. Duplicate padding
+  hides loss from receiver reports, so a probe is judged by delay alone, and
+  the loss-based rule takes over again as soon as it ends.
 """
 
 from __future__ import annotations
@@ -15,6 +30,25 @@ from dataclasses import dataclass
 GROW_BELOW = 0.02
 CUT_ABOVE = 0.10
 GROWTH = 1.05
+QUEUE_CUT = 0.85
+QUEUE_LIMIT = 0.25  # seconds of queueing above the base round trip that count as congestion
+QUEUE_CALM = 0.08  # seconds: below this, the queue is empty enough to grow or probe
+REMB_FALL = 0.9  # a REMB under 90 % of the previous one reports overuse
+
+PROBE_TIME = 1.5  # seconds the padding lasts
+PROBE_SETTLE = 1.0  # seconds after the padding for the last report to come back
+PROBE_CALM = 2.0  # seconds without a cut before probing
+PROBE_STEP = 2.0  # at most this multiple of the estimate per probe
+PROBE_BACKOFF = (2.0, 4.0, 8.0, 16.0)  # seconds between probes after 0, 1, 2, 3+ failures
+BASE_RTT_WINDOW = 30.0
+
+
+@dataclass
+class Probe:
+    rate: float
+    start: float
+    base_rtt: float
+    worst_rtt: float
 
 
 @dataclass
@@ -25,36 +59,109 @@ class BandwidthEstimate:
     remb: float | None = None
     loss: float = 0.0  # the last reported fraction lost
     rtt: float = 0.1  # seconds
+    base_rtt: float | None = None  # lowest round trip seen lately
+    base_rtt_at: float = 0.0
     last_growth: float | None = None
     last_cut: float | None = None
+    probe: Probe | None = None
+    last_probe_end: float | None = None
+    failed_probes: int = 0
+    probes: int = 0
+    successful_probes: int = 0
 
     @property
-    def ceiling(self) -> float:
-        return min(self.maximum, self.remb) if self.remb is not None else self.maximum
+    def known(self) -> bool:
+        """Whether anything has been heard from this link yet."""
+        return self.remb is not None or self.last_growth is not None
+
+    @property
+    def queue_delay(self) -> float:
+        return max(0.0, self.rtt - self.base_rtt) if self.base_rtt is not None else 0.0
 
     def on_remb(self, bitrate: float, now: float) -> None:
-        self.remb = max(bitrate, self.minimum)
-        self.estimate = self._bounded(self.estimate)
+        previous, self.remb = self.remb, max(bitrate, self.minimum)
+        if previous is not None and self.remb < previous * REMB_FALL and self.remb < self.estimate:
+            self._cut_to(self.remb, now)
 
-    def on_rtt(self, rtt: float) -> None:
-        if rtt > 0:
-            self.rtt = rtt
+    def on_rtt(self, rtt: float, now: float) -> None:
+        if rtt <= 0:
+            return
+        self.rtt = rtt
+        if self.base_rtt is None or rtt <= self.base_rtt or now - self.base_rtt_at > BASE_RTT_WINDOW:
+            self.base_rtt, self.base_rtt_at = rtt, now
+        if self.probe is not None:
+            self.probe.worst_rtt = max(self.probe.worst_rtt, rtt)
+        elif self.queue_delay > QUEUE_LIMIT and self._may_cut(now):
+            self._cut_to(self.estimate * QUEUE_CUT, now)
 
     def on_report(self, fraction_lost: int, now: float) -> None:
         """A receiver report: ``fraction_lost`` is RFC 3550's 8-bit fixed-point fraction."""
+        self._finish_probe(now)
         self.loss = max(0, min(fraction_lost, 255)) / 256
+        if self.probe is not None:
+            return  # padding duplicates hide loss; the probe is judged by delay
         if self.loss > CUT_ABOVE:
-            if self.last_cut is None or now - self.last_cut >= max(self.rtt, 0.05):
-                self.estimate = self._bounded(self.estimate * (1 - self.loss / 2))
-                self.last_cut = now
-                self.last_growth = now  # no growth straight after a cut
-        elif self.loss < GROW_BELOW:
+            if self._may_cut(now):
+                self._cut_to(self.estimate * (1 - self.loss / 2), now)
+        elif self.loss < GROW_BELOW and self.queue_delay < QUEUE_CALM:
             if self.last_growth is None:
                 self.last_growth = now
             elapsed = now - self.last_growth
             if elapsed >= 1.0:
                 self.estimate = self._bounded(self.estimate * GROWTH ** min(elapsed, 5.0))
                 self.last_growth = now
+        elif self.last_growth is None:
+            self.last_growth = now  # heard from: the estimate is now known
+
+    # --- probing -------------------------------------------------------------------
+
+    def probe_rate(self, now: float, wanted: float) -> float | None:
+        """The rate to pad the stream up to right now, or None.
+
+        ``wanted`` is what this subscriber could use if the link allowed it (the
+        next layer up, or more of the original). A probe starts when that is
+        more than the estimate, the link has been clean for a while, and the
+        back-off after failed probes has passed.
+        """
+        self._finish_probe(now)
+        if self.probe is not None:
+            return self.probe.rate if now - self.probe.start < PROBE_TIME else None
+        target = min(wanted, self.estimate * PROBE_STEP, self.maximum)
+        if target <= self.estimate * 1.05 or not self.known:
+            return None
+        calm_since = max(t for t in (self.last_cut, self.last_probe_end, -1e9) if t is not None)
+        backoff = PROBE_BACKOFF[min(self.failed_probes, len(PROBE_BACKOFF) - 1)]
+        if self.last_cut is not None and now - self.last_cut < PROBE_CALM:
+            return None
+        if now - calm_since < backoff or self.loss >= GROW_BELOW or self.queue_delay >= QUEUE_CALM:
+            return None
+        self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_rtt=self.rtt)
+        self.probes += 1
+        return target
+
+    def _finish_probe(self, now: float) -> None:
+        probe = self.probe
+        if probe is None or now - probe.start < PROBE_TIME + PROBE_SETTLE:
+            return
+        self.probe = None
+        self.last_probe_end = now
+        if probe.worst_rtt - probe.base_rtt <= max(QUEUE_CALM, probe.base_rtt * 0.5):
+            self.estimate = self._bounded(max(self.estimate, probe.rate * 0.95))
+            self.failed_probes = 0
+            self.successful_probes += 1
+            self.last_growth = now
+        else:
+            self.failed_probes += 1
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def _may_cut(self, now: float) -> bool:
+        return self.last_cut is None or now - self.last_cut >= max(self.rtt, 0.05)
+
+    def _cut_to(self, value: float, now: float) -> None:
+        self.estimate = self._bounded(min(value, self.estimate))
+        self.last_cut = now
+        self.last_growth = now  # no growth straight after a cut
 
     def _bounded(self, value: float) -> float:
-        return max(self.minimum, min(value, self.ceiling))
+        return max(self.minimum, min(value, self.maximum))

@@ -83,7 +83,7 @@ class Slot:
         elif feedback.kind == "report" and self.kind == "video":
             rtt = self.port.round_trip_time
             if rtt is not None:
-                bandwidth.on_rtt(rtt)
+                bandwidth.on_rtt(rtt, now)
             bandwidth.on_report(feedback.fraction_lost, now)
         if self.subscription is not None:
             await self.subscription.on_feedback(feedback)

@@ -38,16 +38,75 @@ def test_heavy_loss_cuts_by_half_the_loss_once_per_round_trip(loss: float) -> No
     assert bwe.estimate < after_one
 
 
-def test_never_above_remb_nor_below_the_floor() -> None:
+def test_a_falling_remb_cuts_but_a_lagging_one_is_no_ceiling() -> None:
     bwe = BandwidthEstimate(estimate=800_000, minimum=30_000)
-    bwe.on_remb(300_000, now=0.0)
+    bwe.on_remb(900_000, now=0.0)
+    bwe.on_remb(300_000, now=1.0)  # the receiver saw overuse
     assert bwe.estimate == 300_000
-    for second in range(1, 30):
+    bwe.on_remb(320_000, now=1.5)
+    for second in range(2, 30):
         bwe.on_report(0, now=float(second))
-    assert bwe.estimate == 300_000
+    assert bwe.estimate > 320_000 * 2  # a REMB that only lags behind does not hold it down
     for t in range(100):
         bwe.on_report(lost(0.9), now=100.0 + t)
     assert bwe.estimate == 30_000
+
+
+def test_a_filling_queue_cuts_and_stops_growth() -> None:
+    bwe = BandwidthEstimate(estimate=1_000_000)
+    bwe.on_rtt(0.1, now=0.0)
+    bwe.on_report(0, now=0.0)
+    bwe.on_rtt(0.25, now=1.0)  # 150 ms of queue: hold
+    bwe.on_report(0, now=1.0)
+    bwe.on_report(0, now=2.0)
+    assert bwe.estimate == 1_000_000
+    bwe.on_rtt(0.5, now=3.0)  # 400 ms of queue: congestion
+    assert bwe.estimate == pytest.approx(850_000)
+
+
+def clean_link(bwe: BandwidthEstimate, start: float, end: float, rtt: float = 0.1) -> None:
+    t = start
+    while t <= end:
+        bwe.on_rtt(rtt, now=t)
+        bwe.on_report(0, now=t)
+        t += 0.5
+
+
+def test_a_probe_that_keeps_the_round_trip_flat_raises_the_estimate() -> None:
+    bwe = BandwidthEstimate(estimate=300_000)
+    clean_link(bwe, 0.0, 3.0)
+    before = bwe.estimate
+    rate = bwe.probe_rate(3.0, wanted=2_000_000)
+    assert rate == pytest.approx(before * 2)
+    assert bwe.probe_rate(3.5, wanted=2_000_000) == rate  # still padding
+    assert bwe.probe_rate(4.6, wanted=2_000_000) is None  # padding over, waiting for the last report
+    clean_link(bwe, 4.6, 5.6)
+    assert bwe.estimate == pytest.approx(rate * 0.95)
+    assert bwe.successful_probes == 1
+
+
+def test_a_probe_that_fills_a_queue_fails_and_backs_off() -> None:
+    bwe = BandwidthEstimate(estimate=300_000)
+    clean_link(bwe, 0.0, 3.0)
+    before = bwe.estimate
+    assert bwe.probe_rate(3.0, wanted=2_000_000) is not None
+    bwe.on_rtt(0.4, now=4.0)
+    bwe.on_report(0, now=4.0)
+    clean_link(bwe, 4.5, 6.0)
+    assert bwe.estimate < before * 1.2  # no jump
+    assert bwe.failed_probes == 1
+    assert bwe.probe_rate(6.5, wanted=2_000_000) is None  # backing off
+    clean_link(bwe, 6.5, 12.0)
+    assert bwe.probe_rate(12.0, wanted=2_000_000) is not None
+
+
+def test_no_probe_when_nothing_more_is_wanted_or_right_after_a_cut() -> None:
+    bwe = BandwidthEstimate(estimate=300_000)
+    clean_link(bwe, 0.0, 3.0)
+    assert bwe.probe_rate(3.0, wanted=bwe.estimate) is None
+    bwe.on_report(lost(0.3), now=3.2)
+    clean_link(bwe, 3.5, 4.5)
+    assert bwe.probe_rate(4.5, wanted=2_000_000) is None
 
 
 def test_no_growth_right_after_a_cut() -> None:
