@@ -15,6 +15,8 @@ and never cut.
   falling REMB cuts the estimate to it. A REMB that merely lags behind (it can
   never exceed 1.5 times what arrives) is not a ceiling: that would stop every
   ramp-up.
+* Delivered: what has just reached the subscriber with under 2 % loss and no
+  queue is what the link can carry, so the estimate never sits below it.
 * Probing: growing 5 % a second takes half a minute to double, too slow after
   a link comes back. When the link has been clean for a while and more would
   be used, the sender pads the stream up to a probe rate for a moment; if the
@@ -34,6 +36,7 @@ QUEUE_CUT = 0.85
 QUEUE_LIMIT = 0.25  # seconds of queueing above the base round trip that count as congestion
 QUEUE_CALM = 0.08  # seconds: below this, the queue is empty enough to grow or probe
 REMB_FALL = 0.9  # a REMB under 90 % of the previous one reports overuse
+DELIVERED_HEADROOM = 1.15  # a clean link carrying X can take a little more than X
 
 PROBE_TIME = 1.5  # seconds the padding lasts
 PROBE_SETTLE = 1.0  # seconds after the padding for the last report to come back
@@ -94,8 +97,11 @@ class BandwidthEstimate:
         elif self.queue_delay > QUEUE_LIMIT and self._may_cut(now):
             self._cut_to(self.estimate * QUEUE_CUT, now)
 
-    def on_report(self, fraction_lost: int, now: float) -> None:
-        """A receiver report: ``fraction_lost`` is RFC 3550's 8-bit fixed-point fraction."""
+    def on_report(self, fraction_lost: int, now: float, delivered: float | None = None) -> None:
+        """A receiver report: ``fraction_lost`` is RFC 3550's 8-bit fixed-point fraction.
+
+        ``delivered`` is what was sent to this subscriber lately, in bit/s.
+        """
         self._finish_probe(now)
         self.loss = max(0, min(fraction_lost, 255)) / 256
         if self.probe is not None:
@@ -104,6 +110,8 @@ class BandwidthEstimate:
             if self._may_cut(now):
                 self._cut_to(self.estimate * (1 - self.loss / 2), now)
         elif self.loss < GROW_BELOW and self.queue_delay < QUEUE_CALM:
+            if delivered is not None and delivered * DELIVERED_HEADROOM > self.estimate:
+                self.estimate = self._bounded(delivered * DELIVERED_HEADROOM)
             if self.last_growth is None:
                 self.last_growth = now
             elapsed = now - self.last_growth
@@ -116,7 +124,7 @@ class BandwidthEstimate:
     # --- probing -------------------------------------------------------------------
 
     def probe_rate(self, now: float, wanted: float) -> float | None:
-        """The rate to pad the stream up to right now, or None.
+        """The rate the link is being probed at, or None.
 
         ``wanted`` is what this subscriber could use if the link allowed it (the
         next layer up, or more of the original). A probe starts when that is
@@ -125,7 +133,7 @@ class BandwidthEstimate:
         """
         self._finish_probe(now)
         if self.probe is not None:
-            return self.probe.rate if now - self.probe.start < PROBE_TIME else None
+            return self.probe.rate  # until its verdict
         target = min(wanted, self.estimate * PROBE_STEP, self.maximum)
         if target <= self.estimate * 1.05 or not self.known:
             return None
@@ -138,6 +146,10 @@ class BandwidthEstimate:
         self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_rtt=self.rtt)
         self.probes += 1
         return target
+
+    def padding(self, now: float) -> bool:
+        """Whether a probe wants the stream padded right now (its verdict comes a little later)."""
+        return self.probe is not None and now - self.probe.start < PROBE_TIME
 
     def _finish_probe(self, now: float) -> None:
         probe = self.probe

@@ -78,8 +78,8 @@ def test_a_probe_that_keeps_the_round_trip_flat_raises_the_estimate() -> None:
     before = bwe.estimate
     rate = bwe.probe_rate(3.0, wanted=2_000_000)
     assert rate == pytest.approx(before * 2)
-    assert bwe.probe_rate(3.5, wanted=2_000_000) == rate  # still padding
-    assert bwe.probe_rate(4.6, wanted=2_000_000) is None  # padding over, waiting for the last report
+    assert bwe.probe_rate(3.5, wanted=2_000_000) == rate and bwe.padding(3.5)
+    assert bwe.probe_rate(4.6, wanted=2_000_000) == rate and not bwe.padding(4.6)  # waiting for the last report
     clean_link(bwe, 4.6, 5.6)
     assert bwe.estimate == pytest.approx(rate * 0.95)
     assert bwe.successful_probes == 1
@@ -117,3 +117,11 @@ def test_no_growth_right_after_a_cut() -> None:
     assert bwe.estimate == cut
     bwe.on_report(0, now=6.0)
     assert bwe.estimate == pytest.approx(cut * 1.05)
+
+
+def test_what_a_clean_link_delivers_is_a_floor() -> None:
+    bwe = BandwidthEstimate(estimate=500_000)
+    bwe.on_report(0, now=0.0, delivered=900_000)
+    assert bwe.estimate == pytest.approx(900_000 * 1.15)
+    bwe.on_report(lost(0.05), now=1.0, delivered=2_000_000)  # not clean: no floor
+    assert bwe.estimate == pytest.approx(900_000 * 1.15)

@@ -149,10 +149,20 @@ function renderTiles() {
     }
     const video = tile.querySelector("video");
     if (video.srcObject !== p.stream) video.srcObject = p.stream;
-    const hasVideo = p.stream.getVideoTracks().length > 0 && !p.muted.video;
-    tile.querySelector(".placeholder").hidden = hasVideo;
-    tile.querySelector(".placeholder").textContent = p.muted.video ? t("call.camera_is_off") : t("call.no_video");
+    // Video the server paused because our link cannot take it: say why, over the frozen picture.
+    const pausedToUs = call.self && call.videoPaused(p.id, call.self.id) && !p.muted.video;
+    const hasVideo = p.stream.getVideoTracks().length > 0 && !p.muted.video && !pausedToUs;
+    const placeholder = tile.querySelector(".placeholder");
+    placeholder.hidden = hasVideo;
+    placeholder.textContent = pausedToUs ? t("call.video_paused_weak")
+      : p.muted.video ? t("call.camera_is_off") : t("call.no_video");
+    tile.dataset.videoPaused = String(Boolean(pausedToUs));
     tile.dataset.cameraOff = String(p.muted.video);
+    // This participant's own link cannot take someone's video: everyone sees it on their tile.
+    const missing = [...call.participants.keys(), call.self?.id].filter((pub) => pub && call.videoPaused(pub, p.id));
+    const pausedBadge = tile.querySelector(".paused-badge");
+    pausedBadge.hidden = missing.length === 0;
+    pausedBadge.textContent = t("call.receives_no_video_weak");
     tile.dataset.muted = String(p.muted.audio);
     tile.querySelector(".name").textContent = p.name;
     tile.querySelector(".role").textContent = `(${t(`role.${p.role}`)})`;
@@ -161,6 +171,10 @@ function renderTiles() {
     mutedBadge.textContent = t("call.muted");
     tile.setAttribute("aria-label", [p.name, t(`role.${p.role}`), p.muted.audio ? t("call.muted") : ""].filter(Boolean).join(", "));
   }
+  // Our own video paused for someone on a weak link: tell the sender too.
+  const notSeeing = call.self ? call.pausedFor(call.self.id).map((id) => call.participants.get(id)?.name).filter(Boolean) : [];
+  $("self-paused").hidden = notSeeing.length === 0;
+  $("self-paused").textContent = t("call.your_video_paused_weak", { names: notSeeing.join(", ") });
   $("alone").hidden = call.participants.size > 0 || call.state !== "connected";
   container.dataset.count = String(call.participants.size);
   container.style.setProperty("--count", String(Math.max(1, call.participants.size)));

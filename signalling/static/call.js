@@ -3,7 +3,7 @@
 //
 // The server always offers; this side only answers. Events (CustomEvent):
 //   "state"        detail: "connecting" | "connected" | "reconnecting" | "offline" | "closed" | "refused"
-//   "participants" the set of others, their streams or mute state changed
+//   "participants" the set of others, their streams, mute state or paused video changed
 //   "refused"      detail: {code, message}: the server will not let us in
 
 const REFUSALS = new Set([
@@ -24,6 +24,8 @@ export class Call extends EventTarget {
     this.state = "idle";
     this.self = null;
     this.participants = new Map(); // id -> {id, name, role, muted: {audio, video}, stream}
+    // Video the server has paused because a link cannot take it: "publisher>subscriber".
+    this.pausedVideo = new Set();
     this.owners = new Map(); // mid -> {participant_id, kind}
     this.pc = null;
     this.ws = null;
@@ -145,6 +147,13 @@ export class Call extends EventTarget {
         if (p) p.muted[message.kind] = message.muted;
         return this.emit("participants");
       }
+      case "video-paused":
+      case "video-resumed": {
+        const key = `${message.participant_id}>${message.subscriber_id}`;
+        if (message.type === "video-paused") this.pausedVideo.add(key);
+        else this.pausedVideo.delete(key);
+        return this.emit("participants");
+      }
       case "error":
         if (REFUSALS.has(message.code)) {
           this.ended = true;
@@ -163,6 +172,8 @@ export class Call extends EventTarget {
   joined(message) {
     this.self = message.participant;
     this.participants = new Map(message.participants.map((p) => [p.id, this.newParticipant(p)]));
+    this.pausedVideo = new Set(message.participants.flatMap(
+      (p) => (p.video_paused_from ?? []).map((publisher) => `${publisher}>${p.id}`)));
     this.pc = new RTCPeerConnection({
       iceServers: message.ice_servers,
       iceTransportPolicy: message.ice_transport_policy ?? "all",
@@ -189,6 +200,16 @@ export class Call extends EventTarget {
     // Tell the others our mute state again after a reconnect.
     for (const kind of ["audio", "video"]) if (this.muted[kind]) this.send({ type: "mute", kind, muted: true });
     this.emit("participants");
+  }
+
+  // Is the video from `publisher` to `subscriber` paused for a weak connection?
+  videoPaused(publisher, subscriber) {
+    return this.pausedVideo.has(`${publisher}>${subscriber}`);
+  }
+
+  // Who cannot receive `publisher`'s video right now.
+  pausedFor(publisher) {
+    return [...this.pausedVideo].filter((key) => key.startsWith(`${publisher}>`)).map((key) => key.split(">")[1]);
   }
 
   newParticipant(p) {

@@ -1,0 +1,74 @@
+"""Which level each subscriber gets: down at once, up only when the link has proven itself, paused below the floor."""
+
+from __future__ import annotations
+
+from mediaserver.ladder import DEFAULT_LAYERS, PAUSED, LayerChooser, available_levels
+
+SOURCE = len(DEFAULT_LAYERS)
+LEVELS = available_levels(DEFAULT_LAYERS, source_rate=1_000_000)  # 50k, 150k, 400k, original 1.1M
+
+
+def run(chooser: LayerChooser, budgets: list[tuple[float, float]], step: float = 0.25) -> list[tuple[float, int]]:
+    """Feed (until_time, budget) phases; return (time, level) whenever the level changes."""
+    changes: list[tuple[float, int]] = []
+    t, last = 0.0, None
+    for until, budget in budgets:
+        while t < until:
+            level = chooser.choose(t, budget, LEVELS)
+            if level != last:
+                changes.append((t, level))
+                last = level
+            t += step
+    return changes
+
+
+def test_the_original_goes_only_to_links_that_can_carry_it() -> None:
+    assert LEVELS == [(0, 50_000.0), (1, 150_000.0), (2, 400_000.0), (SOURCE, 1_100_000.0)]
+    assert LayerChooser().choose(0.0, 4_000_000, LEVELS) == SOURCE
+    assert LayerChooser().choose(0.0, 300_000, LEVELS) == 1
+    assert LayerChooser().choose(0.0, 100_000, LEVELS) == 0
+
+
+def test_layers_no_cheaper_than_the_original_are_not_offered() -> None:
+    levels = available_levels(DEFAULT_LAYERS, source_rate=300_000)
+    assert [level for level, _ in levels] == [0, 1, SOURCE]
+
+
+def test_down_at_once_up_only_after_the_budget_has_held() -> None:
+    chooser = LayerChooser()
+    changes = run(chooser, [(10.0, 2_000_000), (20.0, 300_000), (40.0, 2_000_000)])
+    assert changes[0] == (0.0, SOURCE)
+    assert changes[1] == (10.0, 1)  # the first decision after the drop
+    up = changes[2]
+    assert up[1] == SOURCE
+    assert 20.0 + 2.0 <= up[0] <= 20.0 + 3.0  # not before the link has held, not much later
+
+
+def test_a_flapping_budget_does_not_flap_the_level() -> None:
+    chooser = LayerChooser()
+    phases = []
+    for second in range(20):
+        phases.append((second + 0.5, 2_000_000.0))
+        phases.append((second + 1.0, 300_000.0))
+    changes = run(chooser, phases)
+    assert [level for _, level in changes] == [SOURCE, 1]
+
+
+def test_pauses_below_the_lowest_layer_and_resumes_by_itself() -> None:
+    chooser = LayerChooser()
+    changes = run(chooser, [(5.0, 100_000), (10.0, 45_000), (15.0, 30_000), (30.0, 120_000)])
+    levels = [level for _, level in changes]
+    assert levels == [0, PAUSED, 0]
+    paused_at = changes[1][0]
+    assert 10.0 <= paused_at < 10.5  # 45 kbit/s is on the edge: the lowest layer stays; 30 kbit/s pauses
+    assert changes[2][0] >= 15.0 + 2.0
+
+
+def test_wanted_is_the_next_level_up_or_more_of_the_original() -> None:
+    chooser = LayerChooser()
+    chooser.choose(0.0, 200_000, LEVELS)
+    assert chooser.wanted(LEVELS, cap_limited=False) == 400_000
+    on_top = LayerChooser()
+    on_top.choose(0.0, 4_000_000, LEVELS)
+    assert on_top.wanted(LEVELS, cap_limited=True) == 2_200_000
+    assert on_top.wanted(LEVELS, cap_limited=False) == 1_100_000 * 1.2
