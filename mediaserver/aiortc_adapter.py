@@ -417,3 +417,51 @@ class OutboundPort:
         sender._RTCRtpSender__rtp_timestamp = timestamp  # type: ignore[attr-defined]
         sender._RTCRtpSender__octet_count += len(payload)  # type: ignore[attr-defined]
         sender._RTCRtpSender__packet_count += 1  # type: ignore[attr-defined]
+
+
+# --- feedback for senders whose track hands aiortc finished packets -----------
+#
+# When a track returns ``av.Packet`` objects, aiortc's sender only packetises
+# them: PLI/FIR set a flag nothing reads and REMB retunes an encoder that
+# never runs. Nära's own encoders (mediaserver/video_encoders.py) get both here.
+
+
+def follow_sender_feedback(
+    sender: RTCRtpSender,
+    on_remb: Callable[[int], None],
+    on_keyframe_request: Callable[[], None],
+) -> None:
+    """Call ``on_remb(bitrate)`` for each REMB naming ``sender``'s SSRC and
+    ``on_keyframe_request()`` for each PLI or FIR; aiortc keeps everything else
+    (NACK retransmission from its history, RTT and statistics from reports).
+    """
+    original = sender._handle_rtcp_packet
+
+    async def handle_rtcp_packet(packet: AnyRtcpPacket) -> None:
+        if isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+            on_keyframe_request()
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                return
+            if sender._ssrc in ssrcs:
+                on_remb(bitrate)
+        else:
+            await original(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
+
+
+async def send_keyframe_request(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
+    """Send a PLI for ``media_ssrc`` from a receiver that decodes as usual."""
+    await receiver._send_rtcp_pli(media_ssrc)
+
+
+async def send_bitrate_cap(receiver: RTCRtpReceiver, bitrate: int, media_ssrcs: list[int]) -> None:
+    """Send a REMB of ``bitrate`` for ``media_ssrcs`` from a receiver that decodes as usual."""
+    rtcp_ssrc = receiver._RTCRtpReceiver__rtcp_ssrc  # type: ignore[attr-defined]
+    if rtcp_ssrc is None:
+        raise ConnectionError("the receiver has not started RTCP yet")
+    packet = RtcpPsfbPacket(fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(bitrate, media_ssrcs))
+    await receiver._send_rtcp(packet)

@@ -149,3 +149,65 @@ def test_host_addresses_are_restricted_and_restored() -> None:
     finally:
         restrict_host_addresses(None)
     assert aioice.ice.get_host_addresses is aiortc_adapter._original_get_host_addresses
+
+
+# --- feedback for senders whose track hands aiortc finished packets -----------
+
+
+def test_sender_feedback_assumptions_hold() -> None:
+    from aiortc import RTCRtpReceiver, RTCRtpSender
+
+    handler = inspect.getsource(RTCRtpSender._handle_rtcp_packet)
+    assert "self._retransmit(seq)" in handler  # NACK: aiortc retransmits from its history
+    assert "self._send_keyframe()" in handler and "target_bitrate" in handler  # what it does for its own encoders
+    assert "self.__encoder.pack(data)" in inspect.getsource(RTCRtpSender._next_encoded_frame)
+    assert list(inspect.signature(RTCRtpReceiver._send_rtcp).parameters) == ["self", "packet"]
+    assert "self.__rtcp_ssrc" in inspect.getsource(RTCRtpReceiver)
+
+
+async def test_sender_feedback_reaches_nara_and_reports_still_reach_aiortc() -> None:
+    from aiortc.mediastreams import VideoStreamTrack
+
+    from mediaserver.aiortc_adapter import follow_sender_feedback, send_bitrate_cap, send_keyframe_request
+
+    restrict_host_addresses(["127.0.0.1"])
+    publisher, subscriber = RTCPeerConnection(), RTCPeerConnection()
+    rembs: list[int] = []
+    keyframe_requests: list[None] = []
+    try:
+        transceiver = publisher.addTransceiver(VideoStreamTrack(), direction="sendonly")
+        follow_sender_feedback(transceiver.sender, rembs.append, lambda: keyframe_requests.append(None))
+        await publisher.setLocalDescription(await publisher.createOffer())
+        await subscriber.setRemoteDescription(publisher.localDescription)
+        await subscriber.setLocalDescription(await subscriber.createAnswer())
+        await publisher.setRemoteDescription(subscriber.localDescription)
+        receiver = subscriber.getTransceivers()[0].receiver
+        remote = receiver.track
+        await asyncio.wait_for(remote.recv(), 10)
+        stats = await transceiver.sender.getStats()
+        ssrc = next(s.ssrc for s in stats.values() if s.type == "outbound-rtp")
+
+        await send_bitrate_cap(receiver, 123_456, [ssrc])
+        await send_bitrate_cap(receiver, 7_000, [ssrc + 1])  # for another stream: not ours
+        await send_keyframe_request(receiver, ssrc)
+
+        async def frames_until(predicate) -> None:  # type: ignore[no-untyped-def]
+            while not predicate():
+                await remote.recv()
+
+        await asyncio.wait_for(frames_until(lambda: 123_456 in rembs and keyframe_requests), 10)
+        assert 7_000 not in rembs
+
+        async def round_trip_known() -> bool:
+            stats = await transceiver.sender.getStats()
+            return any(s.type == "remote-inbound-rtp" for s in stats.values())
+
+        async def reports_reach_aiortc() -> None:
+            while not await round_trip_known():  # receiver reports go to aiortc as before
+                await remote.recv()
+
+        await asyncio.wait_for(reports_reach_aiortc(), 10)
+    finally:
+        await publisher.close()
+        await subscriber.close()
+        restrict_host_addresses(None)
