@@ -333,6 +333,7 @@ class Vp8Codec:
     """
 
     def __init__(self, settings: Vp8Settings) -> None:
+        self._ctx: _CodecContext | None = None
         self._lib = load()
         self.settings = settings
         self._cfg = default_config()
@@ -355,7 +356,6 @@ class Vp8Codec:
         cfg.kf_mode = _KF_DISABLED
         cfg.kf_min_dist = 0
         cfg.kf_max_dist = 0x7FFFFFFF
-        self._ctx: _CodecContext | None = None
         self._largest = (settings.width, settings.height)
         self._image = _Image()
         self._open()

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import av
 import numpy as np
@@ -213,6 +214,47 @@ def test_pictures_of_another_size_and_format_are_converted(codec: str) -> None:
     assert {(f.width, f.height) for f in decoded} == {(320, 180)}
     assert [read_stamp(luma_of(f)).frame for f in decoded] == list(range(10))
     encoder.close()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_timestamps_that_wrap_around_keep_the_schedule(codec: str) -> None:
+    encoder = make_encoder(codec, 320, 180, 15, 300_000, keyframe_interval=1.0)
+    start = 0xFFFFFFFF - 6000 * 10 + 1
+    out = [encoder.encode(picture(320, 180, i), (start + i * 6000) & 0xFFFFFFFF) for i in range(30)]
+    assert all(f is not None for f in out)
+    assert [i for i, f in enumerate(out) if f is not None and f.keyframe] == [0, 15]
+    assert [f.timestamp for f in out if f is not None][9:12] == [0xFFFFFFFF - 5999, 0, 6000]
+    encoder.close()
+
+
+@pytest.mark.parametrize("codec", [c for c in CODECS if c == "H264"])
+def test_h264_rate_above_its_cap_waits_for_the_next_keyframe_due(codec: str) -> None:
+    encoder = make_encoder(codec, 640, 360, 30, 100_000, keyframe_interval=1.0)
+    frames = encode_run(encoder, 640, 360, 30, 0, 45)
+    encoder.set_target(bitrate=600_000)  # above the cap x264 was opened with
+    frames += encode_run(encoder, 640, 360, 30, 45, 75)
+    assert [n for n, f in frames if f.keyframe] == [0, 30, 60, 90]  # no keyframe of its own
+    assert measured_rate(frames, 30, 45, 60) < 150_000  # still capped
+    assert measured_rate(frames, 30, 61, 90) > 300_000  # reopened at the keyframe at 60
+    encoder.close()
+
+
+def test_a_missing_libvpx_is_reported_with_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mediaserver import libvpx
+
+    monkeypatch.setattr(av, "__file__", str(tmp_path / "av" / "__init__.py"))
+    with pytest.raises(libvpx.LibvpxError) as refused:
+        libvpx.library_path()
+    assert refused.value.code == "libvpx-missing"
+    assert "pip install" in refused.value.message
+
+
+def test_libvpx_is_the_version_its_structures_were_written_for() -> None:
+    from mediaserver import libvpx
+
+    assert libvpx.version().startswith("v1.16")
+    cfg = libvpx.default_config()  # checks the layout of vpx_codec_enc_cfg_t at both ends
+    assert (cfg.g_w, cfg.g_h, cfg.rc_max_quantizer) == (320, 240, 63)
 
 
 def test_vp8_payloads_reassemble_and_mark_where_keyframes_start() -> None:
