@@ -43,6 +43,12 @@ class MediaClock:
         return self._ticks
 
 
+def valid_framerate(value: float) -> float:
+    if not 0 < value <= 120:
+        raise ValueError("frame rate must be above 0 and at most 120 per second")
+    return float(value)
+
+
 class FramePacer:
     """Keeps at most ``framerate`` frames per second of media time.
 
@@ -61,9 +67,7 @@ class FramePacer:
 
     @framerate.setter
     def framerate(self, value: float) -> None:
-        if not 0 < value <= 120:
-            raise ValueError("frame rate must be above 0 and at most 120 per second")
-        self._framerate = float(value)
+        self._framerate = valid_framerate(value)
 
     @property
     def interval(self) -> float:

@@ -47,6 +47,7 @@ from mediaserver.encoder_policy import (
     SizeSteps,
     clamp_bitrate,
     scaled_size,
+    valid_framerate,
 )
 from mediaserver.video_payloads import EncodedFrame, h264_payloads, vp8_payloads
 
@@ -133,8 +134,7 @@ class VideoEncoder:
             if bitrate is not None:
                 self._bitrate = clamp_bitrate(bitrate)
             if framerate is not None:
-                FramePacer(framerate)  # validates
-                self._framerate = float(framerate)
+                self._framerate = valid_framerate(framerate)
             if width is not None:
                 self._width = _even(width)
             if height is not None:
