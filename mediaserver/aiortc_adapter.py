@@ -465,3 +465,99 @@ async def send_bitrate_cap(receiver: RTCRtpReceiver, bitrate: int, media_ssrcs: 
         raise ConnectionError("the receiver has not started RTCP yet")
     packet = RtcpPsfbPacket(fmt=RTCP_PSFB_APP, ssrc=rtcp_ssrc, media_ssrc=0, fci=pack_remb_fci(bitrate, media_ssrcs))
     await receiver._send_rtcp(packet)
+
+
+# --- Nära's receive path for receivers that play or show what they get -------
+#
+# aiortc's own receive path decodes behind a jitter buffer that counts packets:
+# audio loses frames under light loss and never uses Opus FEC, and video waits
+# seconds behind one lost packet. ``nara_receive_track`` puts an InboundTap on
+# the receiver (aiortc keeps statistics, receiver reports, NACKs and RTX) and
+# feeds the packets to mediaserver/receive_track.py instead. Unlike the SFU, a
+# receiver here keeps aiortc's own REMB, so the tap's interception is undone.
+
+_receive_tasks: set[asyncio.Future[None]] = set()
+
+
+def _keep_running(coroutine: Awaitable[None]) -> None:
+    task = asyncio.ensure_future(coroutine)
+    _receive_tasks.add(task)
+    task.add_done_callback(_receive_tasks.discard)
+
+
+def nara_receive_track(receiver: RTCRtpReceiver, kind: str, *, channels: int = 2) -> MediaStreamTrack:
+    """A track that plays ``receiver``'s stream through Nära's receive path.
+
+    Audio: a ``ReceivedAudioTrack`` (Opus decoded to 48 kHz s16 in 20 ms
+    frames, ``channels`` 1 or 2, paced by its playout buffer, each frame marked
+    "packet", "fec", "conceal" or "silence"). Video: a ``ReceivedVideoTrack``
+    (VP8 pictures; keyframe requests go out as PLI from this receiver). Call it
+    once the receiver has its remote track (after setRemoteDescription) and
+    before media flows; read the returned track instead of ``receiver.track``.
+    The track ends when the receiver stops.
+    """
+    from .receive_track import ReceivedAudioTrack, ReceivedVideoTrack, stop_when_ended
+
+    remote = receiver.track
+    if remote is None:
+        raise ValueError("the receiver has no remote track yet: call this after setRemoteDescription")
+    media_ssrc: int | None = None
+    tap: InboundTap | None = None
+
+    def request_keyframe() -> None:
+        if tap is not None and media_ssrc is not None:
+            _keep_running(tap.request_keyframe(media_ssrc))
+
+    track: ReceivedAudioTrack | ReceivedVideoTrack
+    if kind == "audio":
+        audio = track = ReceivedAudioTrack(channels)
+
+        async def on_packet(packet: RtpPacket) -> None:
+            nonlocal media_ssrc
+            media_ssrc = packet.ssrc
+            now = asyncio.get_running_loop().time()
+            audio.add_packet(packet.sequence_number, packet.timestamp, packet.payload, now, packet.ssrc)
+    elif kind == "video":
+        video = track = ReceivedVideoTrack(request_keyframe)
+
+        async def on_packet(packet: RtpPacket) -> None:
+            nonlocal media_ssrc
+            media_ssrc = packet.ssrc
+            now = asyncio.get_running_loop().time()
+            video.add_packet(packet.sequence_number, packet.timestamp, bool(packet.marker), packet.payload,
+                             now, packet.ssrc)
+    else:
+        raise ValueError(f"no receive path for {kind!r} media")
+    tap = InboundTap(receiver, on_packet)
+    if receiver.__dict__.pop("_send_rtcp", None) is None:
+        raise RuntimeError("aiortc changed: InboundTap no longer wraps the receiver's _send_rtcp")
+    route_retransmissions(receiver)
+    _keep_running(stop_when_ended(remote, track))
+    return track
+
+
+def route_retransmissions(receiver: RTCRtpReceiver) -> None:
+    """Deliver ``receiver``'s RTX packets to it when several receivers share one bundle.
+
+    aiortc's RTP router knows a receiver's media SSRC but not its RTX SSRC, so it
+    routes an RTX packet by payload type alone; once two video receivers share
+    the RTX payload type it drops every retransmission, and NACK repairs nothing.
+    """
+    if not hasattr(receiver, "_RTCRtpReceiver__rtx_ssrc") or not hasattr(receiver, "_RTCRtpReceiver__started"):
+        raise RuntimeError("aiortc changed: RTCRtpReceiver keeps no RTX SSRC map")
+
+    def register(rtx_ssrcs: Iterable[int]) -> None:
+        router = receiver.transport._rtp_router
+        for ssrc in rtx_ssrcs:
+            router.ssrc_table[ssrc] = receiver
+
+    if receiver._RTCRtpReceiver__started:
+        register(receiver._RTCRtpReceiver__rtx_ssrc)
+        return
+    original = receiver.receive
+
+    async def receive(parameters: Any) -> None:
+        await original(parameters)
+        register(e.rtx.ssrc for e in parameters.encodings if e.rtx is not None)
+
+    receiver.receive = receive  # type: ignore[method-assign]

@@ -211,3 +211,86 @@ async def test_sender_feedback_reaches_nara_and_reports_still_reach_aiortc() -> 
         await publisher.close()
         await subscriber.close()
         restrict_host_addresses(None)
+
+
+# --- Nära's receive path: nara_receive_track, route_retransmissions -----------------
+
+
+def test_receive_path_hook_points_exist() -> None:
+    from aiortc.rtcdtlstransport import RtpRouter
+    from aiortc.rtcrtpreceiver import decoder_worker
+
+    assert list(inspect.signature(RTCRtpReceiver.receive).parameters) == ["self", "parameters"]
+    assert "self.__rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc" in inspect.getsource(RTCRtpReceiver.receive)
+    route = inspect.getsource(RtpRouter.route_rtp)
+    assert "self.ssrc_table.get(packet.ssrc)" in route and "len(pt_receivers) == 1" in route
+    # aiortc still registers media SSRCs only; once it registers RTX SSRCs, route_retransmissions can go
+    register = inspect.getsource(RTCDtlsTransport._register_rtp_receiver)
+    assert "encoding.ssrc" in register and "rtx" not in register
+    # a stopped receiver ends its remote track through the decoder queue: that is how Nära's track ends
+    assert "output_q.put(None)" in inspect.getsource(decoder_worker)
+
+
+async def test_nara_receive_track_keeps_aiortcs_feedback_and_gets_its_retransmissions() -> None:
+    from aiortc.mediastreams import MediaStreamError
+    from aiortc.rtp import RtcpPsfbPacket, RtcpRrPacket, RtcpRtpfbPacket
+
+    from bench.synthetic import StampedVideoTrack
+    from mediaserver.aiortc_adapter import dtls_transport, filter_inbound_rtp, nara_receive_track
+    from mediaserver.receive_track import ReceivedVideoTrack
+
+    restrict_host_addresses(["127.0.0.1"])
+    config = RTCConfiguration(bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+    publisher, subscriber = RTCPeerConnection(config), RTCPeerConnection(config)
+    # two videos in one bundle share the RTX payload type: aiortc alone would drop every retransmission
+    for tag in (1, 2):
+        publisher.addTransceiver(StampedVideoTrack(tag, 320, 240, 15), direction="sendonly")
+    sender = publisher.getTransceivers()[0].sender
+    feedback: list[str] = []
+    original = sender._handle_rtcp_packet
+
+    async def handle_rtcp_packet(packet: object) -> None:
+        if isinstance(packet, RtcpRtpfbPacket):
+            feedback.append("nack")
+        elif isinstance(packet, RtcpPsfbPacket):
+            feedback.append("remb" if packet.fmt == 15 else "pli")
+        elif isinstance(packet, RtcpRrPacket):
+            feedback.append("report")
+        await original(packet)  # type: ignore[arg-type]
+
+    sender._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
+    seen = 0
+
+    def keep(data: bytes) -> bool:  # lose the 40th packet of the first video, once
+        nonlocal seen
+        if int.from_bytes(data[8:12], "big") == sender._ssrc:
+            seen += 1
+            return seen != 40
+        return True
+
+    try:
+        await publisher.setLocalDescription(await publisher.createOffer())
+        await subscriber.setRemoteDescription(publisher.localDescription)
+        tracks = [nara_receive_track(t.receiver, "video") for t in subscriber.getTransceivers()]
+        receivers = [t.receiver for t in subscriber.getTransceivers()]
+        assert all("_send_rtcp" not in r.__dict__ for r in receivers)  # aiortc's own REMB goes out again
+        await subscriber.setLocalDescription(await subscriber.createAnswer())
+        await publisher.setRemoteDescription(subscriber.localDescription)
+        filter_inbound_rtp(dtls_transport(subscriber), keep)
+        track = tracks[0]
+        assert isinstance(track, ReceivedVideoTrack)
+
+        async def pictures_until(predicate) -> None:  # type: ignore[no-untyped-def]
+            while not predicate():
+                await track.recv()
+
+        await asyncio.wait_for(pictures_until(
+            lambda: seen > 60 and {"nack", "remb", "report"} <= set(feedback)), 15)
+        assert track.counters.frames_dropped == 0  # the lost packet came back as a retransmission
+        assert track.counters.keyframes_requested == 0 and "pli" not in feedback
+    finally:
+        await publisher.close()
+        await subscriber.close()
+        restrict_host_addresses(None)
+    with pytest.raises(MediaStreamError):  # the track ends with its receiver
+        await asyncio.wait_for(track.recv(), 5)

@@ -1,0 +1,613 @@
+"""What a receiver does with the packets it gets: plays audio on time and hands on whole video frames.
+
+Two policies, pure and driven by the time passed in, so tests run them with
+a fake clock; the aiortc shell around them is in ``aiortc_adapter``.
+
+Audio (``AudioPlayout``): one 20 ms frame comes out on every tick of a steady
+playout clock, whatever the network did. The clock runs a small target delay
+behind the fastest packets seen, grown when packets arrive late and shrunk
+slowly when they stop doing so. For each tick: the packet itself if it is
+here; else the packet after it, if here, rebuilds it from its in-band FEC;
+else the decoder conceals the gap.
+
+Video (``VideoFrameAssembler``): packets in, whole VP8 frames out, in order.
+A frame with a hole waits a short, round-trip-aware time for the
+retransmission that aiortc's NACK asks for, then is given up; after that only
+a keyframe can be decoded cleanly, so later frames are not handed on until
+one arrives, and the sender is asked for one (throttled). A later complete
+keyframe never waits behind an older broken frame.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from .vp8 import is_keyframe_data, parse_descriptor
+
+STRAYS_BEFORE_RESYNC = 3  # packets in a row far from the stream before we take them as a new one
+
+
+class _Unwrapper:
+    """Extends a wrapping RTP counter to an unbounded integer, nearest the highest value accepted."""
+
+    def __init__(self, bits: int) -> None:
+        self.modulus = 1 << bits
+        self.highest: int | None = None
+
+    def extend(self, value: int) -> int:
+        if self.highest is None:
+            return value
+        delta = (value - self.highest) % self.modulus
+        if delta >= self.modulus // 2:
+            delta -= self.modulus
+        return self.highest + delta
+
+    def accept(self, extended: int) -> None:
+        if self.highest is None or extended > self.highest:
+            self.highest = extended
+
+
+# --- audio -------------------------------------------------------------------------
+
+FrameSource = Literal["packet", "fec", "conceal", "silence"]
+PAUSE_PACKET_SIZE = 2  # an Opus packet this small carries no audio: the sender goes quiet (DTX)
+
+
+@dataclass(frozen=True)
+class PlayoutFrame:
+    """What to play on one tick.
+
+    ``source``: "packet" (decode ``payload``), "fec" (rebuild the frame from the
+    FEC data in ``payload``, the packet after it), "conceal" (a lost frame:
+    the decoder's concealment) or "silence" (the sender paused, DTX: the
+    decoder's concealment, which fades to comfort noise).
+    """
+
+    source: FrameSource
+    payload: bytes | None
+    timestamp: int  # RTP timestamp of the frame, as sent
+    new_stream: bool = False  # reset the decoder before this frame
+
+    @property
+    def concealed(self) -> bool:
+        return self.source == "conceal"
+
+
+@dataclass
+class PlayoutCounters:
+    played: int = 0  # frames decoded from their own packet
+    recovered_fec: int = 0  # lost frames rebuilt from the next packet's FEC
+    concealed: int = 0  # frames the decoder had to make up: gaps a listener hears
+    silent: int = 0  # ticks in a pause the sender announced (DTX), not losses
+    late_dropped: int = 0  # packets that arrived after their time to play
+    duplicates: int = 0
+    skipped: int = 0  # frames passed over to bring the delay down or to catch up with the reader
+    resets: int = 0  # new streams (new SSRC or a jump) after the first
+
+
+@dataclass
+class _AudioPacket:
+    seq: int
+    ts: int
+    payload: bytes
+
+
+class AudioPlayout:
+    """An adaptive playout buffer for one audio stream of fixed-length frames (Opus at 20 ms).
+
+    ``push`` each packet as it arrives; call ``pop(now)`` when ``next_due()``
+    has come, and play what it returns. Times are seconds on any monotonic clock.
+    ``can_recover(packet)`` says whether a packet carries FEC for the frame
+    before it (``mediaserver.opus.has_fec`` for Opus).
+    """
+
+    def __init__(
+        self,
+        *,
+        clock_rate: int = 48000,
+        frame_samples: int = 960,
+        start_delay: float = 0.06,
+        min_delay: float = 0.04,
+        max_delay: float = 0.2,
+        jitter_window: float = 5.0,
+        jitter_quantile: float = 0.95,
+        shrink_interval: float = 1.0,
+        catch_up_after: float = 0.5,
+        can_recover: Callable[[bytes], bool] = lambda packet: True,
+    ) -> None:
+        if not 0 < min_delay <= start_delay <= max_delay:
+            raise ValueError("need 0 < min_delay <= start_delay <= max_delay")
+        self.clock_rate = clock_rate
+        self.frame_samples = frame_samples
+        self.frame_duration = frame_samples / clock_rate
+        self.start_delay = start_delay
+        self.min_delay = min_delay
+        self.max_delay = max_delay
+        self.jitter_window = jitter_window
+        self.jitter_quantile = jitter_quantile
+        self.shrink_interval = shrink_interval
+        self.catch_up_after = catch_up_after
+        self.can_recover = can_recover
+        self.counters = PlayoutCounters()
+        self._jump = int((max_delay + 3.0) * clock_rate)  # farther than this from the playhead: not this stream
+        self._started = False
+        self._clear()
+
+    def _clear(self) -> None:
+        self._ssrc: int | None = None
+        self._seq = _Unwrapper(16)
+        self._ts = _Unwrapper(32)
+        self._packets: dict[int, _AudioPacket] = {}  # by extended timestamp
+        self._recent: deque[int] = deque(maxlen=256)  # extended sequence numbers seen lately
+        self._transits: deque[tuple[float, float]] = deque()  # (arrival, arrival - media time)
+        self._base_transit = 0.0
+        self._playhead: int | None = None  # extended timestamp of the next frame to play
+        self._origin = 0.0  # local time at which media time 0 would play
+        self._reference: _AudioPacket | None = None  # the last packet played
+        self._last_shrink: float | None = None
+        self._new_stream = False
+        self._strays: list[tuple[int, int, bytes, float, int | None]] = []
+
+    # --- packets in ---------------------------------------------------------------
+
+    def push(self, sequence_number: int, timestamp: int, payload: bytes, now: float,
+             ssrc: int | None = None) -> None:
+        if ssrc is not None and self._ssrc is not None and ssrc != self._ssrc:
+            self._restart()
+        if self._playhead is None:
+            self._begin(sequence_number, timestamp, now, ssrc)
+        assert self._playhead is not None
+        seq = self._seq.extend(sequence_number)
+        ts = self._ts.extend(timestamp)
+        if abs(ts - self._playhead) > self._jump:
+            self._strays.append((sequence_number, timestamp, payload, now, ssrc))
+            if len(self._strays) >= STRAYS_BEFORE_RESYNC:
+                strays = self._strays
+                self._restart()
+                for stray in strays:
+                    self.push(*stray)
+            return
+        if self._strays:
+            self.counters.late_dropped += len(self._strays)
+            self._strays = []
+        self._seq.accept(seq)
+        self._ts.accept(ts)
+        if seq in self._recent:
+            self.counters.duplicates += 1
+            return
+        self._recent.append(seq)
+        self._observe_transit(now, now - ts / self.clock_rate)
+        if ts < self._playhead:
+            self.counters.late_dropped += 1
+            return
+        if ts in self._packets:
+            self.counters.duplicates += 1
+            return
+        self._packets[ts] = _AudioPacket(seq, ts, payload)
+
+    def _begin(self, sequence_number: int, timestamp: int, now: float, ssrc: int | None) -> None:
+        if self._started:
+            self.counters.resets += 1
+        self._started = True
+        self._ssrc = ssrc
+        self._seq.accept(sequence_number)
+        self._ts.accept(timestamp)
+        self._playhead = timestamp
+        self._base_transit = now - timestamp / self.clock_rate
+        self._origin = self._base_transit + self.start_delay
+        self._new_stream = True
+
+    def _restart(self) -> None:
+        self._clear()
+
+    def _observe_transit(self, now: float, transit: float) -> None:
+        self._transits.append((now, transit))
+        while self._transits and self._transits[0][0] < now - self.jitter_window:
+            self._transits.popleft()
+        self._base_transit = min(t for _, t in self._transits)
+
+    # --- delay --------------------------------------------------------------------
+
+    @property
+    def delay(self) -> float:
+        """How far behind the fastest packets the playout runs now, in seconds."""
+        return self._origin - self._base_transit
+
+    @property
+    def target_delay(self) -> float:
+        """The delay that lets all but the latest few packets play in time, with room for FEC."""
+        if len(self._transits) < 2:
+            return self.start_delay
+        excess = sorted(t - self._base_transit for _, t in self._transits)
+        late = excess[int(self.jitter_quantile * (len(excess) - 1))]
+        target = late + self.frame_duration  # the next packet must be here too, for FEC
+        if len(self._transits) < 50:  # too few packets to trust: not below the start
+            target = max(target, self.start_delay)
+        return min(max(target, self.min_delay), self.max_delay)
+
+    def next_due(self) -> float | None:
+        """When the next frame should play (None before the first packet)."""
+        if self._playhead is None:
+            return None
+        return self._origin + self._playhead / self.clock_rate
+
+    # --- frames out ---------------------------------------------------------------
+
+    def pop(self, now: float) -> PlayoutFrame | None:
+        """The frame to play at ``now``; None when none is due yet."""
+        due = self.next_due()
+        if due is None or self._playhead is None or now < due:
+            return None
+        if now - due > self.catch_up_after:
+            self._catch_up(now - due)
+        slot = self._playhead
+        frame = self.frame_samples
+        packet = self._packets.pop(slot, None)
+        if packet is not None and self._should_shrink(now) and slot + frame in self._packets:
+            self.counters.skipped += 1
+            self._last_shrink = now
+            self._origin -= self.frame_duration
+            self._playhead = slot = slot + frame
+            self._reference = packet
+            packet = self._packets.pop(slot)
+        if packet is not None:
+            self.counters.played += 1
+            self._reference = packet
+            return self._out("packet", packet.payload, slot, advance=True)
+        following = self._following(slot)
+        reference = self._reference
+        paused = reference is not None and (
+            len(reference.payload) <= PAUSE_PACKET_SIZE if following is None else following.seq == reference.seq + 1)
+        if paused:
+            self.counters.silent += 1  # the sender paused (DTX): nothing is missing
+            return self._out("silence", None, slot, advance=True)
+        after = self._packets.get(slot + frame)
+        if after is not None and self.can_recover(after.payload):
+            self.counters.recovered_fec += 1
+            return self._out("fec", after.payload, slot, advance=True)
+        self.counters.concealed += 1
+        if following is None and self.delay + self.frame_duration <= self.target_delay + 1e-9:
+            # Nothing newer has come: the packet is more likely late than lost, and the
+            # delay is below target. Play this slot one frame later.
+            self._origin += self.frame_duration
+            return self._out("conceal", None, slot, advance=False)
+        return self._out("conceal", None, slot, advance=True)
+
+    def _out(self, source: FrameSource, payload: bytes | None, slot: int, *, advance: bool) -> PlayoutFrame:
+        if advance:
+            assert self._playhead is not None
+            self._playhead += self.frame_samples
+        new_stream, self._new_stream = self._new_stream, False
+        return PlayoutFrame(source, payload, slot % (1 << 32), new_stream)
+
+    def _following(self, slot: int) -> _AudioPacket | None:
+        later = [ts for ts in self._packets if ts > slot]
+        return self._packets[min(later)] if later else None
+
+    def _should_shrink(self, now: float) -> bool:
+        excess = self.delay - self.target_delay
+        if excess > self.max_delay:
+            return True
+        if excess < self.frame_duration - 1e-9:
+            return False
+        return self._last_shrink is None or now - self._last_shrink >= self.shrink_interval
+
+    def _catch_up(self, lag: float) -> None:
+        """The reader fell behind: jump to the frame due now, dropping what is past."""
+        assert self._playhead is not None
+        frames = int(lag / self.frame_duration)
+        self._playhead += frames * self.frame_samples
+        self.counters.skipped += frames
+        for ts in [ts for ts in self._packets if ts < self._playhead]:
+            del self._packets[ts]
+
+
+# --- video -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AssembledFrame:
+    """One whole VP8 frame, ready for a decoder."""
+
+    timestamp: int  # RTP timestamp, as sent
+    data: bytes  # the VP8 bitstream, payload descriptors stripped
+    keyframe: bool
+    first_seq: int  # RTP sequence numbers, as sent
+    last_seq: int
+    completed_at: float  # when its last packet arrived
+
+
+@dataclass
+class AssemblyCounters:
+    frames_complete: int = 0  # frames handed on for decoding
+    frames_dropped: int = 0  # frames given up for a hole, or of no use until the next keyframe
+    keyframes_requested: int = 0
+    late_packets: int = 0  # packets for frames already handed on or given up
+    duplicates: int = 0
+    malformed: int = 0
+    resets: int = 0
+
+
+@dataclass
+class _PendingFrame:
+    ts: int
+    parts: dict[int, bytes]
+    first_seq: int | None = None
+    last_seq: int | None = None
+    keyframe: bool = False
+    non_reference: bool = False
+    completed_at: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return (self.first_seq is not None and self.last_seq is not None
+                and len(self.parts) == self.last_seq - self.first_seq + 1
+                and min(self.parts) == self.first_seq and max(self.parts) == self.last_seq)
+
+
+class VideoFrameAssembler:
+    """Reassembles one VP8 RTP stream into whole frames and decides which are decodable.
+
+    ``push`` each packet (payload with its VP8 payload descriptor) as it
+    arrives and ``poll`` at ``next_deadline()``; both return the frames now
+    ready, oldest first. A frame is handed on only if the decoder can use it:
+    after a loss, nothing until the next keyframe. ``on_keyframe_needed`` is
+    called (at most once per ``keyframe_interval``) when a keyframe is needed.
+    """
+
+    def __init__(
+        self,
+        on_keyframe_needed: Callable[[], None] | None = None,
+        *,
+        min_hold: float = 0.1,
+        max_hold: float = 0.5,
+        keyframe_interval: float = 1.0,
+        max_pending_packets: int = 4000,
+    ) -> None:
+        self.on_keyframe_needed = on_keyframe_needed
+        self.min_hold = min_hold
+        self.max_hold = max_hold
+        self.keyframe_interval = keyframe_interval
+        self.max_pending_packets = max_pending_packets
+        self.round_trip_time: float | None = None  # seconds; set it when known
+        self.counters = AssemblyCounters()
+        self._started = False
+        self._last_request: float | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self._ssrc: int | None = None
+        self._seq = _Unwrapper(16)
+        self._ts = _Unwrapper(32)
+        self._frames: dict[int, _PendingFrame] = {}  # by extended timestamp
+        self._missing: dict[int, float] = {}  # extended seq -> when we knew it was missing, in seq order
+        self._fillers: set[int] = set()  # sequence numbers of padding-only packets not yet passed
+        self._expected: int | None = None  # first sequence number of the next frame to hand on
+        self._last_ts: int | None = None  # timestamp of the last frame handed on or given up
+        self._waiting_for_keyframe = True
+        self._pending_packets = 0
+        self._strays: list[tuple[int, int, bool, bytes, float, int | None]] = []
+
+    @property
+    def hold(self) -> float:
+        """How long a frame with a hole waits for a retransmission."""
+        rtt = self.round_trip_time or 0.0
+        return min(max(2 * rtt, self.min_hold), self.max_hold)
+
+    @property
+    def waiting_for_keyframe(self) -> bool:
+        return self._waiting_for_keyframe
+
+    # --- packets in ---------------------------------------------------------------
+
+    def push(self, sequence_number: int, timestamp: int, marker: bool, payload: bytes, now: float,
+             ssrc: int | None = None) -> list[AssembledFrame]:
+        if ssrc is not None and self._ssrc is not None and ssrc != self._ssrc:
+            self._restart()
+        if self._ssrc is None:
+            self._ssrc = ssrc
+        seq = self._seq.extend(sequence_number)
+        highest = self._seq.highest
+        if highest is not None and abs(seq - highest) > 3000:
+            self._strays.append((sequence_number, timestamp, marker, payload, now, ssrc))
+            if len(self._strays) < STRAYS_BEFORE_RESYNC:
+                return self.poll(now)
+            strays = self._strays
+            self._restart()
+            out: list[AssembledFrame] = []
+            for stray in strays:
+                out += self.push(*stray)
+            return out
+        if self._strays:
+            self.counters.late_packets += len(self._strays)
+            self._strays = []
+        ts = self._ts.extend(timestamp)
+        self._note_sequence(seq, now)
+        if self._expected is not None and seq < self._expected:
+            self.counters.late_packets += 1
+        elif not payload:
+            self._fillers.add(seq)  # padding only: takes a sequence number, belongs to no frame
+        elif self._last_ts is not None and ts <= self._last_ts:
+            self.counters.late_packets += 1
+        else:
+            self._add(seq, ts, marker, payload, now)
+        return self.poll(now)
+
+    def _note_sequence(self, seq: int, now: float) -> None:
+        highest = self._seq.highest
+        if highest is None or seq > highest:
+            start = seq if highest is None else highest + 1
+            for missing in range(start, seq):
+                self._missing[missing] = now
+            self._seq.accept(seq)
+        elif seq in self._missing:
+            del self._missing[seq]
+        elif self._expected is None or seq >= self._expected:
+            self.counters.duplicates += 1
+
+    def _add(self, seq: int, ts: int, marker: bool, payload: bytes, now: float) -> None:
+        try:
+            descriptor = parse_descriptor(payload)
+        except ValueError:
+            self.counters.malformed += 1
+            self._missing[seq] = now  # as good as lost
+            self._missing = dict(sorted(self._missing.items()))  # kept in sequence order
+            return
+        self._ts.accept(ts)
+        frame = self._frames.get(ts)
+        if frame is None:
+            frame = self._frames[ts] = _PendingFrame(ts, {})
+        if seq in frame.parts:
+            return
+        data = payload[descriptor.size:]
+        frame.parts[seq] = data
+        self._pending_packets += 1
+        if descriptor.starts_frame:
+            frame.first_seq = seq
+            frame.keyframe = is_keyframe_data(data)
+        if marker:
+            frame.last_seq = seq
+        frame.non_reference = frame.non_reference or descriptor.non_reference
+        frame.completed_at = now
+
+    def _restart(self) -> None:
+        self.counters.resets += 1
+        self._clear()
+
+    # --- frames out ---------------------------------------------------------------
+
+    def poll(self, now: float) -> list[AssembledFrame]:
+        """Frames that became ready, or decisions that fell due, by ``now``."""
+        out: list[AssembledFrame] = []
+        while self._frames:
+            self._forget_before_expected()
+            if self._expected is None and not self._resync():
+                break
+            head = self._frames[min(self._frames)]
+            if head.complete and head.first_seq == self._expected:
+                self._hand_on(head, out, now)
+                continue
+            keyframe = self._complete_keyframe()
+            if keyframe is not None:
+                self._give_up_before(keyframe, now)
+                continue
+            deadline = self.next_deadline()
+            overfull = self._pending_packets > self.max_pending_packets
+            if deadline is not None and now >= deadline or overfull:
+                self._give_up_head(now)
+                continue
+            break
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When the oldest hole will have waited long enough (None: no hole)."""
+        self._forget_before_expected()
+        if self._expected is None or not self._missing or not self._frames:
+            return None
+        return next(iter(self._missing.values())) + self.hold
+
+    def decode_failed(self, now: float) -> None:
+        """The decoder refused a frame: decode nothing more until a keyframe, and ask for one."""
+        self._waiting_for_keyframe = True
+        self._request_keyframe(now)
+
+    def _hand_on(self, frame: _PendingFrame, out: list[AssembledFrame], now: float) -> None:
+        self._remove(frame)
+        assert frame.first_seq is not None and frame.last_seq is not None
+        self._expected = frame.last_seq + 1
+        self._last_ts = frame.ts
+        if self._waiting_for_keyframe and not frame.keyframe:
+            self.counters.frames_dropped += 1
+            self._request_keyframe(now)
+            return
+        self._waiting_for_keyframe = False
+        self.counters.frames_complete += 1
+        data = b"".join(frame.parts[s] for s in range(frame.first_seq, frame.last_seq + 1))
+        out.append(AssembledFrame(
+            timestamp=frame.ts % (1 << 32),
+            data=data,
+            keyframe=frame.keyframe,
+            first_seq=frame.first_seq % (1 << 16),
+            last_seq=frame.last_seq % (1 << 16),
+            completed_at=frame.completed_at,
+        ))
+
+    def _resync(self) -> bool:
+        """Start at the oldest frame whose first packet we have (on joining, or after a loss)."""
+        starts = [f for f in self._frames.values() if f.first_seq is not None]
+        if not starts:
+            return False
+        first = min(starts, key=lambda f: f.ts)
+        for frame in [f for f in self._frames.values() if f.ts < first.ts]:
+            self._remove(frame)
+            if self._started:
+                self.counters.frames_dropped += 1
+        self._started = True
+        self._expected = first.first_seq
+        return True
+
+    def _complete_keyframe(self) -> _PendingFrame | None:
+        keyframes = [f for f in self._frames.values() if f.keyframe and f.complete]
+        return min(keyframes, key=lambda f: f.ts) if keyframes else None
+
+    def _give_up_before(self, keyframe: _PendingFrame, now: float) -> None:
+        """A whole keyframe is here: whatever is missing before it no longer matters."""
+        older = [f for f in self._frames.values() if f.ts < keyframe.ts]
+        for frame in older:
+            self._remove(frame)
+            self._last_ts = frame.ts
+        self.counters.frames_dropped += max(1, len(older))
+        self._expected = keyframe.first_seq
+
+    def _give_up_head(self, now: float) -> None:
+        """The oldest hole waited long enough: drop everything up to the next frame start after it."""
+        assert self._expected is not None
+        hole = next(iter(self._missing), self._expected)
+        after = [f for f in self._frames.values() if f.first_seq is not None and f.first_seq > hole]
+        resume = min(after, key=lambda f: f.ts) if after else None
+        lost = [f for f in self._frames.values() if resume is None or f.ts < resume.ts]
+        harmless = (resume is not None and bool(lost) and all(f.non_reference for f in lost)
+                    and min(lost, key=lambda f: f.ts).first_seq == self._expected)
+        for frame in lost:
+            self._remove(frame)
+            self._last_ts = frame.ts
+        self.counters.frames_dropped += max(1, len(lost))
+        if resume is None:
+            self._expected = None
+            self._missing.clear()
+        else:
+            self._expected = resume.first_seq
+        if not harmless:
+            self._waiting_for_keyframe = True
+            self._request_keyframe(now)
+
+    def _remove(self, frame: _PendingFrame) -> None:
+        del self._frames[frame.ts]
+        self._pending_packets -= len(frame.parts)
+
+    def _forget_before_expected(self) -> None:
+        if self._expected is None:
+            return
+        while self._expected in self._fillers:
+            self._fillers.discard(self._expected)
+            self._expected += 1
+        if self._fillers:
+            self._fillers = {seq for seq in self._fillers if seq > self._expected}
+        while self._missing:
+            seq = next(iter(self._missing))
+            if seq >= self._expected:
+                break
+            del self._missing[seq]
+
+    def _request_keyframe(self, now: float) -> None:
+        if any(f.keyframe for f in self._frames.values()):
+            return  # one is on its way
+        if self._last_request is not None and now - self._last_request < self.keyframe_interval:
+            return
+        self._last_request = now
+        self.counters.keyframes_requested += 1
+        if self.on_keyframe_needed is not None:
+            self.on_keyframe_needed()
