@@ -25,7 +25,10 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtcrtpreceiver import RTCRtpReceiver
 from aiortc.rtcrtptransceiver import RTCRtpTransceiver
+
+from mediaserver.aiortc_adapter import nara_receive_track
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class ConsultationClient:
         ice_servers: list[RTCIceServer] | None = None,
         relay_only: bool = False,
         on_answered: Callable[[RTCPeerConnection], object] | None = None,
+        nara_receive: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.room = room
@@ -63,6 +67,8 @@ class ConsultationClient:
         self.ice_servers = ice_servers  # instead of the server's, e.g. a TURN relay
         self.relay_only = relay_only
         self.on_answered = on_answered
+        self.nara_receive = nara_receive  # play remote media through Nära's receive path (FEC, no stalls)
+        self._nara_tracks: dict[RTCRtpReceiver, MediaStreamTrack] = {}
         self._seen_transceivers: set[int] = set()
         self.pc: RTCPeerConnection | None = None
         self.participant: dict[str, Any] | None = None
@@ -200,8 +206,13 @@ class ConsultationClient:
                     transceiver.direction = "sendonly"
         self.owners = {t["mid"]: (t["participant_id"], t["kind"]) for t in offer.get("tracks", [])}
         for transceiver in self.pc.getTransceivers():
-            if transceiver.mid is not None and transceiver.receiver.track is not None:
-                self.remote_tracks.setdefault(transceiver.mid, transceiver.receiver.track)
+            receiver = transceiver.receiver
+            if self.nara_receive and receiver.track is not None and receiver not in self._nara_tracks:
+                self._nara_tracks[receiver] = nara_receive_track(receiver, transceiver.kind)
+            if transceiver.mid is not None and receiver in self._nara_tracks:
+                self.remote_tracks[transceiver.mid] = self._nara_tracks[receiver]
+            elif transceiver.mid is not None and receiver.track is not None:
+                self.remote_tracks.setdefault(transceiver.mid, receiver.track)
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         await self.send({"type": "answer", "sdp": self.pc.localDescription.sdp})
@@ -213,7 +224,7 @@ class ConsultationClient:
         assert self.pc is not None
         for transceiver in self.pc.getTransceivers():
             if transceiver.receiver.track is track and transceiver.mid is not None:
-                self.remote_tracks[transceiver.mid] = track
+                self.remote_tracks[transceiver.mid] = self._nara_tracks.get(transceiver.receiver, track)
 
     async def _heartbeat(self, interval: float) -> None:
         n = 0

@@ -33,6 +33,10 @@ from mediaserver.opus import OpusDecoder, has_fec
 from mediaserver.receive import AudioPlayout, PlayoutFrame, VideoFrameAssembler
 from mediaserver.receive_track import ReceivedAudioTrack, ReceivedVideoTrack
 from mediaserver.vp8 import PayloadDescriptor, parse_descriptor
+from signalling.client import ConsultationClient
+
+from .conftest import RunningServer
+from .media_helpers import TONES, Watcher, join_publisher, receiving_from
 
 RATE = 48000
 FRAME = 960  # 20 ms
@@ -717,3 +721,24 @@ async def test_video_keeps_coming_through_loss_and_after_a_hole_nothing_can_repa
         await sender.close()
         await receiver.close()
         restrict_host_addresses(None)
+
+
+async def test_a_participant_can_receive_through_naras_path(server: RunningServer) -> None:
+    room = server.consultation()
+    publisher, _ = await join_publisher(server, room, 1)
+    listener = ConsultationClient(server.url, room, server.token(room, "Listener", participant_id="l1"),
+                                  publish=False, nara_receive=True)
+    await listener.join()
+    watcher = Watcher(listener)
+    try:
+        await receiving_from(listener, {"p1"})
+        assert sorted(type(t).__name__ for t in listener.remote_tracks.values()) == [
+            "ReceivedAudioTrack", "ReceivedVideoTrack"]
+        watcher.follow()
+        await watcher.wait_for(lambda: len(watcher.frames[1]) >= 15 and len(watcher.tones["p1"]) >= 50)
+        assert set(watcher.frames) == {1}  # the publisher's own pictures
+        assert np.median(watcher.tones["p1"]) == pytest.approx(TONES[1], abs=50)  # and its tone
+    finally:
+        await watcher.stop()
+        await listener.close()
+        await publisher.close()
