@@ -363,7 +363,7 @@ class VideoFrameAssembler:
         on_keyframe_needed: Callable[[], None] | None = None,
         *,
         min_hold: float = 0.1,
-        max_hold: float = 0.5,
+        max_hold: float = 0.8,
         keyframe_interval: float = 1.0,
         max_pending_packets: int = 4000,
     ) -> None:
@@ -373,6 +373,7 @@ class VideoFrameAssembler:
         self.keyframe_interval = keyframe_interval
         self.max_pending_packets = max_pending_packets
         self.round_trip_time: float | None = None  # seconds; set it when known
+        self.repair_time: float | None = None  # smoothed time from noticing a hole to its packet arriving
         self.counters = AssemblyCounters()
         self._started = False
         self._last_request: float | None = None
@@ -384,6 +385,7 @@ class VideoFrameAssembler:
         self._ts = _Unwrapper(32)
         self._frames: dict[int, _PendingFrame] = {}  # by extended timestamp
         self._missing: dict[int, float] = {}  # extended seq -> when we knew it was missing, in seq order
+        self._given_up: dict[int, float] = {}  # the same, for holes no longer waited for
         self._fillers: set[int] = set()  # sequence numbers of padding-only packets not yet passed
         self._expected: int | None = None  # first sequence number of the next frame to hand on
         self._last_ts: int | None = None  # timestamp of the last frame handed on or given up
@@ -393,9 +395,13 @@ class VideoFrameAssembler:
 
     @property
     def hold(self) -> float:
-        """How long a frame with a hole waits for a retransmission."""
-        rtt = self.round_trip_time or 0.0
-        return min(max(2 * rtt, self.min_hold), self.max_hold)
+        """How long a frame with a hole waits for a retransmission: two round trips, within bounds.
+
+        Without a round-trip time from outside, the time retransmissions have
+        taken to fill holes stands in for it.
+        """
+        rtt = self.round_trip_time if self.round_trip_time is not None else self.repair_time
+        return min(max(2 * (rtt or 0.0), self.min_hold), self.max_hold)
 
     @property
     def waiting_for_keyframe(self) -> bool:
@@ -428,6 +434,8 @@ class VideoFrameAssembler:
         self._note_sequence(seq, now)
         if self._expected is not None and seq < self._expected:
             self.counters.late_packets += 1
+            if seq in self._given_up:
+                self._learn_repair_time(now - self._given_up.pop(seq))
         elif not payload:
             self._fillers.add(seq)  # padding only: takes a sequence number, belongs to no frame
         elif self._last_ts is not None and ts <= self._last_ts:
@@ -444,7 +452,7 @@ class VideoFrameAssembler:
                 self._missing[missing] = now
             self._seq.accept(seq)
         elif seq in self._missing:
-            del self._missing[seq]
+            self._learn_repair_time(now - self._missing.pop(seq))
         elif self._expected is None or seq >= self._expected:
             self.counters.duplicates += 1
 
@@ -577,7 +585,7 @@ class VideoFrameAssembler:
         self.counters.frames_dropped += max(1, len(lost))
         if resume is None:
             self._expected = None
-            self._missing.clear()
+            self._give_up_holes(self._missing)
         else:
             self._expected = resume.first_seq
         if not harmless:
@@ -596,11 +604,24 @@ class VideoFrameAssembler:
             self._expected += 1
         if self._fillers:
             self._fillers = {seq for seq in self._fillers if seq > self._expected}
+        passed = {}
         while self._missing:
             seq = next(iter(self._missing))
             if seq >= self._expected:
                 break
-            del self._missing[seq]
+            passed[seq] = self._missing.pop(seq)
+        self._give_up_holes(passed)
+
+    def _give_up_holes(self, holes: dict[int, float]) -> None:
+        """Remember when holes were found, so a retransmission that comes too late still teaches the hold."""
+        self._given_up.update(holes)
+        if holes is self._missing:
+            self._missing = {}
+        while len(self._given_up) > 512:
+            del self._given_up[next(iter(self._given_up))]
+
+    def _learn_repair_time(self, sample: float) -> None:
+        self.repair_time = sample if self.repair_time is None else self.repair_time + (sample - self.repair_time) / 8
 
     def _request_keyframe(self, now: float) -> None:
         if any(f.keyframe for f in self._frames.values()):

@@ -342,9 +342,10 @@ class Publisher:
                  extended: bool = False) -> None:
         self.packets_per_frame, self.gop, self.seq0, self.ts0 = packets_per_frame, gop, seq0, ts0
         self.extended = extended
+        self.keyframes: set[int] = set()  # frames made keyframes on request
 
     def frame_data(self, k: int) -> bytes:
-        tag = 0x00 if k % self.gop == 0 else 0x01  # VP8 frame tag: P bit clear on keyframes
+        tag = 0x00 if k % self.gop == 0 or k in self.keyframes else 0x01  # VP8 frame tag: P bit clear on keyframes
         return bytes([tag]) + k.to_bytes(4, "big") * (self.packets_per_frame * 3)
 
     def packets(self, k: int) -> list[tuple[int, int, bool, bytes]]:
@@ -447,7 +448,35 @@ def test_the_hold_follows_the_round_trip_time_within_bounds() -> None:
     assembler.round_trip_time = 0.15
     assert assembler.hold == pytest.approx(0.3)
     assembler.round_trip_time = 2.0
-    assert assembler.hold == 0.5
+    assert assembler.hold == 0.8
+
+
+def test_without_a_round_trip_time_the_hold_learns_how_long_repairs_take() -> None:
+    # a long link: each retransmission comes 300 ms after its hole shows
+    publisher, receiver = Publisher(gop=1000), Receiver()
+    send(publisher, receiver, range(0, 5))
+    late: list[tuple[float, tuple[int, int, bool, bytes]]] = []
+    for k in range(5, 150):
+        t = k / 30
+        while late and late[0][0] <= t:
+            when, packet = late.pop(0)
+            receiver.push(packet, when)
+        deadline = receiver.assembler.next_deadline()
+        while deadline is not None and deadline <= t:
+            receiver.poll(deadline)
+            deadline = receiver.assembler.next_deadline()
+        if receiver.requests and receiver.requests[-1] > t - 1 / 30:
+            publisher.keyframes.add(k)  # the publisher answers a request with its next frame
+        for j, packet in enumerate(publisher.packets(k)):
+            if k % 15 == 0 and j == 1:
+                late.append((t + 0.002 + 0.3, packet))
+            else:
+                receiver.push(packet, t + j * 0.001)
+    assert receiver.assembler.repair_time == pytest.approx(0.3, abs=0.05)
+    assert receiver.assembler.hold >= 0.6
+    # the first holes were given up on; once the hold had learnt, the later ones were waited for
+    assert 15 not in receiver.numbers()
+    assert set(range(120, 135)) <= set(receiver.numbers())
 
 
 def test_a_complete_keyframe_does_not_wait_behind_a_broken_frame() -> None:
