@@ -288,9 +288,9 @@ class AudioPlayout:
         return self._packets[min(later)] if later else None
 
     def _should_shrink(self, now: float) -> bool:
+        if self.delay > self.max_delay + self.frame_duration:
+            return True  # far too late, however the jitter looks: no waiting between steps
         excess = self.delay - self.target_delay
-        if excess > self.max_delay:
-            return True
         if excess < self.frame_duration - 1e-9:
             return False
         return self._last_shrink is None or now - self._last_shrink >= self.shrink_interval
