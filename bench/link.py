@@ -114,6 +114,7 @@ class LinkProfile:
 @dataclass
 class LinkCounters:
     offered: int = 0
+    bytes_offered: int = 0
     delivered: int = 0
     lost_random: int = 0
     lost_queue: int = 0
@@ -141,6 +142,7 @@ class Link:
     def send(self, size: int, now: float) -> float | None:
         """When a packet of ``size`` bytes offered at ``now`` arrives, or None if dropped."""
         self.counters.offered += 1
+        self.counters.bytes_offered += size
         t = now - self.start
         if self.profile.in_outage(t):
             self.counters.lost_outage += 1

@@ -2,8 +2,10 @@
 
 Video frames carry their number and capture time (bench/synthetic.py), so a
 receiver knows which frame it got, how late, and how close to the source it
-is (PSNR against the regenerated frame). Freezes follow the W3C webrtc-stats
-definition. Audio is a tone in 20 ms frames: missing frames are missing sound.
+is (PSNR against the regenerated frame, scaled to the received size when the
+server sent a lower layer). Freezes follow the W3C webrtc-stats definition.
+Audio is a tone in 20 ms frames: missing frames are missing sound, and so are
+frames the receiver had to conceal.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+import av
 import numpy as np
 
 from .synthetic import FrameStamp, _block_size, source_luma
@@ -33,11 +36,21 @@ def psnr(received: np.ndarray, source: np.ndarray) -> float:
     return 99.0 if mse == 0 else 10 * math.log10(255 * 255 / mse)
 
 
-def picture_psnr(luma: np.ndarray, stamp: FrameStamp) -> float:
-    """PSNR of a decoded Y plane against its source, below the stamp rows."""
+def picture_psnr(luma: np.ndarray, stamp: FrameStamp, source_size: tuple[int, int] | None = None) -> float:
+    """PSNR of a decoded Y plane against its source, below the stamp rows.
+
+    ``source_size`` (width, height) is what the publisher sent; a picture that
+    arrives smaller (a server-made layer) is compared with the source scaled
+    down to its size, so the figure is the layer's own fidelity.
+    """
     height, width = luma.shape
     top = 2 * _block_size(width)
-    source = source_luma(width, height, stamp.frame)
+    if source_size is None or source_size == (width, height):
+        source = source_luma(width, height, stamp.frame)
+    else:
+        original = source_luma(source_size[0], source_size[1], stamp.frame)
+        scaled = av.VideoFrame.from_ndarray(original, format="gray").reformat(width=width, height=height)
+        source = scaled.to_ndarray()
     return psnr(luma[top:], source[top:])
 
 
@@ -56,6 +69,71 @@ def freezes(arrivals: list[float]) -> list[tuple[float, float]]:
     return found
 
 
+def frozen_time(arrivals: list[float], start: float, end: float) -> float:
+    """Seconds of [start, end) during which the picture stood still.
+
+    W3C freezes, plus a picture that stopped coming: after the last frame, once
+    the wait is long enough to be a freeze, the rest of the window is frozen;
+    with no frame at all, all of it is.
+    """
+    if not arrivals:
+        return max(0.0, end - start)
+    stalls = freezes(arrivals)
+    tail = arrivals[-31:]
+    recent = [b - a for a, b in zip(tail, tail[1:], strict=False)]
+    mean = sum(recent) / len(recent) if recent else 0.0
+    last = arrivals[-1]
+    if end - last >= max(3 * mean, mean + 0.150):
+        stalls.append((last, end - last))
+    if arrivals[0] > start:
+        stalls.append((start, arrivals[0] - start))  # nothing shown yet
+    return sum(max(0.0, min(s + d, end) - max(s, start)) for s, d in stalls)
+
+
+@dataclass(frozen=True)
+class AudioReceipt:
+    at: float  # seconds since the run began
+    pts: int | None  # RTP media time of the frame, in ticks of ``rate``
+    rate: int  # ticks per second
+    duration: float  # seconds of sound
+    played: bool  # carried the tone and was not concealed
+    source: str | None = None  # Nära's receive path: "packet", "fec", "conceal" or "silence"
+
+
+def audio_gap(receipts: list[AudioReceipt], start: float, end: float, slack: float = 0.2) -> float | None:
+    """Share of the 20 ms audio frames due in [start, end) that did not play.
+
+    A frame is due if its media time lies between the first and the last frame
+    that arrived in the window; it played if it arrived with sound and was not
+    concealed. A stream that stopped, or had not started, counts its silent
+    time at either end of the window (beyond ``slack`` seconds) as gaps too.
+    """
+    window = [r for r in receipts if start <= r.at < end and r.pts is not None]
+    span = end - start
+    if span <= 0:
+        return None
+    if not window:
+        return 1.0
+    first = window[0]
+    assert first.pts is not None
+    due: set[int] = set()
+    played: set[int] = set()
+    for r in window:
+        assert r.pts is not None
+        ticks = (r.pts - first.pts) % (1 << 32)
+        if ticks >= 1 << 31:
+            ticks -= 1 << 32  # arrived out of order
+        index = round(ticks / r.rate / AUDIO_FRAME_S)
+        units = range(index, index + max(1, round(r.duration / AUDIO_FRAME_S)))
+        due.update(units)
+        if r.played:
+            played.update(units)
+    expected = max(due) - min(due) + 1
+    silent_ends = max(0.0, first.at - start - slack) + max(0.0, end - window[-1].at - slack)
+    expected += round(silent_ends / AUDIO_FRAME_S)
+    return 1 - len(played) / expected
+
+
 def quantile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -71,7 +149,13 @@ class StreamRecord:
     publisher: str
     receipts: list[Receipt] = field(default_factory=list)
     audio_arrivals: list[float] = field(default_factory=list)
+    audio_receipts: list[AudioReceipt] = field(default_factory=list)
     seen_frames: set[int] = field(default_factory=set)
+
+    def add_audio(self, receipt: AudioReceipt) -> None:
+        self.audio_receipts.append(receipt)
+        if receipt.played:
+            self.audio_arrivals.append(receipt.at)
 
     def add_frame(self, at: float, stamp: FrameStamp, latency_ms: float, psnr_db: float | None) -> None:
         if stamp.frame in self.seen_frames:

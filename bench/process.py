@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +59,13 @@ def stop(process: subprocess.Popen[str]) -> None:
 class NaraServer:
     """A `nara serve` process of its own, with its admin key at hand."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, options: Sequence[str] = ()) -> None:
+        """``options``: more ``nara serve`` options, e.g. ``("--adaptation", "off")``."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.process = start_python("nara.cli", "serve", "--port", str(self.port), "--data-dir", str(data_dir),
-                                    "--no-demo", ready="listening on")
+                                    "--no-demo", *options, ready="listening on")
         self.admin = (data_dir / "admin-key").read_text().strip()
 
     async def api(self, method: str, path: str, body: Any = None) -> Any:
@@ -79,3 +82,19 @@ class NaraServer:
 
     def stop(self) -> None:
         stop(self.process)
+
+
+class SfuProcess(NaraServer):
+    """The SFU under test, sampled for CPU and memory."""
+
+    def __init__(self, workdir: Path, options: Sequence[str] = ()) -> None:
+        super().__init__(workdir / "sfu-data", options)
+        self._cpu = cpu_seconds(self.process.pid)
+        self._at = time.monotonic()
+
+    def sample(self) -> tuple[float, float]:
+        """(cores used since the last sample, resident memory in MB)."""
+        cpu, now = cpu_seconds(self.process.pid), time.monotonic()
+        cores = (cpu - self._cpu) / max(now - self._at, 1e-6)
+        self._cpu, self._at = cpu, now
+        return cores, resident_mb(self.process.pid)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import tempfile
@@ -27,154 +26,20 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection
 from aiortc.contrib.media import MediaRelay
 
 from mediaserver.encoders import OpusTrack
 
-from .metrics import StreamRecord, picture_psnr
-from .process import NaraServer, cpu_seconds, resident_mb
+from .participants import LinkMeter, Participant, connect_p2p, join_sfu
+from .process import SfuProcess
 from .profiles import profile as find_profile
-from .synthetic import StampedVideoTrack, ToneAudioTrack, dominant_frequency, read_stamp, wall_ms
+from .synthetic import StampedVideoTrack, ToneAudioTrack
 from .turn import ImpairingTurnServer
 
-PSNR_EVERY = 3  # frames; PSNR costs a regenerated frame, so sample it
 MODES = ("sfu", "p2p")
 
 
-class Participant:
-    """A synthetic participant: stamped video and a tone out, every other participant measured in."""
-
-    def __init__(self, label: str, tag: int, width: int, height: int, fps: int, run_start: float,
-                 tags: dict[str, int], nara_audio: bool = False) -> None:
-        self.label = label
-        self.tags = tags  # every participant's label -> the tag its frames carry
-        self.corrupt_frames = 0
-        self.tag = tag
-        self.video = StampedVideoTrack(tag, width, height, fps)
-        tone = ToneAudioTrack(300 + 40 * tag)
-        # Nära's Opus (24 kbit/s, in-band FEC) or aiortc's default (96 kbit/s, no FEC).
-        self.audio: Any = OpusTrack(tone) if nara_audio else tone
-        self.run_start = run_start
-        self.records: dict[str, StreamRecord] = {}
-        self.tasks: list[asyncio.Task[None]] = []
-        self.peers: list[RTCPeerConnection] = []
-        self.client: Any = None
-
-    def record(self, publisher: str) -> StreamRecord:
-        if publisher not in self.records:
-            self.records[publisher] = StreamRecord(self.label, publisher)
-        return self.records[publisher]
-
-    def follow(self, track: Any, publisher: Any) -> None:
-        """Read ``track``; ``publisher`` is a label or a function giving it (slots are reused)."""
-        self.tasks.append(asyncio.ensure_future(self._read(track, publisher)))
-
-    async def _read(self, track: Any, publisher: Any) -> None:
-        count = 0
-        with contextlib.suppress(Exception):
-            while True:
-                frame = await track.recv()
-                at = time.time() - self.run_start
-                who = publisher() if callable(publisher) else publisher
-                if who is None:
-                    continue
-                if track.kind == "audio":
-                    if dominant_frequency(frame) > 0:
-                        self.record(who).audio_arrivals.append(at)
-                    continue
-                luma = frame.to_ndarray(format="yuv420p")[: frame.height]
-                stamp = read_stamp(luma)
-                latency = (wall_ms() - stamp.capture_ms) % (1 << 32)
-                if stamp.tag != self.tags.get(who) or latency > 600_000:
-                    self.corrupt_frames += 1  # decoded, but not a picture anyone sent
-                    continue
-                count += 1
-                psnr = picture_psnr(luma, stamp) if count % PSNR_EVERY == 0 else None
-                self.record(who).add_frame(at, stamp, float(latency), psnr)
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        if self.client is not None:
-            await self.client.close()
-        for pc in self.peers:
-            await pc.close()
-
-
-# --- the server under test -----------------------------------------------------------
-
-
-class SfuProcess(NaraServer):
-    """The SFU under test, sampled for CPU and memory once a second."""
-
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir / "sfu-data")
-        self._cpu = cpu_seconds(self.process.pid)
-        self._at = time.monotonic()
-
-    def sample(self) -> tuple[float, float]:
-        """(cores used since the last sample, resident memory in MB)."""
-        cpu, now = cpu_seconds(self.process.pid), time.monotonic()
-        cores = (cpu - self._cpu) / max(now - self._at, 1e-6)
-        self._cpu, self._at = cpu, now
-        return cores, resident_mb(self.process.pid)
-
-
 # --- scenarios -------------------------------------------------------------------------
-
-
-def _ice(relay: ImpairingTurnServer, profile_name: str, label: str) -> list[RTCIceServer]:
-    return [RTCIceServer(urls=relay.url, username=f"{profile_name}/{label}", credential=relay.password)]
-
-
-async def _join_sfu(sfu: SfuProcess, room: str, p: Participant, relay: ImpairingTurnServer, profile_name: str) -> None:
-    from signalling.client import ConsultationClient
-
-    token = await sfu.token(room, p.label, "patient", p.label)
-    followed: set[str] = set()
-
-    def owner(mid: str) -> Any:
-        return lambda: (client.owners.get(mid) or (None,))[0]
-
-    def follow_new(transceiver: Any) -> None:
-        if transceiver.mid is None or transceiver.mid in followed or transceiver.receiver.track is None:
-            return
-        followed.add(transceiver.mid)
-        p.follow(transceiver.receiver.track, owner(transceiver.mid))
-
-    def follow_all(pc: RTCPeerConnection) -> None:
-        for transceiver in pc.getTransceivers():
-            follow_new(transceiver)
-
-    client = ConsultationClient(sfu.url, room, token, video=p.video, audio=p.audio,
-                                ice_servers=_ice(relay, profile_name, p.label), relay_only=True,
-                                on_answered=follow_all)
-    p.client = client
-    await client.join()
-
-
-async def _connect_p2p(a: Participant, b: Participant, relay: ImpairingTurnServer, profile_name: str,
-                       fanout: dict[str, MediaRelay]) -> None:
-    """A direct connection a <-> b, each side through its own link."""
-    pcs = []
-    for me, other in ((a, b), (b, a)):
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=_ice(relay, profile_name, me.label),
-                                                iceTransportPolicy=RTCIceTransportPolicy.RELAY))
-        me.peers.append(pc)
-        relayed = fanout.setdefault(me.label, MediaRelay())
-        pc.addTrack(relayed.subscribe(me.video, buffered=False))
-        pc.addTrack(relayed.subscribe(me.audio, buffered=False))
-        pc.on("track", lambda track, me=me, other=other: me.follow(track, other.label))
-        pcs.append(pc)
-    offerer, answerer = pcs
-    await offerer.setLocalDescription(await offerer.createOffer())
-    await answerer.setRemoteDescription(offerer.localDescription)
-    await answerer.setLocalDescription(await answerer.createAnswer())
-    await offerer.setRemoteDescription(answerer.localDescription)
 
 
 async def run_mode(mode: str, args: argparse.Namespace, workdir: Path, progress: Any) -> dict[str, Any]:
@@ -188,35 +53,33 @@ async def run_mode(mode: str, args: argparse.Namespace, workdir: Path, progress:
     try:
         for r in range(args.rooms):
             tags = {f"r{r}p{i}": 1 + r * args.participants + i for i in range(args.participants)}
-            nara_audio = mode == "sfu" and args.encoders == "nara"
-            members = [Participant(label, tag, width, height, args.fps, run_start, tags, nara_audio)
-                       for label, tag in tags.items()]
+            members = []
+            for label, tag in tags.items():
+                # Nära's Opus (24 kbit/s, in-band FEC) or aiortc's default (96 kbit/s, no FEC).
+                tone = ToneAudioTrack(300 + 40 * tag)
+                microphone = OpusTrack(tone) if mode == "sfu" and args.encoders == "nara" else tone
+                members.append(Participant(label, args.profile, run_start, tags,
+                                           StampedVideoTrack(tag, width, height, args.fps), microphone))
             participants.append(members)
             if sfu is not None:
                 room = await sfu.consultation(f"bench {r}")
                 for p in members:
-                    await _join_sfu(sfu, room, p, relay, args.profile)
+                    await join_sfu(sfu, room, p, relay)
             else:
                 fanout: dict[str, MediaRelay] = {}
                 for i, a in enumerate(members):
                     for b in members[i + 1:]:
-                        await _connect_p2p(a, b, relay, args.profile, fanout)
+                        await connect_p2p(a, b, relay, fanout)
         if sfu is not None:
             sfu.sample()
-        previous: dict[int, int] = {}  # bytes delivered so far, per allocation
+        meter = LinkMeter(relay)
         for second in range(int(args.duration)):
             await asyncio.sleep(max(0.0, run_start + second + 1 - time.time()))  # the run's own clock
             row: dict[str, Any] = {"second": second, "links": {}}
             if sfu is not None:
                 row["server_cores"], row["server_mem_mb"] = sfu.sample()
-            now = relay.loop.time()
-            for index, (label, _, down) in enumerate(relay.links(ever=True)):
-                who = label.split("/", 1)[1]
-                entry = row["links"].setdefault(who, {"kbps": 0.0, "capacity_kbps": None})
-                entry["kbps"] += (down.counters.bytes_delivered - previous.get(index, 0)) * 8 / 1000
-                capacity = down.capacity_at(now)
-                entry["capacity_kbps"] = None if capacity is None else capacity / 1000
-                previous[index] = down.counters.bytes_delivered
+            for who, rates in meter.sample().items():
+                row["links"][who] = {"kbps": rates.received_kbps, "capacity_kbps": rates.capacity_kbps}
             samples.append(row)
             progress(mode, second + 1, int(args.duration))
         forwarding = (await sfu.api("GET", "/api/stats"))["rooms"] if sfu is not None else {}
@@ -240,8 +103,7 @@ async def _residual_loss(participants: list[list[Participant]]) -> float | None:
     lost = expected = 0
     for members in participants:
         for p in members:
-            pcs = list(p.peers) + ([p.client.pc] if p.client is not None and p.client.pc is not None else [])
-            for pc in pcs:
+            for pc in p.peer_connections():
                 for transceiver in pc.getTransceivers():
                     if transceiver.kind != "video":
                         continue

@@ -75,6 +75,7 @@ class StampedVideoTrack(VideoStreamTrack):
         self.tag = tag
         self.width, self.height, self.fps = width, height, fps
         self.frames_sent = 0
+        self.sent_at: list[float] = []  # wall-clock time of each frame
         self._chroma = np.full((height // 2, width), 128, dtype=np.uint8)
         self._began: float | None = None
 
@@ -89,6 +90,7 @@ class StampedVideoTrack(VideoStreamTrack):
             await asyncio.sleep(delay)
         number = self.frames_sent
         luma = source_luma(self.width, self.height, number)
+        self.sent_at.append(time.time())
         draw_stamp(luma, FrameStamp(self.tag, number, wall_ms()))
         frame = av.VideoFrame.from_ndarray(np.vstack([luma, self._chroma]), format="yuv420p")
         frame.pts = int(number * 90000 / self.fps)
