@@ -7,7 +7,7 @@ participant). Round-trip times are split evenly between the two directions.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .link import DeliveryTrace, GilbertElliott, LinkProfile
@@ -133,6 +133,45 @@ CATALOGUE: dict[str, NamedProfile] = {
         ),
     )
 }
+
+# The links of `nara bench adapt`: a publisher on a clean, fast link; each subscriber
+# on the link its scenario is about. Times are of the full-length run (see time_scaled).
+ADAPT_PROFILES: dict[str, NamedProfile] = {
+    p.name: p
+    for p in (
+        _both(LinkProfile(rate_bps=10_000_000, queue_ms=100, delay_ms=10),
+              "adapt-clean", "A publisher on a clean, fast link: 10 Mbit/s, 20 ms RTT, no loss."),
+        _both(LinkProfile(rate_bps=2_000_000, rate_steps=((10.0, 300_000.0), (25.0, 2_000_000.0)),
+                          queue_ms=300, delay_ms=25),
+              "adapt-step", "2 Mbit/s, down to 300 kbit/s at 10 s, back to 2 Mbit/s at 25 s; 50 ms RTT, "
+                            "300 ms queue."),
+        _both(LinkProfile(rate_bps=1_000_000, queue_ms=300, delay_ms=50, loss=0.05),
+              "adapt-loss5", "1 Mbit/s, 100 ms RTT, 5 % random loss."),
+        _both(LinkProfile(rate_bps=150_000, queue_ms=500, delay_ms=25),
+              "adapt-thin150", "150 kbit/s, 50 ms RTT, 500 ms queue, no loss."),
+        _both(LinkProfile(rate_bps=1_000_000, queue_ms=300, delay_ms=25, bursts=GilbertElliott.with_mean(0.10, 3)),
+              "adapt-burst10", "1 Mbit/s, 50 ms RTT, 10 % loss in Gilbert-Elliott bursts of 3 packets on average."),
+        _both(LinkProfile(rate_bps=300_000, queue_ms=300, delay_ms=25),
+              "adapt-300k", "300 kbit/s, 50 ms RTT, no loss: the slow subscriber of a mixed consultation."),
+        _both(LinkProfile(rate_bps=4_000_000, queue_ms=300, delay_ms=25),
+              "adapt-4m", "4 Mbit/s, 50 ms RTT, no loss: the fast subscriber of a mixed consultation."),
+        _both(LinkProfile(rate_bps=250_000, queue_ms=300, delay_ms=25),
+              "adapt-250k", "250 kbit/s, 50 ms RTT, no loss: every subscriber of the layer-CPU scenario."),
+    )
+}
+CATALOGUE.update(ADAPT_PROFILES)
+
+
+def time_scaled(named: NamedProfile, factor: float) -> NamedProfile:
+    """The same profile with its rate steps and outages ``factor`` times as far into the run."""
+    def scale(link: LinkProfile) -> LinkProfile:
+        return replace(link, rate_steps=tuple((at * factor, rate) for at, rate in link.rate_steps),
+                       outages=tuple((at * factor, length) for at, length in link.outages))
+
+    if factor == 1:
+        return named
+    return NamedProfile(named.name, scale(named.uplink), scale(named.downlink), named.source)
+
 
 TRACE_PROFILES = {
     "umts-driving": ("TMobile-UMTS-driving", 40.0,

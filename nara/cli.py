@@ -84,6 +84,12 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     return run_main(args)
 
 
+def cmd_bench_adapt(args: argparse.Namespace) -> int:
+    from bench.adapt import main as adapt_main
+
+    return adapt_main(args)
+
+
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from bench.run import compare_main
 
@@ -152,6 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--budget", help="TOML file of thresholds; exit 1 when the SFU run falls short")
     run.add_argument("--output", help="results folder (default bench-results/<profile>-<time>)")
     run.set_defaults(func=cmd_bench_run)
+
+    adapt = bench_sub.add_parser(
+        "adapt", help="link adaptation against its goals: six scenarios, three modes",
+        description="Run the adaptation scenarios (step, loss5, thin150, burst10, mixed, layer-cpu), each "
+                    "through the SFU with adaptation on and Nära's encoders (nara), the forwarding-only "
+                    "SFU with aiortc's encoders (forward) and peer to peer (p2p); write summary.json and "
+                    "per-second.csv and print each goal's pass or fail.")
+    adapt.add_argument("--scenarios", default="step,loss5,thin150,burst10,mixed,layer-cpu",
+                       help="comma-separated (default: all six)")
+    adapt.add_argument("--modes", default="nara,forward,p2p", help="comma-separated (default: all three)")
+    adapt.add_argument("--duration-scale", type=float, default=1.0,
+                       help="every run's length and link schedule times this (e.g. 0.3 in CI)")
+    adapt.add_argument("--seed", type=int, default=1)
+    adapt.add_argument("--video", default="640x360", help="WIDTHxHEIGHT of the publisher's synthetic camera")
+    adapt.add_argument("--fps", type=int, default=15)
+    adapt.add_argument("--output", help="results folder (default bench-results/adapt-<time>)")
+    adapt.set_defaults(func=cmd_bench_adapt)
 
     compare = bench_sub.add_parser("compare", help="two result folders side by side",
                                    description="Print two runs' summaries side by side.")

@@ -1,0 +1,681 @@
+"""``nara bench adapt``: does Nära's link adaptation meet its goals? Six scenarios, three ways each.
+
+Every scenario is one or two consultations of synthetic participants, each
+on its own emulated link (a profile of bench/profiles.py, for its up- and
+downlink): the publisher on a clean, fast link, the subscribers on the links
+the scenario is about. Each runs in three modes in the same invocation:
+
+- **nara**: the SFU with adaptation on (quality ladder, per-subscriber
+  layers, pausing), Nära's encoders at the publishers (VP8 that follows the
+  SFU's REMB, Opus at 24 kbit/s with in-band FEC), Nära's receive path;
+- **forward**: the SFU with ``--adaptation off``, aiortc's encoders and
+  receive path: the forwarding-only SFU as it was;
+- **p2p**: aiortc to aiortc with its defaults, the baseline.
+
+Bitrates come from the impairing relay, which counts what was sent toward
+each participant's downlink and what that link delivered (``LinkMeter``).
+Results: ``summary.json`` (per scenario and mode, every metric and every
+goal's pass or fail) and ``per-second.csv``, and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import importlib.util
+import inspect
+import io
+import json
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamTrack
+
+from mediaserver.encoders import OpusTrack
+
+from .metrics import StreamRecord, audio_gap, frozen_time
+from .participants import LinkMeter, LinkRates, Participant, connect_p2p, join_sfu
+from .process import SfuProcess
+from .profiles import NamedProfile, time_scaled
+from .profiles import profile as find_profile
+from .synthetic import StampedVideoTrack, ToneAudioTrack
+from .turn import ImpairingTurnServer
+
+LINK_SAMPLE = 0.25  # seconds between readings of the relay's counters
+NARA_START_BITRATE = 800_000  # Nära's VP8 encoder starts here, then follows the SFU's REMB
+PUBLISHER = "pub"
+
+Metrics = dict[str, Any]
+
+
+# --- modes -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    sfu: bool
+    adaptation: bool
+    nara_media: bool  # Nära's encoders at the publishers, Nära's receive path at the subscribers
+    description: str
+
+
+MODES = {m.name: m for m in (
+    Mode("nara", True, True, True, "SFU with adaptation on; Nära's VP8 and Opus (24 kbit/s, FEC) encoders; "
+                                   "Nära's receive path"),
+    Mode("forward", True, False, False, "SFU with --adaptation off (forwarding only); aiortc's encoders and "
+                                        "receive path"),
+    Mode("p2p", False, False, False, "aiortc to aiortc with its defaults, no server"),
+)}
+
+
+def _serve_accepts(*options: str) -> bool:
+    from nara.cli import build_parser
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            build_parser().parse_args(["serve", *options])
+        except SystemExit:
+            return False
+    return True
+
+
+def _client_accepts(option: str) -> bool:
+    from signalling.client import ConsultationClient
+
+    return option in inspect.signature(ConsultationClient).parameters
+
+
+def _have_nara_video() -> bool:
+    return importlib.util.find_spec("mediaserver.video_encoders") is not None
+
+
+def missing_parts(mode: Mode) -> list[str]:
+    """What ``mode`` needs that this tree does not have yet; the run goes on without it, and says so."""
+    missing = []
+    if mode.sfu and not _serve_accepts("--adaptation", "on" if mode.adaptation else "off"):
+        missing.append("`nara serve --adaptation` is not available yet: the SFU runs as built")
+    if mode.nara_media and not _have_nara_video():
+        missing.append("Nära's VP8 encoder (mediaserver/video_encoders.py) is not available yet: "
+                       "publishers send aiortc's VP8")
+    if mode.nara_media and not _client_accepts("nara_receive"):
+        missing.append("Nära's receive path (ConsultationClient(nara_receive=True)) is not available yet: "
+                       "subscribers use aiortc's, which neither decodes FEC nor conceals")
+    return missing
+
+
+def server_options(mode: Mode) -> list[str]:
+    wanted = ["--adaptation", "on" if mode.adaptation else "off"]
+    return wanted if _serve_accepts(*wanted) else []
+
+
+def nara_video(camera: StampedVideoTrack) -> MediaStreamTrack:
+    """Nära's VP8 encoder over the camera; it follows the SFU's REMB."""
+    from mediaserver.video_encoders import EncodedVideoTrack, Vp8Encoder
+
+    return EncodedVideoTrack(camera, Vp8Encoder(camera.width, camera.height, camera.fps, NARA_START_BITRATE))
+
+
+def receive_options(mode: Mode) -> dict[str, Any]:
+    return {"nara_receive": True} if mode.nara_media and _client_accepts("nara_receive") else {}
+
+
+# --- one consultation ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Member:
+    label: str
+    profile: str  # its link, up and down
+    publishes: bool = False
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One consultation of a scenario, run once per mode."""
+
+    name: str
+    members: tuple[Member, ...]
+    duration: float  # seconds, at full length
+
+
+@dataclass(frozen=True)
+class Settings:
+    scale: float = 1.0  # every duration and every scheduled link change, times this
+    seed: int = 1
+    width: int = 640
+    height: int = 360
+    fps: int = 15
+
+    @property
+    def settle(self) -> float:
+        """Seconds left out at the start of steady-state measurements."""
+        return max(2.0, 5.0 * self.scale)
+
+    def profile(self, name: str) -> NamedProfile:
+        return time_scaled(find_profile(name), self.scale)
+
+
+@dataclass
+class RunResult:
+    setup: Setup
+    mode: str
+    duration: float
+    participants: dict[str, Participant]
+    run_start: float
+    links: list[tuple[float, dict[str, LinkRates]]] = field(default_factory=list)  # (seconds, per participant)
+    cores: list[tuple[float, float]] = field(default_factory=list)  # (seconds, server cores over the last one)
+    levels: list[tuple[float, dict[str, str]]] = field(default_factory=list)  # the SFU's level per subscriber
+
+    def stream(self, receiver: str, publisher: str = PUBLISHER) -> StreamRecord:
+        return self.participants[receiver].records.get(publisher) or StreamRecord(receiver, publisher)
+
+    def subscribers(self) -> list[str]:
+        return [m.label for m in self.setup.members if not m.publishes]
+
+
+async def run_setup(mode: Mode, setup: Setup, settings: Settings, workdir: Path) -> RunResult:
+    duration = setup.duration * settings.scale
+    sfu = SfuProcess(workdir / f"{setup.name}-{mode.name}", server_options(mode)) if mode.sfu else None
+    relay = ImpairingTurnServer(seed=settings.seed, profiles=settings.profile)
+    await relay.start()
+    run_start = time.time()  # the links' clock starts with the relay, a moment before
+    tags = {m.label: i + 1 for i, m in enumerate(setup.members) if m.publishes}
+    participants: dict[str, Participant] = {}
+    for m in setup.members:
+        p = Participant(m.label, m.profile, run_start, tags, source_size=(settings.width, settings.height))
+        if m.publishes:
+            camera = StampedVideoTrack(tags[m.label], settings.width, settings.height, settings.fps)
+            tone = ToneAudioTrack(300 + 40 * tags[m.label])
+            p.camera, p.video, p.audio = camera, camera, tone
+            if mode.nara_media:
+                p.audio = OpusTrack(tone)
+                if _have_nara_video():
+                    p.video = nara_video(camera)
+        participants[m.label] = p
+    result = RunResult(setup, mode.name, duration, participants, run_start)
+    try:
+        ordered = sorted(participants.values(), key=lambda p: not p.publishes)
+        if sfu is not None:
+            room = await sfu.consultation(setup.name)
+            for p in ordered:
+                await join_sfu(sfu, room, p, relay, **receive_options(mode))
+        else:
+            fanout: dict[str, MediaRelay] = {}
+            for a in (p for p in ordered if p.publishes):
+                for b in ordered:
+                    if b is not a and not (b.publishes and b.label < a.label):
+                        await connect_p2p(a, b, relay, fanout)
+        await _measure(result, relay, sfu)
+    finally:
+        for p in participants.values():
+            await p.close()
+        if sfu is not None:
+            sfu.stop()
+        relay.close()
+    return result
+
+
+async def _measure(result: RunResult, relay: ImpairingTurnServer, sfu: SfuProcess | None) -> None:
+    """Read the links every LINK_SAMPLE seconds and the server every second, until the run ends."""
+    meter = LinkMeter(relay)
+    if sfu is not None:
+        sfu.sample()
+    ticks = int(result.duration / LINK_SAMPLE)
+    per_second = int(round(1 / LINK_SAMPLE))
+    for tick in range(1, ticks + 1):
+        await asyncio.sleep(max(0.0, result.run_start + tick * LINK_SAMPLE - time.time()))
+        at = time.time() - result.run_start
+        result.links.append((at, meter.sample()))
+        if sfu is not None and tick % per_second == 0:
+            result.cores.append((at, sfu.sample()[0]))
+            result.levels.append((at, _levels(await sfu.api("GET", "/api/stats"))))
+
+
+def _levels(stats: dict[str, Any]) -> dict[str, str]:
+    """Which level of the publisher's video each subscriber gets, as the SFU reports it."""
+    levels = {}
+    for room in stats.get("rooms", {}).values():
+        for subscriber, peer in room.items():
+            for received in peer.get("received", []):
+                if str(received.get("from", "")).endswith("/video") and received.get("level") is not None:
+                    levels[subscriber] = str(received["level"])
+    return levels
+
+
+# --- measurements over a run -----------------------------------------------------------------
+
+
+def window_rate(run: RunResult, who: str, start: float, end: float, key: str) -> float | None:
+    """Mean of a LinkRates field (kbit/s) over the readings in (start, end]."""
+    values = [getattr(rates[who], key) for at, rates in run.links if start < at <= end and who in rates]
+    return sum(values) / len(values) if values else None
+
+
+def seconds_until(run: RunResult, who: str, since: float, until: float, key: str,
+                  holds: Callable[[float, float | None], bool]) -> float | None:
+    """Seconds from ``since`` until the rate over the second before first ``holds(rate, capacity)``."""
+    for at, rates in run.links:
+        if since < at <= until and who in rates:
+            rate = window_rate(run, who, at - 1.0, at, key)
+            if rate is not None and holds(rate, rates[who].capacity_kbps):
+                return at - since
+    return None
+
+
+def video_fps(record: StreamRecord, start: float, end: float) -> float:
+    return sum(1 for r in record.receipts if start <= r.at < end) / max(end - start, 1e-6)
+
+
+def mean_psnr(record: StreamRecord, start: float, end: float) -> float | None:
+    values = [r.psnr_db for r in record.receipts if start <= r.at < end and r.psnr_db is not None]
+    return sum(values) / len(values) if values else None
+
+
+def freeze_pct(record: StreamRecord, start: float, end: float) -> float:
+    return 100 * frozen_time([r.at for r in record.receipts], start, end) / max(end - start, 1e-6)
+
+
+def audio_gap_pct(record: StreamRecord, start: float, end: float) -> float | None:
+    gap = audio_gap(record.audio_receipts, start, end)
+    return None if gap is None else 100 * gap
+
+
+def audio_frames_from(record: StreamRecord, start: float, end: float, *sources: str) -> int | None:
+    """How many frames Nära's receive path gave from these sources (None: another receive path)."""
+    known = [r.source for r in record.audio_receipts if start <= r.at < end and r.source is not None]
+    return sum(1 for source in known if source in sources) if known else None
+
+
+def delivered_pct(run: RunResult, receiver: str, start: float, end: float) -> float | None:
+    """Frames captured in [start, end) that reached ``receiver``, as a share of those the camera made."""
+    camera = run.participants[PUBLISHER].camera
+    assert camera is not None
+    sent = sum(1 for t in camera.sent_at if start <= t - run.run_start < end)
+    got = sum(1 for r in run.stream(receiver).receipts if start <= r.at - r.latency_ms / 1000 < end)
+    return 100 * got / sent if sent else None
+
+
+def pause_events(run: RunResult, subscriber: str) -> list[tuple[float, str]]:
+    """(seconds, "video-paused" or "video-resumed") of the publisher's video to ``subscriber``."""
+    return [(at, e["type"]) for at, e in run.participants[subscriber].events
+            if e.get("type") in ("video-paused", "video-resumed") and e.get("subscriber_id") == subscriber
+            and e.get("participant_id") == PUBLISHER]
+
+
+def paused_seconds(run: RunResult, subscriber: str, start: float, end: float) -> float:
+    total, since = 0.0, None
+    for at, kind in [*pause_events(run, subscriber), (end, "end")]:
+        if kind == "video-paused" and since is None:
+            since = at
+        elif kind != "video-paused" and since is not None:
+            total += max(0.0, min(at, end) - max(since, start))
+            since = None
+    return total
+
+
+def main_level(run: RunResult, subscriber: str, start: float, end: float) -> str | None:
+    seen = Counter(levels[subscriber] for at, levels in run.levels if start <= at < end and subscriber in levels)
+    return seen.most_common(1)[0][0] if seen else None
+
+
+def steady(run: RunResult, settings: Settings) -> tuple[float, float]:
+    return settings.settle, run.duration - 1.0
+
+
+def core_mean(run: RunResult, start: float, end: float) -> float | None:
+    values = [cores for at, cores in run.cores if start < at <= end]
+    return sum(values) / len(values) if values else None
+
+
+# --- scenarios ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Goal:
+    metric: str
+    op: str  # "<=", ">=", or "within": |value - 1| <= target
+    target: float
+    unit: str = ""
+    applies: Callable[[Metrics], bool] | None = None  # None: always
+
+    def text(self) -> str:
+        if self.op == "within":
+            return f"1 ± {self.target:g}"
+        return f"{'≤' if self.op == '<=' else '≥'} {self.target:g}{self.unit}"
+
+    def judge(self, metrics: Metrics) -> dict[str, Any]:
+        value = metrics.get(self.metric)
+        verdict: bool | None
+        if self.applies is not None and not self.applies(metrics):
+            verdict = None  # not applicable in this run
+        elif not isinstance(value, int | float):
+            verdict = False  # never measured, or never reached
+        elif self.op == "<=":
+            verdict = value <= self.target
+        elif self.op == ">=":
+            verdict = value >= self.target
+        else:
+            verdict = abs(value - 1) <= self.target
+        return {"metric": self.metric, "goal": self.text(), "value": value, "pass": verdict}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    setups: tuple[Setup, ...]
+    evaluate: Callable[[dict[str, RunResult], Settings], Metrics]
+    goals: tuple[Goal, ...]
+    modes: tuple[str, ...] = ("nara", "forward", "p2p")
+
+
+def _step(runs: dict[str, RunResult], settings: Settings) -> Metrics:
+    run = runs["step"]
+    steps = settings.profile("adapt-step").downlink.rate_steps
+    down, up = steps[0][0], steps[1][0]
+    record = run.stream("sub")
+    fit = seconds_until(run, "sub", down, up, "sent_kbps", lambda rate, cap: cap is not None and rate <= cap)
+    used = seconds_until(run, "sub", up, run.duration, "received_kbps",
+                         lambda rate, cap: cap is not None and rate >= 0.8 * cap)
+    return {
+        "freeze_s_around_step": frozen_time([r.at for r in record.receipts], down - 1, down + 5),
+        "fit_after_step_s": fit,
+        "use_80pct_after_up_s": used,
+        "step_down_at_s": down,
+        "step_up_at_s": up,
+        "sent_kbps_before": window_rate(run, "sub", settings.settle, down, "sent_kbps"),
+        "sent_kbps_low": window_rate(run, "sub", down + 5, up, "sent_kbps"),
+        "received_kbps_after_up": window_rate(run, "sub", up + 5, run.duration, "received_kbps"),
+        "fps_before": video_fps(record, settings.settle, down),
+        "fps_low": video_fps(record, down + 5, up),
+        "level_low": main_level(run, "sub", down + 5, up),
+    }
+
+
+def _steady_quality(run: RunResult, settings: Settings, subscriber: str = "sub") -> Metrics:
+    start, end = steady(run, settings)
+    record = run.stream(subscriber)
+    return {
+        "delivered_pct": delivered_pct(run, subscriber, start, end - 1),
+        "freeze_pct": freeze_pct(record, start, end),
+        "psnr_db": mean_psnr(record, start, end),
+        "fps": video_fps(record, start, end),
+        "audio_gap_pct": audio_gap_pct(record, start, end),
+        "audio_fec_frames": audio_frames_from(record, start, end, "fec"),
+        "audio_made_up_frames": audio_frames_from(record, start, end, "conceal", "silence"),
+        "received_kbps": window_rate(run, subscriber, start, end, "received_kbps"),
+        "level": main_level(run, subscriber, start, end),
+    }
+
+
+def _loss5(runs: dict[str, RunResult], settings: Settings) -> Metrics:
+    return _steady_quality(runs["loss5"], settings)
+
+
+def _burst10(runs: dict[str, RunResult], settings: Settings) -> Metrics:
+    return _steady_quality(runs["burst10"], settings)
+
+
+def _thin150(runs: dict[str, RunResult], settings: Settings) -> Metrics:
+    run = runs["thin150"]
+    start, end = steady(run, settings)
+    record = run.stream("sub")
+    pauses = [at for at, kind in pause_events(run, "sub") if kind == "video-paused"]
+    joined = run.participants["sub"].joined_at or 0.0
+    return {
+        "audio_gap_pct": audio_gap_pct(record, start, end),
+        "audio_fec_frames": audio_frames_from(record, start, end, "fec"),
+        "audio_made_up_frames": audio_frames_from(record, start, end, "conceal", "silence"),
+        "video_fps": video_fps(record, start, end),
+        "paused": bool(pauses),
+        "pause_notice_s": pauses[0] - joined if pauses else None,
+        "paused_s": paused_seconds(run, "sub", start, end),
+        "freeze_pct": freeze_pct(record, start, end),
+        "received_kbps": window_rate(run, "sub", start, end, "received_kbps"),
+        "level": main_level(run, "sub", start, end),
+    }
+
+
+def _mixed(runs: dict[str, RunResult], settings: Settings) -> Metrics:
+    both, alone = runs["mixed"], runs["mixed-alone"]
+    start, end = steady(both, settings)
+    fast_both, fast_alone = both.stream("fast"), alone.stream("fast")
+    psnr_both, psnr_alone = mean_psnr(fast_both, start, end), mean_psnr(fast_alone, start, end)
+    fps_both, fps_alone = video_fps(fast_both, start, end), video_fps(fast_alone, start, end)
+    return {
+        "fast_psnr_ratio": psnr_both / psnr_alone if psnr_both and psnr_alone else None,
+        "fast_fps_ratio": fps_both / fps_alone if fps_alone else None,
+        "fast_psnr_db_with_slow": psnr_both,
+        "fast_psnr_db_alone": psnr_alone,
+        "fast_fps_with_slow": fps_both,
+        "fast_fps_alone": fps_alone,
+        "slow_fps": video_fps(both.stream("slow"), start, end),
+        "slow_level": main_level(both, "slow", start, end),
+        "fast_level": main_level(both, "fast", start, end),
+    }
+
+
+def _layer_cpu(runs: dict[str, RunResult], settings: Settings) -> Metrics:
+    one, ten = runs["layer-cpu-1"], runs["layer-cpu-10"]
+    start, end = steady(one, settings)
+    cores_1, cores_10 = core_mean(one, start, end), core_mean(ten, start, end)
+    fps = [video_fps(ten.stream(s), start, end) for s in ten.subscribers()]
+    marginal = None if cores_1 is None or cores_10 is None else (cores_10 - cores_1) / 9 * 1000
+    return {
+        "marginal_millicores_per_subscriber": marginal,
+        "cores_1": cores_1,
+        "cores_10": cores_10,
+        "cores_per_subscriber_1": cores_1,
+        "cores_per_subscriber_10": None if cores_10 is None else cores_10 / 10,
+        "cost_ratio_10_to_1": cores_10 / cores_1 if cores_1 and cores_10 is not None else None,
+        "fps_1": video_fps(one.stream("s1"), start, end),
+        "fps_10_worst": min(fps) if fps else None,
+        "level_10": main_level(ten, "s1", start, end),
+    }
+
+
+def _with_publisher(*subscribers: Member) -> tuple[Member, ...]:
+    return (Member(PUBLISHER, "adapt-clean", publishes=True), *subscribers)
+
+
+def _was_paused(metrics: Metrics) -> bool:
+    return bool(metrics.get("paused"))
+
+
+SCENARIOS = {s.name: s for s in (
+    Scenario("step", "The subscriber's link drops from 2 Mbit/s to 300 kbit/s at 10 s and comes back at 25 s "
+                     "(of 40 s). Freeze from 1 s before to 5 s after the drop; seconds until what is sent toward "
+                     "the subscriber (1 s average) fits the new capacity; after the rise, seconds until the "
+                     "subscriber receives ≥ 80 % of 2 Mbit/s (1 s average).",
+             (Setup("step", _with_publisher(Member("sub", "adapt-step")), 40),), _step,
+             (Goal("freeze_s_around_step", "<=", 1, " s"), Goal("fit_after_step_s", "<=", 2, " s"),
+              Goal("use_80pct_after_up_s", "<=", 10, " s"))),
+    Scenario("loss5", "1 Mbit/s, 100 ms RTT, 5 % random loss (25 s): frames delivered of those sent, time frozen, "
+                      "picture quality.",
+             (Setup("loss5", _with_publisher(Member("sub", "adapt-loss5")), 25),), _loss5,
+             (Goal("delivered_pct", ">=", 95, " %"), Goal("freeze_pct", "<=", 1, " %"),
+              Goal("psnr_db", ">=", 30, " dB"))),
+    Scenario("thin150", "150 kbit/s (25 s): no audio gap; video at ≥ 5 fps on the lowest layer, or, if the SFU "
+                        "pauses the video, the notice within 2 s of joining.",
+             (Setup("thin150", _with_publisher(Member("sub", "adapt-thin150")), 25),), _thin150,
+             (Goal("audio_gap_pct", "<=", 0, " %"),
+              Goal("video_fps", ">=", 5, applies=lambda m: not _was_paused(m)),
+              Goal("pause_notice_s", "<=", 2, " s", applies=_was_paused))),
+    Scenario("burst10", "1 Mbit/s, 10 % loss in bursts of 3 packets on average (25 s): 20 ms audio frames neither "
+                        "received nor recovered from FEC, concealed ones included.",
+             (Setup("burst10", _with_publisher(Member("sub", "adapt-burst10")), 25),), _burst10,
+             (Goal("audio_gap_pct", "<=", 2, " %"),)),
+    Scenario("mixed", "One publisher, a subscriber behind 300 kbit/s and one behind 4 Mbit/s, then the same "
+                      "without the slow one (20 s each): the fast subscriber's picture should not suffer.",
+             (Setup("mixed", _with_publisher(Member("slow", "adapt-300k"), Member("fast", "adapt-4m")), 20),
+              Setup("mixed-alone", _with_publisher(Member("fast", "adapt-4m")), 20)), _mixed,
+             (Goal("fast_psnr_ratio", "within", 0.05), Goal("fast_fps_ratio", "within", 0.05))),
+    Scenario("layer-cpu", "One publisher and 1, then 10 subscribers, all behind 250 kbit/s (20 s each): server "
+                          "CPU; a layer is encoded once however many receive it.",
+             (Setup("layer-cpu-1", _with_publisher(Member("s1", "adapt-250k")), 20),
+              Setup("layer-cpu-10", _with_publisher(*(Member(f"s{i}", "adapt-250k") for i in range(1, 11))), 20)),
+             _layer_cpu, (Goal("marginal_millicores_per_subscriber", "<=", 10, " mcore"),),
+             modes=("nara", "forward")),
+)}
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def per_second_rows(scenario: str, run: RunResult) -> list[dict[str, Any]]:
+    seconds = int(run.duration)
+    rows = []
+    for receiver in run.subscribers():
+        record = run.stream(receiver)
+        paused = pause_events(run, receiver)
+        for second, values in enumerate(record.per_second(seconds)):
+            level = next((lv[receiver] for at, lv in run.levels if second < at <= second + 1 and receiver in lv),
+                         None)
+            state = [kind for at, kind in paused if at < second + 1]
+            rows.append({
+                "scenario": scenario, "run": run.setup.name, "mode": run.mode, "second": second,
+                "receiver": receiver, "fps": values["fps"], "freeze_ms": values["freeze_ms"],
+                "latency_p50_ms": values["latency_p50_ms"], "psnr_db": values["psnr_db"],
+                "audio_gap": audio_gap(record.audio_receipts, second, second + 1),
+                "sent_kbps": window_rate(run, receiver, second, second + 1, "sent_kbps"),
+                "received_kbps": window_rate(run, receiver, second, second + 1, "received_kbps"),
+                "capacity_kbps": next((r[receiver].capacity_kbps for at, r in run.links
+                                       if second < at <= second + 1 and receiver in r), None),
+                "server_cores": next((c for at, c in run.cores if second < at <= second + 1), None),
+                "level": level, "video_paused": bool(state) and state[-1] == "video-paused",
+            })
+    return rows
+
+
+CSV_FIELDS = ["scenario", "run", "mode", "second", "receiver", "fps", "freeze_ms", "latency_p50_ms", "psnr_db",
+              "audio_gap", "sent_kbps", "received_kbps", "capacity_kbps", "server_cores", "level", "video_paused"]
+
+
+def run_scenario(scenario: Scenario, modes: Sequence[str], settings: Settings, workdir: Path,
+                 rows: list[dict[str, Any]]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name in MODES:
+        if name not in modes:
+            continue
+        if name not in scenario.modes:
+            results[name] = {"not_applicable": "peer to peer has no server whose CPU could be measured"}
+            continue
+        mode = MODES[name]
+        runs = {}
+        for setup in scenario.setups:
+            began = time.monotonic()
+            print(f"{scenario.name}/{mode.name}: {setup.name}, {setup.duration * settings.scale:g} s …",
+                  file=sys.stderr, flush=True)
+            runs[setup.name] = asyncio.run(run_setup(mode, setup, settings, workdir))
+            rows.extend(per_second_rows(scenario.name, runs[setup.name]))
+            print(f"{scenario.name}/{mode.name}: {setup.name} done in {time.monotonic() - began:.0f} s",
+                  file=sys.stderr, flush=True)
+        metrics = scenario.evaluate(runs, settings)
+        goals = [goal.judge(metrics) for goal in scenario.goals]
+        everyone = [p for run in runs.values() for p in run.participants.values()]
+        results[name] = {
+            "metrics": metrics,
+            "goals": goals,
+            "passed": sum(1 for g in goals if g["pass"] is True),
+            "failed": sum(1 for g in goals if g["pass"] is False),
+            "missing": missing_parts(mode),
+            # Decoded pictures that were no sent frame, and frames the measuring code failed on.
+            "corrupt_frames": sum(p.corrupt_frames for p in everyone),
+            "unmeasured_frames": sum(p.unmeasured_frames for p in everyone),
+        }
+    return results
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """Per scenario: each goal (then the other figures) per mode, with pass or FAIL."""
+    lines = []
+    for name, scenario in summary["scenarios"].items():
+        modes = list(scenario["modes"])
+        lines.append(f"\n{name}: {scenario['description']}")
+        lines.append(f"  {'':34}{'goal':>10}" + "".join(f"{m:>18}" for m in modes))
+        goals = {g["metric"]: g["goal"] for g in scenario["goals"]}
+        first: dict[str, Any] = next((r for r in scenario["modes"].values() if "metrics" in r), {"metrics": {}})
+        for metric in [*goals, *(k for k in first["metrics"] if k not in goals)]:
+            cells = []
+            for m in modes:
+                result = scenario["modes"][m]
+                if "metrics" not in result:
+                    cells.append("n/a")
+                    continue
+                verdict = next((g["pass"] for g in result["goals"] if g["metric"] == metric), None)
+                mark = {True: " pass", False: " FAIL", None: ""}[verdict]
+                cells.append(_fmt(result["metrics"].get(metric)) + mark)
+            lines.append(f"  {metric:34}{goals.get(metric, ''):>10}" + "".join(f"{c:>18}" for c in cells))
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [s for s in scenarios if s not in SCENARIOS] + [m for m in modes if m not in MODES]
+    if unknown or not scenarios or not modes or args.duration_scale <= 0:
+        print(f"nara bench adapt: unknown {', '.join(map(repr, unknown)) or 'or empty choice'}; scenarios: "
+              f"{', '.join(SCENARIOS)}; modes: {', '.join(MODES)}; --duration-scale above 0", file=sys.stderr)
+        return 2
+    width, height = (int(v) for v in args.video.split("x"))
+    settings = Settings(scale=args.duration_scale, seed=args.seed, width=width, height=height, fps=args.fps)
+    out = Path(args.output or f"bench-results/adapt-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in modes:
+        for note in missing_parts(MODES[name]):
+            print(f"{name}: {note}", file=sys.stderr)
+    began = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {
+        "command": " ".join(["nara", "bench", "adapt", *sys.argv[3:]]) if sys.argv[1:3] == ["bench", "adapt"]
+        else " ".join(sys.argv),
+        "seed": settings.seed, "duration_scale": settings.scale, "settle_s": settings.settle,
+        "video": f"{settings.width}x{settings.height} at {settings.fps} fps",
+        "bitrates": "from the impairing relay: UDP payload bytes (SRTP/RTCP with headers, audio and video "
+                    "together) sent toward each participant's downlink, and delivered by it",
+        "modes": {name: {"description": MODES[name].description, "missing": missing_parts(MODES[name])}
+                  for name in modes},
+        "scenarios": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in scenarios:
+            scenario = SCENARIOS[name]
+            summary["scenarios"][name] = {
+                "description": scenario.description,
+                "links": {m.label: f"{m.profile}: {find_profile(m.profile).source}"
+                          for setup in scenario.setups for m in setup.members},
+                "goals": [{"metric": g.metric, "goal": g.text()} for g in scenario.goals],
+                "modes": run_scenario(scenario, modes, settings, Path(tmp), rows),
+            }
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["elapsed_s"] = round(time.monotonic() - began, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with (out / "per-second.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else
+                             round(row[k], 3) if isinstance(row[k], float) else row[k] for k in CSV_FIELDS})
+    print(results_table(summary))
+    print(f"\nresults in {out}/ (summary.json, per-second.csv); {summary['elapsed_s']:.0f} s")
+    return 0

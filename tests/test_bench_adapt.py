@@ -1,0 +1,99 @@
+"""`nara bench adapt`: a short run end to end, and the measurements it is built on."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from pytest import approx
+
+from bench.adapt import SCENARIOS, Goal
+from bench.metrics import AudioReceipt, audio_gap, frozen_time
+from tests.test_bench_run import nara
+
+
+def test_a_short_run_reports_every_metric_and_goal_per_mode(tmp_path: Path) -> None:
+    out = tmp_path / "adapt"
+    result = nara("bench", "adapt", "--scenarios", "loss5,thin150", "--modes", "forward,p2p",
+                  "--duration-scale", "0.25", "--seed", "3", "--output", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed"] == 3 and summary["duration_scale"] == 0.25
+    assert list(summary["scenarios"]) == ["loss5", "thin150"]
+    for name, scenario in summary["scenarios"].items():
+        expected_goals = [g.metric for g in SCENARIOS[name].goals]
+        assert [g["metric"] for g in scenario["goals"]] == expected_goals
+        assert set(scenario["modes"]) == {"forward", "p2p"}
+        for mode, values in scenario["modes"].items():
+            assert [g["metric"] for g in values["goals"]] == expected_goals, (name, mode)
+            for goal in values["goals"]:
+                assert goal["metric"] in values["metrics"]
+                assert goal["pass"] in (True, False, None) and goal["goal"]
+            assert values["passed"] + values["failed"] <= len(expected_goals)
+    # The relay saw video reach the subscriber on its 1 Mbit/s lossy link, and the picture was the sent one.
+    for mode in ("forward", "p2p"):
+        loss5 = summary["scenarios"]["loss5"]["modes"][mode]["metrics"]
+        assert loss5["delivered_pct"] > 50, mode
+        assert loss5["psnr_db"] > 25, mode
+        assert 100 < loss5["received_kbps"] <= 1000, mode
+        # aiortc's 96 kbit/s Opus and 250 kbit/s VP8 floor cannot fit 150 kbit/s: sound is lost.
+        thin = summary["scenarios"]["thin150"]["modes"][mode]["metrics"]
+        assert thin["audio_gap_pct"] > 5, mode
+        assert thin["paused"] is False
+    rows = list(csv.DictReader((out / "per-second.csv").open()))
+    assert {(r["scenario"], r["mode"]) for r in rows} == {(s, m) for s in ("loss5", "thin150")
+                                                          for m in ("forward", "p2p")}
+    assert {r["capacity_kbps"] for r in rows if r["scenario"] == "thin150"} == {"150.0"}
+    assert any(float(r["received_kbps"]) > 100 for r in rows if r["scenario"] == "loss5")
+    assert "delivered_pct" in result.stdout and ("pass" in result.stdout or "FAIL" in result.stdout)
+
+
+def test_unknown_scenario_is_refused_with_the_known_ones() -> None:
+    result = nara("bench", "adapt", "--scenarios", "moonshot")
+    assert result.returncode == 2
+    assert "'moonshot'" in result.stderr and "layer-cpu" in result.stderr
+
+
+def frames(*spec: tuple[float, int, bool]) -> list[AudioReceipt]:
+    """(arrival, 20 ms frame number, played) -> receipts at 48 kHz."""
+    return [AudioReceipt(at, 1_000 + n * 960, 48000, 0.02, played) for at, n, played in spec]
+
+
+def test_audio_gaps_count_lost_and_concealed_frames_and_silence_at_the_end() -> None:
+    steady = [(i * 0.02, i, True) for i in range(50)]
+    assert audio_gap(frames(*steady), 0, 1) == 0
+    lost = [f for f in steady if f[1] not in (10, 11)]
+    assert audio_gap(frames(*lost), 0, 1) == approx(2 / 50)
+    concealed = [(at, n, n != 20) for at, n, _ in steady]
+    assert audio_gap(frames(*concealed), 0, 1) == approx(1 / 50)
+    stopped = steady[:25]  # half a second of sound, then nothing
+    gap = audio_gap(frames(*stopped), 0, 1)
+    assert gap is not None and 0.3 < gap < 0.5
+    assert audio_gap([], 0, 1) == 1.0
+
+
+def test_audio_gaps_survive_the_rtp_timestamp_wrapping() -> None:
+    receipts = [AudioReceipt(i * 0.02, ((1 << 32) - 960 * 5 + i * 960) % (1 << 32), 48000, 0.02, True)
+                for i in range(20) if i != 7]
+    assert audio_gap(receipts, 0, 0.4) == approx(1 / 20)
+
+
+def test_frozen_time_counts_a_picture_that_stopped_coming() -> None:
+    smooth = [i / 15 for i in range(150)]  # 10 s at 15 fps
+    assert frozen_time(smooth, 1, 9) == 0
+    stalled = [t for t in smooth if not 4 <= t < 6]
+    assert 1.9 < frozen_time(stalled, 1, 9) < 2.1
+    stopped = [t for t in smooth if t < 5]
+    assert 3.9 < frozen_time(stopped, 1, 9) < 4.1
+    assert frozen_time([], 1, 9) == 8
+
+
+def test_goals_pass_fail_or_do_not_apply() -> None:
+    assert Goal("x", "<=", 1).judge({"x": 0.5})["pass"] is True
+    assert Goal("x", ">=", 30).judge({"x": 29.0})["pass"] is False
+    assert Goal("x", "within", 0.05).judge({"x": 1.04})["pass"] is True
+    assert Goal("x", "within", 0.05).judge({"x": 0.9})["pass"] is False
+    assert Goal("x", "<=", 2).judge({"x": None})["pass"] is False  # never reached
+    paused_only = Goal("x", "<=", 2, applies=lambda m: bool(m["paused"]))
+    assert paused_only.judge({"x": None, "paused": False})["pass"] is None
