@@ -15,8 +15,6 @@ and never cut.
   falling REMB cuts the estimate to it. A REMB that merely lags behind (it can
   never exceed 1.5 times what arrives) is not a ceiling: that would stop every
   ramp-up.
-* Delivered: what has just reached the subscriber with under 2 % loss and no
-  queue is what the link can carry, so the estimate never sits below it.
 * Probing: growing 5 % a second takes half a minute to double, too slow after
   a link comes back. When the link has been clean for a while and more would
   be used, the sender pads the stream up to a probe rate for a moment; if the
@@ -32,11 +30,11 @@ from dataclasses import dataclass
 GROW_BELOW = 0.02
 CUT_ABOVE = 0.10
 GROWTH = 1.05
+MIN_CUT_INTERVAL = 0.5  # seconds
 QUEUE_CUT = 0.85
-QUEUE_LIMIT = 0.25  # seconds of queueing above the base round trip that count as congestion
-QUEUE_CALM = 0.08  # seconds: below this, the queue is empty enough to grow or probe
+QUEUE_LIMIT = 0.12  # seconds of queueing above the base round trip that count as congestion
+QUEUE_CALM = 0.05  # seconds: below this, the queue is empty enough to grow or probe
 REMB_FALL = 0.9  # a REMB under 90 % of the previous one reports overuse
-DELIVERED_HEADROOM = 1.15  # a clean link carrying X can take a little more than X
 
 PROBE_TIME = 1.5  # seconds the padding lasts
 PROBE_SETTLE = 1.0  # seconds after the padding for the last report to come back
@@ -56,7 +54,7 @@ class Probe:
 
 @dataclass
 class BandwidthEstimate:
-    estimate: float = 500_000.0
+    estimate: float = 800_000.0
     minimum: float = 30_000.0
     maximum: float = 4_000_000.0
     remb: float | None = None
@@ -97,11 +95,8 @@ class BandwidthEstimate:
         elif self.queue_delay > QUEUE_LIMIT and self._may_cut(now):
             self._cut_to(self.estimate * QUEUE_CUT, now)
 
-    def on_report(self, fraction_lost: int, now: float, delivered: float | None = None) -> None:
-        """A receiver report: ``fraction_lost`` is RFC 3550's 8-bit fixed-point fraction.
-
-        ``delivered`` is what was sent to this subscriber lately, in bit/s.
-        """
+    def on_report(self, fraction_lost: int, now: float) -> None:
+        """A receiver report: ``fraction_lost`` is RFC 3550's 8-bit fixed-point fraction."""
         self._finish_probe(now)
         self.loss = max(0, min(fraction_lost, 255)) / 256
         if self.probe is not None:
@@ -110,8 +105,6 @@ class BandwidthEstimate:
             if self._may_cut(now):
                 self._cut_to(self.estimate * (1 - self.loss / 2), now)
         elif self.loss < GROW_BELOW and self.queue_delay < QUEUE_CALM:
-            if delivered is not None and delivered * DELIVERED_HEADROOM > self.estimate:
-                self.estimate = self._bounded(delivered * DELIVERED_HEADROOM)
             if self.last_growth is None:
                 self.last_growth = now
             elapsed = now - self.last_growth
@@ -168,7 +161,8 @@ class BandwidthEstimate:
     # --- helpers ----------------------------------------------------------------------
 
     def _may_cut(self, now: float) -> bool:
-        return self.last_cut is None or now - self.last_cut >= max(self.rtt, 0.05)
+        # Once per round trip, and no more often than reports can show the effect of the last cut.
+        return self.last_cut is None or now - self.last_cut >= max(self.rtt, MIN_CUT_INTERVAL)
 
     def _cut_to(self, value: float, now: float) -> None:
         self.estimate = self._bounded(min(value, self.estimate))

@@ -5,6 +5,12 @@ track; each ``Subscription`` is that track on one subscriber's peer
 connection. Packets keep their payload and marker bit; only SSRC, payload type,
 sequence number and timestamp are rewritten per subscriber.
 
+With adaptation on, a published video also has a quality ladder
+(``mediaserver/ladder.py``): lower layers made on the server. Each subscriber
+is on one *level* — a layer, or the original (the highest level) — or paused.
+A move to another level waits for that level's keyframe, so no one ever sees a
+broken picture; until it comes, the old level keeps flowing.
+
 Why packets and not frames: forwarding at the packet level never waits for a
 frame to be complete, so loss on one subscriber's link costs only that
 subscriber a retransmission from our cache, and loss on the publisher's link is
@@ -16,12 +22,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket
 from .keyframes import KeyframeThrottle
+from .ladder import PAUSED, Ladder, LayerChooser
 from .packet_cache import PacketCache
+from .rates import RateMeter
 from .rewriter import StreamRewriter
 from .vp8 import is_keyframe_start
 
@@ -35,6 +44,38 @@ UPSTREAM_NACK_INTERVAL = 0.1
 # How often the publisher is told its rate cap (REMB), in seconds.
 REMB_INTERVAL = 1.0
 MIME_TYPES = {"audio": "audio/opus", "video": "video/VP8"}
+# How often each subscriber's level is decided, in seconds.
+DECISION_INTERVAL = 0.25
+# How long a move to another level waits for its keyframe before asking again.
+KEYFRAME_WAIT = 1.0
+# At most this many times the level's own rate while probing.
+MAX_PROBE_FACTOR = 4.0
+# Budget assumed for a subscriber not heard from yet.
+UNKNOWN_BUDGET = 800_000.0
+
+
+class SubscriberLink(Protocol):
+    """What a subscription needs to know about its subscriber's link."""
+
+    def video_budget(self) -> float | None: ...
+
+    def probe(self, now: float, wanted: float) -> float | None: ...
+
+    def padding(self, now: float) -> bool: ...
+
+
+class UnknownLink:
+    def video_budget(self) -> float | None:
+        return None
+
+    def probe(self, now: float, wanted: float) -> float | None:
+        return None
+
+    def padding(self, now: float) -> bool:
+        return False
+
+
+VideoStateHandler = Callable[["Subscription", bool], Awaitable[None]]
 
 
 @dataclass
@@ -48,6 +89,7 @@ class ForwardingStats:
     nacks: int = 0
     keyframe_requests: int = 0
     send_errors: int = 0
+    padding: int = 0  # duplicates sent to probe the link
 
 
 class Publication:
@@ -60,6 +102,7 @@ class Publication:
         tap: InboundTap,
         clock: Clock = time.monotonic,
         keyframe_interval: float = 0.5,
+        adaptation: bool = False,
     ) -> None:
         self.participant_id = participant_id
         self.kind = kind
@@ -72,10 +115,31 @@ class Publication:
         self.source_ssrc: int | None = None
         self.asked_upstream: dict[int, float] = {}  # source seq -> when we last NACKed it
         self.last_remb: float | None = None
+        self.last_decision: float | None = None
         self.rate_cap: int | None = None  # what the publisher was last told, bit/s
+        self.meter = RateMeter()
+        self.ladder = Ladder(self) if adaptation and kind == "video" else None
+        # Told when video to a subscriber pauses (True) or resumes (False).
+        self.on_video_state: VideoStateHandler | None = None
+        # Called whenever a subscriber changes level or a layer starts or stops.
+        self.on_change: Callable[[], None] = lambda: None
         self.muted = False
         self.closed = False
         self.stats = ForwardingStats()
+
+    @property
+    def source_level(self) -> int:
+        """The level of the original: above every layer of the ladder."""
+        return self.ladder.source_level if self.ladder is not None else 0
+
+    def level_name(self, level: int | None) -> str:
+        if level is None:
+            return "starting"
+        if level == PAUSED:
+            return "paused"
+        if self.ladder is not None and self.ladder.is_layer(level):
+            return self.ladder.specs[level].name
+        return "original"
 
     async def on_packet(self, packet: RtpPacket) -> None:
         if self.closed:
@@ -84,25 +148,63 @@ class Publication:
         # they fill holes that receivers would otherwise wait on.
         if not self.cache.store(packet.sequence_number, packet):
             return  # a retransmission we already forwarded
+        now = self.clock()
         self.source_ssrc = packet.ssrc
         self.stats.packets += 1
         self.stats.bytes += len(packet.payload)
+        self.meter.add(len(packet.payload), now)
         keyframe = self.kind == "video" and is_keyframe_start(packet.payload)
         if keyframe:
             self.throttle.keyframe_seen()
-        for subscription in tuple(self.subscriptions):
-            await subscription.forward(packet, keyframe)
-        if self.throttle.pending and self.throttle.due(self.clock()):
+        await self.forward_level(self.source_level, packet, keyframe)
+        if self.ladder is not None:
+            await self.ladder.on_source_packet(packet, now)
+        if self.throttle.pending and self.throttle.due(now):
             await self._send_keyframe_request()
         if self.kind == "video":
-            now = self.clock()
+            if self.ladder is not None and (self.last_decision is None
+                                            or now - self.last_decision >= DECISION_INTERVAL):
+                self.last_decision = now
+                await self.decide(now)
             if self.last_remb is None or now - self.last_remb >= REMB_INTERVAL:
                 self.last_remb = now
                 await self._tell_rate_cap()
 
+    async def forward_level(self, level: int, packet: RtpPacket, keyframe: bool) -> None:
+        """A packet of one level (the original or a layer) to every subscriber on or moving to it."""
+        for subscription in tuple(self.subscriptions):
+            await subscription.offer(level, packet, keyframe)
+
+    async def decide(self, now: float) -> None:
+        """Move each subscriber to the level its link can take; run only the layers in use."""
+        if self.ladder is None:
+            return
+        levels = self.ladder.levels()
+        cap_limited = self.rate_cap is not None and self.meter.rate >= 0.7 * self.rate_cap
+        for subscription in tuple(self.subscriptions):
+            await subscription.decide(now, levels, cap_limited)
+        self._update_layers()
+
+    def _update_layers(self) -> None:
+        if self.ladder is not None:
+            self.ladder.update({level for s in self.subscriptions for level in (s.level, s.target)
+                                if level is not None and self.ladder.is_layer(level)})
+
+    def cache_for(self, level: int | None) -> PacketCache[RtpPacket] | None:
+        if level == self.source_level:
+            return self.cache
+        if self.ladder is not None and level in self.ladder.layers:
+            return self.ladder.layers[level].cache
+        return None
+
+    def level_rate(self, level: int | None) -> float:
+        if self.ladder is not None and level in self.ladder.layers:
+            return self.ladder.layers[level].meter.rate
+        return self.meter.rate
+
     async def _tell_rate_cap(self) -> None:
         """Cap the publisher at what its best-connected subscriber can take, and its uplink allows."""
-        budgets = [s.budget() for s in self.subscriptions]
+        budgets = [s.link.video_budget() for s in self.subscriptions]
         wanted = [b for b in budgets if b is not None]
         uplink = self.tap.uplink_estimate
         caps = ([int(max(wanted))] if wanted else []) + ([uplink] if uplink else [])
@@ -114,9 +216,13 @@ class Publication:
         except ConnectionError:
             pass
 
-    async def request_keyframe(self) -> None:
-        """A subscriber needs a keyframe; ask the publisher, throttled."""
+    async def request_keyframe(self, level: int | None = None) -> None:
+        """A subscriber needs a keyframe of a level (the original unless given), throttled."""
         if self.kind != "video" or self.closed:
+            return
+        if level is not None and level != self.source_level:
+            if self.ladder is not None:
+                self.ladder.request_keyframe(level)
             return
         if self.throttle.request(self.clock()):
             await self._send_keyframe_request()
@@ -151,19 +257,22 @@ class Publication:
         except ConnectionError:
             pass
 
-    def attach(self, port: OutboundPort, rewriter: StreamRewriter,
-               budget: Callable[[], float | None] = lambda: None) -> Subscription:
-        subscription = Subscription(self, port, rewriter, budget)
+    def attach(self, port: OutboundPort, rewriter: StreamRewriter, link: SubscriberLink | None = None,
+               subscriber_id: str = "") -> Subscription:
+        subscription = Subscription(self, port, rewriter, link or UnknownLink(), subscriber_id)
         self.subscriptions.add(subscription)
         return subscription
 
     def detach(self, subscription: Subscription) -> None:
         self.subscriptions.discard(subscription)
+        self._update_layers()
 
     def close(self) -> None:
         self.closed = True
         self.subscriptions.clear()
         self.cache.clear()
+        if self.ladder is not None:
+            self.ladder.close()
 
 
 class Subscription:
@@ -172,38 +281,104 @@ class Subscription:
     The rewriter belongs to the outbound stream, not to the subscription: when a
     stream is reused for another publication, its sequence numbers and
     timestamps must carry on from where they were (SRTP refuses to send a
-    sequence number far behind the last one on the same SSRC).
+    sequence number far behind the last one on the same SSRC). The same
+    rewriter carries the stream across levels: each level is a source of its own.
     """
 
     def __init__(self, publication: Publication, port: OutboundPort, rewriter: StreamRewriter,
-                 budget: Callable[[], float | None] = lambda: None) -> None:
+                 link: SubscriberLink, subscriber_id: str = "") -> None:
         self.publication = publication
         self.port = port
         self.rewriter = rewriter
-        self.budget = budget  # the subscriber's video bit/s for this stream, if known
-        # Video starts on a keyframe so the subscriber never sees a broken picture.
-        self.waiting_for_keyframe = publication.kind == "video"
-        self.asked_for_keyframe = False
+        self.link = link
+        self.subscriber_id = subscriber_id
+        # The level being forwarded (None until the first keyframe), and the level
+        # waiting for its keyframe. Video starts on a keyframe so the subscriber
+        # never sees a broken picture; audio starts at once.
+        self.level: int | None = None if publication.kind == "video" else publication.source_level
+        self.target: int | None = publication.source_level if publication.kind == "video" else None
+        self.keyframe_asked: float | None = None
+        self.chooser = LayerChooser()
+        self.meter = RateMeter()
+        self.probe_factor = 0.0
+        self.probe_credit = 0.0
+        self.switches = 0
+        self.announced_pause = False
         self.stats = ForwardingStats()
 
-    async def forward(self, packet: RtpPacket, keyframe: bool) -> None:
+    @property
+    def paused(self) -> bool:
+        return self.level == PAUSED and self.target is None
+
+    async def decide(self, now: float, levels: list[tuple[int, float]], cap_limited: bool) -> None:
+        """Choose this subscriber's level from its budget; probe the link when more could be used.
+
+        While paused, the probe is the lowest layer itself: it flows for the probe's
+        time and stays only if the round trip stayed flat. Until then, no one is
+        told the video is back.
+        """
+        budget = self.link.video_budget()
+        budget = UNKNOWN_BUDGET if budget is None else budget
+        probe = self.link.probe(now, self.chooser.wanted(levels, cap_limited))
+        trying = self.level == PAUSED and probe is not None
+        choice = self.chooser.choose(now, max(budget, probe) if trying and probe else budget, levels,
+                                     probing=trying)
+        if choice == PAUSED:
+            if self.level != PAUSED:
+                await self._pause()
+        elif choice != (self.level if self.target is None else self.target):
+            self.target = choice if choice != self.level else None
+            self.keyframe_asked = None
+        if self.announced_pause and probe is None and self.level is not None and self.level >= 0:
+            await self._announce(False)
+        if probe is None or self.level is None or self.level == PAUSED or not self.link.padding(now):
+            self.probe_factor = 0.0
+        else:
+            current = max(self.publication.level_rate(self.level), 1.0)
+            self.probe_factor = min(probe / current, MAX_PROBE_FACTOR) if probe > current else 0.0
+
+    async def _pause(self) -> None:
+        self.level = PAUSED
+        self.target = None
+        self.switches += 1
+        self.publication.on_change()
+        if not self.announced_pause:
+            await self._announce(True)
+
+    async def _announce(self, paused: bool) -> None:
+        self.announced_pause = paused
+        if self.publication.on_video_state is not None:
+            await self.publication.on_video_state(self, paused)
+
+    async def offer(self, level: int, packet: RtpPacket, keyframe: bool) -> None:
+        """A packet of ``level``: forwarded if this subscriber is on it, or is moving to it and it starts a keyframe."""
         now = self.publication.clock()
-        if self.waiting_for_keyframe:
+        if level == self.target:
             if not self.port.connected or self.port.payload_type is None:
                 return
-            if not keyframe:
-                if not self.asked_for_keyframe:
-                    self.asked_for_keyframe = True
-                    await self.publication.request_keyframe()
-                return
-            self.waiting_for_keyframe = False
-            self.rewriter.switch_source(packet.ssrc, packet.sequence_number, packet.timestamp, now)
-        elif self.rewriter.source_ssrc != packet.ssrc:
+            if keyframe:
+                self.level, self.target = level, None
+                self.switches += 1
+                self.rewriter.switch_source(packet.ssrc, packet.sequence_number, packet.timestamp, now)
+                self.publication.on_change()
+            elif self.keyframe_asked is None or now - self.keyframe_asked >= KEYFRAME_WAIT:
+                self.keyframe_asked = now
+                await self.publication.request_keyframe(level)
+        if level != self.level:
+            return
+        if self.rewriter.source_ssrc != packet.ssrc:
             self.rewriter.switch_source(packet.ssrc, packet.sequence_number, packet.timestamp, now)
         out_seq, out_ts = self.rewriter.rewrite(packet.sequence_number, packet.timestamp, now)
-        await self._send(packet, out_seq, out_ts)
+        if await self._send(packet, out_seq, out_ts) and self.probe_factor > 1.0:
+            # Probing: pad up to the probe rate with duplicates of what was just sent.
+            # Receivers drop duplicates; the link carries them, which is the point.
+            self.probe_credit += len(packet.payload) * (self.probe_factor - 1.0)
+            while self.probe_credit >= len(packet.payload) > 0:
+                self.probe_credit -= len(packet.payload)
+                await self._send(packet, out_seq, out_ts, padding=True)
 
-    async def _send(self, packet: RtpPacket, out_seq: int, out_ts: int) -> None:
+    async def _send(self, packet: RtpPacket, out_seq: int, out_ts: int, padding: bool = False) -> bool:
+        """Send one packet; ``padding`` marks a probe's duplicate, which the rate meter leaves out."""
         try:
             await self.port.send(
                 packet.payload,
@@ -215,17 +390,23 @@ class Subscription:
             )
         except ConnectionError:
             self.stats.send_errors += 1
-            return
+            return False
+        if padding:
+            self.stats.padding += 1
+            return True
         self.stats.packets += 1
         self.stats.bytes += len(packet.payload)
+        self.meter.add(len(packet.payload), self.publication.clock())
+        return True
 
     async def on_feedback(self, feedback: RtcpFeedback) -> None:
         if feedback.kind == "nack":
             self.stats.nacks += 1
             upstream = []
+            cache = self.publication.cache_for(self.level)
             for out_seq in feedback.lost:
                 source_seq = self.rewriter.source_seq(out_seq)
-                cached = self.publication.cache.get(source_seq)
+                cached = cache.get(source_seq) if cache is not None else None
                 if cached is None or cached.ssrc != self.rewriter.source_ssrc:
                     upstream.append(source_seq)
                     continue
@@ -236,5 +417,5 @@ class Subscription:
                 await self.publication.recover(upstream)
         elif feedback.kind == "keyframe":
             self.stats.keyframe_requests += 1
-            await self.publication.request_keyframe()
-
+            if self.level is not None and self.level != PAUSED:
+                await self.publication.request_keyframe(self.level)

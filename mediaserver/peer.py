@@ -80,11 +80,14 @@ class Slot:
         bandwidth = self.peer.bandwidth
         if feedback.kind == "remb" and feedback.bitrate is not None:
             bandwidth.on_remb(feedback.bitrate, now)
-        elif feedback.kind == "report" and self.kind == "video":
+        elif feedback.kind == "report":
+            # The round trip is the link's, whichever stream reports it. Loss is read
+            # from video, or from audio while no video flows (all of it paused).
             rtt = self.port.round_trip_time
             if rtt is not None:
                 bandwidth.on_rtt(rtt, now)
-            bandwidth.on_report(feedback.fraction_lost, now)
+            if self.kind == "video" or not self.peer.video_flowing():
+                bandwidth.on_report(feedback.fraction_lost, now)
         if self.subscription is not None:
             await self.subscription.on_feedback(feedback)
 
@@ -157,7 +160,7 @@ class Peer:
             return
         if kind not in self._taps:
             return
-        publication = Publication(self.info.id, kind, self._taps[kind])
+        publication = Publication(self.info.id, kind, self._taps[kind], adaptation=self.room.adaptation)
         publication.muted = self.muted[kind]
         self.publications[kind] = publication
         asyncio.ensure_future(self.room.publish(publication))
@@ -246,7 +249,7 @@ class Peer:
                     if payload_type is None:
                         continue
                     slot.port.configure(payload_type, slot.transceiver.mid)
-                    slot.subscription = slot.publication.attach(slot.port, slot.rewriter, self.video_budget)
+                    slot.subscription = slot.publication.attach(slot.port, slot.rewriter, self, self.info.id)
             again = self._renegotiate
             self._renegotiate = False
         if again:
@@ -261,12 +264,39 @@ class Peer:
 
         self._answer_timer = loop.call_later(ANSWER_DEADLINE, expired)
 
+    def subscriptions(self) -> list[Subscription]:
+        return [s.subscription for s in self.slots if s.subscription is not None]
+
+    def _audio_rate(self, now: float) -> float:
+        return sum(s.meter.current(now) for s in self._receiving("audio"))
+
+    def video_flowing(self) -> bool:
+        return any(s.level is not None and s.level >= 0 for s in self._receiving("video"))
+
+    def _receiving(self, kind: str) -> list[Subscription]:
+        return [s for s in self.subscriptions() if s.publication.kind == kind]
+
     def video_budget(self) -> float | None:
-        """This subscriber's bandwidth estimate, shared equally by the videos it receives."""
-        videos = sum(1 for s in self.slots if s.kind == "video" and s.subscription is not None)
-        if self.bandwidth.remb is None and self.bandwidth.last_growth is None:
+        """What this subscriber's link can take for each video it receives.
+
+        Audio comes first: what its audio streams carry is taken off the estimate
+        before the rest is shared equally by the videos.
+        """
+        if not self.bandwidth.known:
             return None  # nothing heard from this subscriber's link yet
-        return self.bandwidth.estimate / max(videos, 1)
+        audio = self._audio_rate(time.monotonic())
+        videos = max(len(self._receiving("video")), 1)
+        return max(self.bandwidth.estimate - audio, 0.0) / videos
+
+    def probe(self, now: float, wanted: float) -> float | None:
+        """Pad one video up to this rate now, to learn whether the link could carry ``wanted``."""
+        videos = max(len(self._receiving("video")), 1)
+        audio = self._audio_rate(now)
+        rate = self.bandwidth.probe_rate(now, wanted * videos + audio)
+        return None if rate is None else max(rate - audio, 0.0) / videos
+
+    def padding(self, now: float) -> bool:
+        return self.bandwidth.padding(now)
 
     # --- state -----------------------------------------------------------------
 

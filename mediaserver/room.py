@@ -10,7 +10,7 @@ from typing import Any
 from aiortc import RTCIceServer
 
 from .aiortc_adapter import restrict_host_addresses
-from .forwarder import Publication
+from .forwarder import Publication, Subscription
 from .peer import ParticipantInfo, Peer, Signal
 
 logger = logging.getLogger(__name__)
@@ -19,9 +19,12 @@ FailureHandler = Callable[[Peer, str], Awaitable[None]]
 
 
 class Room:
-    def __init__(self, room_id: str, ice_servers: list[RTCIceServer]) -> None:
+    def __init__(self, room_id: str, ice_servers: list[RTCIceServer], adaptation: bool = True,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.id = room_id
+        self.on_change = on_change  # media state changed (levels, layers): wakes MediaServer.wait_until
         self.ice_servers = ice_servers
+        self.adaptation = adaptation  # the quality ladder and per-subscriber levels
         self.peers: dict[str, Peer] = {}
 
     def publications_for(self, participant_id: str) -> list[Publication]:
@@ -42,6 +45,11 @@ class Room:
                     {"kind": p.kind, "muted": p.muted} for p in peer.publications.values()
                 ],
                 "muted": dict(peer.muted),
+                # Whose video this participant's link cannot take right now.
+                "video_paused_from": [
+                    slot.subscription.publication.participant_id for slot in peer.slots
+                    if slot.subscription is not None and slot.subscription.announced_pause
+                ],
             }
             for peer in self.peers.values()
         ]
@@ -71,6 +79,8 @@ class Room:
         await self._renegotiate_all()
 
     async def publish(self, publication: Publication) -> None:
+        publication.on_video_state = self._video_state
+        publication.on_change = self.on_change
         await self.broadcast(
             {
                 "type": "track-published",
@@ -81,6 +91,17 @@ class Room:
             exclude=publication.participant_id,
         )
         await self._renegotiate_all(exclude=publication.participant_id)
+
+    async def _video_state(self, subscription: Subscription, paused: bool) -> None:
+        """Tell everyone when a subscriber's link can no longer take a video, and when it can again."""
+        logger.info("video %s to %s %s", subscription.publication.id, subscription.subscriber_id,
+                    "paused: weak connection" if paused else "resumed")
+        await self.broadcast({
+            "type": "video-paused" if paused else "video-resumed",
+            "participant_id": subscription.publication.participant_id,
+            "subscriber_id": subscription.subscriber_id,
+            "reason": "weak_connection",
+        })
 
     async def set_muted(self, peer: Peer, kind: str, muted: bool) -> None:
         peer.set_muted(kind, muted)
@@ -122,9 +143,11 @@ class MediaServer:
         self,
         ice_servers: Iterable[RTCIceServer] = (),
         host_addresses: Iterable[str] | None = None,
+        adaptation: bool = True,
     ) -> None:
         restrict_host_addresses(host_addresses)
         self.ice_servers = list(ice_servers)
+        self.adaptation = adaptation
         self.rooms: dict[str, Room] = {}
         self._changed = asyncio.Condition()
 
@@ -132,15 +155,19 @@ class MediaServer:
         async with self._changed:
             self._changed.notify_all()
 
+    def _changed_soon(self) -> None:
+        asyncio.ensure_future(self._notify())
+
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until ``predicate()`` holds; checked whenever someone joins or leaves."""
+        """Wait until ``predicate()`` holds; checked whenever someone joins or leaves, a subscriber
+        changes level or a layer starts or stops."""
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
 
     def room(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
         if room is None:
-            room = self.rooms[room_id] = Room(room_id, self.ice_servers)
+            room = self.rooms[room_id] = Room(room_id, self.ice_servers, self.adaptation, self._changed_soon)
         return room
 
     async def join(
@@ -171,10 +198,15 @@ class MediaServer:
         for room_id, room in self.rooms.items():
             rooms[room_id] = {
                 peer.info.id: {
-                    "published": {k: {**vars(p.stats), "rate_cap": p.rate_cap} for k, p in peer.publications.items()},
+                    "published": {k: {**vars(p.stats), "rate_cap": p.rate_cap, "bitrate": int(p.meter.rate),
+                                      "layers": sorted(p.ladder.specs[lv].name for lv in p.ladder.layers)
+                                      if p.ladder is not None else []}
+                                  for k, p in peer.publications.items()},
                     "bandwidth_estimate": int(peer.bandwidth.estimate),
                     "received": [
-                        {"from": slot.publication.id, **vars(slot.subscription.stats)}
+                        {"from": slot.publication.id, **vars(slot.subscription.stats),
+                         "level": slot.publication.level_name(slot.subscription.level),
+                         "bitrate": int(slot.subscription.meter.rate), "switches": slot.subscription.switches}
                         for slot in peer.slots
                         if slot.publication is not None and slot.subscription is not None
                     ],

@@ -25,6 +25,8 @@ def _server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         config.media_addresses = None if args.media_address == ["all"] else args.media_address
     if getattr(args, "no_demo", False):
         config.demo = False
+    if getattr(args, "adaptation", None) is not None:
+        config.adaptation = args.adaptation == "on"
     return config
 
 
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="address the SFU announces for media (repeatable; 'all' for every "
                             "interface; default 127.0.0.1)")
     serve.add_argument("--no-demo", action="store_true", help="do not create the demo consultation")
+    serve.add_argument("--adaptation", choices=("on", "off"),
+                       help="quality ladder and per-subscriber video levels (default on; off: forward only)")
     serve.set_defaults(func=cmd_serve)
 
     token = sub.add_parser("token", help="mint a join token",

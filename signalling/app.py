@@ -36,7 +36,7 @@ def build_app(config: ServerConfig) -> web.Application:
     prepare_data_dir(config)
     store = ConsultationStore(config.data_dir / DATABASE_FILE)
     authority = TokenAuthority(token_keys(config), config.issuer, config.audience)
-    media = MediaServer(ice_servers(config), config.media_addresses)
+    media = MediaServer(ice_servers(config), config.media_addresses, adaptation=config.adaptation)
     hub = SignallingHub(config, authority, store, media)
     app = web.Application(middlewares=[rest.json_errors, rest.require_admin], client_max_size=1024**2)
     app[HUB] = hub

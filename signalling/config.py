@@ -39,6 +39,8 @@ class ServerConfig:
     media_addresses: list[str] | None = field(default_factory=lambda: ["127.0.0.1"])
     ice_servers: list[dict[str, Any]] = field(default_factory=list)
     ice_transport_policy: str = "all"  # "relay": clients use only the TURN servers above
+    # Quality ladder and per-subscriber levels; off leaves a forwarding-only SFU.
+    adaptation: bool = True
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 15.0
     demo: bool = True

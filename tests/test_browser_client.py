@@ -251,3 +251,23 @@ async def test_browser_reaches_the_others_only_through_the_relay(tmp_path: Path,
     finally:
         await runner.cleanup()
         relay.close()
+
+
+async def test_the_page_says_when_a_weak_link_pauses_someones_video(server: RunningServer, browser: Any) -> None:
+    from .test_ladder import join, link_profile
+
+    relay = ImpairingTurnServer(seed=5, profiles=link_profile)
+    await relay.start()
+    room = server.consultation()
+    kit = await join(server, room, "kit", publish=True)
+    doctor = await join_call(browser, server, room, "Doktor", "clinician", "doctor")
+    relative = await join(server, room, "thin", relay, "weak")  # 55 kbit/s: too thin for video
+    try:
+        badge = '[data-participant="thin"] [data-testid="paused-badge"]'
+        await doctor.wait_for_selector(f"{badge}:not([hidden])", timeout=20000)
+        assert await doctor.text_content(badge) == "Tar inte emot video: svag anslutning"
+        await doctor.screenshot(path=str(ARTIFACTS / "video-paused-weak-link.png"))
+    finally:
+        await relative.close()
+        await kit.close()
+        relay.close()

@@ -28,13 +28,13 @@ def test_holds_between_two_and_ten_percent() -> None:
 
 @pytest.mark.parametrize("loss", [0.15, 0.3, 0.5])
 def test_heavy_loss_cuts_by_half_the_loss_once_per_round_trip(loss: float) -> None:
-    bwe = BandwidthEstimate(estimate=1_000_000, rtt=0.2)
+    bwe = BandwidthEstimate(estimate=1_000_000, rtt=0.7)
     bwe.on_report(lost(loss), now=10.0)
     after_one = bwe.estimate
     assert after_one == pytest.approx(1_000_000 * (1 - lost(loss) / 256 / 2))
-    bwe.on_report(lost(loss), now=10.1)  # within the same round trip: no second cut
+    bwe.on_report(lost(loss), now=10.6)  # within the same round trip: no second cut
     assert bwe.estimate == after_one
-    bwe.on_report(lost(loss), now=10.3)
+    bwe.on_report(lost(loss), now=10.8)
     assert bwe.estimate < after_one
 
 
@@ -56,11 +56,11 @@ def test_a_filling_queue_cuts_and_stops_growth() -> None:
     bwe = BandwidthEstimate(estimate=1_000_000)
     bwe.on_rtt(0.1, now=0.0)
     bwe.on_report(0, now=0.0)
-    bwe.on_rtt(0.25, now=1.0)  # 150 ms of queue: hold
+    bwe.on_rtt(0.19, now=1.0)  # 90 ms of queue: hold
     bwe.on_report(0, now=1.0)
     bwe.on_report(0, now=2.0)
     assert bwe.estimate == 1_000_000
-    bwe.on_rtt(0.5, now=3.0)  # 400 ms of queue: congestion
+    bwe.on_rtt(0.3, now=3.0)  # 200 ms of queue: congestion
     assert bwe.estimate == pytest.approx(850_000)
 
 
@@ -117,11 +117,3 @@ def test_no_growth_right_after_a_cut() -> None:
     assert bwe.estimate == cut
     bwe.on_report(0, now=6.0)
     assert bwe.estimate == pytest.approx(cut * 1.05)
-
-
-def test_what_a_clean_link_delivers_is_a_floor() -> None:
-    bwe = BandwidthEstimate(estimate=500_000)
-    bwe.on_report(0, now=0.0, delivered=900_000)
-    assert bwe.estimate == pytest.approx(900_000 * 1.15)
-    bwe.on_report(lost(0.05), now=1.0, delivered=2_000_000)  # not clean: no floor
-    assert bwe.estimate == pytest.approx(900_000 * 1.15)

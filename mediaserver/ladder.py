@@ -1,0 +1,346 @@
+"""A quality ladder per published video, made on the server.
+
+Browsers and the kit send one stream; they cannot send simulcast. So the
+original is forwarded untouched to whoever can take it, and lower layers are
+made here: the original is decoded once, and each layer in use is encoded
+once and shared by every subscriber on it. A layer starts when the first
+subscriber needs it and stops when the last one leaves; the decoder runs only
+while some layer does.
+
+Decoding and encoding run on one worker thread per published video: the
+codecs release the GIL, so forwarding on the event loop never waits for them.
+
+Which layer a subscriber gets is decided by ``LayerChooser``, a pure function
+of time and the subscriber's budget: down at once, up only after the budget
+has held for a while, and paused below the lowest layer (with hysteresis, so
+a link on the edge does not flicker between paused and playing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import av
+
+from .aiortc_adapter import RtpPacket
+from .keyframes import KeyframeThrottle
+from .packet_cache import PacketCache
+from .rates import RateMeter
+
+if TYPE_CHECKING:
+    from .forwarder import Publication
+    from .receive import VideoFrameAssembler
+    from .video_encoders import Vp8Encoder
+    from .video_payloads import EncodedFrame
+
+logger = logging.getLogger(__name__)
+
+PAUSED = -1
+UP_HOLD = 2.0  # seconds the budget must allow a higher level before moving up
+DOWN_QUIET = 3.0  # seconds after moving down before moving up again
+PAUSE_BELOW = 0.8  # pause when the budget falls under this share of the lowest layer
+STAY_TOLERANCE = 1.15  # a level already flowing stays until the budget falls this far below it
+SOURCE_HEADROOM = 1.1  # the original needs this much more than it measures
+LAYER_BELOW_SOURCE = 0.8  # a layer is only worth making if it is well below the original
+MAX_BACKLOG = 3  # frames waiting for the worker before we skip to the next keyframe
+LAYER_KEYFRAME_INTERVAL = 1.0  # seconds between keyframes a layer makes on request
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    width: int
+    height: int
+    framerate: float
+    bitrate: int
+
+
+DEFAULT_LAYERS = (
+    LayerSpec("160x90", 160, 90, 8.0, 50_000),
+    LayerSpec("320x180", 320, 180, 12.0, 150_000),
+    LayerSpec("640x360", 640, 360, 15.0, 400_000),
+)
+
+
+def available_levels(layers: Sequence[LayerSpec], source_rate: float) -> list[tuple[int, float]]:
+    """(level, bit/s) a subscriber may be given, cheapest first; the original is level ``len(layers)``."""
+    source_level = len(layers)
+    source_cost = max(source_rate, 1.0) * SOURCE_HEADROOM
+    levels = [(i, float(spec.bitrate)) for i, spec in enumerate(layers)
+              if source_rate <= 0 or spec.bitrate < source_rate * LAYER_BELOW_SOURCE]
+    return [*levels, (source_level, source_cost)]
+
+
+@dataclass
+class LayerChooser:
+    """The level one subscriber should get, from its budget over time."""
+
+    current: int | None = None
+    last_down: float | None = None
+    fits_since: float | None = None  # since when the budget has allowed a higher level
+
+    def choose(self, now: float, budget: float, levels: Sequence[tuple[int, float]], probing: bool = False) -> int:
+        """The level for this budget now. ``probing``: a paused subscriber may try the lowest layer at once."""
+        rates = dict(levels)
+        current = self.current
+        # Moving up needs the whole rate; the level in use (and those below) may stay a
+        # little over budget, so a rate that wobbles around the budget does not flap.
+        tolerant = current if current is not None else PAUSED
+        fitting = [level for level, rate in levels
+                   if rate <= budget * (STAY_TOLERANCE if level <= tolerant else 1.0)]
+        best = fitting[-1] if fitting else PAUSED
+        lowest = levels[0][1]
+        if current is None:
+            self.current = best
+            return best
+        if current != PAUSED and current not in rates:
+            current = min((lv for lv, _ in levels if lv > current), default=levels[-1][0])
+            self.current = current
+        if best == PAUSED and current != PAUSED and budget >= lowest * PAUSE_BELOW:
+            best = levels[0][0]  # on the edge: keep the lowest layer rather than flicker
+        if best < current:
+            self.current = best
+            self.last_down = now
+            self.fits_since = None
+            return best
+        if best == current:
+            self.fits_since = None
+            return current
+        if self.fits_since is None:
+            self.fits_since = now
+        if probing and current == PAUSED:
+            self.current = levels[0][0]
+            self.fits_since = None
+            return self.current
+        settled = self.last_down is None or now - self.last_down >= DOWN_QUIET
+        if now - self.fits_since >= UP_HOLD and settled:
+            self.current = best
+            self.fits_since = None
+            return best
+        return current
+
+    def wanted(self, levels: Sequence[tuple[int, float]], cap_limited: bool) -> float:
+        """What this subscriber could use next: the level above, or more of the original."""
+        order = [level for level, _ in levels]
+        rates = dict(levels)
+        if self.current is None or self.current == PAUSED:
+            return levels[0][1]
+        if self.current in order and order.index(self.current) + 1 < len(order):
+            return rates[order[order.index(self.current) + 1]]
+        top = rates.get(self.current, levels[-1][1])
+        return top * (2.0 if cap_limited else 1.2)
+
+
+# --- the running ladder --------------------------------------------------------------
+
+
+@dataclass
+class Layer:
+    """One lower layer of a published video: its encoder and its own RTP stream."""
+
+    level: int
+    spec: LayerSpec
+    ssrc: int = field(default_factory=lambda: random.getrandbits(32))
+    sequence: int = field(default_factory=lambda: random.getrandbits(16))
+    picture_id: int = field(default_factory=lambda: random.getrandbits(15))
+    cache: PacketCache[RtpPacket] = field(default_factory=lambda: PacketCache(512))
+    meter: RateMeter = field(default_factory=RateMeter)
+    encoder: Vp8Encoder | None = None  # made and used on the worker thread only
+    # A keyframe of a small layer is most of a second's budget: at most one a second.
+    throttle: KeyframeThrottle = field(default_factory=lambda: KeyframeThrottle(interval=LAYER_KEYFRAME_INTERVAL))
+    keyframe_wanted: bool = True
+    stopped: bool = False
+    frames: int = 0
+
+    def encode(self, picture: av.VideoFrame, timestamp: int) -> EncodedFrame | None:
+        """On the worker thread: one picture of the original into this layer (None: not due, or dropped).
+
+        The encoder scales the picture and keeps the layer's frame rate itself.
+        """
+        if self.encoder is None:
+            from .video_encoders import Vp8Encoder
+
+            self.encoder = Vp8Encoder(self.spec.width, self.spec.height, self.spec.framerate, self.spec.bitrate)
+        if self.keyframe_wanted:
+            self.keyframe_wanted = False
+            self.encoder.request_keyframe()
+        return self.encoder.encode(picture, timestamp)
+
+    def packets(self, frame: EncodedFrame) -> list[RtpPacket]:
+        """On the event loop: the encoded frame as this layer's RTP packets."""
+        from .video_payloads import vp8_payloads
+
+        payloads = vp8_payloads(frame, self.picture_id)
+        self.picture_id = (self.picture_id + 1) % (1 << 15)
+        out = []
+        for index, payload in enumerate(payloads):
+            packet = RtpPacket(payload_type=96, marker=int(index == len(payloads) - 1),
+                               sequence_number=self.sequence, timestamp=frame.timestamp, ssrc=self.ssrc,
+                               payload=payload)
+            self.sequence = (self.sequence + 1) % (1 << 16)
+            out.append(packet)
+        self.frames += 1
+        return out
+
+    def close(self) -> None:
+        if self.encoder is not None:
+            self.encoder.close()
+            self.encoder = None
+
+
+class Ladder:
+    """The lower layers of one published video, started and stopped as subscribers need them."""
+
+    def __init__(self, publication: Publication, specs: Sequence[LayerSpec] = DEFAULT_LAYERS) -> None:
+        self.publication = publication
+        self.specs = tuple(specs)
+        self.layers: dict[int, Layer] = {}
+        self._assembler: VideoFrameAssembler | None = None
+        self._decoder: Any = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._backlog = 0
+        self._skipping = False
+        self.decoded_frames = 0
+        self.dropped_frames = 0
+
+    @property
+    def source_level(self) -> int:
+        return len(self.specs)
+
+    def levels(self) -> list[tuple[int, float]]:
+        return available_levels(self.specs, self.publication.meter.rate)
+
+    def is_layer(self, level: int | None) -> bool:
+        return level is not None and 0 <= level < len(self.specs)
+
+    # --- layers in use --------------------------------------------------------------
+
+    def update(self, in_use: set[int]) -> None:
+        """Start the layers some subscriber is on or moving to; stop the others."""
+        for level in in_use - set(self.layers):
+            if self.is_layer(level):
+                self._start(level)
+        for level in set(self.layers) - in_use:
+            self._stop(level)
+
+    def _start(self, level: int) -> None:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"ladder-{self.publication.id}")
+            from .receive import VideoFrameAssembler
+
+            self._assembler = VideoFrameAssembler(on_keyframe_needed=self._keyframe_needed)
+            self._decoder = None
+            self._skipping = True  # decoding starts on a keyframe of the original
+            self._keyframe_needed()
+        self.layers[level] = Layer(level, self.specs[level])
+        self.publication.on_change()
+        logger.info("%s: layer %s started", self.publication.id, self.specs[level].name)
+
+    def _stop(self, level: int) -> None:
+        layer = self.layers.pop(level)
+        layer.stopped = True
+        self.publication.on_change()
+        logger.info("%s: layer %s stopped", self.publication.id, layer.spec.name)
+        executor = self._executor
+        if executor is not None:
+            executor.submit(layer.close)
+            if not self.layers:
+                executor.shutdown(wait=False)
+                self._executor = None
+                self._assembler = None
+
+    def request_keyframe(self, level: int) -> None:
+        layer = self.layers.get(level)
+        if layer is not None and layer.throttle.request(self.publication.clock()):
+            layer.keyframe_wanted = True
+
+    def _keyframe_needed(self) -> None:
+        asyncio.ensure_future(self.publication.request_keyframe())
+
+    # --- the original in, layers out -------------------------------------------------
+
+    async def on_source_packet(self, packet: RtpPacket, now: float) -> None:
+        assembler, executor = self._assembler, self._executor
+        if assembler is None or executor is None:
+            return
+        for layer in self.layers.values():
+            if layer.throttle.due(now):
+                layer.keyframe_wanted = True
+        for frame in assembler.push(packet.sequence_number, packet.timestamp, bool(packet.marker),
+                                    packet.payload, now, packet.ssrc):
+            if self._skipping and not frame.keyframe:
+                continue
+            if self._backlog >= MAX_BACKLOG and not frame.keyframe:
+                # The worker cannot keep up: drop until the next keyframe rather than
+                # decode a picture whose reference was skipped.
+                self._skipping = True
+                self.dropped_frames += 1
+                self._keyframe_needed()
+                continue
+            self._skipping = False
+            self._backlog += 1
+            layers = list(self.layers.values())
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(executor, self._work, frame.data, frame.timestamp, layers)
+            future.add_done_callback(lambda f: asyncio.ensure_future(self._deliver(f)))
+
+    def _work(self, data: bytes, timestamp: int, layers: list[Layer]) -> list[tuple[Layer, EncodedFrame]] | None:
+        """On the worker thread: decode one frame of the original, encode it into each layer due.
+
+        None: the frame could not be decoded (the next keyframe is needed).
+        """
+        if self._decoder is None:
+            self._decoder = av.CodecContext.create("vp8", "r")
+        out: list[tuple[Layer, EncodedFrame]] = []
+        try:
+            pictures = self._decoder.decode(av.Packet(data))
+        except av.error.FFmpegError as exc:
+            logger.info("%s: could not decode a frame of the original: %s", self.publication.id, exc)
+            self._decoder = None
+            return None
+        for picture in pictures:
+            self.decoded_frames += 1
+            for layer in layers:
+                if layer.stopped:
+                    continue
+                encoded = layer.encode(picture, timestamp)
+                if encoded is not None:
+                    out.append((layer, encoded))
+        return out
+
+    async def _deliver(self, future: asyncio.Future[list[tuple[Layer, EncodedFrame]] | None]) -> None:
+        self._backlog -= 1
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            logger.warning("%s: layer encoding failed: %r", self.publication.id, exc)
+            return
+        now = self.publication.clock()
+        encoded_frames = future.result()
+        if encoded_frames is None:
+            if self._assembler is not None:
+                self._assembler.decode_failed(now)
+            return
+        for layer, encoded in encoded_frames:
+            if layer.stopped:
+                continue
+            if encoded.keyframe:
+                layer.throttle.keyframe_seen()
+            for index, packet in enumerate(layer.packets(encoded)):
+                layer.cache.store(packet.sequence_number, packet)
+                layer.meter.add(len(packet.payload), now)
+                keyframe = encoded.keyframe and index == 0
+                await self.publication.forward_level(layer.level, packet, keyframe)
+
+    def close(self) -> None:
+        for level in list(self.layers):
+            self._stop(level)
+
