@@ -51,6 +51,7 @@ from .synthetic import StampedVideoTrack, ToneAudioTrack
 from .turn import ImpairingTurnServer
 
 LINK_SAMPLE = 0.25  # seconds between readings of the relay's counters
+FIT_LASTING = 2.0  # seconds the sent rate must stay within a new capacity to count as fitting it
 NARA_START_BITRATE = 800_000  # Nära's VP8 encoder starts here, then follows the SFU's REMB
 PUBLISHER = "pub"
 
@@ -262,14 +263,26 @@ def window_rate(run: RunResult, who: str, start: float, end: float, key: str) ->
 
 
 def seconds_until(run: RunResult, who: str, since: float, until: float, key: str,
-                  holds: Callable[[float, float | None], bool]) -> float | None:
-    """Seconds from ``since`` until the rate over the second before first ``holds(rate, capacity)``."""
-    for at, rates in run.links:
-        if since < at <= until and who in rates:
-            rate = window_rate(run, who, at - 1.0, at, key)
-            if rate is not None and holds(rate, rates[who].capacity_kbps):
-                return at - since
+                  holds: Callable[[float, float | None], bool], lasting: float = 0.0) -> float | None:
+    """Seconds from ``since`` until ``holds(rate, capacity)`` is true of the rate over the second
+    before, and stays true for ``lasting`` seconds (within ``until``)."""
+    readings = [(at, rates[who].capacity_kbps) for at, rates in run.links if since < at <= until and who in rates]
+    passing = []
+    for at, capacity in readings:
+        rate = window_rate(run, who, at - 1.0, at, key)
+        passing.append(rate is not None and holds(rate, capacity))
+    for i, (at, _) in enumerate(readings):
+        if all(ok for (later, _), ok in zip(readings[i:], passing[i:], strict=True) if later <= at + lasting):
+            return at - since
     return None
+
+
+def share_of_time(run: RunResult, who: str, since: float, until: float, key: str,
+                  holds: Callable[[float, float | None], bool]) -> float | None:
+    """Per cent of readings in (since, until] where ``holds`` is true of the rate over the second before."""
+    verdicts = [holds(rate, rates[who].capacity_kbps) for at, rates in run.links if since < at <= until
+                and who in rates and (rate := window_rate(run, who, at - 1.0, at, key)) is not None]
+    return 100 * sum(verdicts) / len(verdicts) if verdicts else None
 
 
 def video_fps(record: StreamRecord, start: float, end: float) -> float:
@@ -384,13 +397,17 @@ def _step(runs: dict[str, RunResult], settings: Settings) -> Metrics:
     steps = settings.profile("adapt-step").downlink.rate_steps
     down, up = steps[0][0], steps[1][0]
     record = run.stream("sub")
-    fit = seconds_until(run, "sub", down, up, "sent_kbps", lambda rate, cap: cap is not None and rate <= cap)
+    def fits(rate: float, capacity: float | None) -> bool:
+        return capacity is not None and rate <= capacity
+
+    fit = seconds_until(run, "sub", down, up, "sent_kbps", fits, lasting=FIT_LASTING)
     used = seconds_until(run, "sub", up, run.duration, "received_kbps",
                          lambda rate, cap: cap is not None and rate >= 0.8 * cap)
     return {
         "freeze_s_around_step": frozen_time([r.at for r in record.receipts], down - 1, down + 5),
         "fit_after_step_s": fit,
         "use_80pct_after_up_s": used,
+        "sent_within_capacity_pct_low": share_of_time(run, "sub", down + 2, up, "sent_kbps", fits),
         "step_down_at_s": down,
         "step_up_at_s": up,
         "sent_kbps_before": window_rate(run, "sub", settings.settle, down, "sent_kbps"),
@@ -495,8 +512,8 @@ def _was_paused(metrics: Metrics) -> bool:
 SCENARIOS = {s.name: s for s in (
     Scenario("step", "The subscriber's link drops from 2 Mbit/s to 300 kbit/s at 10 s and comes back at 25 s "
                      "(of 40 s). Freeze from 1 s before to 5 s after the drop; seconds until what is sent toward "
-                     "the subscriber (1 s average) fits the new capacity; after the rise, seconds until the "
-                     "subscriber receives ≥ 80 % of 2 Mbit/s (1 s average).",
+                     "the subscriber (1 s average) fits the new capacity and keeps fitting for 2 s; after the "
+                     "rise, seconds until the subscriber receives ≥ 80 % of 2 Mbit/s (1 s average).",
              (Setup("step", _with_publisher(Member("sub", "adapt-step")), 40),), _step,
              (Goal("freeze_s_around_step", "<=", 1, " s"), Goal("fit_after_step_s", "<=", 2, " s"),
               Goal("use_80pct_after_up_s", "<=", 10, " s"))),
@@ -537,6 +554,7 @@ def per_second_rows(scenario: str, run: RunResult) -> list[dict[str, Any]]:
     rows = []
     for receiver in run.subscribers():
         record = run.stream(receiver)
+        arrivals = [r.at for r in record.receipts]
         paused = pause_events(run, receiver)
         for second, values in enumerate(record.per_second(seconds)):
             level = next((lv[receiver] for at, lv in run.levels if second < at <= second + 1 and receiver in lv),
@@ -544,7 +562,8 @@ def per_second_rows(scenario: str, run: RunResult) -> list[dict[str, Any]]:
             state = [kind for at, kind in paused if at < second + 1]
             rows.append({
                 "scenario": scenario, "run": run.setup.name, "mode": run.mode, "second": second,
-                "receiver": receiver, "fps": values["fps"], "freeze_ms": values["freeze_ms"],
+                "receiver": receiver, "fps": values["fps"],
+                "freeze_ms": 1000 * frozen_time(arrivals, second, second + 1),
                 "latency_p50_ms": values["latency_p50_ms"], "psnr_db": values["psnr_db"],
                 "audio_gap": audio_gap(record.audio_receipts, second, second + 1),
                 "sent_kbps": window_rate(run, receiver, second, second + 1, "sent_kbps"),

@@ -69,21 +69,24 @@ def freezes(arrivals: list[float]) -> list[tuple[float, float]]:
     return found
 
 
-def frozen_time(arrivals: list[float], start: float, end: float) -> float:
+def frozen_time(arrivals: list[float], start: float, end: float, unjudged: float = 0.5) -> float:
     """Seconds of [start, end) during which the picture stood still.
 
-    W3C freezes, plus a picture that stopped coming: after the last frame, once
-    the wait is long enough to be a freeze, the rest of the window is frozen;
-    with no frame at all, all of it is.
+    W3C freezes, and what they cannot judge: a wait longer than ``unjudged``
+    seconds before five intervals have set a mean, a picture that stopped
+    coming (after the last frame, once the wait is long enough to be a
+    freeze, the rest of the window is frozen), and the time before the first.
     """
     if not arrivals:
         return max(0.0, end - start)
     stalls = freezes(arrivals)
+    early = arrivals[:6]
+    stalls += [(a, b - a) for a, b in zip(early, early[1:], strict=False) if b - a >= unjudged]
     tail = arrivals[-31:]
     recent = [b - a for a, b in zip(tail, tail[1:], strict=False)]
-    mean = sum(recent) / len(recent) if recent else 0.0
+    mean = sum(recent) / len(recent) if len(recent) >= 5 else None
     last = arrivals[-1]
-    if end - last >= max(3 * mean, mean + 0.150):
+    if end - last >= (unjudged if mean is None else max(3 * mean, mean + 0.150)):
         stalls.append((last, end - last))
     if arrivals[0] > start:
         stalls.append((start, arrivals[0] - start))  # nothing shown yet

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from pytest import approx
 
-from bench.adapt import SCENARIOS, Goal
+from bench.adapt import SCENARIOS, Goal, RunResult, Setup, seconds_until
 from bench.metrics import AudioReceipt, audio_gap, frozen_time
+from bench.participants import LinkRates
 from tests.test_bench_run import nara
 
 
@@ -87,6 +88,8 @@ def test_frozen_time_counts_a_picture_that_stopped_coming() -> None:
     stopped = [t for t in smooth if t < 5]
     assert 3.9 < frozen_time(stopped, 1, 9) < 4.1
     assert frozen_time([], 1, 9) == 8
+    sparse = [0.5, 1.0, 3.0, 7.0, 8.95]  # too few frames for a W3C mean: every long wait counts
+    assert frozen_time(sparse, 1, 9) == approx(2.0 + 4.0 + 1.95)
 
 
 def test_goals_pass_fail_or_do_not_apply() -> None:
@@ -97,3 +100,21 @@ def test_goals_pass_fail_or_do_not_apply() -> None:
     assert Goal("x", "<=", 2).judge({"x": None})["pass"] is False  # never reached
     paused_only = Goal("x", "<=", 2, applies=lambda m: bool(m["paused"]))
     assert paused_only.judge({"x": None, "paused": False})["pass"] is None
+
+
+def sent_toward(*kbps: float) -> RunResult:
+    """Readings every 0.25 s of what was sent toward a 300 kbit/s subscriber."""
+    run = RunResult(Setup("step", (), 10), "nara", 10, {}, 0.0)
+    run.links = [((i + 1) * 0.25, {"sub": LinkRates(rate, rate, 300.0)}) for i, rate in enumerate(kbps)]
+    return run
+
+
+def test_a_rate_fits_a_capacity_only_once_it_keeps_fitting() -> None:
+    def fits(rate: float, capacity: float | None) -> bool:
+        return capacity is not None and rate <= capacity
+
+    settles = sent_toward(*[2000] * 4, *[250] * 24)  # fits from 1 s on: the 1 s average from 2 s on
+    assert seconds_until(settles, "sub", 0, 10, "sent_kbps", fits, lasting=2) == 2.0
+    dips = sent_toward(*[2000] * 4, *[250] * 4, *[4000] * 20)  # a moment's dip, then a flood
+    assert seconds_until(dips, "sub", 0, 10, "sent_kbps", fits) == 2.0
+    assert seconds_until(dips, "sub", 0, 10, "sent_kbps", fits, lasting=2) is None
