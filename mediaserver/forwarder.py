@@ -185,6 +185,11 @@ class Publication:
             await subscription.decide(now, levels, cap_limited)
         self._update_layers()
 
+    def levels_changed(self) -> None:
+        """A subscriber moved: stop a layer no one needs any more at once, and tell whoever waits."""
+        self._update_layers()
+        self.on_change()
+
     def _update_layers(self) -> None:
         if self.ladder is not None:
             self.ladder.update({level for s in self.subscriptions for level in (s.level, s.target)
@@ -341,7 +346,7 @@ class Subscription:
         self.level = PAUSED
         self.target = None
         self.switches += 1
-        self.publication.on_change()
+        self.publication.levels_changed()
         if not self.announced_pause:
             await self._announce(True)
 
@@ -360,7 +365,7 @@ class Subscription:
                 self.level, self.target = level, None
                 self.switches += 1
                 self.rewriter.switch_source(packet.ssrc, packet.sequence_number, packet.timestamp, now)
-                self.publication.on_change()
+                self.publication.levels_changed()
             elif self.keyframe_asked is None or now - self.keyframe_asked >= KEYFRAME_WAIT:
                 self.keyframe_asked = now
                 await self.publication.request_keyframe(level)

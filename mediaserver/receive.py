@@ -8,7 +8,11 @@ playout clock, whatever the network did. The clock runs a small target delay
 behind the fastest packets seen, grown when packets arrive late and shrunk
 slowly when they stop doing so. For each tick: the packet itself if it is
 here; else the packet after it, if here, rebuilds it from its in-band FEC;
-else the decoder conceals the gap.
+else the decoder conceals the gap. Given a way to ask for packets again, a
+gap in sequence numbers is asked for at once and once more a round trip
+later, while its frames are still to play; when retransmissions are what
+fills the gaps, the target delay makes room for one (up to a quarter of a
+second), and gives it back slowly once the link is clean.
 
 Video (``VideoFrameAssembler``): packets in, whole VP8 frames out, in order.
 A frame with a hole waits a short, round-trip-aware time for the
@@ -86,6 +90,8 @@ class PlayoutCounters:
     duplicates: int = 0
     skipped: int = 0  # frames passed over to bring the delay down or to catch up with the reader
     resets: int = 0  # new streams (new SSRC or a jump) after the first
+    nacked: int = 0  # missing packets asked for again (each counted once, however often asked)
+    recovered_retransmission: int = 0  # of the frames played from their packet, those that came again when asked
 
 
 @dataclass
@@ -93,6 +99,17 @@ class _AudioPacket:
     seq: int
     ts: int
     payload: bytes
+    repaired: bool = False  # came again after we asked for it
+
+
+@dataclass
+class _Request:
+    """A missing packet we asked for again."""
+
+    ts: int  # extended timestamp of its frame (the earliest it can be, if the sender paused in between)
+    first: float  # when we first asked
+    last: float  # when we last asked
+    asks: int = 1
 
 
 class AudioPlayout:
@@ -117,9 +134,17 @@ class AudioPlayout:
         shrink_interval: float = 1.0,
         catch_up_after: float = 0.5,
         can_recover: Callable[[bytes], bool] = lambda packet: True,
+        on_missing: Callable[[list[int]], None] | None = None,
+        max_requests: int = 2,
+        max_repair_delay: float = 0.25,
+        repair_window: float = 10.0,
+        repair_quantile: float = 0.9,
+        assumed_round_trip: float = 0.1,
     ) -> None:
         if not 0 < min_delay <= start_delay <= max_delay:
             raise ValueError("need 0 < min_delay <= start_delay <= max_delay")
+        if max_requests < 1:
+            raise ValueError("max_requests must be at least 1")
         self.clock_rate = clock_rate
         self.frame_samples = frame_samples
         self.frame_duration = frame_samples / clock_rate
@@ -131,8 +156,18 @@ class AudioPlayout:
         self.shrink_interval = shrink_interval
         self.catch_up_after = catch_up_after
         self.can_recover = can_recover
+        self.on_missing = on_missing
+        self.max_requests = max_requests
+        self.max_repair_delay = max_repair_delay
+        self.repair_window = repair_window
+        self.repair_quantile = repair_quantile
+        self.assumed_round_trip = assumed_round_trip
+        self.round_trip_time: float | None = None  # seconds; set it when known
+        self.repair_time: float | None = None  # smoothed time from first asking for a packet to its arrival
         self.counters = PlayoutCounters()
-        self._jump = int((max_delay + 3.0) * clock_rate)  # farther than this from the playhead: not this stream
+        self._ceiling = max(max_delay, max_repair_delay)
+        self._jump = int((self._ceiling + 3.0) * clock_rate)  # farther than this from the playhead: not this stream
+        self._repairs: deque[tuple[float, float]] = deque()  # (arrival, delay it needed) of packets asked for
         self._started = False
         self._clear()
 
@@ -150,6 +185,9 @@ class AudioPlayout:
         self._last_shrink: float | None = None
         self._new_stream = False
         self._strays: list[tuple[int, int, bytes, float, int | None]] = []
+        self._highest_ts = 0  # extended timestamp of the packet with the highest sequence number
+        self._requests: dict[int, _Request] = {}  # by extended sequence number
+        self._given_up: dict[int, float] = {}  # asked for, frame played without it: seq -> when first asked
 
     # --- packets in ---------------------------------------------------------------
 
@@ -173,20 +211,27 @@ class AudioPlayout:
         if self._strays:
             self.counters.late_dropped += len(self._strays)
             self._strays = []
+        highest = self._seq.highest
         self._seq.accept(seq)
         self._ts.accept(ts)
         if seq in self._recent:
             self.counters.duplicates += 1
             return
         self._recent.append(seq)
-        self._observe_transit(now, now - ts / self.clock_rate)
+        repaired = self._note_sequence(seq, ts, highest, now)
+        if repaired:
+            # Kept out of the jitter figures: how late a retransmission comes is the repair's own measure.
+            self._repairs.append((now, now - ts / self.clock_rate - self._base_transit))
+        else:
+            self._observe_transit(now, now - ts / self.clock_rate)
+        self.request_missing(now)
         if ts < self._playhead:
             self.counters.late_dropped += 1
             return
         if ts in self._packets:
             self.counters.duplicates += 1
             return
-        self._packets[ts] = _AudioPacket(seq, ts, payload)
+        self._packets[ts] = _AudioPacket(seq, ts, payload, repaired)
 
     def _begin(self, sequence_number: int, timestamp: int, now: float, ssrc: int | None) -> None:
         if self._started:
@@ -196,12 +241,98 @@ class AudioPlayout:
         self._seq.accept(sequence_number)
         self._ts.accept(timestamp)
         self._playhead = timestamp
+        self._highest_ts = timestamp
         self._base_transit = now - timestamp / self.clock_rate
         self._origin = self._base_transit + self.start_delay
         self._new_stream = True
 
     def _restart(self) -> None:
         self._clear()
+
+    # --- asking for missing packets again -----------------------------------------
+
+    def _note_sequence(self, seq: int, ts: int, highest: int | None, now: float) -> bool:
+        """Ask at once for a gap this packet reveals; True if this packet is one we asked for."""
+        if highest is not None and seq <= highest:
+            request = self._requests.pop(seq, None)
+            first = request.first if request is not None else self._given_up.pop(seq, None)
+            if first is None:
+                return False
+            self._learn_repair_time(now - first)
+            return True
+        previous_ts, self._highest_ts = self._highest_ts, ts
+        if highest is None or seq == highest + 1 or self.on_missing is None:
+            return False
+        gap = seq - highest - 1
+        wanted: list[int] = []
+        # The frames of a long gap that can still play are its last few.
+        for k in range(max(1, gap - int(self._ceiling / self.frame_duration) - 1), gap + 1):
+            frame_ts = previous_ts + k * self.frame_samples  # the earliest it can be
+            if self._due(frame_ts) > now:
+                self._requests[highest + k] = _Request(frame_ts, now, now)
+                wanted.append(highest + k)
+            elif self.repair_time is not None or self.round_trip_time is not None:
+                # Too late to ask for; had the delay left room, a retransmission would have come by then.
+                needed = now + self.round_trip_estimate - frame_ts / self.clock_rate - self._base_transit
+                self._repairs.append((now, needed))
+        if wanted:
+            self.counters.nacked += len(wanted)
+            self.on_missing([s % (1 << 16) for s in wanted])
+        return False
+
+    def request_missing(self, now: float) -> None:
+        """Ask again for missing packets asked for a round trip ago, if their frames are still to play.
+
+        ``push`` and ``pop`` do this too; call it at ``next_request_due()``
+        to ask again without waiting for either.
+        """
+        if not self._requests:
+            return
+        assert self._playhead is not None
+        for seq in [s for s, r in self._requests.items() if r.ts < self._playhead]:
+            self._given_up[seq] = self._requests.pop(seq).first
+        while len(self._given_up) > 256:
+            del self._given_up[next(iter(self._given_up))]
+        if self.on_missing is None:
+            return
+        again = [seq for seq, r in self._requests.items() if self._ask_again_at(r) <= now + 1e-9]
+        for seq in again:
+            self._requests[seq].asks += 1
+            self._requests[seq].last = now
+        if again:
+            self.on_missing([s % (1 << 16) for s in sorted(again)])
+
+    def next_request_due(self) -> float | None:
+        """When a missing packet should next be asked for again (None: nothing to ask for)."""
+        if self.on_missing is None:
+            return None
+        times = [self._ask_again_at(r) for r in self._requests.values()]
+        finite = [t for t in times if t != float("inf")]
+        return min(finite) if finite else None
+
+    def _ask_again_at(self, request: _Request) -> float:
+        """A round trip (and a little) after the last request, if the frame will not have played by then."""
+        if request.asks >= self.max_requests:
+            return float("inf")
+        when = request.last + max(1.25 * self.round_trip_estimate, self.frame_duration / 2)
+        return when if when < self._due(request.ts) else float("inf")
+
+    @property
+    def round_trip_estimate(self) -> float:
+        """The round-trip time given, else how long retransmissions have taken, else a guess."""
+        for rtt in (self.round_trip_time, self.repair_time):
+            if rtt is not None:
+                return rtt
+        return self.assumed_round_trip
+
+    def _learn_repair_time(self, sample: float) -> None:
+        self.repair_time = sample if self.repair_time is None else self.repair_time + (sample - self.repair_time) / 8
+
+    def _awaited(self, slot: int) -> bool:
+        return any(r.ts == slot for r in self._requests.values())
+
+    def _due(self, ts: int) -> float:
+        return self._origin + ts / self.clock_rate
 
     def _observe_transit(self, now: float, transit: float) -> None:
         self._transits.append((now, transit))
@@ -218,6 +349,13 @@ class AudioPlayout:
 
     @property
     def target_delay(self) -> float:
+        """The delay that lets all but the latest few packets play in time, with room for FEC
+        and, while retransmissions are filling gaps, for one of them."""
+        repair = self.repair_delay
+        return self.jitter_delay if repair is None else max(self.jitter_delay, repair)
+
+    @property
+    def jitter_delay(self) -> float:
         """The delay that lets all but the latest few packets play in time, with room for FEC."""
         if len(self._transits) < 2:
             return self.start_delay
@@ -227,6 +365,24 @@ class AudioPlayout:
         if len(self._transits) < 50:  # too few packets to trust: not below the start
             target = max(target, self.start_delay)
         return min(max(target, self.min_delay), self.max_delay)
+
+    @property
+    def repair_delay(self) -> float | None:
+        """The delay most retransmissions of the last ``repair_window`` needed, with a little to spare.
+
+        None when fewer than two came in that time: the link is clean, or
+        nobody answers. The retransmissions that came too late count too:
+        they show how much more delay would have saved their frames.
+        """
+        if len(self._repairs) < 2:
+            return None
+        needed = sorted(delay for _, delay in self._repairs)
+        late = needed[int(self.repair_quantile * (len(needed) - 1))]
+        return min(max(late + self.frame_duration / 2, self.min_delay), self.max_repair_delay)
+
+    def _forget_old_repairs(self, now: float) -> None:
+        while self._repairs and self._repairs[0][0] < now - self.repair_window:
+            self._repairs.popleft()
 
     def next_due(self) -> float | None:
         """When the next frame should play (None before the first packet)."""
@@ -243,6 +399,8 @@ class AudioPlayout:
             return None
         if now - due > self.catch_up_after:
             self._catch_up(now - due)
+        self._forget_old_repairs(now)
+        self.request_missing(now)
         slot = self._playhead
         frame = self.frame_samples
         packet = self._packets.pop(slot, None)
@@ -255,6 +413,7 @@ class AudioPlayout:
             packet = self._packets.pop(slot)
         if packet is not None:
             self.counters.played += 1
+            self.counters.recovered_retransmission += packet.repaired
             self._reference = packet
             return self._out("packet", packet.payload, slot, advance=True)
         following = self._following(slot)
@@ -269,9 +428,9 @@ class AudioPlayout:
             self.counters.recovered_fec += 1
             return self._out("fec", after.payload, slot, advance=True)
         self.counters.concealed += 1
-        if following is None and self.delay + self.frame_duration <= self.target_delay + 1e-9:
-            # Nothing newer has come: the packet is more likely late than lost, and the
-            # delay is below target. Play this slot one frame later.
+        if (following is None or self._awaited(slot)) and self.delay + self.frame_duration <= self.target_delay + 1e-9:
+            # Nothing newer has come, so the packet is more likely late than lost, or it has
+            # been asked for again; and the delay is below target. Play this slot one frame later.
             self._origin += self.frame_duration
             return self._out("conceal", None, slot, advance=False)
         return self._out("conceal", None, slot, advance=True)
@@ -288,7 +447,7 @@ class AudioPlayout:
         return self._packets[min(later)] if later else None
 
     def _should_shrink(self, now: float) -> bool:
-        if self.delay > self.max_delay + self.frame_duration:
+        if self.delay > self._ceiling + self.frame_duration:
             return True  # far too late, however the jitter looks: no waiting between steps
         excess = self.delay - self.target_delay
         if excess < self.frame_duration - 1e-9:

@@ -47,13 +47,20 @@ class ReceivedAudioTrack(MediaStreamTrack):
     paused); ``last_frame_concealed`` is True for "conceal". ``counters`` adds
     them up. (PyAV's ``frame.opaque`` is not used: it does not survive
     another frame being freed.)
+
+    ``request_retransmission(sequence_numbers)``, if given, is called to ask
+    the sender for missing packets again (a generic NACK); the playout delay
+    then makes room for their return when the link is lossy.
     """
 
     kind = "audio"
 
-    def __init__(self, channels: int = 2, playout: AudioPlayout | None = None) -> None:
+    def __init__(self, channels: int = 2, playout: AudioPlayout | None = None,
+                 request_retransmission: Callable[[list[int]], None] | None = None) -> None:
         super().__init__()
         self.playout = playout if playout is not None else AudioPlayout(can_recover=has_fec)
+        if request_retransmission is not None:
+            self.playout.on_missing = request_retransmission
         self.channels = channels
         self.decode_errors = 0
         self.last_frame_source: FrameSource | None = None
@@ -61,10 +68,20 @@ class ReceivedAudioTrack(MediaStreamTrack):
         self._layout = "mono" if channels == 1 else "stereo"
         self._arrived = asyncio.Event()
         self._samples = 0
+        self._ask_timer: asyncio.TimerHandle | None = None
 
     @property
     def counters(self) -> PlayoutCounters:
         return self.playout.counters
+
+    @property
+    def round_trip_time(self) -> float | None:
+        return self.playout.round_trip_time
+
+    @round_trip_time.setter
+    def round_trip_time(self, seconds: float | None) -> None:
+        """Tell the playout the round-trip time (otherwise learned from how long retransmissions take)."""
+        self.playout.round_trip_time = seconds
 
     @property
     def last_frame_concealed(self) -> bool:
@@ -76,6 +93,22 @@ class ReceivedAudioTrack(MediaStreamTrack):
             return
         self.playout.push(sequence_number, timestamp, payload, now, ssrc)
         self._arrived.set()
+        self._schedule_requests()
+
+    def _schedule_requests(self) -> None:
+        """Wake up when a missing packet is to be asked for again."""
+        if self._ask_timer is not None:
+            self._ask_timer.cancel()
+            self._ask_timer = None
+        when = self.playout.next_request_due()
+        if when is not None:
+            self._ask_timer = asyncio.get_running_loop().call_at(when, self._ask_again)
+
+    def _ask_again(self) -> None:
+        self._ask_timer = None
+        if self.readyState == "live":
+            self.playout.request_missing(asyncio.get_running_loop().time())
+            self._schedule_requests()
 
     async def recv(self) -> av.AudioFrame:
         loop = asyncio.get_running_loop()
@@ -92,11 +125,15 @@ class ReceivedAudioTrack(MediaStreamTrack):
                 await asyncio.sleep(wait)  # the playout clock: frames leave at their time
                 continue
             step = self.playout.pop(loop.time())
+            self._schedule_requests()
             if step is not None:
                 return self._frame(step)
 
     def stop(self) -> None:
         super().stop()
+        if self._ask_timer is not None:
+            self._ask_timer.cancel()
+            self._ask_timer = None
         self._arrived.set()
 
     def _frame(self, step: PlayoutFrame) -> av.AudioFrame:

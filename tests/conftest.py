@@ -61,5 +61,14 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
     await runner.cleanup()
 
 
+@pytest.fixture
+async def forwarding_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    """A server that forwards every original untouched (adaptation off): for tests of routing that
+    read the stamps only an original carries."""
+    running, runner = await start_server(tmp_path, adaptation=False)
+    yield running
+    await runner.cleanup()
+
+
 def in_ci() -> bool:
     return bool(os.environ.get("CI"))

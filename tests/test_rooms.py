@@ -6,7 +6,8 @@ from .conftest import RunningServer
 from .media_helpers import Watcher, join_publisher, receiving_from
 
 
-async def test_six_participants_and_a_second_consultation(server: RunningServer) -> None:
+async def test_six_participants_and_a_second_consultation(forwarding_server: RunningServer) -> None:
+    server = forwarding_server
     room_a, room_b = server.consultation("A"), server.consultation("B")
     tags_a = [1, 2, 3, 4, 5, 6]
     clients = {}
