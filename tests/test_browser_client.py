@@ -266,6 +266,9 @@ async def test_the_page_says_when_a_weak_link_pauses_someones_video(server: Runn
         badge = '[data-participant="thin"] [data-testid="paused-badge"]'
         await doctor.wait_for_selector(f"{badge}:not([hidden])", timeout=20000)
         assert await doctor.text_content(badge) == "Tar inte emot video: svag anslutning"
+        # The doctor publishes too: the page says whom its own video does not reach, and why.
+        await doctor.wait_for_selector("#self-paused:not([hidden])", timeout=20000)
+        assert await doctor.text_content("#self-paused") == "Din video är pausad för thin: svag anslutning"
         await doctor.screenshot(path=str(ARTIFACTS / "video-paused-weak-link.png"))
     finally:
         await relative.close()
