@@ -207,8 +207,20 @@ class InboundTap:
         await self._receiver._send_rtcp_pli(media_ssrc)
 
     async def request_retransmission(self, media_ssrc: int, sequence_numbers: list[int]) -> None:
-        """Send a generic NACK to the publisher."""
-        await self._receiver._send_rtcp_nack(media_ssrc, sequence_numbers)
+        """Send a generic NACK to the publisher.
+
+        ``sequence_numbers`` in stream order; where they wrap past 65535 a
+        second NACK carries the rest, as aiortc packs each NACK from its first
+        number upwards (and fails on a list that wraps).
+        """
+        runs: list[list[int]] = []
+        for seq in sequence_numbers:
+            if runs and seq > runs[-1][-1]:
+                runs[-1].append(seq)
+            else:
+                runs.append([seq])
+        for run in runs:
+            await self._receiver._send_rtcp_nack(media_ssrc, run)
 
     async def send_remb(self, bitrate: int, media_ssrcs: list[int]) -> None:
         """Tell the publisher the most it should send on these streams (REMB)."""
@@ -490,7 +502,8 @@ def nara_receive_track(receiver: RTCRtpReceiver, kind: str, *, channels: int = 2
 
     Audio: a ``ReceivedAudioTrack`` (Opus decoded to 48 kHz s16 in 20 ms
     frames, ``channels`` 1 or 2, paced by its playout buffer, each frame marked
-    "packet", "fec", "conceal" or "silence"). Video: a ``ReceivedVideoTrack``
+    "packet", "fec", "conceal" or "silence"; missing packets are asked for
+    again with a generic NACK while they can still play). Video: a ``ReceivedVideoTrack``
     (VP8 pictures; keyframe requests go out as PLI from this receiver). Call it
     once the receiver has its remote track (after setRemoteDescription) and
     before media flows; read the returned track instead of ``receiver.track``.
@@ -508,9 +521,14 @@ def nara_receive_track(receiver: RTCRtpReceiver, kind: str, *, channels: int = 2
         if tap is not None and media_ssrc is not None:
             _keep_running(tap.request_keyframe(media_ssrc))
 
+    def request_retransmission(sequence_numbers: list[int]) -> None:
+        # A generic NACK even though SDP offers none for Opus: Nära's SFU answers it from its cache.
+        if tap is not None and media_ssrc is not None:
+            _keep_running(tap.request_retransmission(media_ssrc, sequence_numbers))
+
     track: ReceivedAudioTrack | ReceivedVideoTrack
     if kind == "audio":
-        audio = track = ReceivedAudioTrack(channels)
+        audio = track = ReceivedAudioTrack(channels, request_retransmission=request_retransmission)
 
         async def on_packet(packet: RtpPacket) -> None:
             nonlocal media_ssrc

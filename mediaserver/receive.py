@@ -186,6 +186,8 @@ class AudioPlayout:
         self._new_stream = False
         self._strays: list[tuple[int, int, bytes, float, int | None]] = []
         self._highest_ts = 0  # extended timestamp of the packet with the highest sequence number
+        self._highest_pauses = False  # that packet announces a pause (DTX): nothing is due after it
+        self._last_arrival = 0.0
         self._requests: dict[int, _Request] = {}  # by extended sequence number
         self._given_up: dict[int, float] = {}  # asked for, frame played without it: seq -> when first asked
 
@@ -219,6 +221,9 @@ class AudioPlayout:
             return
         self._recent.append(seq)
         repaired = self._note_sequence(seq, ts, highest, now)
+        if highest is None or seq > highest:
+            self._highest_pauses = len(payload) <= PAUSE_PACKET_SIZE
+        self._last_arrival = now
         if repaired:
             # Kept out of the jitter figures: how late a retransmission comes is the repair's own measure.
             self._repairs.append((now, now - ts / self.clock_rate - self._base_transit))
@@ -242,6 +247,7 @@ class AudioPlayout:
         self._ts.accept(timestamp)
         self._playhead = timestamp
         self._highest_ts = timestamp
+        self._last_arrival = now
         self._base_transit = now - timestamp / self.clock_rate
         self._origin = self._base_transit + self.start_delay
         self._new_stream = True
@@ -253,7 +259,9 @@ class AudioPlayout:
 
     def _note_sequence(self, seq: int, ts: int, highest: int | None, now: float) -> bool:
         """Ask at once for a gap this packet reveals; True if this packet is one we asked for."""
-        if highest is not None and seq <= highest:
+        if highest is not None and (seq <= highest or seq in self._requests):
+            if seq > highest:
+                self._highest_ts = ts
             request = self._requests.pop(seq, None)
             first = request.first if request is not None else self._given_up.pop(seq, None)
             if first is None:
@@ -268,7 +276,9 @@ class AudioPlayout:
         # The frames of a long gap that can still play are its last few.
         for k in range(max(1, gap - int(self._ceiling / self.frame_duration) - 1), gap + 1):
             frame_ts = previous_ts + k * self.frame_samples  # the earliest it can be
-            if self._due(frame_ts) > now:
+            if highest + k in self._requests:
+                continue  # asked for already, when it was overdue
+            if self._due(frame_ts) > now + 1e-6:
                 self._requests[highest + k] = _Request(frame_ts, now, now)
                 wanted.append(highest + k)
             elif self.repair_time is not None or self.round_trip_time is not None:
@@ -286,15 +296,15 @@ class AudioPlayout:
         ``push`` and ``pop`` do this too; call it at ``next_request_due()``
         to ask again without waiting for either.
         """
-        if not self._requests:
+        if self._playhead is None:
             return
-        assert self._playhead is not None
         for seq in [s for s, r in self._requests.items() if r.ts < self._playhead]:
             self._given_up[seq] = self._requests.pop(seq).first
         while len(self._given_up) > 256:
             del self._given_up[next(iter(self._given_up))]
         if self.on_missing is None:
             return
+        self._ask_overdue(now)
         again = [seq for seq, r in self._requests.items() if self._ask_again_at(r) <= now + 1e-9]
         for seq in again:
             self._requests[seq].asks += 1
@@ -302,11 +312,40 @@ class AudioPlayout:
         if again:
             self.on_missing([s % (1 << 16) for s in sorted(again)])
 
+    def _next_overdue(self) -> tuple[int, int, float] | None:
+        """The next packet not yet here nor asked for: (sequence number, timestamp, when it is overdue).
+
+        Packets come every frame; one later than nearly all others by another
+        frame is taken as lost without waiting for the packet after it, which
+        on a burst would come too late. None after a pause announced, and in an
+        outage (nothing for longer than the delay can cover).
+        """
+        highest = self._seq.highest
+        if highest is None or self._highest_pauses or self._playhead is None:
+            return None
+        seq = highest + 1
+        while seq in self._requests:
+            seq += 1
+        ts = self._highest_ts + (seq - highest) * self.frame_samples
+        if (ts - self._highest_ts) / self.clock_rate > self._ceiling:
+            return None
+        return seq, ts, self._base_transit + ts / self.clock_rate + self._late() + self.frame_duration / 2
+
+    def _ask_overdue(self, now: float) -> None:
+        while (overdue := self._next_overdue()) is not None and overdue[2] <= now:
+            seq, ts, _ = overdue
+            ahead = self._due(ts) > now + 1e-6
+            self._requests[seq] = _Request(ts, now, now, asks=1 if ahead else self.max_requests)
+            if ahead:
+                self.counters.nacked += 1
+                self.on_missing and self.on_missing([seq % (1 << 16)])
+
     def next_request_due(self) -> float | None:
         """When a missing packet should next be asked for again (None: nothing to ask for)."""
         if self.on_missing is None:
             return None
-        times = [self._ask_again_at(r) for r in self._requests.values()]
+        overdue = self._next_overdue()
+        times = [self._ask_again_at(r) for r in self._requests.values()] + ([overdue[2]] if overdue else [])
         finite = [t for t in times if t != float("inf")]
         return min(finite) if finite else None
 
@@ -359,9 +398,7 @@ class AudioPlayout:
         """The delay that lets all but the latest few packets play in time, with room for FEC."""
         if len(self._transits) < 2:
             return self.start_delay
-        excess = sorted(t - self._base_transit for _, t in self._transits)
-        late = excess[int(self.jitter_quantile * (len(excess) - 1))]
-        target = late + self.frame_duration  # the next packet must be here too, for FEC
+        target = self._late() + self.frame_duration  # the next packet must be here too, for FEC
         if len(self._transits) < 50:  # too few packets to trust: not below the start
             target = max(target, self.start_delay)
         return min(max(target, self.min_delay), self.max_delay)
@@ -378,7 +415,14 @@ class AudioPlayout:
             return None
         needed = sorted(delay for _, delay in self._repairs)
         late = needed[int(self.repair_quantile * (len(needed) - 1))]
-        return min(max(late + self.frame_duration / 2, self.min_delay), self.max_repair_delay)
+        return min(max(late + self.frame_duration, self.min_delay), self.max_repair_delay)
+
+    def _late(self) -> float:
+        """How much later than the fastest nearly all packets come."""
+        if not self._transits:
+            return 0.0
+        excess = sorted(t - self._base_transit for _, t in self._transits)
+        return excess[int(self.jitter_quantile * (len(excess) - 1))]
 
     def _forget_old_repairs(self, now: float) -> None:
         while self._repairs and self._repairs[0][0] < now - self.repair_window:
