@@ -9,8 +9,9 @@ behind the fastest packets seen, grown when packets arrive late and shrunk
 slowly when they stop doing so. For each tick: the packet itself if it is
 here; else the packet after it, if here, rebuilds it from its in-band FEC;
 else the decoder conceals the gap. Given a way to ask for packets again, a
-gap in sequence numbers is asked for at once and once more a round trip
-later, while its frames are still to play; when retransmissions are what
+packet is asked for as soon as it is missing (a gap in sequence numbers, or
+half a frame overdue) and once more a round trip later, while its frame is
+still to play; when retransmissions are what
 fills the gaps, the target delay makes room for one (up to a quarter of a
 second), and gives it back slowly once the link is clean.
 
