@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
-import importlib.util
-import inspect
-import io
 import json
 import sys
 import tempfile
@@ -79,44 +75,8 @@ MODES = {m.name: m for m in (
 )}
 
 
-def _serve_accepts(*options: str) -> bool:
-    from nara.cli import build_parser
-
-    with contextlib.redirect_stderr(io.StringIO()):
-        try:
-            build_parser().parse_args(["serve", *options])
-        except SystemExit:
-            return False
-    return True
-
-
-def _client_accepts(option: str) -> bool:
-    from signalling.client import ConsultationClient
-
-    return option in inspect.signature(ConsultationClient).parameters
-
-
-def _have_nara_video() -> bool:
-    return importlib.util.find_spec("mediaserver.video_encoders") is not None
-
-
-def missing_parts(mode: Mode) -> list[str]:
-    """What ``mode`` needs that this tree does not have yet; the run goes on without it, and says so."""
-    missing = []
-    if mode.sfu and not _serve_accepts("--adaptation", "on" if mode.adaptation else "off"):
-        missing.append("`nara serve --adaptation` is not available yet: the SFU runs as built")
-    if mode.nara_media and not _have_nara_video():
-        missing.append("Nära's VP8 encoder (mediaserver/video_encoders.py) is not available yet: "
-                       "publishers send aiortc's VP8")
-    if mode.nara_media and not _client_accepts("nara_receive"):
-        missing.append("Nära's receive path (ConsultationClient(nara_receive=True)) is not available yet: "
-                       "subscribers use aiortc's, which neither decodes FEC nor conceals")
-    return missing
-
-
 def server_options(mode: Mode) -> list[str]:
-    wanted = ["--adaptation", "on" if mode.adaptation else "off"]
-    return wanted if _serve_accepts(*wanted) else []
+    return ["--adaptation", "on" if mode.adaptation else "off"]
 
 
 def nara_video(camera: StampedVideoTrack) -> MediaStreamTrack:
@@ -127,7 +87,7 @@ def nara_video(camera: StampedVideoTrack) -> MediaStreamTrack:
 
 
 def receive_options(mode: Mode) -> dict[str, Any]:
-    return {"nara_receive": True} if mode.nara_media and _client_accepts("nara_receive") else {}
+    return {"nara_receive": True} if mode.nara_media else {}
 
 
 # --- one consultation ----------------------------------------------------------------------
@@ -196,12 +156,11 @@ async def run_setup(mode: Mode, setup: Setup, settings: Settings, workdir: Path)
         p = Participant(m.label, m.profile, run_start, tags, source_size=(settings.width, settings.height))
         if m.publishes:
             camera = StampedVideoTrack(tags[m.label], settings.width, settings.height, settings.fps)
-            tone = ToneAudioTrack(300 + 40 * tags[m.label])
+            tone = ToneAudioTrack(300 + 40 * tags[m.label], voiced=True)
             p.camera, p.video, p.audio = camera, camera, tone
             if mode.nara_media:
                 p.audio = OpusTrack(tone)
-                if _have_nara_video():
-                    p.video = nara_video(camera)
+                p.video = nara_video(camera)
         participants[m.label] = p
     result = RunResult(setup, mode.name, duration, participants, run_start)
     try:
@@ -607,7 +566,6 @@ def run_scenario(scenario: Scenario, modes: Sequence[str], settings: Settings, w
             "goals": goals,
             "passed": sum(1 for g in goals if g["pass"] is True),
             "failed": sum(1 for g in goals if g["pass"] is False),
-            "missing": missing_parts(mode),
             # Decoded pictures that were no sent frame, and frames the measuring code failed on.
             "corrupt_frames": sum(p.corrupt_frames for p in everyone),
             "unmeasured_frames": sum(p.unmeasured_frames for p in everyone),
@@ -660,9 +618,6 @@ def main(args: argparse.Namespace) -> int:
     settings = Settings(scale=args.duration_scale, seed=args.seed, width=width, height=height, fps=args.fps)
     out = Path(args.output or f"bench-results/adapt-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    for name in modes:
-        for note in missing_parts(MODES[name]):
-            print(f"{name}: {note}", file=sys.stderr)
     began = time.monotonic()
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {
@@ -672,8 +627,7 @@ def main(args: argparse.Namespace) -> int:
         "video": f"{settings.width}x{settings.height} at {settings.fps} fps",
         "bitrates": "from the impairing relay: UDP payload bytes (SRTP/RTCP with headers, audio and video "
                     "together) sent toward each participant's downlink, and delivered by it",
-        "modes": {name: {"description": MODES[name].description, "missing": missing_parts(MODES[name])}
-                  for name in modes},
+        "modes": {name: {"description": MODES[name].description} for name in modes},
         "scenarios": {},
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -100,12 +100,20 @@ class StampedVideoTrack(VideoStreamTrack):
 
 
 class ToneAudioTrack(AudioStreamTrack):
-    """Publishes a continuous sine tone at ``frequency`` Hz."""
+    """Publishes a continuous sine tone at ``frequency`` Hz.
 
-    def __init__(self, frequency: float, amplitude: float = 0.3) -> None:
+    ``voiced``: the tone with two weaker harmonics, a syllable-paced envelope and
+    a little noise. Opus treats a pure tone as music and soon stops sending
+    in-band FEC; this one it treats as speech, as it will a real voice. The
+    tone stays the strongest frequency, so receivers still tell whose it is.
+    """
+
+    def __init__(self, frequency: float, amplitude: float = 0.3, voiced: bool = False) -> None:
         super().__init__()
         self.frequency = frequency
         self.amplitude = amplitude
+        self.voiced = voiced
+        self._noise = np.random.default_rng(int(frequency))
         self.samples_sent = 0
         self._began: float | None = None
 
@@ -119,7 +127,12 @@ class ToneAudioTrack(AudioStreamTrack):
         if delay > 0:
             await asyncio.sleep(delay)
         t = (np.arange(AUDIO_SAMPLES) + self.samples_sent) / AUDIO_RATE
-        pcm = (np.sin(2 * np.pi * self.frequency * t) * self.amplitude * 32767).astype(np.int16)
+        wave = np.sin(2 * np.pi * self.frequency * t)
+        if self.voiced:
+            envelope = 0.55 + 0.45 * np.sin(2 * np.pi * 3 * t)
+            harmonics = 0.4 * np.sin(4 * np.pi * self.frequency * t) + 0.2 * np.sin(6 * np.pi * self.frequency * t)
+            wave = (wave + harmonics) * envelope / 1.6 + self._noise.standard_normal(AUDIO_SAMPLES) * 0.03
+        pcm = (wave * self.amplitude * 32767).astype(np.int16)
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = AUDIO_RATE
         frame.pts = self.samples_sent

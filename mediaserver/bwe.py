@@ -40,6 +40,7 @@ PROBE_TIME = 1.5  # seconds the padding lasts
 PROBE_SETTLE = 1.0  # seconds after the padding for the last report to come back
 PROBE_CALM = 2.0  # seconds without a cut before probing
 PROBE_STEP = 2.0  # at most this multiple of the estimate per probe
+FIRST_PROBE_STEP = 3.0  # the first probe, as soon as the link is heard from, reaches further
 PROBE_BACKOFF = (2.0, 4.0, 8.0, 16.0)  # seconds between probes after 0, 1, 2, 3+ failures
 BASE_RTT_WINDOW = 30.0
 
@@ -54,7 +55,9 @@ class Probe:
 
 @dataclass
 class BandwidthEstimate:
-    estimate: float = 800_000.0
+    # Start low: a rural link may carry 150 kbit/s, and a flood at the start of a
+    # call costs everyone's audio. The first probe lifts a good link within seconds.
+    estimate: float = 300_000.0
     minimum: float = 30_000.0
     maximum: float = 4_000_000.0
     remb: float | None = None
@@ -127,14 +130,17 @@ class BandwidthEstimate:
         self._finish_probe(now)
         if self.probe is not None:
             return self.probe.rate  # until its verdict
-        target = min(wanted, self.estimate * PROBE_STEP, self.maximum)
+        step = FIRST_PROBE_STEP if self.probes == 0 else PROBE_STEP
+        target = min(wanted, self.estimate * step, self.maximum)
         if target <= self.estimate * 1.05 or not self.known:
             return None
         calm_since = max(t for t in (self.last_cut, self.last_probe_end, -1e9) if t is not None)
         backoff = PROBE_BACKOFF[min(self.failed_probes, len(PROBE_BACKOFF) - 1)]
         if self.last_cut is not None and now - self.last_cut < PROBE_CALM:
             return None
-        if now - calm_since < backoff or self.loss >= GROW_BELOW or self.queue_delay >= QUEUE_CALM:
+        # Loss below the cutting threshold with a flat round trip is the link's own
+        # (radio) loss, not congestion: it does not stop a probe, which is judged by delay.
+        if now - calm_since < backoff or self.loss > CUT_ABOVE or self.queue_delay >= QUEUE_CALM:
             return None
         self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_rtt=self.rtt)
         self.probes += 1

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket
@@ -32,7 +32,7 @@ from .ladder import PAUSED, Ladder, LayerChooser
 from .packet_cache import PacketCache
 from .rates import RateMeter
 from .rewriter import StreamRewriter
-from .vp8 import is_keyframe_start
+from .vp8 import is_keyframe_start, keyframe_size
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,44 @@ KEYFRAME_WAIT = 1.0
 # At most this many times the level's own rate while probing.
 MAX_PROBE_FACTOR = 4.0
 # Budget assumed for a subscriber not heard from yet.
-UNKNOWN_BUDGET = 800_000.0
+UNKNOWN_BUDGET = 300_000.0
+
+
+@dataclass
+class ResendLimit:
+    """Which NACKed packets to send again.
+
+    A receiver behind a congested link NACKs everything the queue dropped, and
+    again each time its NACK goes unanswered; answering all of it would send
+    several times the stream's own rate into the very queue that dropped it.
+    So each packet is resent at most once per round trip, and retransmissions
+    together stay within a share of the stream's rate (a token bucket).
+    """
+
+    share: float = 0.5
+    floor: float = 40_000.0  # bit/s: what retransmissions may always use
+    burst: float = 0.25  # seconds of that rate that may go at once
+    tokens: float = 0.0  # bytes
+    last: float | None = None
+    sent_at: dict[int, float] = field(default_factory=dict)
+
+    def allow(self, seq: int, size: int, now: float, rtt: float, rate: float) -> bool:
+        per_second = max(rate * self.share, self.floor) / 8
+        if self.last is not None:
+            self.tokens = min(self.tokens + (now - self.last) * per_second, per_second * self.burst)
+        else:
+            self.tokens = per_second * self.burst
+        self.last = now
+        previous = self.sent_at.get(seq)
+        if previous is not None and now - previous < max(rtt, 0.05):
+            return False
+        if self.tokens < size:
+            return False
+        self.tokens -= size
+        self.sent_at[seq] = now
+        if len(self.sent_at) > 1024:
+            self.sent_at = {k: t for k, t in self.sent_at.items() if now - t < 2.0}
+        return True
 
 
 class SubscriberLink(Protocol):
@@ -90,6 +127,7 @@ class ForwardingStats:
     keyframe_requests: int = 0
     send_errors: int = 0
     padding: int = 0  # duplicates sent to probe the link
+    resends_refused: int = 0  # NACKed packets not sent again: already resent this round trip, or over budget
 
 
 class Publication:
@@ -118,6 +156,7 @@ class Publication:
         self.last_decision: float | None = None
         self.rate_cap: int | None = None  # what the publisher was last told, bit/s
         self.meter = RateMeter()
+        self.source_size: tuple[int, int] | None = None  # the original's picture size, from its keyframes
         self.ladder = Ladder(self) if adaptation and kind == "video" else None
         # Told when video to a subscriber pauses (True) or resumes (False).
         self.on_video_state: VideoStateHandler | None = None
@@ -156,6 +195,7 @@ class Publication:
         keyframe = self.kind == "video" and is_keyframe_start(packet.payload)
         if keyframe:
             self.throttle.keyframe_seen()
+            self.source_size = keyframe_size(packet.payload) or self.source_size
         await self.forward_level(self.source_level, packet, keyframe)
         if self.ladder is not None:
             await self.ladder.on_source_packet(packet, now)
@@ -309,6 +349,7 @@ class Subscription:
         self.probe_credit = 0.0
         self.switches = 0
         self.announced_pause = False
+        self.resends = ResendLimit()
         self.stats = ForwardingStats()
 
     @property
@@ -380,10 +421,12 @@ class Subscription:
             self.probe_credit += len(packet.payload) * (self.probe_factor - 1.0)
             while self.probe_credit >= len(packet.payload) > 0:
                 self.probe_credit -= len(packet.payload)
-                await self._send(packet, out_seq, out_ts, padding=True)
+                if await self._send(packet, out_seq, out_ts, extra=True):
+                    self.stats.padding += 1
 
-    async def _send(self, packet: RtpPacket, out_seq: int, out_ts: int, padding: bool = False) -> bool:
-        """Send one packet; ``padding`` marks a probe's duplicate, which the rate meter leaves out."""
+    async def _send(self, packet: RtpPacket, out_seq: int, out_ts: int, extra: bool = False) -> bool:
+        """Send one packet; ``extra`` marks a retransmission or a probe's duplicate, which the
+        rate meter leaves out (it measures the stream itself)."""
         try:
             await self.port.send(
                 packet.payload,
@@ -396,8 +439,7 @@ class Subscription:
         except ConnectionError:
             self.stats.send_errors += 1
             return False
-        if padding:
-            self.stats.padding += 1
+        if extra:
             return True
         self.stats.packets += 1
         self.stats.bytes += len(packet.payload)
@@ -409,14 +451,19 @@ class Subscription:
             self.stats.nacks += 1
             upstream = []
             cache = self.publication.cache_for(self.level)
+            now = self.publication.clock()
+            rtt = self.port.round_trip_time or 0.1
             for out_seq in feedback.lost:
                 source_seq = self.rewriter.source_seq(out_seq)
                 cached = cache.get(source_seq) if cache is not None else None
                 if cached is None or cached.ssrc != self.rewriter.source_ssrc:
                     upstream.append(source_seq)
                     continue
+                if not self.resends.allow(out_seq, len(cached.payload), now, rtt, self.meter.rate):
+                    self.stats.resends_refused += 1
+                    continue
                 out_ts = (cached.timestamp + self.rewriter.ts_offset) % (1 << 32)
-                await self._send(cached, out_seq, out_ts)
+                await self._send(cached, out_seq, out_ts, extra=True)
                 self.stats.retransmitted += 1
             if upstream and self.rewriter.source_ssrc == self.publication.source_ssrc:
                 await self.publication.recover(upstream)

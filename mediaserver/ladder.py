@@ -54,26 +54,41 @@ LAYER_KEYFRAME_INTERVAL = 1.0  # seconds between keyframes a layer makes on requ
 
 @dataclass(frozen=True)
 class LayerSpec:
-    name: str
-    width: int
+    """A layer by its height: its width follows the original's shape, so nothing is ever stretched
+    (a wound must look the shape it is)."""
+
     height: int
     framerate: float
     bitrate: int
 
+    @property
+    def name(self) -> str:
+        return f"{self.height}p"
+
+    def size(self, source: tuple[int, int] | None) -> tuple[int, int]:
+        """(width, height) for an original of ``source`` size (16:9 when not known yet)."""
+        width, height = source or (16, 9)
+        return max(2, round(self.height * width / height / 2) * 2), self.height
+
 
 DEFAULT_LAYERS = (
-    LayerSpec("160x90", 160, 90, 8.0, 50_000),
-    LayerSpec("320x180", 320, 180, 12.0, 150_000),
-    LayerSpec("640x360", 640, 360, 15.0, 400_000),
+    LayerSpec(90, 8.0, 50_000),
+    LayerSpec(180, 12.0, 150_000),
+    LayerSpec(360, 15.0, 400_000),
 )
 
 
-def available_levels(layers: Sequence[LayerSpec], source_rate: float) -> list[tuple[int, float]]:
-    """(level, bit/s) a subscriber may be given, cheapest first; the original is level ``len(layers)``."""
+def available_levels(layers: Sequence[LayerSpec], source_rate: float,
+                     source_size: tuple[int, int] | None = None) -> list[tuple[int, float]]:
+    """(level, bit/s) a subscriber may be given, cheapest first; the original is level ``len(layers)``.
+
+    A layer is offered only when it is clearly cheaper and smaller than the original.
+    """
     source_level = len(layers)
     source_cost = max(source_rate, 1.0) * SOURCE_HEADROOM
     levels = [(i, float(spec.bitrate)) for i, spec in enumerate(layers)
-              if source_rate <= 0 or spec.bitrate < source_rate * LAYER_BELOW_SOURCE]
+              if (source_rate <= 0 or spec.bitrate < source_rate * LAYER_BELOW_SOURCE)
+              and (source_size is None or spec.height < source_size[1])]
     return [*levels, (source_level, source_cost)]
 
 
@@ -126,14 +141,12 @@ class LayerChooser:
         return current
 
     def wanted(self, levels: Sequence[tuple[int, float]], cap_limited: bool) -> float:
-        """What this subscriber could use next: the level above, or more of the original."""
-        order = [level for level, _ in levels]
-        rates = dict(levels)
+        """What this subscriber could use: the original (more of it, if the publisher is held back by
+        its cap), or, while paused, the lowest layer. A probe goes at most a step of the estimate
+        towards it, so aiming high is safe and saves a probe per level."""
         if self.current is None or self.current == PAUSED:
             return levels[0][1]
-        if self.current in order and order.index(self.current) + 1 < len(order):
-            return rates[order[order.index(self.current) + 1]]
-        top = rates.get(self.current, levels[-1][1])
+        top = levels[-1][1]
         return top * (2.0 if cap_limited else 1.2)
 
 
@@ -163,10 +176,13 @@ class Layer:
 
         The encoder scales the picture and keeps the layer's frame rate itself.
         """
+        width, height = self.spec.size((picture.width, picture.height))
         if self.encoder is None:
             from .video_encoders import Vp8Encoder
 
-            self.encoder = Vp8Encoder(self.spec.width, self.spec.height, self.spec.framerate, self.spec.bitrate)
+            self.encoder = Vp8Encoder(width, height, self.spec.framerate, self.spec.bitrate)
+        elif (self.encoder.width, self.encoder.height) != (width, height):
+            self.encoder.set_target(width=width, height=height)  # the original changed shape
         if self.keyframe_wanted:
             self.keyframe_wanted = False
             self.encoder.request_keyframe()
@@ -214,7 +230,7 @@ class Ladder:
         return len(self.specs)
 
     def levels(self) -> list[tuple[int, float]]:
-        return available_levels(self.specs, self.publication.meter.rate)
+        return available_levels(self.specs, self.publication.meter.rate, self.publication.source_size)
 
     def is_layer(self, level: int | None) -> bool:
         return level is not None and 0 <= level < len(self.specs)

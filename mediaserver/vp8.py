@@ -113,3 +113,18 @@ def parse_descriptor(payload: bytes) -> PayloadDescriptor:
 def is_keyframe_data(frame: bytes) -> bool:
     """True when VP8 frame data (descriptor stripped) is a keyframe: P=0 in its frame tag."""
     return bool(frame) and (frame[0] & 0x01) == 0
+
+
+def keyframe_size(payload: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first packet of a VP8 keyframe (RFC 6386 §9.1), else None."""
+    if not is_keyframe_start(payload):
+        return None
+    try:
+        data = payload[parse_descriptor(payload).size:]
+    except ValueError:
+        return None
+    if len(data) < 10 or data[3:6] != b"\x9d\x01\x2a":  # frame tag, then the keyframe start code
+        return None
+    width = int.from_bytes(data[6:8], "little") & 0x3FFF
+    height = int.from_bytes(data[8:10], "little") & 0x3FFF
+    return (width, height) if width and height else None

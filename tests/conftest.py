@@ -63,8 +63,9 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
 
 @pytest.fixture
 async def forwarding_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    """A server that forwards every original untouched (adaptation off): for tests of routing that
-    read the stamps only an original carries."""
+    """A server that forwards every original untouched (adaptation off): for tests of forwarding
+    itself (routing, repair, keyframes, leaks) that read the stamps only an original carries
+    unscaled. Adaptation has its own tests (test_ladder.py, the bench)."""
     running, runner = await start_server(tmp_path, adaptation=False)
     yield running
     await runner.cleanup()

@@ -77,12 +77,15 @@ def test_a_probe_that_keeps_the_round_trip_flat_raises_the_estimate() -> None:
     clean_link(bwe, 0.0, 3.0)
     before = bwe.estimate
     rate = bwe.probe_rate(3.0, wanted=2_000_000)
-    assert rate == pytest.approx(before * 2)
+    assert rate == pytest.approx(before * 3)  # the first probe reaches three times as far
     assert bwe.probe_rate(3.5, wanted=2_000_000) == rate and bwe.padding(3.5)
     assert bwe.probe_rate(4.6, wanted=2_000_000) == rate and not bwe.padding(4.6)  # waiting for the last report
     clean_link(bwe, 4.6, 5.6)
     assert bwe.estimate == pytest.approx(rate * 0.95)
     assert bwe.successful_probes == 1
+    clean_link(bwe, 5.6, 8.0)
+    second = bwe.probe_rate(8.0, wanted=20_000_000)
+    assert second == pytest.approx(bwe.estimate * 2)  # later ones twice the estimate
 
 
 def test_a_probe_that_fills_a_queue_fails_and_backs_off() -> None:
@@ -117,3 +120,11 @@ def test_no_growth_right_after_a_cut() -> None:
     assert bwe.estimate == cut
     bwe.on_report(0, now=6.0)
     assert bwe.estimate == pytest.approx(cut * 1.05)
+
+
+def test_radio_loss_with_a_flat_round_trip_does_not_stop_probing() -> None:
+    bwe = BandwidthEstimate(estimate=300_000)
+    for t in range(4):
+        bwe.on_rtt(0.1, now=float(t))
+        bwe.on_report(lost(0.05), now=float(t))
+    assert bwe.probe_rate(4.0, wanted=1_000_000) is not None

@@ -11,7 +11,8 @@ from .conftest import RunningServer
 from .media_helpers import TONES, Watcher, join_publisher, receiving_from
 
 
-async def test_three_participants_see_and_hear_each_other(server: RunningServer) -> None:
+async def test_three_participants_see_and_hear_each_other(forwarding_server: RunningServer) -> None:
+    server = forwarding_server
     room = server.consultation()
     joined = [await join_publisher(server, room, tag) for tag in (1, 2, 3)]
     clients = {tag: c for tag, (c, _) in zip((1, 2, 3), joined, strict=False)}

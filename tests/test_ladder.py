@@ -122,18 +122,27 @@ async def test_a_slow_subscriber_gets_a_layer_made_here_and_a_fast_one_the_origi
             await receiving_from(client, {"kit"})
             view.follow()
         # The slow link cannot carry the original: a smaller layer reaches it, while the
-        # fast subscriber keeps decoding the kit's own 640x480.
-        await views[slow].wait_for(lambda: any(w < 640 for w, _ in views[slow].seen["kit"][-5:]))
-        await views[fast].wait_for(lambda: len(views[fast].seen["kit"]) >= 30)
-        assert views[fast].seen["kit"][-1] == (640, 480)
+        # fast subscriber, once its link has proven itself, decodes the kit's own 640x480.
         publication = kit_video(server, room)
         assert publication.ladder is not None
+        peers = server.hub.media.rooms[room].peers
+
+        def level_of(who: str) -> int | None:
+            found = [s.subscription.level for s in peers[who].slots if s.kind == "video" and s.subscription]
+            return found[0] if found else None
+
+        await server.hub.media.wait_until(lambda: level_of("fast") == publication.source_level, timeout=30)
+        await views[slow].wait_for(lambda: any(w < 640 for w, _ in views[slow].seen["kit"][-5:]))
+        decoded = len(views[fast].seen["kit"])
+        await views[fast].wait_for(lambda: len(views[fast].seen["kit"]) >= decoded + 10)
+        assert views[fast].seen["kit"][-1] == (640, 480)
         on_slow = subscription(server, room, "slow")
         assert publication.ladder.is_layer(on_slow.level)
         assert subscription(server, room, "fast").level == publication.source_level
         # Only the layers the slow subscriber is on (or moving to) are made.
         assert set(publication.ladder.layers) == {lv for lv in (on_slow.level, on_slow.target) if lv is not None}
-        sizes = {(spec.width, spec.height) for spec in publication.ladder.specs}
+        # A layer keeps the kit's 4:3 shape: nothing is stretched.
+        sizes = {spec.size((640, 480)) for spec in publication.ladder.specs}
         assert views[slow].seen["kit"][-1] in sizes
     finally:
         for view in views.values():
@@ -167,7 +176,7 @@ async def test_subscribers_on_one_layer_share_its_encoder_and_it_stops_when_they
         for view in views:
             view.follow()
         layer = next(iter(ladder.layers.values()))
-        size = (layer.spec.width, layer.spec.height)
+        size = layer.spec.size((640, 480))
         # One encoder makes the layer; both subscribers decode its pictures.
         for view in views:
             await view.wait_for(lambda view=view: view.seen["kit"].count(size) >= 10)  # type: ignore[misc]

@@ -29,9 +29,16 @@ def test_the_original_goes_only_to_links_that_can_carry_it() -> None:
     assert LayerChooser().choose(0.0, 100_000, LEVELS) == 0
 
 
-def test_layers_no_cheaper_than_the_original_are_not_offered() -> None:
+def test_layers_no_cheaper_or_smaller_than_the_original_are_not_offered() -> None:
     levels = available_levels(DEFAULT_LAYERS, source_rate=300_000)
     assert [level for level, _ in levels] == [0, 1, SOURCE]
+    levels = available_levels(DEFAULT_LAYERS, source_rate=2_000_000, source_size=(320, 240))
+    assert [level for level, _ in levels] == [0, 1, SOURCE]
+
+
+def test_layers_keep_the_shape_of_the_original() -> None:
+    assert [spec.size((640, 480)) for spec in DEFAULT_LAYERS] == [(120, 90), (240, 180), (480, 360)]
+    assert [spec.size((1280, 720)) for spec in DEFAULT_LAYERS] == [(160, 90), (320, 180), (640, 360)]
 
 
 def test_down_at_once_up_only_after_the_budget_has_held() -> None:
@@ -64,10 +71,13 @@ def test_pauses_below_the_lowest_layer_and_resumes_by_itself() -> None:
     assert changes[2][0] >= 15.0 + 2.0
 
 
-def test_wanted_is_the_next_level_up_or_more_of_the_original() -> None:
+def test_wanted_is_more_of_the_original_or_the_lowest_layer_while_paused() -> None:
     chooser = LayerChooser()
     chooser.choose(0.0, 200_000, LEVELS)
-    assert chooser.wanted(LEVELS, cap_limited=False) == 400_000
+    assert chooser.wanted(LEVELS, cap_limited=False) == 1_100_000 * 1.2
+    paused = LayerChooser()
+    paused.choose(0.0, 10_000, LEVELS)
+    assert paused.wanted(LEVELS, cap_limited=False) == 50_000
     on_top = LayerChooser()
     on_top.choose(0.0, 4_000_000, LEVELS)
     assert on_top.wanted(LEVELS, cap_limited=True) == 2_200_000

@@ -53,7 +53,8 @@ async def one_cycle(server: RunningServer, host: ConsultationClient, room: str, 
     await host.wait_for(lambda: not host.owners)
 
 
-async def test_join_leave_cycles_release_everything(server: RunningServer) -> None:
+async def test_join_leave_cycles_release_everything(forwarding_server: RunningServer) -> None:
+    server = forwarding_server
     room = server.consultation()
     host, _ = await join_publisher(server, room, 1)
     watcher = Watcher(host)

@@ -85,3 +85,35 @@ def test_token_bucket() -> None:
     now[0] = 0.5
     assert bucket.take()
     assert not bucket.take()
+
+
+def test_resends_once_per_round_trip_and_within_a_share_of_the_rate() -> None:
+    from mediaserver.forwarder import ResendLimit
+
+    limit = ResendLimit(share=0.5, floor=40_000, burst=0.25)
+    rate = 400_000  # the stream: half of it, 25 kB/s, may go to retransmissions
+    assert limit.allow(1, 1000, now=0.0, rtt=0.2, rate=rate)
+    assert not limit.allow(1, 1000, now=0.1, rtt=0.2, rate=rate), "again within the round trip"
+    assert limit.allow(1, 1000, now=0.25, rtt=0.2, rate=rate), "the resend was lost too: once more"
+    # A NACK for a whole queue's worth: only the bucket's 0.25 s worth goes out at once.
+    allowed = sum(limit.allow(seq, 1000, now=0.3, rtt=0.2, rate=rate) for seq in range(100, 200))
+    assert 4 <= allowed <= 7
+    later = sum(limit.allow(seq, 1000, now=1.3, rtt=0.2, rate=rate) for seq in range(200, 300))
+    assert 5 <= later <= 7  # refilled at 25 kB/s, capped at the burst
+
+
+def test_the_size_of_a_vp8_keyframe_is_read_from_its_first_packet() -> None:
+    import av
+
+    from mediaserver.video_encoders import Vp8Encoder
+    from mediaserver.video_payloads import vp8_payloads
+    from mediaserver.vp8 import keyframe_size
+
+    encoder = Vp8Encoder(320, 240, 15, 300_000)
+    frame = av.VideoFrame(320, 240, "yuv420p")
+    encoded = encoder.encode(frame, 0)
+    assert encoded is not None and encoded.keyframe
+    payloads = vp8_payloads(encoded, picture_id=1)
+    assert keyframe_size(payloads[0]) == (320, 240)
+    assert keyframe_size(payloads[-1]) is None if len(payloads) > 1 else True
+    encoder.close()

@@ -16,7 +16,8 @@ from .conftest import RunningServer
 from .media_helpers import Watcher, join_publisher, receiving_from, share_decoded
 
 
-async def test_late_joiner_sees_a_picture_within_a_second(server: RunningServer) -> None:
+async def test_late_joiner_sees_a_picture_within_a_second(forwarding_server: RunningServer) -> None:
+    server = forwarding_server
     room = server.consultation()
     p1, v1 = await join_publisher(server, room, 1)
     p2, _ = await join_publisher(server, room, 2)
@@ -44,7 +45,8 @@ async def test_late_joiner_sees_a_picture_within_a_second(server: RunningServer)
             await c.close()
 
 
-async def test_lost_packets_are_retransmitted_from_the_server(server: RunningServer) -> None:
+async def test_lost_packets_are_retransmitted_from_the_server(forwarding_server: RunningServer) -> None:
+    server = forwarding_server
     room = server.consultation()
     p1, v1 = await join_publisher(server, room, 1, width=640, height=480, fps=15)
     p2, _ = await join_publisher(server, room, 2)
@@ -87,7 +89,8 @@ async def test_lost_packets_are_retransmitted_from_the_server(server: RunningSer
         await p2.close()
 
 
-async def test_leaving_and_muting_are_seen_and_a_rejoin_flows_again(server: RunningServer) -> None:
+async def test_leaving_and_muting_are_seen_and_a_rejoin_flows_again(forwarding_server: RunningServer) -> None:
+    server = forwarding_server
     room = server.consultation()
     p1, _ = await join_publisher(server, room, 1)
     p2, _ = await join_publisher(server, room, 2)
@@ -119,7 +122,8 @@ async def test_leaving_and_muting_are_seen_and_a_rejoin_flows_again(server: Runn
         await p2.close()
 
 
-async def test_a_client_sending_garbage_does_not_disturb_the_others(server: RunningServer) -> None:
+async def test_a_client_sending_garbage_does_not_disturb_the_others(forwarding_server: RunningServer) -> None:
+    server = forwarding_server
     room = server.consultation()
     p1, v1 = await join_publisher(server, room, 1)
     p2, v2 = await join_publisher(server, room, 2)
@@ -164,7 +168,8 @@ async def test_a_client_sending_garbage_does_not_disturb_the_others(server: Runn
             await c.close()
 
 
-async def test_a_hole_upstream_is_repaired_when_a_subscriber_asks_again(server: RunningServer) -> None:
+async def test_a_hole_upstream_is_repaired_when_a_subscriber_asks_again(forwarding_server: RunningServer) -> None:
+    server = forwarding_server
     room = server.consultation()
     p1, v1 = await join_publisher(server, room, 1, width=640, height=480, fps=15)
     p2, _ = await join_publisher(server, room, 2)

@@ -42,8 +42,9 @@ async def relayed_publisher(server: RunningServer, room: str, relay: ImpairingTu
 
 
 async def test_media_flows_through_the_relay_and_stops_and_resumes_with_an_outage(
-    server: RunningServer, relay: ImpairingTurnServer
+    forwarding_server: RunningServer, relay: ImpairingTurnServer
 ) -> None:
+    server = forwarding_server
     room = server.consultation()
     p1, v1 = await relayed_publisher(server, room, relay, 1)
     p2, _ = await relayed_publisher(server, room, relay, 2)
