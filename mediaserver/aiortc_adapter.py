@@ -302,7 +302,7 @@ class SendFailed(ConnectionError):
 class RtcpFeedback:
     """What a subscriber told us about one outbound stream, in plain data."""
 
-    __slots__ = ("kind", "lost", "bitrate", "fraction_lost", "packets_lost", "jitter")
+    __slots__ = ("kind", "lost", "bitrate", "fraction_lost", "packets_lost", "jitter", "highest_sequence")
 
     def __init__(
         self,
@@ -312,8 +312,10 @@ class RtcpFeedback:
         fraction_lost: int = 0,
         packets_lost: int = 0,
         jitter: int = 0,
+        highest_sequence: int = 0,
     ) -> None:
         self.kind = kind  # "nack" | "keyframe" | "remb" | "report"
+        self.highest_sequence = highest_sequence  # extended highest sequence number received
         self.lost = lost or []
         self.bitrate = bitrate
         self.fraction_lost = fraction_lost
@@ -367,6 +369,7 @@ class OutboundPort:
                                 fraction_lost=report.fraction_lost,
                                 packets_lost=report.packets_lost,
                                 jitter=report.jitter,
+                                highest_sequence=report.highest_sequence,
                             )
                         )
 
@@ -375,6 +378,12 @@ class OutboundPort:
     def configure(self, payload_type: int, mid: str | None) -> None:
         self.payload_type = payload_type
         self.mid = mid
+
+    @property
+    def sent(self) -> tuple[int, int]:
+        """(packets, payload octets) sent on this stream so far, as its sender reports count them."""
+        sender = self._sender
+        return sender._RTCRtpSender__packet_count, sender._RTCRtpSender__octet_count  # type: ignore[attr-defined]
 
     @property
     def round_trip_time(self) -> float | None:

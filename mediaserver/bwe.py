@@ -15,6 +15,10 @@ and never cut.
   falling REMB cuts the estimate to it. A REMB that merely lags behind (it can
   never exceed 1.5 times what arrives) is not a ceiling: that would stop every
   ramp-up.
+* Delivered: receiver reports say how many packets arrived; times the size of
+  what was sent, that is what the link carried. A cut never goes below 90 % of
+  it: after a flood, the estimate lands on the link's capacity instead of
+  collapsing to the floor (which would pause video a 150 kbit/s link can carry).
 * Probing: growing 5 % a second takes half a minute to double, too slow after
   a link comes back. When the link has been clean for a while and more would
   be used, the sender pads the stream up to a probe rate for a moment; if the
@@ -36,13 +40,40 @@ QUEUE_LIMIT = 0.12  # seconds of queueing above the base round trip that count a
 QUEUE_CALM = 0.05  # seconds: below this, the queue is empty enough to grow or probe
 REMB_FALL = 0.9  # a REMB under 90 % of the previous one reports overuse
 
-PROBE_TIME = 1.5  # seconds the padding lasts
+PROBE_TIME = 1.0  # seconds the padding lasts
 PROBE_SETTLE = 1.0  # seconds after the padding for the last report to come back
 PROBE_CALM = 2.0  # seconds without a cut before probing
-PROBE_STEP = 2.0  # at most this multiple of the estimate per probe
-FIRST_PROBE_STEP = 3.0  # the first probe, as soon as the link is heard from, reaches further
-PROBE_BACKOFF = (2.0, 4.0, 8.0, 16.0)  # seconds between probes after 0, 1, 2, 3+ failures
+# A probe overshooting a thin link fills its queue, and audio waits in that queue too:
+# probes step gently and stop at the first sign of queueing.
+PROBE_STEP = 1.5  # at most this multiple of the estimate per probe
+FIRST_PROBE_STEP = 2.0  # the first probe, as soon as the link is heard from, reaches further
+PROBE_BACKOFF = (2.0, 4.0, 8.0, 16.0, 30.0)  # seconds between probes after 0, 1, 2, 3, 4+ failures
 BASE_RTT_WINDOW = 30.0
+DELIVERED_FLOOR = 0.9  # a cut keeps at least this share of what the link just delivered
+DELIVERED_FRESH = 2.0  # seconds a delivered rate stays usable
+PACKET_OVERHEAD = 40  # bytes of SRTP, UDP and IP around each payload
+
+
+@dataclass
+class DeliveryMeter:
+    """What one stream's receiver reports say reached the subscriber, in bit/s (headers included)."""
+
+    last: tuple[float, int, int, int, int] | None = None  # time, highest seq, lost, packets sent, octets sent
+    rate: float | None = None
+    at: float | None = None
+
+    def update(self, now: float, highest: int, lost: int, sent_packets: int, sent_octets: int) -> float | None:
+        if self.last is not None and now - self.last[0] < 0.2:
+            return self.rate  # too close to the last report to measure anything
+        last, self.last = self.last, (now, highest, lost, sent_packets, sent_octets)
+        if last is None:
+            return self.rate
+        elapsed = now - last[0]
+        received = max((highest - last[1]) - (lost - last[2]), 0)
+        packets, octets = sent_packets - last[3], sent_octets - last[4]
+        size = (octets / packets if packets > 0 else 0.0) + PACKET_OVERHEAD
+        self.rate, self.at = received * size * 8 / elapsed, now
+        return self.rate
 
 
 @dataclass
@@ -72,6 +103,11 @@ class BandwidthEstimate:
     failed_probes: int = 0
     probes: int = 0
     successful_probes: int = 0
+    delivered: float | None = None  # what the link carried to this subscriber lately, bit/s
+    delivered_at: float | None = None
+
+    def on_delivered(self, rate: float, now: float) -> None:
+        self.delivered, self.delivered_at = rate, now
 
     @property
     def known(self) -> bool:
@@ -95,6 +131,10 @@ class BandwidthEstimate:
             self.base_rtt, self.base_rtt_at = rtt, now
         if self.probe is not None:
             self.probe.worst_rtt = max(self.probe.worst_rtt, rtt)
+            if self._probe_failed(self.probe):
+                self.probe = None  # a queue is building: stop padding now, not at the end
+                self.last_probe_end = now
+                self.failed_probes += 1
         elif self.queue_delay > QUEUE_LIMIT and self._may_cut(now):
             self._cut_to(self.estimate * QUEUE_CUT, now)
 
@@ -156,13 +196,17 @@ class BandwidthEstimate:
             return
         self.probe = None
         self.last_probe_end = now
-        if probe.worst_rtt - probe.base_rtt <= max(QUEUE_CALM, probe.base_rtt * 0.5):
+        if not self._probe_failed(probe):
             self.estimate = self._bounded(max(self.estimate, probe.rate * 0.95))
             self.failed_probes = 0
             self.successful_probes += 1
             self.last_growth = now
         else:
             self.failed_probes += 1
+
+    @staticmethod
+    def _probe_failed(probe: Probe) -> bool:
+        return probe.worst_rtt - probe.base_rtt > max(QUEUE_CALM, probe.base_rtt * 0.5)
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -171,6 +215,8 @@ class BandwidthEstimate:
         return self.last_cut is None or now - self.last_cut >= max(self.rtt, MIN_CUT_INTERVAL)
 
     def _cut_to(self, value: float, now: float) -> None:
+        if self.delivered is not None and self.delivered_at is not None and now - self.delivered_at < DELIVERED_FRESH:
+            value = max(value, self.delivered * DELIVERED_FLOOR)
         self.estimate = self._bounded(min(value, self.estimate))
         self.last_cut = now
         self.last_growth = now  # no growth straight after a cut

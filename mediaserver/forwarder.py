@@ -28,7 +28,7 @@ from typing import Protocol
 
 from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket
 from .keyframes import KeyframeThrottle
-from .ladder import PAUSED, Ladder, LayerChooser
+from .ladder import PAUSED, SOURCE_HEADROOM, Ladder, LayerChooser
 from .packet_cache import PacketCache
 from .rates import RateMeter
 from .rewriter import StreamRewriter
@@ -252,7 +252,8 @@ class Publication:
         budgets = [s.link.video_budget() for s in self.subscriptions]
         wanted = [b for b in budgets if b is not None]
         uplink = self.tap.uplink_estimate
-        caps = ([int(max(wanted))] if wanted else []) + ([uplink] if uplink else [])
+        # The original needs some headroom over its own rate to fit a budget (SOURCE_HEADROOM).
+        caps = ([int(max(wanted) / SOURCE_HEADROOM)] if wanted else []) + ([uplink] if uplink else [])
         if not caps or self.source_ssrc is None:
             return
         self.rate_cap = min(caps)
@@ -340,8 +341,11 @@ class Subscription:
         # The level being forwarded (None until the first keyframe), and the level
         # waiting for its keyframe. Video starts on a keyframe so the subscriber
         # never sees a broken picture; audio starts at once.
+        # With a ladder, the first decision picks the level (a new subscriber's link is
+        # unknown: it starts low and is moved up once its link has proven itself).
         self.level: int | None = None if publication.kind == "video" else publication.source_level
-        self.target: int | None = publication.source_level if publication.kind == "video" else None
+        self.target: int | None = (publication.source_level if publication.kind == "video"
+                                   and publication.ladder is None else None)
         self.keyframe_asked: float | None = None
         self.chooser = LayerChooser()
         self.meter = RateMeter()
@@ -367,8 +371,10 @@ class Subscription:
         budget = UNKNOWN_BUDGET if budget is None else budget
         probe = self.link.probe(now, self.chooser.wanted(levels, cap_limited))
         trying = self.level == PAUSED and probe is not None
+        ladder = self.publication.ladder
+        floor = float(ladder.specs[0].bitrate) if ladder is not None and ladder.specs else None
         choice = self.chooser.choose(now, max(budget, probe) if trying and probe else budget, levels,
-                                     probing=trying)
+                                     probing=trying, floor=floor)
         if choice == PAUSED:
             if self.level != PAUSED:
                 await self._pause()

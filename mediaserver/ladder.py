@@ -48,6 +48,7 @@ PAUSE_BELOW = 0.8  # pause when the budget falls under this share of the lowest 
 STAY_TOLERANCE = 1.15  # a level already flowing stays until the budget falls this far below it
 SOURCE_HEADROOM = 1.1  # the original needs this much more than it measures
 LAYER_BELOW_SOURCE = 0.8  # a layer is only worth making if it is well below the original
+UNMEASURED_SOURCE = 800_000.0  # bit/s assumed for an original not measured yet
 MAX_BACKLOG = 3  # frames waiting for the worker before we skip to the next keyframe
 LAYER_KEYFRAME_INTERVAL = 1.0  # seconds between keyframes a layer makes on request
 
@@ -85,7 +86,8 @@ def available_levels(layers: Sequence[LayerSpec], source_rate: float,
     A layer is offered only when it is clearly cheaper and smaller than the original.
     """
     source_level = len(layers)
-    source_cost = max(source_rate, 1.0) * SOURCE_HEADROOM
+    # Until the original has been measured, assume it is a typical camera stream.
+    source_cost = (source_rate if source_rate > 0 else UNMEASURED_SOURCE) * SOURCE_HEADROOM
     levels = [(i, float(spec.bitrate)) for i, spec in enumerate(layers)
               if (source_rate <= 0 or spec.bitrate < source_rate * LAYER_BELOW_SOURCE)
               and (source_size is None or spec.height < source_size[1])]
@@ -100,8 +102,14 @@ class LayerChooser:
     last_down: float | None = None
     fits_since: float | None = None  # since when the budget has allowed a higher level
 
-    def choose(self, now: float, budget: float, levels: Sequence[tuple[int, float]], probing: bool = False) -> int:
-        """The level for this budget now. ``probing``: a paused subscriber may try the lowest layer at once."""
+    def choose(self, now: float, budget: float, levels: Sequence[tuple[int, float]], probing: bool = False,
+               floor: float | None = None) -> int:
+        """The level for this budget now. ``probing``: a paused subscriber may try the lowest layer at once.
+
+        ``floor``: the budget under which video pauses (default: the cheapest level). When the
+        publisher is capped so low that no layer is worth making, the original is the cheapest
+        level, but video should still pause only under the lowest layer's rate.
+        """
         rates = dict(levels)
         current = self.current
         # Moving up needs the whole rate; the level in use (and those below) may stay a
@@ -110,7 +118,7 @@ class LayerChooser:
         fitting = [level for level, rate in levels
                    if rate <= budget * (STAY_TOLERANCE if level <= tolerant else 1.0)]
         best = fitting[-1] if fitting else PAUSED
-        lowest = levels[0][1]
+        lowest = min(levels[0][1], floor) if floor is not None else levels[0][1]
         if current is None:
             self.current = best
             return best

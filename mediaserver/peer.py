@@ -36,7 +36,7 @@ from .aiortc_adapter import (
     negotiated_payload_type,
     prefer_codec,
 )
-from .bwe import BandwidthEstimate
+from .bwe import DELIVERED_FRESH, BandwidthEstimate, DeliveryMeter
 from .errors import MediaError
 from .forwarder import CLOCK_RATES, MIME_TYPES, Publication, Subscription
 from .rewriter import StreamRewriter
@@ -74,6 +74,7 @@ class Slot:
         self.rewriter = StreamRewriter(CLOCK_RATES[kind])
         self.publication: Publication | None = None
         self.subscription: Subscription | None = None
+        self.delivery = DeliveryMeter()
 
     async def _on_feedback(self, feedback: RtcpFeedback) -> None:
         now = time.monotonic()
@@ -86,6 +87,8 @@ class Slot:
             rtt = self.port.round_trip_time
             if rtt is not None:
                 bandwidth.on_rtt(rtt, now)
+            self.delivery.update(now, feedback.highest_sequence, feedback.packets_lost, *self.port.sent)
+            bandwidth.on_delivered(self.peer.delivered(now), now)
             if self.kind == "video" or not self.peer.video_flowing():
                 bandwidth.on_report(feedback.fraction_lost, now)
         if self.subscription is not None:
@@ -266,6 +269,11 @@ class Peer:
 
     def subscriptions(self) -> list[Subscription]:
         return [s.subscription for s in self.slots if s.subscription is not None]
+
+    def delivered(self, now: float) -> float:
+        """What this subscriber's link carried lately, all streams together (from receiver reports)."""
+        return sum(slot.delivery.rate or 0.0 for slot in self.slots
+                   if slot.delivery.at is not None and now - slot.delivery.at < DELIVERED_FRESH)
 
     def _audio_rate(self, now: float) -> float:
         return sum(s.meter.current(now) for s in self._receiving("audio"))

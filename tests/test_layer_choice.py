@@ -82,3 +82,17 @@ def test_wanted_is_more_of_the_original_or_the_lowest_layer_while_paused() -> No
     on_top.choose(0.0, 4_000_000, LEVELS)
     assert on_top.wanted(LEVELS, cap_limited=True) == 2_200_000
     assert on_top.wanted(LEVELS, cap_limited=False) == 1_100_000 * 1.2
+
+
+def test_a_publisher_capped_below_every_layer_still_plays_above_the_lowest_layers_rate() -> None:
+    levels = available_levels(DEFAULT_LAYERS, source_rate=60_000)  # no layer is worth making
+    assert levels == [(SOURCE, 66_000.0)]
+    chooser = LayerChooser()
+    assert chooser.choose(0.0, 70_000, levels, floor=50_000) == SOURCE
+    assert chooser.choose(1.0, 55_000, levels, floor=50_000) == SOURCE  # a little short: the cap will follow
+    assert chooser.choose(2.0, 30_000, levels, floor=50_000) == PAUSED
+
+
+def test_an_original_not_yet_measured_is_not_free() -> None:
+    levels = available_levels(DEFAULT_LAYERS, source_rate=0)
+    assert LayerChooser().choose(0.0, 300_000, levels) == 1
