@@ -105,6 +105,13 @@ class BandwidthEstimate:
     successful_probes: int = 0
     delivered: float | None = None  # what the link carried to this subscriber lately, bit/s
     delivered_at: float | None = None
+    heard_at: float | None = None  # first report from this link
+
+    def on_nack(self, now: float) -> None:
+        """The subscriber reports a lost packet: during a probe, that is the probe overflowing
+        a queue (padding duplicates hide loss only from receiver reports, not from NACKs)."""
+        if self.probe is not None and self.padding(now):
+            self._fail_probe(now)
 
     def on_delivered(self, rate: float, now: float) -> None:
         self.delivered, self.delivered_at = rate, now
@@ -132,15 +139,15 @@ class BandwidthEstimate:
         if self.probe is not None:
             self.probe.worst_rtt = max(self.probe.worst_rtt, rtt)
             if self._probe_failed(self.probe):
-                self.probe = None  # a queue is building: stop padding now, not at the end
-                self.last_probe_end = now
-                self.failed_probes += 1
+                self._fail_probe(now)  # a queue is building: stop padding now, not at the end
         elif self.queue_delay > QUEUE_LIMIT and self._may_cut(now):
             self._cut_to(self.estimate * QUEUE_CUT, now)
 
     def on_report(self, fraction_lost: int, now: float) -> None:
         """A receiver report: ``fraction_lost`` is RFC 3550's 8-bit fixed-point fraction."""
         self._finish_probe(now)
+        if self.heard_at is None:
+            self.heard_at = now
         self.loss = max(0, min(fraction_lost, 255)) / 256
         if self.probe is not None:
             return  # padding duplicates hide loss; the probe is judged by delay
@@ -178,6 +185,8 @@ class BandwidthEstimate:
         backoff = PROBE_BACKOFF[min(self.failed_probes, len(PROBE_BACKOFF) - 1)]
         if self.last_cut is not None and now - self.last_cut < PROBE_CALM:
             return None
+        if self.heard_at is None or now - self.heard_at < PROBE_CALM:
+            return None  # watch a new link for a moment (its base round trip, its loss) first
         # Loss below the cutting threshold with a flat round trip is the link's own
         # (radio) loss, not congestion: it does not stop a probe, which is judged by delay.
         if now - calm_since < backoff or self.loss > CUT_ABOVE or self.queue_delay >= QUEUE_CALM:
@@ -203,6 +212,11 @@ class BandwidthEstimate:
             self.last_growth = now
         else:
             self.failed_probes += 1
+
+    def _fail_probe(self, now: float) -> None:
+        self.probe = None
+        self.last_probe_end = now
+        self.failed_probes += 1
 
     @staticmethod
     def _probe_failed(probe: Probe) -> bool:

@@ -100,6 +100,8 @@ class SubscriberLink(Protocol):
 
     def padding(self, now: float) -> bool: ...
 
+    def lost_packets(self, now: float) -> None: ...
+
 
 class UnknownLink:
     def video_budget(self) -> float | None:
@@ -110,6 +112,9 @@ class UnknownLink:
 
     def padding(self, now: float) -> bool:
         return False
+
+    def lost_packets(self, now: float) -> None:
+        pass
 
 
 VideoStateHandler = Callable[["Subscription", bool], Awaitable[None]]
@@ -458,6 +463,7 @@ class Subscription:
             upstream = []
             cache = self.publication.cache_for(self.level)
             now = self.publication.clock()
+            self.link.lost_packets(now)
             rtt = self.port.round_trip_time or 0.1
             for out_seq in feedback.lost:
                 source_seq = self.rewriter.source_seq(out_seq)

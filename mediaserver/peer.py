@@ -306,6 +306,9 @@ class Peer:
     def padding(self, now: float) -> bool:
         return self.bandwidth.padding(now)
 
+    def lost_packets(self, now: float) -> None:
+        self.bandwidth.on_nack(now)
+
     # --- state -----------------------------------------------------------------
 
     def set_muted(self, kind: str, muted: bool) -> None:

@@ -136,7 +136,7 @@ class AudioPlayout:
         catch_up_after: float = 0.5,
         can_recover: Callable[[bytes], bool] = lambda packet: True,
         on_missing: Callable[[list[int]], None] | None = None,
-        max_requests: int = 2,
+        max_requests: int = 3,
         max_repair_delay: float = 0.25,
         repair_window: float = 10.0,
         repair_quantile: float = 0.9,

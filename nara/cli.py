@@ -92,6 +92,12 @@ def cmd_bench_adapt(args: argparse.Namespace) -> int:
     return adapt_main(args)
 
 
+def cmd_bench_encoders(args: argparse.Namespace) -> int:
+    from bench.encoders import main as encoders_main
+
+    return encoders_main(args)
+
+
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from bench.run import compare_main
 
@@ -179,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--fps", type=int, default=15)
     adapt.add_argument("--output", help="results folder (default bench-results/adapt-<time>)")
     adapt.set_defaults(func=cmd_bench_adapt)
+
+    encoders = bench_sub.add_parser(
+        "encoders", help="Nära's VP8 encoder against aiortc's: CPU per frame, rate changed on the fly",
+        description="Encode the same frames with Nära's VP8 encoder and aiortc's; print CPU per frame and "
+                    "the output rate after each change of target on a running encoder.")
+    encoders.add_argument("--frames", type=int, default=150, help="frames per pass (default 150)")
+    encoders.set_defaults(func=cmd_bench_encoders)
 
     compare = bench_sub.add_parser("compare", help="two result folders side by side",
                                    description="Print two runs' summaries side by side.")

@@ -145,3 +145,19 @@ def test_after_a_flood_the_estimate_lands_on_what_the_link_delivered() -> None:
         bwe.on_delivered(140_000, now=10.0 + t * 0.6)  # a 150 kbit/s link, flooded
         bwe.on_report(lost(0.6), now=10.0 + t * 0.6)
     assert bwe.estimate == pytest.approx(140_000 * 0.9)
+
+
+def test_a_lost_packet_reported_during_a_probe_stops_it() -> None:
+    bwe = BandwidthEstimate(estimate=300_000)
+    clean_link(bwe, 0.0, 3.0)
+    assert bwe.probe_rate(3.0, wanted=2_000_000) is not None
+    bwe.on_nack(3.3)
+    assert not bwe.padding(3.4) and bwe.failed_probes == 1
+
+
+def test_a_new_link_is_watched_before_the_first_probe() -> None:
+    bwe = BandwidthEstimate(estimate=300_000)
+    clean_link(bwe, 0.0, 1.0)
+    assert bwe.probe_rate(1.0, wanted=2_000_000) is None
+    clean_link(bwe, 1.5, 2.0)
+    assert bwe.probe_rate(2.0, wanted=2_000_000) is not None

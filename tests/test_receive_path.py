@@ -752,7 +752,8 @@ async def test_video_keeps_coming_through_loss_and_after_a_hole_nothing_can_repa
         restrict_host_addresses(None)
 
 
-async def test_a_participant_can_receive_through_naras_path(server: RunningServer) -> None:
+async def test_a_participant_can_receive_through_naras_path(forwarding_server: RunningServer) -> None:
+    server = forwarding_server  # the original's stamps, unscaled
     room = server.consultation()
     publisher, _ = await join_publisher(server, room, 1)
     listener = ConsultationClient(server.url, room, server.token(room, "Listener", participant_id="l1"),
