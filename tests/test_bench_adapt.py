@@ -49,7 +49,7 @@ def test_a_short_run_reports_every_metric_and_goal_per_mode(tmp_path: Path) -> N
     assert thin["nara"]["metrics"]["video_fps"] > thin["forward"]["metrics"]["video_fps"]
     rows = list(csv.DictReader((out / "per-second.csv").open()))
     assert {(r["scenario"], r["mode"]) for r in rows} == {(s, m) for s in ("loss5", "thin150")
-                                                          for m in ("forward", "p2p")}
+                                                          for m in ("nara", "forward", "p2p")}
     assert {r["capacity_kbps"] for r in rows if r["scenario"] == "thin150"} == {"150.0"}
     assert any(float(r["received_kbps"]) > 100 for r in rows if r["scenario"] == "loss5")
     assert "delivered_pct" in result.stdout and ("pass" in result.stdout or "FAIL" in result.stdout)
