@@ -32,12 +32,12 @@ from .aiortc_adapter import RtpPacket
 from .keyframes import KeyframeThrottle
 from .packet_cache import PacketCache
 from .rates import RateMeter
+from .receive import VideoFrameAssembler
+from .video_encoders import Vp8Encoder
+from .video_payloads import EncodedFrame, vp8_payloads
 
 if TYPE_CHECKING:
     from .forwarder import Publication
-    from .receive import VideoFrameAssembler
-    from .video_encoders import Vp8Encoder
-    from .video_payloads import EncodedFrame
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +186,6 @@ class Layer:
         """
         width, height = self.spec.size((picture.width, picture.height))
         if self.encoder is None:
-            from .video_encoders import Vp8Encoder
-
             self.encoder = Vp8Encoder(width, height, self.spec.framerate, self.spec.bitrate)
         elif (self.encoder.width, self.encoder.height) != (width, height):
             self.encoder.set_target(width=width, height=height)  # the original changed shape
@@ -198,8 +196,6 @@ class Layer:
 
     def packets(self, frame: EncodedFrame) -> list[RtpPacket]:
         """On the event loop: the encoded frame as this layer's RTP packets."""
-        from .video_payloads import vp8_payloads
-
         payloads = vp8_payloads(frame, self.picture_id)
         self.picture_id = (self.picture_id + 1) % (1 << 15)
         out = []
@@ -257,8 +253,6 @@ class Ladder:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"ladder-{self.publication.id}")
-            from .receive import VideoFrameAssembler
-
             self._assembler = VideoFrameAssembler(on_keyframe_needed=self._keyframe_needed)
             self._decoder = None
             self._skipping = True  # decoding starts on a keyframe of the original
