@@ -81,6 +81,7 @@ class Room:
     async def publish(self, publication: Publication) -> None:
         publication.on_video_state = self._video_state
         publication.on_change = self.on_change
+        self.on_change()
         await self.broadcast(
             {
                 "type": "track-published",
@@ -159,8 +160,8 @@ class MediaServer:
         asyncio.ensure_future(self._notify())
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Wait until ``predicate()`` holds; checked whenever someone joins or leaves, a subscriber
-        changes level or a layer starts or stops."""
+        """Wait until ``predicate()`` holds; checked whenever someone joins or leaves, a track is
+        published, a subscriber changes level or a layer starts or stops."""
         async with self._changed:
             await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
 

@@ -107,14 +107,15 @@ async def test_the_publisher_is_capped_at_what_its_subscriber_can_take(
     publisher = ConsultationClient(server.url, room, server.token(room, "Kit", "kit", participant_id="kit"),
                                    video=StampedVideoTrack(1, 640, 480, 15), audio=ToneAudioTrack(440))
     await publisher.join()
+    media = server.hub.media
+    await media.wait_until(lambda: "video" in media.rooms[room].peers["kit"].publications)
+    publication = media.rooms[room].peers["kit"].publications["video"]
+    start = publication.stats.bytes
+    await asyncio.sleep(3)  # measure what the kit sends while no subscriber limits it
+    before = (publication.stats.bytes - start) * 8 / 3
     thin, _ = await relayed_publisher(server, room, relay, 2, profile="webrtc-150k")
     try:
         await receiving_from(thin, {"kit"})
-        media = server.hub.media
-        publication = media.rooms[room].peers["kit"].publications["video"]
-        start = publication.stats.bytes
-        await asyncio.sleep(3)  # measure what the kit sends before it is told
-        before = (publication.stats.bytes - start) * 8 / 3
         # The subscriber's reports show heavy loss; its estimate falls and the kit is told.
         watcher = Watcher(thin)
         watcher.follow()  # every decoded audio or video frame wakes the check below
