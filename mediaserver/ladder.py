@@ -253,10 +253,10 @@ class Ladder:
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"ladder-{self.publication.id}")
+            # The assembler hands on nothing before a keyframe of the original, and asks for one.
             self._assembler = VideoFrameAssembler(on_keyframe_needed=self._keyframe_needed)
             self._decoder = None
-            self._skipping = True  # decoding starts on a keyframe of the original
-            self._keyframe_needed()
+            self._skipping = False
         self.layers[level] = Layer(level, self.specs[level])
         self.publication.on_change()
         logger.info("%s: layer %s started", self.publication.id, self.specs[level].name)

@@ -26,6 +26,7 @@ picture size and frame rate a step at a time (``SizeSteps``).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import fractions
 import functools
@@ -73,7 +74,7 @@ def _even(value: int) -> int:
     return value & ~1
 
 
-class VideoEncoder:
+class VideoEncoder(abc.ABC):
     """What Nära's video encoders share: targets, pacing, keyframe schedule, counters.
 
     ``encode`` may run on a worker thread while ``set_target`` and
@@ -185,14 +186,17 @@ class VideoEncoder:
 
     # codec-specific parts, called with the codec lock held
 
+    @abc.abstractmethod
     def _configure(self, bitrate: int, framerate: float, width: int, height: int, keyframe_due: bool) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _encode_picture(self, frame: av.VideoFrame, pts: int, duration: int, keyframe: bool) -> _Coded | None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _release(self) -> None:
-        raise NotImplementedError
+        ...
 
 
 class Vp8Encoder(VideoEncoder):
