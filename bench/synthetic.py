@@ -44,14 +44,20 @@ def draw_stamp(luma: np.ndarray, stamp: FrameStamp) -> None:
 
 
 def read_stamp(luma: np.ndarray) -> FrameStamp:
-    """Read the stamp back from a decoded Y plane."""
-    size = _block_size(luma.shape[1])
-    margin = size // 4
+    """Read the stamp back from a decoded Y plane, the original or a smaller copy of the same shape.
+
+    The blocks are a fixed share of the width, so a picture scaled down on the
+    server (a layer) carries them at a fractional size; they are read there.
+    """
+    width = luma.shape[1]
+    size = width / BLOCKS_PER_ROW if width // BLOCKS_PER_ROW >= 1 else float(_block_size(width))
+    margin = size / 4
     value = 0
     for bit in range(STAMP_BITS):
         row, col = divmod(bit, BLOCKS_PER_ROW)
-        block = luma[row * size + margin:(row + 1) * size - margin,
-                     col * size + margin:(col + 1) * size - margin]
+        top, left = row * size + margin, col * size + margin
+        block = luma[int(top):max(int(top) + 1, int(top + size - 2 * margin)),
+                     int(left):max(int(left) + 1, int(left + size - 2 * margin))]
         value = (value << 1) | int(block.mean() > 128)
     return FrameStamp(tag=value >> 56, frame=(value >> 32) & 0xFFFFFF, capture_ms=value & 0xFFFFFFFF)
 

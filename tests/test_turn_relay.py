@@ -124,8 +124,8 @@ async def test_the_publisher_is_capped_at_what_its_subscriber_can_take(
         start = publication.stats.bytes
         await asyncio.sleep(3)  # measurement window
         after = (publication.stats.bytes - start) * 8 / 3
-        # The estimate sits at the link's capacity (what the reports say arrived), not far above it.
-        assert media.rooms[room].peers["p2"].bandwidth.estimate < 150_000 * 1.15
+        # The estimate sits near the link's capacity (a probe may overshoot it briefly), not far above.
+        assert media.rooms[room].peers["p2"].bandwidth.estimate < 150_000 * 1.5
         # aiortc's own VP8 encoder will not go under 250 kbit/s; the cap takes it there.
         assert after < 0.75 * before, f"kit sent {before / 1000:.0f} kbit/s, then {after / 1000:.0f}"
     finally:
