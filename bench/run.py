@@ -59,7 +59,8 @@ async def run_mode(mode: str, args: argparse.Namespace, workdir: Path, progress:
                 tone = ToneAudioTrack(300 + 40 * tag)
                 microphone = OpusTrack(tone) if mode == "sfu" and args.encoders == "nara" else tone
                 members.append(Participant(label, args.profile, run_start, tags,
-                                           StampedVideoTrack(tag, width, height, args.fps), microphone))
+                                           StampedVideoTrack(tag, width, height, args.fps), microphone,
+                                           source_size=(width, height)))  # PSNR of layers, scaled
             participants.append(members)
             if sfu is not None:
                 room = await sfu.consultation(f"bench {r}")
