@@ -104,6 +104,28 @@ def cmd_bench_compare(args: argparse.Namespace) -> int:
     return compare_main(args)
 
 
+def cmd_edge_check_config(args: argparse.Namespace) -> int:
+    from edge.config import read_config
+
+    _, errors = read_config(Path(args.file))
+    for error in errors:
+        print(f"{args.file}: {error.field}: {error.message}")
+    if errors:
+        return 2
+    print(f"{args.file} is valid.")
+    return 0
+
+
+def _add_edge(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    edge = sub.add_parser("edge", help="the home kit's agent",
+                          description="The home kit: enrol it once, then run its agent.")
+    edge_sub = edge.add_subparsers(dest="edge_command", required=True)
+    check = edge_sub.add_parser("check-config", help="check a kit configuration file",
+                                description="Print every mistake in a kit configuration file (exit 2 if any).")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_edge_check_config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nara", description="Nära video consultations")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("a")
     compare.add_argument("b")
     compare.set_defaults(func=cmd_bench_compare)
+    _add_edge(sub)
     return parser
 
 
