@@ -12,9 +12,10 @@ from aiortc import RTCIceServer
 
 from mediaserver.room import MediaServer
 
-from . import rest
+from . import devices, rest
 from . import web as web_client
 from .config import DATABASE_FILE, ServerConfig, admin_key, prepare_data_dir, token_keys
+from .devices import HomeKits
 from .store import ConsultationStore
 from .tokens import TokenAuthority
 from .ws import HUB, SignallingHub, websocket_handler
@@ -37,15 +38,18 @@ def build_app(config: ServerConfig) -> web.Application:
     store = ConsultationStore(config.data_dir / DATABASE_FILE)
     authority = TokenAuthority(token_keys(config), config.issuer, config.audience)
     media = MediaServer(ice_servers(config), config.media_addresses, adaptation=config.adaptation)
-    hub = SignallingHub(config, authority, store, media)
+    kits = HomeKits(store, authority)
+    hub = SignallingHub(config, authority, store, media, devices=kits)
     app = web.Application(middlewares=[rest.json_errors, rest.require_admin], client_max_size=1024**2)
     app[HUB] = hub
     app[rest.ADMIN_KEY] = admin_key(config)
     rest.add_routes(app)
+    devices.add_routes(app)
     web_client.add_routes(app)
     app.router.add_get("/ws", websocket_handler)
 
     async def shutdown(app: web.Application) -> None:
+        kits.close()
         for session in list(hub.sessions.values()):
             await session.close(1001, "server shutting down")
         await media.close()

@@ -1,6 +1,7 @@
 """REST: consultations and join tokens, for administrators and booking systems.
 
-Every endpoint under /api needs the admin key as a bearer token. Errors are
+Every endpoint under /api needs the admin key as a bearer token, except the home
+kits' own and the clinician's "call the home kit" (devices.py). Errors are
 JSON ``{"error": {"code": ..., "message": ...}}`` with a stable code.
 """
 
@@ -18,6 +19,9 @@ from .ws import HUB, SignallingHub
 
 ADMIN_KEY: web.AppKey[str] = web.AppKey("admin_key", str)
 MAX_BODY = 16 * 1024
+# Routes under /api that check credentials of their own (devices.py): a home kit's enrolment code
+# or device secret, or the admin key or a clinician's join token for the consultation.
+SELF_AUTHENTICATED = frozenset({"device-enrol", "device-session", "kit-get", "kit-put", "kit-delete", "kit-call"})
 
 
 class ApiError(Exception):
@@ -46,7 +50,7 @@ async def json_errors(
 async def require_admin(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    if request.path.startswith("/api/"):
+    if request.path.startswith("/api/") and request.match_info.route.name not in SELF_AUTHENTICATED:
         expected = request.app[ADMIN_KEY]
         header = request.headers.get("Authorization", "")
         scheme, _, supplied = header.partition(" ")
@@ -57,7 +61,7 @@ async def require_admin(
     return await handler(request)
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def json_body(request: web.Request) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise api_error(413, "body_too_large", f"Request bodies may be at most {MAX_BODY} bytes.")
     raw = await request.content.read(MAX_BODY + 1)
@@ -76,12 +80,13 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
 
 def _consultation_json(hub: SignallingHub, consultation: Any) -> dict[str, Any]:
     room = hub.media.rooms.get(consultation.id)
-    return {**consultation.public(), "participants": room.participants() if room else []}
+    kit = hub.devices.kit_status(consultation.id, hub.connected) if hub.devices else None
+    return {**consultation.public(), "participants": room.participants() if room else [], "kit": kit}
 
 
 async def create_consultation(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    data = await _json_body(request)
+    data = await json_body(request)
     title = data.get("title", "Konsultation")
     if not isinstance(title, str) or not 0 < len(title.strip()) <= 200:
         raise api_error(400, "title_invalid", "title must be text of 1 to 200 characters.")
@@ -118,7 +123,7 @@ async def mint_token(request: web.Request) -> web.Response:
     room = request.match_info["id"]
     if hub.store.get(room) is None:
         raise api_error(404, "consultation_not_found", "There is no consultation with this id.")
-    data = await _json_body(request)
+    data = await json_body(request)
     name, role = data.get("name"), data.get("role")
     ttl = data.get("ttl_seconds", DEFAULT_TTL)
     participant_id = data.get("participant_id")

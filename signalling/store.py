@@ -17,6 +17,28 @@ CREATE TABLE IF NOT EXISTS consultation (
     scheduled_for REAL,
     status TEXT NOT NULL DEFAULT 'open'
 );
+
+-- Home kits (signalling/devices.py). Codes and secrets are kept only as SHA-256 hashes.
+CREATE TABLE IF NOT EXISTS device (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    code_hash TEXT NOT NULL UNIQUE,
+    code_expires_at REAL NOT NULL,
+    code_used_at REAL,
+    secret_hash TEXT,
+    revoked_at REAL,
+    last_seen REAL
+);
+
+-- Which kit a consultation uses (at most one), and whether the clinician has called it.
+CREATE TABLE IF NOT EXISTS kit_assignment (
+    consultation_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    assigned_at REAL NOT NULL,
+    called_at REAL
+);
+CREATE INDEX IF NOT EXISTS kit_assignment_device ON kit_assignment (device_id);
 """
 
 
@@ -58,6 +80,11 @@ class ConsultationStore:
              consultation.scheduled_for, consultation.status),
         )
         return consultation
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, for other tables in the same file (devices.py)."""
+        return self._db
 
     def get(self, consultation_id: str) -> Consultation | None:
         row = self._db.execute(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
@@ -37,6 +37,9 @@ from .ratelimit import TokenBucket
 from .store import ConsultationStore
 from .tokens import TokenAuthority, TokenError
 
+if TYPE_CHECKING:
+    from .devices import HomeKits
+
 logger = logging.getLogger(__name__)
 
 # aiohttp closes a connection outright (1009) past this size; between
@@ -49,6 +52,7 @@ DROPPED_BEFORE_CLOSE = 200
 
 CLOSE_REFUSED = 4001  # token or permission refused
 CLOSE_REPLACED = 4002  # the same participant joined from elsewhere
+CLOSE_REVOKED = 4403  # a home kit IT staff revoked
 CLOSE_POLICY = 1008
 
 
@@ -61,6 +65,21 @@ class SignallingHub:
     store: ConsultationStore
     media: MediaServer
     sessions: dict[tuple[str, str], ParticipantSocket] = field(default_factory=dict)
+    devices: HomeKits | None = None
+
+    def connected(self, participant_id: str) -> bool:
+        """Is this participant in any consultation right now?"""
+        return any(pid == participant_id for _, pid in self.sessions)
+
+    async def disconnect(self, participant_id: str, role: str, code: str, message: str, close_code: int) -> int:
+        """Send ``code`` to every live connection of this participant in ``role`` and close it; how many."""
+        found = [
+            session for (_, pid), session in self.sessions.items()
+            if pid == participant_id and session.peer is not None and session.peer.info.role == role
+        ]
+        for session in found:
+            await session.refuse(code, message, close_code)
+        return len(found)
 
 
 class ParticipantSocket:
@@ -162,6 +181,13 @@ class ParticipantSocket:
             logger.info("join refused from %s: %s", self.remote, exc.code)
             await self.refuse(exc.code, exc.message)
             return
+        if claims.role == "kit" and self.hub.devices is not None:
+            try:
+                self.hub.devices.check_not_revoked(claims.participant_id)
+            except CodedError as exc:
+                logger.info("join refused from %s: kit %s: %s", self.remote, claims.participant_id, exc.code)
+                await self.refuse(exc.code, exc.message, CLOSE_REVOKED)
+                return
         if message.publish and not claims.may_publish:
             await self.refuse(
                 "publish_not_allowed",
