@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from signalling.tokens import DEFAULT_TTL, MAX_TTL, ROLES
 
@@ -71,6 +77,71 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"{config.base_url}/c/{args.room}#token={token}")
     else:
         print(token)
+    return 0
+
+
+def _admin_request(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """Call the running server's admin REST API with the admin key from --data-dir; DeviceCommandError on failure."""
+    key_file = Path(args.data_dir) / "admin-key"
+    try:
+        key = key_file.read_text().strip()
+    except OSError as exc:
+        raise DeviceCommandError(f"cannot read the admin key in {key_file}: {exc.strerror}; "
+                                 "use --data-dir of the server") from None
+    request = urllib.request.Request(
+        f"{args.server.rstrip('/')}{path}", method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            error = json.load(exc)["error"]
+            reason = f"{error['message']} ({error['code']})"
+        except (ValueError, KeyError, TypeError):
+            reason = f"HTTP {exc.code}"
+        raise DeviceCommandError(reason) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = str(exc.reason if isinstance(exc, urllib.error.URLError) else exc)
+        raise DeviceCommandError(f"cannot reach the server at {args.server}: {reason}") from None
+
+
+class DeviceCommandError(Exception):
+    pass
+
+
+def _when(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch)) if epoch else "never"
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    try:
+        if args.device_command == "create":
+            created = _admin_request(args, "POST", "/api/devices", {"name": args.name})
+            if args.json:
+                print(json.dumps(created, ensure_ascii=False))
+            else:
+                print(f"Created {created['device_id']} ({created['name']}).")
+                print(f"Enrolment code: {created['enrolment_code']}  (works once, until "
+                      f"{_when(created['code_expires_at'])})")
+        elif args.device_command == "list":
+            devices = _admin_request(args, "GET", "/api/devices")["devices"]
+            if args.json:
+                print(json.dumps(devices, ensure_ascii=False))
+            for d in [] if args.json else devices:
+                state = "revoked" if d["revoked"] else "enrolled" if d["enrolled"] else "awaiting enrolment"
+                assigned = ", ".join(d["assigned_to"]) or "-"
+                print(f"{d['device_id']}  {d['name']:<20} {state:<18} last seen {_when(d['last_seen']):<16} "
+                      f"assigned to {assigned}")
+        else:
+            revoked = _admin_request(args, "POST", f"/api/devices/{urllib.parse.quote(args.device_id)}/revoke")
+            print(json.dumps(revoked) if args.json else f"Revoked {revoked['device_id']}: it can no longer join, "
+                  "and any call it was in has been closed.")
+    except DeviceCommandError as exc:
+        print(f"nara device {args.device_command}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -154,6 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--participant-id", help="stable participant id (default: generated)")
     token.add_argument("--link", action="store_true", help="print a join link instead of the token")
     token.set_defaults(func=cmd_token)
+
+    device = sub.add_parser(
+        "device", help="home kits: create (prints the enrolment code), list, revoke",
+        description="Manage home kits on a running server, with the admin key in --data-dir.")
+    device_sub = device.add_subparsers(dest="device_command", required=True)
+    for name, help_text in (("create", "a new kit and its one-time enrolment code (valid 24 h)"),
+                            ("list", "every kit: enrolled, revoked, last seen, assigned consultations"),
+                            ("revoke", "refuse a kit's credential from now on and close its call")):
+        command = device_sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        command.add_argument("--server", default="http://127.0.0.1:8080", help="server URL (default %(default)s)")
+        command.add_argument("--data-dir", default="nara-data", help="the server's data directory, for its admin key")
+        command.add_argument("--json", action="store_true", help="print the server's JSON answer")
+        command.set_defaults(func=cmd_device)
+        if name == "create":
+            command.add_argument("--name", required=True, help="the kit's name, e.g. 'Kit 7'")
+        elif name == "revoke":
+            command.add_argument("device_id", help="e.g. kit-k3m9xq2vwa (see nara device list)")
 
     bench = sub.add_parser("bench", help="benchmarks", description="Nära benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

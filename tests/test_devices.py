@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import re
 import sqlite3
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -409,3 +412,37 @@ async def test_a_scheduled_consultation_in_the_store_wakes_nothing_early(tmp_pat
         assert kits.whereabouts(device.id).due == later
     finally:
         store.close()
+
+
+async def nara(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nara.cli", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode or 0, out.decode(), err.decode()
+
+
+async def test_it_staff_create_list_and_revoke_kits_with_the_nara_command(server: RunningServer, api: Api) -> None:
+    where = ("--server", server.url, "--data-dir", str(server.config.data_dir))
+    code, out, err = await nara("device", "create", "--name", "Kit 9", *where)
+    assert code == 0, err
+    enrolment = re.search(r"Enrolment code: ([A-Z0-9]{4}-[A-Z0-9]{4})", out)
+    device_id = re.search(r"Created (kit-\w+) \(Kit 9\)", out)
+    assert enrolment and device_id, out
+    status, enrolled = await api.enrol(enrolment.group(1))
+    assert status == 200 and enrolled["device_id"] == device_id.group(1)
+
+    code, out, err = await nara("device", "list", *where)
+    assert code == 0, err
+    assert device_id.group(1) in out and "Kit 9" in out and "enrolled" in out
+    assert enrolled["secret"] not in out
+
+    code, out, err = await nara("device", "revoke", device_id.group(1), *where)
+    assert code == 0 and "Revoked" in out, err
+    assert (await api.devices())[device_id.group(1)]["revoked"] is True
+
+    code, out, err = await nara("device", "revoke", "kit-nope", *where)
+    assert code == 1 and "device_unknown" in err
+    elsewhere = str(server.config.data_dir / "elsewhere")
+    code, out, err = await nara("device", "list", "--server", server.url, "--data-dir", elsewhere)
+    assert code == 1 and "admin key" in err
