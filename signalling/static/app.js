@@ -20,6 +20,7 @@ const page = {
   tiles: new Map(), // participant id -> element
   activeSpeaker: null,
   stateLog: [], // every connection state the call went through, for IT staff
+  kit: null, // the consultation's home kit, for clinicians and nurses: {device_id, name, online, called}
 };
 window.naraDebug = page; // for IT staff in the console, and for the browser tests
 
@@ -32,6 +33,7 @@ function setStatus(text) { $("status").textContent = text; }
 
 function refuse(code) {
   page.refusal = code;
+  $("kit-panel").hidden = true;
   const key = `refusal.${code}`;
   $("refusal-text").textContent = t(key) === key ? t("refusal.other") : t(key);
   $("refusal-code").textContent = t("refusal.code", { code });
@@ -57,6 +59,7 @@ async function checkLink() {
   $("room-title").textContent = body.room.title;
   renderGreeting();
   show("prejoin");
+  if (KIT_CALLERS.has(body.participant.role)) watchKit();
   $("join-button").disabled = true;
   if (body.may_publish) await startPreview();
   else showDeviceProblem(t("prejoin.watch_only"));
@@ -113,7 +116,7 @@ function join() {
   const call = new Call({ room, token, publish: page.link.may_publish && !!page.localStream, localStream: page.localStream });
   page.call = call;
   call.addEventListener("state", () => renderState());
-  call.addEventListener("participants", () => renderTiles());
+  call.addEventListener("participants", () => { renderTiles(); renderKit(); });
   call.addEventListener("refused", (e) => refuse(e.detail.code));
   $("self-video").srcObject = page.localStream;
   $("self-view").hidden = !page.localStream;
@@ -195,6 +198,54 @@ function renderControls() {
   }
 }
 
+// --- the home kit: is it on, and "call the home kit" -----------------------------------
+
+const KIT_CALLERS = new Set(["clinician", "nurse"]);
+const KIT_POLL_MS = 5000;
+
+async function kitRequest(method, path = "kit") {
+  const response = await fetch(`/api/consultations/${encodeURIComponent(room)}/${path}`, {
+    method, headers: { Authorization: `Bearer ${token}` },
+  });
+  const body = await response.json();
+  if (!response.ok) throw Object.assign(new Error(body.error.message), { code: body.error.code });
+  return body.kit;
+}
+
+async function watchKit() {
+  if (page.refusal) return;
+  try {
+    page.kit = await kitRequest("GET");
+    renderKit();
+  } catch { /* no network just now: the next round tries again */ }
+  setTimeout(watchKit, KIT_POLL_MS);
+}
+
+async function callKit() {
+  $("call-kit-button").disabled = true;
+  $("kit-problem").hidden = true;
+  try {
+    page.kit = await kitRequest("POST", "call-kit");
+  } catch (err) {
+    $("kit-problem").textContent = t("kit.call_failed", { code: err.code ?? err.name });
+    $("kit-problem").hidden = false;
+  }
+  $("call-kit-button").disabled = false;
+  renderKit();
+}
+
+function renderKit() {
+  const kit = page.kit;
+  $("kit-panel").hidden = !kit || Boolean(page.refusal);
+  if (!kit) return;
+  const inCall = page.call?.participants.has(kit.device_id) ?? false;
+  const key = inCall ? "kit.in_call" : kit.called ? "kit.called" : kit.online ? "kit.online" : "kit.offline";
+  $("kit-status").textContent = t(key, { name: kit.name });
+  $("kit-status").dataset.online = String(kit.online);
+  $("kit-panel").dataset.called = String(kit.called);
+  $("call-kit-button").hidden = inCall;
+}
+
 // --- link quality and the active speaker --------------------------------------------
 
 async function sampleStats() {
@@ -262,7 +313,9 @@ function wire() {
     renderState();
     renderTiles();
     renderControls();
+    renderKit();
   });
+  $("call-kit-button").addEventListener("click", callKit);
   $("camera-select").addEventListener("change", async () => {
     await startPreview();
     if (page.call) await page.call.replaceLocalTrack("video", page.localStream?.getVideoTracks()[0] ?? null);
