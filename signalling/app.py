@@ -53,9 +53,12 @@ def build_app(config: ServerConfig) -> web.Application:
         for session in list(hub.sessions.values()):
             await session.close(1001, "server shutting down")
         await media.close()
-        store.close()
+
+    async def close_store(app: web.Application) -> None:
+        store.close()  # after the requests still running (a kit's waiting question) have been answered
 
     app.on_shutdown.append(shutdown)
+    app.on_cleanup.append(close_store)
     return app
 
 

@@ -446,3 +446,33 @@ async def test_it_staff_create_list_and_revoke_kits_with_the_nara_command(server
     elsewhere = str(server.config.data_dir / "elsewhere")
     code, out, err = await nara("device", "list", "--server", server.url, "--data-dir", elsewhere)
     assert code == 1 and "admin key" in err
+
+
+async def test_a_waiting_kit_is_answered_when_assigned_to_a_consultation_under_way(
+    server: RunningServer, api: Api
+) -> None:
+    device_id, secret = await api.enrolled_kit()
+    started = server.hub.store.create("Pågår", scheduled_for=time.time() - 120).id
+    poll = asyncio.ensure_future(api.session(device_id, secret, wait=25))
+    await kits_of(server).until_waiting(device_id)
+    await api.assign(started, device_id)
+    status, answer = await asyncio.wait_for(poll, 5)
+    assert status == 200 and (answer["state"], answer["consultation_id"]) == ("assigned", started)
+
+
+async def test_a_stopping_server_answers_waiting_kits_instead_of_holding_them(tmp_path: Path) -> None:
+    server, runner = await start_server(tmp_path)
+    async with aiohttp.ClientSession() as http:
+        api = Api(server, http)
+        device_id, secret = await api.enrolled_kit()
+        later = server.hub.store.create("Senare", scheduled_for=time.time() + 7200).id
+        await api.assign(later, device_id)
+        poll = asyncio.ensure_future(api.session(device_id, secret, wait=25))
+        await kits_of(server).until_waiting(device_id)
+        stopping = time.monotonic()
+        await runner.cleanup()
+        assert time.monotonic() - stopping < 5
+        status, answer = await asyncio.wait_for(poll, 5)
+    assert (status, answer) == (200, {"state": "idle", "next": {"consultation_id": later,
+                                                                "scheduled_for": pytest.approx(time.time() + 7200,
+                                                                                               abs=60)}})
