@@ -187,6 +187,30 @@ def cmd_edge_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edge_run(args: argparse.Namespace) -> int:
+    from edge.service import main as edge_main
+
+    return edge_main(Path(args.config))
+
+
+def cmd_edge_enrol(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from edge.device_api import Refused, Unreachable, enrol, write_credential
+
+    try:
+        credential = asyncio.run(enrol(args.server, args.code))
+    except Refused as exc:
+        print(f"nara edge enrol: the server refused the code ({exc.code}): {exc.message}", file=sys.stderr)
+        return 2
+    except Unreachable as exc:
+        print(f"nara edge enrol: cannot reach {args.server}: {exc.detail}", file=sys.stderr)
+        return 1
+    write_credential(Path(args.credential), credential)
+    print(f"Enrolled as {credential.name!r} ({credential.device_id}); credential written to {args.credential}.")
+    return 0
+
+
 def _add_edge(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     edge = sub.add_parser("edge", help="the home kit's agent",
                           description="The home kit: enrol it once, then run its agent.")
@@ -195,6 +219,18 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
                                 description="Print every mistake in a kit configuration file (exit 2 if any).")
     check.add_argument("file")
     check.set_defaults(func=cmd_edge_check_config)
+    run = edge_sub.add_parser("run", help="run the kit's agent",
+                              description="Join the consultations the server assigns this kit, stay connected, "
+                                          "and serve the kit's screen page (for systemd: Type=notify).")
+    run.add_argument("--config", required=True, help="the kit's TOML configuration file")
+    run.set_defaults(func=cmd_edge_run)
+    enrol = edge_sub.add_parser("enrol", help="enrol this kit with a code from IT staff",
+                                description="Exchange a one-time enrolment code for this kit's credential "
+                                            "and write it (mode 0600).")
+    enrol.add_argument("--server", required=True, help="the Nära server's address, e.g. https://nara.example.se")
+    enrol.add_argument("--code", required=True, help="the enrolment code, e.g. ABCD-EFGH")
+    enrol.add_argument("--credential", required=True, help="where to write the credential file")
+    enrol.set_defaults(func=cmd_edge_enrol)
 
 
 def build_parser() -> argparse.ArgumentParser:

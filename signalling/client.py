@@ -56,6 +56,7 @@ class ConsultationClient:
         relay_only: bool = False,
         on_answered: Callable[[RTCPeerConnection], object] | None = None,
         nara_receive: bool = False,
+        heartbeat_interval: float | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.room = room
@@ -68,6 +69,10 @@ class ConsultationClient:
         self.relay_only = relay_only
         self.on_answered = on_answered
         self.nara_receive = nara_receive  # play remote media through Nära's receive path (FEC, no stalls)
+        # Seconds between pings; None: the interval the server asks for in 'joined'.
+        self.heartbeat_interval = heartbeat_interval
+        self.last_pong: float | None = None  # event-loop time of the last pong
+        self.ended = False  # the signalling connection is gone
         self._nara_tracks: dict[RTCRtpReceiver, MediaStreamTrack] = {}
         self._seen_transceivers: set[int] = set()
         self.pc: RTCPeerConnection | None = None
@@ -149,6 +154,7 @@ class ConsultationClient:
                 async with self.changed:
                     self.changed.notify_all()
         finally:
+            self.ended = True
             if not self._joined.done():
                 self._joined.set_exception(
                     JoinRefused("connection_closed", "The server closed the connection.")
@@ -174,10 +180,14 @@ class ConsultationClient:
             self.pc.on("track", self._on_track)
             if self.configure_peer is not None:
                 self.configure_peer(self.pc)
-            self._tasks.append(asyncio.ensure_future(self._heartbeat(message["heartbeat_interval"])))
+            self.last_pong = asyncio.get_running_loop().time()
+            interval = self.heartbeat_interval or message["heartbeat_interval"]
+            self._tasks.append(asyncio.ensure_future(self._heartbeat(interval)))
             self._joined.set_result(message)
         elif kind == "offer":
             await self._answer(message)
+        elif kind == "pong":
+            self.last_pong = asyncio.get_running_loop().time()
         elif kind == "error":
             self.errors.append(message)
             if not self._joined.done():
