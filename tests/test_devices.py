@@ -321,6 +321,7 @@ async def test_secrets_codes_and_tokens_never_reach_the_logs(
     await api.session(created["device_id"], secret)
     logged = caplog.text
     assert created["device_id"] in logged, "the log does say what happened to which kit"
+    assert "POST /api/devices/enrol" in logged, "access log lines are in what was captured"
     for value in (secret, secret[::-1], code, code.replace("-", ""), session["token"], server.admin_key):
         assert value not in logged
 
