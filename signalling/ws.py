@@ -9,6 +9,7 @@ participant leaves. None of this touches anyone else in the room.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ CLOSE_REFUSED = 4001  # token or permission refused
 CLOSE_REPLACED = 4002  # the same participant joined from elsewhere
 CLOSE_REVOKED = 4403  # a home kit IT staff revoked
 CLOSE_POLICY = 1008
+DISCONNECT_WAIT = 2.0  # seconds a revocation waits for the kit's connections to close
 
 
 @dataclass
@@ -66,6 +68,7 @@ class SignallingHub:
     media: MediaServer
     sessions: dict[tuple[str, str], ParticipantSocket] = field(default_factory=dict)
     devices: HomeKits | None = None
+    _closing: set[asyncio.Future[None]] = field(default_factory=set)
 
     def connected(self, participant_id: str) -> bool:
         """Is this participant in any consultation right now?"""
@@ -77,8 +80,13 @@ class SignallingHub:
             session for (_, pid), session in self.sessions.items()
             if pid == participant_id and session.peer is not None and session.peer.info.role == role
         ]
-        for session in found:
-            await session.refuse(code, message, close_code)
+        # A dead link would hold a close for aiohttp's close timeout: do not hold the caller that long.
+        closing = [asyncio.ensure_future(session.refuse(code, message, close_code)) for session in found]
+        self._closing.update(closing)
+        for task in closing:
+            task.add_done_callback(self._closing.discard)
+        if closing:
+            await asyncio.wait(closing, timeout=DISCONNECT_WAIT)
         return len(found)
 
 
