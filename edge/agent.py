@@ -144,7 +144,7 @@ class KitAgent:
 
     async def _ask(self, api: DeviceApi) -> None:
         now = self._loop.time
-        waiting = self.machine.state in (State.STARTING, State.WAITING)
+        waiting = self.machine.state is State.WAITING  # a long poll; otherwise a quick question
         self.machine.asking(now())
         try:
             answer = await api.session(self.timings.session_wait if waiting else 0.0)

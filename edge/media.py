@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 START_BITRATE = 300_000  # VP8 starts here on a new connection, then follows the server's REMB
 SYNTHETIC_TAG = 7  # the stamp synthetic kit pictures carry
-SYNTHETIC_TONE = 523.0  # Hz
+SYNTHETIC_TONE = 550.0  # Hz, a whole number of 50 Hz bins (20 ms frames), unlike the bench's tones
 VIDEO_QUEUE = 2  # frames a slow reader may fall behind before the oldest are dropped
 AUDIO_QUEUE = 25  # 20 ms frames: half a second
 

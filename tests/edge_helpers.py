@@ -1,0 +1,103 @@
+"""Test helpers for the home kit: an enrolled kit's files, and a care-team member who watches it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.synthetic import StampedVideoTrack, ToneAudioTrack, dominant_frequency, read_stamp
+from edge.config import EdgeConfig, TurnRelay
+from edge.device_api import enrol, write_credential
+from edge.media import SYNTHETIC_TAG, SYNTHETIC_TONE
+from signalling.client import ConsultationClient
+
+
+async def admin(server_url: str, admin_key: str, method: str, path: str, body: Any = None) -> Any:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin_key}"}) as http:
+        async with http.request(method, f"{server_url}{path}", json=body) as response:
+            data = await response.json()
+            assert response.status < 300, data
+            return data
+
+
+async def enrolled_kit(server_url: str, admin_key: str, tmp_path: Path, name: str = "Kit 7") -> tuple[str, Path]:
+    """Create a device on the server and enrol it: (device id, credential path)."""
+    created = await admin(server_url, admin_key, "POST", "/api/devices", {"name": name})
+    credential = await enrol(server_url, created["enrolment_code"])
+    path = tmp_path / "kit" / "credential.json"
+    write_credential(path, credential)
+    return credential.device_id, path
+
+
+def kit_config(server_url: str, credential: Path, *, camera: str = "synthetic", video: str = "320x240",
+               turn: TurnRelay | None = None) -> EdgeConfig:
+    return EdgeConfig(server=server_url, credential=credential, camera=camera, microphone="synthetic",
+                      page="127.0.0.1:0", video=video, fps=15, turn=turn)
+
+
+@dataclass
+class KitWatcher:
+    """A clinician in the consultation who records what arrives from the kit, and when."""
+
+    client: ConsultationClient
+    kit_id: str
+    video_at: list[float] = field(default_factory=list)  # time.monotonic() of each kit picture decoded
+    tags: set[int] = field(default_factory=set)
+    tones: list[float] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+
+    @classmethod
+    async def join(cls, server_url: str, room: str, token: str, kit_id: str) -> KitWatcher:
+        client = ConsultationClient(server_url, room, token, video=StampedVideoTrack(1, 160, 120, 10),
+                                    audio=ToneAudioTrack(440.0))
+        watcher = cls(client, kit_id)
+        client.on_answered = lambda pc: watcher.follow()
+        await client.join()
+        return watcher
+
+    def follow(self) -> None:
+        for mid, track in self.client.remote_tracks.items():
+            if id(track) not in self._tasks:
+                self._tasks[id(track)] = asyncio.ensure_future(self._read(mid, track))
+
+    async def _read(self, mid: str, track: Any) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                frame = await track.recv()
+                owner = self.client.owners.get(mid)
+                if owner is None or owner[0] != self.kit_id:
+                    continue
+                if track.kind == "video":
+                    self.video_at.append(time.monotonic())
+                    self.tags.add(read_stamp(frame.to_ndarray(format="yuv420p")[: frame.height]).tag)
+                else:
+                    self.tones.append(dominant_frequency(frame))
+                async with self.changed:
+                    self.changed.notify_all()
+
+    def kit_video_after(self, moment: float) -> float | None:
+        """When the first kit picture after ``moment`` arrived."""
+        return next((t for t in self.video_at if t > moment), None)
+
+    def hears_kit(self) -> bool:
+        return sum(1 for f in self.tones[-50:] if abs(f - SYNTHETIC_TONE) < 30) >= 10
+
+    def sees_kit(self) -> bool:
+        return len(self.video_at) >= 10 and SYNTHETIC_TAG in self.tags
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(predicate), timeout)
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await self.client.close()
