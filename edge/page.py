@@ -14,6 +14,7 @@ import fractions
 import ipaddress
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,11 @@ async def index(request: web.Request) -> web.FileResponse:
 
 async def status(request: web.Request) -> web.Response:
     return web.json_response(request.app[AGENT].status())
+
+
+async def vitals(request: web.Request) -> web.Response:
+    """The agent process's tasks and open files, for soak runs and monitoring."""
+    return web.json_response({"tasks": len(asyncio.all_tasks()), "fds": len(os.listdir("/proc/self/fd"))})
 
 
 async def events(request: web.Request) -> web.WebSocketResponse:
@@ -130,6 +136,7 @@ def build_page(agent: KitAgent) -> web.Application:
     app.router.add_get("/", index)
     app.router.add_get("/status", status)
     app.router.add_get("/events", events)
+    app.router.add_get("/vitals", vitals)
     app.router.add_get("/video/remote.jpg", remote_picture)
     app.router.add_get("/video/self.jpg", self_picture)
     app.router.add_static("/static/", STATIC)

@@ -169,6 +169,12 @@ def cmd_bench_encoders(args: argparse.Namespace) -> int:
     return encoders_main(args)
 
 
+def cmd_bench_edge(args: argparse.Namespace) -> int:
+    from bench.edge import main as edge_main
+
+    return edge_main(args)
+
+
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from bench.run import compare_main
 
@@ -338,6 +344,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "the output rate after each change of target on a running encoder.")
     encoders.add_argument("--frames", type=int, default=150, help="frames per pass (default 150)")
     encoders.set_defaults(func=cmd_bench_encoders)
+
+    edge_bench = bench_sub.add_parser(
+        "edge", help="the home kit: recovery after outages, CPU against aiortc's stock pipeline, soak",
+        description="Run `nara edge run` against a `nara serve`, its media through the impairing TURN relay and its "
+                    "signalling through a TCP proxy; cut both for each outage and report the time from the link's "
+                    "return to the first new kit picture at a clinician, the kit's CPU per second of streaming "
+                    "against aiortc's stock pipeline, and (with --soak-minutes) growth of memory, tasks and files.")
+    edge_bench.add_argument("--outages", default="5,30,120", help="outage lengths in seconds, comma-separated")
+    edge_bench.add_argument("--trials", type=int, default=20, help="outages of each length (default 20)")
+    edge_bench.add_argument("--soak-minutes", type=float, default=0.0, help="random outages for this long")
+    edge_bench.add_argument("--cpu-seconds", type=float, default=20.0, help="CPU measurement window per pipeline")
+    edge_bench.add_argument("--video", default="640x480")
+    edge_bench.add_argument("--fps", type=int, default=15)
+    edge_bench.add_argument("--profile", default="loopback", help="the kit's link profile (bench/profiles.py)")
+    edge_bench.add_argument("--seed", type=int, default=1)
+    edge_bench.add_argument("--output", help="write the results as JSON here")
+    edge_bench.set_defaults(func=cmd_bench_edge)
 
     compare = bench_sub.add_parser("compare", help="two result folders side by side",
                                    description="Print two runs' summaries side by side.")

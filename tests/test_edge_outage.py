@@ -1,0 +1,142 @@
+"""The kit through outages: its whole link cut and restored, and the server killed and restarted mid-call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+
+from bench.edge import KitLink
+from bench.process import PROJECT, free_port
+from edge.agent import KitAgent
+from edge.config import EdgeConfig
+from edge.reconnect import State
+
+from .conftest import RunningServer
+from .edge_helpers import KitWatcher, admin, enrolled_kit, kit_config
+
+OUTAGE = 5.0
+RECOVERY_GOAL = 3.0
+RESTART_GOAL = 5.0
+
+
+@contextlib.asynccontextmanager
+async def agent_running(config: EdgeConfig) -> AsyncIterator[KitAgent]:
+    agent = KitAgent(config)
+    task = asyncio.ensure_future(agent.run())
+    try:
+        yield agent
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_media_flows_again_within_3_s_of_the_link_coming_back(server: RunningServer, tmp_path: Path) -> None:
+    link = KitLink(server.url)
+    await link.start()
+    kit_id, credential = await enrolled_kit(server.url, server.admin_key, tmp_path)
+    room = server.consultation()
+    await admin(server.url, server.admin_key, "PUT", f"/api/consultations/{room}/kit", {"device_id": kit_id})
+    await admin(server.url, server.admin_key, "POST", f"/api/consultations/{room}/call-kit")
+    clinician = await KitWatcher.join(server.url, room, server.token(room, "Dr A", "clinician"), kit_id)
+    config = kit_config(link.server_url, credential, turn=link.relay)
+    try:
+        async with agent_running(config) as agent:
+            await clinician.wait_for(clinician.sees_kit, 20)
+            assert link.turn.allocations, "the kit's media goes through the relay"
+            for _ in range(2):
+                await clinician.wait_for(lambda: clinician.kit_video_after(time.monotonic() - 0.5) is not None)
+                cut = time.monotonic()
+                link.cut()
+                # The kit notices within 3 s, by itself.
+                await agent.wait_for(lambda: agent.state in (State.RECONNECTING, State.NO_NETWORK), 3.5)
+                noticed = time.monotonic() - cut
+                assert noticed <= 3.2, noticed
+                await asyncio.sleep(OUTAGE - noticed)  # the rest of the outage
+                link.restore()
+                back = time.monotonic()
+                await clinician.wait_for(lambda: clinician.kit_video_after(back) is not None, 10)
+                recovered = clinician.kit_video_after(back)
+                assert recovered is not None and recovered - back < RECOVERY_GOAL, recovered
+            reasons = [t.reason.split(":")[0] for t in agent.machine.transitions if t.new is State.RECONNECTING]
+            assert set(reasons) <= {"heartbeat", "media", "unreachable"}
+    finally:
+        await clinician.close()
+        await link.close()
+
+
+class ServerProcess:
+    """`nara serve` on a fixed port and data directory, so it can be killed and started again."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> float:
+        """Start and return the moment it listens."""
+        env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "nara.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
+             "--no-demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if "listening on" in line:
+                return time.monotonic()
+        raise RuntimeError("the server did not start")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    @property
+    def admin_key(self) -> str:
+        return (self.data_dir / "admin-key").read_text().strip()
+
+    async def token(self, room: str) -> str:
+        body = {"name": "Dr A", "role": "clinician"}
+        data = await admin(self.url, self.admin_key, "POST", f"/api/consultations/{room}/tokens", body)
+        return str(data["token"])
+
+
+async def test_server_killed_mid_call_the_kit_is_back_within_5_s(tmp_path: Path) -> None:
+    served = ServerProcess(tmp_path / "server")
+    await asyncio.to_thread(served.start)
+    try:
+        kit_id, credential = await enrolled_kit(served.url, served.admin_key, tmp_path)
+        consultation = await admin(served.url, served.admin_key, "POST", "/api/consultations",
+                                   {"title": "Planerat", "scheduled_for": time.time()})
+        room = consultation["id"]
+        await admin(served.url, served.admin_key, "PUT", f"/api/consultations/{room}/kit", {"device_id": kit_id})
+        async with agent_running(kit_config(served.url, credential)) as agent:
+            clinician = await KitWatcher.join(served.url, room, await served.token(room), kit_id)
+            await clinician.wait_for(clinician.sees_kit, 20)
+            await clinician.close()
+            served.kill()
+            await agent.wait_for(lambda: agent.state is State.RECONNECTING, 3.5)
+            await agent.wait_for(lambda: agent.machine.attempt >= 2, 10)  # retried at least once in vain
+            ready = await asyncio.to_thread(served.start)
+            clinician = await KitWatcher.join(served.url, room, await served.token(room), kit_id)
+            try:
+                await clinician.wait_for(lambda: clinician.kit_video_after(ready) is not None, 10)
+                back = clinician.kit_video_after(ready)
+                assert back is not None and back - ready < RESTART_GOAL, back - ready
+                async with aiohttp.ClientSession() as http, http.get(f"{served.url}/healthz") as response:
+                    assert response.status == 200
+            finally:
+                await clinician.close()
+    finally:
+        if served.process is not None:
+            served.process.terminate()
+            served.process.wait(timeout=20)
