@@ -64,7 +64,7 @@ async def test_media_flows_again_within_3_s_of_the_link_coming_back(server: Runn
                 await asyncio.sleep(OUTAGE - noticed)  # the rest of the outage
                 link.restore()
                 back = time.monotonic()
-                await clinician.wait_for(lambda back=back: clinician.kit_video_after(back) is not None, 10)  # type: ignore[misc]
+                await clinician.wait_for(lambda back=back: clinician.kit_video_after(back) is not None, 10)
                 recovered = clinician.kit_video_after(back)
                 assert recovered is not None and recovered - back < RECOVERY_GOAL, recovered
             reasons = [t.reason.split(":")[0] for t in agent.machine.transitions if t.new is State.RECONNECTING]
