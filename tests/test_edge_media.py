@@ -1,0 +1,114 @@
+"""The kit's media pieces: camera fallback, one capture for many readers, mixing, JPEGs, its credential file."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+
+from bench.synthetic import read_stamp
+from edge.device_api import CredentialError, DeviceCredential, classify, read_credential, write_credential
+from edge.media import SYNTHETIC_TAG, KitMedia
+from edge.page import encode_jpeg
+from edge.reconnect import Failure
+from edge.remote import mix
+
+
+async def test_a_missing_camera_leaves_sound_only() -> None:
+    media = await KitMedia.open("/dev/video-missing", "synthetic", 320, 240, 15)
+    try:
+        assert (media.status.camera, media.status.microphone) == ("missing", "ok")
+        assert "/dev/video-missing does not exist" in media.status.camera_detail
+        audio, video = media.call_tracks()
+        assert audio is not None and video is None
+        packet = await asyncio.wait_for(audio.recv(), 5)  # Opus from the microphone
+        assert len(bytes(packet)) > 0
+        audio.stop()
+        assert media.self_view() is None
+    finally:
+        await media.close()
+
+
+async def test_auto_without_any_camera_says_none_was_found() -> None:
+    media = await KitMedia.open("auto", "none", 320, 240, 15)
+    try:
+        if media.status.camera == "ok":
+            pytest.fail("this machine has a camera; the test expects none")
+        assert media.status.camera == "missing" and "no camera found" in media.status.camera_detail
+        assert media.status.microphone == "off"
+        assert media.call_tracks() == (None, None)
+    finally:
+        await media.close()
+
+
+async def test_each_call_gets_its_own_encoded_tracks_from_one_capture() -> None:
+    media = await KitMedia.open("synthetic", "none", 320, 240, 15)
+    try:
+        first = media.call_tracks()[1]
+        second = media.call_tracks()[1]
+        assert first is not None and second is not None and first is not second
+        packets = [await asyncio.wait_for(track.recv(), 5) for track in (first, second)]
+        assert all(p.is_keyframe for p in packets)  # a new connection starts with a picture of its own
+        first.stop()  # one call ends: the capture and the other call go on
+        for _ in range(3):
+            await asyncio.wait_for(second.recv(), 5)
+        picture = media.self_view()
+        assert picture is not None and read_stamp(picture.to_ndarray(format="yuv420p")[:240]).tag == SYNTHETIC_TAG
+        second.stop()
+    finally:
+        await media.close()
+
+
+def test_voices_are_summed_and_clipped() -> None:
+    a = np.array([1000, -1000, 30000, -30000], dtype=np.int16)
+    b = np.array([500, 500, 10000, -10000], dtype=np.int16)
+    assert mix([a, b]).tolist() == [1500, -500, 32767, -32768]
+    assert mix([a]).tolist() == a.tolist()
+
+
+def test_jpeg_of_a_picture_is_scaled_to_the_page() -> None:
+    frame = av.VideoFrame.from_ndarray(np.full((720, 1280, 3), 200, dtype=np.uint8), format="rgb24")
+    data = encode_jpeg(frame, max_width=640)
+    assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
+    decoded = next(av.open(__import__("io").BytesIO(data), format="mjpeg").decode(video=0))
+    assert (decoded.width, decoded.height) == (640, 360)
+
+
+def test_credential_is_written_private_and_read_back(tmp_path: Path) -> None:
+    path = tmp_path / "kit" / "credential.json"
+    credential = DeviceCredential("http://127.0.0.1:8080", "kit-abc", "s" * 43, "Kit 7")
+    write_credential(path, credential)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert read_credential(path) == credential
+    assert "s" * 43 not in repr(credential)
+    os.chmod(path, 0o644)
+    read_credential(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (None, "nara edge enrol"), ("{", "not JSON"), (json.dumps({"server": "x"}), "lacks")])
+def test_an_unusable_credential_says_what_to_do(tmp_path: Path, content: str | None, words: str) -> None:
+    path = tmp_path / "credential.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(CredentialError, match=words):
+        read_credential(path)
+
+
+def test_network_errors_are_sorted_for_reconnecting() -> None:
+    key = aiohttp.client_reqrep.ConnectionKey("x", 1, False, True, None, None, None)
+    unreachable = aiohttp.ClientConnectorError(key, OSError(errno.ENETUNREACH, "Network is unreachable"))
+    refused = aiohttp.ClientConnectorError(key, OSError(errno.ECONNREFUSED, "Connection refused"))
+    assert classify(unreachable).failure is Failure.NO_NETWORK
+    assert classify(refused).failure is Failure.UNREACHABLE
+    assert classify(TimeoutError()).failure is Failure.UNREACHABLE
+    assert classify(OSError(errno.EHOSTUNREACH, "No route to host")).failure is Failure.NO_NETWORK
