@@ -109,7 +109,11 @@ async def test_revoked_kit_stops_and_says_why(server: RunningServer, tmp_path: P
     await admin(server.url, server.admin_key, "POST", f"/api/consultations/{room}/call-kit")
     async with running_kit(kit_config(server.url, credential)) as kit:
         await kit.agent.wait_for(lambda: kit.agent.state is State.CONNECTED, 15)
-        await admin(server.url, server.admin_key, "POST", f"/api/devices/{kit_id}/revoke")
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{kit.page_url}/events") as screen:
+            assert json.loads((await screen.receive(timeout=5)).data)["state"] == "connected"
+            await admin(server.url, server.admin_key, "POST", f"/api/devices/{kit_id}/revoke")
+            shown = json.loads((await screen.receive(timeout=5)).data)  # the screen is told at once
+            assert shown["state"] == "revoked"
         await kit.agent.wait_for(lambda: kit.agent.state is State.REVOKED, 5)
         status, body, _ = await kit.page("/status")
         shown = json.loads(body)
@@ -162,3 +166,18 @@ async def test_a_name_that_does_not_resolve_is_no_network(server: RunningServer,
     async with running_kit(kit_config(f"http://{host}:8080", credential)) as kit:
         await kit.agent.wait_for(lambda: kit.agent.state is State.NO_NETWORK, 10)
         assert "resolve" in kit.agent.machine.reason
+
+
+async def test_the_page_and_its_texts_in_both_languages(tmp_path: Path) -> None:
+    async with running_kit(kit_config("http://127.0.0.1:9", tmp_path / "nothing.json")) as kit:
+        status, body, kind = await kit.page("/")
+        assert status == 200 and kind == "text/html" and b"kit.js" in body and b"photo" in body
+        status, body, _ = await kit.page("/static/lang/sv.json")
+        assert status == 200 and json.loads(body)["state.connected"] == "Ansluten"
+    lang = Path(__file__).parent.parent / "edge/static/lang"
+    sv, en = (json.loads((lang / f"{code}.json").read_text()) for code in ("sv", "en"))
+    assert sv.keys() == en.keys()
+    assert all(f"state.{s.value}" in sv for s in State)
+    assert (sv["state.reconnecting"], sv["state.no_network"], sv["state.waiting"]) == (
+        "Återansluter…", "Inget nätverk", "Väntar på samtal")
+    assert sv["camera.missing"] == "Ingen kamera – endast ljud"
