@@ -35,7 +35,8 @@ STATUS_TEXT = {
 }
 
 
-async def serve(config_path: Path, notifier: Notifier | None = None) -> None:
+async def serve(config_path: Path, notifier: Notifier | None = None) -> bool:
+    """Run until SIGINT or SIGTERM; False if the agent itself failed (systemd then restarts it)."""
     notifier = notifier or Notifier()
     config, errors = read_config(config_path)
     for error in errors:
@@ -62,10 +63,12 @@ async def serve(config_path: Path, notifier: Notifier | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     running = asyncio.ensure_future(agent.run() if not broken else stop.wait())
     stopping = asyncio.ensure_future(stop.wait())
+    failed = False
     try:
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if running.done() and running.exception() is not None:
-            logger.error("the agent stopped: %r", running.exception())
+            failed = True
+            logger.error("the agent failed", exc_info=running.exception())
     finally:
         notifier.notify("STOPPING=1")
         for task in (running, stopping, watchdog):
@@ -74,9 +77,9 @@ async def serve(config_path: Path, notifier: Notifier | None = None) -> None:
                 await task
         await runner.cleanup()
         notifier.close()
+    return not failed
 
 
 def main(config_path: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config_path))
-    return 0
+    return 0 if asyncio.run(serve(config_path)) else 1
