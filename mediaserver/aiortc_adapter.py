@@ -513,7 +513,8 @@ def nara_receive_track(receiver: RTCRtpReceiver, kind: str, *, channels: int = 2
     frames, ``channels`` 1 or 2, paced by its playout buffer, each frame marked
     "packet", "fec", "conceal" or "silence"; missing packets are asked for
     again with a generic NACK while they can still play). Video: a ``ReceivedVideoTrack``
-    (VP8 pictures; keyframe requests go out as PLI from this receiver). Call it
+    (VP8 pictures shown on their own clock; keyframe requests go out as PLI from this
+    receiver, holes are asked for again with a generic NACK). Call it
     once the receiver has its remote track (after setRemoteDescription) and
     before media flows; read the returned track instead of ``receiver.track``.
     The track ends when the receiver stops.
@@ -545,7 +546,7 @@ def nara_receive_track(receiver: RTCRtpReceiver, kind: str, *, channels: int = 2
             now = asyncio.get_running_loop().time()
             audio.add_packet(packet.sequence_number, packet.timestamp, packet.payload, now, packet.ssrc)
     elif kind == "video":
-        video = track = ReceivedVideoTrack(request_keyframe)
+        video = track = ReceivedVideoTrack(request_keyframe, request_retransmission=request_retransmission)
 
         async def on_packet(packet: RtpPacket) -> None:
             nonlocal media_ssrc

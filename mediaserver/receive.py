@@ -17,10 +17,19 @@ second), and gives it back slowly once the link is clean.
 
 Video (``VideoFrameAssembler``): packets in, whole VP8 frames out, in order.
 A frame with a hole waits a short, round-trip-aware time for the
-retransmission that aiortc's NACK asks for, then is given up; after that only
+retransmission that aiortc's NACK asks for (given a way to ask, the hole is
+asked for twice more, a repair time apart, so a lost retransmission costs a
+round trip and not the picture), then is given up; after that only
 a keyframe can be decoded cleanly, so later frames are not handed on until
 one arrives, and the sender is asked for one (throttled). A later complete
 keyframe never waits behind an older broken frame.
+
+Video (``VideoPlayout``): when each whole frame is shown. Frames come out on
+their own clock (their RTP timestamps) a target delay behind the fastest
+frames seen; the delay covers how late most frames come, and so, on a lossy
+link, the retransmissions that complete them, as a browser's jitter buffer
+does. A repaired frame then shows on time instead of standing the picture
+still for a round trip.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ class _Unwrapper:
 # --- audio -------------------------------------------------------------------------
 
 FrameSource = Literal["packet", "fec", "conceal", "silence"]
+GUESS_PAUSE = 2.0  # seconds without asking for overdue packets after one turned out only late
 PAUSE_PACKET_SIZE = 2  # an Opus packet this small carries no audio: the sender goes quiet (DTX)
 
 
@@ -188,6 +198,8 @@ class AudioPlayout:
         self._strays: list[tuple[int, int, bytes, float, int | None]] = []
         self._highest_ts = 0  # extended timestamp of the packet with the highest sequence number
         self._highest_pauses = False  # that packet announces a pause (DTX): nothing is due after it
+        self._guessed: deque[int] = deque(maxlen=64)  # asked for because overdue, not because of a gap
+        self._guessing_after = 0.0  # no asking for overdue packets before this time
         self._last_arrival = 0.0
         self._requests: dict[int, _Request] = {}  # by extended sequence number
         self._given_up: dict[int, float] = {}  # asked for, frame played without it: seq -> when first asked
@@ -218,6 +230,10 @@ class AudioPlayout:
         self._seq.accept(seq)
         self._ts.accept(ts)
         if seq in self._recent:
+            if seq in self._guessed:
+                # Asked for as overdue, and here twice: it was only late. The stream runs late
+                # (a queue is filling); asking for what is late would fill it faster.
+                self._guessing_after = now + GUESS_PAUSE
             self.counters.duplicates += 1
             return
         self._recent.append(seq)
@@ -318,25 +334,31 @@ class AudioPlayout:
 
         Packets come every frame; one later than nearly all others by another
         frame is taken as lost without waiting for the packet after it, which
-        on a burst would come too late. None after a pause announced, and in an
-        outage (nothing for longer than the delay can cover).
+        on a burst would come too late. None after a pause announced, in an
+        outage (nothing for longer than the delay can cover), and for a while
+        after a packet asked for this way came twice (it was only late: a queue
+        is filling, and asking for what is late would fill it faster).
         """
         highest = self._seq.highest
         if highest is None or self._highest_pauses or self._playhead is None:
             return None
+        if self._last_arrival < self._guessing_after:
+            return None
+        allowance = self._late() + self.frame_duration / 2
         seq = highest + 1
         while seq in self._requests:
             seq += 1
         ts = self._highest_ts + (seq - highest) * self.frame_samples
         if (ts - self._highest_ts) / self.clock_rate > self._ceiling:
             return None
-        return seq, ts, self._base_transit + ts / self.clock_rate + self._late() + self.frame_duration / 2
+        return seq, ts, self._base_transit + ts / self.clock_rate + allowance
 
     def _ask_overdue(self, now: float) -> None:
         while (overdue := self._next_overdue()) is not None and overdue[2] <= now:
             seq, ts, _ = overdue
             ahead = self._due(ts) > now + 1e-6
             self._requests[seq] = _Request(ts, now, now, asks=1 if ahead else self.max_requests)
+            self._guessed.append(seq)
             if ahead:
                 self.counters.nacked += 1
                 self.on_missing and self.on_missing([seq % (1 << 16)])
@@ -533,6 +555,7 @@ class AssemblyCounters:
     duplicates: int = 0
     malformed: int = 0
     resets: int = 0
+    asked_again: int = 0  # holes asked for again after aiortc's first NACK (each ask counted)
 
 
 @dataclass
@@ -566,12 +589,19 @@ class VideoFrameAssembler:
         self,
         on_keyframe_needed: Callable[[], None] | None = None,
         *,
+        on_missing: Callable[[list[int]], None] | None = None,
+        max_requests: int = 3,
         min_hold: float = 0.1,
         max_hold: float = 0.8,
         keyframe_interval: float = 1.0,
         max_pending_packets: int = 4000,
     ) -> None:
+        if max_requests < 1:
+            raise ValueError("max_requests must be at least 1")
         self.on_keyframe_needed = on_keyframe_needed
+        # Called with sequence numbers to ask for again (aiortc's NACK asks once, when a hole appears).
+        self.on_missing = on_missing
+        self.max_requests = max_requests
         self.min_hold = min_hold
         self.max_hold = max_hold
         self.keyframe_interval = keyframe_interval
@@ -589,6 +619,7 @@ class VideoFrameAssembler:
         self._ts = _Unwrapper(32)
         self._frames: dict[int, _PendingFrame] = {}  # by extended timestamp
         self._missing: dict[int, float] = {}  # extended seq -> when we knew it was missing, in seq order
+        self._asked: dict[int, tuple[float, int]] = {}  # extended seq -> (when last asked, how often)
         self._given_up: dict[int, float] = {}  # the same, for holes no longer waited for
         self._fillers: set[int] = set()  # sequence numbers of padding-only packets not yet passed
         self._expected: int | None = None  # first sequence number of the next frame to hand on
@@ -599,13 +630,25 @@ class VideoFrameAssembler:
 
     @property
     def hold(self) -> float:
-        """How long a frame with a hole waits for a retransmission: two round trips, within bounds.
+        """How long a frame with a hole waits for a retransmission, within bounds: two round
+        trips, or, when this assembler asks again itself, until its last ask has had its time.
 
         Without a round-trip time from outside, the time retransmissions have
         taken to fill holes stands in for it.
         """
+        if self.on_missing is not None:
+            wait = self.ask_interval * (self.max_requests + 0.25)
+        else:
+            rtt = self.round_trip_time if self.round_trip_time is not None else self.repair_time
+            wait = 2 * (rtt or 0.0)
+        return min(max(wait, self.min_hold), self.max_hold)
+
+    @property
+    def ask_interval(self) -> float:
+        """Time between asks for the same packet: a little more than a repair takes (a sender
+        answers each packet once per round trip)."""
         rtt = self.round_trip_time if self.round_trip_time is not None else self.repair_time
-        return min(max(2 * (rtt or 0.0), self.min_hold), self.max_hold)
+        return max(1.25 * (rtt if rtt is not None else 0.1), 0.04)
 
     @property
     def waiting_for_keyframe(self) -> bool:
@@ -657,6 +700,7 @@ class VideoFrameAssembler:
             self._seq.accept(seq)
         elif seq in self._missing:
             self._learn_repair_time(now - self._missing.pop(seq))
+            self._asked.pop(seq, None)
         elif self._expected is None or seq >= self._expected:
             self.counters.duplicates += 1
 
@@ -720,6 +764,31 @@ class VideoFrameAssembler:
         if self._expected is None or not self._missing or not self._frames:
             return None
         return next(iter(self._missing.values())) + self.hold
+
+    def next_request_due(self) -> float | None:
+        """When a hole is next to be asked for again (None: nothing to ask)."""
+        if self.on_missing is None:
+            return None
+        self._forget_before_expected()
+        interval = self.ask_interval
+        due = [self._asked.get(seq, (noticed, 1))[0] + interval for seq, noticed in self._missing.items()
+               if self._asked.get(seq, (noticed, 1))[1] < self.max_requests]
+        return min(due) if due else None
+
+    def request_missing(self, now: float) -> None:
+        """Ask again for the holes whose turn has come (aiortc's NACK was the first ask)."""
+        due_at = self.next_request_due()
+        if due_at is None or due_at > now + 1e-9 or self.on_missing is None:
+            return
+        interval, again = self.ask_interval, []
+        for seq, noticed in self._missing.items():
+            last, asks = self._asked.get(seq, (noticed, 1))
+            if asks < self.max_requests and last + interval <= now + 1e-9:
+                self._asked[seq] = (now, asks + 1)
+                again.append(seq % (1 << 16))
+        if again:
+            self.counters.asked_again += len(again)
+            self.on_missing(again)
 
     def decode_failed(self, now: float) -> None:
         """The decoder refused a frame: decode nothing more until a keyframe, and ask for one."""
@@ -819,6 +888,8 @@ class VideoFrameAssembler:
     def _give_up_holes(self, holes: dict[int, float]) -> None:
         """Remember when holes were found, so a retransmission that comes too late still teaches the hold."""
         self._given_up.update(holes)
+        for seq in holes:
+            self._asked.pop(seq, None)
         if holes is self._missing:
             self._missing = {}
         while len(self._given_up) > 512:
@@ -836,3 +907,61 @@ class VideoFrameAssembler:
         self.counters.keyframes_requested += 1
         if self.on_keyframe_needed is not None:
             self.on_keyframe_needed()
+
+
+class VideoPlayout:
+    """When each whole frame is to be shown: on its RTP clock, a target delay behind the fastest frames.
+
+    ``schedule(timestamp, completed_at)`` gives the local time at which the
+    frame is due (never earlier than the frame before it). A frame's lateness
+    is how much longer than the fastest frame of the last ``window`` seconds
+    it took to complete; the target delay is the ``quantile`` of those, so it
+    grows at once to cover what most frames need (a retransmission, on a lossy
+    link) and shrinks by at most ``shrink_step`` per frame when they need less.
+    The window is long so that the frames of a rare outage, which complete all
+    at once when it ends, do not hold every later frame back.
+    A jump in timestamps (a new stream) starts the clock again.
+    """
+
+    def __init__(self, clock_rate: int = 90000, *, window: float = 30.0, quantile: float = 0.95,
+                 max_delay: float = 0.5, shrink_step: float = 0.004) -> None:
+        if not 0 < quantile <= 1:
+            raise ValueError("quantile must be in (0, 1]")
+        self.clock_rate = clock_rate
+        self.window = window
+        self.quantile = quantile
+        self.max_delay = max_delay
+        self.shrink_step = shrink_step
+        self.delay = 0.0  # the current target delay, seconds
+        self._ts = _Unwrapper(32)
+        self._transits: deque[tuple[float, float]] = deque()  # (completed at, completed at - media time)
+        self._last_due: float | None = None
+        self._last_media: float | None = None
+
+    def schedule(self, timestamp: int, completed_at: float) -> float:
+        media = self._ts.extend(timestamp) / self.clock_rate
+        if self._last_media is not None and abs(media - self._last_media) > 5.0:
+            self._restart(timestamp)
+            media = self._ts.extend(timestamp) / self.clock_rate
+        self._ts.accept(self._ts.extend(timestamp))
+        self._last_media = media
+        transit = completed_at - media
+        self._transits.append((completed_at, transit))
+        while self._transits[0][0] < completed_at - self.window:
+            self._transits.popleft()
+        transits = sorted(t for _, t in self._transits)
+        base = transits[0]
+        wanted = min(transits[min(int(self.quantile * len(transits)), len(transits) - 1)] - base, self.max_delay)
+        self.delay = wanted if wanted >= self.delay else max(wanted, self.delay - self.shrink_step)
+        due = base + media + self.delay
+        if self._last_due is not None:
+            due = max(due, self._last_due)
+        self._last_due = due
+        return due
+
+    def _restart(self, timestamp: int) -> None:
+        self._ts = _Unwrapper(32)
+        self._ts.accept(self._ts.extend(timestamp))
+        self._transits.clear()
+        self._last_due = None
+        self.delay = 0.0

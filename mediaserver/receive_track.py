@@ -10,6 +10,7 @@ out as pictures decoded from whole frames only. ``nara_receive_track`` in
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import fractions
@@ -29,6 +30,7 @@ from .receive import (
     PlayoutCounters,
     PlayoutFrame,
     VideoFrameAssembler,
+    VideoPlayout,
 )
 
 logger = logging.getLogger(__name__)
@@ -165,26 +167,37 @@ class ReceivedAudioTrack(MediaStreamTrack):
 
 
 class ReceivedVideoTrack(MediaStreamTrack):
-    """VP8 received through Nära's frame assembler, decoded on a worker thread.
+    """VP8 received through Nära's frame assembler, decoded on a worker thread, shown on time.
 
     ``request_keyframe`` is called (throttled) when the picture is broken and
-    only a keyframe can mend it. Pictures wait in a short queue; when the
-    reader falls behind, the oldest are dropped (decoding is unaffected).
+    only a keyframe can mend it; ``request_retransmission(sequence_numbers)``,
+    if given, asks the sender again for packets still missing. Decoded
+    pictures come out of ``recv`` at the time the playout gives each frame
+    (its own clock, a delay that covers late and repaired frames); when the
+    reader falls behind, the oldest waiting pictures are dropped (decoding is
+    unaffected).
     """
 
     kind = "video"
 
-    def __init__(self, request_keyframe: Callable[[], None], assembler: VideoFrameAssembler | None = None) -> None:
+    def __init__(self, request_keyframe: Callable[[], None], assembler: VideoFrameAssembler | None = None,
+                 request_retransmission: Callable[[list[int]], None] | None = None,
+                 playout: VideoPlayout | None = None) -> None:
         super().__init__()
         self.assembler = assembler if assembler is not None else VideoFrameAssembler(request_keyframe)
+        if request_retransmission is not None:
+            self.assembler.on_missing = request_retransmission
+        self.playout = playout if playout is not None else VideoPlayout(VIDEO_CLOCK)
         self.frames_decoded = 0
         self.decode_errors = 0
         self.pictures_dropped = 0  # decoded but not read in time
         self._pictures: asyncio.Queue[av.VideoFrame | None] = asyncio.Queue()
-        self._to_decode: asyncio.Queue[AssembledFrame] = asyncio.Queue()
+        self._to_decode: asyncio.Queue[tuple[AssembledFrame, float]] = asyncio.Queue()
+        self._to_show: collections.deque[tuple[float, av.VideoFrame]] = collections.deque()  # (due, picture)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nara-vp8")
         self._decoder: Any = av.CodecContext.create("vp8", "r")
         self._timer: asyncio.TimerHandle | None = None
+        self._show_timer: asyncio.TimerHandle | None = None
         self._first_timestamp: int | None = None
         self._worker = asyncio.ensure_future(self._decode_frames())
 
@@ -217,8 +230,9 @@ class ReceivedVideoTrack(MediaStreamTrack):
 
     def stop(self) -> None:
         if self.readyState == "live":
-            if self._timer is not None:
-                self._timer.cancel()
+            for timer in (self._timer, self._show_timer):
+                if timer is not None:
+                    timer.cancel()
             self._worker.cancel()
             self._executor.shutdown(wait=False)
             self._pictures.put_nowait(None)
@@ -226,24 +240,39 @@ class ReceivedVideoTrack(MediaStreamTrack):
 
     def _queue_frames(self, frames: list[AssembledFrame]) -> None:
         for frame in frames:
-            self._to_decode.put_nowait(frame)
+            self._to_decode.put_nowait((frame, self.playout.schedule(frame.timestamp, frame.completed_at)))
         loop = asyncio.get_running_loop()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        deadline = self.assembler.next_deadline()
-        if deadline is not None:
-            self._timer = loop.call_at(max(deadline, loop.time()), self._on_deadline)
+        times = [t for t in (self.assembler.next_deadline(), self.assembler.next_request_due()) if t is not None]
+        if times:
+            self._timer = loop.call_at(max(min(times), loop.time()), self._on_deadline)
 
     def _on_deadline(self) -> None:
         self._timer = None
         if self.readyState == "live":
-            self._queue_frames(self.assembler.poll(asyncio.get_running_loop().time()))
+            now = asyncio.get_running_loop().time()
+            self.assembler.request_missing(now)
+            self._queue_frames(self.assembler.poll(now))
+
+    def _show_due(self) -> None:
+        """Hand the reader every picture whose time has come; wake up for the next."""
+        self._show_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._to_show and self._to_show[0][0] <= now:
+            if self._pictures.qsize() >= MAX_QUEUED_PICTURES:
+                self._pictures.get_nowait()
+                self.pictures_dropped += 1
+            self._pictures.put_nowait(self._to_show.popleft()[1])
+        if self._to_show:
+            self._show_timer = loop.call_at(self._to_show[0][0], self._show_due)
 
     async def _decode_frames(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            frame = await self._to_decode.get()
+            frame, due = await self._to_decode.get()
             try:
                 pictures = await loop.run_in_executor(self._executor, self._decode, frame.data)
             except av.FFmpegError as exc:
@@ -257,10 +286,10 @@ class ReceivedVideoTrack(MediaStreamTrack):
                 picture.pts = (frame.timestamp - self._first_timestamp) % (1 << 32)
                 picture.time_base = fractions.Fraction(1, VIDEO_CLOCK)
                 self.frames_decoded += 1
-                if self._pictures.qsize() >= MAX_QUEUED_PICTURES:
-                    self._pictures.get_nowait()
-                    self.pictures_dropped += 1
-                self._pictures.put_nowait(picture)
+                self._to_show.append((due, picture))
+            if self._show_timer is not None:
+                self._show_timer.cancel()
+            self._show_due()
 
     def _decode(self, data: bytes) -> list[av.VideoFrame]:
         return list(self._decoder.decode(av.Packet(data)))

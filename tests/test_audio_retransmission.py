@@ -366,3 +366,17 @@ async def test_through_the_sfu_asking_again_leaves_no_gaps_under_bursty_loss(ser
     for name in ("bursty, NACK", "random, NACK"):
         assert tracks[name].counters.recovered_retransmission >= 10, figures
     assert tracks["bursty, no NACK"].counters.nacked == 0
+
+
+def test_a_filling_queue_is_late_not_lost_and_is_not_asked_for() -> None:
+    # from packet 50 on, each packet waits 5 ms longer than the one before (a queue filling
+    # at a link's bottleneck): nothing is lost; asking for every packet that is late would only
+    # add retransmissions to the queue that delays them. Once a packet asked for comes twice
+    # (it was only late), asking for overdue packets stops for a while.
+    link = RepairingLink(one_way=0.02)
+    on_time = link._arrive
+    link._arrive = lambda when, index: on_time(  # type: ignore[method-assign]
+        when + max(0, index - 50) * 0.005, index)
+    link.run(3.0)
+    assert link.playout.counters.nacked <= 3  # of the 100 packets that came late, a handful asked for
+    assert all(when < 1.2 for when, _ in link.requests)

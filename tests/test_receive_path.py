@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fractions
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from mediaserver.aiortc_adapter import (
 )
 from mediaserver.encoders import OpusTrack
 from mediaserver.opus import OpusDecoder, has_fec
-from mediaserver.receive import AudioPlayout, PlayoutFrame, VideoFrameAssembler
+from mediaserver.receive import AudioPlayout, PlayoutFrame, VideoFrameAssembler, VideoPlayout
 from mediaserver.receive_track import ReceivedAudioTrack, ReceivedVideoTrack
 from mediaserver.vp8 import PayloadDescriptor, parse_descriptor
 from signalling.client import ConsultationClient
@@ -610,12 +611,23 @@ class LossyLink:
         self.pattern = [rng.random() < loss for _ in range(65536)]
         self.first: dict[int, int] = {}
         self.outage = False  # drop everything while set
+        self.retransmission_type: int | None = None  # drop every packet of this payload type (RTX), if set
 
     def keep(self, data: bytes) -> bool:
         ssrc = int.from_bytes(data[8:12], "big")
         seq = int.from_bytes(data[2:4], "big")
         position = (seq - self.first.setdefault(ssrc, seq)) % 65536
+        if self.retransmission_type is not None and data[1] & 0x7F == self.retransmission_type:
+            return False
         return not self.outage and not self.pattern[position]
+
+
+def rtx_payload_type(pc: RTCPeerConnection) -> int:
+    description = pc.localDescription
+    assert description is not None
+    found = re.search(r"a=rtpmap:(\d+) rtx/", description.sdp)
+    assert found is not None
+    return int(found.group(1))
 
 
 async def connect(sender: RTCPeerConnection, receiver: RTCPeerConnection,
@@ -729,8 +741,10 @@ async def test_video_keeps_coming_through_loss_and_after_a_hole_nothing_can_repa
         await asyncio.wait_for(until(lambda: len(shown[1]) >= 45 and len(shown[2]) >= 45), 15)
         # 5 % loss: retransmissions repair nearly everything, for both streams of the bundle
         assert share_shown(1, 5, 45) >= 0.85 and share_shown(2, 5, 45) >= 0.85
-        # then half a second in which everything is lost, retransmissions included
+        # then half a second in which everything is lost, and from then on no retransmission
+        # arrives: holes that nothing can repair
         link.outage = True
+        link.retransmission_type = rtx_payload_type(sender)
         outage = asyncio.get_running_loop().call_later(0.5, lambda: setattr(link, "outage", False))
         sent_after = videos[0].frames_sent + 8  # frames from here on leave after the outage
         began = time.monotonic()
@@ -772,3 +786,59 @@ async def test_a_participant_can_receive_through_naras_path(forwarding_server: R
         await watcher.stop()
         await listener.close()
         await publisher.close()
+
+
+# --- asking again for video holes, and showing frames on time (fake clock) ---------------
+
+
+def test_a_video_hole_is_asked_for_again_until_it_comes_or_three_asks_have_gone() -> None:
+    asked: list[tuple[float, list[int]]] = []
+    publisher, receiver = Publisher(gop=1000), Receiver()
+    receiver.assembler.on_missing = lambda seqs: asked.append((receiver.now, seqs))
+    receiver.assembler.round_trip_time = 0.1
+    send(publisher, receiver, range(0, 10))
+    send(publisher, receiver, range(10, 12), drop=lambda k, j: (k, j) == (10, 1), poll=False)
+    lost_seq = publisher.packets(10)[1][0]
+    noticed = 10 / 30 + 0.002
+    # aiortc's NACK was the first ask; Nära asks again a repair time (and a quarter) apart
+    interval = receiver.assembler.ask_interval
+    assert interval == pytest.approx(0.125)
+    assert receiver.assembler.next_request_due() == pytest.approx(noticed + interval)
+    receiver.assembler.request_missing(noticed + interval)
+    receiver.assembler.request_missing(noticed + 2 * interval)
+    receiver.assembler.request_missing(noticed + 3 * interval)
+    assert [seqs for _, seqs in asked] == [[lost_seq], [lost_seq]]  # three asks in all, then no more
+    assert receiver.assembler.next_request_due() is None
+    # the frame waits as long as the asks can take, not two round trips
+    assert receiver.assembler.hold == pytest.approx(interval * 3.25)
+    receiver.push(publisher.packets(10)[1], noticed + 0.3)
+    assert receiver.numbers() == list(range(12)) and not receiver.requests
+
+
+def test_video_playout_shows_repaired_frames_on_time_once_it_has_learned_the_link() -> None:
+    playout = VideoPlayout(90000)
+    shown: list[float] = []
+    for k in range(300):  # 20 s at 15 fps; every fourth frame waits for a retransmission (120 ms)
+        completed = 1.0 + k / 15 + 0.05 + (0.12 if k % 4 == 3 else 0.0)
+        shown.append(playout.schedule((5000 + k * 6000) % (1 << 32), completed))
+    steady = shown[150:]
+    gaps = [b - a for a, b in zip(steady, steady[1:], strict=False)]
+    assert max(gaps) == pytest.approx(1 / 15, abs=1e-6) and min(gaps) == pytest.approx(1 / 15, abs=1e-6)
+    assert playout.delay == pytest.approx(0.12)
+    # the link comes clean: the delay gives back slowly, without a jump anyone would see
+    for k in range(300, 900):
+        shown.append(playout.schedule((5000 + k * 6000) % (1 << 32), 1.0 + k / 15 + 0.05))
+    assert playout.delay < 0.01
+    gaps = [b - a for a, b in zip(shown[300:], shown[301:], strict=False)]
+    assert min(gaps) >= 1 / 15 - 0.005 and max(gaps) <= 1 / 15 + 1e-6
+
+
+def test_video_playout_lets_a_rare_outage_pass_without_holding_later_frames() -> None:
+    playout = VideoPlayout(90000)
+    for k in range(450):
+        late = 0.5 - (k - 300) / 15 if 300 <= k < 307 else 0.0  # an outage: 7 frames come at once
+        playout.schedule(k * 6000, 1.0 + k / 15 + 0.05 + max(late, 0.0))
+    assert playout.delay < 0.05
+    # and a new stream (a jump in timestamps) starts the clock again
+    due = playout.schedule(450 * 6000 + 90000 * 60, 40.0)
+    assert due == pytest.approx(40.0)
