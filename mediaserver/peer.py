@@ -36,7 +36,7 @@ from .aiortc_adapter import (
     negotiated_payload_type,
     prefer_codec,
 )
-from .bwe import DELIVERED_FRESH, BandwidthEstimate, DeliveryMeter
+from .bwe import DELIVERED_FRESH, BandwidthEstimate, DeliveryMeter, NackLoss
 from .errors import MediaError
 from .forwarder import CLOCK_RATES, MIME_TYPES, Publication, Subscription
 from .rewriter import StreamRewriter
@@ -75,6 +75,7 @@ class Slot:
         self.publication: Publication | None = None
         self.subscription: Subscription | None = None
         self.delivery = DeliveryMeter()
+        self.nack_loss = NackLoss()
 
     async def _on_feedback(self, feedback: RtcpFeedback) -> None:
         now = time.monotonic()
@@ -86,11 +87,13 @@ class Slot:
             # from video, or from audio while no video flows (all of it paused).
             rtt = self.port.round_trip_time
             if rtt is not None:
-                bandwidth.on_rtt(rtt, now)
+                bandwidth.on_rtt(rtt, now, stream=str(self.transceiver.mid))
             self.delivery.update(now, feedback.highest_sequence, feedback.packets_lost, *self.port.sent)
             bandwidth.on_delivered(self.peer.delivered(now), now)
+            nacked = self.subscription.stats.nacked if self.subscription is not None else 0
+            asked = int(self.nack_loss.update(self.port.sent[0], nacked) * 256)
             if self.kind == "video" or not self.peer.video_flowing():
-                bandwidth.on_report(feedback.fraction_lost, now)
+                bandwidth.on_report(max(feedback.fraction_lost, asked), now)
         if self.subscription is not None:
             await self.subscription.on_feedback(feedback)
 

@@ -40,7 +40,11 @@ def test_heavy_loss_cuts_by_half_the_loss_once_per_round_trip(loss: float) -> No
 
 def test_a_falling_remb_cuts_but_a_lagging_one_is_no_ceiling() -> None:
     bwe = BandwidthEstimate(estimate=800_000, minimum=30_000)
+    bwe.on_rtt(0.1, now=0.0)
     bwe.on_remb(900_000, now=0.0)
+    bwe.on_remb(500_000, now=0.5)  # a REMB that falls while our reports show nothing: not believed
+    assert bwe.estimate == 800_000
+    bwe.on_rtt(0.14, now=0.8)  # some queueing
     bwe.on_remb(300_000, now=1.0)  # the receiver saw overuse
     assert bwe.estimate == 300_000
     bwe.on_remb(320_000, now=1.5)
@@ -83,9 +87,14 @@ def test_a_probe_that_keeps_the_round_trip_flat_raises_the_estimate() -> None:
     clean_link(bwe, 4.1, 5.1)
     assert bwe.estimate == pytest.approx(rate * 0.95)
     assert bwe.successful_probes == 1
-    clean_link(bwe, 5.1, 8.0)
-    second = bwe.probe_rate(8.0, wanted=20_000_000)
-    assert second == pytest.approx(bwe.estimate * 1.5)  # later ones step more gently
+    clean_link(bwe, 5.1, 6.0)
+    second = bwe.probe_rate(6.0, wanted=20_000_000)
+    assert second == pytest.approx(bwe.estimate * 2)  # it worked: the next one soon, as far again
+    bwe.on_rtt(0.4, now=6.5)  # this one fills a queue
+    assert bwe.failed_probes == 1
+    clean_link(bwe, 7.0, 12.0)
+    third = bwe.probe_rate(12.0, wanted=20_000_000)
+    assert third == pytest.approx(bwe.estimate * 1.5)  # after a failure, more gently
 
 
 def test_a_probe_that_fills_a_queue_fails_and_backs_off() -> None:
@@ -119,8 +128,56 @@ def test_no_growth_right_after_a_cut() -> None:
     cut = bwe.estimate
     bwe.on_report(0, now=5.5)
     assert bwe.estimate == cut
-    bwe.on_report(0, now=6.0)
-    assert bwe.estimate == pytest.approx(cut * 1.05)
+    for t in (6.0, 6.5, 7.0, 7.5):
+        bwe.on_report(0, now=t)
+    assert bwe.estimate > cut  # growing again once the loss has died away
+
+
+def test_random_loss_that_peaks_in_one_report_does_not_cut() -> None:
+    # 5 % random loss over ~40 packets a report: now and then one report shows over 10 %
+    bwe = BandwidthEstimate(estimate=600_000)
+    for t, loss in enumerate([0.05, 0.05, 0.125, 0.05, 0.025, 0.075, 0.125, 0.05, 0.05]):
+        bwe.on_report(lost(loss), now=float(t))
+    assert bwe.estimate == 600_000
+    for t in range(10, 13):  # a lasting rise is congestion
+        bwe.on_report(lost(0.25), now=float(t))
+    assert bwe.estimate < 600_000
+
+
+def test_streams_with_different_round_trips_are_not_a_queue() -> None:
+    # audio and video reports of one link: each stream's reports wait a different time
+    bwe = BandwidthEstimate(estimate=300_000)
+    for t in range(8):
+        bwe.on_rtt(0.10, now=t + 0.0, stream="audio")
+        bwe.on_rtt(0.18, now=t + 0.5, stream="video")
+        bwe.on_report(0, now=t + 0.5)
+    assert bwe.estimate > 300_000 and bwe.queue_delay == pytest.approx(0.0)
+    rate = bwe.probe_rate(8.0, wanted=2_000_000)
+    assert rate is not None
+    for t in (8.0, 8.5, 9.0, 9.5, 10.0, 10.5):
+        bwe.on_rtt(0.10, now=t, stream="audio")
+        bwe.on_rtt(0.18, now=t + 0.25, stream="video")
+        bwe.on_report(0, now=t + 0.25)
+    assert bwe.successful_probes == 1 and bwe.estimate == pytest.approx(rate * 0.95)
+    bwe.on_rtt(0.35, now=11.0, stream="video")  # that stream's round trip grows: a queue
+    assert bwe.queue_delay == pytest.approx(0.17)
+
+
+def test_nacks_stop_a_probe_only_on_a_link_that_was_clean() -> None:
+    clean = BandwidthEstimate(estimate=300_000)
+    clean_link(clean, 0.0, 3.0)
+    assert clean.probe_rate(3.0, wanted=2_000_000) is not None
+    clean.on_nack(3.2)  # the probe overflows a queue
+    assert clean.failed_probes == 1 and not clean.padding(3.3)
+    lossy = BandwidthEstimate(estimate=300_000)
+    for t in range(4):
+        lossy.on_rtt(0.1, now=float(t))
+        lossy.on_report(lost(0.05), now=float(t))
+    assert lossy.probe_rate(4.0, wanted=2_000_000) is not None
+    lossy.on_nack(4.2)  # the link's own loss: says nothing about the probe
+    assert lossy.failed_probes == 0 and lossy.padding(4.3)
+    lossy.on_report(lost(0.12), now=4.5)  # but clearly more loss than before: the probe overflows it
+    assert lossy.failed_probes == 1 and not lossy.padding(4.6)
 
 
 def test_radio_loss_with_a_flat_round_trip_does_not_stop_probing() -> None:
