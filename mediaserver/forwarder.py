@@ -51,9 +51,6 @@ KEYFRAME_WAIT = 1.0
 # At most this many times the level's own rate while probing.
 MAX_PROBE_FACTOR = 4.0
 # Budget assumed for a subscriber not heard from yet.
-UNKNOWN_BUDGET = 300_000.0
-
-
 @dataclass
 class ResendLimit:
     """Which NACKed packets to send again.
@@ -133,6 +130,7 @@ class ForwardingStats:
     send_errors: int = 0
     padding: int = 0  # duplicates sent to probe the link
     resends_refused: int = 0  # NACKed packets not sent again: already resent this round trip, or over budget
+    nacked: int = 0  # packets the subscriber reported missing (each ask counted)
 
 
 class Publication:
@@ -373,7 +371,9 @@ class Subscription:
         told the video is back.
         """
         budget = self.link.video_budget()
-        budget = UNKNOWN_BUDGET if budget is None else budget
+        if budget is None:
+            # Nothing heard from this link yet: the lowest level, until it has shown what it carries.
+            budget = levels[0][1]
         probe = self.link.probe(now, self.chooser.wanted(levels, cap_limited))
         trying = self.level == PAUSED and probe is not None
         ladder = self.publication.ladder
@@ -421,8 +421,8 @@ class Subscription:
             elif self.keyframe_asked is None or now - self.keyframe_asked >= KEYFRAME_WAIT:
                 self.keyframe_asked = now
                 await self.publication.request_keyframe(level)
-        if level != self.level:
-            return
+        if level != self.level or not self.port.connected:
+            return  # (before the transport is up, a packet would only leave a hole in the sequence)
         if self.rewriter.source_ssrc != packet.ssrc:
             self.rewriter.switch_source(packet.ssrc, packet.sequence_number, packet.timestamp, now)
         out_seq, out_ts = self.rewriter.rewrite(packet.sequence_number, packet.timestamp, now)
@@ -460,6 +460,7 @@ class Subscription:
     async def on_feedback(self, feedback: RtcpFeedback) -> None:
         if feedback.kind == "nack":
             self.stats.nacks += 1
+            self.stats.nacked += len(feedback.lost)
             upstream = []
             cache = self.publication.cache_for(self.level)
             now = self.publication.clock()

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PAUSED = -1
-UP_HOLD = 2.0  # seconds the budget must allow a higher level before moving up
+UP_HOLD = 1.0  # seconds the budget must allow a higher level before moving up (it rose by a probe: proven)
 DOWN_QUIET = 3.0  # seconds after moving down before moving up again
 PAUSE_BELOW = 0.8  # pause when the budget falls under this share of the lowest layer
 STAY_TOLERANCE = 1.15  # a level already flowing stays until the budget falls this far below it
