@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mediaserver.bwe import PACKET_OVERHEAD, BandwidthEstimate, DeliveryMeter
+from mediaserver.bwe import PACKET_OVERHEAD, BandwidthEstimate, DeliveryMeter, NackLoss
 
 
 def lost(fraction: float) -> int:
@@ -218,3 +218,11 @@ def test_a_new_link_is_watched_before_the_first_probe() -> None:
     assert bwe.probe_rate(1.0, wanted=2_000_000) is None
     clean_link(bwe, 1.5, 2.0)
     assert bwe.probe_rate(2.0, wanted=2_000_000) is not None
+
+
+def test_loss_that_retransmissions_hide_from_reports_is_read_from_nacks() -> None:
+    loss = NackLoss()
+    assert loss.update(sent_packets=100, nacked=0) == 0.0  # the first report only sets the mark
+    assert loss.update(sent_packets=200, nacked=5) == pytest.approx(0.05)
+    assert loss.update(sent_packets=200, nacked=9) == 0.0  # nothing sent in between: nothing to measure
+    assert loss.update(sent_packets=300, nacked=9) == 0.0
