@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mediaserver.ladder import DEFAULT_LAYERS, PAUSED, LayerChooser, available_levels
+from mediaserver.ladder import DEFAULT_LAYERS, PAUSED, UP_HOLD, LayerChooser, available_levels
 
 SOURCE = len(DEFAULT_LAYERS)
 LEVELS = available_levels(DEFAULT_LAYERS, source_rate=1_000_000)  # 50k, 150k, 400k, original 1.1M
@@ -48,7 +48,7 @@ def test_down_at_once_up_only_after_the_budget_has_held() -> None:
     assert changes[1] == (10.0, 1)  # the first decision after the drop
     up = changes[2]
     assert up[1] == SOURCE
-    assert 20.0 + 2.0 <= up[0] <= 20.0 + 3.0  # not before the link has held, not much later
+    assert 20.0 + UP_HOLD <= up[0] <= 20.0 + UP_HOLD + 1.0  # not before the link has held, not much later
 
 
 def test_a_flapping_budget_does_not_flap_the_level() -> None:
@@ -68,7 +68,7 @@ def test_pauses_below_the_lowest_layer_and_resumes_by_itself() -> None:
     assert levels == [0, PAUSED, 0]
     paused_at = changes[1][0]
     assert 10.0 <= paused_at < 10.5  # 45 kbit/s is on the edge: the lowest layer stays; 30 kbit/s pauses
-    assert changes[2][0] >= 15.0 + 2.0
+    assert changes[2][0] >= 15.0 + UP_HOLD
 
 
 def test_wanted_is_more_of_the_original_or_the_lowest_layer_while_paused() -> None:
