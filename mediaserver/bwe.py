@@ -10,18 +10,22 @@ and never cut.
   per round trip. The loss is smoothed over reports: one report covers a
   second, a few dozen packets, and under 5 % random loss one report in twenty
   shows more than 10 % by chance alone.
+* Loss that repairs hide: a receiver report counts a packet that came again
+  when asked for as received, so on a link whose losses are repaired it reads
+  nothing, congestion included. What the subscriber asked for again (its
+  NACKs, ``NackLoss``) still shows the loss. A rural radio link loses packets
+  of its own, whatever the rate, and cutting for it would only starve the
+  picture; so this loss is compared with the link's own slowly learned level,
+  and a rise above it stops growth (and fails a probe).
 * Queueing: a round trip that has grown well above the lowest one seen means a
-  queue is filling somewhere (rural links have deep buffers and lose late):
-  we send more than the link carries, and what it delivered is its capacity.
-  Cut, once per round trip, to 85 % of that (as GCC does on overuse), or by
-  15 % while nothing delivered is known, and do not grow while it persists. Each
+  queue is filling somewhere (rural links have deep buffers and lose late);
+  cut by 15 % once per round trip, and do not grow while it persists. Each
   stream's round trip is compared with that stream's own lowest: streams of
   one link report round trips some tens of milliseconds apart (how long each
   one's reports wait), and mixing them would read as a queue.
-* REMB: a receiver's REMB falls when it has seen its link overuse, so a
-  falling REMB cuts the estimate to it, if our own round trips bear it out
-  (some queueing): aiortc's estimator also falls when retransmissions arrive
-  out of order on a lossy link that is far from full. A REMB that merely lags behind (it can
+* REMB: a receiver's REMB falls only when it has seen its link overuse, so a
+  falling REMB (by a tenth within a second: it falls a little with each of
+  its messages) cuts the estimate to it, and stops a probe. A REMB that merely lags behind (it can
   never exceed 1.5 times what arrives) is not a ceiling: that would stop every
   ramp-up.
 * Delivered: receiver reports say how many packets arrived; times the size of
@@ -32,17 +36,16 @@ and never cut.
   a link comes back. When the link has been clean for a while and more would
   be used, the sender pads the stream up to a probe rate for a moment; if the
   round trip stays flat, the estimate jumps to that rate. Duplicate padding
-  hides loss from receiver reports, so a probe is judged by delay, and by NACKs
-  on a link that was clean before it (on a link with loss of its own, NACKs say
-  nothing about the probe; retransmissions hide that loss from receiver reports
-  too, so a NACK shortly before the probe is what tells), and there by loss
-  clearly above what the link lost before; the loss-based rule takes over again as soon as it
-  ends. A probe that succeeded is followed at once by one twice as high, so a
-  link that came back is found in a few probes.
+  hides loss from receiver reports, so a probe is judged by delay and by NACKs:
+  on a clean link the first NACK stops it, on a link with loss of its own
+  (which retransmissions hide from receiver reports too) NACKs for clearly
+  more packets than the link lost before it. The loss-based rule takes over
+  again as soon as it ends.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 GROW_BELOW = 0.02
@@ -53,18 +56,20 @@ MIN_CUT_INTERVAL = 0.5  # seconds
 QUEUE_CUT = 0.85
 QUEUE_LIMIT = 0.12  # seconds of queueing above the base round trip that count as congestion
 QUEUE_CALM = 0.05  # seconds: below this, the queue is empty enough to grow or probe
-REMB_FALL = 0.9  # a REMB under 90 % of the previous one reports overuse
+REMB_FALL = 0.9  # a REMB under 90 % of the highest of the last REMB_WINDOW reports overuse
+REMB_WINDOW = 1.0  # seconds (a receiver lowers its REMB a little with each message it sends)
 
 PROBE_TIME = 1.0  # seconds the padding lasts
 PROBE_SETTLE = 1.0  # seconds after the padding for the last report to come back
 PROBE_CALM = 2.0  # seconds without a cut before probing
-NACK_MEMORY = 3.0  # seconds: a NACK this recent means the link loses packets of its own
+NACK_MEMORY = 3.0  # seconds of NACKs that tell how much the link loses of its own
 PROBE_LOSS_RISE = 0.03  # a probe fails when a report shows this much more loss than before it
+ASKED_LEARNING = 0.03  # weight of each report in the link's own level of NACKed loss
 # A probe overshooting a thin link fills its queue, and audio waits in that queue too:
 # probes step gently and stop at the first sign of queueing.
 PROBE_STEP = 1.5  # at most this multiple of the estimate per probe
-FURTHER_PROBE_STEP = 2.0  # the first probe, and one right after a probe that succeeded, reach further
-PROBE_BACKOFF = (0.5, 4.0, 8.0, 16.0, 30.0)  # seconds between probes after 0, 1, 2, 3, 4+ failures
+FIRST_PROBE_STEP = 2.0  # the first probe, as soon as the link is heard from, reaches further
+PROBE_BACKOFF = (2.0, 4.0, 8.0, 16.0, 30.0)  # seconds between probes after 0, 1, 2, 3, 4+ failures
 BASE_RTT_WINDOW = 30.0
 DELIVERED_FLOOR = 0.9  # a cut keeps at least this share of what the link just delivered
 DELIVERED_FRESH = 2.0  # seconds a delivered rate stays usable
@@ -117,8 +122,8 @@ class Probe:
     start: float
     base_rtt: float
     worst_queue: float  # the most queueing any round trip showed during the probe, seconds
-    nacks_count: bool  # the link was clean before: a NACK is the probe overflowing a queue
-    loss_before: float = 0.0
+    nack_rate: float  # packets a second the link lost (NACKed) before the probe
+    asked_before: float = 0.0  # the NACKed loss before the probe
 
 
 @dataclass
@@ -130,6 +135,8 @@ class BandwidthEstimate:
     maximum: float = 4_000_000.0
     remb: float | None = None
     loss: float = 0.0  # fraction lost, smoothed over the last few reports
+    asked: float = 0.0  # fraction NACKed, smoothed the same way
+    asked_level: float | None = None  # the link's own level of NACKed loss, learned slowly
     rtt: float = 0.1  # seconds, the last one reported
     queue_delay: float = 0.0  # how far that round trip is above its stream's lowest, seconds
     bases: dict[str, tuple[float, float]] = field(default_factory=dict)  # stream -> (lowest round trip, when)
@@ -139,19 +146,28 @@ class BandwidthEstimate:
     probe: Probe | None = None
     last_probe_end: float | None = None
     failed_probes: int = 0
-    last_probe_won: bool = False
     probes: int = 0
     successful_probes: int = 0
     delivered: float | None = None  # what the link carried to this subscriber lately, bit/s
     delivered_at: float | None = None
     heard_at: float | None = None  # first report from this link
     last_nack: float | None = None
+    nacks: deque[tuple[float, int]] = field(default_factory=deque)  # (when, packets) of the last few seconds
+    rembs: deque[tuple[float, float]] = field(default_factory=deque)  # (when, bit/s) of the last REMB_WINDOW
 
-    def on_nack(self, now: float) -> None:
-        """The subscriber reports a lost packet: during a probe on a link that was clean, that is
-        the probe overflowing a queue (padding duplicates hide loss only from receiver reports)."""
-        if self.probe is not None and self.probe.nacks_count and self.padding(now):
-            self._fail_probe(now)
+    def on_nack(self, now: float, packets: int = 1) -> None:
+        """The subscriber reports ``packets`` lost. During a probe, losing clearly more than the
+        link lost before it (on a clean link: anything) is the probe overflowing a queue; this
+        stops it within a round trip, long before the next receiver report could."""
+        while self.nacks and self.nacks[0][0] < now - NACK_MEMORY:
+            self.nacks.popleft()
+        self.nacks.append((now, packets))
+        probe = self.probe
+        if probe is not None and self.padding(now):
+            lost = sum(n for t, n in self.nacks if t >= probe.start)
+            expected = probe.nack_rate * (now - probe.start)
+            if lost > (2 * expected + 2 if probe.nack_rate > 0 else 0):
+                self._fail_probe(now)
         self.last_nack = now
 
     def on_delivered(self, rate: float, now: float) -> None:
@@ -168,9 +184,17 @@ class BandwidthEstimate:
         return min(base for base, _ in self.bases.values()) if self.bases else None
 
     def on_remb(self, bitrate: float, now: float) -> None:
-        previous, self.remb = self.remb, max(bitrate, self.minimum)
-        borne_out = self.queue_delay >= QUEUE_CALM / 2
-        if previous is not None and self.remb < previous * REMB_FALL and self.remb < self.estimate and borne_out:
+        self.remb = max(bitrate, self.minimum)
+        while self.rembs and self.rembs[0][0] < now - REMB_WINDOW:
+            self.rembs.popleft()
+        peak = max((value for _, value in self.rembs), default=None)
+        self.rembs.append((now, self.remb))
+        if peak is None or self.remb >= peak * REMB_FALL:
+            return
+        self.rembs.clear()
+        if self.probe is not None:
+            self._fail_probe(now)  # the receiver sees the probe overflow its link
+        if self.remb < self.estimate:
             self._cut_to(self.remb, now)
 
     def on_rtt(self, rtt: float, now: float, stream: str = "") -> None:
@@ -187,29 +211,31 @@ class BandwidthEstimate:
             if self._probe_failed(self.probe):
                 self._fail_probe(now)  # a queue is building: stop padding now, not at the end
         elif self.queue_delay > QUEUE_LIMIT and self._may_cut(now):
-            delivered = self._fresh_delivered(now)
-            if delivered is not None:
-                self._cut_to(min(self.estimate, delivered) * QUEUE_CUT, now, floor=False)
-            else:
-                self._cut_to(self.estimate * QUEUE_CUT, now)
+            self._cut_to(self.estimate * QUEUE_CUT, now)
 
-    def on_report(self, fraction_lost: int, now: float) -> None:
-        """A receiver report: ``fraction_lost`` is RFC 3550's 8-bit fixed-point fraction (or
-        more, when the stream's NACKs say more was lost: ``NackLoss``)."""
+    def on_report(self, fraction_lost: int, now: float, asked: float | None = None) -> None:
+        """A receiver report: ``fraction_lost`` is RFC 3550's 8-bit fixed-point fraction;
+        ``asked``, the share of the stream's packets NACKed since the last report."""
         loss = max(0, min(fraction_lost, 255)) / 256
-        if self.probe is not None and loss > self.probe.loss_before + PROBE_LOSS_RISE:
-            self._fail_probe(now)  # a lossy link losing more: the probe overflows it
+        first = self.reports == 0
+        self.reports += 1
+        if asked is not None:
+            if self.probe is not None and asked > self.probe.asked_before + PROBE_LOSS_RISE:
+                self._fail_probe(now)  # a lossy link losing more: the probe overflows it
+            self.asked = asked if first else LOSS_SMOOTHING * asked + (1 - LOSS_SMOOTHING) * self.asked
+            level = self.asked if self.asked_level is None else self.asked_level
+            self.asked_level = level + ASKED_LEARNING * (self.asked - level)
         self._finish_probe(now)
         if self.heard_at is None:
             self.heard_at = now
-        self.loss = loss if self.reports == 0 else LOSS_SMOOTHING * loss + (1 - LOSS_SMOOTHING) * self.loss
-        self.reports += 1
+        self.loss = loss if first else LOSS_SMOOTHING * loss + (1 - LOSS_SMOOTHING) * self.loss
         if self.probe is not None:
             return  # padding duplicates hide loss; the probe is judged by delay
+        excess = self.asked - (self.asked_level or 0.0)
         if self.loss > CUT_ABOVE:
             if self._may_cut(now):
                 self._cut_to(self.estimate * (1 - self.loss / 2), now)
-        elif self.loss < GROW_BELOW and self.queue_delay < QUEUE_CALM:
+        elif self.loss < GROW_BELOW and excess < GROW_BELOW and self.queue_delay < QUEUE_CALM:
             if self.last_growth is None:
                 self.last_growth = now
             elapsed = now - self.last_growth
@@ -232,7 +258,7 @@ class BandwidthEstimate:
         self._finish_probe(now)
         if self.probe is not None:
             return self.probe.rate  # until its verdict
-        step = FURTHER_PROBE_STEP if self.probes == 0 or self.last_probe_won else PROBE_STEP
+        step = FIRST_PROBE_STEP if self.probes == 0 else PROBE_STEP
         target = min(wanted, self.estimate * step, self.maximum)
         if target <= self.estimate * 1.05 or not self.known:
             return None
@@ -247,11 +273,13 @@ class BandwidthEstimate:
         if now - calm_since < backoff or self.loss > CUT_ABOVE or self.queue_delay >= QUEUE_CALM:
             return None
         self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_queue=self.queue_delay,
-                           nacks_count=self.loss < GROW_BELOW and (self.last_nack is None
-                                                                   or now - self.last_nack > NACK_MEMORY),
-                           loss_before=self.loss)
+                           nack_rate=self._nack_rate(now), asked_before=self.asked)
         self.probes += 1
         return target
+
+    def _nack_rate(self, now: float) -> float:
+        recent = sum(n for t, n in self.nacks if t >= now - NACK_MEMORY)
+        return recent / NACK_MEMORY
 
     def padding(self, now: float) -> bool:
         """Whether a probe wants the stream padded right now (its verdict comes a little later)."""
@@ -268,16 +296,13 @@ class BandwidthEstimate:
             self.failed_probes = 0
             self.successful_probes += 1
             self.last_growth = now
-            self.last_probe_won = True
         else:
             self.failed_probes += 1
-            self.last_probe_won = False
 
     def _fail_probe(self, now: float) -> None:
         self.probe = None
         self.last_probe_end = now
         self.failed_probes += 1
-        self.last_probe_won = False
 
     @staticmethod
     def _probe_failed(probe: Probe) -> bool:
@@ -289,15 +314,9 @@ class BandwidthEstimate:
         # Once per round trip, and no more often than reports can show the effect of the last cut.
         return self.last_cut is None or now - self.last_cut >= max(self.rtt, MIN_CUT_INTERVAL)
 
-    def _fresh_delivered(self, now: float) -> float | None:
+    def _cut_to(self, value: float, now: float) -> None:
         if self.delivered is not None and self.delivered_at is not None and now - self.delivered_at < DELIVERED_FRESH:
-            return self.delivered
-        return None
-
-    def _cut_to(self, value: float, now: float, floor: bool = True) -> None:
-        delivered = self._fresh_delivered(now)
-        if floor and delivered is not None:
-            value = max(value, delivered * DELIVERED_FLOOR)
+            value = max(value, self.delivered * DELIVERED_FLOOR)
         self.estimate = self._bounded(min(value, self.estimate))
         self.last_cut = now
         self.last_growth = now  # no growth straight after a cut

@@ -50,7 +50,10 @@ DECISION_INTERVAL = 0.25
 KEYFRAME_WAIT = 1.0
 # At most this many times the level's own rate while probing.
 MAX_PROBE_FACTOR = 4.0
-# Budget assumed for a subscriber not heard from yet.
+# For the subscriber the publisher's cap follows, an original this far over its budget counts as fitting.
+SOURCE_FOLLOWS = 1.3
+
+
 @dataclass
 class ResendLimit:
     """Which NACKed packets to send again.
@@ -97,7 +100,7 @@ class SubscriberLink(Protocol):
 
     def padding(self, now: float) -> bool: ...
 
-    def lost_packets(self, now: float) -> None: ...
+    def lost_packets(self, now: float, packets: int = 1) -> None: ...
 
 
 class UnknownLink:
@@ -110,7 +113,7 @@ class UnknownLink:
     def padding(self, now: float) -> bool:
         return False
 
-    def lost_packets(self, now: float) -> None:
+    def lost_packets(self, now: float, packets: int = 1) -> None:
         pass
 
 
@@ -224,8 +227,10 @@ class Publication:
             return
         levels = self.ladder.levels()
         cap_limited = self.rate_cap is not None and self.meter.rate >= 0.7 * self.rate_cap
+        budgets = [b for b in (s.link.video_budget() for s in self.subscriptions) if b is not None]
+        best = max(budgets, default=None)
         for subscription in tuple(self.subscriptions):
-            await subscription.decide(now, levels, cap_limited)
+            await subscription.decide(now, levels, cap_limited, best)
         self._update_layers()
 
     def levels_changed(self) -> None:
@@ -363,8 +368,16 @@ class Subscription:
     def paused(self) -> bool:
         return self.level == PAUSED and self.target is None
 
-    async def decide(self, now: float, levels: list[tuple[int, float]], cap_limited: bool) -> None:
+    async def decide(self, now: float, levels: list[tuple[int, float]], cap_limited: bool,
+                     best_budget: float | None = None) -> None:
         """Choose this subscriber's level from its budget; probe the link when more could be used.
+
+        The publisher is capped at what the best-connected subscriber can take
+        (``best_budget``): for that subscriber the original follows its budget,
+        so an original a little over it is as good as fitting to move up to (it
+        comes down within a second), and the subscriber is not held on a layer
+        for it. (Staying on it is another matter: when the budget falls, the
+        original follows too slowly, and a layer takes over at once.)
 
         While paused, the probe is the lowest layer itself: it flows for the probe's
         time and stays only if the round trip stayed flat. Until then, no one is
@@ -374,6 +387,10 @@ class Subscription:
         if budget is None:
             # Nothing heard from this link yet: the lowest level, until it has shown what it carries.
             budget = levels[0][1]
+        elif cap_limited and best_budget is not None and budget >= best_budget * 0.95 and self.level != levels[-1][0]:
+            source, cost = levels[-1]
+            if cost <= budget * SOURCE_FOLLOWS:
+                levels = [*levels[:-1], (source, min(cost, budget))]
         probe = self.link.probe(now, self.chooser.wanted(levels, cap_limited))
         trying = self.level == PAUSED and probe is not None
         ladder = self.publication.ladder
@@ -464,7 +481,9 @@ class Subscription:
             upstream = []
             cache = self.publication.cache_for(self.level)
             now = self.publication.clock()
-            self.link.lost_packets(now)
+            if self.publication.kind == "video":
+                # (audio receivers also ask for packets that are merely late: no sign of loss)
+                self.link.lost_packets(now, len(feedback.lost))
             rtt = self.port.round_trip_time or 0.1
             for out_seq in feedback.lost:
                 source_seq = self.rewriter.source_seq(out_seq)

@@ -91,9 +91,9 @@ class Slot:
             self.delivery.update(now, feedback.highest_sequence, feedback.packets_lost, *self.port.sent)
             bandwidth.on_delivered(self.peer.delivered(now), now)
             nacked = self.subscription.stats.nacked if self.subscription is not None else 0
-            asked = int(self.nack_loss.update(self.port.sent[0], nacked) * 256)
+            asked = self.nack_loss.update(self.port.sent[0], nacked)
             if self.kind == "video" or not self.peer.video_flowing():
-                bandwidth.on_report(max(feedback.fraction_lost, asked), now)
+                bandwidth.on_report(feedback.fraction_lost, now, asked)
         if self.subscription is not None:
             await self.subscription.on_feedback(feedback)
 
@@ -309,8 +309,8 @@ class Peer:
     def padding(self, now: float) -> bool:
         return self.bandwidth.padding(now)
 
-    def lost_packets(self, now: float) -> None:
-        self.bandwidth.on_nack(now)
+    def lost_packets(self, now: float, packets: int = 1) -> None:
+        self.bandwidth.on_nack(now, packets)
 
     # --- state -----------------------------------------------------------------
 
