@@ -241,8 +241,10 @@ async def cpu_while_streaming(pid: int, seconds: float) -> float:
 async def stock_kit(url: str, room: str, token: str, width: int, height: int, fps: int) -> None:
     """aiortc's stock pipeline: raw frames to aiortc's own VP8 and Opus encoders (run with ``stock-kit``)."""
     from bench.synthetic import StampedVideoTrack, ToneAudioTrack
+    from mediaserver.aiortc_adapter import restrict_host_addresses
     from signalling.client import ConsultationClient
 
+    restrict_host_addresses(["127.0.0.1"])
     client = ConsultationClient(url, room, token, video=StampedVideoTrack(9, width, height, fps),
                                 audio=ToneAudioTrack(550.0, voiced=True))
     await client.join()
@@ -273,6 +275,9 @@ async def soak(kit: KitProcess, link: KitLink, watcher: Watcher, minutes: float,
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from mediaserver.aiortc_adapter import restrict_host_addresses
+
+    restrict_host_addresses(["127.0.0.1"])  # loopback only, like the server: the clinician's ICE needs it
     rng = random.Random(args.seed)
     lengths = [float(x) for x in args.outages.split(",") if x]
     workdir = Path(tempfile.mkdtemp(prefix="nara-bench-edge-"))
