@@ -25,9 +25,11 @@ and never cut.
   one's reports wait), and mixing them would read as a queue.
 * REMB: a receiver's REMB falls only when it has seen its link overuse, so a
   falling REMB (by a tenth within a second: it falls a little with each of
-  its messages) cuts the estimate to it, and stops a probe. A REMB that merely lags behind (it can
-  never exceed 1.5 times what arrives) is not a ceiling: that would stop every
-  ramp-up.
+  its messages) cuts the estimate to it, and stops a probe. But a REMB never
+  exceeds 1.5 times what arrives, so it also sinks whenever less is sent (a
+  low layer, a probe that ended, a quiet picture): a fall to a value still
+  well above what is sent is not overuse. A REMB that merely lags behind is
+  not a ceiling either: that would stop every ramp-up.
 * Delivered: receiver reports say how many packets arrived; times the size of
   what was sent, that is what the link carried. A cut never goes below 90 % of
   it: after a flood, the estimate lands on the link's capacity instead of
@@ -58,6 +60,7 @@ QUEUE_LIMIT = 0.12  # seconds of queueing above the base round trip that count a
 QUEUE_CALM = 0.05  # seconds: below this, the queue is empty enough to grow or probe
 REMB_FALL = 0.9  # a REMB under 90 % of the highest of the last REMB_WINDOW reports overuse
 REMB_WINDOW = 1.0  # seconds (a receiver lowers its REMB a little with each message it sends)
+REMB_ROOM = 1.2  # ... unless it still allows this much more than is being sent
 
 PROBE_TIME = 1.0  # seconds the padding lasts
 PROBE_SETTLE = 1.0  # seconds after the padding for the last report to come back
@@ -183,7 +186,8 @@ class BandwidthEstimate:
         """The lowest round trip any stream has shown lately."""
         return min(base for base, _ in self.bases.values()) if self.bases else None
 
-    def on_remb(self, bitrate: float, now: float) -> None:
+    def on_remb(self, bitrate: float, now: float, sending: float | None = None) -> None:
+        """A REMB; ``sending``: what goes toward this receiver now (audio and video, bit/s)."""
         self.remb = max(bitrate, self.minimum)
         while self.rembs and self.rembs[0][0] < now - REMB_WINDOW:
             self.rembs.popleft()
@@ -191,6 +195,8 @@ class BandwidthEstimate:
         self.rembs.append((now, self.remb))
         if peak is None or self.remb >= peak * REMB_FALL:
             return
+        if sending is not None and self.remb >= sending * REMB_ROOM and self.probe is None:
+            return  # it still allows more than is sent: it sank with what arrives, not for overuse
         self.rembs.clear()
         if self.probe is not None:
             self._fail_probe(now)  # the receiver sees the probe overflow its link

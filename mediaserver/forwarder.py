@@ -226,7 +226,8 @@ class Publication:
         if self.ladder is None:
             return
         levels = self.ladder.levels()
-        cap_limited = self.rate_cap is not None and self.meter.rate >= 0.7 * self.rate_cap
+        # (a picture that needs less than its cap sends less: then more would not be used)
+        cap_limited = self.rate_cap is not None and self.meter.rate >= 0.9 * self.rate_cap
         budgets = [b for b in (s.link.video_budget() for s in self.subscriptions) if b is not None]
         best = max(budgets, default=None)
         for subscription in tuple(self.subscriptions):

@@ -81,7 +81,7 @@ class Slot:
         now = time.monotonic()
         bandwidth = self.peer.bandwidth
         if feedback.kind == "remb" and feedback.bitrate is not None:
-            bandwidth.on_remb(feedback.bitrate, now)
+            bandwidth.on_remb(feedback.bitrate, now, self.peer.sending_rate(now))
         elif feedback.kind == "report":
             # The round trip is the link's, whichever stream reports it. Loss is read
             # from video, or from audio while no video flows (all of it paused).
@@ -280,6 +280,10 @@ class Peer:
 
     def _audio_rate(self, now: float) -> float:
         return sum(s.meter.current(now) for s in self._receiving("audio"))
+
+    def sending_rate(self, now: float) -> float:
+        """What is sent toward this subscriber lately, all streams together (padding and resends aside)."""
+        return sum(s.meter.current(now) for s in self.subscriptions())
 
     def video_flowing(self) -> bool:
         return any(s.level is not None and s.level >= 0 for s in self._receiving("video"))

@@ -40,8 +40,10 @@ def test_heavy_loss_cuts_by_half_the_loss_once_per_round_trip(loss: float) -> No
 
 def test_a_falling_remb_cuts_but_a_lagging_one_is_no_ceiling() -> None:
     bwe = BandwidthEstimate(estimate=800_000, minimum=30_000)
-    bwe.on_remb(900_000, now=0.0)
-    bwe.on_remb(300_000, now=1.0)  # the receiver saw overuse
+    bwe.on_remb(900_000, now=0.0, sending=700_000)
+    bwe.on_remb(600_000, now=0.5, sending=300_000)  # less is sent: it sinks with what arrives, no overuse
+    assert bwe.estimate == 800_000
+    bwe.on_remb(300_000, now=1.0, sending=700_000)  # under what is sent: the receiver saw overuse
     assert bwe.estimate == 300_000
     bwe.on_remb(320_000, now=1.5)
     for second in range(2, 30):
@@ -240,14 +242,20 @@ def test_loss_that_retransmissions_hide_from_reports_is_read_from_nacks() -> Non
     assert loss.update(sent_packets=300, nacked=9) == 0.0
 
 
-def test_a_remb_that_falls_message_by_message_still_cuts_and_stops_a_probe() -> None:
+def test_a_falling_remb_stops_a_probe() -> None:
     bwe = BandwidthEstimate(estimate=300_000)
     clean_link(bwe, 0.0, 3.0)
     assert bwe.probe_rate(3.0, wanted=2_000_000) is not None
-    for k in range(10):  # 2 % lower with each message, 50 ms apart: no single step is a fall
-        bwe.on_remb(700_000 * 0.98 ** k, now=3.0 + k * 0.05)
-    assert bwe.failed_probes == 1 and not bwe.padding(3.5)
-    before = bwe.estimate
-    for k in range(10, 60):  # and on, below the estimate: cut to it
-        bwe.on_remb(700_000 * 0.98 ** k, now=3.0 + k * 0.05)
-    assert bwe.estimate < before and bwe.estimate == pytest.approx(bwe.remb, rel=0.15)
+    bwe.on_remb(700_000, now=3.1)
+    bwe.on_remb(690_000, now=3.2)  # sinking a little: nothing
+    assert bwe.padding(3.25)
+    bwe.on_remb(550_000, now=3.3)  # the receiver saw the probe overflow its link
+    assert bwe.failed_probes == 1 and not bwe.padding(3.35)
+    assert bwe.estimate > 300_000  # still above the estimate: no cut
+
+
+def test_a_remb_that_falls_message_by_message_under_what_is_sent_cuts() -> None:
+    bwe = BandwidthEstimate(estimate=800_000)
+    for k in range(40):  # 2 % lower with each message, 50 ms apart: no single step is a fall
+        bwe.on_remb(900_000 * 0.98 ** k, now=k * 0.05, sending=700_000)
+    assert bwe.estimate < 500_000
