@@ -19,7 +19,10 @@ and never cut.
   and a rise above it stops growth (and fails a probe).
 * Queueing: a round trip that has grown well above the lowest one seen means a
   queue is filling somewhere (rural links have deep buffers and lose late);
-  cut by 15 % once per round trip, and do not grow while it persists. Each
+  cut by 15 % once per round trip, and do not grow while it persists. These
+  cuts may go further below what the link delivered than the others (to 75 %
+  of it): sending just what a link delivers keeps its queue standing, and
+  audio waits in that queue. Each
   stream's round trip is compared with that stream's own lowest: streams of
   one link report round trips some tens of milliseconds apart (how long each
   one's reports wait), and mixing them would read as a queue.
@@ -75,6 +78,7 @@ FIRST_PROBE_STEP = 2.0  # the first probe, as soon as the link is heard from, re
 PROBE_BACKOFF = (2.0, 4.0, 8.0, 16.0, 30.0)  # seconds between probes after 0, 1, 2, 3, 4+ failures
 BASE_RTT_WINDOW = 30.0
 DELIVERED_FLOOR = 0.9  # a cut keeps at least this share of what the link just delivered
+QUEUE_DRAIN_FLOOR = 0.75  # ... a cut for a standing queue, this share: less than the link delivers drains it
 DELIVERED_FRESH = 2.0  # seconds a delivered rate stays usable
 PACKET_OVERHEAD = 40  # bytes of SRTP, UDP and IP around each payload
 
@@ -217,7 +221,8 @@ class BandwidthEstimate:
             if self._probe_failed(self.probe):
                 self._fail_probe(now)  # a queue is building: stop padding now, not at the end
         elif self.queue_delay > QUEUE_LIMIT and self._may_cut(now):
-            self._cut_to(self.estimate * QUEUE_CUT, now)
+            # Sending what the link delivers keeps a standing queue standing: below it, the queue drains.
+            self._cut_to(self.estimate * QUEUE_CUT, now, floor=QUEUE_DRAIN_FLOOR)
 
     def on_report(self, fraction_lost: int, now: float, asked: float | None = None) -> None:
         """A receiver report: ``fraction_lost`` is RFC 3550's 8-bit fixed-point fraction;
@@ -320,9 +325,9 @@ class BandwidthEstimate:
         # Once per round trip, and no more often than reports can show the effect of the last cut.
         return self.last_cut is None or now - self.last_cut >= max(self.rtt, MIN_CUT_INTERVAL)
 
-    def _cut_to(self, value: float, now: float) -> None:
+    def _cut_to(self, value: float, now: float, floor: float = DELIVERED_FLOOR) -> None:
         if self.delivered is not None and self.delivered_at is not None and now - self.delivered_at < DELIVERED_FRESH:
-            value = max(value, self.delivered * DELIVERED_FLOOR)
+            value = max(value, self.delivered * floor)
         self.estimate = self._bounded(min(value, self.estimate))
         self.last_cut = now
         self.last_growth = now  # no growth straight after a cut
