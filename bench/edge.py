@@ -203,7 +203,13 @@ async def recovery_trials(link: KitLink, watcher: Watcher, lengths: list[float],
     for length in lengths:
         times: list[float | None] = []
         for trial in range(trials):
-            await watcher.first_after(time.monotonic(), TRIAL_TIMEOUT)  # the kit is streaming
+            try:
+                await watcher.first_after(time.monotonic(), TRIAL_TIMEOUT)  # the kit is streaming
+            except TimeoutError:
+                print(f"  outage {length:>5.0f} s, trial {trial + 1:>2}: the kit's media never came back; "
+                      "no more trials", flush=True)
+                times += [None] * (trials - trial)
+                break
             await asyncio.sleep(rng.uniform(1.0, 3.0))  # a random phase of the kit's heartbeat and reports
             link.cut()
             await asyncio.sleep(length)  # the outage itself
