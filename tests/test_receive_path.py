@@ -749,7 +749,8 @@ async def test_video_keeps_coming_through_loss_and_after_a_hole_nothing_can_repa
         sent_after = videos[0].frames_sent + 8  # frames from here on leave after the outage
         began = time.monotonic()
         await asyncio.wait_for(until(lambda: any(n > sent_after for _, n in shown[1])), 5)
-        assert time.monotonic() - began < 1.5  # the outage, a hold, a keyframe request and the keyframe
+        # the outage, a hold, a keyframe request, the keyframe, and the playout delay (up to half a second)
+        assert time.monotonic() - began < 2.0
         await asyncio.wait_for(until(lambda: len(shown[1]) >= 75), 15)
         outage.cancel()
         numbers = [n for _, n in shown[1]]
