@@ -235,6 +235,10 @@ class Capture:
             logger.warning("%s source ended: %s", self.kind, exc or "no reason given")
             if self.on_end is not None:
                 self.on_end(str(exc) or "the device stopped")
+        except Exception as exc:  # a source that fails ends the capture, never the agent, and says why
+            logger.exception("%s source failed", self.kind)
+            if self.on_end is not None:
+                self.on_end(f"{type(exc).__name__}: {exc}")
         finally:
             for reader in list(self._readers):
                 reader.offer(None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fractions
 import json
 import os
 import stat
@@ -13,10 +14,11 @@ import aiohttp
 import av
 import numpy as np
 import pytest
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from bench.synthetic import read_stamp
+from bench.synthetic import read_stamp, source_luma
 from edge.device_api import CredentialError, DeviceCredential, classify, read_credential, write_credential
-from edge.media import SYNTHETIC_TAG, KitMedia
+from edge.media import SYNTHETIC_TAG, Capture, KitMedia
 from edge.page import encode_jpeg
 from edge.reconnect import Failure
 from edge.remote import mix
@@ -112,3 +114,47 @@ def test_network_errors_are_sorted_for_reconnecting() -> None:
     assert classify(refused).failure is Failure.UNREACHABLE
     assert classify(TimeoutError()).failure is Failure.UNREACHABLE
     assert classify(OSError(errno.EHOSTUNREACH, "No route to host")).failure is Failure.NO_NETWORK
+
+
+class FailingCamera(MediaStreamTrack):
+    """A camera that gives a few frames, then fails the way a driver or a bug does."""
+
+    kind = "video"
+
+    def __init__(self, frames: int) -> None:
+        super().__init__()
+        self.left = frames
+
+    async def recv(self) -> av.VideoFrame:
+        if self.left == 0:
+            raise OverflowError("the device returned garbage")
+        self.left -= 1
+        frame = av.VideoFrame(64, 48, "yuv420p")
+        frame.pts, frame.time_base = 0, fractions.Fraction(1, 90000)
+        return frame
+
+
+async def test_a_camera_that_fails_mid_call_ends_in_sound_only_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    media = await KitMedia.open("none", "synthetic", 64, 48, 15)
+    try:
+        media.video = Capture(FailingCamera(3), 4, media._camera_lost)
+        media.status.camera = "ok"
+        reader = media.video.track()
+        for _ in range(3):
+            await asyncio.wait_for(reader.recv(), 5)
+        with pytest.raises(MediaStreamError):  # the call's video ends instead of waiting for ever
+            await asyncio.wait_for(reader.recv(), 5)
+        assert media.status.camera == "missing" and "OverflowError" in media.status.camera_detail
+        assert "video source failed" in caplog.text
+        audio, video = media.call_tracks()  # the next call: sound only
+        assert audio is not None and video is None
+        audio.stop()
+    finally:
+        await media.close()
+
+
+def test_the_synthetic_camera_runs_past_eighteen_minutes() -> None:
+    # 16384 frames at 15 fps: the picture's shift once outgrew its 16-bit arithmetic there
+    for frame in (16383, 16384, 10**6):
+        luma = source_luma(64, 48, frame)
+        assert luma.dtype == np.uint8 and int(luma[0, 0]) == (frame * 4) % 200 + 28
