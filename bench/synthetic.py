@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fractions
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import av
@@ -82,7 +83,8 @@ class StampedVideoTrack(VideoStreamTrack):
         self.tag = tag
         self.width, self.height, self.fps = width, height, fps
         self.frames_sent = 0
-        self.sent_at: list[float] = []  # wall-clock time of each frame
+        # wall-clock time of each frame, the last hour's worth (a kit's synthetic camera runs for days)
+        self.sent_at: deque[float] = deque(maxlen=3600 * fps)
         self._chroma = np.full((height // 2, width), 128, dtype=np.uint8)
         self._began: float | None = None
 
