@@ -158,7 +158,6 @@ class BandwidthEstimate:
     delivered: float | None = None  # what the link carried to this subscriber lately, bit/s
     delivered_at: float | None = None
     heard_at: float | None = None  # first report from this link
-    last_nack: float | None = None
     nacks: deque[tuple[float, int]] = field(default_factory=deque)  # (when, packets) of the last few seconds
     rembs: deque[tuple[float, float]] = field(default_factory=deque)  # (when, bit/s) of the last REMB_WINDOW
 
@@ -175,7 +174,6 @@ class BandwidthEstimate:
             expected = probe.nack_rate * (now - probe.start)
             if lost > (2 * expected + 2 if probe.nack_rate > 0 else 0):
                 self._fail_probe(now)
-        self.last_nack = now
 
     def on_delivered(self, rate: float, now: float) -> None:
         self.delivered, self.delivered_at = rate, now
