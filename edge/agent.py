@@ -47,6 +47,9 @@ logger = logging.getLogger("edge.agent")
 @dataclass(frozen=True)
 class AgentTimings:
     probe_interval: float = 1.0
+    # With no route at all a probe fails at once without sending a packet, so it can be
+    # repeated often: the kit is back within a fraction of a second of its network.
+    no_network_probe_interval: float = 0.25
     probe_timeout: float = 1.0
     session_wait: float = 25.0
     backoff: Backoff = field(default_factory=Backoff)
@@ -192,7 +195,10 @@ class KitAgent:
             if await api.probe(min(self.timings.probe_timeout, retry_at - started)):
                 self.machine.server_answered(now())
                 return
-            await asyncio.sleep(max(0.0, min(started + self.timings.probe_interval, retry_at) - now()))
+            interval = self.timings.probe_interval
+            if self.machine.state is State.NO_NETWORK:
+                interval = self.timings.no_network_probe_interval
+            await asyncio.sleep(max(0.0, min(started + interval, retry_at) - now()))
 
     # --- telling others ------------------------------------------------------------------------
 

@@ -10,10 +10,21 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from mediaserver.aiortc_adapter import restrict_host_addresses
 from signalling.app import build_app
 from signalling.config import ServerConfig
 from signalling.rest import ADMIN_KEY
 from signalling.ws import HUB, SignallingHub
+
+
+@pytest.fixture(autouse=True, scope="session")
+def loopback_ice() -> None:
+    """Peers made in the test process gather ICE candidates on loopback, the only network the tests use.
+
+    (aioice leaves loopback out by default, and a server started in this
+    process would set the same; a test must not depend on which ran first.)
+    """
+    restrict_host_addresses(["127.0.0.1"])
 
 
 @dataclass

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.process import PROJECT, free_port
 from bench.synthetic import StampedVideoTrack, ToneAudioTrack, dominant_frequency, read_stamp
 from edge.config import EdgeConfig, TurnRelay
 from edge.device_api import enrol, write_credential
@@ -101,3 +106,40 @@ class KitWatcher:
         for task in self._tasks.values():
             task.cancel()
         await self.client.close()
+
+
+class ServerProcess:
+    """`nara serve` on a fixed port and data directory, so it can be killed and started again."""
+
+    def __init__(self, data_dir: Path, *extra: str, host: str = "127.0.0.1") -> None:
+        self.port = free_port()
+        self.url = f"http://{host}:{self.port}"
+        self.data_dir = data_dir
+        self.extra = extra  # further `nara serve` arguments
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> float:
+        """Start and return the moment it listens."""
+        env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "nara.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
+             "--no-demo", *self.extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if "listening on" in line:
+                return time.monotonic()
+        raise RuntimeError("the server did not start")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    @property
+    def admin_key(self) -> str:
+        return (self.data_dir / "admin-key").read_text().strip()
+
+    async def token(self, room: str) -> str:
+        body = {"name": "Dr A", "role": "clinician"}
+        data = await admin(self.url, self.admin_key, "POST", f"/api/consultations/{room}/tokens", body)
+        return str(data["token"])

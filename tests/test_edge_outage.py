@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,13 +11,12 @@ from pathlib import Path
 import aiohttp
 
 from bench.edge import KitLink
-from bench.process import PROJECT, free_port
 from edge.agent import KitAgent
 from edge.config import EdgeConfig
 from edge.reconnect import State
 
 from .conftest import RunningServer
-from .edge_helpers import KitWatcher, admin, enrolled_kit, kit_config
+from .edge_helpers import KitWatcher, ServerProcess, admin, enrolled_kit, kit_config
 
 OUTAGE = 5.0
 RECOVERY_GOAL = 3.0
@@ -72,42 +67,6 @@ async def test_media_flows_again_within_3_s_of_the_link_coming_back(server: Runn
     finally:
         await clinician.close()
         await link.close()
-
-
-class ServerProcess:
-    """`nara serve` on a fixed port and data directory, so it can be killed and started again."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = data_dir
-        self.process: subprocess.Popen[str] | None = None
-
-    def start(self) -> float:
-        """Start and return the moment it listens."""
-        env = {**os.environ, "PYTHONPATH": str(PROJECT)}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "nara.cli", "serve", "--port", str(self.port), "--data-dir", str(self.data_dir),
-             "--no-demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            if "listening on" in line:
-                return time.monotonic()
-        raise RuntimeError("the server did not start")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    @property
-    def admin_key(self) -> str:
-        return (self.data_dir / "admin-key").read_text().strip()
-
-    async def token(self, room: str) -> str:
-        body = {"name": "Dr A", "role": "clinician"}
-        data = await admin(self.url, self.admin_key, "POST", f"/api/consultations/{room}/tokens", body)
-        return str(data["token"])
 
 
 async def test_server_killed_mid_call_the_kit_is_back_within_5_s(tmp_path: Path) -> None:
