@@ -1,0 +1,98 @@
+"""The kit's photo checks on full-resolution synthetic stills: the verdict a nurse reads, the camera's own
+calibration, and the scale from a marker of known size."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.photos import (
+    CALIBRATION_FILE,
+    DEFAULT_SHARPNESS_MIN,
+    CalibrationError,
+    Thresholds,
+    assess,
+    calibrate,
+    examine,
+    find_scale,
+    save_calibration,
+    thresholds_for,
+)
+from edge.scene import STILL_HEIGHT, STILL_WIDTH, SyntheticScene, render_scene
+
+NOW = datetime(2026, 3, 2, 10, 30, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def sharp() -> np.ndarray:
+    return render_scene(SyntheticScene())
+
+
+def test_a_sharp_well_lit_still_passes_and_is_kept_at_full_resolution(sharp: np.ndarray) -> None:
+    examined = examine(sharp, Thresholds(), 20.0)
+    assert examined.quality.ok and examined.quality.problems == ()
+    kept = cv2.imdecode(np.frombuffer(examined.jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert kept.shape == (STILL_HEIGHT, STILL_WIDTH, 3)
+    assert float(np.abs(kept.astype(np.int16) - sharp.astype(np.int16)).mean()) < 2.5  # JPEG quality 95
+    preview = cv2.imdecode(np.frombuffer(examined.preview, np.uint8), cv2.IMREAD_COLOR)
+    assert preview.shape[1] == 1280
+    metadata = examined.quality.metadata()
+    assert metadata["flags"] == [] and metadata["sharpness"] > 4 * DEFAULT_SHARPNESS_MIN
+    assert examined.scale is None  # no marker in view
+
+
+@pytest.mark.parametrize(("scene", "code", "swedish", "english"), [
+    (SyntheticScene(blur=3.0), "blurred", "Bilden är suddig. Håll stilla och ta om.",
+     "The photo is blurred. Hold still and take it again."),
+    (SyntheticScene(exposure=0.15), "dark", "Bilden är för mörk.", "The photo is too dark."),
+    (SyntheticScene(exposure=3.0), "bright", "Bilden är för ljus.", "The photo is too bright."),
+])
+def test_a_faulty_still_fails_with_one_message_the_nurse_can_act_on(scene: SyntheticScene, code: str, swedish: str,
+                                                                     english: str) -> None:
+    quality = assess(render_scene(scene), Thresholds())
+    assert not quality.ok
+    assert [p.code for p in quality.problems] == [code]  # a dark still is not also called blurred
+    assert quality.problems[0].sv.startswith(swedish) and "ta om" in quality.problems[0].sv
+    assert quality.problems[0].en.startswith(english)
+    assert quality.metadata()["flags"] == [code]
+
+
+def test_calibration_sets_the_cameras_own_threshold(sharp: np.ndarray, tmp_path: Path) -> None:
+    soft = render_scene(SyntheticScene(blur=1.5))  # a slightly shaken hand
+    assert assess(soft, thresholds_for(tmp_path, "synthetic")).ok  # the default forgives it
+    stills = [render_scene(SyntheticScene(), capture=n) for n in range(3)]
+    calibration = calibrate(stills, "synthetic", NOW)
+    save_calibration(tmp_path, calibration)
+    stored = json.loads((tmp_path / CALIBRATION_FILE).read_text())
+    assert stored["camera"] == "synthetic" and len(stored["samples"]) == 3
+    thresholds = thresholds_for(tmp_path, "synthetic")
+    assert thresholds.calibrated and thresholds.sharpness_min > 4 * DEFAULT_SHARPNESS_MIN
+    flagged = assess(soft, thresholds)
+    assert [p.code for p in flagged.problems] == ["blurred"]  # this camera can do better
+    assert flagged.metadata()["calibrated"] is True
+    assert assess(sharp, thresholds).ok
+    # Another camera's calibration does not count.
+    assert thresholds_for(tmp_path, "/dev/video0") == Thresholds()
+
+
+def test_calibration_refuses_a_scene_that_moved_or_is_dark() -> None:
+    moving = [render_scene(SyntheticScene(blur=b)) for b in (0.0, 0.0, 2.5)]
+    with pytest.raises(CalibrationError, match="differ too much"):
+        calibrate(moving, "synthetic", NOW)
+    dark = [render_scene(SyntheticScene(exposure=0.15), capture=n) for n in range(3)]
+    with pytest.raises(CalibrationError, match="too dark"):
+        calibrate(dark, "synthetic", NOW)
+
+
+@pytest.mark.parametrize(("pixels_per_mm", "angle"), [(10.0, 12.0), (6.0, 33.0), (3.0, -20.0), (2.2, 5.0)])
+def test_a_marker_of_known_size_gives_the_scale_within_two_percent(pixels_per_mm: float, angle: float) -> None:
+    scene = SyntheticScene(marker_mm=20.0, pixels_per_mm=pixels_per_mm, marker_angle=angle)
+    scale = find_scale(render_scene(scene), 20.0)
+    assert scale is not None and scale.marker_id == scene.marker_id
+    true_mm_per_pixel = 1 / pixels_per_mm
+    assert abs(scale.mm_per_pixel - true_mm_per_pixel) / true_mm_per_pixel < 0.02
