@@ -10,6 +10,8 @@ Example (``/etc/nara/edge.toml``)::
     page = "127.0.0.1:8090"  # where the kit's own screen page is served
     video = "640x480"
     fps = 15
+    data_dir = "/var/lib/nara-edge"  # the photo outbox and what the kit must remember across restarts
+    upload_kbps = 2000       # ceiling for photo uploads; during a call they also yield to its audio
 
     [turn]                   # optional: send all media through this relay
     url = "turn:turn.example.se:3478?transport=udp"
@@ -34,6 +36,7 @@ CAMERA_CHOICES = ("auto", "synthetic", "none", "picamera2")
 MICROPHONE_CHOICES = ("auto", "synthetic", "none")
 LANGUAGES = ("sv", "en")
 MAX_WIDTH, MAX_HEIGHT = 1920, 1080
+UPLOAD_KBPS_RANGE = (16, 100_000)
 
 
 class EdgeConfigError(Exception):
@@ -63,6 +66,12 @@ class EdgeConfig:
     video: str = "640x480"
     fps: int = 15
     turn: TurnRelay | None = None
+    data_dir: Path = Path("/var/lib/nara-edge")
+    upload_kbps: int = 2000
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.data_dir / "outbox"
 
     @property
     def width(self) -> int:
@@ -81,7 +90,8 @@ class EdgeConfig:
         return int(self.page.rpartition(":")[2])
 
 
-_FIELDS = ("server", "credential", "camera", "microphone", "language", "page", "video", "fps", "turn")
+_FIELDS = ("server", "credential", "camera", "microphone", "language", "page", "video", "fps", "turn", "data_dir",
+           "upload_kbps")
 _TURN_FIELDS = ("url", "username", "credential")
 
 
@@ -155,7 +165,7 @@ def _turn(data: dict[str, Any], errors: list[EdgeConfigError]) -> TurnRelay | No
 def config_errors(data: dict[str, Any], base: Path = Path(".")) -> tuple[EdgeConfig | None, list[EdgeConfigError]]:
     """The configuration in ``data`` (a parsed TOML document) and everything wrong with it.
 
-    A relative ``credential`` path is taken relative to ``base`` (the configuration file's folder).
+    A relative ``credential`` or ``data_dir`` path is taken relative to ``base`` (the configuration file's folder).
     """
     errors: list[EdgeConfigError] = []
     for key in data:
@@ -179,13 +189,21 @@ def config_errors(data: dict[str, Any], base: Path = Path(".")) -> tuple[EdgeCon
     if isinstance(fps, bool) or not isinstance(fps, int) or not 1 <= fps <= 30:
         errors.append(EdgeConfigError("fps", f"must be a whole number from 1 to 30, not {fps!r}"))
         fps = 15
+    data_dir = _text(data, "data_dir", errors, "/var/lib/nara-edge")
+    low, high = UPLOAD_KBPS_RANGE
+    upload_kbps = data.get("upload_kbps", 2000)
+    if isinstance(upload_kbps, bool) or not isinstance(upload_kbps, int) or not low <= upload_kbps <= high:
+        errors.append(EdgeConfigError(
+            "upload_kbps", f"must be a whole number of kbit/s from {low} to {high}, not {upload_kbps!r}"))
+        upload_kbps = 2000
     turn = _turn(data, errors)
     if errors:
         return None, errors
-    path = Path(credential)
+    path, data_path = Path(credential), Path(data_dir)
     config = EdgeConfig(
         server=server.rstrip("/"), credential=path if path.is_absolute() else base / path, camera=camera,
         microphone=microphone, language=language, page=page, video=video, fps=fps, turn=turn,
+        data_dir=data_path if data_path.is_absolute() else base / data_path, upload_kbps=upload_kbps,
     )
     return config, []
 

@@ -44,7 +44,7 @@ async def enrolled_kit(server_url: str, admin_key: str, tmp_path: Path, name: st
 def kit_config(server_url: str, credential: Path, *, camera: str = "synthetic", video: str = "320x240",
                turn: TurnRelay | None = None) -> EdgeConfig:
     return EdgeConfig(server=server_url, credential=credential, camera=camera, microphone="synthetic",
-                      page="127.0.0.1:0", video=video, fps=15, turn=turn)
+                      page="127.0.0.1:0", video=video, fps=15, turn=turn, data_dir=credential.parent / "data")
 
 
 @dataclass

@@ -112,3 +112,27 @@ def test_check_config_command_prints_every_mistake(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "is valid" in result.stdout
+
+
+def test_the_data_folder_and_the_upload_ceiling(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, GOOD))
+    assert config.data_dir == Path("/var/lib/nara-edge") and config.upload_kbps == 2000
+    assert config.outbox_dir == Path("/var/lib/nara-edge/outbox")
+    config = load_config(write(tmp_path, GOOD + 'data_dir = "state"\nupload_kbps = 256\n'))
+    assert config.data_dir == tmp_path / "state" and config.upload_kbps == 256
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("upload_kbps = 0", "16 to 100000"),
+        ('upload_kbps = "2000"', "whole number"),
+        ("upload_kbps = 1.5", "whole number"),
+        ('data_dir = ""', "non-empty"),
+    ],
+)
+def test_data_folder_and_upload_mistakes_name_their_field(tmp_path: Path, line: str, words: str) -> None:
+    config, errors = read_config(write(tmp_path, GOOD + line + "\n"))
+    assert config is None
+    assert [e.field for e in errors] == [line.split(" ")[0]]
+    assert words in errors[0].message
