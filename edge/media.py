@@ -17,15 +17,28 @@ A capture runs for the agent's whole life, so the self view works between
 calls and a reconnect does not reopen the camera. Each call gets fresh
 tracks from it: Nära's VP8 encoder (``EncodedVideoTrack``, following the
 server's REMB and keyframe requests) and Nära's Opus (24 kbit/s with FEC).
+
+A wound photo is a still at the camera's full resolution (``KitMedia.still``):
+a V4L2 camera is closed, opened in its largest mode for the still and opened
+again for streaming; the Pi camera switches mode between two video frames;
+the synthetic camera renders a wound scene (``edge/scene.py``). Meanwhile the
+call's video holds its last picture. A still that fails raises
+``StillFailed`` with the reason; the call goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import errno
+import fcntl
 import fractions
 import importlib
 import logging
+import os
+import queue
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,11 +47,14 @@ from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from bench.synthetic import StampedVideoTrack, ToneAudioTrack
 from mediaserver.encoders import OpusTrack
 from mediaserver.video_encoders import EncodedVideoTrack, Vp8Encoder
+
+from .scene import Image, SyntheticScene, render_scene
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +63,22 @@ SYNTHETIC_TAG = 7  # the stamp synthetic kit pictures carry
 SYNTHETIC_TONE = 550.0  # Hz, a whole number of 50 Hz bins (20 ms frames), unlike the bench's tones
 VIDEO_QUEUE = 2  # frames a slow reader may fall behind before the oldest are dropped
 AUDIO_QUEUE = 25  # 20 ms frames: half a second
+STILL_WARMUP = 1.0  # seconds a V4L2 camera runs in its still mode before the picture is taken (exposure settles)
+STILL_TIMEOUT = 15.0
+_EPOCH = time.monotonic()  # V4L2 frames are stamped from here, so a camera opened again continues the timeline
 
 
 class CameraUnavailable(Exception):
     """No picture can be had from the configured camera."""
+
+
+class StillFailed(Exception):
+    """The camera did not give a still. ``code``: ``no_camera``, ``camera_busy`` or ``camera_failed``."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
 
 
 @dataclass
@@ -80,6 +108,8 @@ class ThreadedSource(MediaStreamTrack):
         self._close = close
         self._running = True
         self.error: str | None = None
+        self.device: str | None = None  # the V4L2 device it reads, if one
+        self.still_requests: queue.SimpleQueue[concurrent.futures.Future[Image]] | None = None  # the Pi camera's
         self._thread = threading.Thread(target=self._run, args=(read,), name=f"nara-{kind}", daemon=True)
         self._thread.start()
 
@@ -112,6 +142,11 @@ class ThreadedSource(MediaStreamTrack):
         self._close()
         super().stop()
 
+    async def stopped(self, timeout: float = 5.0) -> bool:
+        """Wait (after ``stop``) until the reader thread has let go of the device."""
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, timeout)
+        return not self._thread.is_alive()
+
 
 def open_v4l2(device: str, width: int, height: int, fps: int) -> ThreadedSource:
     """A USB/V4L2 camera through PyAV."""
@@ -128,9 +163,14 @@ def open_v4l2(device: str, width: int, height: int, fps: int) -> ThreadedSource:
             raise CameraUnavailable(f"{device} cannot be opened: {exc}") from None
 
     def read() -> Iterator[av.VideoFrame]:
-        yield from container.decode(video=0)
+        for frame in container.decode(video=0):
+            frame.pts = int((time.monotonic() - _EPOCH) * 90_000)
+            frame.time_base = fractions.Fraction(1, 90_000)
+            yield frame
 
-    return ThreadedSource("video", read, container.close)
+    source = ThreadedSource("video", read, container.close)
+    source.device = device
+    return source
 
 
 def open_picamera2(width: int, height: int, fps: int) -> ThreadedSource:
@@ -148,9 +188,19 @@ def open_picamera2(width: int, height: int, fps: int) -> ThreadedSource:
     except Exception as exc:  # picamera2 raises many kinds when no camera is attached
         raise CameraUnavailable(f"the Pi camera cannot be started: {exc}") from None
     began = time.monotonic()
+    stills: queue.SimpleQueue[concurrent.futures.Future[Image]] = queue.SimpleQueue()
 
     def read() -> Iterator[av.VideoFrame]:
         while True:
+            while not stills.empty():  # between two video frames: the still at full resolution, then back
+                wanted = stills.get_nowait()
+                try:
+                    still = camera.switch_mode_and_capture_array(
+                        camera.create_still_configuration(main={"format": "RGB888"}), "main")  # BGR in memory
+                except Exception as exc:  # the video goes on; the nurse is told the still failed
+                    wanted.set_exception(StillFailed("camera_failed", f"the Pi camera's still failed: {exc}"))
+                else:
+                    wanted.set_result(np.ascontiguousarray(still[:, :, :3], dtype=np.uint8))
             pixels = camera.capture_array("main")
             frame = av.VideoFrame.from_ndarray(pixels, format="yuv420p")
             frame.pts = int((time.monotonic() - began) * 90_000)
@@ -162,7 +212,97 @@ def open_picamera2(width: int, height: int, fps: int) -> ThreadedSource:
             camera.stop()
             camera.close()
 
-    return ThreadedSource("video", read, close)
+    source = ThreadedSource("video", read, close)
+    source.still_requests = stills
+    return source
+
+
+# --- stills at full resolution from a V4L2 camera ------------------------------------------------
+
+_V4L2_CAPTURE = 1  # V4L2_BUF_TYPE_VIDEO_CAPTURE
+_FMTDESC = struct.Struct("III32sII3I")  # struct v4l2_fmtdesc
+_FRMSIZE = struct.Struct("III6I2I")  # struct v4l2_frmsizeenum
+_FRMSIZE_DISCRETE = 1
+_INPUT_FORMATS = {"MJPG": "mjpeg", "YUYV": "yuyv422", "H264": "h264"}  # V4L2 fourcc -> FFmpeg's input_format
+
+
+def _iowr(number: int, size: int) -> int:
+    return (3 << 30) | (size << 16) | (ord("V") << 8) | number
+
+
+_VIDIOC_ENUM_FMT = _iowr(2, _FMTDESC.size)
+_VIDIOC_ENUM_FRAMESIZES = _iowr(74, _FRMSIZE.size)
+
+
+def v4l2_modes(device: str) -> list[tuple[str, int, int]]:
+    """(fourcc, width, height) of every size the camera offers (the largest of a stepwise range)."""
+    modes = []
+    fd = os.open(device, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        for index in range(64):
+            try:
+                desc = bytearray(_FMTDESC.pack(index, _V4L2_CAPTURE, 0, b"", 0, 0, 0, 0, 0))
+                fcntl.ioctl(fd, _VIDIOC_ENUM_FMT, desc)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    break
+                raise
+            pixel_format = _FMTDESC.unpack(desc)[4]
+            fourcc = pixel_format.to_bytes(4, "little").decode("ascii", "replace")
+            for size_index in range(256):
+                try:
+                    size = bytearray(_FRMSIZE.pack(size_index, pixel_format, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+                    fcntl.ioctl(fd, _VIDIOC_ENUM_FRAMESIZES, size)
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL:
+                        break
+                    raise
+                fields = _FRMSIZE.unpack(size)
+                if fields[2] == _FRMSIZE_DISCRETE:
+                    modes.append((fourcc, fields[3], fields[4]))
+                else:  # stepwise or continuous: min_width, max_width, step, min_height, max_height, step
+                    modes.append((fourcc, fields[4], fields[7]))
+                    break
+    finally:
+        os.close(fd)
+    return modes
+
+
+def largest_mode(modes: list[tuple[str, int, int]]) -> tuple[str, int, int] | None:
+    """The mode with the most pixels; at equal size a compressed one (MJPEG), which USB carries fastest."""
+    usable = [m for m in modes if m[1] > 0 and m[2] > 0]
+    if not usable:
+        return None
+    return max(usable, key=lambda m: (m[1] * m[2], m[0] == "MJPG", m[0] in _INPUT_FORMATS))
+
+
+def v4l2_still(device: str, warmup: float = STILL_WARMUP) -> Image:
+    """A still from ``device`` in its largest mode (blocking; the device must not be streaming)."""
+    try:
+        mode = largest_mode(v4l2_modes(device))
+    except OSError as exc:
+        raise StillFailed("camera_failed", f"{device} cannot be asked for its modes: {exc.strerror or exc}") from None
+    if mode is None:
+        raise StillFailed("camera_failed", f"{device} offers no picture size")
+    fourcc, width, height = mode
+    options = {"video_size": f"{width}x{height}"}
+    if fourcc in _INPUT_FORMATS:
+        options["input_format"] = _INPUT_FORMATS[fourcc]
+    try:
+        container = av.open(device, format="v4l2", options=options)
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise StillFailed("camera_failed", f"{device} cannot be opened at {width}x{height}: {exc}") from None
+    try:
+        began: float | None = None
+        for frame in container.decode(video=0):
+            began = began if began is not None else time.monotonic()
+            if time.monotonic() - began >= warmup:
+                return np.asarray(frame.to_ndarray(format="bgr24"), dtype=np.uint8)
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise StillFailed("camera_failed", f"{device} failed during the still: {exc}") from None
+    finally:
+        container.close()
+    raise StillFailed("camera_failed", f"{device} stopped giving pictures in its still mode")
 
 
 def open_alsa(name: str) -> ThreadedSource:
@@ -221,6 +361,7 @@ class Capture:
         self.latest: Any = None  # the newest frame, for the self view
         self.frames = 0
         self._readers: set[LiveTrack] = set()
+        self._holding = False
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -240,8 +381,33 @@ class Capture:
             if self.on_end is not None:
                 self.on_end(f"{type(exc).__name__}: {exc}")
         finally:
-            for reader in list(self._readers):
-                reader.offer(None)
+            if not self._holding:
+                for reader in list(self._readers):
+                    reader.offer(None)
+
+    async def hold(self) -> None:
+        """Stop reading and close the source; readers keep their tracks, which get no frame until ``resume``."""
+        self._holding = True
+        try:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self.source.stop()
+        finally:
+            self._holding = False
+
+    def resume(self, source: MediaStreamTrack) -> None:
+        """Read from ``source`` (the device opened again) for the same readers."""
+        self.source = source
+        self._task = asyncio.ensure_future(self._run())
+
+    def end(self, reason: str) -> None:
+        """The source could not be opened again: the readers' tracks end, as when a device fails."""
+        logger.warning("%s source not reopened: %s", self.kind, reason)
+        for reader in list(self._readers):
+            reader.offer(None)
+        if self.on_end is not None:
+            self.on_end(reason)
 
     def track(self) -> LiveTrack:
         """A new track that gets every frame from now on."""
@@ -298,6 +464,9 @@ class KitMedia:
         self.status = MediaStatus()
         self.video: Capture | None = None
         self.audio: Capture | None = None
+        self.scene = SyntheticScene()  # what the synthetic camera's stills show
+        self.stills = 0
+        self._still_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, camera: str, microphone: str, width: int, height: int, fps: int) -> KitMedia:
@@ -343,6 +512,52 @@ class KitMedia:
 
     def self_view(self) -> av.VideoFrame | None:
         return self.video.latest if self.video is not None and self.status.camera == "ok" else None
+
+    async def still(self) -> Image:
+        """A still at the camera's full resolution (BGR); raises ``StillFailed`` with the reason.
+
+        The call's video holds its last picture meanwhile and goes on afterwards.
+        """
+        if self._still_lock.locked():
+            raise StillFailed("camera_busy", "a still is being taken already")
+        async with self._still_lock:
+            capture = self.video
+            if capture is None or self.status.camera != "ok":
+                raise StillFailed("no_camera", self.status.camera_detail or "there is no camera")
+            source = capture.source
+            loop = asyncio.get_running_loop()
+            self.stills += 1
+            if isinstance(source, StampedVideoTrack):
+                scene, number = self.scene, self.stills
+                if scene.fail:
+                    raise StillFailed("camera_failed", f"the camera failed during the still: {scene.fail}")
+                return await loop.run_in_executor(None, render_scene, scene, number)
+            if isinstance(source, ThreadedSource) and source.still_requests is not None:
+                wanted: concurrent.futures.Future[Image] = concurrent.futures.Future()
+                source.still_requests.put(wanted)
+                try:
+                    return await asyncio.wait_for(asyncio.wrap_future(wanted), STILL_TIMEOUT)
+                except TimeoutError:
+                    raise StillFailed("camera_failed", "the Pi camera gave no still in time") from None
+            if isinstance(source, ThreadedSource) and source.device is not None:
+                return await self._v4l2_still(capture, source, source.device)
+            raise StillFailed("camera_failed", "this camera cannot take stills")
+
+    async def _v4l2_still(self, capture: Capture, source: ThreadedSource, device: str) -> Image:
+        """Free the device, take the still in its largest mode, and stream again."""
+        loop = asyncio.get_running_loop()
+        await capture.hold()
+        try:
+            if not await source.stopped():
+                raise StillFailed("camera_failed", f"{device} did not stop streaming for the still")
+            return await asyncio.wait_for(loop.run_in_executor(None, v4l2_still, device), STILL_TIMEOUT)
+        except TimeoutError:
+            raise StillFailed("camera_failed", f"{device} gave no still in time") from None
+        finally:
+            try:
+                capture.resume(open_v4l2(device, self.width, self.height, self.fps))
+            except CameraUnavailable as exc:
+                capture.end(str(exc))
 
     async def close(self) -> None:
         for capture in (self.video, self.audio):

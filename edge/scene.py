@@ -29,7 +29,8 @@ class SyntheticScene:
     """What the synthetic camera sees. ``blur`` is a Gaussian sigma in pixels of the full still;
     ``exposure`` multiplies the light (0.15: a dark room, 3.0: overexposed); ``marker_mm`` places an
     ArUco marker (DICT_4X4_50, id ``marker_id``) of that side, at ``pixels_per_mm``, turned by
-    ``marker_angle`` degrees."""
+    ``marker_angle`` degrees. ``fail``: the still fails with this reason, as with a camera unplugged
+    during it (the video stream goes on)."""
 
     width: int = STILL_WIDTH
     height: int = STILL_HEIGHT
@@ -40,6 +41,7 @@ class SyntheticScene:
     marker_angle: float = 12.0
     marker_id: int = 7
     seed: int = 1
+    fail: str = ""
 
     @property
     def marker_pixels(self) -> float | None:
