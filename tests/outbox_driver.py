@@ -1,0 +1,121 @@
+"""A second process for the outbox and upload tests: it adds photos, opens the outbox, or runs a kit's uploads.
+
+``python -m tests.outbox_driver add FOLDER --count N --tag T``: add N photos tagged T-0 … T-(N-1).
+``python -m tests.outbox_driver reopen FOLDER --count N``: open the outbox N times (each open cleans up).
+``python -m tests.outbox_driver kit CONFIG --consultation C --tag T --captures N``: a kit that delivers its
+outbox while it captures N photos (a new one whenever the previous is committed, after a short pause);
+prints ``ready`` when running, and each tag once its photo is committed.
+
+Each photo's bytes follow from its tag (``photo_bytes``): a noise JPEG of a few hundred KB with the tag in a
+comment segment, so a test can check any stored image's bytes from its note alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import random
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.outbox import Outbox, PhotoMetadata
+
+SITES = ("sacrum", "heel_left", "heel_right", "hip_left")
+
+
+@functools.cache
+def _base_jpeg(width: int = 640, height: int = 480) -> bytes:
+    pixels = np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert ok
+    return bytes(encoded)
+
+
+def photo_bytes(tag: str) -> bytes:
+    """A decodable JPEG that differs for every tag: the tag sits in a COM segment after SOI."""
+    base = _base_jpeg()
+    text = f"nara-test {tag}".encode()
+    return base[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + base[2:]
+
+
+def photo_metadata(consultation: str, tag: str) -> PhotoMetadata:
+    number = sum(tag.encode())
+    return PhotoMetadata(
+        consultation=consultation, body_site=SITES[number % len(SITES)], consent=True,
+        captured_at=datetime(2025, 3, 1, 10, number % 60, tzinfo=UTC), device="Kit 7", note=tag,
+        quality={"sharpness": float(number), "dark": 0.0}, filename=f"{tag}.jpg",
+        mm_per_pixel=0.1 if number % 2 else None,
+    )
+
+
+def add(folder: Path, count: int, tag: str, consultation: str) -> None:
+    outbox = Outbox.open(folder, verify=False)
+    for n in range(count):
+        outbox.add(photo_bytes(f"{tag}-{n}"), photo_metadata(consultation, f"{tag}-{n}"))
+    outbox.close()
+
+
+def reopen(folder: Path, count: int) -> None:
+    for _ in range(count):
+        Outbox.open(folder, verify=False).close()
+
+
+async def kit(config_path: Path, consultation: str, tag: str, captures: int, seed: int) -> None:
+    from edge.config import load_config
+    from edge.device_api import read_credential
+    from edge.pacing import MIN_CHUNK
+    from edge.uploader import Uploader, UploadSettings
+
+    config = load_config(config_path)
+    outbox = Outbox.open(config.outbox_dir)
+    credential = read_credential(config.credential)
+    settings = UploadSettings(ceiling_kbps=config.upload_kbps, max_chunk=MIN_CHUNK, idle_check=0.05,
+                              stall_timeout=5.0)
+    uploader = Uploader(outbox, config.server, credential, settings=settings, rng=random.Random(seed))
+    uploading = asyncio.ensure_future(uploader.run())
+    print("ready", flush=True)
+    rng = random.Random(seed)
+    loop = asyncio.get_running_loop()
+    for n in range(captures):
+        await asyncio.sleep(rng.uniform(0.0, 0.3))  # the nurse's pace, not a wait for an event
+        name = f"{tag}-{n}"
+        await loop.run_in_executor(None, outbox.add, photo_bytes(name), photo_metadata(consultation, name))
+        uploader.wake()
+        print(name, flush=True)
+    await uploading
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="outbox_driver")
+    sub = parser.add_subparsers(dest="command", required=True)
+    adding = sub.add_parser("add")
+    adding.add_argument("folder")
+    adding.add_argument("--count", type=int, required=True)
+    adding.add_argument("--tag", required=True)
+    adding.add_argument("--consultation", default="c1")
+    opening = sub.add_parser("reopen")
+    opening.add_argument("folder")
+    opening.add_argument("--count", type=int, required=True)
+    running = sub.add_parser("kit")
+    running.add_argument("config")
+    running.add_argument("--consultation", required=True)
+    running.add_argument("--tag", required=True)
+    running.add_argument("--captures", type=int, default=0)
+    running.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.command == "add":
+        add(Path(args.folder), args.count, args.tag, args.consultation)
+    elif args.command == "reopen":
+        reopen(Path(args.folder), args.count)
+    else:
+        asyncio.run(kit(Path(args.config), args.consultation, args.tag, args.captures, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
