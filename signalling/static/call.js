@@ -5,6 +5,7 @@
 //   "state"        detail: "connecting" | "connected" | "reconnecting" | "offline" | "closed" | "refused"
 //   "participants" the set of others, their streams, mute state or paused video changed
 //   "refused"      detail: {code, message}: the server will not let us in
+//   "message"      detail: every message from the server, for the page's own features (images, photo requests)
 
 const REFUSALS = new Set([
   "token_missing", "token_malformed", "token_alg_none", "token_alg_not_allowed", "token_bad_signature",
@@ -93,8 +94,11 @@ export class Call extends EventTarget {
     };
   }
 
+  // Send a message if the connection is open; whether it went.
   send(message) {
-    if (this.ws?.readyState === WebSocket.OPEN) this.ws.send(JSON.stringify(message));
+    if (this.ws?.readyState !== WebSocket.OPEN) return false;
+    this.ws.send(JSON.stringify(message));
+    return true;
   }
 
   teardown() {
@@ -133,6 +137,7 @@ export class Call extends EventTarget {
   // --- protocol -------------------------------------------------------------
 
   async handle(message) {
+    this.dispatchEvent(new CustomEvent("message", { detail: message }));
     switch (message.type) {
       case "joined": return this.joined(message);
       case "offer": return this.answer(message);
@@ -165,7 +170,7 @@ export class Call extends EventTarget {
         }
         return;
       default:
-        return; // pong, track-published, track-unpublished: nothing to do
+        return; // pong, track-published, track-unpublished, image events: nothing to do here
     }
   }
 
