@@ -12,6 +12,7 @@ Example (``/etc/nara/edge.toml``)::
     fps = 15
     data_dir = "/var/lib/nara-edge"  # the photo outbox and what the kit must remember across restarts
     upload_kbps = 2000       # ceiling for photo uploads; during a call they also yield to its audio
+    marker_mm = 20.0         # side of the ArUco scale marker (DICT_4X4_50) laid beside a wound, in mm
 
     [turn]                   # optional: send all media through this relay
     url = "turn:turn.example.se:3478?transport=udp"
@@ -37,6 +38,7 @@ MICROPHONE_CHOICES = ("auto", "synthetic", "none")
 LANGUAGES = ("sv", "en")
 MAX_WIDTH, MAX_HEIGHT = 1920, 1080
 UPLOAD_KBPS_RANGE = (16, 100_000)
+MARKER_MM_RANGE = (5.0, 200.0)
 
 
 class EdgeConfigError(Exception):
@@ -68,6 +70,7 @@ class EdgeConfig:
     turn: TurnRelay | None = None
     data_dir: Path = Path("/var/lib/nara-edge")
     upload_kbps: int = 2000
+    marker_mm: float = 20.0
 
     @property
     def outbox_dir(self) -> Path:
@@ -91,7 +94,7 @@ class EdgeConfig:
 
 
 _FIELDS = ("server", "credential", "camera", "microphone", "language", "page", "video", "fps", "turn", "data_dir",
-           "upload_kbps")
+           "upload_kbps", "marker_mm")
 _TURN_FIELDS = ("url", "username", "credential")
 
 
@@ -196,6 +199,13 @@ def config_errors(data: dict[str, Any], base: Path = Path(".")) -> tuple[EdgeCon
         errors.append(EdgeConfigError(
             "upload_kbps", f"must be a whole number of kbit/s from {low} to {high}, not {upload_kbps!r}"))
         upload_kbps = 2000
+    marker_mm = data.get("marker_mm", 20.0)
+    if isinstance(marker_mm, bool) or not isinstance(marker_mm, (int, float)) or not (
+            MARKER_MM_RANGE[0] <= marker_mm <= MARKER_MM_RANGE[1]):
+        errors.append(EdgeConfigError(
+            "marker_mm", f"must be the marker's side in mm, from {MARKER_MM_RANGE[0]:g} to {MARKER_MM_RANGE[1]:g}, "
+                         f"not {marker_mm!r}"))
+        marker_mm = 20.0
     turn = _turn(data, errors)
     if errors:
         return None, errors
@@ -204,6 +214,7 @@ def config_errors(data: dict[str, Any], base: Path = Path(".")) -> tuple[EdgeCon
         server=server.rstrip("/"), credential=path if path.is_absolute() else base / path, camera=camera,
         microphone=microphone, language=language, page=page, video=video, fps=fps, turn=turn,
         data_dir=data_path if data_path.is_absolute() else base / data_path, upload_kbps=upload_kbps,
+        marker_mm=float(marker_mm),
     )
     return config, []
 

@@ -33,12 +33,15 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .config import EdgeConfig
+from .media import KitMedia, StillFailed
 from .scene import MARKER_DICTIONARY, Image
 
 SHARPNESS_WIDTH = 1024  # the grey copy's width for the sharpness measure
 DEFAULT_SHARPNESS_MIN = 60.0  # until the camera is calibrated
 CALIBRATION_FRACTION = 0.35  # of a calibrated camera's median sharpness on a detailed, still scene
 CALIBRATION_FILE = "camera-calibration.json"
+CALIBRATION_STILLS = 5
 CALIBRATION_SPREAD_MAX = 2.0  # largest / smallest sample: beyond it the scene or the camera moved
 DARK_LEVEL, BRIGHT_LEVEL = 16, 240  # grey levels counted as clipped
 CLIPPED_MAX = 0.20  # share of pixels clipped at one end that makes a still too dark or too bright
@@ -228,6 +231,26 @@ def load_calibration(data_dir: Path, camera: str) -> Calibration | None:
 def thresholds_for(data_dir: Path, camera: str) -> Thresholds:
     calibration = load_calibration(data_dir, camera)
     return calibration.thresholds() if calibration is not None else Thresholds()
+
+
+async def calibrate_camera(config: EdgeConfig, now: datetime, stills: int = CALIBRATION_STILLS) -> Calibration:
+    """``nara edge calibrate-camera``: take ``stills`` stills with the kit's camera, calibrate, and save."""
+    media = await KitMedia.open(config.camera, "none", config.width, config.height, config.fps)
+    try:
+        if media.status.camera != "ok":
+            raise CalibrationError(f"the camera cannot be used ({media.status.camera_detail}); if the kit's agent "
+                                   "is running it holds the camera: stop it first (systemctl stop nara-edge)")
+        taken = []
+        for _ in range(stills):
+            try:
+                taken.append(await media.still())
+            except StillFailed as exc:
+                raise CalibrationError(f"the camera gave no still: {exc.detail}") from None
+    finally:
+        await media.close()
+    calibration = calibrate(taken, config.camera, now)
+    save_calibration(config.data_dir, calibration)
+    return calibration
 
 
 # --- the still as kept ---------------------------------------------------------------------

@@ -217,6 +217,29 @@ def cmd_edge_enrol(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edge_calibrate_camera(args: argparse.Namespace) -> int:
+    import asyncio
+    from datetime import UTC, datetime
+
+    from edge.config import read_config
+    from edge.photos import CALIBRATION_FILE, CalibrationError, calibrate_camera
+
+    config, errors = read_config(Path(args.config))
+    for error in errors:
+        print(f"{args.config}: {error.field}: {error.message}", file=sys.stderr)
+    if config is None:
+        return 2
+    try:
+        calibration = asyncio.run(calibrate_camera(config, datetime.now(UTC), args.stills))
+    except CalibrationError as exc:
+        print(f"nara edge calibrate-camera: {exc}", file=sys.stderr)
+        return 2
+    print(f"Camera {config.camera!r} calibrated from {len(calibration.samples)} stills: median sharpness "
+          f"{calibration.median:.0f}; photos below {calibration.sharpness_min:.0f} are called blurred. "
+          f"Saved in {config.data_dir / CALIBRATION_FILE}.")
+    return 0
+
+
 def _add_edge(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     edge = sub.add_parser("edge", help="the home kit's agent",
                           description="The home kit: enrol it once, then run its agent.")
@@ -237,6 +260,14 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     enrol.add_argument("--code", required=True, help="the enrolment code, e.g. ABCD-EFGH")
     enrol.add_argument("--credential", required=True, help="where to write the credential file")
     enrol.set_defaults(func=cmd_edge_enrol)
+    calibrate = edge_sub.add_parser(
+        "calibrate-camera", help="measure the camera's sharpness for the photo checks",
+        description="Take a few stills of a detailed, still, well-lit scene (a printed page on a table, the camera "
+                    "on a stand) and store the sharpness below which this camera's photos are called blurred. "
+                    "Stop the kit's agent first: it holds the camera.")
+    calibrate.add_argument("--config", required=True, help="the kit's TOML configuration file")
+    calibrate.add_argument("--stills", type=int, default=5, help="stills to take (default 5, at least 3)")
+    calibrate.set_defaults(func=cmd_edge_calibrate_camera)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--role", required=True, choices=ROLES)
     token.add_argument("--ttl", type=int, default=DEFAULT_TTL, help=f"seconds (max {MAX_TTL})")
     token.add_argument("--participant-id", help="stable participant id (default: generated)")
-    token.add_argument("--link", action="store_true", help="print a join link instead of the token")
+    token.add_argument("--link", action="store_true",
+                       help="print a join link instead of the token (for role kit: the tablet kit page, /kit/...)")
     token.set_defaults(func=cmd_token)
 
     device = sub.add_parser(

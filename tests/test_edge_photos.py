@@ -3,7 +3,9 @@ calibration, and the scale from a marker of known size."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
+from edge.config import config_errors
 from edge.photos import (
     CALIBRATION_FILE,
     DEFAULT_SHARPNESS_MIN,
@@ -96,3 +99,35 @@ def test_a_marker_of_known_size_gives_the_scale_within_two_percent(pixels_per_mm
     assert scale is not None and scale.marker_id == scene.marker_id
     true_mm_per_pixel = 1 / pixels_per_mm
     assert abs(scale.mm_per_pixel - true_mm_per_pixel) / true_mm_per_pixel < 0.02
+
+
+async def test_calibrate_camera_command_stores_the_threshold_in_the_kits_data_dir(tmp_path: Path) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text('server = "http://127.0.0.1:9"\ncredential = "credential.json"\ncamera = "synthetic"\n'
+                      'data_dir = "data"\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nara.cli", "edge", "calibrate-camera", "--config", str(config), "--stills", "3",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    assert "photos below" in out.decode()
+    thresholds = thresholds_for(tmp_path / "data", "synthetic")
+    assert thresholds.calibrated and thresholds.sharpness_min > 4 * DEFAULT_SHARPNESS_MIN
+    # Without a camera it says what to do.
+    config.write_text('server = "http://127.0.0.1:9"\ncredential = "credential.json"\ncamera = "none"\n'
+                      'data_dir = "data"\n')
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nara.cli", "edge", "calibrate-camera", "--config", str(config),
+        stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2 and "the camera cannot be used" in err.decode()
+
+
+def test_the_marker_size_is_a_setting() -> None:
+    base = {"server": "https://nara.example.se", "credential": "/c.json"}
+    config, errors = config_errors(base)
+    assert config is not None and config.marker_mm == 20.0
+    config, errors = config_errors({**base, "marker_mm": 30})
+    assert config is not None and config.marker_mm == 30.0
+    _, errors = config_errors({**base, "marker_mm": "20 mm"})
+    assert [e.field for e in errors] == ["marker_mm"] and "side in mm" in errors[0].message
