@@ -105,7 +105,7 @@ class PhotoMetadata:
     patient_ref: str = ""
     note: str = ""
     mm_per_pixel: float | None = None
-    quality: dict[str, float] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)  # the kit's checks: measures and flags (JSON)
     content_type: str = "image/jpeg"
     filename: str = ""
 
@@ -141,7 +141,7 @@ class PhotoMetadata:
             captured_at=datetime.fromisoformat(str(data["captured_at"])), device=str(data.get("device", "")),
             patient_ref=str(data.get("patient_ref", "")), note=str(data.get("note", "")),
             mm_per_pixel=float(mm) if mm is not None else None,
-            quality={str(k): float(v) for k, v in dict(data.get("quality") or {}).items()},
+            quality={str(k): v for k, v in dict(data.get("quality") or {}).items()},
             content_type=str(data.get("content_type", "image/jpeg")), filename=str(data.get("filename", "")),
         )
 
