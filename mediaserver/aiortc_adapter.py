@@ -589,3 +589,33 @@ def route_retransmissions(receiver: RTCRtpReceiver) -> None:
         register(e.rtx.ssrc for e in parameters.encodings if e.rtx is not None)
 
     receiver.receive = receive  # type: ignore[method-assign]
+
+
+# --- raw round-trip times from receiver reports -----------------------------
+#
+# aiortc smooths each sender's round-trip time (an average that gives a new
+# report 15 %) before getStats() shows it, so a queue building up on the kit's
+# uplink shows there only after several reports. The kit's photo uploads
+# (edge/uploader.py) yield to its call by each report's own round trip.
+
+
+def follow_round_trips(sender: RTCRtpSender, on_rtt: Callable[[float], None]) -> None:
+    """Call ``on_rtt(seconds)`` for every receiver report about ``sender``'s stream that answers
+    its latest sender report (RFC 3550 6.4.1: arrival − the SR's send time − DLSR); aiortc
+    still gets every RTCP packet as before."""
+    for name in ("_RTCRtpSender__lsr", "_RTCRtpSender__lsr_time", "_ssrc"):
+        if not hasattr(sender, name):
+            raise RuntimeError(f"aiortc changed: RTCRtpSender has no {name}")
+    import time  # aiortc stamps its sender reports with time.time()
+
+    original = sender._handle_rtcp_packet
+
+    async def handle_rtcp_packet(packet: AnyRtcpPacket) -> None:
+        if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            lsr, sent_at = sender._RTCRtpSender__lsr, sender._RTCRtpSender__lsr_time  # type: ignore[attr-defined]
+            for report in packet.reports:
+                if report.ssrc == sender._ssrc and report.dlsr and sent_at is not None and report.lsr == lsr:
+                    on_rtt(time.time() - sent_at - report.dlsr / 65536)
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]

@@ -294,3 +294,45 @@ async def test_nara_receive_track_keeps_aiortcs_feedback_and_gets_its_retransmis
         restrict_host_addresses(None)
     with pytest.raises(MediaStreamError):  # the track ends with its receiver
         await asyncio.wait_for(track.recv(), 5)
+
+
+# --- raw round-trip times from receiver reports -----------------------------
+
+
+def test_round_trip_assumptions_hold() -> None:
+    handler = inspect.getsource(RTCRtpSender._handle_rtcp_packet)
+    assert "self.__lsr == report.lsr and report.dlsr" in handler
+    assert "time.time() - self.__lsr_time - (report.dlsr / 65536)" in handler
+    assert "self.__lsr_time = time.time()" in inspect.getsource(RTCRtpSender._run_rtcp)
+
+
+async def test_each_receiver_report_gives_its_round_trip_and_aiortc_still_gets_it() -> None:
+    from aiortc.mediastreams import AudioStreamTrack
+
+    from mediaserver.aiortc_adapter import follow_round_trips
+
+    restrict_host_addresses(["127.0.0.1"])
+    publisher, subscriber = RTCPeerConnection(), RTCPeerConnection()
+    round_trips: list[float] = []
+    try:
+        transceiver = publisher.addTransceiver(AudioStreamTrack(), direction="sendonly")
+        follow_round_trips(transceiver.sender, round_trips.append)
+        await publisher.setLocalDescription(await publisher.createOffer())
+        await subscriber.setRemoteDescription(publisher.localDescription)
+        await subscriber.setLocalDescription(await subscriber.createAnswer())
+        await publisher.setRemoteDescription(subscriber.localDescription)
+        remote = subscriber.getTransceivers()[0].receiver.track
+
+        async def frames_until_two_reports() -> None:
+            while len(round_trips) < 2:
+                await remote.recv()
+
+        await asyncio.wait_for(frames_until_two_reports(), 15)
+        assert all(0.0 <= rtt < 0.2 for rtt in round_trips), round_trips  # loopback
+        stats = await transceiver.sender.getStats()
+        smoothed = [s.roundTripTime for s in stats.values() if s.type == "remote-inbound-rtp"]
+        assert smoothed and smoothed[0] is not None and 0.0 <= smoothed[0] < 0.2
+    finally:
+        await publisher.close()
+        await subscriber.close()
+        restrict_host_addresses(None)
