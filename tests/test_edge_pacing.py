@@ -1,0 +1,100 @@
+"""Photo upload pacing: the bytes keep to the rate, and the rate gives way to the call's audio."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge.pacing import KIB, MAX_CHUNK, MIN_CHUNK, RttSample, ScavengerRate, ScavengerSettings, TokenBucket, chunk_size
+
+CEILING = 250_000.0  # 2 Mbit/s in bytes per second
+
+
+def test_the_bucket_lets_a_burst_through_then_paces_at_its_rate() -> None:
+    bucket = TokenBucket(rate=1000.0, burst=500.0, now=0.0)
+    assert bucket.take(500, 0.0) == 0.0
+    assert bucket.take(250, 0.0) == pytest.approx(0.25)
+    assert bucket.take(250, 0.25) == pytest.approx(0.25)  # the debt carried over: 0.5 s from the start
+    bucket.set_rate(2000.0, 0.5)
+    assert bucket.take(1000, 0.5) == pytest.approx(0.5)
+
+
+def test_the_bucket_sends_no_more_than_its_rate_over_time() -> None:
+    bucket = TokenBucket(rate=32_000.0, burst=2 * KIB, now=0.0)
+    now, sent = 0.0, 0
+    while now < 10.0:
+        now += bucket.take(1 * KIB, now)
+        sent += 1 * KIB
+    assert sent <= 32_000 * 10 + 2 * KIB + 1 * KIB
+
+
+@pytest.mark.parametrize(
+    ("rate", "size"),
+    [(1_000.0, MIN_CHUNK), (32_000.0, 48_000), (250_000.0, 375_000), (5_000_000.0, MAX_CHUNK)],
+)
+def test_a_chunk_is_about_one_and_a_half_seconds_of_bytes_within_bounds(rate: float, size: int) -> None:
+    assert chunk_size(rate) == size
+
+
+def scavenger() -> ScavengerRate:
+    return ScavengerRate(ScavengerSettings(ceiling=CEILING))
+
+
+def test_without_a_call_the_ceiling_applies() -> None:
+    rate = scavenger()
+    assert rate.update(0.0, None) == CEILING and rate.update(10.0, None) == CEILING
+    assert not rate.in_call
+
+
+def test_a_call_starts_it_low_it_grows_slowly_and_ends_back_at_the_ceiling() -> None:
+    rate = scavenger()
+    start = rate.update(0.0, RttSample(0.100, 0.0))
+    assert start == 8 * KIB and rate.in_call
+    at_ten = rate.update(10.0, RttSample(0.100, 9.5))  # the delay stays at its floor
+    assert start < at_ten < start * 1.09**10
+    assert rate.update(11.0, None) == CEILING
+
+
+def test_queueing_above_the_target_cuts_once_a_second_down_to_the_floor() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0))
+    before = rate.update(5.0, RttSample(0.100, 5.0))
+    assert rate.update(5.5, RttSample(0.300, 5.5)) == pytest.approx(before * 0.75)
+    assert rate.update(5.9, RttSample(0.300, 5.9)) == pytest.approx(before * 0.75)  # not again within a second
+    assert rate.update(6.5, RttSample(0.300, 6.5)) == pytest.approx(before * 0.75**2)
+    for second in range(7, 40):
+        last = rate.update(float(second), RttSample(0.300, float(second)))
+    assert last == rate.settings.floor
+    assert rate.queueing == pytest.approx(0.200)
+
+
+def test_the_base_is_the_lowest_round_trip_of_the_last_two_minutes() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.080, 0.0))
+    rate.update(1.0, RttSample(0.200, 1.0))
+    assert rate.base == pytest.approx(0.080)
+    rate.update(200.0, RttSample(0.200, 200.0))  # the route changed: 80 ms is history
+    assert rate.base == pytest.approx(0.200) and rate.queueing == 0.0
+
+
+def test_beside_a_call_on_a_256_kbits_uplink_the_audio_keeps_a_short_queue() -> None:
+    """A fluid model of the kit's uplink: capacity, the call's audio, the upload, and one queue in front.
+
+    Receiver reports come twice a second and carry the queue's delay; the upload
+    should use most of what the audio leaves and keep the queue near its target.
+    """
+    capacity, audio, base, step = 32_000.0, 4_000.0, 0.100, 0.05
+    rate = scavenger()
+    backlog, sample = 0.0, RttSample(base, 0.0)
+    delays, rates = [], []
+    for n in range(int(180 / step)):
+        now = n * step
+        if n % 10 == 0:
+            sample = RttSample(base + backlog / capacity, now)
+        sending = rate.update(now, sample)
+        backlog = max(0.0, backlog + (sending + audio - capacity) * step)
+        if now >= 60.0:
+            delays.append(backlog / capacity)
+            rates.append(sending)
+    assert max(delays) < 0.150  # the audio never waits long behind photo bytes
+    assert sum(delays) / len(delays) < 0.040
+    assert sum(rates) / len(rates) > 0.8 * (capacity - audio)  # and the photo still gets most of the rest
