@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import sqlite3
 import time
@@ -15,7 +16,8 @@ CREATE TABLE IF NOT EXISTS consultation (
     title TEXT NOT NULL,
     created_at REAL NOT NULL,
     scheduled_for REAL,
-    status TEXT NOT NULL DEFAULT 'open'
+    status TEXT NOT NULL DEFAULT 'open',
+    patient_ref TEXT  -- pseudonymous; images of the same patient are compared across consultations
 );
 
 -- Home kits (signalling/devices.py). Codes and secrets are kept only as SHA-256 hashes.
@@ -42,7 +44,23 @@ CREATE INDEX IF NOT EXISTS kit_assignment_device ON kit_assignment (device_id);
 """
 
 
+CONSULTATION_COLUMNS = "id, title, created_at, scheduled_for, status, patient_ref"
+
+
 ID_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no look-alikes, never a leading '-'
+
+PATIENT_REF = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A Swedish personal identity or coordination number (YYMMDD-NNNN, YYYYMMDDNNNN, ...): never a patient_ref.
+PERSONAL_NUMBER = re.compile(r"^(\d{2})?\d{6}[-+]?\d{4}$")
+
+
+def patient_ref_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a pseudonymous patient reference, or None when it can."""
+    if not isinstance(value, str) or not PATIENT_REF.match(value):
+        return "patient_ref must be 1 to 64 letters, digits, '-' or '_'."
+    if PERSONAL_NUMBER.match(value):
+        return "patient_ref looks like a personal identity number; use the pseudonymous reference instead."
+    return None
 
 
 def new_id(length: int = 16) -> str:
@@ -57,6 +75,7 @@ class Consultation:
     created_at: float
     scheduled_for: float | None
     status: str
+    patient_ref: str | None = None
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,16 +87,25 @@ class ConsultationStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate()
 
-    def create(self, title: str, scheduled_for: float | None = None) -> Consultation:
+    def _migrate(self) -> None:
+        """Bring a database made by an earlier version up to this schema."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(consultation)")}
+        if "patient_ref" not in columns:
+            self._db.execute("ALTER TABLE consultation ADD COLUMN patient_ref TEXT")
+
+    def create(
+        self, title: str, scheduled_for: float | None = None, patient_ref: str | None = None
+    ) -> Consultation:
         consultation = Consultation(
             id=new_id(), title=title, created_at=time.time(),
-            scheduled_for=scheduled_for, status="open",
+            scheduled_for=scheduled_for, status="open", patient_ref=patient_ref,
         )
         self._db.execute(
-            "INSERT INTO consultation (id, title, created_at, scheduled_for, status) VALUES (?,?,?,?,?)",
+            f"INSERT INTO consultation ({CONSULTATION_COLUMNS}) VALUES (?,?,?,?,?,?)",
             (consultation.id, consultation.title, consultation.created_at,
-             consultation.scheduled_for, consultation.status),
+             consultation.scheduled_for, consultation.status, consultation.patient_ref),
         )
         return consultation
 
@@ -88,14 +116,14 @@ class ConsultationStore:
 
     def get(self, consultation_id: str) -> Consultation | None:
         row = self._db.execute(
-            "SELECT id, title, created_at, scheduled_for, status FROM consultation WHERE id = ?",
+            f"SELECT {CONSULTATION_COLUMNS} FROM consultation WHERE id = ?",
             (consultation_id,),
         ).fetchone()
         return Consultation(*row) if row else None
 
     def list(self) -> list[Consultation]:
         rows = self._db.execute(
-            "SELECT id, title, created_at, scheduled_for, status FROM consultation ORDER BY created_at"
+            f"SELECT {CONSULTATION_COLUMNS} FROM consultation ORDER BY created_at"
         ).fetchall()
         return [Consultation(*row) for row in rows]
 
