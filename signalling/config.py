@@ -44,6 +44,7 @@ class ServerConfig:
     heartbeat_interval: float = 5.0
     heartbeat_timeout: float = 15.0
     demo: bool = True
+    upload_max_size: int = 30 * 1024 * 1024  # bytes of one image upload (tus Tus-Max-Size)
 
     @property
     def base_url(self) -> str:

@@ -14,14 +14,20 @@ from typing import Any
 
 from aiohttp import web
 
+from .store import patient_ref_problem
 from .tokens import DEFAULT_TTL, MAX_TTL, ROLES
 from .ws import HUB, SignallingHub
 
 ADMIN_KEY: web.AppKey[str] = web.AppKey("admin_key", str)
 MAX_BODY = 16 * 1024
 # Routes under /api that check credentials of their own (devices.py): a home kit's enrolment code
-# or device secret, or the admin key or a clinician's join token for the consultation.
-SELF_AUTHENTICATED = frozenset({"device-enrol", "device-session", "kit-get", "kit-put", "kit-delete", "kit-call"})
+# or device secret, or the admin key or a clinician's join token for the consultation; and the images'
+# (images.py): a participant's join token, or the kit's device secret for an upload token.
+SELF_AUTHENTICATED = frozenset({
+    "device-enrol", "device-session", "kit-get", "kit-put", "kit-delete", "kit-call",
+    "upload-options", "upload-create", "upload-head", "upload-patch",
+    "images-list", "image-get", "image-thumbnail", "image-fhir", "device-upload-token",
+})
 
 
 class ApiError(Exception):
@@ -95,7 +101,10 @@ async def create_consultation(request: web.Request) -> web.Response:
         isinstance(scheduled_for, bool) or not isinstance(scheduled_for, (int, float))
     ):
         raise api_error(400, "scheduled_for_invalid", "scheduled_for must be a Unix time in seconds.")
-    consultation = hub.store.create(title.strip(), scheduled_for)
+    patient_ref = data.get("patient_ref")
+    if patient_ref is not None and (problem := patient_ref_problem(patient_ref)):
+        raise api_error(400, "patient_ref_invalid", problem)
+    consultation = hub.store.create(title.strip(), scheduled_for, patient_ref)
     return web.json_response(_consultation_json(hub, consultation), status=201)
 
 
