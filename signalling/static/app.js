@@ -1,7 +1,9 @@
 // The consultation page: check the link, get camera and microphone ready, join,
 // show everyone, and keep the call going by itself.
 import { Call } from "./call.js";
+import { Gallery } from "./gallery.js";
 import { LANGUAGES, language, onLanguageChange, setLanguage, t, translate } from "./i18n.js";
+import { CARE_TEAM } from "./images.js";
 import { StatsSampler } from "./quality.js";
 
 const $ = (id) => document.getElementById(id);
@@ -21,6 +23,7 @@ const page = {
   activeSpeaker: null,
   stateLog: [], // every connection state the call went through, for IT staff
   kit: null, // the consultation's home kit, for clinicians and nurses: {device_id, name, online, called}
+  gallery: null, // the consultation's images, for clinicians and nurses
 };
 window.naraDebug = page; // for IT staff in the console, and for the browser tests
 
@@ -60,6 +63,7 @@ async function checkLink() {
   renderGreeting();
   show("prejoin");
   if (KIT_CALLERS.has(body.participant.role)) watchKit();
+  if (CARE_TEAM.has(body.participant.role)) page.gallery = new Gallery({ room, token });
   $("join-button").disabled = true;
   if (body.may_publish) await startPreview();
   else showDeviceProblem(t("prejoin.watch_only"));
@@ -118,6 +122,7 @@ function join() {
   call.addEventListener("state", () => renderState());
   call.addEventListener("participants", () => { renderTiles(); renderKit(); });
   call.addEventListener("refused", (e) => refuse(e.detail.code));
+  page.gallery?.attach(call);
   $("self-video").srcObject = page.localStream;
   $("self-view").hidden = !page.localStream;
   show("call");
@@ -314,6 +319,7 @@ function wire() {
     renderTiles();
     renderControls();
     renderKit();
+    page.gallery?.render();
   });
   $("call-kit-button").addEventListener("click", callKit);
   $("camera-select").addEventListener("change", async () => {
