@@ -73,7 +73,11 @@ def cmd_token(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"nara token: {exc}", file=sys.stderr)
         return 2
-    if args.link:
+    if args.link and args.role == "kit":
+        from signalling.web import kit_url
+
+        print(kit_url(config.base_url, args.room, token))  # the tablet kit page
+    elif args.link:
         print(f"{config.base_url}/c/{args.room}#token={token}")
     else:
         print(token)

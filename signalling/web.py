@@ -1,10 +1,15 @@
-"""The browser client: the consultation page, its static files, and the link check.
+"""The browser client: the consultation page, the tablet kit page, their static files, and the link check.
 
-The page is plain ES modules with no build step. A join link looks like
+The pages are plain ES modules with no build step. A join link looks like
 ``/c/<consultation>#token=<jwt>``; the token stays in the fragment, so it never
 reaches a server log. Before asking for camera and microphone, the page asks
 ``POST /join/check`` whether the link is still good, so an expired link or a
 link for another consultation gets a clear page instead of a failed call.
+
+``/kit/<consultation>#token=<jwt>`` (a ``kit`` or ``nurse`` token) is the tablet
+kit page: it joins the call and takes, describes and uploads wound photos
+(docs/images.md). Both pages read the fixed list of body sites from
+``/body-sites``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .bodysites import BODY_SITES
 from .tokens import TokenError
 from .ws import HUB
 
@@ -31,6 +37,21 @@ PAGE_HEADERS = {
 
 async def consultation_page(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+
+async def kit_page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "kit.html", headers=PAGE_HEADERS)
+
+
+def kit_url(base_url: str, room: str, token: str) -> str:
+    """The tablet kit page's link; the token rides in the fragment like a join link's."""
+    return f"{base_url}/kit/{room}#token={token}"
+
+
+async def body_sites(request: web.Request) -> web.Response:
+    """The body sites an image may show, with their names, in the list's order."""
+    sites = [{"key": site.key, "label": site.label()} for site in BODY_SITES.values()]
+    return web.json_response({"body_sites": sites}, headers={"Cache-Control": "max-age=3600"})
 
 
 async def check_link(request: web.Request) -> web.Response:
@@ -68,5 +89,7 @@ async def check_link(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/c/{room}", consultation_page)
+    app.router.add_get("/kit/{room}", kit_page)
+    app.router.add_get("/body-sites", body_sites)
     app.router.add_post("/join/check", check_link)
     app.router.add_static("/static/", STATIC, append_version=False)
