@@ -13,10 +13,13 @@ from typing import Any
 
 from mediaserver.errors import CodedError
 
+from .bodysites import BODY_SITES
+
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 128 * 1024
 MAX_SDP_BYTES = 100 * 1024
 KINDS = ("audio", "video")
+MAX_PHOTO_NOTE = 2000
 
 
 class ProtocolError(CodedError):
@@ -51,7 +54,15 @@ class Leave:
     pass
 
 
-ClientMessage = Join | Answer | Mute | Ping | Leave
+@dataclass(frozen=True)
+class RequestPhoto:
+    """A clinician or nurse asks the kit for a photo (docs/images.md, "Events")."""
+
+    body_site: str | None
+    note: str | None
+
+
+ClientMessage = Join | Answer | Mute | Ping | Leave | RequestPhoto
 
 
 def error_message(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -116,4 +127,12 @@ def parse_client_message(raw: str | bytes) -> ClientMessage:
         return Ping(id=ping_id)
     if kind == "leave":
         return Leave()
+    if kind == "request-photo":
+        body_site = _field(data, "body_site", str, required=False)
+        if body_site is not None and body_site not in BODY_SITES:
+            raise ProtocolError("message_invalid", "Field 'body_site' must be one of the body sites in docs/images.md.")
+        note = _field(data, "note", str, required=False)
+        if note is not None and len(note) > MAX_PHOTO_NOTE:
+            raise ProtocolError("message_invalid", f"Field 'note' may be at most {MAX_PHOTO_NOTE} characters.")
+        return RequestPhoto(body_site=body_site, note=note or None)
     raise ProtocolError("message_unknown_type", f"Unknown message type {kind[:40]!r}.")

@@ -31,6 +31,7 @@ from .protocol import (
     Mute,
     Ping,
     ProtocolError,
+    RequestPhoto,
     error_message,
     parse_client_message,
 )
@@ -56,6 +57,7 @@ CLOSE_REPLACED = 4002  # the same participant joined from elsewhere
 CLOSE_REVOKED = 4403  # a home kit IT staff revoked
 CLOSE_POLICY = 1008
 DISCONNECT_WAIT = 2.0  # seconds a revocation waits for the kit's connections to close
+PHOTO_REQUESTERS = frozenset({"clinician", "nurse"})
 
 
 @dataclass
@@ -73,6 +75,21 @@ class SignallingHub:
     def connected(self, participant_id: str) -> bool:
         """Is this participant in any consultation right now?"""
         return any(pid == participant_id for _, pid in self.sessions)
+
+    async def notify(self, room_id: str, message: dict[str, Any], roles: frozenset[str] | None = None) -> int:
+        """Send an event to everyone joined to ``room_id`` (only ``roles``, when given); to how many."""
+        found = [
+            session for (room, _), session in self.sessions.items()
+            if room == room_id and session.peer is not None and (roles is None or session.peer.info.role in roles)
+        ]
+        sent = 0
+        for session in found:
+            try:
+                await session.send(message)
+                sent += 1
+            except (ConnectionError, RuntimeError) as exc:  # the connection is closing: it will leave
+                logger.info("could not send %s to a participant of %s: %s", message.get("type"), room_id, exc)
+        return sent
 
     async def disconnect(self, participant_id: str, role: str, code: str, message: str, close_code: int) -> int:
         """Send ``code`` to every live connection of this participant in ``role`` and close it; how many."""
@@ -175,6 +192,20 @@ class ParticipantSocket:
             await self.hub.media.room(self.room_id).set_muted(self.peer, message.kind, message.muted)
         elif isinstance(message, Leave):
             await self.close(1000, "left")
+        elif isinstance(message, RequestPhoto):
+            await self.request_photo(message)
+
+    async def request_photo(self, message: RequestPhoto) -> None:
+        assert self.peer is not None and self.room_id is not None
+        if self.peer.info.role not in PHOTO_REQUESTERS:
+            raise ProtocolError("photo_not_allowed", "Only a clinician or nurse may ask for a photo.")
+        logger.info("participant %s asked for a photo in %s", self.peer.info.id, self.room_id)
+        await self.hub.notify(self.room_id, {
+            "type": "photo-requested",
+            "by": self.peer.info.public(),
+            "body_site": message.body_site,
+            "note": message.note,
+        })
 
     async def join(self, message: Join) -> None:
         if self.peer is not None:
