@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
 
+import jwt
 from aiohttp import web
 
 from . import fhir
@@ -269,7 +270,9 @@ class ImageService:
             claims = self.hub.authority.verify(token, consultation_id)
         except TokenError as exc:
             status, code = wrong_room if exc.code == "token_wrong_room" else (401, exc.code)
-            raise self.refuse(request, action, status, code, exc.message, consultation_id=consultation_id) from None
+            actor = self._identify(token) if exc.code == "token_wrong_room" else None
+            raise self.refuse(request, action, status, code, exc.message, actor=actor,
+                              consultation_id=consultation_id) from None
         if claims.role == "kit" and self.hub.devices is not None:
             try:
                 self.hub.devices.check_not_revoked(claims.participant_id)
@@ -278,6 +281,15 @@ class ImageService:
                 raise self.refuse(request, action, 403, exc.code, exc.message, actor=actor,
                                   consultation_id=consultation_id) from None
         return claims
+
+    def _identify(self, token: str) -> Person | None:
+        """Who a valid token for another consultation belongs to, for the access log."""
+        try:
+            room = jwt.decode(token, options={"verify_signature": False}).get("room")
+            claims = self.hub.authority.verify(token, room)
+        except (jwt.PyJWTError, TokenError):
+            return None
+        return Person(claims.participant_id, claims.name, claims.role)
 
     def viewer(self, request: web.Request, action: str, consultation_id: str | None) -> Viewer:
         """The care team member of ``consultation_id`` this request comes from, or a logged refusal."""
