@@ -36,9 +36,11 @@ def _base_jpeg(width: int = 640, height: int = 480) -> bytes:
     return bytes(encoded)
 
 
-def photo_bytes(tag: str) -> bytes:
-    """A decodable JPEG that differs for every tag: the tag sits in a COM segment after SOI."""
-    base = _base_jpeg()
+def photo_bytes(tag: str, small: bool = False) -> bytes:
+    """A decodable JPEG that differs for every tag: the tag sits in a COM segment after SOI.
+
+    About 200 kB (640x480 of noise), or 50 kB when ``small``."""
+    base = _base_jpeg(320, 240) if small else _base_jpeg()
     text = f"nara-test {tag}".encode()
     return base[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + base[2:]
 

@@ -1,0 +1,562 @@
+"""The kit's photo uploader: delivers the outbox to the server, oldest first, one image at a time.
+
+The protocol is tus 1.0.0 (core, creation, checksum) as docs/images.md
+describes it, written here by hand over aiohttp: the Python tus clients are
+synchronous (built on requests, so they would block the kit's event loop and
+its call) or lack the checksum extension, and neither paces its bytes.
+
+Per image:
+
+1. an upload token for the image's consultation, asked for with the device
+   credential (``POST /api/devices/{id}/upload-token``), kept until shortly
+   before it expires;
+2. with an upload address already recorded, ``HEAD`` it to learn how far the
+   server got; otherwise ``POST`` (idempotent on ``image_id``: a lost answer,
+   or a power cut before the address was recorded, finds the same upload) and
+   record the address;
+3. ``PATCH`` the rest in chunks of about 1.5 s of bytes at the current rate,
+   each with ``Upload-Checksum: sha256 …``, recording each acknowledged
+   offset. ``460`` sends that chunk again, ``409`` asks ``HEAD``; the last
+   chunk's answer names the stored image, and the outbox marks it delivered.
+
+A refusal (a 4xx other than those) is final for that image: it is marked
+``refused`` with the server's code, shown on the kit's page, and never tried
+again in a loop. Network errors, timeouts and 5xx answers back off
+(exponentially with full jitter, capped) and try again — at once when the
+agent says the network is back. A revoked or unknown kit stops uploading, and
+its images wait.
+
+The bytes are paced (``edge/pacing.py``): a token bucket under a ceiling
+(``upload_kbps``) that, while a call is up, yields to the call's audio like
+LEDBAT. The upload's socket is marked low priority (DSCP CS1) where the
+operating system allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .device_api import DeviceCredential
+from .outbox import Outbox, OutboxItem, sha256_of
+from .pacing import KIB, MAX_CHUNK, MIN_CHUNK, RttSample, ScavengerRate, ScavengerSettings, TokenBucket, chunk_size
+from .reconnect import Backoff
+
+logger = logging.getLogger(__name__)
+
+TUS_VERSION = "1.0.0"
+TOS_CS1 = 0x20  # DSCP CS1 (8) in the upper six bits: "lower effort" than best effort
+MAX_CHECKSUM_RETRIES = 5
+MAX_RESTARTS = 3  # an image whose upload vanished or was reset this often in a row waits for the back-off
+DEVICE_CODES = frozenset({"device_revoked", "device_unknown", "device_credential_invalid",
+                          "device_credential_missing"})
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    ceiling_kbps: int = 2000
+    chunk_seconds: float = 1.5
+    min_chunk: int = MIN_CHUNK
+    max_chunk: int = MAX_CHUNK
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, cap=60.0))
+    stall_timeout: float = 20.0  # nothing sent and no answer for this long: the connection is dead
+    connect_timeout: float = 10.0
+    idle_check: float = 1.0  # how often an idle uploader looks for photos another process added
+    token_margin: float = 60.0  # a token is asked for again this long before it expires
+    scavenger: ScavengerSettings | None = None  # None: the defaults under the ceiling
+
+    @property
+    def ceiling(self) -> float:
+        return self.ceiling_kbps * 1000 / 8
+
+
+class Verdict(StrEnum):
+    """What an error answer means for the image."""
+
+    RETRY = "retry"  # the server or the network: back off and try again
+    NEW_TOKEN = "new_token"  # the token expired or was refused: ask for another, then try again
+    HALT = "halt"  # the kit's credential no longer works: stop uploading until it is enrolled again
+    REFUSE = "refuse"  # final for this image
+
+
+def judge(status: int, code: str) -> Verdict:
+    """The meaning of a refusal with HTTP ``status`` and Nära error ``code``."""
+    if status >= 500 or status in (408, 412, 425, 429):
+        return Verdict.RETRY  # 412: this server speaks another tus version; it may be upgraded
+    if code in DEVICE_CODES:
+        return Verdict.HALT
+    if status == 401:
+        return Verdict.NEW_TOKEN
+    return Verdict.REFUSE
+
+
+class UploadsStopped(Exception):
+    """Uploading stopped: the kit's credential no longer works (revoked, or unknown to the server)."""
+
+
+class _Transient(Exception):
+    """Back off and try again."""
+
+
+class _Final(Exception):
+    """This image is done with: refused or damaged, and so recorded in the outbox."""
+
+
+class _Again(Exception):
+    """Start this image again at once (its upload vanished, or the token was renewed)."""
+
+
+@dataclass
+class _Answer:
+    status: int
+    headers: dict[str, str]
+    code: str = ""
+    message: str = ""
+
+
+def _low_priority_socket(send_buffer: int) -> Callable[[Any], socket.socket]:
+    """Sockets for uploads: DSCP CS1, and a send buffer of about a second's bytes so an outage strands little."""
+
+    def make(addr_info: Any) -> socket.socket:
+        family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
+        sock = socket.socket(family=family, type=type_, proto=proto)
+        with contextlib.suppress(OSError):
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, TOS_CS1)
+            elif family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, TOS_CS1)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        return sock
+
+    return make
+
+
+def encode_metadata(pairs: dict[str, str]) -> str:
+    """tus ``Upload-Metadata``: comma-separated ``key base64(value)``."""
+    return ",".join(f"{key} {base64.b64encode(value.encode()).decode()}" for key, value in pairs.items())
+
+
+def upload_metadata(item: OutboxItem) -> dict[str, str]:
+    """The docs/images.md metadata of an image; optional keys only when they say something."""
+    m = item.metadata
+    pairs = {
+        "consultation": m.consultation, "image_id": item.id, "sha256": item.sha256, "content_type": m.content_type,
+        "body_site": m.body_site, "captured_at": m.captured_at.isoformat(), "consent": "yes" if m.consent else "no",
+    }
+    optional = {
+        "device": m.device, "patient_ref": m.patient_ref, "note": m.note, "filename": m.filename,
+        "mm_per_pixel": repr(m.mm_per_pixel) if m.mm_per_pixel is not None else "",
+        "quality": json.dumps(m.quality, separators=(",", ":")) if m.quality else "",
+    }
+    return pairs | {key: value for key, value in optional.items() if value}
+
+
+class Uploader:
+    """Delivers ``outbox`` to ``server`` with the kit's ``credential``; run it as a task."""
+
+    def __init__(self, outbox: Outbox, server: str, credential: DeviceCredential, *,
+                 settings: UploadSettings | None = None, call_rtt: Callable[[], RttSample | None] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.outbox = outbox
+        self.server = server.rstrip("/")
+        self.credential = credential
+        self.settings = settings or UploadSettings()
+        self.call_rtt = call_rtt or (lambda: None)
+        self.on_change: Callable[[], None] | None = None
+        self.rng = rng or random.Random()
+        self._loop = asyncio.get_running_loop()
+        s = self.settings
+        self.scavenger = ScavengerRate(s.scavenger or ScavengerSettings(ceiling=s.ceiling))
+        self._bucket = TokenBucket(self.scavenger.rate, self._piece(self.scavenger.rate) * 2, self._loop.time())
+        self._more = asyncio.Event()  # a photo was added
+        self._network = asyncio.Event()  # the agent says the network is back
+        self._tokens: dict[str, tuple[str, float]] = {}  # consultation -> (token, expires at, loop time)
+        self._http: aiohttp.ClientSession | None = None
+        self._deadline: asyncio.Timeout | None = None
+        self._progress_at = self._loop.time()
+        self._failures = 0
+        self._acked = 0  # the current image's acknowledged offset
+        self._max_chunk = s.max_chunk  # halved if the server says a chunk is too large
+        self._told_at = float("-inf")
+        # What status() shows.
+        self.state = "idle"  # idle, sending, waiting (backing off), stopped
+        self.detail: str | None = None
+        self.image: str | None = None
+        self.sent = 0  # of the current image, including bytes on their way
+        self.size = 0
+        self.retry_at: float | None = None
+        self.bytes_acknowledged = 0  # since start, all images
+        self.bytes_sent = 0  # PATCH body bytes handed to the network since start (resent ones too)
+        self.delivered = 0  # images since start
+
+    # --- what others call ---------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """A photo was added: an idle uploader starts at once. Thread-safe."""
+        self._loop.call_soon_threadsafe(self._more.set)
+
+    def network_back(self) -> None:
+        """The agent reached the server again: end a back-off now, and drop a request stuck on the old link."""
+        self._network.set()
+        now = self._loop.time()
+        if self._deadline is not None and now - self._progress_at > 1.0:
+            self._deadline.reschedule(now)
+
+    def status(self) -> dict[str, Any]:
+        """For the kit's page and the log: what the uploader is doing, how fast, and how far it got."""
+        now = self._loop.time()
+        return {
+            "state": self.state, "detail": self.detail, "image": self.image, "sent": self.sent, "size": self.size,
+            "rate_kbps": round(self.scavenger.rate * 8 / 1000, 1), "ceiling_kbps": self.settings.ceiling_kbps,
+            "in_call": self.scavenger.in_call,
+            "queueing_ms": round(self.scavenger.queueing * 1000) if self.scavenger.queueing is not None else None,
+            "retry_in": round(max(0.0, self.retry_at - now), 1) if self.retry_at is not None else None,
+            "delivered": self.delivered, "bytes_sent": self.bytes_sent,
+        }
+
+    # --- running --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Deliver until cancelled; a kit whose credential stops working stays stopped, saying why."""
+        try:
+            while True:
+                await self._step()
+        except UploadsStopped as exc:
+            self._show("stopped", str(exc))
+            logger.error("photo uploads stopped: %s", exc)
+            await self._close_http()
+            await asyncio.Event().wait()  # until the kit is enrolled again and restarted
+        finally:
+            await self._close_http()
+
+    async def run_until_empty(self) -> None:
+        """Deliver everything pending and return (``nara edge upload``); raises ``UploadsStopped``."""
+        try:
+            while self.outbox.pending():
+                await self._step()
+            self._show("idle", None)
+        finally:
+            await self._close_http()
+
+    async def _step(self) -> None:
+        self._more.clear()
+        self.outbox.refresh()
+        pending = self.outbox.pending()
+        if not pending:
+            self._show("idle", None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._more.wait(), self.settings.idle_check)
+            return
+        item = pending[0]
+        try:
+            await self._deliver(item)
+            self._failures = 0
+        except _Final:
+            self._failures = 0
+        except _Transient as exc:
+            await self._back_off(item, str(exc))
+
+    async def _back_off(self, item: OutboxItem, detail: str) -> None:
+        await self._close_http()  # pooled connections over a broken link are the likeliest to be dead
+        delay = self.settings.backoff.delay(self._failures, self.rng)
+        self._failures += 1
+        self.retry_at = self._loop.time() + delay
+        self._show("waiting", detail)
+        logger.warning("upload of %s: %s; trying again in %.1f s", item.id, detail, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._network.wait(), delay)
+        self._network.clear()
+        self.retry_at = None
+
+    async def _deliver(self, item: OutboxItem) -> None:
+        self.image, self.size, self.sent, self._acked = item.id, item.size, item.sent, item.sent
+        self._show("sending", None)
+        for _ in range(MAX_RESTARTS):
+            try:
+                await self._attempt(item)
+                return
+            except _Again as exc:
+                logger.info("upload of %s: %s; starting it again", item.id, exc)
+                refreshed = self.outbox.get(item.id)
+                if refreshed is None or not refreshed.pending:
+                    return
+                item = refreshed
+        raise _Transient("the upload had to be started again too often")
+
+    async def _attempt(self, item: OutboxItem) -> None:
+        token = await self._token(item)
+        offset: int | None = None
+        location = item.location
+        if location is not None:
+            offset = await self._head(item, location, token)
+            if offset is None:
+                self.outbox.forget_location(item.id)
+                location = None
+        image_ref: str | None = None
+        if location is None or offset == item.size:  # complete but its stored id unknown: creation says it
+            location, offset, image_ref = await self._create(item, token)
+            self.outbox.record_location(item.id, location, offset)
+        assert offset is not None
+        if offset >= item.size and image_ref is not None:
+            self._delivered(item, image_ref)
+            return
+        path = self.outbox.path_of(item)
+        try:
+            with path.open("rb") as image:
+                await self._send(item, image, location, offset, token)
+        except FileNotFoundError:
+            self.outbox.damaged(item.id, "file_missing", "the image's file is missing from the outbox")
+            raise _Final() from None
+
+    async def _send(self, item: OutboxItem, image: Any, location: str, offset: int, token: str) -> None:
+        checksum_failures = 0
+        while True:
+            size = chunk_size(self.scavenger.rate, self.settings.chunk_seconds, self.settings.min_chunk,
+                              self._max_chunk)
+            image.seek(offset)
+            data = image.read(min(size, item.size - offset))
+            if not data:
+                raise _Again("the image's file is shorter than recorded")
+            answer = await self._patch(location, token, offset, data)
+            if answer.status == 204:
+                offset = _offset(answer, offset + len(data))
+                self._acknowledged(item, offset)
+                if offset >= item.size:
+                    image_ref = answer.headers.get("Nara-Image-Id")
+                    if image_ref is None:
+                        raise _Again("the server did not name the stored image")
+                    self._delivered(item, image_ref)
+                    return
+                checksum_failures = 0
+            elif answer.status == 460 and answer.code != "image_checksum_mismatch":
+                checksum_failures += 1  # a chunk damaged on the way: send it again
+                if checksum_failures > MAX_CHECKSUM_RETRIES:
+                    raise _Transient("chunks keep arriving damaged")
+            elif answer.status == 460:
+                if sha256_of(self.outbox.path_of(item)) != item.sha256:
+                    self.outbox.damaged(item.id, "checksum_mismatch",
+                                        "the image's file no longer matches what was captured")
+                    raise _Final()
+                raise _Again("the server's copy did not match the image's checksum and was reset")
+            elif answer.status == 409:
+                head = await self._head(item, location, token)
+                if head is None:
+                    self.outbox.forget_location(item.id)
+                    raise _Again("the upload is gone from the server")
+                offset = head
+                self._acknowledged(item, offset)
+            elif answer.status in (404, 410):
+                self.outbox.forget_location(item.id)
+                raise _Again(f"the upload is gone from the server ({answer.code or answer.status})")
+            elif answer.code == "upload_interrupted":  # the server saw the chunk break off; it says what it kept
+                offset = _offset(answer, offset)
+                self._acknowledged(item, offset)
+            elif answer.code == "chunk_too_large" and self._max_chunk > self.settings.min_chunk:
+                self._max_chunk = max(self.settings.min_chunk, self._max_chunk // 2)
+            else:
+                self._refusal(item, answer)
+
+    # --- requests --------------------------------------------------------------------------------
+
+    async def _token(self, item: OutboxItem) -> str:
+        consultation = item.metadata.consultation
+        cached = self._tokens.get(consultation)
+        if cached is not None and cached[1] - self.settings.token_margin > self._loop.time():
+            return cached[0]
+        url = f"{self.server}/api/devices/{self.credential.device_id}/upload-token"
+        headers = {"Authorization": f"Device {self.credential.secret}"}
+        answer, body = await self._request("POST", url, headers, json_body={"consultation": consultation})
+        if answer.status not in (200, 201):
+            self._refusal(item, answer)
+        try:
+            token, expires_at = str(body["token"]), float(body["expires_at"])
+        except (KeyError, TypeError, ValueError):
+            raise _Transient("the server's upload token answer was not understood") from None
+        # expires_at is the server's wall clock; keep the lifetime on our own clock.
+        lifetime = max(0.0, expires_at - time.time())
+        self._tokens[consultation] = (token, self._loop.time() + lifetime)
+        return token
+
+    async def _head(self, item: OutboxItem, location: str, token: str) -> int | None:
+        answer, _ = await self._request("HEAD", self._url(location), self._tus(token))
+        if answer.status == 200:
+            return _offset(answer, 0)
+        if answer.status in (404, 410):
+            return None
+        self._refusal(item, answer)
+        return None  # not reached: a refusal raises
+
+    async def _create(self, item: OutboxItem, token: str) -> tuple[str, int, str | None]:
+        headers = self._tus(token) | {"Upload-Length": str(item.size),
+                                      "Upload-Metadata": encode_metadata(upload_metadata(item))}
+        answer, _ = await self._request("POST", f"{self.server}/api/uploads", headers)
+        if answer.status not in (200, 201):
+            self._refusal(item, answer)
+        location = answer.headers.get("Location")
+        if not location:
+            raise _Transient("the server created the upload but did not say where")
+        return _path_of(location), _offset(answer, 0), answer.headers.get("Nara-Image-Id")
+
+    async def _patch(self, location: str, token: str, offset: int, data: bytes) -> _Answer:
+        digest = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        headers = self._tus(token) | {
+            "Content-Type": "application/offset+octet-stream", "Upload-Offset": str(offset),
+            "Upload-Checksum": f"sha256 {digest}", "Content-Length": str(len(data)),
+        }
+        self.sent = offset
+        answer, _ = await self._request("PATCH", self._url(location), headers, data=self._paced(data, offset))
+        return answer
+
+    async def _paced(self, data: bytes, base: int) -> AsyncIterator[bytes]:
+        view = memoryview(data)
+        start = 0
+        while start < len(view):
+            now = self._loop.time()
+            rate = self.scavenger.update(now, self.call_rtt())
+            self._bucket.set_rate(rate, now)
+            piece = view[start:start + self._piece(rate)]
+            wait = self._bucket.take(len(piece), now)
+            if wait > 0:
+                await asyncio.sleep(wait)  # pacing the bytes, not waiting for an event
+            self._progress()
+            yield bytes(piece)
+            start += len(piece)
+            self.bytes_sent += len(piece)
+            self.sent = base + start
+            self._tell()
+
+    async def _request(self, method: str, url: str, headers: dict[str, str], *, data: Any = None,
+                       json_body: Any = None) -> tuple[_Answer, Any]:
+        """One request, abandoned when it stalls; network errors and 5xx answers are ``_Transient``."""
+        http = self._session()
+        try:
+            async with asyncio.timeout(None) as deadline:
+                self._deadline = deadline
+                self._progress()
+                async with http.request(method, url, headers=headers, data=data, json=json_body) as response:
+                    raw = await response.read()
+                    self._progress()
+        except TimeoutError:
+            raise _Transient(f"{method} stalled: no progress for {self.settings.stall_timeout:g} s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Transient(f"{method} failed: {type(exc).__name__} {exc}".strip()) from None
+        finally:
+            self._deadline = None
+        answer = _Answer(response.status, dict(response.headers))
+        body: Any = None
+        if raw and "json" in response.headers.get("Content-Type", ""):
+            with contextlib.suppress(ValueError):
+                body = json.loads(raw)
+        if response.status >= 400:
+            error = body.get("error") if isinstance(body, dict) else None
+            if isinstance(error, dict):
+                answer.code, answer.message = str(error.get("code", "")), str(error.get("message", ""))
+            if not answer.code:
+                answer.code = f"http_{response.status}"
+            if judge(response.status, answer.code) is Verdict.RETRY:
+                raise _Transient(f"{method} answered {response.status} {answer.code}")
+        self._network.clear()  # the server answered: any earlier "network back" is spent
+        return answer, body
+
+    # --- outcomes -----------------------------------------------------------------------------------
+
+    def _refusal(self, item: OutboxItem, answer: _Answer) -> None:
+        """Act on an error answer: always raises."""
+        verdict = judge(answer.status, answer.code)
+        if verdict is Verdict.RETRY:
+            raise _Transient(f"the server answered {answer.status} {answer.code}")
+        if verdict is Verdict.HALT:
+            raise UploadsStopped(f"{answer.code}: the kit must be enrolled again before its photos can be sent")
+        if verdict is Verdict.NEW_TOKEN:
+            self._tokens.pop(item.metadata.consultation, None)
+            raise _Again(f"the upload token was refused ({answer.code})")
+        message = answer.message or f"the server answered {answer.status}"
+        self.outbox.refused(item.id, answer.code, message)
+        raise _Final()
+
+    def _acknowledged(self, item: OutboxItem, offset: int) -> None:
+        self.bytes_acknowledged += max(0, offset - self._acked)
+        self._acked = self.sent = offset
+        self.outbox.record_offset(item.id, offset)
+
+    def _delivered(self, item: OutboxItem, image_ref: str) -> None:
+        self.outbox.delivered(item.id, image_ref)
+        self.delivered += 1
+        logger.info("upload of %s done: stored as %s", item.id, image_ref)
+        self.sent = item.size
+        self._tell(force=True)
+
+    # --- small helpers -------------------------------------------------------------------------------
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            s = self.settings
+            connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=15.0,
+                                             socket_factory=_low_priority_socket(max(64 * KIB, int(s.ceiling))))
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout)
+            self._http = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return self._http
+
+    async def _close_http(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    def _tus(self, token: str) -> dict[str, str]:
+        return {"Tus-Resumable": TUS_VERSION, "Authorization": f"Bearer {token}"}
+
+    def _url(self, location: str) -> str:
+        return f"{self.server}{_path_of(location)}"
+
+    def _piece(self, rate: float) -> int:
+        return int(min(16 * KIB, max(1 * KIB, rate * 0.02)))
+
+    def _progress(self) -> None:
+        now = self._loop.time()
+        self._progress_at = now
+        if self._deadline is not None:
+            self._deadline.reschedule(now + self.settings.stall_timeout)
+
+    def _show(self, state: str, detail: str | None) -> None:
+        changed = (state, detail) != (self.state, self.detail)
+        self.state, self.detail = state, detail
+        if state == "idle":
+            self.image, self.sent, self.size = None, 0, 0
+        if changed:
+            self._tell(force=True)
+
+    def _tell(self, force: bool = False) -> None:
+        """Call ``on_change``: at every change of state, and at most four times a second for progress."""
+        now = self._loop.time()
+        if self.on_change is not None and (force or now - self._told_at >= 0.25):
+            self._told_at = now
+            self.on_change()
+
+
+def _offset(answer: _Answer, default: int) -> int:
+    try:
+        return int(answer.headers.get("Upload-Offset", default))
+    except ValueError:
+        return default
+
+
+def _path_of(location: str) -> str:
+    """The path of an upload's address: requests go to the server the kit knows (it may be behind a proxy)."""
+    parts = urlsplit(location)
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+

@@ -1,0 +1,204 @@
+"""The kit's uploader against a real server: photos arrive whole, once, with their metadata, whatever the link does."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.tcp_proxy import TcpProxy
+from edge.outbox import DELIVERED, QUEUED, REFUSED, Outbox
+from edge.pacing import MIN_CHUNK
+from edge.uploader import TOS_CS1, Uploader, UploadSettings, UploadsStopped, _low_priority_socket
+from tests.outbox_driver import photo_bytes, photo_metadata
+
+from .conftest import RunningServer
+from .edge_helpers import admin
+from .upload_helpers import AnswerLosingProxy, AssignedKit, Changes, assigned_kit, stored_images
+
+
+def uploader_for(outbox: Outbox, server_url: str, kit: AssignedKit, **settings: object) -> tuple[Uploader, Changes]:
+    chosen = {"max_chunk": MIN_CHUNK, "idle_check": 0.05, **settings}
+    uploader = Uploader(outbox, server_url, kit.credential, settings=UploadSettings(**chosen))  # type: ignore[arg-type]
+    changes = Changes()
+    uploader.on_change = outbox.on_change = changes
+    return uploader, changes
+
+
+async def test_a_photo_in_many_chunks_arrives_whole_with_its_metadata(server: RunningServer, tmp_path: Path) -> None:
+    room = server.consultation("Hembesök")
+    kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
+    outbox = Outbox.open(tmp_path / "outbox")
+    image = photo_bytes("heel")
+    metadata = photo_metadata(room, "heel")
+    item = outbox.add(image, metadata)
+    uploader, _ = uploader_for(outbox, server.url, kit, ceiling_kbps=100_000)
+
+    await asyncio.wait_for(uploader.run_until_empty(), 30)
+
+    receipt = outbox.get(item.id)
+    assert receipt is not None and receipt.state == DELIVERED and receipt.image_ref
+    assert not outbox.path_of(item).exists()  # the row is the receipt; the bytes are on the server
+    [stored] = await stored_images(server.url, room, server.token(room, "Dr A", "clinician"))
+    assert stored["id"] == receipt.image_ref
+    assert stored["data"] == image and stored["sha256"] == hashlib.sha256(image).hexdigest()
+    assert len(image) > 10 * MIN_CHUNK  # it took many PATCHes
+    assert (stored["body_site"], stored["note"], stored["consent"], stored["device"], stored["filename"]) == (
+        metadata.body_site, "heel", "yes", "Kit 7", "heel.jpg")
+    assert stored["quality"] == metadata.quality and stored["mm_per_pixel"] == metadata.mm_per_pixel
+    assert stored["captured_at"].replace("Z", "+00:00") == metadata.captured_at.isoformat()
+    assert stored["uploaded_by"]["role"] == "kit"
+    assert uploader.status()["state"] == "idle" and uploader.status()["delivered"] == 1
+
+
+async def test_lost_answers_to_patches_do_not_lose_or_repeat_bytes(server: RunningServer, tmp_path: Path) -> None:
+    room = server.consultation()
+    kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
+    proxy = AnswerLosingProxy(server.url, lose={2, 5, 13})  # 13: the last chunk, whose answer names the image
+    await proxy.start()
+    try:
+        outbox = Outbox.open(tmp_path / "outbox")
+        image = photo_bytes("sacrum")
+        item = outbox.add(image, photo_metadata(room, "sacrum"))
+        uploader, _ = uploader_for(outbox, proxy.url, kit, ceiling_kbps=100_000,
+                                   backoff=_quick_backoff())
+        await asyncio.wait_for(uploader.run_until_empty(), 30)
+    finally:
+        await proxy.close()
+
+    assert proxy.lost == 3
+    assert uploader.bytes_sent == len(image)  # every chunk the server kept was known to be kept: none sent twice
+    receipt = outbox.get(item.id)
+    assert receipt is not None and receipt.state == DELIVERED
+    [stored] = await stored_images(server.url, room, server.token(room, "Dr A", "clinician"))
+    assert stored["data"] == image and stored["id"] == receipt.image_ref
+
+
+async def test_a_connection_cut_in_the_middle_of_a_patch_resumes_where_the_server_is(
+        server: RunningServer, tmp_path: Path) -> None:
+    room = server.consultation()
+    kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
+    proxy = TcpProxy("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    await proxy.start()
+    outbox = Outbox.open(tmp_path / "outbox")
+    image = photo_bytes("hip", small=True)
+    item = outbox.add(image, photo_metadata(room, "hip"))
+    # 200 kbit/s: each 16 KiB chunk takes two thirds of a second on the wire, so a cut lands inside one.
+    uploader, changes = uploader_for(outbox, proxy.url, kit, ceiling_kbps=200, stall_timeout=1.0,
+                                     backoff=_quick_backoff())
+    running = asyncio.ensure_future(uploader.run())
+    try:
+        await changes.until(lambda: _sent(outbox, item.id) >= 2 * MIN_CHUNK
+                            and uploader.sent - _sent(outbox, item.id) >= MIN_CHUNK // 4)
+        proxy.cut()  # a quarter or more of the next chunk is on its way
+        await changes.until(lambda: uploader.status()["state"] == "waiting")  # it noticed the stall
+        assert uploader.status()["detail"] and "stalled" in uploader.status()["detail"]
+        proxy.restore()
+        uploader.network_back()
+        await changes.until(lambda: _state(outbox, item.id) == DELIVERED, 30)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await proxy.close()
+    [stored] = await stored_images(server.url, room, server.token(room, "Dr A", "clinician"))
+    assert stored["data"] == image
+    assert uploader.bytes_sent <= len(image) + MIN_CHUNK  # at most the chunk the cut broke was sent again
+
+
+async def test_a_refusal_is_final_shown_and_the_next_photo_goes(server: RunningServer, tmp_path: Path) -> None:
+    room, elsewhere = server.consultation(), server.consultation()
+    kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
+    outbox = Outbox.open(tmp_path / "outbox")
+    bad_site = outbox.add(photo_bytes("a"), _with(photo_metadata(room, "a"), body_site="elbow"))
+    not_assigned = outbox.add(photo_bytes("b"), photo_metadata(elsewhere, "b"))
+    fine = outbox.add(photo_bytes("c"), photo_metadata(room, "c"))
+    uploader, _ = uploader_for(outbox, server.url, kit, ceiling_kbps=100_000)
+
+    await asyncio.wait_for(uploader.run_until_empty(), 30)
+
+    shown = {i["id"]: i for i in (item.public() for item in outbox.items())}
+    assert (shown[bad_site.id]["state"], shown[bad_site.id]["error"]) == (REFUSED, "metadata_invalid")
+    assert "body_site" in str(shown[bad_site.id]["message"])
+    assert (shown[not_assigned.id]["state"], shown[not_assigned.id]["error"]) == (REFUSED, "kit_not_assigned")
+    assert shown[fine.id]["state"] == DELIVERED
+    assert outbox.path_of(bad_site).exists()  # refused photos are kept on the kit
+    # Nothing is tried again: another round finds nothing to do.
+    await asyncio.wait_for(uploader.run_until_empty(), 5)
+    assert [i.id for i in outbox.pending()] == []
+    stored = await stored_images(server.url, room, server.token(room, "Dr A", "clinician"))
+    assert [s["id"] for s in stored] == [shown[fine.id]["image_ref"]]
+
+
+async def test_a_revoked_kit_stops_uploading_and_keeps_its_photos(server: RunningServer, tmp_path: Path) -> None:
+    room = server.consultation()
+    kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
+    await admin(server.url, server.admin_key, "POST", f"/api/devices/{kit.credential.device_id}/revoke")
+    outbox = Outbox.open(tmp_path / "outbox")
+    item = outbox.add(photo_bytes("a"), photo_metadata(room, "a"))
+    uploader, _ = uploader_for(outbox, server.url, kit)
+    with pytest.raises(UploadsStopped, match="device_revoked"):
+        await asyncio.wait_for(uploader.run_until_empty(), 30)
+    assert _state(outbox, item.id) == QUEUED
+
+
+async def test_the_upload_keeps_under_its_ceiling(server: RunningServer, tmp_path: Path) -> None:
+    room = server.consultation()
+    kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
+    outbox = Outbox.open(tmp_path / "outbox")
+    image = photo_bytes("cap")
+    outbox.add(image, photo_metadata(room, "cap"))
+    ceiling_kbps = 800  # 100 kB/s: the 200 kB photo needs about two seconds
+    uploader, changes = uploader_for(outbox, server.url, kit, ceiling_kbps=ceiling_kbps)
+    samples: list[tuple[float, int]] = []
+
+    def sample() -> None:
+        samples.append((time.monotonic(), uploader.sent))
+        changes()
+
+    uploader.on_change = sample
+    started = time.monotonic()
+    await asyncio.wait_for(uploader.run_until_empty(), 30)
+    took = time.monotonic() - started
+
+    rate_kbps = len(image) * 8 / 1000 / took
+    print(f"{len(image)} bytes in {took:.2f} s: {rate_kbps:.0f} kbit/s under a ceiling of {ceiling_kbps}")
+    assert 0.5 * ceiling_kbps < rate_kbps <= 1.05 * ceiling_kbps
+    # No second of it went much over the ceiling either (a burst of a few kB is allowed).
+    for at, sent in samples:
+        before = [s for t, s in samples if at - t >= 1.0]
+        if before:
+            assert (sent - before[-1]) * 8 / 1000 <= ceiling_kbps * 1.25 + 64
+
+
+def test_upload_sockets_are_marked_low_priority() -> None:
+    address = socket.getaddrinfo("127.0.0.1", 80, type=socket.SOCK_STREAM)[0]
+    with _low_priority_socket(65536)(address) as sock:
+        assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == TOS_CS1
+
+
+def _quick_backoff():  # type: ignore[no-untyped-def]
+    from edge.reconnect import Backoff
+
+    return Backoff(base=0.05, cap=0.2)
+
+
+def _with(metadata, **changes):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    return replace(metadata, **changes)
+
+
+def _sent(outbox: Outbox, image_id: str) -> int:
+    item = outbox.get(image_id)
+    assert item is not None
+    return item.sent
+
+
+def _state(outbox: Outbox, image_id: str) -> str:
+    item = outbox.get(image_id)
+    assert item is not None
+    return item.state
