@@ -179,6 +179,12 @@ def cmd_bench_edge(args: argparse.Namespace) -> int:
     return edge_main(args)
 
 
+def cmd_bench_upload(args: argparse.Namespace) -> int:
+    from bench.upload import main as upload_main
+
+    return upload_main(args)
+
+
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from bench.run import compare_main
 
@@ -397,6 +403,33 @@ def build_parser() -> argparse.ArgumentParser:
     edge_bench.add_argument("--seed", type=int, default=1)
     edge_bench.add_argument("--output", help="write the results as JSON here")
     edge_bench.set_defaults(func=cmd_bench_edge)
+
+    upload_bench = bench_sub.add_parser(
+        "upload", help="a wound photo over a thin, lossy link with outages, beside the kit's audio call",
+        description="Run `nara serve` and `nara edge run` (no camera, synthetic microphone) in network namespaces "
+                    "joined by a packet-level emulated link (TUN devices; root needed, it starts itself in a "
+                    "namespace of its own); a clinician in the call listens. After a baseline of the call alone, "
+                    "put a photo in the kit's outbox and report whether it arrived intact, the total time, the "
+                    "goodput against the link's rate, and the call's audio gaps against the baseline.")
+    upload_bench.add_argument("--rate-kbps", type=float, default=256.0, help="the link's rate, both ways (default 256)")
+    upload_bench.add_argument("--loss", type=float, default=10.0,
+                              help="per cent of packets lost, both ways (default 10)")
+    upload_bench.add_argument("--loss-burst", type=float, default=1.0,
+                              help="mean loss burst in packets (default 1: independent losses)")
+    upload_bench.add_argument("--rtt-ms", type=float, default=100.0, help="round-trip time (default 100)")
+    upload_bench.add_argument("--queue-ms", type=float, default=500.0, help="the bottleneck's queue (default 500 ms)")
+    upload_bench.add_argument("--outages", default="30:20,120:20",
+                              help="outages as AT:LENGTH, seconds after the photo is put in, comma-separated "
+                                   "(default 30:20,120:20); the baseline has one as long as the first")
+    upload_bench.add_argument("--image-mb", type=float, default=5.0, help="the photo's size in MB (default 5)")
+    upload_bench.add_argument("--baseline-seconds", type=float, default=60.0,
+                              help="the call alone, before the upload (default 60)")
+    upload_bench.add_argument("--upload-kbps", type=int, default=2000, help="the kit's upload ceiling (default 2000)")
+    upload_bench.add_argument("--kit-tcp", default="cubic",
+                              help="the kit's TCP congestion control (default cubic, as on Raspberry Pi OS)")
+    upload_bench.add_argument("--seed", type=int, default=1)
+    upload_bench.add_argument("--output", help="results folder (default bench-results/upload-<time>)")
+    upload_bench.set_defaults(func=cmd_bench_upload)
 
     compare = bench_sub.add_parser("compare", help="two result folders side by side",
                                    description="Print two runs' summaries side by side.")
