@@ -209,6 +209,19 @@ def cmd_edge_run(args: argparse.Namespace) -> int:
     return edge_main(Path(args.config))
 
 
+def cmd_edge_photo(args: argparse.Namespace) -> int:
+    from edge.intake import photo_main
+
+    return photo_main(Path(args.config), Path(args.file), body_site=args.body_site, consent=args.consent,
+                      note=args.note, consultation=args.consultation)
+
+
+def cmd_edge_upload(args: argparse.Namespace) -> int:
+    from edge.intake import upload_main
+
+    return upload_main(Path(args.config), args.until_empty)
+
+
 def cmd_edge_enrol(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -270,6 +283,22 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg
     enrol.add_argument("--code", required=True, help="the enrolment code, e.g. ABCD-EFGH")
     enrol.add_argument("--credential", required=True, help="where to write the credential file")
     enrol.set_defaults(func=cmd_edge_enrol)
+    photo = edge_sub.add_parser("photo", help="put an existing photo in the kit's outbox",
+                                description="Check a photo file (a JPEG, PNG or WebP that decodes) and put it in the "
+                                            "kit's durable outbox, beside a running agent, which delivers it.")
+    photo.add_argument("--config", required=True, help="the kit's TOML configuration file")
+    photo.add_argument("--file", required=True, help="the photo")
+    photo.add_argument("--body-site", required=True, help="where on the body, e.g. sacrum (see docs/images.md)")
+    photo.add_argument("--consent", required=True, choices=("yes", "no"),
+                       help="the patient (or next of kin) agreed to the photo being taken and kept")
+    photo.add_argument("--note", default="", help="free text, at most 2000 characters")
+    photo.add_argument("--consultation", help="default: the consultation the kit was last assigned")
+    photo.set_defaults(func=cmd_edge_photo)
+    upload = edge_sub.add_parser("upload", help="deliver the kit's outbox without the rest of the agent",
+                                 description="Deliver the photos in the kit's outbox to the server.")
+    upload.add_argument("--config", required=True, help="the kit's TOML configuration file")
+    upload.add_argument("--until-empty", action="store_true", help="return once nothing is waiting")
+    upload.set_defaults(func=cmd_edge_upload)
     calibrate = edge_sub.add_parser(
         "calibrate-camera", help="measure the camera's sharpness for the photo checks",
         description="Take a few stills of a detailed, still, well-lit scene (a printed page on a table, the camera "

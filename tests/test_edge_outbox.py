@@ -162,3 +162,36 @@ def test_another_process_adds_while_this_one_adds_and_reopens(tmp_path: Path) ->
     assert image_files(tmp_path) == {i.id for i in items}
     for item in items:
         assert again.path_of(item).read_bytes() == photo_bytes(item.metadata.note)
+
+
+def nara_edge(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nara.cli", "edge", *args], capture_output=True, text=True,
+                          timeout=60, env=ENV)
+
+
+def test_nara_edge_photo_puts_a_checked_photo_in_the_outbox(tmp_path: Path) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text(f'server = "http://127.0.0.1:9"\ncredential = "credential.json"\ndata_dir = "{tmp_path}/d"\n')
+    photo = tmp_path / "wound.jpg"
+    photo.write_bytes(photo_bytes("cli"))
+    not_a_photo = tmp_path / "notes.jpg"
+    not_a_photo.write_bytes(b"\xff\xd8\xff\xe0 this is no JPEG")
+    base = ["photo", "--config", str(config), "--body-site", "sacrum", "--consent", "yes"]
+
+    nobody = nara_edge(*base, "--file", str(photo))
+    assert nobody.returncode == 2 and "--consultation" in nobody.stdout  # no consultation known yet
+    Outbox.open(tmp_path / "d" / "outbox").remember_consultation("c-last")  # as the agent does
+    saved = nara_edge(*base, "--file", str(photo), "--note", "Rodnad")
+    assert saved.returncode == 0, saved.stdout + saved.stderr
+    refused = nara_edge(*base, "--file", str(not_a_photo))
+    assert refused.returncode == 2 and "does not decode" in refused.stdout
+    elbow = nara_edge(*base[:-4], "--body-site", "elbow", "--consent", "yes", "--file", str(photo))
+    assert elbow.returncode == 2 and "heel_left" in elbow.stdout
+    elsewhere = nara_edge(*base, "--file", str(photo), "--consultation", "c-other")
+    assert elsewhere.returncode == 0
+
+    items = Outbox.open(tmp_path / "d" / "outbox").items()
+    assert [(i.metadata.consultation, i.metadata.note) for i in items] == [("c-last", "Rodnad"), ("c-other", "")]
+    assert all(i.metadata.body_site == "sacrum" and i.metadata.consent and i.size == len(photo_bytes("cli"))
+               and i.metadata.filename == "wound.jpg" and i.metadata.content_type == "image/jpeg" for i in items)
+    assert items[0].id in saved.stdout
