@@ -13,11 +13,17 @@ clock; this module carries them out:
 Every change of state is logged (``state=… previous=… reason=…``, never a
 secret or a token) and handed to listeners: the local page and systemd's
 STATUS line.
+
+Wound photos (``edge/photo_flow.py``) go into the durable outbox in the data
+directory; a photo belongs to the consultation the kit is in, or was last
+assigned to. A clinician's ``photo-requested`` event reaches the flow from
+the call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -38,6 +44,8 @@ from .device_api import (
     read_credential,
 )
 from .media import KitMedia, MediaStatus
+from .outbox import Outbox, OutboxError, OutboxItem
+from .photo_flow import PhotoFlow
 from .reconnect import Backoff, Failure, Reconnector, State, Step, Transition
 from .remote import RemoteMedia, Speaker
 
@@ -73,6 +81,9 @@ class KitAgent:
         self.changed = asyncio.Condition()
         self.listeners: list[Callable[[Transition], None]] = []
         self._loop = asyncio.get_running_loop()
+        self.photos = PhotoFlow(config, self.touch)
+        self.outbox: Outbox | None = None
+        self.outbox_error: str | None = None
 
     # --- what others read ----------------------------------------------------------------
 
@@ -97,6 +108,7 @@ class KitAgent:
             "language": self.config.language,
             "speaker": bool(self.speaker is not None and self.speaker.working),
             **media.public(),
+            "photos": {**self.photos.public(), "outbox_error": self.outbox_error},
         }
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> None:
@@ -114,6 +126,8 @@ class KitAgent:
             self.remote.forget_all()
             if self.media is not None:
                 await self.media.close()
+            if self.outbox is not None:
+                self.outbox.close()
             if self.speaker is not None:
                 self.speaker.stop()
 
@@ -125,6 +139,7 @@ class KitAgent:
             self.machine.config_error(now(), str(exc))
             await _forever()  # stay up: the screen says why, and systemd need not restart us
             return
+        self._open_outbox()
         self.media = await KitMedia.open(self.config.camera, self.config.microphone,
                                          self.config.width, self.config.height, self.config.fps)
         self._notify()  # the camera's state is on the page before the first answer
@@ -164,6 +179,8 @@ class KitAgent:
             return
         if isinstance(answer, Assignment):
             self.assignment = answer
+            if self.outbox is not None:
+                self.outbox.remember_consultation(answer.consultation_id)
             self.machine.assigned(now(), f"assigned to consultation {answer.consultation_id}")
         else:
             self.upcoming = answer
@@ -174,7 +191,8 @@ class KitAgent:
         now = self._loop.time
         self.calls += 1
         call = KitCall(self.config.server, self.assignment, self.media, self.remote, turn=self.config.turn,
-                       timings=self.timings.call, on_connected=lambda: self.machine.connected(now()))
+                       timings=self.timings.call, on_connected=lambda: self.machine.connected(now()),
+                       on_event=self.call_event)
         end = await call.run()
         if end.revoked:
             self.machine.revoked(now(), "device_revoked: IT staff revoked this kit; it must be enrolled again")
@@ -200,6 +218,37 @@ class KitAgent:
                 interval = self.timings.no_network_probe_interval
             await asyncio.sleep(max(0.0, min(started + interval, retry_at) - now()))
 
+    # --- photos ----------------------------------------------------------------------------------
+
+    def _open_outbox(self) -> None:
+        """Open the photo outbox; a kit whose outbox cannot be opened still calls, and its screen says why."""
+        try:
+            self.outbox = Outbox.open(self.config.outbox_dir)
+        except OutboxError as exc:
+            logger.error("photo outbox unavailable: %s", exc)
+            self.outbox_error = exc.code
+            return
+        self.outbox.on_change = self._touch_threadsafe  # also called from worker threads
+        self.photos.outbox = self.outbox
+
+    def call_event(self, event: dict[str, Any]) -> None:
+        """A message of the call's signalling that is not about the call itself."""
+        if event.get("type") == "photo-requested":
+            self.photos.requested(event)
+
+    def photo_consultation(self) -> str | None:
+        """The consultation a photo taken now belongs to: the current or the last assignment."""
+        if self.assignment is not None:
+            return self.assignment.consultation_id
+        return self.outbox.last_consultation() if self.outbox is not None else None
+
+    async def save_photo(self, photo_id: str, form: dict[str, Any]) -> OutboxItem:
+        """Keep the photo on the screen; raises ``PhotoFormError`` or ``OutboxError``."""
+        device = self.credential.name if self.credential is not None else ""
+        patient_ref = self.assignment.patient_ref if self.assignment is not None else ""
+        return await self.photos.save(photo_id, form, consultation=self.photo_consultation(), device=device,
+                                      patient_ref=patient_ref)
+
     # --- telling others ------------------------------------------------------------------------
 
     def _changed(self, transition: Transition) -> None:
@@ -221,6 +270,10 @@ class KitAgent:
     def touch(self) -> None:
         """Something the page shows changed without a change of state (e.g. the camera)."""
         self._notify()
+
+    def _touch_threadsafe(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is looking
+            self._loop.call_soon_threadsafe(self.touch)
 
 
 _pending: set[asyncio.Task[None]] = set()

@@ -21,6 +21,7 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiortc import RTCIceServer, RTCPeerConnection
@@ -66,6 +67,7 @@ class KitCall:
         turn: TurnRelay | None = None,
         timings: CallTimings | None = None,
         on_connected: Callable[[], None] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.server = server
         self.assignment = assignment
@@ -74,6 +76,8 @@ class KitCall:
         self.turn = turn
         self.timings = timings or CallTimings()
         self.on_connected = on_connected
+        self.on_event = on_event  # server events for the agent, e.g. photo-requested
+        self._events_seen = 0
         self._attached: set[int] = set()
         self._loop = asyncio.get_running_loop()
 
@@ -121,6 +125,7 @@ class KitCall:
         while True:
             await asyncio.sleep(t.check_interval)  # the watch's own pace, not a wait for an event
             now = self._loop.time()
+            self._hand_on_events(client)
             if client.ended:
                 error = client.errors[-1] if client.errors else None
                 if error is not None and error.get("code") == "device_revoked":
@@ -147,6 +152,15 @@ class KitCall:
             elif now - heard_at > t.media_dead:
                 return self._end(Failure.MEDIA, f"no media from the server for {now - heard_at:.1f} s",
                                  connected_at, now)
+
+    def _hand_on_events(self, client: ConsultationClient) -> None:
+        """Give the agent the server's events that arrived since the last look (within a check interval)."""
+        events = client.events[self._events_seen:]
+        self._events_seen += len(events)
+        if self.on_event is not None:
+            for event in events:
+                if event.get("type") == "photo-requested":
+                    self.on_event(event)
 
     def _end(self, failure: Failure, detail: str, connected_at: float | None, now: float) -> CallEnd:
         return CallEnd(failure, detail, connected_for=0.0 if connected_at is None else now - connected_at)

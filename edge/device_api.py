@@ -84,6 +84,7 @@ class Assignment:
     expires_at: float
     participant_id: str
     name: str
+    patient_ref: str = ""  # the consultation's pseudonymous patient reference, when the server gives it
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,7 @@ class DeviceApi:
                 token=str(data["token"]), expires_at=float(data.get("expires_at", 0)),
                 participant_id=str(data.get("participant_id", self.credential.device_id)),
                 name=str(data.get("name", self.credential.name)),
+                patient_ref=str(data.get("patient_ref") or ""),
             )
         upcoming = data.get("next") or {}
         scheduled = upcoming.get("scheduled_for")

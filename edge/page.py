@@ -5,6 +5,12 @@ over a local WebSocket (``/events``: the whole status as JSON at once and at
 every change) and the pictures as JPEGs it fetches a few times a second
 (``/video/remote.jpg``: the care team's newest picture; ``/video/self.jpg``:
 the kit's own camera). Texts are in ``edge/static/lang/{sv,en}.json``.
+
+The photo flow (``edge/photo_flow.py``): ``POST /photo/take`` takes and judges
+a still, ``GET /photo/{id}/preview.jpg`` shows it, ``POST /photo/{id}/discard``
+drops it ("Ta om"), ``POST /photo/{id}/save`` keeps it in the outbox with the
+form; ``GET /photo/sites`` is the body-site list. A clinician's request and
+the queue are in the status.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ import av
 from aiohttp import WSMsgType, web
 
 from .agent import KitAgent
+from .media import StillFailed
+from .outbox import OutboxError
+from .photo_flow import PhotoFormError, body_sites
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +129,60 @@ async def self_picture(request: web.Request) -> web.Response:
     return await _picture(request, "self", media.self_view() if media is not None else None)
 
 
+# --- the photo flow ----------------------------------------------------------------------------
+
+
+def _error(status: int, code: str, message: str, **extra: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message, **extra}}, status=status)
+
+
+async def photo_sites(request: web.Request) -> web.Response:
+    return web.json_response({"body_sites": body_sites()})
+
+
+async def photo_take(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    if agent.media is None:
+        return _error(503, "no_camera", "the kit's camera is not open yet")
+    try:
+        pending = await agent.photos.take(agent.media)
+    except StillFailed as exc:
+        logger.warning("photo: the still failed: %s", exc)
+        return _error(503, exc.code, exc.detail)
+    return web.json_response(pending.public())
+
+
+async def photo_preview(request: web.Request) -> web.Response:
+    pending = request.app[AGENT].photos.pending
+    if pending is None or pending.id != request.match_info["photo_id"]:
+        return _error(404, "photo_gone", "this photo is no longer on the screen")
+    return web.Response(body=pending.examined.preview, content_type="image/jpeg",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def photo_discard(request: web.Request) -> web.Response:
+    request.app[AGENT].photos.discard(request.match_info["photo_id"])
+    return web.Response(status=204)
+
+
+async def photo_save(request: web.Request) -> web.Response:
+    agent = request.app[AGENT]
+    try:
+        form = await request.json()
+    except ValueError:
+        return _error(400, "form_invalid", "the form is not JSON")
+    if not isinstance(form, dict):
+        return _error(400, "form_invalid", "the form is not a JSON object")
+    try:
+        item = await agent.save_photo(request.match_info["photo_id"], form)
+    except PhotoFormError as exc:
+        return _error(404 if exc.code == "photo_gone" else 400, exc.code, exc.message, field=exc.field)
+    except OutboxError as exc:
+        logger.error("photo: could not be kept: %s", exc)
+        return _error(507, exc.code, exc.message)
+    return web.json_response(item.public(), status=201)
+
+
 @web.middleware
 async def local_only(request: web.Request, handler: Any) -> web.StreamResponse:
     """The page shows a patient's room: it answers the kit's own screen only."""
@@ -139,6 +202,11 @@ def build_page(agent: KitAgent) -> web.Application:
     app.router.add_get("/vitals", vitals)
     app.router.add_get("/video/remote.jpg", remote_picture)
     app.router.add_get("/video/self.jpg", self_picture)
+    app.router.add_get("/photo/sites", photo_sites)
+    app.router.add_post("/photo/take", photo_take)
+    app.router.add_get("/photo/{photo_id}/preview.jpg", photo_preview)
+    app.router.add_post("/photo/{photo_id}/discard", photo_discard)
+    app.router.add_post("/photo/{photo_id}/save", photo_save)
     app.router.add_static("/static/", STATIC)
     return app
 
