@@ -285,7 +285,7 @@ class ImageService:
     def _identify(self, token: str) -> Person | None:
         """Who a valid token for another consultation belongs to, for the access log."""
         try:
-            room = jwt.decode(token, options={"verify_signature": False}).get("room")
+            room = str(jwt.decode(token, options={"verify_signature": False}).get("room", ""))
             claims = self.hub.authority.verify(token, room)
         except (jwt.PyJWTError, TokenError):
             return None

@@ -140,6 +140,7 @@ class UploadLocks:
 
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _users: dict[str, int] = field(default_factory=dict)
+    _taken: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @contextlib.asynccontextmanager
     async def hold(self, upload_id: str) -> AsyncIterator[None]:
@@ -147,6 +148,8 @@ class UploadLocks:
         self._users[upload_id] = self._users.get(upload_id, 0) + 1
         try:
             async with lock:
+                async with self._taken:
+                    self._taken.notify_all()
                 yield
         finally:
             self._users[upload_id] -= 1
@@ -157,6 +160,11 @@ class UploadLocks:
         lock = self._locks.get(upload_id)
         return lock is not None and lock.locked()
 
+    async def until_held(self, upload_id: str, timeout: float = 10.0) -> None:
+        """Return once a request holds this upload (for monitoring and tests)."""
+        async with self._taken:
+            await asyncio.wait_for(self._taken.wait_for(lambda: self.held(upload_id)), timeout)
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -165,11 +173,13 @@ class Chunk:
 
 
 async def receive_chunk(
-    content: aiohttp.StreamReader, path: Path, offset: int, room: int, declared: int | None, checksum: Checksum | None
+    content: aiohttp.StreamReader, path: Path, offset: int, room: int, declared: int | None, checksum: Checksum | None,
+    idle_timeout: float = READ_IDLE_TIMEOUT,
 ) -> Chunk:
     """Stream one PATCH body into ``path`` at ``offset``, fsync, and say how much of it counts.
 
-    ``room`` is the most this PATCH may bring; ``declared`` its Content-Length, if it sent one.
+    ``room`` is the most this PATCH may bring; ``declared`` its Content-Length, if it sent one; a body
+    that brings nothing for ``idle_timeout`` seconds counts as broken off.
     Raises TusError on a checksum mismatch or an over-long body; nothing of the chunk counts then.
     """
     digest = CHECKSUMS[checksum.algorithm]() if checksum else None
@@ -181,7 +191,7 @@ async def receive_chunk(
         try:
             while True:
                 try:
-                    block = await asyncio.wait_for(content.read(READ_BLOCK), READ_IDLE_TIMEOUT)
+                    block = await asyncio.wait_for(content.read(READ_BLOCK), idle_timeout)
                 except (TimeoutError, ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError):
                     broken = True
                     break
@@ -245,11 +255,12 @@ class TusServer:
     """The upload endpoint: ``OPTIONS``/``POST`` on ``prefix``, ``HEAD``/``PATCH`` on ``prefix/<id>``."""
 
     def __init__(self, store: ImageStore, policy: UploadPolicy, prefix: str = "/api/uploads",
-                 max_chunk: int = MAX_CHUNK) -> None:
+                 max_chunk: int = MAX_CHUNK, read_idle_timeout: float = READ_IDLE_TIMEOUT) -> None:
         self.store = store
         self.policy = policy
         self.prefix = prefix
         self.max_chunk = max_chunk
+        self.read_idle_timeout = read_idle_timeout
         self.locks = UploadLocks()
 
     def add_routes(self, app: web.Application, names: dict[str, str]) -> None:
@@ -331,7 +342,7 @@ class TusServer:
                                "More bytes than the upload's length." if too_long
                                else f"At most {self.max_chunk} bytes per PATCH.")
             chunk = await receive_chunk(request.content, self.store.partial_path(upload.id), offset, room,
-                                        declared, checksum)
+                                        declared, checksum, self.read_idle_timeout)
             if chunk.kept:
                 self.store.record_offset(upload.id, offset + chunk.kept)
             if chunk.broken:

@@ -354,3 +354,70 @@ async def test_a_kit_outside_a_call_gets_an_upload_token_with_its_credential(ser
         assert (await ask(f"Device {secret}", room))[1]["error"]["code"] == "device_revoked"  # type: ignore[index]
         refused = await TusClient(http, server.url, str(body["token"])).create(metadata(room, data), len(data))
         assert (refused.status, refused.code) == (403, "device_revoked")
+
+
+async def raw_patch(server: RunningServer, location: str, token: str, offset: int, declared: int, body: bytes,
+                    checksum: str | None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A PATCH that promises ``declared`` bytes and sends only ``body``, on a connection the test controls."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.config.port)
+    lines = [f"PATCH {location} HTTP/1.1", "Host: 127.0.0.1", "Tus-Resumable: 1.0.0", f"Authorization: Bearer {token}",
+             "Content-Type: application/offset+octet-stream", f"Upload-Offset: {offset}", f"Content-Length: {declared}"]
+    if checksum is not None:
+        lines.append(f"Upload-Checksum: {checksum}")
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_chunk_cut_off_midway_counts_whole_or_not_at_all(server: RunningServer) -> None:
+    room = server.consultation()
+    data = photo(1600, 1200, seed=8)
+    token = server.token(room, role="kit")
+    tus = server.app[IMAGES].tus
+    async with aiohttp.ClientSession() as http:
+        client = TusClient(http, server.url, token)
+        location = (await client.create(metadata(room, data), len(data))).headers["Location"]
+        upload_id = location.rsplit("/", 1)[1]
+
+        # With a checksum: the link dies after 100 kB of a 256 kB chunk; nothing of it counts.
+        _, writer = await raw_patch(server, location, token, 0, CHUNK, data[:100_000], chunk_checksum(data[:CHUNK]))
+        await tus.locks.until_held(upload_id)
+        writer.close()
+        after = await client.patch(location, 0, data[:CHUNK])  # waits for the cut one to be dealt with
+        assert after.status == 204 and after.offset == CHUNK
+
+        # Without a checksum: what the server took in before the break counts, as tus core says.
+        _, writer = await raw_patch(server, location, token, CHUNK, CHUNK, data[CHUNK : CHUNK + 100_000], None)
+        await tus.locks.until_held(upload_id)
+        writer.close()
+        probe = await client.patch(location, CHUNK, b"", checksum=None)  # an empty PATCH: where are we now?
+        offset = probe.offset
+        assert probe.status in (204, 409) and CHUNK <= offset <= CHUNK + 100_000
+        while offset < len(data):
+            reply = await client.patch(location, offset, data[offset : offset + CHUNK])
+            offset = reply.offset
+        image = await get(http, f"{server.url}/api/images/{reply.headers['Nara-Image-Id']}?consultation={room}",
+                          server.token(room))
+        assert image.body == data
+
+
+async def test_a_retry_waits_for_a_stalled_chunk_and_then_goes_on(server: RunningServer) -> None:
+    room = server.consultation()
+    data = photo(800, 600, seed=9)
+    token = server.token(room, role="kit")
+    tus = server.app[IMAGES].tus
+    tus.read_idle_timeout = 0.5  # the server gives up on a silent body after this long
+    async with aiohttp.ClientSession() as http:
+        client = TusClient(http, server.url, token)
+        location = (await client.create(metadata(room, data), len(data))).headers["Location"]
+        part = len(data) // 2
+        reader, writer = await raw_patch(server, location, token, 0, part, data[:1000], chunk_checksum(data[:part]))
+        await tus.locks.until_held(upload_id=location.rsplit("/", 1)[1])
+        retry = await client.patch(location, 0, data[:part])  # the link came back on a new connection
+        assert retry.status == 204 and retry.offset == part
+        status_line = await reader.readline()
+        assert status_line.split()[1] == b"400", "the stalled one was told it broke off"
+        assert b"upload_interrupted" in await reader.read(4096)
+        writer.close()
+        last = await client.patch(location, part, data[part:])
+        assert last.status == 204 and "Nara-Image-Id" in last.headers
