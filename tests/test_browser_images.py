@@ -9,6 +9,7 @@ import base64
 import hashlib
 import os
 import sys
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,8 +19,10 @@ import aiohttp
 import cv2
 import numpy as np
 
+from signalling.tokens import TokenError
+
 from .conftest import RunningServer
-from .test_browser_client import ARTIFACTS, browser, join_call, open_page
+from .test_browser_client import ARTIFACTS, browser, forged_token, join_call, open_page
 
 __all__ = ["browser"]  # Chromium, with the same rule for when it may be missing
 
@@ -244,3 +247,24 @@ async def test_only_the_care_team_gets_the_gallery_and_only_uploaders_the_kit_pa
     async with aiohttp.ClientSession() as http, http.get(f"{server.url}/body-sites") as response:
         sites = (await response.json())["body_sites"]
     assert sites[0] == {"key": "sacrum", "label": {"sv": "Korsbenet", "en": "Sacrum"}} and len(sites) == 19
+
+
+async def test_the_gallery_says_in_words_when_the_server_refuses_it(server: RunningServer, browser: Any) -> None:
+    room = await consultation(server, "Hembesök")
+    # A link that runs out a few seconds after the doctor has joined (the server allows 5 s of clock skew).
+    token = forged_token(server, room, sub="doctor", name="Dr Berg", role="clinician", exp=int(time.time()) + 3)
+    doctor = await open_page(browser, f"{server.url}/c/{room}#token={token}")
+    await doctor.click("#join-button")
+    await doctor.wait_for_selector("#gallery-empty:not([hidden])", timeout=20000)
+    while True:  # until the server itself refuses the doctor's link
+        try:
+            server.hub.authority.verify(token, room)
+        except TokenError:
+            break
+        await asyncio.sleep(0.2)
+
+    await upload(server, room, server.token(room, "Sköterska Sara", "nurse"), wound_jpeg(800, 600, 2),
+                 "sacrum", datetime.now(UTC).isoformat())
+    problem = doctor.locator('[data-testid="gallery-item"] .thumb-problem')
+    await problem.wait_for(timeout=5000)
+    assert "Länken har gått ut" in await problem.inner_text() and "token_expired" in await problem.inner_text()
