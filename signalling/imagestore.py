@@ -300,6 +300,7 @@ class ImageStore:
         assert upload is not None
         if cursor.rowcount == 1:
             self.partial_path(upload.id).touch(mode=0o600)
+            fsync_directory(self.uploads_dir)  # so the file's first fsynced chunk cannot lose its name
         return upload, cursor.rowcount == 1
 
     def upload(self, upload_id: str) -> Upload | None:
@@ -347,11 +348,18 @@ class ImageStore:
 
     def recover(self) -> list[Upload]:
         """After a crash or restart: cut every partial file back to its recorded offset (bytes written
-        but never recorded may be incomplete) and return the uploads whose bytes are all there but
-        that were never completed."""
+        but never recorded may be incomplete), remove files no upload needs any more (a crash between
+        an image's row and the removal of its partial file, or in the middle of a durable write), and
+        return the uploads whose bytes are all there but that were never completed."""
         ready = []
         rows = self._db.execute(f"SELECT {UPLOAD_COLUMNS} FROM image_upload WHERE state = 'open'").fetchall()
-        for upload in map(_upload, rows):
+        open_uploads = [_upload(row) for row in rows]
+        wanted = {self.partial_path(upload.id) for upload in open_uploads}
+        for leftover in [*self.uploads_dir.glob("*.part"), *self.images_dir.glob("*/.*.tmp"),
+                         *self.thumbnails_dir.glob("*/.*.tmp")]:
+            if leftover not in wanted:
+                leftover.unlink(missing_ok=True)
+        for upload in open_uploads:
             path = self.partial_path(upload.id)
             size = path.stat().st_size if path.exists() else 0
             if size < upload.offset:  # cannot happen with fsync before record; start again rather than guess

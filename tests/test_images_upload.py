@@ -280,9 +280,16 @@ async def test_a_crash_after_the_last_byte_completes_the_image_at_start_up(tmp_p
     upload, _ = store.create_upload(upload_metadata(meta, consultation), len(data), Person("kit-7", "Kit 7", "kit"))
     store.partial_path(upload.id).write_bytes(data)
     store.record_offset(upload.id, len(data))  # every byte fsynced and recorded; then the power went
+    orphan = store.partial_path("nosuchupload")  # an earlier crash's leftovers: no upload needs them
+    orphan.write_bytes(b"x")
+    half_written = store.images_dir / "ab" / ".abcd.tmp"
+    half_written.parent.mkdir()
+    half_written.write_bytes(b"x")
     await runner.cleanup()
     second, runner = await start_server(tmp_path)
     try:
+        assert not orphan.exists() and not half_written.exists()
+        assert not store.partial_path(upload.id).exists(), "completed at start-up"
         async with aiohttp.ClientSession() as http:
             listing = await get(http, f"{second.url}/api/consultations/{room}/images", second.token(room))
             [image] = listing.body["images"]
