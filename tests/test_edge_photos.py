@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from edge.config import config_errors
+from edge.photo_flow import PhotoFormError, PhotoRequest, body_sites, read_form
 from edge.photos import (
     CALIBRATION_FILE,
     DEFAULT_SHARPNESS_MIN,
@@ -131,3 +132,28 @@ def test_the_marker_size_is_a_setting() -> None:
     assert config is not None and config.marker_mm == 30.0
     _, errors = config_errors({**base, "marker_mm": "20 mm"})
     assert [e.field for e in errors] == ["marker_mm"] and "side in mm" in errors[0].message
+
+
+@pytest.mark.parametrize(("form", "code"), [
+    ({"note": "", "consent": "yes"}, "body_site_missing"),
+    ({"body_site": "knee", "consent": "yes"}, "body_site_missing"),
+    ({"body_site": "sacrum"}, "consent_missing"),
+    ({"body_site": "sacrum", "consent": True}, "consent_missing"),
+    ({"body_site": "sacrum", "consent": "no", "note": "x" * 2001}, "note_too_long"),
+])
+def test_the_photo_form_says_what_is_missing(form: dict[str, object], code: str) -> None:
+    with pytest.raises(PhotoFormError) as refused:
+        read_form(form)
+    assert refused.value.code == code
+
+
+def test_the_photo_form_and_a_request_read_as_the_nurse_meant() -> None:
+    assert read_form({"body_site": "heel_left", "note": " Blåsa ", "consent": "no"}) == ("heel_left", "Blåsa", False)
+    by = {"id": "p1", "name": "Dr A", "role": "clinician"}
+    request = PhotoRequest.from_event({"type": "photo-requested", "by": by, "body_site": "sacrum",
+                                       "note": "Visa kanten"}, 0.0)
+    assert request.public() == {"by": "Dr A", "role": "clinician", "body_site": "sacrum",
+                                "label": {"sv": "Korsbenet", "en": "Sacrum"}, "note": "Visa kanten"}
+    vague = PhotoRequest.from_event({"type": "photo-requested", "by": None, "body_site": "elbow", "note": None}, 0.0)
+    assert (vague.body_site, vague.note, vague.public()["label"]) == (None, "", None)
+    assert [site["key"] for site in body_sites()][:2] == ["sacrum", "heel_left"] and body_sites()[-1]["key"] == "other"
