@@ -305,7 +305,7 @@ class ImageService:
         if claims.role not in CARE_TEAM:
             raise self.refuse(request, action, 403, "not_care_team",
                               "Only the consultation's clinicians and nurses may see its images.",
-                              actor=person, consultation_id=consultation_id)
+                              actor=person, consultation_id=consultation_id, patient_ref=consultation.patient_ref)
         return Viewer(claims, consultation)
 
     def may_see(self, viewer: Viewer, image: StoredImage) -> bool:
