@@ -2,9 +2,10 @@
 
 ``python -m tests.outbox_driver add FOLDER --count N --tag T``: add N photos tagged T-0 … T-(N-1).
 ``python -m tests.outbox_driver reopen FOLDER --count N``: open the outbox N times (each open cleans up).
-``python -m tests.outbox_driver kit CONFIG --consultation C --tag T --captures N``: a kit that delivers its
-outbox while it captures N photos (a new one whenever the previous is committed, after a short pause);
-prints ``ready`` when running, and each tag once its photo is committed.
+``python -m tests.outbox_driver kit CONFIG --consultation C --tag T --captures N [--until-empty]``: a kit
+that delivers its outbox while it captures N photos, one after another after short random pauses; prints
+``ready`` when running, ``capturing TAG`` as it starts to add a photo and ``saved TAG`` once it is committed;
+with ``--until-empty`` it exits once nothing is waiting, else it runs until killed.
 
 Each photo's bytes follow from its tag (``photo_bytes``): a noise JPEG of a few hundred KB with the tag in a
 comment segment, so a test can check any stored image's bytes from its note alone.
@@ -20,9 +21,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 from edge.outbox import Outbox, PhotoMetadata
 
 SITES = ("sacrum", "heel_left", "heel_right", "hip_left")
@@ -30,6 +28,9 @@ SITES = ("sacrum", "heel_left", "heel_right", "hip_left")
 
 @functools.cache
 def _base_jpeg(width: int = 640, height: int = 480) -> bytes:
+    import cv2
+    import numpy as np
+
     pixels = np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8)
     ok, encoded = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 80])
     assert ok
@@ -67,28 +68,33 @@ def reopen(folder: Path, count: int) -> None:
         Outbox.open(folder, verify=False).close()
 
 
-async def kit(config_path: Path, consultation: str, tag: str, captures: int, seed: int) -> None:
+async def kit(config_path: Path, consultation: str, tag: str, captures: int, seed: int, until_empty: bool) -> None:
     from edge.config import load_config
     from edge.device_api import read_credential
     from edge.pacing import MIN_CHUNK
+    from edge.reconnect import Backoff
     from edge.uploader import Uploader, UploadSettings
 
     config = load_config(config_path)
     outbox = Outbox.open(config.outbox_dir)
     credential = read_credential(config.credential)
     settings = UploadSettings(ceiling_kbps=config.upload_kbps, max_chunk=MIN_CHUNK, idle_check=0.05,
-                              stall_timeout=5.0)
+                              stall_timeout=2.0, backoff=Backoff(base=0.1, cap=0.5))
     uploader = Uploader(outbox, config.server, credential, settings=settings, rng=random.Random(seed))
+    if until_empty:
+        await uploader.run_until_empty()
+        return
     uploading = asyncio.ensure_future(uploader.run())
     print("ready", flush=True)
     rng = random.Random(seed)
-    loop = asyncio.get_running_loop()
     for n in range(captures):
-        await asyncio.sleep(rng.uniform(0.0, 0.3))  # the nurse's pace, not a wait for an event
+        await asyncio.sleep(rng.uniform(0.0, 0.4))  # the nurse's pace, not a wait for an event
         name = f"{tag}-{n}"
-        await loop.run_in_executor(None, outbox.add, photo_bytes(name), photo_metadata(consultation, name))
+        image, metadata = photo_bytes(name), photo_metadata(consultation, name)
+        print(f"capturing {name}", flush=True)
+        outbox.add(image, metadata)  # in the loop's thread: a kill lands before, inside or after it
+        print(f"saved {name}", flush=True)
         uploader.wake()
-        print(name, flush=True)
     await uploading
 
 
@@ -109,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     running.add_argument("--tag", required=True)
     running.add_argument("--captures", type=int, default=0)
     running.add_argument("--seed", type=int, default=1)
+    running.add_argument("--until-empty", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "add":
         add(Path(args.folder), args.count, args.tag, args.consultation)
     elif args.command == "reopen":
         reopen(Path(args.folder), args.count)
     else:
-        asyncio.run(kit(Path(args.config), args.consultation, args.tag, args.captures, args.seed))
+        asyncio.run(kit(Path(args.config), args.consultation, args.tag, args.captures, args.seed, args.until_empty))
     return 0
 
 
