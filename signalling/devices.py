@@ -248,6 +248,10 @@ class DeviceStore:
             "VALUES (?,?,?,NULL)",
             (consultation_id, device_id, now),
         )
+        self._db.execute(
+            "INSERT OR IGNORE INTO kit_history (device_id, consultation_id, first_assigned_at) VALUES (?,?,?)",
+            (device_id, consultation_id, now),
+        )
         assignment = self.assignment(consultation_id)
         assert assignment is not None
         return assignment
@@ -269,6 +273,13 @@ class DeviceStore:
             f"SELECT {ASSIGNMENT_COLUMNS} FROM kit_assignment WHERE consultation_id = ?", (consultation_id,)
         ).fetchone()
         return Assignment(*row) if row else None
+
+    def ever_assigned(self, device_id: str, consultation_id: str) -> bool:
+        """Whether the kit was assigned to the consultation at some time (now, or before)."""
+        row = self._db.execute(
+            "SELECT 1 FROM kit_history WHERE device_id = ? AND consultation_id = ?", (device_id, consultation_id)
+        ).fetchone()
+        return row is not None or any(a.consultation_id == consultation_id for a in self.assignments_of(device_id))
 
     def assignments_of(self, device_id: str) -> list[Assignment]:
         rows = self._db.execute(

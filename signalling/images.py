@@ -161,7 +161,9 @@ def upload_metadata(raw: dict[str, str], consultation: Consultation) -> UploadMe
         captured_at=captured_at.isoformat(),
         consent=consent,
         device=_text(raw, "device", MAX_DEVICE),
-        patient_ref=consultation.patient_ref or patient_ref,
+        # Only the reference staff set on the consultation links images into a patient's
+        # history: a device cannot put a photo into another patient's comparison.
+        patient_ref=consultation.patient_ref or "",
         note=_text(raw, "note", MAX_NOTE),
         mm_per_pixel=mm_per_pixel,
         quality=quality,
@@ -544,7 +546,11 @@ async def export_access_log(request: web.Request) -> web.Response:
 
 
 async def upload_token(request: web.Request) -> web.Response:
-    """A kit outside a call gets a short upload token for a consultation it is assigned to."""
+    """A kit outside a call gets a short upload token for a consultation it is or was assigned to.
+
+    A photo may wait days in a kit's outbox on a bad link; the consultation's
+    assignment may have ended meanwhile, and the photo must still arrive.
+    """
     hub = request.app[HUB]
     kits = hub.devices
     assert kits is not None
@@ -559,9 +565,8 @@ async def upload_token(request: web.Request) -> web.Response:
     except DeviceError as exc:
         raise api_error(DEVICE_STATUS.get(exc.code, 400), exc.code, exc.message) from None
     consultation_id = (await json_body(request)).get("consultation")
-    assigned = {a.consultation_id for a in kits.store.assignments_of(device.id)}
-    if not isinstance(consultation_id, str) or consultation_id not in assigned:
-        raise api_error(403, "kit_not_assigned", "This home kit is not assigned to that consultation.")
+    if not isinstance(consultation_id, str) or not kits.store.ever_assigned(device.id, consultation_id):
+        raise api_error(403, "kit_not_assigned", "This home kit was never assigned to that consultation.")
     token, claims = hub.authority.mint(consultation_id, device.name, "kit", UPLOAD_TOKEN_TTL, device.id)
     logger.info("device %s got an upload token for %s", device.id, consultation_id)
     return web.json_response({"token": token, "expires_at": claims.expires_at, "consultation": consultation_id,

@@ -41,6 +41,15 @@ CREATE TABLE IF NOT EXISTS kit_assignment (
     called_at REAL
 );
 CREATE INDEX IF NOT EXISTS kit_assignment_device ON kit_assignment (device_id);
+
+-- Every consultation a kit was ever assigned to, kept when the assignment ends: the kit
+-- may still deliver the photos it took there (its outbox may hold them for days).
+CREATE TABLE IF NOT EXISTS kit_history (
+    device_id TEXT NOT NULL,
+    consultation_id TEXT NOT NULL,
+    first_assigned_at REAL NOT NULL,
+    PRIMARY KEY (device_id, consultation_id)
+);
 """
 
 

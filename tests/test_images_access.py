@@ -162,8 +162,11 @@ async def test_history_compares_a_body_site_across_consultations_of_the_same_pat
     async with aiohttp.ClientSession() as http:
         history = await get(http, f"{server.url}/api/consultations/{today}/images?body_site=heel_left&history=1",
                             clinician)
-        assert [i["id"] for i in history.body["images"]] == [new, device_named, old]
-        assert {i["consultation"] for i in history.body["images"]} == {last_week, today, unnamed}
+        # A device naming a patient cannot put a photo into that patient's history: only the
+        # reference staff set on a consultation links it.
+        assert [i["id"] for i in history.body["images"]] == [new, old]
+        assert {i["consultation"] for i in history.body["images"]} == {last_week, today}
+        assert device_named not in {i["id"] for i in history.body["images"]}
         assert all(i["url"].endswith(f"?consultation={today}") for i in history.body["images"])
         earlier = await get(http, f"{server.url}{history.body['images'][-1]['url']}", clinician)
         assert earlier.status == 200, "an earlier image of the same patient, under today's token"

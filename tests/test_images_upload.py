@@ -346,7 +346,7 @@ async def test_a_kit_outside_a_call_gets_an_upload_token_with_its_credential(ser
                 return r.status, await r.json()
 
         assert await ask(f"Device {secret}", room) == (403, {"error": {
-            "code": "kit_not_assigned", "message": "This home kit is not assigned to that consultation."}})
+            "code": "kit_not_assigned", "message": "This home kit was never assigned to that consultation."}})
         kits.store.assign(room, device.id, time.time())
         status, body = await ask(f"Device {secret}", room)
         assert status == 200 and body["expires_at"] - time.time() <= 15 * 60
@@ -357,6 +357,13 @@ async def test_a_kit_outside_a_call_gets_an_upload_token_with_its_credential(ser
 
         reply = await TusClient(http, server.url, str(body["token"])).upload(data, metadata(room, data))
         assert reply.status == 204
+        # The assignment ends; a photo still in the kit's outbox must arrive all the same.
+        kits.store.unassign(room)
+        status, later = await ask(f"Device {secret}", room)
+        assert status == 200, later
+        second = photo(320, 240)
+        late = await TusClient(http, server.url, str(later["token"])).upload(second, metadata(room, second))
+        assert late.status == 204
         kits.store.revoke(device.id, time.time())
         assert (await ask(f"Device {secret}", room))[1]["error"]["code"] == "device_revoked"  # type: ignore[index]
         refused = await TusClient(http, server.url, str(body["token"])).create(metadata(room, data), len(data))
