@@ -75,7 +75,10 @@ def demo_links(app: web.Application) -> list[tuple[str, str]]:
         ("home kit", "Hemkit Demo", "kit"),
     ):
         token, _ = hub.authority.mint(demo.id, name, role)
-        links.append((label, rest.join_url(hub, demo.id, token)))
+        if role == "kit":
+            links.append((label, web_client.kit_url(hub.config.base_url, demo.id, token)))
+        else:
+            links.append((label, rest.join_url(hub, demo.id, token)))
     return links
 
 

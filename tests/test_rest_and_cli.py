@@ -102,6 +102,7 @@ def test_first_run_serves_with_generated_secrets_and_prints_join_links(tmp_path:
         assert f"listening on http://127.0.0.1:{port}" in output
         links = dict(re.findall(r"^\s+(clinician|relative|home kit)\s+(\S+)$", output, re.M))
         assert set(links) == {"clinician", "relative", "home kit"}
+        assert "/c/" in links["clinician"] and "/kit/" in links["home kit"], "a tablet opens the kit page"
         data = tmp_path / "nara-data"
         for name in ("token-secret", "admin-key"):
             assert stat.S_IMODE((data / name).stat().st_mode) == 0o600
