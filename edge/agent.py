@@ -17,7 +17,10 @@ STATUS line.
 Wound photos (``edge/photo_flow.py``) go into the durable outbox in the data
 directory; a photo belongs to the consultation the kit is in, or was last
 assigned to. A clinician's ``photo-requested`` event reaches the flow from
-the call.
+the call. The uploader (``edge/uploader.py``) delivers the outbox all the
+time, beside a call at a rate that yields to it (the call's round trips come
+from its receiver reports), and tries again at once when the agent reaches
+the server after a failure.
 """
 
 from __future__ import annotations
@@ -45,9 +48,11 @@ from .device_api import (
 )
 from .media import KitMedia, MediaStatus
 from .outbox import Outbox, OutboxError, OutboxItem
+from .pacing import NO_CALL, CallSignal
 from .photo_flow import PhotoFlow
 from .reconnect import Backoff, Failure, Reconnector, State, Step, Transition
 from .remote import RemoteMedia, Speaker
+from .uploader import Uploader, UploadSettings
 
 logger = logging.getLogger("edge.agent")
 
@@ -84,6 +89,8 @@ class KitAgent:
         self.photos = PhotoFlow(config, self.touch)
         self.outbox: Outbox | None = None
         self.outbox_error: str | None = None
+        self.uploader: Uploader | None = None
+        self.call: KitCall | None = None  # the call under way, if any
 
     # --- what others read ----------------------------------------------------------------
 
@@ -146,6 +153,7 @@ class KitAgent:
         if self.speaker is not None:
             self.speaker.start()
         api = DeviceApi(self.config.server, self.credential)
+        uploading = self._start_uploads()
         try:
             while True:
                 step = self.machine.next_step(now())
@@ -158,6 +166,9 @@ class KitAgent:
                 else:
                     await self._pause(api)
         finally:
+            if uploading is not None:
+                uploading.cancel()
+                await asyncio.gather(uploading, return_exceptions=True)
             await api.close()
 
     async def _ask(self, api: DeviceApi) -> None:
@@ -193,7 +204,11 @@ class KitAgent:
         call = KitCall(self.config.server, self.assignment, self.media, self.remote, turn=self.config.turn,
                        timings=self.timings.call, on_connected=lambda: self.machine.connected(now()),
                        on_event=self.call_event)
-        end = await call.run()
+        self.call = call
+        try:
+            end = await call.run()
+        finally:
+            self.call = None
         if end.revoked:
             self.machine.revoked(now(), "device_revoked: IT staff revoked this kit; it must be enrolled again")
         else:
@@ -231,6 +246,31 @@ class KitAgent:
         self.outbox.on_change = self._touch_threadsafe  # also called from worker threads
         self.photos.outbox = self.outbox
 
+    def _start_uploads(self) -> asyncio.Task[None] | None:
+        """Deliver the outbox from now on, as a task of its own (None without an outbox)."""
+        if self.outbox is None or self.credential is None:
+            return None
+        self.uploader = Uploader(self.outbox, self.config.server, self.credential, call=self.call_signal,
+                                 settings=UploadSettings(ceiling_kbps=self.config.upload_kbps))
+        self.uploader.on_change = self.touch
+        self.photos.uploader_status = self.uploader.status
+        self.outbox.on_change = self._outbox_changed
+        return self._loop.create_task(self.uploader.run())
+
+    def _outbox_changed(self) -> None:
+        """The outbox changed, maybe in a worker thread: the page shows it, and a new photo goes at once."""
+        self._touch_threadsafe()
+        if self.uploader is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self.uploader.wake()
+
+    def call_signal(self) -> CallSignal:
+        """For the uploader: whether a call is up, and its latest round trip."""
+        call = self.call
+        if call is None or self.machine.state not in (State.CONNECTING, State.CONNECTED):
+            return NO_CALL
+        return CallSignal(True, call.rtt)
+
     def call_event(self, event: dict[str, Any]) -> None:
         """A message of the call's signalling that is not about the call itself."""
         if event.get("type") == "photo-requested":
@@ -254,6 +294,9 @@ class KitAgent:
     def _changed(self, transition: Transition) -> None:
         self.since = time.time()
         logger.info("state=%s previous=%s reason=%r", transition.new.value, transition.old.value, transition.reason)
+        back = transition.new in (State.WAITING, State.CONNECTING, State.CONNECTED)
+        if back and transition.old in (State.NO_NETWORK, State.RECONNECTING) and self.uploader is not None:
+            self.uploader.network_back()  # the server answers again: a waiting upload need not wait on
         for listener in list(self.listeners):
             listener(transition)
         self._notify()

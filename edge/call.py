@@ -26,11 +26,13 @@ from typing import Any
 import aiohttp
 from aiortc import RTCIceServer, RTCPeerConnection
 
+from mediaserver.aiortc_adapter import follow_round_trips
 from signalling.client import ConsultationClient, JoinRefused
 
 from .config import TurnRelay
 from .device_api import Assignment, classify
 from .media import KitMedia
+from .pacing import RttSample
 from .reconnect import Failure
 from .remote import RemoteMedia
 
@@ -79,6 +81,8 @@ class KitCall:
         self.on_event = on_event  # server events for the agent, e.g. photo-requested
         self._events_seen = 0
         self._attached: set[int] = set()
+        self._timed: set[int] = set()
+        self.rtt: RttSample | None = None  # the latest round trip a receiver report told, for photo uploads
         self._loop = asyncio.get_running_loop()
 
     async def run(self) -> CallEnd:
@@ -172,8 +176,14 @@ class KitCall:
             if attach is not None and id(sender) not in self._attached:
                 self._attached.add(id(sender))
                 attach(sender)  # Nära's VP8 follows the REMB and keyframe requests this sender gets
+            if sent is not None and id(sender) not in self._timed:
+                self._timed.add(id(sender))
+                follow_round_trips(sender, self._round_trip)
         for mid, track in self._client.remote_tracks.items():
             self.remote.follow(mid, track, functools.partial(self._owner, mid))
+
+    def _round_trip(self, rtt: float) -> None:
+        self.rtt = RttSample(rtt, self._loop.time())
 
     def _owner(self, mid: str) -> str | None:
         owner = self._client.owners.get(mid)

@@ -53,7 +53,17 @@ import aiohttp
 
 from .device_api import DeviceCredential
 from .outbox import Outbox, OutboxItem, sha256_of
-from .pacing import KIB, MAX_CHUNK, MIN_CHUNK, RttSample, ScavengerRate, ScavengerSettings, TokenBucket, chunk_size
+from .pacing import (
+    KIB,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    NO_CALL,
+    CallSignal,
+    ScavengerRate,
+    ScavengerSettings,
+    TokenBucket,
+    chunk_size,
+)
 from .reconnect import Backoff
 
 logger = logging.getLogger(__name__)
@@ -170,13 +180,13 @@ class Uploader:
     """Delivers ``outbox`` to ``server`` with the kit's ``credential``; run it as a task."""
 
     def __init__(self, outbox: Outbox, server: str, credential: DeviceCredential, *,
-                 settings: UploadSettings | None = None, call_rtt: Callable[[], RttSample | None] | None = None,
+                 settings: UploadSettings | None = None, call: Callable[[], CallSignal] | None = None,
                  rng: random.Random | None = None) -> None:
         self.outbox = outbox
         self.server = server.rstrip("/")
         self.credential = credential
         self.settings = settings or UploadSettings()
-        self.call_rtt = call_rtt or (lambda: None)
+        self.call = call or (lambda: NO_CALL)  # the call beside which the upload goes, if any
         self.on_change: Callable[[], None] | None = None
         self.rng = rng or random.Random()
         self._loop = asyncio.get_running_loop()
@@ -193,6 +203,8 @@ class Uploader:
         self._acked = 0  # the current image's acknowledged offset
         self._max_chunk = s.max_chunk  # halved if the server says a chunk is too large
         self._told_at = float("-inf")
+        self._logged_at = float("-inf")
+        self._began: tuple[str, float, int] | None = None  # the image being sent: id, since, from offset
         # What status() shows.
         self.state = "idle"  # idle, sending, waiting (backing off), stopped
         self.detail: str | None = None
@@ -285,6 +297,8 @@ class Uploader:
 
     async def _deliver(self, item: OutboxItem) -> None:
         self.image, self.size, self.sent, self._acked = item.id, item.size, item.sent, item.sent
+        if self._began is None or self._began[0] != item.id:
+            self._began = (item.id, self._loop.time(), item.sent)
         self._show("sending", None)
         for _ in range(MAX_RESTARTS):
             try:
@@ -427,7 +441,8 @@ class Uploader:
         start = 0
         while start < len(view):
             now = self._loop.time()
-            rate = self.scavenger.update(now, self.call_rtt())
+            call = self.call()
+            rate = self.scavenger.update(now, call.rtt, call.in_call)
             self._bucket.set_rate(rate, now)
             piece = view[start:start + self._piece(rate)]
             wait = self._bucket.take(len(piece), now)
@@ -497,7 +512,12 @@ class Uploader:
     def _delivered(self, item: OutboxItem, image_ref: str) -> None:
         self.outbox.delivered(item.id, image_ref)
         self.delivered += 1
-        logger.info("upload of %s done: stored as %s", item.id, image_ref)
+        if self._began is not None and self._began[0] == item.id:
+            took = max(1e-3, self._loop.time() - self._began[1])
+            logger.info("upload of %s done: stored as %s; %d bytes in %.1f s (%.0f kbit/s)", item.id, image_ref,
+                        item.size - self._began[2], took, (item.size - self._began[2]) * 8 / 1000 / took)
+        else:
+            logger.info("upload of %s done: stored as %s", item.id, image_ref)
         self.sent = item.size
         self._tell(force=True)
 
@@ -546,6 +566,12 @@ class Uploader:
         if self.on_change is not None and (force or now - self._told_at >= 0.25):
             self._told_at = now
             self.on_change()
+        if self.state == "sending" and now - self._logged_at >= 10.0:
+            self._logged_at = now
+            status = self.status()
+            logger.info("upload of %s: %d of %d bytes; rate %.0f kbit/s (ceiling %d%s)", self.image, self.sent,
+                        self.size, status["rate_kbps"], self.settings.ceiling_kbps,
+                        f", beside a call, queueing {status['queueing_ms']} ms" if status["in_call"] else "")
 
 
 def _offset(answer: _Answer, default: int) -> int:

@@ -45,13 +45,17 @@ def test_without_a_call_the_ceiling_applies() -> None:
     assert not rate.in_call
 
 
-def test_a_call_starts_it_low_it_grows_slowly_and_ends_back_at_the_ceiling() -> None:
+def test_a_call_starts_it_low_then_it_grows_fast_until_a_queue_shows_and_slowly_after() -> None:
     rate = scavenger()
     start = rate.update(0.0, RttSample(0.100, 0.0))
     assert start == 8 * KIB and rate.in_call
-    at_ten = rate.update(10.0, RttSample(0.100, 9.5))  # the delay stays at its floor
-    assert start < at_ten < start * 1.09**10
-    assert rate.update(11.0, None) == CEILING
+    at_five = rate.update(5.0, RttSample(0.100, 4.5))  # no queue: slow start
+    assert at_five == pytest.approx(start * 2 ** (0.7 * 5))
+    rate.update(6.0, RttSample(0.140, 6.0))  # 40 ms of queue: the slow start ends, no cut below the target
+    at_six = rate.rate
+    at_sixteen = rate.update(16.0, RttSample(0.100, 15.5))
+    assert at_six < at_sixteen < at_six * 1.09**10
+    assert rate.update(17.0, None) == CEILING
 
 
 def test_queueing_above_the_target_cuts_once_a_second_down_to_the_floor() -> None:
@@ -85,16 +89,44 @@ def test_beside_a_call_on_a_256_kbits_uplink_the_audio_keeps_a_short_queue() -> 
     capacity, audio, base, step = 32_000.0, 4_000.0, 0.100, 0.05
     rate = scavenger()
     backlog, sample = 0.0, RttSample(base, 0.0)
-    delays, rates = [], []
+    delays, rates, peak = [], [], 0.0
     for n in range(int(180 / step)):
         now = n * step
-        if n % 10 == 0:
+        if n % 20 == 0:  # a receiver report a second
             sample = RttSample(base + backlog / capacity, now)
         sending = rate.update(now, sample)
         backlog = max(0.0, backlog + (sending + audio - capacity) * step)
+        peak = max(peak, backlog / capacity)
         if now >= 60.0:
             delays.append(backlog / capacity)
             rates.append(sending)
+    print(f"queue: peak {peak * 1000:.0f} ms, after the first minute at most {max(delays) * 1000:.0f} ms, "
+          f"{sum(delays) / len(delays) * 1000:.0f} ms on average; upload {sum(rates) / len(rates) * 8 / 1000:.0f} "
+          f"kbit/s of the {(capacity - audio) * 8 / 1000:.0f} left")
+    assert peak < 0.300  # once, as the slow start ends
     assert max(delays) < 0.150  # the audio never waits long behind photo bytes
     assert sum(delays) / len(delays) < 0.040
     assert sum(rates) / len(rates) > 0.8 * (capacity - audio)  # and the photo still gets most of the rest
+
+
+def test_beside_a_call_on_a_good_link_a_large_photo_still_takes_seconds() -> None:
+    capacity, audio, base, step = 250_000.0, 4_000.0, 0.050, 0.05
+    rate = scavenger()
+    backlog, sample, sent, now = 0.0, RttSample(base, 0.0), 0.0, 0.0
+    while sent < 3_000_000:
+        if round(now / step) % 20 == 0:
+            sample = RttSample(base + backlog / capacity, now)
+        sending = rate.update(now, sample)
+        backlog = max(0.0, backlog + (sending + audio - capacity) * step)
+        sent += sending * step
+        now += step
+    assert now < 25.0  # 3 MB over 2 Mbit/s: 12 s alone on the link
+
+
+def test_a_call_without_a_measurement_yet_holds_the_starting_rate() -> None:
+    rate = scavenger()
+    assert rate.update(0.0, None, in_call=True) == 8 * KIB and rate.in_call
+    assert rate.update(5.0, None, in_call=True) == 8 * KIB
+    assert rate.update(6.0, RttSample(0.100, 6.0), in_call=True) == 8 * KIB  # the first measurement: the base
+    assert rate.update(7.0, RttSample(0.100, 7.0), in_call=True) > 8 * KIB
+    assert rate.update(8.0, None, in_call=False) == CEILING

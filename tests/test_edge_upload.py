@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 
 from bench.tcp_proxy import TcpProxy
+from edge.agent import KitAgent
 from edge.outbox import DELIVERED, QUEUED, REFUSED, Outbox
 from edge.pacing import MIN_CHUNK
+from edge.reconnect import State
 from edge.uploader import TOS_CS1, Uploader, UploadSettings, UploadsStopped, _low_priority_socket
 from tests.outbox_driver import photo_bytes, photo_metadata
 
 from .conftest import RunningServer
-from .edge_helpers import admin
+from .edge_helpers import KitWatcher, admin, kit_config
 from .upload_helpers import AnswerLosingProxy, AssignedKit, Changes, assigned_kit, stored_images
 
 
@@ -172,6 +174,37 @@ async def test_the_upload_keeps_under_its_ceiling(server: RunningServer, tmp_pat
         before = [s for t, s in samples if at - t >= 1.0]
         if before:
             assert (sent - before[-1]) * 8 / 1000 <= ceiling_kbps * 1.25 + 64
+
+
+async def test_a_running_kit_delivers_a_photo_taken_in_its_call_beside_the_call(
+        server: RunningServer, tmp_path: Path) -> None:
+    room = server.consultation("Hembesök")
+    kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
+    await admin(server.url, server.admin_key, "POST", f"/api/consultations/{room}/call-kit")
+    agent = KitAgent(kit_config(server.url, kit.credential_path))
+    running = asyncio.ensure_future(agent.run())
+    clinician = await KitWatcher.join(server.url, room, server.token(room, "Dr A", "clinician"),
+                                      kit.credential.device_id)
+    try:
+        await agent.wait_for(lambda: agent.state is State.CONNECTED and agent.uploader is not None, 20)
+        assert agent.outbox is not None and agent.uploader is not None
+        image = photo_bytes("in-call")
+        item = await asyncio.get_running_loop().run_in_executor(  # as the page's save does: off the loop
+            None, agent.outbox.add, image, photo_metadata(room, "in-call"))
+        outbox = agent.outbox
+        await agent.wait_for(lambda: _state(outbox, item.id) == DELIVERED, 30)
+        status = agent.uploader.status()
+        assert status["in_call"] and status["delivered"] == 1
+        assert agent.uploader.scavenger.base is not None and agent.uploader.scavenger.base < 0.2  # RTT seen
+        shown = agent.status()["photos"]
+        assert shown["uploader"]["delivered"] == 1
+        await clinician.wait_for(lambda: clinician.hears_kit(), 10)  # the call went on
+    finally:
+        await clinician.close()
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    [stored] = await stored_images(server.url, room, server.token(room, "Dr A", "clinician"))
+    assert stored["data"] == image
 
 
 def test_upload_sockets_are_marked_low_priority() -> None:
