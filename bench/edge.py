@@ -83,7 +83,8 @@ class KitLink:
 
 
 def kit_toml(server: str, credential: Path, page_port: int, relay: TurnRelay | None, video: str, fps: int) -> str:
-    lines = [f'server = "{server}"', f'credential = "{credential}"', 'camera = "synthetic"',
+    lines = [f'server = "{server}"', f'credential = "{credential}"', f'data_dir = "{credential.parent / "data"}"',
+             'camera = "synthetic"',
              'microphone = "synthetic"', f'page = "127.0.0.1:{page_port}"', f'video = "{video}"', f"fps = {fps}"]
     if relay is not None:
         lines += ["[turn]", f'url = "{relay.url}"', f'username = "{relay.username}"',

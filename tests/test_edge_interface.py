@@ -147,7 +147,8 @@ async def server_and_kit(tmp_path: Path) -> AsyncIterator[tuple[ServerProcess, K
         config = tmp_path / "kit" / "edge.toml"
         config.write_text(
             f'server = "http://{SERVER_ADDRESS}:{served.port}"\ncredential = "{credential}"\n'
-            'camera = "synthetic"\nmicrophone = "synthetic"\npage = "127.0.0.1:8090"\nvideo = "320x240"\nfps = 15\n')
+            'camera = "synthetic"\nmicrophone = "synthetic"\npage = "127.0.0.1:8090"\nvideo = "320x240"\nfps = 15\n'
+            f'data_dir = "{tmp_path / "kit" / "data"}"\n')
         kit = await KitProcess.start(config)
         clinician = await KitWatcher.join(served.url, room, await served.token(room), kit_id)
         yield served, kit, clinician
