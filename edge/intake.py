@@ -7,8 +7,10 @@ decodes, of a body site from the list, with the consent answered. It belongs
 to the consultation given, or else to the one the agent last recorded for
 the kit. The running agent picks it up within a second.
 
-``nara edge upload`` delivers the outbox without the rest of the agent, and
-with ``--until-empty`` returns once nothing is waiting (exit 1 if the kit's
+``nara edge upload`` delivers the outbox without the rest of the agent (for
+a kit whose agent is stopped: beside a running agent both would send the same
+photo, which the server takes once, but the bytes twice), and with
+``--until-empty`` returns once nothing is waiting (exit 1 if the kit's
 credential no longer works, 2 for a configuration that cannot be used).
 """
 
