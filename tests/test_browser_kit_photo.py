@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import cv2
 import numpy as np
 
@@ -89,11 +90,21 @@ async def test_the_team_asks_for_a_photo_and_the_nurse_takes_retakes_and_saves_i
             if image is not None:
                 decoded = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
                 assert decoded.shape == (STILL_HEIGHT, STILL_WIDTH, 3)
-            await screen.wait_for_function(
-                "id => document.querySelector(`#photo-queue li[data-id='${id}']`)?.textContent.includes('Korsbenet')",
-                arg=item.id, timeout=5000)
             assert await screen.is_hidden("#photo-request")
             assert kit.agent.photos.request is None
+
+            # It goes to the team by itself; the screen says when it has arrived.
+            await screen.wait_for_function(
+                "id => document.querySelector(`#photo-queue li[data-id='${id}']`)?.textContent"
+                ".includes('Korsbenet') && document.querySelector(`#photo-queue li[data-id='${id}']`)"
+                ".textContent.includes('levererad')", arg=item.id, timeout=20000)
+            token = server.token(room, "Dr A", "clinician")
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+                async with http.get(f"{server.url}/api/consultations/{room}/images") as response:
+                    [stored] = (await response.json())["images"]
+            assert (stored["body_site"], stored["note"], stored["consent"]) == ("sacrum", "Rodnad kant, 3 cm", "yes")
+            assert (stored["width"], stored["height"]) == (STILL_WIDTH, STILL_HEIGHT)
+            assert stored["quality"]["flags"] == [] and abs(stored["mm_per_pixel"] - 0.1) < 0.002
             await screen.screenshot(path=str(ARTIFACTS / "kit-photo-saved.png"))
         finally:
             await screen.close()  # the page's /events socket would hold up the kit page's shutdown
