@@ -195,7 +195,7 @@ class Uploader:
         self._bucket = TokenBucket(self.scavenger.rate, self._piece(self.scavenger.rate) * 2, self._loop.time())
         self._more = asyncio.Event()  # a photo was added
         self._network = asyncio.Event()  # the agent says the network is back
-        self._tokens: dict[str, tuple[str, float]] = {}  # consultation -> (token, expires at, loop time)
+        self._tokens: dict[str, tuple[str, float]] = {}  # consultation -> (token, when it expires on our clock)
         self._http: aiohttp.ClientSession | None = None
         self._deadline: asyncio.Timeout | None = None
         self._progress_at = self._loop.time()
