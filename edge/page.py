@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import av
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from .agent import KitAgent
 from .media import StillFailed
@@ -72,6 +72,7 @@ class JpegCache:
 
 AGENT: web.AppKey[KitAgent] = web.AppKey("agent", KitAgent)
 PICTURES: web.AppKey[JpegCache] = web.AppKey("pictures", JpegCache)
+SOCKETS: web.AppKey[set[web.WebSocketResponse]] = web.AppKey("sockets", set)
 
 
 async def index(request: web.Request) -> web.FileResponse:
@@ -91,6 +92,7 @@ async def events(request: web.Request) -> web.WebSocketResponse:
     agent = request.app[AGENT]
     ws = web.WebSocketResponse(heartbeat=10)
     await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
 
     async def push() -> None:
         last: dict[str, Any] | None = None
@@ -109,7 +111,15 @@ async def events(request: web.Request) -> web.WebSocketResponse:
                 break
     finally:
         pusher.cancel()
+        request.app[SOCKETS].discard(ws)
     return ws
+
+
+async def close_sockets(app: web.Application) -> None:
+    """An open screen must not hold up the agent's stop (systemd waits for it)."""
+    sockets: set[web.WebSocketResponse] = app[SOCKETS]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"the kit is stopping")
 
 
 async def _picture(request: web.Request, name: str, frame: av.VideoFrame | None) -> web.Response:
@@ -196,6 +206,8 @@ def build_page(agent: KitAgent) -> web.Application:
     app = web.Application(middlewares=[local_only])
     app[AGENT] = agent
     app[PICTURES] = JpegCache()
+    app[SOCKETS] = set()
+    app.on_shutdown.append(close_sockets)
     app.router.add_get("/", index)
     app.router.add_get("/status", status)
     app.router.add_get("/events", events)
