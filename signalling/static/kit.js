@@ -2,11 +2,13 @@
 // joins the consultation's call with camera and microphone, shows the care team's
 // requests for a photo, takes photos at the camera's full resolution (or through the
 // camera app), asks for their details and sends them through its outbox, which keeps
-// every photo until the server has it.
+// every photo until the server has it. The uploads go under a ceiling (the link's
+// ?upload_kbps=, 2000 by default) and, in a call with the team, yield to it (pacer.js).
 import { Call } from "./call.js";
 import { LANGUAGES, language, onLanguageChange, setLanguage, t, translate } from "./i18n.js";
 import { bodySiteName, bodySites, formatTime } from "./images.js";
 import { Outbox } from "./outbox.js";
+import { Pacer, ceilingFromQuery } from "./pacer.js";
 
 const $ = (id) => document.getElementById(id);
 const room = decodeURIComponent(location.pathname.split("/").filter(Boolean).pop() ?? "");
@@ -18,6 +20,7 @@ try { if (token) sessionStorage.setItem(TOKEN_KEY, token); } catch { /* private 
 history.replaceState(null, "", location.pathname + location.search);
 
 const UPLOADERS = new Set(["kit", "nurse", "clinician"]);
+const CALL_UP = new Set(["connecting", "connected", "reconnecting"]);
 
 const page = {
   link: null,
@@ -81,7 +84,13 @@ async function start() {
 
 async function openOutbox() {
   if (page.outbox) return;
-  page.outbox = new Outbox({ room, token });
+  const pacer = new Pacer({
+    ceilingKbps: ceilingFromQuery(location.search),
+    // The uploads yield to a call with someone in it: audio nobody hears needs no room.
+    call: () => (CALL_UP.has(page.call?.state) && page.call.participants.size > 0 ? page.call : null),
+  });
+  pacer.addEventListener("change", renderOutbox);
+  page.outbox = new Outbox({ room, token, pacer });
   page.outbox.addEventListener("change", renderOutbox);
   await page.outbox.open();
 }
@@ -290,7 +299,8 @@ function stateText(record, outbox) {
     default:
       if (record.room !== room) return t("outbox.other_consultation");
       if (outbox.sending?.id === record.id && !outbox.waiting) {
-        return t("outbox.sending", { percent: Math.floor((100 * record.offset) / Math.max(1, record.bytes)) });
+        const percent = Math.floor((100 * record.offset) / Math.max(1, record.bytes));
+        return t(outbox.pacer.inCall ? "outbox.sending_call" : "outbox.sending", { percent, kbps: outbox.pacer.kbps });
       }
       if (outbox.waiting) return t(`outbox.queued_${outbox.waiting}`);
       return t("outbox.queued");
@@ -308,6 +318,7 @@ function renderOutbox() {
     item.dataset.photo = record.id;
     item.dataset.state = record.state;
     item.dataset.percent = String(Math.floor((100 * record.offset) / Math.max(1, record.bytes)));
+    if (outbox.sending?.id === record.id) item.dataset.kbps = String(outbox.pacer.kbps);
     if (record.thumb && !page.thumbs.has(record.id)) page.thumbs.set(record.id, URL.createObjectURL(record.thumb));
     const img = item.querySelector("img");
     if (page.thumbs.has(record.id)) img.src = page.thumbs.get(record.id);

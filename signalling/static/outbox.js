@@ -1,11 +1,13 @@
 // The tablet's outbox: a photo is in IndexedDB from the moment it is taken until the
 // server has confirmed it, so a closed tab, a reload or a flat battery loses nothing.
 // One tab at a time sends (a Web Lock), over tus (tus.js): it asks the server how far
-// an upload got and goes on from there, after network errors and after a reload.
+// an upload got and goes on from there, after network errors and after a reload. Its
+// chunks are paced (pacer.js): under a ceiling, and in a call yielding to the call.
 //
 // A photo's state: "draft" (taken, its details not yet given), "queued" (waiting or
 // being sent), "delivered" (the server has stored it) or "refused" (the server will
 // not take it; the code says why). Events: "change" whenever any of it changed.
+import { Pacer } from "./pacer.js";
 import { create, head, hex, patch, sha256 } from "./tus.js";
 
 const DATABASE = "nara-kit";
@@ -22,6 +24,7 @@ const KEEP_DELIVERED_MS = 24 * 3600 * 1000;
 const TRANSIENT = new Set([408, 423, 425, 429, 500, 502, 503, 504]);
 const TRANSIENT_CODES = new Set(["upload_interrupted", "offset_mismatch", "checksum_mismatch"]);
 const RESYNCS = 5; // offsets taken from the server in a row before waiting a while
+const REQUEST_HEADERS = 400; // a PATCH's bytes besides its body and the token, for the pacer
 
 function request(req) {
   return new Promise((resolve, reject) => {
@@ -68,10 +71,11 @@ export function deviceDescription() {
 }
 
 export class Outbox extends EventTarget {
-  constructor({ room, token }) {
+  constructor({ room, token, pacer = new Pacer() }) {
     super();
     this.room = room;
     this.token = token;
+    this.pacer = pacer;
     this.db = null;
     this.records = []; // every photo, oldest first
     this.sending = null; // {id, offset, bytes} while a photo is on its way
@@ -253,7 +257,9 @@ export class Outbox extends EventTarget {
     let resyncs = 0;
     while (offset < record.bytes) {
       this.progress(record, offset);
-      const size = Math.min(this.chunk, record.bytes - offset);
+      await this.pacer.ready();
+      const size = Math.min(this.chunk, this.pacer.chunk(), record.bytes - offset);
+      this.pacer.sent(size + REQUEST_HEADERS + this.token.length);
       const started = performance.now();
       let answer;
       try {
