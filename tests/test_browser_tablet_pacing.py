@@ -1,0 +1,178 @@
+"""The tablet's photo uploads yield to its call, in real Chromium: the pacing policy (signalling/static/pacer.js)
+driven with a synthetic clock and round trips, and a photo sent beside the call over a throttled link."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from bench.synthetic import ToneAudioTrack
+from signalling.client import ConsultationClient
+
+from .conftest import RunningServer
+from .test_browser_client import ARTIFACTS, browser
+from .test_browser_images import TABLET, consultation, images_of, wound_jpeg
+
+__all__ = ["browser"]  # Chromium, with the same rule for when it may be missing
+
+KIB = 1024
+
+# The pacing policy in the page, on a clock of its own: round trips of 80 ms with the call alone,
+# then a queue (180 ms), then a queue the audio can live with (110 ms), then the link clear again.
+SCENARIO = """async () => {
+  const { UploadPace, ceilingFromQuery } = await import("/static/pacer.js");
+  const pace = new UploadPace({ ceiling: 250000 }, 0);
+  const seen = { idle: pace.update(0, null, false) };
+  let t = 0;
+  const phase = (name, until, rtt) => {
+    const rates = [];
+    for (; t < until; t += 0.5) rates.push(pace.update(t, rtt === null ? null : { rtt, at: t }, true));
+    seen[name] = rates;
+  };
+  phase("connecting", 2, null);
+  phase("clear", 22, 0.080);
+  phase("queue", 27, 0.180);
+  phase("tolerable", 37, 0.110);
+  phase("clear_again", 57, 0.080);
+  phase("long_queue", 90, 0.300);
+  seen.ended = pace.update(t, null, false);
+  seen.queries = ["?upload_kbps=128", "?upload_kbps=7", "?upload_kbps=abc", ""].map(ceilingFromQuery);
+  return seen;
+}"""
+
+# A chunk leaves when the bytes before it are paid for at the rate: on a fast link (a chunk takes 50 ms)
+# at 16 KiB/s, 60 seconds of chunks carry 60 seconds of the rate, and one chunk of ~half a second each.
+PACED = """async () => {
+  const { UploadPace } = await import("/static/pacer.js");
+  const pace = new UploadPace({ ceiling: 250000 }, 0);
+  pace.update(0, { rtt: 0.05, at: 0 }, true);
+  pace.rate = 16 * 1024;
+  pace.settings = { ...pace.settings, minStep: 0, growth: 0 };  // hold the rate still
+  let t = 0;
+  let bytes = 0;
+  const chunks = [];
+  while (t < 60) {
+    t += pace.delay(t);
+    pace.update(t, { rtt: 0.05, at: 0 }, true);
+    const size = pace.chunk();
+    pace.sent(size, t);
+    chunks.push([t, size]);
+    bytes += size;
+    t += 0.05;
+  }
+  return { chunks, bytes, rate: pace.rate, idleChunk: new UploadPace({ ceiling: 250000 }, 0).chunk() };
+}"""
+
+
+async def test_the_pacing_gives_way_when_the_calls_round_trip_grows_and_takes_it_back_when_it_falls(
+    server: RunningServer, browser: Any
+) -> None:
+    page = await (await browser.new_context()).new_page()
+    await page.goto(f"{server.url}/body-sites")
+    seen = await page.evaluate(SCENARIO)
+
+    assert seen["idle"] == 250000, "outside a call the ceiling alone"
+    assert set(seen["connecting"]) == {8 * KIB}, "a call begins low (64 kbit/s) and holds until measured"
+    clear = seen["clear"]
+    assert all(b >= a for a, b in pairwise(clear)) and clear[-1] > 2.5 * clear[0], "grows while clear"
+    queue = seen["queue"]
+    assert queue[-1] < 0.25 * clear[-1], "100 ms of queue: cut by a quarter a second, five times in 5 s"
+    assert all(b <= a for a, b in pairwise(queue))
+    tolerable = seen["tolerable"]
+    assert tolerable[0] >= queue[-1] and tolerable[-1] > queue[-1], "30 ms of queue: growth, but slower"
+    clear_again = seen["clear_again"]
+    grew_tolerable = (tolerable[-1] - tolerable[0]) / len(tolerable)
+    grew_clear = (clear_again[-1] - clear_again[0]) / len(clear_again)
+    assert grew_clear > 1.5 * grew_tolerable, "a clear link brings the rate back faster"
+    assert clear_again[-1] > 2 * tolerable[-1]
+    assert min(seen["long_queue"]) == 2 * KIB, "a long queue leaves the floor (16 kbit/s), never nothing"
+    assert seen["ended"] == 250000, "the call over, the ceiling again"
+    assert seen["queries"] == [128, 2000, 2000, 2000], "the link's ?upload_kbps=, or 2000 kbit/s"
+
+    paced = await page.evaluate(PACED)
+    rate, chunks = paced["rate"], paced["chunks"]
+    assert {size for _, size in chunks} == {8 * KIB}, "in a call a chunk carries half a second of the rate"
+    for (at, _), (next_at, _) in pairwise(chunks):
+        sent_before = sum(size for t, size in chunks if t < next_at)
+        assert sent_before <= rate * next_at + 8 * KIB + 1, "never more than the rate and one chunk"
+        assert next_at - at >= 0.5 - 1e-9
+    assert abs(paced["bytes"] - rate * 60) <= 2 * 8 * KIB, "and the rate is used"
+    assert paced["idleChunk"] == round(250000 * 1.5), "outside a call, 1.5 s of the ceiling"
+
+
+async def test_a_photo_beside_the_call_on_a_throttled_link_goes_under_the_cap_and_arrives_whole(
+    server: RunningServer, browser: Any, tmp_path: Path
+) -> None:
+    room = await consultation(server, "Hembesök")
+    ceiling_kbps = 96
+    token = server.token(room, "Surfplatta", "kit", participant_id="tablet")
+    photo = tmp_path / "sår.jpg"
+    photo.write_bytes(wound_jpeg(640, 480, 11))
+    context = await browser.new_context(viewport=TABLET)
+    tablet = await context.new_page()
+    await tablet.goto(f"{server.url}/kit/{room}?upload_kbps={ceiling_kbps}#token={token}")
+    await tablet.wait_for_function("() => naraDebug.call?.state === 'connected'", timeout=20000)
+    doctor = ConsultationClient(server.url, room, server.token(room, "Dr Berg", "clinician", participant_id="doctor"),
+                                audio=ToneAudioTrack(440))
+    await doctor.join()
+    try:
+        await tablet.wait_for_function("() => naraDebug.call.participants.has('doctor')", timeout=10000)
+        # The pacer reads the call's round trip from the server's receiver reports on the tablet's audio.
+        await tablet.wait_for_function("() => naraDebug.call?.pc?.getStats().then(stats => [...stats.values()]"
+                                       ".some(s => s.type === 'remote-inbound-rtp' && s.kind === 'audio'"
+                                       " && s.roundTripTimeMeasurements > 0))", timeout=15000, polling=500)
+        patches = await send_a_photo_over_a_throttled_link(context, tablet, photo)
+        trace = await tablet.evaluate("() => ({rtt: naraDebug.outbox.pacer.sample, kbps: naraDebug.outbox.pacer.kbps})")
+    finally:
+        await doctor.close()
+        await context.close()
+
+    [stored] = await images_of(server, room)
+    assert stored["sha256"] == hashlib.sha256(photo.read_bytes()).hexdigest(), "the photo arrived intact"
+    assert trace["rtt"]["source"] == "audio" and trace["kbps"] <= ceiling_kbps
+
+    # Paced: by each chunk's start, the bytes before it (with the first) went at most at the cap.
+    start = patches[0][0]
+    cap = ceiling_kbps * 1000 / 8
+    for at, _ in patches[1:]:
+        before = sum(size for t, size in patches if t < at)
+        assert before <= cap * (at - start) * 1.02 + 512, (at - start, before)
+    # And beside the call it started well under even the cap: at 64 kbit/s, growing slowly.
+    early = [size for t, size in patches if t < start + 3.0]
+    assert sum(early[:-1]) <= (80_000 / 8) * 3.0, patches
+    last_at = patches[-1][0]
+    average_kbps = (sum(size for _, size in patches[:-1]) * 8 / 1000) / max(1e-3, last_at - start)
+    print(f"{len(patches)} chunks, {stored['bytes']} bytes in {last_at - start:.1f} s to the last chunk, "
+          f"{average_kbps:.0f} kbit/s on average, {trace['kbps']} kbit/s at the end, "
+          f"call round trip {trace['rtt']['rtt'] * 1000:.0f} ms")
+
+
+async def send_a_photo_over_a_throttled_link(context: Any, tablet: Any, photo: Path) -> list[tuple[float, int]]:
+    """The nurse sends a photo over 256 kbit/s each way and 100 ms (Chromium's own throttling of this page's
+    requests); when each PATCH left and how many bytes it carried."""
+    cdp = await context.new_cdp_session(tablet)
+    await cdp.send("Network.enable")
+    await cdp.send("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 100, "downloadThroughput": 32000, "uploadThroughput": 32000})
+    patches: list[tuple[float, int]] = []
+    tablet.on("request", lambda r: r.method == "PATCH" and patches.append(
+        (time.monotonic(), len(r.post_data_buffer or b""))))
+
+    await tablet.set_input_files("#photo-file", str(photo))
+    await tablet.wait_for_selector('[data-testid="photo-form"]:not([hidden])')
+    await tablet.select_option("#photo-site", "heel_right")
+    await tablet.check('input[name="consent"][value="yes"]')
+    await tablet.click("#photo-send")
+
+    # While it goes, the nurse sees how far and how fast, and that the call goes first.
+    sending = tablet.locator('[data-testid="outbox-item"][data-kbps]')
+    await sending.wait_for(timeout=10000)
+    shown = await sending.locator(".state").inner_text()
+    assert shown.startswith("Skickar") and "kbit/s – samtalet går före" in shown, shown
+    ARTIFACTS.mkdir(exist_ok=True)
+    await tablet.screenshot(path=str(ARTIFACTS / "tablet-pacing.png"))
+    await tablet.locator('[data-testid="outbox-item"][data-state="delivered"]').wait_for(timeout=40000)
+    return patches
