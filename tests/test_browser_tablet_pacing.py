@@ -1,19 +1,22 @@
 """The tablet's photo uploads yield to its call, in real Chromium: the pacing policy (signalling/static/pacer.js)
-driven with a synthetic clock and round trips, and a photo sent beside the call over a throttled link."""
+driven with a synthetic clock and round trips; a photo sent beside the call over a throttled link; and the upload's
+rate following the real call's round trip when the call's link gains delay and loses it again."""
 
 from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from bench.synthetic import ToneAudioTrack
+from bench.turn import ImpairingTurnServer
 from signalling.client import ConsultationClient
 
-from .conftest import RunningServer
-from .test_browser_client import ARTIFACTS, browser
+from .conftest import RunningServer, start_server
+from .test_browser_client import ARTIFACTS, browser, open_page
 from .test_browser_images import TABLET, consultation, images_of, wound_jpeg
 
 __all__ = ["browser"]  # Chromium, with the same rule for when it may be missing
@@ -115,9 +118,7 @@ async def test_a_photo_beside_the_call_on_a_throttled_link_goes_under_the_cap_an
     tablet = await context.new_page()
     await tablet.goto(f"{server.url}/kit/{room}?upload_kbps={ceiling_kbps}#token={token}")
     await tablet.wait_for_function("() => naraDebug.call?.state === 'connected'", timeout=20000)
-    doctor = ConsultationClient(server.url, room, server.token(room, "Dr Berg", "clinician", participant_id="doctor"),
-                                audio=ToneAudioTrack(440))
-    await doctor.join()
+    doctor = await doctor_in_the_call(server, room)
     try:
         await tablet.wait_for_function("() => naraDebug.call.participants.has('doctor')", timeout=10000)
         # The pacer reads the call's round trip from the server's receiver reports on the tablet's audio.
@@ -148,6 +149,71 @@ async def test_a_photo_beside_the_call_on_a_throttled_link_goes_under_the_cap_an
     print(f"{len(patches)} chunks, {stored['bytes']} bytes in {last_at - start:.1f} s to the last chunk, "
           f"{average_kbps:.0f} kbit/s on average, {trace['kbps']} kbit/s at the end, "
           f"call round trip {trace['rtt']['rtt'] * 1000:.0f} ms")
+
+
+async def test_the_tablets_upload_slows_when_its_calls_round_trip_grows_and_speeds_up_when_it_clears(
+    tmp_path: Path, browser: Any
+) -> None:
+    # The call goes through a relay whose delay the test sets; the upload goes straight to the server.
+    relay = ImpairingTurnServer(seed=7)
+    await relay.start()
+    ice = [{"urls": [relay.url], "username": "loopback/tablet", "credential": relay.password}]
+    server, runner = await start_server(tmp_path, ice_servers=ice, ice_transport_policy="relay")
+    photo = tmp_path / "sår.jpg"
+    photo.write_bytes(wound_jpeg(1024, 768, 12))  # long enough to go on through all of it
+    doctor: ConsultationClient | None = None
+    try:
+        room = await consultation(server, "Hembesök")
+        token = server.token(room, "Surfplatta", "kit", participant_id="tablet")
+        tablet = await open_page(browser, f"{server.url}/kit/{room}#token={token}", viewport=TABLET)
+        await tablet.wait_for_function("() => naraDebug.call?.state === 'connected'", timeout=20000)
+        doctor = await doctor_in_the_call(server, room)
+        await tablet.wait_for_function("() => naraDebug.call.participants.has('doctor')", timeout=10000)
+        await tablet.set_input_files("#photo-file", str(photo))
+        await tablet.wait_for_selector('[data-testid="photo-form"]:not([hidden])')
+        await tablet.select_option("#photo-site", "sacrum")
+        await tablet.check('input[name="consent"][value="yes"]')
+        await tablet.click("#photo-send")
+
+        shown = '[data-testid="outbox-item"][data-kbps]'
+        rate = f"() => Number(document.querySelector('{shown}')?.dataset.kbps ?? 0)"
+        queueing = "() => naraDebug.outbox.pacer.pace.queueing"
+        # A clear call: the upload grows from 64 kbit/s.
+        await tablet.wait_for_function(f"() => ({rate})() >= 80 && ({queueing})() < 0.06", timeout=15000)
+        clear = await tablet.evaluate(rate)
+
+        # The call's link gains 150 ms each way: the tablet sees it in the audio's round trip, and gives way.
+        set_delay(relay, 150)
+        await tablet.wait_for_function(f"() => ({queueing})() > 0.06", timeout=10000)
+        await tablet.wait_for_function(f"() => ({rate})() <= {clear} * 0.5", timeout=6000)
+        low = await tablet.evaluate(rate)
+
+        # Clear again: it takes the room back.
+        set_delay(relay, 0)
+        await tablet.wait_for_function(f"() => ({queueing})() < 0.06", timeout=10000)
+        await tablet.wait_for_function(f"() => ({rate})() >= {low} * 1.3", timeout=10000)
+        assert await tablet.get_attribute('[data-testid="outbox-item"]', "data-state") == "queued", "still going"
+        again = await tablet.evaluate(rate)
+        print(f"upload beside the call: {clear} kbit/s, {low} kbit/s with 150 ms more, then {again} kbit/s")
+    finally:
+        if doctor is not None:
+            await doctor.close()
+        await runner.cleanup()
+        relay.close()
+
+
+async def doctor_in_the_call(server: RunningServer, room: str) -> ConsultationClient:
+    """A clinician in the call, talking: the tablet's uploads now have a call to give way to."""
+    doctor = ConsultationClient(server.url, room, server.token(room, "Dr Berg", "clinician", participant_id="doctor"),
+                                audio=ToneAudioTrack(440))
+    await doctor.join()
+    return doctor
+
+
+def set_delay(relay: ImpairingTurnServer, delay_ms: float) -> None:
+    """Each client's link to the relay, towards the server, takes ``delay_ms`` longer from now on."""
+    for _, uplink, _ in relay.links():
+        uplink.profile = replace(uplink.profile, delay_ms=delay_ms)
 
 
 async def send_a_photo_over_a_throttled_link(context: Any, tablet: Any, photo: Path) -> list[tuple[float, int]]:
