@@ -41,7 +41,7 @@ from typing import Literal
 
 from .vp8 import is_keyframe_data, parse_descriptor
 
-STRAYS_BEFORE_RESYNC = 3  # packets in a row far from the stream before we take them as a new one
+STRAYS_BEFORE_RESYNC = 3  # packets in a row not of the stream (far from it, or off its frames) before a resync
 
 
 class _Unwrapper:
@@ -215,7 +215,9 @@ class AudioPlayout:
         assert self._playhead is not None
         seq = self._seq.extend(sequence_number)
         ts = self._ts.extend(timestamp)
-        if abs(ts - self._playhead) > self._jump:
+        # Far from the playhead, or between this stream's frames (a publisher who rejoined, its new
+        # timestamps carried on by the server from the old ones): not this stream.
+        if abs(ts - self._playhead) > self._jump or (ts - self._playhead) % self.frame_samples:
             self._strays.append((sequence_number, timestamp, payload, now, ssrc))
             if len(self._strays) >= STRAYS_BEFORE_RESYNC:
                 strays = self._strays

@@ -285,6 +285,21 @@ def test_a_jump_in_the_stream_is_taken_as_a_new_one() -> None:
     assert playout.counters.resets == 1
 
 
+def test_a_stream_back_on_another_timestamp_grid_is_taken_as_a_new_one() -> None:
+    # A publisher who rejoined after an outage: the server carries on with the same SSRC and sequence
+    # numbers, but the new stream's timestamps fall between the old one's 20 ms frames, and near them.
+    playout = fec_playout()
+    stream = Stream(playout)
+    stream.run(steady(30), until=28 * TICK)
+    offset = 40 * FRAME + 337  # 0.8 s on, and 337 samples off the old frames
+    back = Stream(playout, seq0=1030, ts0=123_456 + offset)
+    back.run([(t + stream.now + 0.5, i) for t, i in steady(30)], until=stream.now + 0.5 + 28 * TICK)
+    start = next(n for n, f in enumerate(back.played) if f.new_stream)
+    assert back.played[start].timestamp == 123_456 + offset
+    assert len(back.played) - start >= 20 and back.sources()[start:] == "p" * (len(back.played) - start)
+    assert playout.counters.resets == 1
+
+
 def test_a_pause_announced_by_the_sender_is_silence_not_loss() -> None:
     # DTX: sequence numbers run on, the timestamp jumps by 200 ms
     playout = fec_playout()
