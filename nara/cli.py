@@ -454,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     upload_bench.add_argument("--baseline-seconds", type=float, default=60.0,
                               help="the call alone, before the upload (default 60)")
     upload_bench.add_argument("--upload-kbps", type=int, default=2000, help="the kit's upload ceiling (default 2000)")
-    upload_bench.add_argument("--kit-tcp", default="cubic",
-                              help="the kit's TCP congestion control (default cubic, as on Raspberry Pi OS)")
+    upload_bench.add_argument("--kit-tcp", default="reno",
+                              help="the kit's TCP congestion control (default reno: cubic, a Raspberry Pi's, cannot "
+                                   "be a namespace's default unless net.ipv4.tcp_allowed_congestion_control has it)")
     upload_bench.add_argument("--seed", type=int, default=1)
     upload_bench.add_argument("--output", help="results folder (default bench-results/upload-<time>)")
     upload_bench.set_defaults(func=cmd_bench_upload)
