@@ -576,9 +576,9 @@ def write_results(folder: Path, result: dict[str, Any], r: Run, receipts: list[A
         writer.writeheader()
         writer.writerows(r.samples)
     with (folder / "audio.csv").open("w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["at", "pts", "rate", "duration", "played", "source"])
-        writer.writerows((round(a.at, 4), a.pts, a.rate, a.duration, int(a.played), a.source) for a in receipts)
+        frames = csv.writer(out)
+        frames.writerow(["at", "pts", "rate", "duration", "played", "source"])
+        frames.writerows((round(a.at, 4), a.pts, a.rate, a.duration, int(a.played), a.source) for a in receipts)
     (folder / "table.txt").write_text(table(result))
 
 
