@@ -53,7 +53,7 @@ PACED = """async () => {
   const pace = new UploadPace({ ceiling: 250000 }, 0);
   pace.update(0, { rtt: 0.05, at: 0 }, true);
   pace.rate = 16 * 1024;
-  pace.settings = { ...pace.settings, minStep: 0, growth: 0 };  // hold the rate still
+  pace.settings = { ...pace.settings, minStep: 0, growth: 0, slowStart: 0 };  // hold the rate still
   let t = 0;
   let bytes = 0;
   const chunks = [];

@@ -31,6 +31,7 @@ export const SETTINGS = {
   cut: 0.75,
   cutInterval: 1,
   growth: 0.08, // at most this fraction of the rate, a second
+  slowStart: 0.7, // until the first sign of a queue in a call the rate doubles every 1/0.7 s
   minStep: 1 * KIB, // bytes a second, a second
   callStart: 8 * KIB, // where the rate starts when a call begins (64 kbit/s)
   maxElapsed: 1, // growth counts at most this long between two looks (none while nothing is sent)
@@ -52,6 +53,7 @@ export class UploadPace {
     this.settings = { ...SETTINGS, ...settings };
     this.rate = this.settings.ceiling;
     this.inCall = false;
+    this.starting = false; // in slow start: no queue seen yet in this call
     this.base = null; // the call's lowest recent round trip
     this.queueing = null; // the latest round trip over the base
     this.history = []; // [at, rtt] of recent samples, increasing in rtt: the first is the base
@@ -77,7 +79,7 @@ export class UploadPace {
       return this.rate;
     }
     if (!this.inCall) {
-      this.inCall = true;
+      this.inCall = this.starting = true;
       this.rate = Math.max(s.floor, Math.min(this.rate, s.callStart)); // a call begins: start low, grow
       this.updatedAt = now;
     }
@@ -93,11 +95,15 @@ export class UploadPace {
     const elapsed = Math.min(s.maxElapsed, Math.max(0, now - this.updatedAt));
     this.updatedAt = now;
     if (queueing > s.target) {
+      this.starting = false;
       if (now - this.cutAt >= s.cutInterval) {
         this.rate *= s.cut;
         this.cutAt = now;
       }
+    } else if (this.starting && queueing < s.target / 2) {
+      this.rate *= 2 ** (s.slowStart * elapsed); // a clear link: find its room in seconds, as the kit does
     } else {
+      this.starting = false;
       const offTarget = 1 - queueing / s.target;
       this.rate += offTarget * Math.max(s.minStep, s.growth * this.rate) * elapsed;
     }
