@@ -107,6 +107,7 @@ class Setup:
     name: str
     members: tuple[Member, ...]
     duration: float  # seconds, at full length
+    scene: str = "gradient"  # what the publishers' cameras show (bench/synthetic.py)
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,10 @@ async def run_setup(mode: Mode, setup: Setup, settings: Settings, workdir: Path)
     tags = {m.label: i + 1 for i, m in enumerate(setup.members) if m.publishes}
     participants: dict[str, Participant] = {}
     for m in setup.members:
-        p = Participant(m.label, m.profile, run_start, tags, source_size=(settings.width, settings.height))
+        p = Participant(m.label, m.profile, run_start, tags, source_size=(settings.width, settings.height),
+                        scene=setup.scene)
         if m.publishes:
-            camera = StampedVideoTrack(tags[m.label], settings.width, settings.height, settings.fps)
+            camera = StampedVideoTrack(tags[m.label], settings.width, settings.height, settings.fps, setup.scene)
             tone = ToneAudioTrack(300 + 40 * tags[m.label], voiced=True)
             p.camera, p.video, p.audio = camera, camera, tone
             if mode.nara_media:
@@ -472,8 +474,10 @@ SCENARIOS = {s.name: s for s in (
     Scenario("step", "The subscriber's link drops from 2 Mbit/s to 300 kbit/s at 10 s and comes back at 25 s "
                      "(of 40 s). Freeze from 1 s before to 5 s after the drop; seconds until what is sent toward "
                      "the subscriber (1 s average) fits the new capacity and keeps fitting for 2 s; after the "
-                     "rise, seconds until the subscriber receives ≥ 80 % of 2 Mbit/s (1 s average).",
-             (Setup("step", _with_publisher(Member("sub", "adapt-step")), 40),), _step,
+                     "rise, seconds until the subscriber receives ≥ 80 % of 2 Mbit/s (1 s average). The camera "
+                     "shows the detailed scene, which needs more than 2 Mbit/s.",
+             # (the gradient never needs more than about 0.6 Mbit/s: no sender could fill the link)
+             (Setup("step", _with_publisher(Member("sub", "adapt-step")), 40, scene="detailed"),), _step,
              (Goal("freeze_s_around_step", "<=", 1, " s"), Goal("fit_after_step_s", "<=", 2, " s"),
               Goal("use_80pct_after_up_s", "<=", 10, " s"))),
     Scenario("loss5", "1 Mbit/s, 100 ms RTT, 5 % random loss (25 s): frames delivered of those sent, time frozen, "

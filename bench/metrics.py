@@ -36,8 +36,9 @@ def psnr(received: np.ndarray, source: np.ndarray) -> float:
     return 99.0 if mse == 0 else 10 * math.log10(255 * 255 / mse)
 
 
-def picture_psnr(luma: np.ndarray, stamp: FrameStamp, source_size: tuple[int, int] | None = None) -> float:
-    """PSNR of a decoded Y plane against its source, below the stamp rows.
+def picture_psnr(luma: np.ndarray, stamp: FrameStamp, source_size: tuple[int, int] | None = None,
+                 scene: str = "gradient") -> float:
+    """PSNR of a decoded Y plane against its source (of ``scene``), below the stamp rows.
 
     ``source_size`` (width, height) is what the publisher sent; a picture that
     arrives smaller (a server-made layer) is compared with the source scaled
@@ -46,9 +47,9 @@ def picture_psnr(luma: np.ndarray, stamp: FrameStamp, source_size: tuple[int, in
     height, width = luma.shape
     top = 2 * _block_size(width)
     if source_size is None or source_size == (width, height):
-        source = source_luma(width, height, stamp.frame)
+        source = source_luma(width, height, stamp.frame, scene)
     else:
-        original = source_luma(source_size[0], source_size[1], stamp.frame)
+        original = source_luma(source_size[0], source_size[1], stamp.frame, scene)
         scaled = av.VideoFrame.from_ndarray(original, format="gray").reformat(width=width, height=height)
         source = scaled.to_ndarray()
     return psnr(luma[top:], source[top:])

@@ -49,7 +49,7 @@ class Participant:
 
     def __init__(self, label: str, profile: str, run_start: float, tags: dict[str, int],
                  camera: StampedVideoTrack | None = None, microphone: MediaStreamTrack | None = None,
-                 source_size: tuple[int, int] | None = None) -> None:
+                 source_size: tuple[int, int] | None = None, scene: str = "gradient") -> None:
         self.label = label
         self.profile = profile  # its link (bench/profiles.py), up and down
         self.run_start = run_start
@@ -59,6 +59,7 @@ class Participant:
         self.video: MediaStreamTrack | None = camera
         self.audio: MediaStreamTrack | None = microphone
         self.source_size = source_size  # (width, height) publishers send, for PSNR of smaller layers
+        self.scene = scene  # what the publishers' cameras show (bench/synthetic.py), for PSNR
         self.corrupt_frames = 0
         self.unmeasured_frames = 0  # frames the measuring code failed on (a bug here, reported)
         self.records: dict[str, StreamRecord] = {}
@@ -119,7 +120,7 @@ class Participant:
         if stamp.tag != self.tags.get(who) or latency > 600_000:
             self.corrupt_frames += 1
             return False
-        psnr = picture_psnr(luma, stamp, self.source_size) if with_psnr else None
+        psnr = picture_psnr(luma, stamp, self.source_size, self.scene) if with_psnr else None
         self.record(who).add_frame(at, stamp, float(latency), psnr)
         return True
 
