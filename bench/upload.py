@@ -74,6 +74,7 @@ GOODPUT_GOAL = 0.70
 RECOVERY_ALLOWANCE = 3.0  # seconds after an outage before the call's audio is judged again (the kit's goal)
 SAMPLE_INTERVAL = 1.0
 KIT_LABEL = "kit"
+KIT_PAGE_PORT = 8090  # on the kit's own loopback
 NETNS_MARK = "NARA_BENCH_NETNS"
 ADDRESSING = Addressing()
 
@@ -209,6 +210,18 @@ class KitProcess:
         output, _ = await process.communicate()
         return await process.wait(), output.decode(errors="replace")
 
+    async def page_status(self) -> dict[str, Any]:
+        """The kit's own page's /status (served on the kit's loopback, so asked from inside its namespace)."""
+        request = (f'exec 3<>/dev/tcp/127.0.0.1/{KIT_PAGE_PORT} && '
+                   'printf "GET /status HTTP/1.0\\r\\n\\r\\n" >&3 && cat <&3')
+        status, output = await self.in_namespace("bash", "-c", request)
+        _, _, body = output.partition("\r\n\r\n")
+        try:
+            data: dict[str, Any] = json.loads(body) if status == 0 else {}
+        except ValueError:
+            return {}
+        return data
+
     async def stop(self) -> None:
         if self.process.returncode is None:
             self.process.terminate()
@@ -226,17 +239,18 @@ class KitProcess:
 def kit_toml(server: str, credential: Path, data_dir: Path, upload_kbps: int) -> str:
     return "\n".join([
         f'server = "{server}"', f'credential = "{credential}"', 'camera = "none"', 'microphone = "synthetic"',
-        'page = "127.0.0.1:8090"', f'data_dir = "{data_dir}"', f"upload_kbps = {upload_kbps}", ""])
+        f'page = "127.0.0.1:{KIT_PAGE_PORT}"', f'data_dir = "{data_dir}"', f"upload_kbps = {upload_kbps}", ""])
 
 
-def socket_stats(ss_output: str, server: str) -> dict[str, float]:
+def socket_stats(ss_output: str, server: str) -> dict[str, float | str]:
     """The kit's TCP connections to the server (``ss -tin``): the busiest one's window and round trip,
     and retransmissions over all of them."""
     connections: list[dict[str, str]] = []
     for line in ss_output.splitlines():
         if line.startswith((" ", "\t")) and connections and line.strip():
-            info = dict(token.split(":", 1) for token in line.split() if ":" in token)
-            connections[-1].update(info)
+            tokens = line.split()
+            connections[-1].update(dict(token.split(":", 1) for token in tokens if ":" in token))
+            connections[-1]["cc"] = tokens[0]  # the congestion control comes first, on its own
         elif server in line:
             connections.append({})
     if not connections:
@@ -244,6 +258,7 @@ def socket_stats(ss_output: str, server: str) -> dict[str, float]:
     busiest = max(connections, key=lambda c: int(c.get("bytes_sent", "0")))
     return {
         "tcp_connections": len(connections),
+        "tcp_cc": busiest.get("cc", ""),
         "tcp_cwnd": float(busiest.get("cwnd", "0")),
         "tcp_rtt_ms": float(busiest.get("rtt", "0/0").split("/")[0]),
         "tcp_rto_ms": float(busiest.get("rto", "0")),
@@ -265,6 +280,7 @@ class Clinician:
         self.listener = Participant("clinician", "loopback", run_start, tags={})
         self.client: Any = None
         self._followed: set[str] = set()
+        self.tracks: list[Any] = []  # the audio tracks followed (Nära's receive path: they count what they play)
 
     async def join(self, url: str, room: str, token: str) -> None:
         from mediaserver.encoders import OpusTrack
@@ -281,7 +297,17 @@ class Clinician:
         for mid, track in self.client.remote_tracks.items():
             if track.kind == "audio" and mid not in self._followed:
                 self._followed.add(mid)
+                self.tracks.append(track)
                 self.listener.follow(track, self._owner(mid))
+
+    def playout_counters(self) -> dict[str, int]:
+        """What the receive path did with the kit's audio so far: played, concealed, dropped late, restarted..."""
+        totals: dict[str, int] = {}
+        for track in self.tracks:
+            counters = getattr(track, "counters", None)
+            for name, value in (asdict(counters) if counters is not None else {}).items():
+                totals[name] = totals.get(name, 0) + value
+        return totals
 
     def _owner(self, mid: str) -> Any:
         def who() -> str | None:
@@ -353,9 +379,11 @@ async def outages_after(link: PacketLink, run: Run, schedule: tuple[tuple[float,
         await outage(link, run, length)
 
 
-async def sample(link: PacketLink, kit: KitProcess, run: Run) -> None:
-    """Every SAMPLE_INTERVAL: what the link carried and lost, and the kit's upload socket."""
+async def sample(link: PacketLink, kit: KitProcess, clinician: Clinician, run: Run) -> None:
+    """Every SAMPLE_INTERVAL: what the link carried and lost, the kit's upload socket, and what the
+    clinician's receive path did with the kit's audio."""
     previous: LinkReading | None = None
+    heard = clinician.playout_counters()
     origin = run.now()
     tick = 0
     while True:
@@ -367,7 +395,14 @@ async def sample(link: PacketLink, kit: KitProcess, run: Run) -> None:
         if previous is not None:
             row.update(_rates(previous, reading))
         row.update(socket_stats(ss_output, ADDRESSING.server_address))
+        uploader = ((await kit.page_status()).get("photos") or {}).get("uploader") or {}
+        row.update({"upload_state": uploader.get("state"), "upload_rate_kbps": uploader.get("rate_kbps"),
+                    "upload_queueing_ms": uploader.get("queueing_ms"), "upload_sent": uploader.get("sent")})
         row["link_cpu_seconds"] = reading.cpu_seconds
+        now_heard = clinician.playout_counters()
+        for name in ("concealed", "late_dropped", "skipped", "resets", "duplicates", "nacked"):
+            row[f"rx_{name}"] = now_heard.get(name, 0) - heard.get(name, 0)
+        heard = now_heard
         run.samples.append(row)
         previous = reading
 
@@ -507,7 +542,7 @@ async def run(settings: Settings, folder: Path, workdir: Path, photo: Path) -> d
     try:
         async with testbed(settings, r, folder, workdir) as bed:
             receipts = bed.clinician.receipts  # the clinician's own list, still filling
-            sampler = asyncio.ensure_future(sample(bed.link, bed.kit, r))
+            sampler = asyncio.ensure_future(sample(bed.link, bed.kit, bed.clinician, r))
             try:
                 await baseline_phase(bed, r)
                 result["image"] = await upload_phase(bed, r, photo)
@@ -515,6 +550,7 @@ async def run(settings: Settings, folder: Path, workdir: Path, photo: Path) -> d
                 sampler.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sampler
+            result["clinician_playout"] = bed.clinician.playout_counters()
     except Exception as exc:  # reported with what was measured up to then
         traceback.print_exc()
         result["error"] = f"{type(exc).__name__}: {exc}"

@@ -98,6 +98,6 @@ bytes_acked:2500000 unacked:12 retrans:1/220 lost:3
 
 def test_the_kit_upload_socket_is_read_from_ss() -> None:
     stats = socket_stats(SS_OUTPUT, "10.78.0.1")
-    assert stats == {"tcp_connections": 2, "tcp_cwnd": 7.0, "tcp_rtt_ms": 812.25, "tcp_rto_ms": 2048.0,
-                     "tcp_unacked": 12.0, "tcp_bytes_retrans": 310000.0}
+    assert stats == {"tcp_connections": 2, "tcp_cc": "cubic", "tcp_cwnd": 7.0, "tcp_rtt_ms": 812.25,
+                     "tcp_rto_ms": 2048.0, "tcp_unacked": 12.0, "tcp_bytes_retrans": 310000.0}
     assert socket_stats("State Recv-Q Send-Q Local Address:Port  Peer Address:Port Process\n", "10.78.0.1") == {}
