@@ -32,11 +32,20 @@ and never cut.
   exceeds 1.5 times what arrives, so it also sinks whenever less is sent (a
   low layer, a probe that ended, a quiet picture): a fall to a value still
   well above what is sent is not overuse. A REMB that merely lags behind is
-  not a ceiling either: that would stop every ramp-up.
+  not a ceiling either: that would stop every ramp-up. Nor does a REMB cut go
+  below what is arriving: on a thin link every video frame is a burst that
+  the receiver's delay detector reads as overuse, and its REMB sits far under
+  what arrives without loss; cut below that each time, the estimate would
+  shrink step by step with what is sent, until video paused.
 * Delivered: receiver reports say how many packets arrived; times the size of
   what was sent, that is what the link carried. A cut never goes below 90 % of
   it: after a flood, the estimate lands on the link's capacity instead of
   collapsing to the floor (which would pause video a 150 kbit/s link can carry).
+* A guess is not a measurement: the estimate starts at a guess, and until
+  delivery has borne it out (a probe that worked, or the link carrying that
+  much) only what the link has been seen to carry counts (``usable``). On a
+  150 kbit/s link the guess alone would move the subscriber up to a layer the
+  link cannot carry, and a probe from it would reach four times the link.
 * Probing: growing 5 % a second takes half a minute to double, too slow after
   a link comes back. When the link has been clean for a while and more would
   be used, the sender pads the stream up to a probe rate for a moment; if the
@@ -46,6 +55,15 @@ and never cut.
   (which retransmissions hide from receiver reports too) NACKs for clearly
   more packets than the link lost before it. The loss-based rule takes over
   again as soon as it ends.
+* How far probes go: they step from the usable estimate (the first to twice
+  what the link has carried, later ones half as far again), and one that
+  worked is followed at once. After a failure they close in on the lowest
+  rate that failed, halfway each time, and once close under it look a little
+  above it, backing off longer after each failure in a row: on a thin link
+  each probe that overshoots delays the audio behind it. A cut forgets that
+  rate (the link has changed).
+* What a failed probe leaves behind (a queue, a REMB that dips) is the
+  probe's doing: for a moment after it, those signs cut nothing.
 """
 
 from __future__ import annotations
@@ -61,6 +79,7 @@ MIN_CUT_INTERVAL = 0.5  # seconds
 QUEUE_CUT = 0.85
 QUEUE_LIMIT = 0.12  # seconds of queueing above the base round trip that count as congestion
 QUEUE_CALM = 0.05  # seconds: below this, the queue is empty enough to grow or probe
+QUEUE_FRESH = 2.0  # seconds a stream's reading of the queue counts for (reports come every 0.5-1.5 s)
 REMB_FALL = 0.9  # a REMB under 90 % of the highest of the last REMB_WINDOW reports overuse
 REMB_WINDOW = 1.0  # seconds (a receiver lowers its REMB a little with each message it sends)
 REMB_ROOM = 1.2  # ... unless it still allows this much more than is being sent
@@ -72,13 +91,17 @@ NACK_MEMORY = 3.0  # seconds of NACKs that tell how much the link loses of its o
 PROBE_LOSS_RISE = 0.03  # a probe fails when a report shows this much more loss than before it
 ASKED_LEARNING = 0.03  # weight of each report in the link's own level of NACKed loss
 # A probe overshooting a thin link fills its queue, and audio waits in that queue too:
-# probes step gently and stop at the first sign of queueing.
-PROBE_STEP = 1.5  # at most this multiple of the estimate per probe
-FIRST_PROBE_STEP = 2.0  # the first probe, as soon as the link is heard from, reaches further
-PROBE_BACKOFF = (2.0, 4.0, 8.0, 16.0, 30.0)  # seconds between probes after 0, 1, 2, 3, 4+ failures
+# probes step from what the link has carried, close in on a rate that failed, and stop
+# at the first sign of queueing.
+FIRST_PROBE_STEP = 2.0  # the first probe reaches this multiple of what the link has carried
+PROBE_STEP = 1.5  # later ones this multiple of the usable estimate
+CEILING_GAP = 1.2  # a failed rate further than this above the usable estimate: probe halfway to it
+PROBE_ABOVE_CEILING = 1.1  # closer: probe this far above it (has the link grown?)
+PROBE_BACKOFF = (2.0, 4.0, 8.0, 16.0, 30.0)  # seconds between probes after 1, 2, 3, 4, 5+ failures in a row
 BASE_RTT_WINDOW = 30.0
 DELIVERED_FLOOR = 0.9  # a cut keeps at least this share of what the link just delivered
 QUEUE_DRAIN_FLOOR = 0.75  # ... a cut for a standing queue, this share: less than the link delivers drains it
+REMB_DELIVERED_FLOOR = 1.0  # ... a cut to a REMB, all of it
 DELIVERED_FRESH = 2.0  # seconds a delivered rate stays usable
 PACKET_OVERHEAD = 40  # bytes of SRTP, UDP and IP around each payload
 
@@ -147,16 +170,21 @@ class BandwidthEstimate:
     rtt: float = 0.1  # seconds, the last one reported
     queue_delay: float = 0.0  # how far that round trip is above its stream's lowest, seconds
     bases: dict[str, tuple[float, float]] = field(default_factory=dict)  # stream -> (lowest round trip, when)
+    queues: dict[str, tuple[float, float]] = field(default_factory=dict)  # stream -> (its last queueing, when)
     reports: int = 0
     last_growth: float | None = None
     last_cut: float | None = None
     probe: Probe | None = None
     last_probe_end: float | None = None
-    failed_probes: int = 0
+    blame_until: float = 0.0  # until then, signs of overuse are the last probe's doing, not the link's
+    failed_probes: int = 0  # in a row
+    ceiling: float | None = None  # the lowest rate a probe failed at since the link last showed it could do more
     probes: int = 0
     successful_probes: int = 0
     delivered: float | None = None  # what the link carried to this subscriber lately, bit/s
     delivered_at: float | None = None
+    carried: float = 0.0  # the most the link has been seen to carry, bit/s (delivered, or a probe that worked)
+    confirmed: bool = False  # whether delivery has borne the estimate out; until then it is the starting guess
     heard_at: float | None = None  # first report from this link
     nacks: deque[tuple[float, int]] = field(default_factory=deque)  # (when, packets) of the last few seconds
     rembs: deque[tuple[float, float]] = field(default_factory=deque)  # (when, bit/s) of the last REMB_WINDOW
@@ -177,11 +205,25 @@ class BandwidthEstimate:
 
     def on_delivered(self, rate: float, now: float) -> None:
         self.delivered, self.delivered_at = rate, now
+        self._carried(rate)
+
+    def _carried(self, rate: float) -> None:
+        """The link was seen to carry ``rate``: once that is as much as the estimate, the estimate is confirmed."""
+        self.carried = max(self.carried, rate)
+        if self.carried >= self.estimate:
+            self.confirmed = True
 
     @property
     def known(self) -> bool:
         """Whether anything has been heard from this link yet."""
         return self.remb is not None or self.last_growth is not None
+
+    @property
+    def usable(self) -> float:
+        """The estimate as far as delivery has borne it out: until it has been confirmed, no more
+        than the link has been seen to carry. A subscriber moves up, and probes step, from this; the
+        guess itself only keeps a subscriber where it is (it moves no one down on no evidence)."""
+        return self.estimate if self.confirmed else min(self.estimate, self.carried)
 
     @property
     def base_rtt(self) -> float | None:
@@ -201,9 +243,12 @@ class BandwidthEstimate:
             return  # it still allows more than is sent: it sank with what arrives, not for overuse
         self.rembs.clear()
         if self.probe is not None:
-            self._fail_probe(now)  # the receiver sees the probe overflow its link
+            self._fail_probe(now)  # the receiver sees the probe overflow its link: the padding stops, that is all
+            return
+        if now < self.blame_until:
+            return  # what the failed probe left in the queue
         if self.remb < self.estimate:
-            self._cut_to(self.remb, now)
+            self._cut_to(self.remb, now, floor=REMB_DELIVERED_FLOOR)
 
     def on_rtt(self, rtt: float, now: float, stream: str = "") -> None:
         """A round trip measured on one of the link's streams (``stream`` names it)."""
@@ -214,11 +259,12 @@ class BandwidthEstimate:
         if base is None or rtt <= base[0] or now - base[1] > BASE_RTT_WINDOW:
             base = self.bases[stream] = (rtt, now)
         self.queue_delay = rtt - base[0]
+        self.queues[stream] = (self.queue_delay, now)
         if self.probe is not None:
             self.probe.worst_queue = max(self.probe.worst_queue, self.queue_delay)
             if self._probe_failed(self.probe):
                 self._fail_probe(now)  # a queue is building: stop padding now, not at the end
-        elif self.queue_delay > QUEUE_LIMIT and self._may_cut(now):
+        elif self.queue_delay > QUEUE_LIMIT and self._may_cut(now) and now >= self.blame_until:
             # Sending what the link delivers keeps a standing queue standing: below it, the queue drains.
             self._cut_to(self.estimate * QUEUE_CUT, now, floor=QUEUE_DRAIN_FLOOR)
 
@@ -242,14 +288,15 @@ class BandwidthEstimate:
             return  # padding duplicates hide loss; the probe is judged by delay
         excess = self.asked - (self.asked_level or 0.0)
         if self.loss > CUT_ABOVE:
-            if self._may_cut(now):
+            if self._may_cut(now) and now >= self.blame_until:
                 self._cut_to(self.estimate * (1 - self.loss / 2), now)
         elif self.loss < GROW_BELOW and excess < GROW_BELOW and self.queue_delay < QUEUE_CALM:
             if self.last_growth is None:
                 self.last_growth = now
             elapsed = now - self.last_growth
             if elapsed >= 1.0:
-                self.estimate = self._bounded(self.estimate * GROWTH ** min(elapsed, 5.0))
+                if self.confirmed:  # (a guess does not grow: it is not a measure of anything)
+                    self.estimate = self._bounded(self.estimate * GROWTH ** min(elapsed, 5.0))
                 self.last_growth = now
         elif self.last_growth is None:
             self.last_growth = now  # heard from: the estimate is now known
@@ -267,12 +314,13 @@ class BandwidthEstimate:
         self._finish_probe(now)
         if self.probe is not None:
             return self.probe.rate  # until its verdict
-        step = FIRST_PROBE_STEP if self.probes == 0 else PROBE_STEP
-        target = min(wanted, self.estimate * step, self.maximum)
-        if target <= self.estimate * 1.05 or not self.known:
+        usable = self.usable
+        target = min(wanted, self._probe_reach(usable), self.maximum)
+        if target <= usable * 1.05 or not self.known:  # (nothing seen to arrive yet: usable is 0)
             return None
         calm_since = max(t for t in (self.last_cut, self.last_probe_end, -1e9) if t is not None)
-        backoff = PROBE_BACKOFF[min(self.failed_probes, len(PROBE_BACKOFF) - 1)]
+        # (right after a probe that worked, the next follows at once)
+        backoff = PROBE_BACKOFF[min(self.failed_probes, len(PROBE_BACKOFF)) - 1] if self.failed_probes else 0.0
         if self.last_cut is not None and now - self.last_cut < PROBE_CALM:
             return None
         if self.heard_at is None or now - self.heard_at < PROBE_CALM:
@@ -285,6 +333,16 @@ class BandwidthEstimate:
                            nack_rate=self._nack_rate(now), asked_before=self.asked)
         self.probes += 1
         return target
+
+    def _probe_reach(self, usable: float) -> float:
+        """How far the next probe goes: a step above the usable estimate (the first, twice what the
+        link has carried); after a failure, halfway to the lowest rate that failed, or, once close
+        under it, a little above it."""
+        if self.ceiling is None:
+            return usable * (FIRST_PROBE_STEP if self.probes == 0 else PROBE_STEP)
+        if self.ceiling > usable * CEILING_GAP:
+            return (usable + self.ceiling) / 2
+        return max(self.ceiling, usable) * PROBE_ABOVE_CEILING
 
     def _nack_rate(self, now: float) -> float:
         recent = sum(n for t, n in self.nacks if t >= now - NACK_MEMORY)
@@ -301,23 +359,42 @@ class BandwidthEstimate:
         self.probe = None
         self.last_probe_end = now
         if not self._probe_failed(probe):
-            self.estimate = self._bounded(max(self.estimate, probe.rate * 0.95))
+            proven = probe.rate * 0.95
+            self.estimate = self._bounded(max(self.estimate, proven))
+            self._carried(proven)
             self.failed_probes = 0
             self.successful_probes += 1
             self.last_growth = now
+            if self.ceiling is not None and probe.rate >= self.ceiling:
+                self.ceiling = None  # the link carries more than it did when that probe failed
         else:
-            self.failed_probes += 1
+            self._failed(probe, now)
 
     def _fail_probe(self, now: float) -> None:
+        if self.probe is not None:
+            self._failed(self.probe, now)
         self.probe = None
         self.last_probe_end = now
+
+    def _failed(self, probe: Probe, now: float) -> None:
         self.failed_probes += 1
+        self.ceiling = probe.rate if self.ceiling is None else min(self.ceiling, probe.rate)
+        self.blame_until = now + PROBE_SETTLE
 
     @staticmethod
     def _probe_failed(probe: Probe) -> bool:
         return probe.worst_queue > max(QUEUE_CALM, probe.base_rtt * 0.5)
 
     # --- helpers ----------------------------------------------------------------------
+
+    def transit(self, now: float) -> float | None:
+        """How long after a packet is sent its loss could first be known: the lowest round trip plus
+        the most queueing any stream showed in its latest report (a packet asked for sooner is most
+        likely still in the queue). None before any round trip."""
+        base = self.base_rtt
+        if base is None:
+            return None
+        return base + max((q for q, at in self.queues.values() if now - at < QUEUE_FRESH), default=0.0)
 
     def _may_cut(self, now: float) -> bool:
         # Once per round trip, and no more often than reports can show the effect of the last cut.
@@ -327,8 +404,10 @@ class BandwidthEstimate:
         if self.delivered is not None and self.delivered_at is not None and now - self.delivered_at < DELIVERED_FRESH:
             value = max(value, self.delivered * floor)
         self.estimate = self._bounded(min(value, self.estimate))
+        self._carried(0.0)  # (a cut to what the link has carried confirms the estimate)
         self.last_cut = now
         self.last_growth = now  # no growth straight after a cut
+        self.ceiling = None  # the link has changed: what failed before says nothing now
 
     def _bounded(self, value: float) -> float:
         return max(self.minimum, min(value, self.maximum))

@@ -96,6 +96,8 @@ class SubscriberLink(Protocol):
 
     def video_budget(self) -> float | None: ...
 
+    def rise_budget(self) -> float | None: ...
+
     def probe(self, now: float, wanted: float) -> float | None: ...
 
     def padding(self, now: float) -> bool: ...
@@ -105,6 +107,9 @@ class SubscriberLink(Protocol):
 
 class UnknownLink:
     def video_budget(self) -> float | None:
+        return None
+
+    def rise_budget(self) -> float | None:
         return None
 
     def probe(self, now: float, wanted: float) -> float | None:
@@ -397,7 +402,7 @@ class Subscription:
         ladder = self.publication.ladder
         floor = float(ladder.specs[0].bitrate) if ladder is not None and ladder.specs else None
         choice = self.chooser.choose(now, max(budget, probe) if trying and probe else budget, levels,
-                                     probing=trying, floor=floor)
+                                     probing=trying, floor=floor, rise_budget=self.link.rise_budget())
         if choice == PAUSED:
             if self.level != PAUSED:
                 await self._pause()

@@ -103,12 +103,16 @@ class LayerChooser:
     fits_since: float | None = None  # since when the budget has allowed a higher level
 
     def choose(self, now: float, budget: float, levels: Sequence[tuple[int, float]], probing: bool = False,
-               floor: float | None = None) -> int:
+               floor: float | None = None, rise_budget: float | None = None) -> int:
         """The level for this budget now. ``probing``: a paused subscriber may try the lowest layer at once.
 
         ``floor``: the budget under which video pauses (default: the cheapest level). When the
         publisher is capped so low that no layer is worth making, the original is the cheapest
         level, but video should still pause only under the lowest layer's rate.
+
+        ``rise_budget``: how far up the subscriber may move, when that is less than the budget (a
+        budget still resting on a guess keeps the subscriber where it is, but raises it no higher
+        than the link has been seen to carry).
         """
         rates = dict(levels)
         current = self.current
@@ -120,11 +124,16 @@ class LayerChooser:
         best = fitting[-1] if fitting else PAUSED
         lowest = min(levels[0][1], floor) if floor is not None else levels[0][1]
         if current is None:
+            if rise_budget is not None and best != PAUSED:
+                best = max((lv for lv, rate in levels if lv <= best and rate <= rise_budget), default=levels[0][0])
             self.current = best
             return best
         if current != PAUSED and current not in rates:
             current = min((lv for lv, _ in levels if lv > current), default=levels[-1][0])
             self.current = current
+        if rise_budget is not None and best > current and not probing:
+            # no higher than the link has been seen to carry
+            best = max((lv for lv, rate in levels if current < lv <= best and rate <= rise_budget), default=current)
         if best == PAUSED and current != PAUSED and budget >= lowest * PAUSE_BELOW:
             best = levels[0][0]  # on the edge: keep the lowest layer rather than flicker
         if best < current:

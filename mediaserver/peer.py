@@ -299,9 +299,19 @@ class Peer:
         """
         if not self.bandwidth.known:
             return None  # nothing heard from this subscriber's link yet
+        return self._share(self.bandwidth.estimate)
+
+    def rise_budget(self) -> float | None:
+        """What each video may move up to: the same share of the usable estimate (a starting guess
+        the link has not yet been seen to carry moves no one up)."""
+        if not self.bandwidth.known:
+            return None
+        return self._share(self.bandwidth.usable)
+
+    def _share(self, estimate: float) -> float:
         audio = self._audio_rate(time.monotonic())
         videos = max(len(self._receiving("video")), 1)
-        return max(self.bandwidth.estimate - audio, 0.0) / videos
+        return max(estimate - audio, 0.0) / videos
 
     def probe(self, now: float, wanted: float) -> float | None:
         """Pad one video up to this rate now, to learn whether the link could carry ``wanted``."""

@@ -96,3 +96,13 @@ def test_a_publisher_capped_below_every_layer_still_plays_above_the_lowest_layer
 def test_an_original_not_yet_measured_is_not_free() -> None:
     levels = available_levels(DEFAULT_LAYERS, source_rate=0)
     assert LayerChooser().choose(0.0, 300_000, levels) == 1
+
+
+def test_a_budget_resting_on_a_guess_keeps_the_level_but_raises_it_only_as_far_as_the_link_carried() -> None:
+    chooser = LayerChooser()
+    assert chooser.choose(0.0, 270_000, LEVELS, rise_budget=60_000) == 0  # first: the lowest layer
+    for t in (1.0, 2.0, 3.0):
+        assert chooser.choose(t, 270_000, LEVELS, rise_budget=60_000) == 0  # 180p would fit the guess: no
+    assert chooser.choose(4.0, 270_000, LEVELS, rise_budget=160_000) == 0  # carried enough for 180p: after a hold
+    assert chooser.choose(4.0 + UP_HOLD, 270_000, LEVELS, rise_budget=160_000) == 1
+    assert chooser.choose(6.0, 30_000, LEVELS, rise_budget=160_000) == PAUSED  # down on the budget, at once
