@@ -20,7 +20,9 @@ it arrives.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,8 +52,17 @@ DECISION_INTERVAL = 0.25
 KEYFRAME_WAIT = 1.0
 # At most this many times the level's own rate while probing.
 MAX_PROBE_FACTOR = 4.0
+# Seconds of a probe's paced padding that may wait to be sent.
+PADDING_BACKLOG = 0.25
+# A publisher sending at least this share of its cap is held back by it. (An encoder allowed
+# more takes seconds to use it: when the cap rises step by step, it runs some way below.)
+CAP_HELD = 0.8
 # For the subscriber the publisher's cap follows, an original this far over its budget counts as fitting.
 SOURCE_FOLLOWS = 1.3
+# Seconds over which a receiver's asks are weighed against what was sent to it.
+ASK_MEMORY = 0.5
+# An audio receiver asking for more than this share of its packets is hearing a queue, not losses.
+AUDIO_LATE_SHARE = 0.5
 
 
 @dataclass
@@ -63,6 +74,15 @@ class ResendLimit:
     several times the stream's own rate into the very queue that dropped it.
     So each packet is resent at most once per round trip, and retransmissions
     together stay within a share of the stream's rate (a token bucket).
+
+    Receivers that play audio on time also ask for packets that are merely
+    late; on a link whose queue is filling, resending them would fill it
+    faster. So a packet asked for sooner after it was first sent than the link
+    now takes to answer (``transit``: its lowest round trip plus the queue it
+    shows) is not resent: it is most likely still in that queue. And when a
+    receiver asks for more than ``late_share`` of what was sent to it lately
+    (half its audio, say), it is seeing a queue rather than losses, and nothing
+    is resent until it asks for less.
     """
 
     share: float = 0.5
@@ -70,9 +90,36 @@ class ResendLimit:
     burst: float = 0.25  # seconds of that rate that may go at once
     tokens: float = 0.0  # bytes
     last: float | None = None
-    sent_at: dict[int, float] = field(default_factory=dict)
+    sent_at: dict[int, float] = field(default_factory=dict)  # resends
+    first_sent: list[tuple[int, float]] = field(default_factory=lambda: [(-1, 0.0)] * 1024)  # by seq % 1024
+    late_share: float | None = None
+    asks: float = 0.0  # packets asked for lately, and sent for the first time (each decaying over ASK_MEMORY)
+    sends: float = 0.0
+    counted_at: float | None = None
 
-    def allow(self, seq: int, size: int, now: float, rtt: float, rate: float) -> bool:
+    def sent(self, seq: int, now: float) -> None:
+        """A packet went out for the first time."""
+        self.first_sent[seq % len(self.first_sent)] = (seq, now)
+        self._decay(now)
+        self.sends += 1
+
+    def _decay(self, now: float) -> None:
+        if self.counted_at is not None and now > self.counted_at:
+            kept = math.exp(-(now - self.counted_at) / ASK_MEMORY)
+            self.asks, self.sends = self.asks * kept, self.sends * kept
+        self.counted_at = now
+
+    def on_its_way(self, seq: int, now: float, transit: float | None) -> bool:
+        first = self.first_sent[seq % len(self.first_sent)]
+        return transit is not None and first[0] == seq and now - first[1] < transit
+
+    def allow(self, seq: int, size: int, now: float, rtt: float, rate: float, transit: float | None = None) -> bool:
+        self._decay(now)
+        self.asks += 1
+        if self.late_share is not None and self.asks > self.late_share * self.sends:
+            return False
+        if self.on_its_way(seq, now, transit):
+            return False
         per_second = max(rate * self.share, self.floor) / 8
         if self.last is not None:
             self.tokens = min(self.tokens + (now - self.last) * per_second, per_second * self.burst)
@@ -104,6 +151,8 @@ class SubscriberLink(Protocol):
 
     def lost_packets(self, now: float, packets: int = 1) -> None: ...
 
+    def transit(self) -> float | None: ...
+
 
 class UnknownLink:
     def video_budget(self) -> float | None:
@@ -120,6 +169,9 @@ class UnknownLink:
 
     def lost_packets(self, now: float, packets: int = 1) -> None:
         pass
+
+    def transit(self) -> float | None:
+        return None
 
 
 VideoStateHandler = Callable[["Subscription", bool], Awaitable[None]]
@@ -232,7 +284,7 @@ class Publication:
             return
         levels = self.ladder.levels()
         # (a picture that needs less than its cap sends less: then more would not be used)
-        cap_limited = self.rate_cap is not None and self.meter.rate >= 0.9 * self.rate_cap
+        cap_limited = self.rate_cap is not None and self.meter.rate >= CAP_HELD * self.rate_cap
         budgets = [b for b in (s.link.video_budget() for s in self.subscriptions) if b is not None]
         best = max(budgets, default=None)
         for subscription in tuple(self.subscriptions):
@@ -365,9 +417,12 @@ class Subscription:
         self.meter = RateMeter()
         self.probe_factor = 0.0
         self.probe_credit = 0.0
+        self.padding_rate = 0.0  # bit/s of duplicates while probing
+        self.padding_due = 0.0  # when the next duplicate may go
+        self._padding: set[asyncio.Future[None]] = set()
         self.switches = 0
         self.announced_pause = False
-        self.resends = ResendLimit()
+        self.resends = ResendLimit(late_share=AUDIO_LATE_SHARE if publication.kind == "audio" else None)
         self.stats = ForwardingStats()
 
     @property
@@ -416,6 +471,7 @@ class Subscription:
         else:
             current = max(self.publication.level_rate(self.level), 1.0)
             self.probe_factor = min(probe / current, MAX_PROBE_FACTOR) if probe > current else 0.0
+            self.padding_rate = current * (self.probe_factor - 1.0)
 
     async def _pause(self) -> None:
         self.level = PAUSED
@@ -455,8 +511,25 @@ class Subscription:
             self.probe_credit += len(packet.payload) * (self.probe_factor - 1.0)
             while self.probe_credit >= len(packet.payload) > 0:
                 self.probe_credit -= len(packet.payload)
-                if await self._send(packet, out_seq, out_ts, extra=True):
-                    self.stats.padding += 1
+                self._pad(packet, out_seq, out_ts, now)
+
+    def _pad(self, packet: RtpPacket, out_seq: int, out_ts: int, now: float) -> None:
+        """Send a duplicate, paced at the padding's own rate: sent in a burst behind the packet, the
+        duplicates of a frame would hold up the audio behind them on a thin link for tens of ms."""
+        self.padding_due = max(self.padding_due, now) + len(packet.payload) * 8 / max(self.padding_rate, 1.0)
+        delay = self.padding_due - now
+        if delay > PADDING_BACKLOG:
+            self.padding_due -= len(packet.payload) * 8 / max(self.padding_rate, 1.0)
+            return  # (the padding falls behind: leave this one out rather than queue it)
+
+        async def send() -> None:
+            await asyncio.sleep(delay)
+            if self.probe_factor > 1.0 and await self._send(packet, out_seq, out_ts, extra=True):
+                self.stats.padding += 1
+
+        task = asyncio.ensure_future(send())
+        self._padding.add(task)
+        task.add_done_callback(self._padding.discard)
 
     async def _send(self, packet: RtpPacket, out_seq: int, out_ts: int, extra: bool = False) -> bool:
         """Send one packet; ``extra`` marks a retransmission or a probe's duplicate, which the
@@ -475,6 +548,7 @@ class Subscription:
             return False
         if extra:
             return True
+        self.resends.sent(out_seq, self.publication.clock())
         self.stats.packets += 1
         self.stats.bytes += len(packet.payload)
         self.meter.add(len(packet.payload), self.publication.clock())
@@ -491,13 +565,14 @@ class Subscription:
                 # (audio receivers also ask for packets that are merely late: no sign of loss)
                 self.link.lost_packets(now, len(feedback.lost))
             rtt = self.port.round_trip_time or 0.1
+            transit = self.link.transit()
             for out_seq in feedback.lost:
                 source_seq = self.rewriter.source_seq(out_seq)
                 cached = cache.get(source_seq) if cache is not None else None
                 if cached is None or cached.ssrc != self.rewriter.source_ssrc:
                     upstream.append(source_seq)
                     continue
-                if not self.resends.allow(out_seq, len(cached.payload), now, rtt, self.meter.rate):
+                if not self.resends.allow(out_seq, len(cached.payload), now, rtt, self.meter.rate, transit):
                     self.stats.resends_refused += 1
                     continue
                 out_ts = (cached.timestamp + self.rewriter.ts_offset) % (1 << 32)

@@ -326,6 +326,11 @@ class Peer:
     def lost_packets(self, now: float, packets: int = 1) -> None:
         self.bandwidth.on_nack(now, packets)
 
+    def transit(self) -> float | None:
+        """How long this subscriber's link now takes to answer a packet: its lowest round trip plus
+        the queue it shows. A packet asked for sooner than that after it was sent is still on its way."""
+        return self.bandwidth.transit(time.monotonic())
+
     # --- state -----------------------------------------------------------------
 
     def set_muted(self, kind: str, muted: bool) -> None:
@@ -345,3 +350,4 @@ class Peer:
         for publication in self.publications.values():
             publication.close()
         await self.pc.close()
+

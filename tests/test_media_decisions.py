@@ -117,3 +117,30 @@ def test_the_size_of_a_vp8_keyframe_is_read_from_its_first_packet() -> None:
     assert keyframe_size(payloads[0]) == (320, 240)
     assert keyframe_size(payloads[-1]) is None if len(payloads) > 1 else True
     encoder.close()
+
+
+def test_a_packet_asked_for_before_the_link_could_have_lost_it_is_not_resent() -> None:
+    from mediaserver.forwarder import ResendLimit
+
+    limit = ResendLimit()
+    limit.sent(7, now=10.0)
+    # The link answers in 60 ms, and its queue holds another 140: asked for 100 ms after it went, it is queued.
+    assert not limit.allow(7, 100, now=10.1, rtt=0.06, rate=30_000, transit=0.2)
+    assert limit.allow(7, 100, now=10.25, rtt=0.06, rate=30_000, transit=0.2)  # later than that: lost
+    limit.sent(8, now=11.0)
+    assert limit.allow(8, 100, now=11.1, rtt=0.06, rate=30_000, transit=None)  # nothing known of the link
+
+
+def test_an_audio_receiver_asking_for_most_of_its_packets_hears_a_queue_and_gets_no_resends() -> None:
+    from mediaserver.forwarder import ResendLimit
+
+    limit = ResendLimit(late_share=0.5)
+    for seq in range(100):  # two seconds of audio, every twentieth packet lost and asked for
+        limit.sent(seq, now=seq * 0.02)
+    assert limit.allow(95, 100, now=2.0, rtt=0.05, rate=30_000)
+    # A queue fills: every packet comes late, and the receiver asks for each one as it is due.
+    answered = []
+    for seq in range(100, 150):
+        limit.sent(seq, now=seq * 0.02)
+        answered.append(limit.allow(seq - 3, 100, now=seq * 0.02 + 0.01, rtt=0.05, rate=30_000))
+    assert answered[:3] == [True] * 3 and not any(answered[20:])
