@@ -50,10 +50,11 @@ and never cut.
   a link comes back. When the link has been clean for a while and more would
   be used, the sender pads the stream up to a probe rate for a moment; if the
   round trip stays flat, the estimate jumps to that rate. Duplicate padding
-  hides loss from receiver reports, so a probe is judged by delay and by NACKs:
-  on a clean link the first NACK stops it, on a link with loss of its own
-  (which retransmissions hide from receiver reports too) NACKs for clearly
-  more packets than the link lost before it. The loss-based rule takes over
+  hides loss from receiver reports, so a probe is judged by delay, by REMB
+  and, on a clean link, by NACKs: there the first NACK stops it. A link with
+  loss of its own (which retransmissions hide from receiver reports too)
+  loses in bursts whatever is sent, and its NACKs would fail every other
+  probe: there delay and REMB judge alone. The loss-based rule takes over
   again as soon as it ends.
 * How far probes go: they step from the usable estimate (the first to twice
   what the link has carried, later ones half as far again), and one that
@@ -88,7 +89,7 @@ PROBE_TIME = 1.0  # seconds the padding lasts
 PROBE_SETTLE = 1.0  # seconds after the padding for the last report to come back
 PROBE_CALM = 2.0  # seconds without a cut before probing
 NACK_MEMORY = 3.0  # seconds of NACKs that tell how much the link loses of its own
-PROBE_LOSS_RISE = 0.03  # a probe fails when a report shows this much more loss than before it
+PROBE_LOSS_RISE = 0.03  # a probe on a clean link (less NACKed loss than this) fails when a report shows this much
 ASKED_LEARNING = 0.03  # weight of each report in the link's own level of NACKed loss
 # A probe overshooting a thin link fills its queue, and audio waits in that queue too:
 # probes step from what the link has carried, close in on a rate that failed, and stop
@@ -190,18 +191,16 @@ class BandwidthEstimate:
     rembs: deque[tuple[float, float]] = field(default_factory=deque)  # (when, bit/s) of the last REMB_WINDOW
 
     def on_nack(self, now: float, packets: int = 1) -> None:
-        """The subscriber reports ``packets`` lost. During a probe, losing clearly more than the
-        link lost before it (on a clean link: anything) is the probe overflowing a queue; this
-        stops it within a round trip, long before the next receiver report could."""
+        """The subscriber reports ``packets`` lost. During a probe on a clean link, any loss is the
+        probe overflowing a queue; this stops it within a round trip, long before the next receiver
+        report could. (A link that loses packets of its own loses them in bursts, whatever is sent:
+        there its NACKs say nothing about a probe, which is judged by delay and REMB.)"""
         while self.nacks and self.nacks[0][0] < now - NACK_MEMORY:
             self.nacks.popleft()
         self.nacks.append((now, packets))
         probe = self.probe
-        if probe is not None and self.padding(now):
-            lost = sum(n for t, n in self.nacks if t >= probe.start)
-            expected = probe.nack_rate * (now - probe.start)
-            if lost > (2 * expected + 2 if probe.nack_rate > 0 else 0):
-                self._fail_probe(now)
+        if probe is not None and self.padding(now) and not self._lossy(probe):
+            self._fail_probe(now)
 
     def on_delivered(self, rate: float, now: float) -> None:
         self.delivered, self.delivered_at = rate, now
@@ -275,8 +274,8 @@ class BandwidthEstimate:
         first = self.reports == 0
         self.reports += 1
         if asked is not None:
-            if self.probe is not None and asked > self.probe.asked_before + PROBE_LOSS_RISE:
-                self._fail_probe(now)  # a lossy link losing more: the probe overflows it
+            if self.probe is not None and not self._lossy(self.probe) and asked > PROBE_LOSS_RISE:
+                self._fail_probe(now)  # a clean link losing: the probe overflows it
             self.asked = asked if first else LOSS_SMOOTHING * asked + (1 - LOSS_SMOOTHING) * self.asked
             level = self.asked if self.asked_level is None else self.asked_level
             self.asked_level = level + ASKED_LEARNING * (self.asked - level)
@@ -380,6 +379,11 @@ class BandwidthEstimate:
         self.failed_probes += 1
         self.ceiling = probe.rate if self.ceiling is None else min(self.ceiling, probe.rate)
         self.blame_until = now + PROBE_SETTLE
+
+    @staticmethod
+    def _lossy(probe: Probe) -> bool:
+        """Whether the link lost packets of its own before the probe."""
+        return probe.nack_rate > 0 or probe.asked_before >= PROBE_LOSS_RISE
 
     @staticmethod
     def _probe_failed(probe: Probe) -> bool:
