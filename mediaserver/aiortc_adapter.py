@@ -599,23 +599,45 @@ def route_retransmissions(receiver: RTCRtpReceiver) -> None:
 # (edge/uploader.py) yield to its call by each report's own round trip.
 
 
+SENDER_REPORTS_KEPT = 16  # a report may answer any of our last this many sender reports
+
+
 def follow_round_trips(sender: RTCRtpSender, on_rtt: Callable[[float], None]) -> None:
     """Call ``on_rtt(seconds)`` for every receiver report about ``sender``'s stream that answers
-    its latest sender report (RFC 3550 6.4.1: arrival − the SR's send time − DLSR); aiortc
-    still gets every RTCP packet as before."""
-    for name in ("_RTCRtpSender__lsr", "_RTCRtpSender__lsr_time", "_ssrc"):
+    one of its recent sender reports (RFC 3550 6.4.1: arrival − that SR's send time − DLSR); aiortc
+    still gets every RTCP packet as before.
+
+    aiortc remembers only its latest SR, and a report that answers an earlier one gives it no
+    round trip. Once the uplink's queue holds more than the time between two SRs (0.5–1.5 s),
+    or an SR is lost, every report answers an earlier one: aiortc then never sees the queue,
+    so the send times of the last few SRs are kept here.
+    """
+    for name in ("_RTCRtpSender__lsr", "_RTCRtpSender__lsr_time", "_ssrc", "_send_rtcp"):
         if not hasattr(sender, name):
             raise RuntimeError(f"aiortc changed: RTCRtpSender has no {name}")
     import time  # aiortc stamps its sender reports with time.time()
+
+    sent: dict[int, float] = {}  # LSR of each recent SR -> when it was sent
+    original_send = sender._send_rtcp
+
+    async def send_rtcp(packets: list[AnyRtcpPacket]) -> None:
+        await original_send(packets)
+        if any(isinstance(p, RtcpSrPacket) for p in packets):
+            lsr, sent_at = sender._RTCRtpSender__lsr, sender._RTCRtpSender__lsr_time  # type: ignore[attr-defined]
+            if lsr is not None and sent_at is not None:
+                sent[lsr] = sent_at
+                while len(sent) > SENDER_REPORTS_KEPT:
+                    del sent[next(iter(sent))]
 
     original = sender._handle_rtcp_packet
 
     async def handle_rtcp_packet(packet: AnyRtcpPacket) -> None:
         if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
-            lsr, sent_at = sender._RTCRtpSender__lsr, sender._RTCRtpSender__lsr_time  # type: ignore[attr-defined]
             for report in packet.reports:
-                if report.ssrc == sender._ssrc and report.dlsr and sent_at is not None and report.lsr == lsr:
+                sent_at = sent.get(report.lsr)
+                if report.ssrc == sender._ssrc and report.dlsr and sent_at is not None:
                     on_rtt(time.time() - sent_at - report.dlsr / 65536)
         await original(packet)
 
+    sender._send_rtcp = send_rtcp  # type: ignore[method-assign]
     sender._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]

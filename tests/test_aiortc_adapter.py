@@ -336,3 +336,49 @@ async def test_each_receiver_report_gives_its_round_trip_and_aiortc_still_gets_i
         await publisher.close()
         await subscriber.close()
         restrict_host_addresses(None)
+
+
+# --- round trips longer than the time between sender reports ----------------
+
+
+def test_a_sender_keeps_only_its_latest_report_and_sends_through_send_rtcp() -> None:
+    assert "await self._send_rtcp(packets)" in inspect.getsource(RTCRtpSender._run_rtcp)
+    assert "self.__lsr = ((self.__ntp_timestamp) >> 16) & 0xFFFFFFFF" in inspect.getsource(RTCRtpSender._run_rtcp)
+
+
+async def test_a_queue_longer_than_the_time_between_sender_reports_still_shows_in_the_round_trips() -> None:
+    from aiortc.mediastreams import AudioStreamTrack
+
+    from mediaserver.aiortc_adapter import follow_round_trips
+
+    restrict_host_addresses(["127.0.0.1"])
+    publisher, subscriber = RTCPeerConnection(), RTCPeerConnection()
+    round_trips: list[float] = []
+    try:
+        transceiver = publisher.addTransceiver(AudioStreamTrack(), direction="sendonly")
+        follow_round_trips(transceiver.sender, round_trips.append)
+        await publisher.setLocalDescription(await publisher.createOffer())
+        await subscriber.setRemoteDescription(publisher.localDescription)
+        await subscriber.setLocalDescription(await subscriber.createAnswer())
+        await publisher.setRemoteDescription(subscriber.localDescription)
+        receiver = subscriber.getTransceivers()[0].receiver
+        send_now = receiver._send_rtcp
+
+        async def held_in_a_queue(packet: object) -> None:  # every report waits 1.7 s, as behind a full uplink
+            await asyncio.sleep(1.7)  # the emulated queue, not a wait for an event
+            await send_now(packet)
+
+        receiver._send_rtcp = held_in_a_queue  # type: ignore[method-assign]
+
+        async def frames_until_two_reports() -> None:
+            while len(round_trips) < 2:
+                await receiver.track.recv()
+
+        await asyncio.wait_for(frames_until_two_reports(), 20)
+        # By the time each report arrives the publisher has sent a newer sender report; the round trip
+        # is still measured from the one each report answers.
+        assert all(1.6 < rtt < 2.2 for rtt in round_trips), round_trips
+    finally:
+        await publisher.close()
+        await subscriber.close()
+        restrict_host_addresses(None)
