@@ -13,6 +13,9 @@ seconds, not minutes); after that slowly, by at most ``growth`` of itself per
 second (and at least ``min_step``), in proportion to how far below the target
 the delay is. It never goes under ``floor``, so a photo still arrives on the
 worst link, and never over the ceiling. Without a call the ceiling applies.
+While the latest round trip is older than ``stale_after`` the rate holds: a
+report stops coming when it is lost or stuck behind a long queue, so its
+silence is no sign that the link is free.
 
 In a fluid model of a 256 kbit/s uplink with a 32 kbit/s call and a receiver
 report a second (tests/test_edge_pacing.py), the queue in front of the audio
@@ -89,6 +92,7 @@ class ScavengerSettings:
     growth: float = 0.08  # at most this fraction of the rate, per second
     slow_start: float = 0.7  # until the first sign of a queue the rate doubles each second (2 ** (1.0 × s))
     min_step: float = 1 * KIB  # bytes per second per second
+    stale_after: float = 2.0  # seconds: an older round trip says nothing of the queue now; the rate holds
     call_start: float = 8 * KIB  # where the rate starts when a call begins (64 kbit/s)
 
 
@@ -147,6 +151,10 @@ class ScavengerRate:
         self.queueing = queueing
         elapsed = max(0.0, now - (self._updated_at if self._updated_at is not None else now))
         self._updated_at = now
+        if now - sample.at > s.stale_after:
+            # No report for a while: lost, or stuck behind a queue that has grown long. No news is not
+            # good news: grown on an old "no queue", the rate ran to the ceiling while the audio waited.
+            return self.rate
         if queueing > s.target:
             self._starting = False
             if now - self._cut_at >= s.cut_interval:

@@ -130,3 +130,17 @@ def test_a_call_without_a_measurement_yet_holds_the_starting_rate() -> None:
     assert rate.update(6.0, RttSample(0.100, 6.0), in_call=True) == 8 * KIB  # the first measurement: the base
     assert rate.update(7.0, RttSample(0.100, 7.0), in_call=True) > 8 * KIB
     assert rate.update(8.0, None, in_call=False) == CEILING
+
+
+def test_without_a_fresh_round_trip_the_rate_holds_instead_of_growing_on_an_old_one() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0))
+    grown = rate.update(2.0, RttSample(0.100, 2.0))  # slow start on fresh reports
+    last = RttSample(0.110, 3.0)
+    assert rate.update(3.0, last) > grown
+    held = rate.update(5.0, last)  # two seconds without a report: still news enough
+    for second in range(6, 30):  # none since: lost, or stuck behind a queue that keeps growing
+        assert rate.update(float(second), last) == held
+    # A report again, half a second after the last update: growth goes on from the held rate, for that
+    # half second only, not for the silent time.
+    assert rate.update(29.5, RttSample(0.105, 29.5)) == pytest.approx(held * 2 ** (0.7 * 0.5))
