@@ -29,7 +29,15 @@ its images wait.
 The bytes are paced (``edge/pacing.py``): a token bucket under a ceiling
 (``upload_kbps``) that, while a call is up, yields to the call's audio like
 LEDBAT. The upload's socket is marked low priority (DSCP CS1) where the
-operating system allows.
+operating system allows. The kernel paces the socket's packets at the same
+rate (``SO_MAX_PACING_RATE``): the socket's send buffer holds seconds of bytes
+on a thin link, and without it TCP sends them in window-sized bursts at
+whatever rate its window allows, so a cut in the rate reached the link only
+once that backlog had gone, while the audio queued behind it. Where the system
+lets it (CAP_NET_ADMIN, or ``bbr`` in ``net.ipv4.tcp_allowed_congestion_control``)
+the socket uses BBR: on a link that loses 10 % of its packets at random,
+loss-based TCP (cubic, reno) halves its window at every loss and carried about
+65 % of a 256 kbit/s link even alone, BBR about 90 % (``nara bench upload``).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import logging
 import random
 import socket
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -70,6 +79,9 @@ logger = logging.getLogger(__name__)
 
 TUS_VERSION = "1.0.0"
 TOS_CS1 = 0x20  # DSCP CS1 (8) in the upper six bits: "lower effort" than best effort
+SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux; bytes per second
+WIRE_OVERHEAD = 1500 / 1448  # IP and TCP headers (with timestamps) on a full packet
+UPLOAD_CONGESTION_CONTROL = b"bbr"
 MAX_CHECKSUM_RETRIES = 5
 MAX_RESTARTS = 3  # an image whose upload vanished or was reset this often in a row waits for the back-off
 DEVICE_CODES = frozenset({"device_revoked", "device_unknown", "device_credential_invalid",
@@ -138,8 +150,10 @@ class _Answer:
     message: str = ""
 
 
-def _low_priority_socket(send_buffer: int) -> Callable[[Any], socket.socket]:
-    """Sockets for uploads: DSCP CS1, and a send buffer of about a second's bytes so an outage strands little."""
+def _low_priority_socket(send_buffer: int, opened: Callable[[socket.socket], None] | None = None,
+                         ) -> Callable[[Any], socket.socket]:
+    """Sockets for uploads: DSCP CS1, a send buffer of about a second's bytes so an outage strands little,
+    BBR where allowed; ``opened`` is told of each, so its pacing can follow the rate."""
 
     def make(addr_info: Any) -> socket.socket:
         family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
@@ -151,6 +165,10 @@ def _low_priority_socket(send_buffer: int) -> Callable[[Any], socket.socket]:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, TOS_CS1)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        with contextlib.suppress(OSError, AttributeError):  # not allowed here: the system's default stays
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, UPLOAD_CONGESTION_CONTROL)
+        if opened is not None:
+            opened(sock)
         return sock
 
     return make
@@ -197,6 +215,8 @@ class Uploader:
         self._network = asyncio.Event()  # the agent says the network is back
         self._tokens: dict[str, tuple[str, float]] = {}  # consultation -> (token, when it expires on our clock)
         self._http: aiohttp.ClientSession | None = None
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # the upload's, paced by the kernel
+        self._wire_rate = 0
         self._deadline: asyncio.Timeout | None = None
         self._progress_at = self._loop.time()
         self._failures = 0
@@ -340,8 +360,9 @@ class Uploader:
     async def _send(self, item: OutboxItem, image: Any, location: str, offset: int, token: str) -> None:
         checksum_failures = 0
         while True:
-            size = chunk_size(self.scavenger.rate, self.settings.chunk_seconds, self.settings.min_chunk,
-                              self._max_chunk)
+            call = self.call()
+            rate = self.scavenger.update(self._loop.time(), call.rtt, call.in_call)  # a chunk at today's rate
+            size = chunk_size(rate, self.settings.chunk_seconds, self.settings.min_chunk, self._max_chunk)
             image.seek(offset)
             data = image.read(min(size, item.size - offset))
             if not data:
@@ -444,6 +465,7 @@ class Uploader:
             call = self.call()
             rate = self.scavenger.update(now, call.rtt, call.in_call)
             self._bucket.set_rate(rate, now)
+            self._pace_wire(rate)
             piece = view[start:start + self._piece(rate)]
             wait = self._bucket.take(len(piece), now)
             if wait > 0:
@@ -527,7 +549,8 @@ class Uploader:
         if self._http is None or self._http.closed:
             s = self.settings
             connector = aiohttp.TCPConnector(limit=1, keepalive_timeout=15.0,
-                                             socket_factory=_low_priority_socket(max(64 * KIB, int(s.ceiling))))
+                                             socket_factory=_low_priority_socket(max(64 * KIB, int(s.ceiling)),
+                                                                                 self._opened))
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout)
             self._http = aiohttp.ClientSession(connector=connector, timeout=timeout)
         return self._http
@@ -542,6 +565,20 @@ class Uploader:
 
     def _url(self, location: str) -> str:
         return f"{self.server}{_path_of(location)}"
+
+    def _opened(self, sock: socket.socket) -> None:
+        self._sockets.add(sock)
+        self._wire_rate = 0  # a new socket: set its pacing with the next piece
+
+    def _pace_wire(self, rate: float) -> None:
+        """The kernel paces the upload's packets at ``rate`` (payload bytes per second, headers added)."""
+        wire = int(rate * WIRE_OVERHEAD)
+        if abs(wire - self._wire_rate) <= self._wire_rate // 50:
+            return  # within 2 %: not worth a system call per piece
+        self._wire_rate = wire
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, wire)
 
     def _piece(self, rate: float) -> int:
         return int(min(16 * KIB, max(1 * KIB, rate * 0.02)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import socket
 import time
@@ -15,7 +16,15 @@ from edge.agent import KitAgent
 from edge.outbox import DELIVERED, QUEUED, REFUSED, Outbox
 from edge.pacing import MIN_CHUNK
 from edge.reconnect import State
-from edge.uploader import TOS_CS1, Uploader, UploadSettings, UploadsStopped, _low_priority_socket
+from edge.uploader import (
+    SO_MAX_PACING_RATE,
+    TOS_CS1,
+    WIRE_OVERHEAD,
+    Uploader,
+    UploadSettings,
+    UploadsStopped,
+    _low_priority_socket,
+)
 from tests.outbox_driver import photo_bytes, photo_metadata
 
 from .conftest import RunningServer
@@ -235,3 +244,41 @@ def _state(outbox: Outbox, image_id: str) -> str:
     item = outbox.get(image_id)
     assert item is not None
     return item.state
+
+
+async def test_the_kernel_paces_the_uploads_packets_at_its_rate(server: RunningServer, tmp_path: Path) -> None:
+    room = server.consultation()
+    kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
+    outbox = Outbox.open(tmp_path / "outbox")
+    outbox.add(photo_bytes("paced"), photo_metadata(room, "paced"))
+    uploader, changes = uploader_for(outbox, server.url, kit, ceiling_kbps=800)
+    paced: set[int] = set()
+
+    def sample() -> None:
+        for sock in list(uploader._sockets):
+            with contextlib.suppress(OSError):
+                paced.add(sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE))
+        changes()
+
+    uploader.on_change = sample
+    await asyncio.wait_for(uploader.run_until_empty(), 30)
+    # 800 kbit/s of photo is 100 kB/s, and its packets' headers on top: on the wire, not only into the socket.
+    assert paced == {int(100_000 * WIRE_OVERHEAD)}
+
+
+async def test_while_a_dropped_call_is_rebuilt_the_upload_still_yields_to_it(tmp_path: Path) -> None:
+    from edge.device_api import Assignment
+    from edge.pacing import RttSample
+    from edge.reconnect import Failure
+
+    agent = KitAgent(kit_config("http://127.0.0.1:9", tmp_path / "credential.json"))
+    agent.assignment = Assignment("room", "Hembesök", "token", 0.0, "kit-1", "Kit 7")
+    agent.machine.assigned(0.0)
+    agent._last_rtt = RttSample(0.120, 1.0)  # the round trip the call had when it dropped
+    agent.machine.failed(2.0, Failure.HEARTBEAT)
+    assert agent.machine.state is State.RECONNECTING
+    signal = agent.call_signal()
+    assert signal.in_call and signal.rtt == RttSample(0.120, 1.0)  # soon old: the upload's rate holds
+    agent.assignment = None
+    agent.machine.idle(3.0)
+    assert not agent.call_signal().in_call
