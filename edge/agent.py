@@ -48,7 +48,7 @@ from .device_api import (
 )
 from .media import KitMedia, MediaStatus
 from .outbox import Outbox, OutboxError, OutboxItem
-from .pacing import NO_CALL, CallSignal
+from .pacing import NO_CALL, CallSignal, RttSample
 from .photo_flow import PhotoFlow
 from .reconnect import Backoff, Failure, Reconnector, State, Step, Transition
 from .remote import RemoteMedia, Speaker
@@ -90,6 +90,7 @@ class KitAgent:
         self.outbox: Outbox | None = None
         self.outbox_error: str | None = None
         self.uploader: Uploader | None = None
+        self._last_rtt: RttSample | None = None  # the latest round trip of any call, for the uploader
         self.call: KitCall | None = None  # the call under way, if any
 
     # --- what others read ----------------------------------------------------------------
@@ -265,11 +266,20 @@ class KitAgent:
                 self.uploader.wake()
 
     def call_signal(self) -> CallSignal:
-        """For the uploader: whether a call is up, and its latest round trip."""
+        """For the uploader: whether a call is up, and its latest round trip.
+
+        A dropped call being rebuilt still counts, with the last round trip it had (which soon grows old,
+        and holds the upload's rate): the link is the same, and an upload at its ceiling there took the
+        whole link just as the call came back.
+        """
         call = self.call
+        if call is not None and call.rtt is not None:
+            self._last_rtt = call.rtt
+        if self.machine.state is State.RECONNECTING and self.assignment is not None:
+            return CallSignal(True, self._last_rtt)
         if call is None or self.machine.state not in (State.CONNECTING, State.CONNECTED):
             return NO_CALL
-        return CallSignal(True, call.rtt)
+        return CallSignal(True, call.rtt if call.rtt is not None else self._last_rtt)
 
     def call_event(self, event: dict[str, Any]) -> None:
         """A message of the call's signalling that is not about the call itself."""
