@@ -26,9 +26,9 @@ The run, on one link and one call:
 
 Reported: delivered intact, total time, goodput (image bytes over the time
 the link was up while uploading) as a share of the link's rate, the audio's
-gap share while the link was up (outages and ``RECOVERY_ALLOWANCE`` after
-each left out) in both phases and their ratio, how long the audio took to
-come back after each outage, and per second what each direction carried
+gap share while the call was up (each outage left out, and the time until
+the kit's audio played again after it) in both phases and their ratio, that
+recovery time after each outage, and per second what each direction carried
 (TCP and UDP apart), the queueing delay the audio met, losses, the kit's
 upload socket (congestion window, round trip, retransmissions), and the
 audio gap.
@@ -71,7 +71,6 @@ from .upload_figures import (
 )
 
 GOODPUT_GOAL = 0.70
-RECOVERY_ALLOWANCE = 3.0  # seconds after an outage before the call's audio is judged again (the kit's goal)
 SAMPLE_INTERVAL = 1.0
 KIT_LABEL = "kit"
 KIT_PAGE_PORT = 8090  # on the kit's own loopback
@@ -563,8 +562,8 @@ def figures(r: Run, receipts: list[AudioReceipt]) -> dict[str, Any]:
     s = r.settings
     upload_end = r.image_at if r.image_at is not None else r.now()
     upload_span = (upload_end if r.upload_start is None else r.upload_start, upload_end)
-    baseline = phase_figures(receipts, r.baseline, r.outages, RECOVERY_ALLOWANCE)
-    upload = phase_figures(receipts, upload_span, r.outages, RECOVERY_ALLOWANCE)
+    baseline = phase_figures(receipts, r.baseline, r.outages)
+    upload = phase_figures(receipts, upload_span, r.outages)
     delivered = r.image_at is not None
     share = goodput_share(s.image_bytes, upload_span, r.outages, s.rate_kbps * 1000) if delivered else None
     return {
@@ -635,7 +634,7 @@ def table(result: dict[str, Any]) -> str:
         f"(goal {percent(GOODPUT_GOAL, 0)}: {'met' if result['goodput_goal_met'] else 'missed'})",
         "",
         f"{'':24}{'baseline (no upload)':>24}{'during the upload':>24}",
-        f"{'audio gap, link up':24}{percent(baseline['audio_gap'], 2):>24}{percent(upload['audio_gap'], 2):>24}"
+        f"{'audio gap, call up':24}{percent(baseline['audio_gap'], 2):>24}{percent(upload['audio_gap'], 2):>24}"
         + ("" if gap_ratio is None else f"   ratio {gap_ratio:.2f}"),
         f"{'seconds judged':24}{baseline['judged_s']:>24.1f}{upload['judged_s']:>24.1f}",
         f"{'audio back after outage':24}{seconds_list(baseline['recoveries_s']):>24}"

@@ -1,10 +1,11 @@
 """The figures of ``nara bench upload``, from what the run recorded: plain functions over plain data.
 
 Times are seconds since the run began. An outage is ``(start, end)``; the
-link carries nothing then, so no audio can be judged there. After each one
-the call is given ``allowance`` seconds to come back (the kit's own recovery
-goal) before its audio counts again; how long it actually took is reported
-apart, as the recovery time.
+link carries nothing then, so no audio can be judged there, nor until the
+kit's call is back and its audio plays again: how long that took is reported
+apart, as the recovery time. The audio gap is what did not play while the
+call was up. A call that does not come back leaves nothing out: its silence
+is all gap.
 """
 
 from __future__ import annotations
@@ -75,17 +76,18 @@ class PhaseFigures:
 
     span: Interval
     outages: tuple[Interval, ...]
-    judged_seconds: float  # link up, outside the allowance after each outage
+    judged_seconds: float  # link up and the call back after each outage
     audio_gap: float | None  # share, 0..1
     recoveries: tuple[float | None, ...]  # seconds until audio played again, per outage
 
 
 def phase_figures(receipts: Sequence[AudioReceipt], span: Interval, outages: Sequence[Interval],
-                  allowance: float) -> PhaseFigures:
+                  recovery_limit: float = 60.0) -> PhaseFigures:
     inside = tuple(o for o in outages if overlap(o, span) > 0)
-    windows = up_windows(span, inside, allowance)
-    return PhaseFigures(span, inside, sum(b - a for a, b in windows), gap_share(receipts, windows),
-                        tuple(recovery(receipts, o) for o in inside))
+    recoveries = tuple(recovery(receipts, o, recovery_limit) for o in inside)
+    until_back = [(start, end + (back or 0.0)) for (start, end), back in zip(inside, recoveries, strict=True)]
+    windows = up_windows(span, until_back)
+    return PhaseFigures(span, inside, sum(b - a for a, b in windows), gap_share(receipts, windows), recoveries)
 
 
 def ratio(value: float | None, baseline: float | None) -> float | None:
