@@ -24,6 +24,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -96,6 +97,7 @@ class ResendLimit:
     asks: float = 0.0  # packets asked for lately, and sent for the first time (each decaying over ASK_MEMORY)
     sends: float = 0.0
     counted_at: float | None = None
+    asked: deque[int] = field(default_factory=lambda: deque(maxlen=128))  # (a packet asked for again counts once)
 
     def sent(self, seq: int, now: float) -> None:
         """A packet went out for the first time."""
@@ -115,7 +117,9 @@ class ResendLimit:
 
     def allow(self, seq: int, size: int, now: float, rtt: float, rate: float, transit: float | None = None) -> bool:
         self._decay(now)
-        self.asks += 1
+        if seq not in self.asked:
+            self.asked.append(seq)
+            self.asks += 1
         if self.late_share is not None and self.asks > self.late_share * self.sends:
             return False
         if self.on_its_way(seq, now, transit):

@@ -144,3 +144,15 @@ def test_an_audio_receiver_asking_for_most_of_its_packets_hears_a_queue_and_gets
         limit.sent(seq, now=seq * 0.02)
         answered.append(limit.allow(seq - 3, 100, now=seq * 0.02 + 0.01, rtt=0.05, rate=30_000))
     assert answered[:3] == [True] * 3 and not any(answered[20:])
+
+
+def test_a_burst_of_lost_audio_asked_for_three_times_is_still_resent() -> None:
+    from mediaserver.forwarder import ResendLimit
+
+    limit = ResendLimit(late_share=0.5)
+    for seq in range(100):
+        limit.sent(seq, now=seq * 0.02)
+    # Four packets of a burst lost; the receiver asks for each three times, a repair time apart.
+    answered = [limit.allow(seq, 100, now=2.0 + ask * 0.06, rtt=0.05, rate=30_000)
+                for ask in range(3) for seq in (96, 97, 98, 99)]
+    assert all(answered)  # a packet asked for again is one loss, not one more
