@@ -15,7 +15,11 @@ the delay is. It never goes under ``floor``, so a photo still arrives on the
 worst link, and never over the ceiling. Without a call the ceiling applies.
 While the latest round trip is older than ``stale_after`` the rate holds: a
 report stops coming when it is lost or stuck behind a long queue, so its
-silence is no sign that the link is free.
+silence is no sign that the link is free. Nor does it grow while more than
+``busy_after`` seconds of bytes wait unsent in the upload's socket: TCP is
+not keeping up with the rate (losses to repair), so a low queue says nothing
+of what the rate would do; grown there, the rate stood far above the link's
+and sent the backlog in a rush once TCP caught up.
 
 In a fluid model of a 256 kbit/s uplink with a 32 kbit/s call and a receiver
 report a second (tests/test_edge_pacing.py), the queue in front of the audio
@@ -93,6 +97,7 @@ class ScavengerSettings:
     slow_start: float = 0.7  # until the first sign of a queue the rate doubles each second (2 ** (1.0 × s))
     min_step: float = 1 * KIB  # bytes per second per second
     stale_after: float = 2.0  # seconds: an older round trip says nothing of the queue now; the rate holds
+    busy_after: float = 1.0  # seconds of bytes unsent in the socket: TCP is not keeping up; the rate does not grow
     call_start: float = 8 * KIB  # where the rate starts when a call begins (64 kbit/s)
 
 
@@ -119,11 +124,12 @@ class ScavengerRate:
         self.settings = ScavengerSettings(**{**self.settings.__dict__, "ceiling": ceiling})
         self.rate = min(self.rate, ceiling) if self.in_call else ceiling
 
-    def update(self, now: float, sample: RttSample | None, in_call: bool | None = None) -> float:
+    def update(self, now: float, sample: RttSample | None, in_call: bool | None = None, unsent: int = 0) -> float:
         """The rate at ``now``; ``sample`` is the call's latest RTT, or None without a call.
 
         ``in_call`` says a call is up even before its first RTT (it defaults to ``sample is not None``):
-        the rate then stays at the call's starting rate until there is a measurement.
+        the rate then stays at the call's starting rate until there is a measurement. ``unsent``: bytes
+        waiting unsent in the upload's socket.
         """
         s = self.settings
         in_call = sample is not None if in_call is None else in_call
@@ -155,6 +161,8 @@ class ScavengerRate:
             # No report for a while: lost, or stuck behind a queue that has grown long. No news is not
             # good news: grown on an old "no queue", the rate ran to the ceiling while the audio waited.
             return self.rate
+        if unsent > s.busy_after * self.rate and queueing <= s.target:
+            return self.rate  # TCP is behind the rate: no growth (a queue above the target still cuts)
         if queueing > s.target:
             self._starting = False
             if now - self._cut_at >= s.cut_interval:

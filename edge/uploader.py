@@ -45,11 +45,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import random
 import socket
+import struct
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -80,6 +82,7 @@ logger = logging.getLogger(__name__)
 TUS_VERSION = "1.0.0"
 TOS_CS1 = 0x20  # DSCP CS1 (8) in the upper six bits: "lower effort" than best effort
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux; bytes per second
+SIOCOUTQNSD = 0x894B  # Linux: bytes in a TCP socket's send queue not sent yet
 WIRE_OVERHEAD = 1500 / 1448  # IP and TCP headers (with timestamps) on a full packet
 UPLOAD_CONGESTION_CONTROL = b"bbr"
 MAX_CHECKSUM_RETRIES = 5
@@ -463,7 +466,7 @@ class Uploader:
         while start < len(view):
             now = self._loop.time()
             call = self.call()
-            rate = self.scavenger.update(now, call.rtt, call.in_call)
+            rate = self.scavenger.update(now, call.rtt, call.in_call, self._unsent())
             self._bucket.set_rate(rate, now)
             self._pace_wire(rate)
             piece = view[start:start + self._piece(rate)]
@@ -579,6 +582,14 @@ class Uploader:
         for sock in list(self._sockets):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, wire)
+
+    def _unsent(self) -> int:
+        """Bytes written to the upload's socket that TCP has not sent yet (0 where the system cannot say)."""
+        waiting = 0
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError, ValueError):
+                waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0"))[0]
+        return waiting
 
     def _piece(self, rate: float) -> int:
         return int(min(16 * KIB, max(1 * KIB, rate * 0.02)))

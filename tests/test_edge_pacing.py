@@ -144,3 +144,15 @@ def test_without_a_fresh_round_trip_the_rate_holds_instead_of_growing_on_an_old_
     # A report again, half a second after the last update: growth goes on from the held rate, for that
     # half second only, not for the silent time.
     assert rate.update(29.5, RttSample(0.105, 29.5)) == pytest.approx(held * 2 ** (0.7 * 0.5))
+
+
+def test_while_tcp_is_behind_the_rate_it_does_not_grow_but_a_queue_still_cuts_it() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0))
+    rate.update(6.0, RttSample(0.140, 6.0))  # past the slow start
+    before = rate.rate
+    # Two seconds of bytes wait unsent in the socket (TCP repairing losses): a low queue says nothing.
+    for second in range(7, 20):
+        assert rate.update(float(second), RttSample(0.110, float(second)), unsent=int(2 * before)) == before
+    assert rate.update(20.0, RttSample(0.400, 20.0), unsent=int(2 * before)) == pytest.approx(0.75 * before)
+    assert rate.update(22.0, RttSample(0.110, 22.0), unsent=0) > 0.75 * before  # caught up: it grows again
