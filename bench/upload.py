@@ -290,6 +290,7 @@ class Clinician:
         self.token = token
         self.client = ConsultationClient(url, room, token, audio=OpusTrack(ToneAudioTrack(440.0, voiced=True)),
                                          on_answered=lambda pc: self._follow(), nara_receive=True)
+        self.listener.client = self.client  # closed with the listener
         await self.client.join()
 
     def _follow(self) -> None:
