@@ -49,7 +49,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,7 @@ class KitProcess:
         self.lines: list[str] = []
         self._log = log.open("w")
         self._clock = clock
+        self.changed = asyncio.Condition()  # notified at every line of its log
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -197,9 +198,23 @@ class KitProcess:
             self._log.flush()
             if " state=" in line:
                 self.states.append((at, line.split(" state=")[1].split()[0]))
+            async with self.changed:
+                self.changed.notify_all()
 
     def state(self) -> str:
         return self.states[-1][1] if self.states else "-"
+
+    def entered(self, state: str, after: float) -> float | None:
+        """When the kit first logged ``state`` after ``after`` (on the clock it was given)."""
+        return next((t for t, s in self.states if s == state and t > after), None)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()`` holds, checked at every line the kit logs."""
+        try:
+            async with self.changed:
+                await asyncio.wait_for(self.changed.wait_for(predicate), timeout)
+        except TimeoutError:
+            raise TimeoutError("the kit did not get there; its log ends:\n" + "\n".join(self.lines[-20:])) from None
 
     async def in_namespace(self, *command: str) -> tuple[int, str]:
         """Run ``command`` in the kit's network namespace: (exit status, its output)."""

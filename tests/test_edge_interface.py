@@ -19,17 +19,14 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from bench.process import PROJECT
+from bench.upload import KitProcess, in_private_namespace
 
 from .edge_helpers import KitWatcher, ServerProcess, admin, enrolled_kit
 
@@ -40,23 +37,11 @@ RECOVERY_GOAL = 3.0  # media flows again within 3 s of the interface's return
 NOTICE_GOAL = 3.5  # the kit notices a dead link within 3 s (plus the test's own reading of its log)
 
 
-def _private_network_namespace() -> bool:
-    """True when this process runs as root in a network namespace of its own, where it may add interfaces.
-
-    A namespace made for the tests has loopback and nothing else; a machine's
-    own namespace always has a real interface too.
-    """
-    try:
-        return os.geteuid() == 0 and [name for _, name in socket.if_nameindex()] == ["lo"]
-    except OSError:
-        return False
-
-
 def _tools() -> bool:
     return all(shutil.which(tool) for tool in ("ip", "unshare", "nsenter"))
 
 
-if not (_private_network_namespace() and _tools()):
+if not (in_private_namespace() and _tools()):
     if os.environ.get("CI"):
         raise RuntimeError("CI must run the suite as root in a private network namespace (scripts/test does)")
     pytest.skip("needs root in a private network namespace with ip, unshare and nsenter (run ./scripts/test)",
@@ -68,65 +53,6 @@ def ip(*args: str, namespace_of: int | None = None) -> None:
     if namespace_of is not None:
         command = ["nsenter", "-t", str(namespace_of), "-n", *command]
     subprocess.run(command, check=True, capture_output=True)
-
-
-@dataclass
-class KitProcess:
-    """`nara edge run` in a network namespace of its own; what it logs is read as it comes."""
-
-    process: asyncio.subprocess.Process
-    states: list[tuple[float, str]] = field(default_factory=list)  # (time.monotonic(), state) from its log
-    lines: list[str] = field(default_factory=list)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    @classmethod
-    async def start(cls, config: Path) -> KitProcess:
-        script = 'ip link set lo up && exec "$@"'
-        process = await asyncio.create_subprocess_exec(
-            "unshare", "--net", "sh", "-c", script, "sh", sys.executable, "-m", "nara.cli", "edge", "run",
-            "--config", str(config), env={**os.environ, "PYTHONPATH": str(PROJECT)},
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        kit = cls(process)
-        kit._reader = asyncio.ensure_future(kit._read())
-        return kit
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid  # unshare and sh exec into the agent: one process throughout
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.lines.append(line)
-            if " state=" in line:
-                self.states.append((time.monotonic(), line.split(" state=")[1].split()[0]))
-            async with self.changed:
-                self.changed.notify_all()
-
-    def state(self) -> str | None:
-        return self.states[-1][1] if self.states else None
-
-    def entered(self, state: str, after: float) -> float | None:
-        """When the kit first logged ``state`` after ``after``."""
-        return next((t for t, s in self.states if s == state and t > after), None)
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
-        try:
-            async with self.changed:
-                await asyncio.wait_for(self.changed.wait_for(predicate), timeout)
-        except TimeoutError:
-            raise AssertionError("the kit did not get there; its log ends:\n" + "\n".join(self.lines[-20:])) from None
-
-    async def stop(self) -> None:
-        if self.process.returncode is None:
-            self.process.terminate()
-            await asyncio.wait_for(self.process.wait(), 20)
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
-
-    _reader: asyncio.Future[None] = field(init=False)
 
 
 @contextlib.asynccontextmanager
@@ -149,7 +75,7 @@ async def server_and_kit(tmp_path: Path) -> AsyncIterator[tuple[ServerProcess, K
             f'server = "http://{SERVER_ADDRESS}:{served.port}"\ncredential = "{credential}"\n'
             'camera = "synthetic"\nmicrophone = "synthetic"\npage = "127.0.0.1:8090"\nvideo = "320x240"\nfps = 15\n'
             f'data_dir = "{tmp_path / "kit" / "data"}"\n')
-        kit = await KitProcess.start(config)
+        kit = await KitProcess.start(config, tmp_path / "kit.log", time.monotonic)
         clinician = await KitWatcher.join(served.url, room, await served.token(room), kit_id)
         yield served, kit, clinician
     finally:
