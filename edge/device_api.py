@@ -16,13 +16,13 @@ import asyncio
 import errno
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from .files import write_json_atomically
 from .reconnect import Failure
 
 SESSION_WAIT_MAX = 25.0
@@ -111,18 +111,7 @@ def read_credential(path: Path) -> DeviceCredential:
 
 def write_credential(path: Path, credential: DeviceCredential) -> None:
     """Write the credential atomically, readable by its owner only (0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".credential-")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(credential.as_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_json_atomically(path, credential.as_json())
 
 
 def classify(exc: BaseException) -> Unreachable:

@@ -21,9 +21,7 @@ with it in the upload's ``quality`` metadata (docs/images.md).
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -34,6 +32,7 @@ import cv2
 import numpy as np
 
 from .config import EdgeConfig
+from .files import write_json_atomically
 from .media import KitMedia, StillFailed
 from .scene import MARKER_DICTIONARY, Image
 
@@ -201,18 +200,8 @@ def calibrate(stills: Sequence[Image], camera: str, now: datetime,
 
 def save_calibration(data_dir: Path, calibration: Calibration) -> Path:
     """Write the calibration atomically into the kit's data directory."""
-    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / CALIBRATION_FILE
-    fd, temporary = tempfile.mkstemp(dir=data_dir, prefix=".calibration-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(calibration), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_json_atomically(path, asdict(calibration), indent=2)
     return path
 
 
