@@ -641,3 +641,28 @@ def follow_round_trips(sender: RTCRtpSender, on_rtt: Callable[[float], None]) ->
 
     sender._send_rtcp = send_rtcp  # type: ignore[method-assign]
     sender._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
+
+
+# --- what a publisher's uplink lost, for IT staff's figures -------------------
+#
+# aiortc counts every inbound stream for its receiver reports, but getStats()
+# files all of a receiver's streams under one id, so a video's retransmission
+# stream hides its media stream there. Its per-stream counters are read here.
+
+
+def inbound_packets(receiver: RTCRtpReceiver) -> tuple[int, int]:
+    """(packets expected, packets lost) on the media streams ``receiver`` has received so far.
+
+    Retransmissions come on a stream of their own (RTX), left out here: a packet repaired
+    by one still counts as lost, so this is what the publisher's uplink itself lost. Reading
+    it changes nothing (a receiver report's loss fraction is computed elsewhere).
+    """
+    streams = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+    retransmissions = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
+    expected = lost = 0
+    for ssrc, stream in list(streams.items()):
+        if ssrc in retransmissions or stream.max_seq is None:
+            continue
+        expected += int(stream.packets_expected)
+        lost += max(int(stream.packets_lost), 0)
+    return expected, lost

@@ -382,3 +382,47 @@ async def test_a_queue_longer_than_the_time_between_sender_reports_still_shows_i
         await publisher.close()
         await subscriber.close()
         restrict_host_addresses(None)
+
+
+# --- what a publisher's uplink lost, for IT staff's figures -------------------
+
+
+async def test_inbound_packets_counts_the_uplinks_own_loss_even_when_retransmissions_repair_it() -> None:
+    from bench.synthetic import StampedVideoTrack
+    from mediaserver.aiortc_adapter import dtls_transport, filter_inbound_rtp, inbound_packets
+
+    restrict_host_addresses(["127.0.0.1"])
+    publisher, subscriber = RTCPeerConnection(), RTCPeerConnection()
+    publisher.addTransceiver(StampedVideoTrack(1, 320, 240, 15), direction="sendonly")
+    sender = publisher.getTransceivers()[0].sender
+    seen = dropped = 0
+
+    def keep(data: bytes) -> bool:  # lose every tenth packet of the video itself (not of its retransmissions)
+        nonlocal seen, dropped
+        if int.from_bytes(data[8:12], "big") != sender._ssrc:
+            return True
+        seen += 1
+        dropped += seen % 10 == 0
+        return seen % 10 != 0
+
+    try:
+        await publisher.setLocalDescription(await publisher.createOffer())
+        await subscriber.setRemoteDescription(publisher.localDescription)
+        await subscriber.setLocalDescription(await subscriber.createAnswer())
+        await publisher.setRemoteDescription(subscriber.localDescription)
+        filter_inbound_rtp(dtls_transport(subscriber), keep)
+        receiver = subscriber.getTransceivers()[0].receiver
+
+        async def frames_until_enough() -> None:
+            while seen < 200:
+                await receiver.track.recv()
+
+        await asyncio.wait_for(frames_until_enough(), 20)
+        expected, lost = inbound_packets(receiver)
+        assert len(receiver._RTCRtpReceiver__remote_streams) == 2  # the video and its retransmissions
+        assert expected >= 190 and abs(lost - dropped) <= 2, (expected, lost, dropped)
+        assert inbound_packets(receiver) == (expected, lost)  # reading changes nothing
+    finally:
+        await publisher.close()
+        await subscriber.close()
+        restrict_host_addresses(None)
