@@ -128,6 +128,7 @@ class Peer:
         self.muted: dict[str, bool] = {"audio": False, "video": False}
         self.slots: list[Slot] = []
         self.bandwidth = BandwidthEstimate()
+        self.joined_at = time.time()  # wall clock
         self.closed = False
         self._lock = asyncio.Lock()
         self._awaiting_answer = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -26,6 +27,7 @@ class Room:
         self.ice_servers = ice_servers
         self.adaptation = adaptation  # the quality ladder and per-subscriber levels
         self.peers: dict[str, Peer] = {}
+        self.started_at = time.time()  # wall clock: when its first participant joined
 
     def publications_for(self, participant_id: str) -> list[Publication]:
         """Every live publication a participant should receive (all but its own)."""
