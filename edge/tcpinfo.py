@@ -1,0 +1,84 @@
+"""What Linux says of one TCP connection (``getsockopt(TCP_INFO)``), read in one place.
+
+The photo uploader paces itself by what its connection actually delivers and
+by the connection's own round trip, which the kernel updates with every
+acknowledgement: a queue building in front of the call's audio shows there
+within a round trip, a second or more before the call's receiver reports say
+so. The fields are those of ``struct tcp_info`` in ``linux/tcp.h``, in its
+order, as far as the running kernel fills them; a field the kernel is too old
+for reads as ``None``.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
+# struct tcp_info up to tcpi_bytes_retrans (Linux 4.19 and later); no padding anywhere in it.
+_LAYOUT = struct.Struct("=8B24I4Q6IQ3Q2I2Q")
+_PREFIXES = {  # shorter kernels: the fields each one has, by the struct's length
+    _LAYOUT.size: _LAYOUT,
+    168: struct.Struct("=8B24I4Q6IQ"),  # up to tcpi_delivery_rate (4.9)
+    104: struct.Struct("=8B24I"),  # up to tcpi_total_retrans
+}
+TCP_ESTABLISHED = 1
+
+
+@dataclass(frozen=True)
+class TcpInfo:
+    """One reading; times in seconds, rates in bytes per second."""
+
+    state: int
+    rtt: float  # smoothed round trip
+    rtt_var: float
+    rto: float
+    mss: int  # sender's segment size
+    cwnd: int  # congestion window, in segments
+    unacked: int  # segments in flight
+    lost: int
+    total_retrans: int  # segments retransmitted over the connection's life
+    app_limited: bool  # the last delivery rate sample was limited by the application, not the network
+    pacing_rate: int | None = None
+    bytes_acked: int | None = None  # payload bytes acknowledged
+    notsent: int | None = None  # payload bytes written and not yet sent
+    min_rtt: float | None = None
+    delivery_rate: int | None = None  # the kernel's latest delivery rate sample
+    bytes_sent: int | None = None  # payload bytes sent, retransmissions included
+    bytes_retrans: int | None = None
+
+    @property
+    def retransmitted_share(self) -> float:
+        """The share of the bytes sent that were retransmissions (0 before anything was sent)."""
+        if not self.bytes_sent or self.bytes_retrans is None:
+            return 0.0
+        return self.bytes_retrans / self.bytes_sent
+
+
+def parse(raw: bytes) -> TcpInfo:
+    """A ``TcpInfo`` from the bytes ``getsockopt(IPPROTO_TCP, TCP_INFO, n)`` returned."""
+    layout = next((s for size, s in sorted(_PREFIXES.items(), reverse=True) if len(raw) >= size), None)
+    if layout is None:
+        raise ValueError(f"TCP_INFO of {len(raw)} bytes is too short")
+    v = layout.unpack_from(raw)
+    (state, _ca_state, _retransmits, _probes, _backoff, _options, _wscale, flags,
+     rto, _ato, snd_mss, _rcv_mss, unacked, _sacked, lost, _retrans, _fackets,
+     _last_data_sent, _last_ack_sent, _last_data_recv, _last_ack_recv,
+     _pmtu, _rcv_ssthresh, rtt, rtt_var, _snd_ssthresh, cwnd, _advmss, _reordering,
+     _rcv_rtt, _rcv_space, total_retrans) = v[:32]
+    common = {"state": state, "rtt": rtt / 1e6, "rtt_var": rtt_var / 1e6, "rto": rto / 1e6, "mss": snd_mss,
+              "cwnd": cwnd, "unacked": unacked, "lost": lost, "total_retrans": total_retrans}
+    if len(v) <= 32:
+        return TcpInfo(**common, app_limited=bool(flags & 1))
+    pacing_rate, _max_pacing, bytes_acked, _bytes_received = v[32:36]
+    _segs_out, _segs_in, notsent, min_rtt, _data_in, _data_out, delivery_rate = v[36:43]
+    sent, retrans = (v[48], v[49]) if len(v) > 43 else (None, None)
+    return TcpInfo(**common, app_limited=bool(flags & 1), pacing_rate=pacing_rate, bytes_acked=bytes_acked,
+                   notsent=notsent, min_rtt=min_rtt / 1e6 if min_rtt != 0xFFFFFFFF else None,
+                   delivery_rate=delivery_rate, bytes_sent=sent, bytes_retrans=retrans)
+
+
+def read(sock: socket.socket) -> TcpInfo:
+    """The kernel's ``tcp_info`` of ``sock``; raises ``OSError`` where there is none (not Linux, not TCP)."""
+    return parse(sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _LAYOUT.size))

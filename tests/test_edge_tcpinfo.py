@@ -1,0 +1,74 @@
+"""The upload's TCP connection as the kernel describes it, read from real loopback connections."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from edge import tcpinfo
+
+SIOCOUTQNSD = 0x894B
+
+
+@contextlib.contextmanager
+def connection(receive_buffer: int | None = None) -> Iterator[tuple[socket.socket, socket.socket]]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        if receive_buffer is not None:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sender = socket.create_connection(listener.getsockname())
+        receiver, _ = listener.accept()
+        try:
+            yield sender, receiver
+        finally:
+            sender.close()
+            receiver.close()
+
+
+def test_a_connection_that_delivered_bytes_says_how_many_and_its_round_trip() -> None:
+    with connection() as (sender, receiver):
+        sender.sendall(b"x" * 100_000)
+        got = 0
+        while got < 100_000:
+            got += len(receiver.recv(65536))
+        info = tcpinfo.read(sender)
+    assert info.state == tcpinfo.TCP_ESTABLISHED
+    assert info.bytes_acked is not None and info.bytes_acked >= 100_000  # the SYN counts one more
+    assert info.bytes_sent is not None and info.bytes_sent >= 100_000
+    assert info.retransmitted_share == 0.0  # loopback loses nothing
+    assert info.min_rtt is not None and 0 < info.min_rtt <= info.rtt < 0.5
+    assert info.mss > 0 and info.cwnd > 0
+    assert info.delivery_rate is not None and info.delivery_rate > 0
+    assert info.notsent == 0
+
+
+def test_bytes_waiting_unsent_are_counted_as_the_socket_counts_them() -> None:
+    with connection(receive_buffer=4096) as (sender, _receiver):
+        sender.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(1000):  # the receiver reads nothing: its window closes, the rest waits
+                sender.send(b"y" * 65536)
+        info = tcpinfo.read(sender)
+        unsent = struct.unpack("i", fcntl.ioctl(sender.fileno(), SIOCOUTQNSD, b"\0\0\0\0"))[0]
+    assert info.notsent is not None and info.notsent > 0
+    assert abs(info.notsent - unsent) <= info.mss * 4  # read a moment apart; the window may still open a little
+
+
+def test_an_older_kernels_shorter_struct_reads_as_far_as_it_goes() -> None:
+    with connection() as (sender, _receiver):
+        raw = sender.getsockopt(socket.IPPROTO_TCP, tcpinfo.TCP_INFO, 232)
+    older = tcpinfo.parse(raw[:168])
+    assert older.bytes_acked is not None and older.bytes_sent is None
+    oldest = tcpinfo.parse(raw[:104])
+    assert oldest.state == tcpinfo.TCP_ESTABLISHED and oldest.bytes_acked is None and oldest.min_rtt is None
+    with pytest.raises(ValueError, match="too short"):
+        tcpinfo.parse(raw[:40])
+
+
+def test_a_socket_that_is_not_tcp_has_no_tcp_info() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, pytest.raises(OSError):
+        tcpinfo.read(udp)
