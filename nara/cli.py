@@ -15,10 +15,10 @@ from typing import Any
 from signalling.tokens import DEFAULT_TTL, MAX_TTL, ROLES
 
 
-def _server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from signalling.config import ServerConfig
-
-    config = ServerConfig(data_dir=Path(args.data_dir))
+def _apply_flags(config: Any, args: argparse.Namespace) -> None:
+    """Command-line flags win over the configuration file and the environment."""
+    if getattr(args, "data_dir", None) is not None:
+        config.data_dir = Path(args.data_dir)
     for name in ("host", "port", "public_url", "token_algorithm", "issuer", "audience"):
         value = getattr(args, name, None)
         if value is not None:
@@ -33,11 +33,33 @@ def _server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         config.demo = False
     if getattr(args, "adaptation", None) is not None:
         config.adaptation = args.adaptation == "on"
+
+
+def _load_config(args: argparse.Namespace, file: str | None = None):  # type: ignore[no-untyped-def]
+    """The effective configuration (defaults, file, NARA_* environment, flags) and its problems."""
+    import os
+
+    from signalling import settings
+
+    path = settings.config_path(file or getattr(args, "config", None), os.environ)
+    return settings.load(path, os.environ, lambda config: _apply_flags(config, args))
+
+
+def _server_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The effective configuration; on any problem, each is printed and the command exits with 2."""
+    config, problems = _load_config(args)
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"nara {args.command}: {len(problems)} problem(s) in the configuration (see `nara check-config`); "
+              "nothing was started.", file=sys.stderr)
+        raise SystemExit(2)
     return config
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default="nara-data", help="state directory (default: ./nara-data)")
+    parser.add_argument("--config", help="TOML configuration file (default: $NARA_CONFIG; see docs/configuration.md)")
+    parser.add_argument("--data-dir", help="state directory (default: ./nara-data)")
     parser.add_argument("--token-algorithm", choices=("HS256", "EdDSA", "RS256"), help="default HS256")
     parser.add_argument("--token-private-key", help="PEM private key for EdDSA/RS256 tokens")
     parser.add_argument("--token-public-key", help="PEM public key for EdDSA/RS256 tokens")
@@ -50,6 +72,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from signalling.app import run
 
     run(_server_config(args))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from signalling import settings
+
+    config, problems = _load_config(args, args.file)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s).", file=sys.stderr)
+        return 1
+    import os
+
+    source = settings.config_path(args.file, os.environ)
+    print(f"The configuration is valid ({source or 'embedded defaults'}, NARA_* environment applied). "
+          "Effective settings:")
+    for line in settings.summary(config):
+        print(f"  {line}")
     return 0
 
 
@@ -314,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the signalling server and SFU",
-                           description="Run the Nära server on its embedded defaults.")
+                           description="Run the Nära server: embedded defaults, then the --config file, then "
+                                       "NARA_<SECTION>_<KEY> environment variables, then these flags.")
     _add_common(serve)
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
@@ -325,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adaptation", choices=("on", "off"),
                        help="quality ladder and per-subscriber video levels (default on; off: forward only)")
     serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser(
+        "check-config", help="check the server's configuration, field by field",
+        description="Read the configuration file (FILE, else $NARA_CONFIG, else the embedded defaults) with its "
+                    "NARA_<SECTION>_<KEY> environment overrides; print every problem, one per line (exit 1), or "
+                    "the effective settings without secrets (exit 0).")
+    check.add_argument("file", nargs="?", help="the TOML file (default: $NARA_CONFIG)")
+    check.set_defaults(func=cmd_check_config)
 
     token = sub.add_parser("token", help="mint a join token",
                            description="Mint a join token for a consultation (signed with the "

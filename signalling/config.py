@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,23 @@ class ServerConfig:
     heartbeat_timeout: float = 15.0
     demo: bool = True
     upload_max_size: int = 30 * 1024 * 1024  # bytes of one image upload (tus Tus-Max-Size)
+    # The rest is set from the configuration file (signalling/settings.py, docs/configuration.md).
+    log_format: str = "text"  # "text" or "json" (one JSON object per line)
+    log_level: str = "info"
+    drain_timeout: float = 3600.0  # seconds a draining server waits for its last consultation
+    # UDP ports the SFU's ICE binds (one per participant and media address); None and None: any ephemeral port.
+    media_port_min: int | None = None
+    media_port_max: int | None = None
+    turn_urls: list[str] = field(default_factory=list)
+    turn_username: str | None = None
+    turn_credential: str | None = None  # secret
+    turn_static_auth_secret: str | None = None  # secret: coturn's use-auth-secret
+    turn_ttl: int = 3600  # seconds a credential made from turn_static_auth_secret lives
+    cluster_redis_url: str = ""  # empty: one process
+    cluster_node_id: str = field(default_factory=socket.gethostname)
+    cluster_node_url: str | None = None  # the URL clients are sent to for this node
+    cluster_load_interval: float = 2.0
+    metrics_enabled: bool = True
 
     @property
     def base_url(self) -> str:
