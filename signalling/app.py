@@ -12,7 +12,7 @@ from aiortc import RTCIceServer
 
 from mediaserver.room import MediaServer
 
-from . import devices, images, rest
+from . import devices, doctor, images, rest
 from . import web as web_client
 from .config import DATABASE_FILE, ServerConfig, admin_key, prepare_data_dir, token_keys
 from .devices import HomeKits
@@ -46,6 +46,7 @@ def build_app(config: ServerConfig) -> web.Application:
     app[rest.ADMIN_KEY] = admin_key(config)
     rest.add_routes(app)
     devices.add_routes(app)
+    doctor.add_routes(app)
     images.add_routes(app, ImageStore(store.db, config.data_dir))
     web_client.add_routes(app)
     app.router.add_get("/ws", websocket_handler)
