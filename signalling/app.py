@@ -12,7 +12,7 @@ from aiortc import RTCIceServer
 
 from mediaserver.room import MediaServer
 
-from . import devices, doctor, images, rest
+from . import cluster, devices, doctor, images, rest
 from . import web as web_client
 from .config import DATABASE_FILE, ServerConfig, admin_key, prepare_data_dir, token_keys
 from .devices import HomeKits
@@ -43,6 +43,7 @@ def build_app(config: ServerConfig) -> web.Application:
     hub = SignallingHub(config, authority, store, media, devices=kits)
     app = web.Application(middlewares=[rest.json_errors, rest.require_admin], client_max_size=1024**2)
     app[HUB] = hub
+    cluster.join_cluster(app, hub)  # only with a Redis URL configured
     app[rest.ADMIN_KEY] = admin_key(config)
     rest.add_routes(app)
     devices.add_routes(app)

@@ -40,6 +40,14 @@ class JoinRefused(Exception):
         self.message = message
 
 
+class Redirected(Exception):
+    """The server holds no such consultation and named the one of its cluster that does."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
+
+
 class ConsultationClient:
     def __init__(
         self,
@@ -92,13 +100,42 @@ class ConsultationClient:
     # --- life cycle ----------------------------------------------------------
 
     async def join(self, timeout: float = 10.0) -> dict[str, Any]:
-        """Connect and join; raises JoinRefused with the server's code on refusal."""
+        """Connect and join; raises JoinRefused with the server's code on refusal.
+
+        A server of a cluster that does not hold the consultation answers ``redirect``
+        with the one that does: the join goes there, once (docs/protocol.md).
+        """
         self._http = aiohttp.ClientSession()
+        try:
+            return await self._join_at(timeout)
+        except Redirected as first:
+            await self._drop_connection()
+            self.base_url = first.url
+            logger.info("consultation %s is held by %s: joining there", self.room, first.url)
+        try:
+            return await self._join_at(timeout)
+        except Redirected:
+            await self._drop_connection()
+            raise JoinRefused("redirect_loop", "The server sent the join elsewhere a second time.") from None
+
+    async def _join_at(self, timeout: float) -> dict[str, Any]:
+        assert self._http is not None
+        self.ended = False
         self._ws = await self._http.ws_connect(f"{self.base_url}/ws", heartbeat=None)
         self._joined = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.ensure_future(self._read()))
         await self.send({"type": "join", "room": self.room, "token": self.token, "publish": self.publish})
         return await asyncio.wait_for(asyncio.shield(self._joined), timeout)
+
+    async def _drop_connection(self) -> None:
+        """Close the signalling connection a redirect ended, and its reader."""
+        if self._ws is not None:
+            await self._ws.close()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
 
     async def close(self) -> None:
         if self._ws is not None and not self._ws.closed:
@@ -188,6 +225,12 @@ class ConsultationClient:
             await self._answer(message)
         elif kind == "pong":
             self.last_pong = asyncio.get_running_loop().time()
+        elif kind == "redirect" and not self._joined.done():
+            url = message.get("url")
+            if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                self._joined.set_exception(JoinRefused("redirect_invalid", "The server's redirect has no valid URL."))
+            else:
+                self._joined.set_exception(Redirected(url.rstrip("/")))
         elif kind == "error":
             self.errors.append(message)
             if not self._joined.done():

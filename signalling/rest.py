@@ -14,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from mediaserver.errors import CodedError
+
 from .store import patient_ref_problem
 from .tokens import DEFAULT_TTL, MAX_TTL, ROLES
 from .ws import HUB, SignallingHub
@@ -30,12 +32,10 @@ SELF_AUTHENTICATED = frozenset({
 })
 
 
-class ApiError(Exception):
+class ApiError(CodedError):
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(code, message)
         self.status = status
-        self.code = code
-        self.message = message
 
 
 def api_error(status: int, code: str, message: str) -> ApiError:
@@ -84,15 +84,15 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def _consultation_json(hub: SignallingHub, consultation: Any) -> dict[str, Any]:
+def consultation_json(hub: SignallingHub, consultation: Any) -> dict[str, Any]:
     room = hub.media.rooms.get(consultation.id)
     kit = hub.devices.kit_status(consultation.id, hub.connected) if hub.devices else None
-    return {**consultation.public(), "participants": room.participants() if room else [], "kit": kit}
+    placed = {"node": hub.cluster.id, "node_url": hub.cluster.settings.node_url} if hub.cluster else {}
+    return {**consultation.public(), "participants": room.participants() if room else [], "kit": kit, **placed}
 
 
-async def create_consultation(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    data = await json_body(request)
+def validated_consultation(data: dict[str, Any]) -> dict[str, Any]:
+    """A new consultation's fields from a request body: title, scheduled_for and patient_ref."""
     title = data.get("title", "Konsultation")
     if not isinstance(title, str) or not 0 < len(title.strip()) <= 200:
         raise api_error(400, "title_invalid", "title must be text of 1 to 200 characters.")
@@ -104,13 +104,23 @@ async def create_consultation(request: web.Request) -> web.Response:
     patient_ref = data.get("patient_ref")
     if patient_ref is not None and (problem := patient_ref_problem(patient_ref)):
         raise api_error(400, "patient_ref_invalid", problem)
-    consultation = hub.store.create(title.strip(), scheduled_for, patient_ref)
-    return web.json_response(_consultation_json(hub, consultation), status=201)
+    return {"title": title.strip(), "scheduled_for": scheduled_for, "patient_ref": patient_ref}
+
+
+async def create_consultation(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    fields = validated_consultation(await json_body(request))
+    if hub.cluster is not None:  # on the least-loaded node of the cluster (cluster.py)
+        placed = await hub.cluster.place(fields, request.headers.get("Authorization", ""),
+                                         lambda c: consultation_json(hub, c))
+        return web.json_response(placed, status=201)
+    consultation = hub.store.create(**fields)
+    return web.json_response(consultation_json(hub, consultation), status=201)
 
 
 async def list_consultations(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    return web.json_response({"consultations": [_consultation_json(hub, c) for c in hub.store.list()]})
+    return web.json_response({"consultations": [consultation_json(hub, c) for c in hub.store.list()]})
 
 
 async def get_consultation(request: web.Request) -> web.Response:
@@ -118,20 +128,24 @@ async def get_consultation(request: web.Request) -> web.Response:
     consultation = hub.store.get(request.match_info["id"])
     if consultation is None:
         raise api_error(404, "consultation_not_found", "There is no consultation with this id.")
-    return web.json_response(_consultation_json(hub, consultation))
+    return web.json_response(consultation_json(hub, consultation))
 
 
-def join_url(hub: SignallingHub, room: str, token: str) -> str:
+def join_url(hub: SignallingHub, room: str, token: str, base_url: str | None = None) -> str:
     # The token rides in the fragment, which browsers never send to a server,
     # so it stays out of access logs and proxies.
-    return f"{hub.config.base_url}/c/{room}#token={token}"
+    return f"{base_url or hub.config.base_url}/c/{room}#token={token}"
 
 
 async def mint_token(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     room = request.match_info["id"]
+    base_url = hub.config.base_url
     if hub.store.get(room) is None:
-        raise api_error(404, "consultation_not_found", "There is no consultation with this id.")
+        owner = await hub.cluster.owner(room) if hub.cluster is not None else None
+        if owner is None:
+            raise api_error(404, "consultation_not_found", "There is no consultation with this id.")
+        base_url = owner.url  # every node shares the token keys: the link only has to lead to the owner
     data = await json_body(request)
     name, role = data.get("name"), data.get("role")
     ttl = data.get("ttl_seconds", DEFAULT_TTL)
@@ -154,7 +168,7 @@ async def mint_token(request: web.Request) -> web.Response:
             "participant_id": claims.participant_id,
             "role": claims.role,
             "expires_at": claims.expires_at,
-            "join_url": join_url(hub, room, token),
+            "join_url": join_url(hub, room, token, base_url),
         },
         status=201,
     )

@@ -105,10 +105,12 @@ class ConsultationStore:
             self._db.execute("ALTER TABLE consultation ADD COLUMN patient_ref TEXT")
 
     def create(
-        self, title: str, scheduled_for: float | None = None, patient_ref: str | None = None
+        self, title: str, scheduled_for: float | None = None, patient_ref: str | None = None,
+        consultation_id: str | None = None,
     ) -> Consultation:
+        """A new open consultation; ``consultation_id`` when another node of a cluster chose it."""
         consultation = Consultation(
-            id=new_id(), title=title, created_at=time.time(),
+            id=consultation_id or new_id(), title=title, created_at=time.time(),
             scheduled_for=scheduled_for, status="open", patient_ref=patient_ref,
         )
         self._db.execute(
@@ -117,6 +119,17 @@ class ConsultationStore:
              consultation.scheduled_for, consultation.status, consultation.patient_ref),
         )
         return consultation
+
+    def delete(self, consultation_id: str) -> None:
+        """Forget a consultation that was never announced (its placement in a cluster failed)."""
+        self._db.execute("DELETE FROM consultation WHERE id = ?", (consultation_id,))
+
+    def count_open(self) -> int:
+        (count,) = self._db.execute("SELECT COUNT(*) FROM consultation WHERE status = 'open'").fetchone()
+        return int(count)
+
+    def open_ids(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT id FROM consultation WHERE status = 'open'")]
 
     @property
     def db(self) -> sqlite3.Connection:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from mediaserver.errors import CodedError
+
 from .bodysites import BODY_SITES
 from .tokens import TokenError
 from .ws import HUB
@@ -36,11 +38,31 @@ PAGE_HEADERS = {
 
 
 async def consultation_page(request: web.Request) -> web.StreamResponse:
+    await _send_to_owner(request)
     return web.FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
 
 
 async def kit_page(request: web.Request) -> web.StreamResponse:
+    await _send_to_owner(request)
     return web.FileResponse(STATIC / "kit.html", headers=PAGE_HEADERS)
+
+
+async def _send_to_owner(request: web.Request) -> None:
+    """In a cluster, a page for a consultation another node holds answers 307 to that node.
+
+    The browser keeps the link's fragment (the token) across the redirect. When the
+    owner cannot be found now, the page is served here and its join is redirected later.
+    """
+    hub = request.app[HUB]
+    room = request.match_info["room"]
+    if hub.cluster is None or hub.store.get(room) is not None:
+        return
+    try:
+        owner = await hub.cluster.owner(room)
+    except CodedError:
+        return
+    if owner is not None:
+        raise web.HTTPTemporaryRedirect(f"{owner.url}{request.rel_url}", headers=NO_STORE)
 
 
 def kit_url(base_url: str, room: str, token: str) -> str:

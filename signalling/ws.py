@@ -40,6 +40,7 @@ from .store import ConsultationStore
 from .tokens import TokenAuthority, TokenError
 
 if TYPE_CHECKING:
+    from .cluster import ClusterNode
     from .devices import HomeKits
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ CLOSE_REFUSED = 4001  # token or permission refused
 CLOSE_REPLACED = 4002  # the same participant joined from elsewhere
 CLOSE_REVOKED = 4403  # a home kit IT staff revoked
 CLOSE_POLICY = 1008
+CLOSE_REDIRECT = 4307  # the consultation is on another node of the cluster: join there
 DISCONNECT_WAIT = 2.0  # seconds a revocation waits for the kit's connections to close
 PHOTO_REQUESTERS = frozenset({"clinician", "nurse"})
 
@@ -70,6 +72,7 @@ class SignallingHub:
     media: MediaServer
     sessions: dict[tuple[str, str], ParticipantSocket] = field(default_factory=dict)
     devices: HomeKits | None = None
+    cluster: ClusterNode | None = None  # one node of several sharing a Redis registry (cluster.py)
     _closing: set[asyncio.Future[None]] = field(default_factory=set)
 
     def connected(self, participant_id: str) -> bool:
@@ -211,6 +214,9 @@ class ParticipantSocket:
         if self.peer is not None:
             raise ProtocolError("already_joined", "This connection has already joined.")
         consultation = self.hub.store.get(message.room)
+        if consultation is None and self.hub.cluster is not None:
+            await self.redirect(message)
+            return
         if consultation is None or consultation.status != "open":
             await self.refuse("room_not_found", "There is no open consultation with this id.")
             return
@@ -257,6 +263,29 @@ class ParticipantSocket:
             }
         )
         await self.peer.negotiate()
+
+    async def redirect(self, message: Join) -> None:
+        """Send a join for a consultation held by another node of the cluster there (docs/protocol.md)."""
+        assert self.hub.cluster is not None
+        try:
+            self.hub.authority.verify(message.token, message.room)  # only its participants learn where it is
+            owner = await self.hub.cluster.owner(message.room)
+        except TokenError as exc:
+            logger.info("join refused from %s: %s", self.remote, exc.code)
+            await self.refuse(exc.code, exc.message)
+            return
+        except CodedError as exc:  # the registry or the owner cannot be reached: the client tries again
+            await self.refuse(exc.code, exc.message, CLOSE_POLICY)
+            return
+        if owner is None:
+            await self.refuse("room_not_found", "There is no open consultation with this id.")
+            return
+        logger.info("join for %s from %s sent to node %s", message.room, self.remote, owner.id)
+        await self.send({
+            "type": "redirect", "code": "consultation_elsewhere", "url": owner.url, "node": owner.id,
+            "message": "This consultation is held by another server; join there.",
+        })
+        await self.close(CLOSE_REDIRECT, "consultation_elsewhere")
 
     async def _media_failed(self, peer: Peer, code: str) -> None:
         if peer is self.peer:

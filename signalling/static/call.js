@@ -37,6 +37,10 @@ export class Call extends EventTarget {
     this.lastHeard = 0;
     this.ended = false;
     this.generation = 0; // bumps on every reconnect, so stale callbacks do nothing
+    // The server that holds the consultation, once another server of a cluster has sent us there
+    // (a "redirect"); null: the page's own. A second redirect before "joined" is an error.
+    this.server = null;
+    this.redirected = false;
     addEventListener("online", () => this.state === "offline" && this.reconnectNow());
     addEventListener("offline", () => this.state !== "closed" && this.state !== "refused" && this.setState("offline"));
   }
@@ -75,8 +79,9 @@ export class Call extends EventTarget {
   connect() {
     const generation = ++this.generation;
     this.setState(this.state === "idle" || this.state === "closed" ? "connecting" : "reconnecting");
-    const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const ws = new WebSocket(`${scheme}://${location.host}/ws`);
+    const server = new URL(this.server ?? location.href);
+    const scheme = server.protocol === "https:" ? "wss" : "ws";
+    const ws = new WebSocket(`${scheme}://${server.host}/ws`);
     this.ws = ws;
     ws.onopen = () => {
       this.send({ type: "join", room: this.room, token: this.token, publish: this.publish });
@@ -159,12 +164,11 @@ export class Call extends EventTarget {
         else this.pausedVideo.delete(key);
         return this.emit("participants");
       }
+      case "redirect":
+        return this.follow(message);
       case "error":
         if (REFUSALS.has(message.code)) {
-          this.ended = true;
-          this.teardown();
-          this.setState("refused");
-          this.dispatchEvent(new CustomEvent("refused", { detail: message }));
+          this.refuse(message);
         } else {
           console.warn("Nära:", message.code, message.message);
         }
@@ -174,7 +178,26 @@ export class Call extends EventTarget {
     }
   }
 
+  // Another server of the cluster holds the consultation: join there, once.
+  follow(message) {
+    if (this.redirected) {
+      return this.refuse({ code: "redirect_loop", message: "The server sent the join elsewhere a second time." });
+    }
+    this.redirected = true;
+    this.server = message.url;
+    this.teardown();
+    this.connect();
+  }
+
+  refuse(detail) {
+    this.ended = true;
+    this.teardown();
+    this.setState("refused");
+    this.dispatchEvent(new CustomEvent("refused", { detail }));
+  }
+
   joined(message) {
+    this.redirected = false;
     this.self = message.participant;
     this.participants = new Map(message.participants.map((p) => [p.id, this.newParticipant(p)]));
     this.pausedVideo = new Set(message.participants.flatMap(
