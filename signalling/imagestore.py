@@ -444,6 +444,13 @@ class ImageStore:
         ).fetchall()
         return [_image(row) for row in rows]
 
+    def totals(self) -> tuple[dict[str, int], int, int]:
+        """For IT staff's metrics: uploads by state (open, complete, discarded), images stored and their bytes."""
+        uploads = {state: count for state, count in self._db.execute(
+            "SELECT state, count(*) FROM image_upload GROUP BY state")}
+        images, size = self._db.execute("SELECT count(*), coalesce(sum(bytes), 0) FROM image").fetchone()
+        return uploads, int(images), int(size)
+
     # --- access log -----------------------------------------------------------------------------
 
     def log_access(self, entry: AccessEntry) -> None:
