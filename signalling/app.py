@@ -12,7 +12,7 @@ from aiortc import RTCIceServer
 
 from mediaserver.room import MediaServer
 
-from . import cluster, devices, doctor, images, rest
+from . import cluster, devices, doctor, images, live, metrics, rest
 from . import web as web_client
 from .config import DATABASE_FILE, ServerConfig, admin_key, prepare_data_dir, token_keys
 from .devices import HomeKits
@@ -48,7 +48,9 @@ def build_app(config: ServerConfig) -> web.Application:
     rest.add_routes(app)
     devices.add_routes(app)
     doctor.add_routes(app)
-    images.add_routes(app, ImageStore(store.db, config.data_dir))
+    image_service = images.add_routes(app, ImageStore(store.db, config.data_dir))
+    history = live.add_routes(app, media)
+    metrics.add_routes(app, config, media, history, image_service.store)
     web_client.add_routes(app)
     app.router.add_get("/ws", websocket_handler)
 
@@ -92,6 +94,9 @@ async def serve(config: ServerConfig) -> None:
     await site.start()
     print(f"Nära is listening on {config.base_url} (data in {config.data_dir.resolve()})", flush=True)
     print(f"Admin key for /api: in {(config.data_dir / 'admin-key').resolve()} (mode 0600)", flush=True)
+    if metrics.METRICS_TOKEN in app:
+        token_file = (config.data_dir / metrics.METRICS_TOKEN_FILE).resolve()
+        print(f"Metrics token for /metrics: in {token_file} (mode 0600)", flush=True)
     if config.demo:
         print("Join links for the demo consultation (valid 2 hours):", flush=True)
         for label, url in demo_links(app):
