@@ -125,6 +125,69 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from mediaserver.aiortc_adapter import restrict_host_addresses
+    from nara.doctor import DoctorOptions, render, run_doctor, verdict
+
+    server, authorization = args.server, None
+    credential_file = args.credential
+    try:
+        if args.kit_config:
+            from edge.config import EdgeConfigError, load_config
+
+            try:
+                kit = load_config(Path(args.kit_config))
+            except EdgeConfigError as exc:
+                print(f"nara doctor: {args.kit_config}: {exc}", file=sys.stderr)
+                return 2
+            server, credential_file = server or kit.server, credential_file or kit.credential
+        if credential_file:
+            from edge.device_api import CredentialError, read_credential
+
+            try:
+                credential = read_credential(Path(credential_file))
+            except CredentialError as exc:
+                print(f"nara doctor: {exc}", file=sys.stderr)
+                return 2
+            server = server or credential.server
+            authorization = f"Device {credential.device_id}:{credential.secret}"
+        elif args.token or os.environ.get("NARA_DOCTOR_TOKEN"):
+            authorization = f"Bearer {args.token or os.environ['NARA_DOCTOR_TOKEN']}"
+    except OSError as exc:
+        print(f"nara doctor: {exc}", file=sys.stderr)
+        return 2
+    if not server or authorization is None:
+        print("nara doctor: give --server and one of --token (or NARA_DOCTOR_TOKEN), --credential or --kit-config",
+              file=sys.stderr)
+        return 2
+    if args.local_address:
+        restrict_host_addresses(args.local_address)
+    options = DoctorOptions(server.rstrip("/"), authorization, timeout=args.timeout, seconds=args.seconds)
+    report = asyncio.run(run_doctor(options))
+    print(json.dumps(report.as_json(), ensure_ascii=False) if args.json else render(report))
+    return 0 if verdict(report.checks)[0] else 1
+
+
+def cmd_doctor_token(args: argparse.Namespace) -> int:
+    from signalling.config import prepare_data_dir, token_keys
+    from signalling.doctor import doctor_url, mint_doctor_token
+    from signalling.tokens import TokenAuthority
+
+    config = _server_config(args)
+    prepare_data_dir(config)
+    authority = TokenAuthority(token_keys(config), config.issuer, config.audience)
+    try:
+        token, _ = mint_doctor_token(authority, args.ttl)
+    except ValueError as exc:
+        print(f"nara doctor-token: {exc}", file=sys.stderr)
+        return 2
+    print(doctor_url(config.base_url, token) if args.link else token)
+    return 0
+
+
 def _admin_request(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """Call the running server's admin REST API with the admin key from --data-dir; DeviceCommandError on failure."""
     key_file = Path(args.data_dir) / "admin-key"
@@ -388,6 +451,34 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--link", action="store_true",
                        help="print a join link instead of the token (for role kit: the tablet kit page, /kit/...)")
     token.set_defaults(func=cmd_token)
+
+    doctor = sub.add_parser(
+        "doctor", help="check whether calls can reach the server from here (UDP, TURN, round trip, bandwidth)",
+        description="From where a kit or a browser stands: the server's HTTP(S) and WebSocket, a WebRTC "
+                    "connection straight over UDP and through each TURN URL the server names (UDP, TCP, TLS), "
+                    "round trips, and usable bandwidth both ways on the best path; a verdict in plain words. "
+                    "Exit 0 if a call is possible, 1 if not, 2 on bad arguments. See docs/doctor.md.")
+    doctor.add_argument("--server", help="the server's URL, e.g. https://nara.example.se (default: the kit's)")
+    doctor.add_argument("--token", help="a doctor token (nara doctor-token) or a join token; "
+                                        "or set NARA_DOCTOR_TOKEN")
+    doctor.add_argument("--credential", help="a home kit's credential file (nara edge enrol)")
+    doctor.add_argument("--kit-config", help="a home kit's TOML configuration: its server and credential")
+    doctor.add_argument("--json", action="store_true", help="print the results as JSON, for scripts")
+    doctor.add_argument("--timeout", type=float, default=12.0, help="seconds for each check (default 12)")
+    doctor.add_argument("--seconds", type=float, default=3.0,
+                        help="seconds of the bandwidth test in each direction (default 3, at most 5)")
+    doctor.add_argument("--local-address", action="append",
+                        help="gather ICE host candidates only on this address (repeatable; default: every "
+                             "interface but loopback)")
+    doctor.set_defaults(func=cmd_doctor)
+    doctor_token = sub.add_parser(
+        "doctor-token", help="mint a token for the network doctor (nara doctor, /doctor/)",
+        description="Mint a token that opens the network checks and nothing else (signed with the server's "
+                    "key in --data-dir).")
+    _add_common(doctor_token)
+    doctor_token.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600, max 43200)")
+    doctor_token.add_argument("--link", action="store_true", help="print the browser page's link instead")
+    doctor_token.set_defaults(func=cmd_doctor_token)
 
     device = sub.add_parser(
         "device", help="home kits: create (prints the enrolment code), list, revoke",
