@@ -33,6 +33,7 @@ from .aiortc_adapter import (
     ParkedTrack,
     RtcpFeedback,
     RtpPacket,
+    follow_round_trips,
     negotiated_payload_type,
     prefer_codec,
 )
@@ -76,6 +77,14 @@ class Slot:
         self.subscription: Subscription | None = None
         self.delivery = DeliveryMeter()
         self.nack_loss = NackLoss()
+        # Each report's own round trip, answering any recent sender report: aiortc's is an average
+        # that gives a new report 15 %, of reports that answer its latest sender report only, so a
+        # queue showed late or, once it held more than the time between two sender reports, not at all.
+        self.round_trip: float | None = None
+        follow_round_trips(transceiver.sender, self._on_round_trip)
+
+    def _on_round_trip(self, seconds: float) -> None:
+        self.round_trip = seconds
 
     async def _on_feedback(self, feedback: RtcpFeedback) -> None:
         now = time.monotonic()
@@ -85,7 +94,7 @@ class Slot:
         elif feedback.kind == "report":
             # The round trip is the link's, whichever stream reports it. Loss is read
             # from video, or from audio while no video flows (all of it paused).
-            rtt = self.port.round_trip_time
+            rtt, self.round_trip = self.round_trip, None  # (set by this very report, if it answered one)
             if rtt is not None:
                 bandwidth.on_rtt(rtt, now, stream=str(self.transceiver.mid))
             self.delivery.update(now, feedback.highest_sequence, feedback.packets_lost, *self.port.sent)
