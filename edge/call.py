@@ -3,7 +3,13 @@
 A dead link is noticed within about three seconds, by either of two signs:
 
 * signalling: a ping goes out every second; no pong for ``heartbeat_dead``
-  seconds means the connection is gone (TCP may take minutes to say so);
+  seconds means the connection is gone (TCP may take minutes to say so) —
+  once the call is connected, only while no datagram has come either for
+  ``media_quiet`` seconds: on a thin, lossy uplink a pong can wait seconds
+  behind a photo's bytes and TCP's repairs while the call's media still flows,
+  and rebuilding the call then cost 3–5 s of audio for nothing. A
+  signalling connection silent for ``heartbeat_limit`` ends the call whatever
+  the media does;
 * media: once connected, the server sends RTCP (receiver reports, REMB) at
   least every 1.5 s and usually other participants' media too; no datagram at
   all for ``media_dead`` seconds means the path is gone (aiortc would wait for
@@ -43,6 +49,8 @@ logger = logging.getLogger(__name__)
 class CallTimings:
     ping_interval: float = 1.0
     heartbeat_dead: float = 2.8
+    media_quiet: float = 1.5  # with no pong for heartbeat_dead, no datagram for this long either: the link is dead
+    heartbeat_limit: float = 10.0  # no pong for this long: the signalling is dead, whatever the media does
     media_dead: float = 3.0
     check_interval: float = 0.25
     join_timeout: float = 8.0
@@ -136,8 +144,9 @@ class KitCall:
                     return CallEnd(Failure.REFUSED, str(error.get("message", "")), revoked=True)
                 detail = f"the server ended the call ({error['code']})" if error else "the signalling connection closed"
                 return self._end(Failure.CLOSED, detail, connected_at, now)
-            if client.last_pong is not None and now - client.last_pong > t.heartbeat_dead:
-                return self._end(Failure.HEARTBEAT, f"no pong for {now - client.last_pong:.1f} s", connected_at, now)
+            silent = now - client.last_pong if client.last_pong is not None else 0.0
+            if silent > t.heartbeat_dead and (connected_at is None or silent > t.heartbeat_limit):
+                return self._end(Failure.HEARTBEAT, f"no pong for {silent:.1f} s", connected_at, now)
             pc = client.pc
             if pc is None:
                 continue
@@ -146,6 +155,9 @@ class KitCall:
             received = await _packets_received(pc)
             if received != packets:
                 packets, heard_at = received, now
+            if connected_at is not None and silent > t.heartbeat_dead and now - heard_at > t.media_quiet:
+                return self._end(Failure.HEARTBEAT, f"no pong for {silent:.1f} s and no media for "
+                                 f"{now - heard_at:.1f} s", connected_at, now)
             if connected_at is None:
                 if pc.connectionState == "connected" and received > 0:
                     connected_at = now
