@@ -31,11 +31,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import aioice.candidate
 import aioice.ice
+import aioice.turn
+import aiortc.rtcicetransport
 import pylibsrtp
 from aiortc import RTCRtpReceiver, RTCRtpSender, RTCRtpTransceiver
 from aiortc import clock as aiortc_clock
@@ -55,6 +59,8 @@ from aiortc.rtp import (
     unpack_remb_fci,
 )
 
+from .errors import CodedError
+
 __all__ = [
     "RtpPacket",
     "InboundTap",
@@ -62,6 +68,8 @@ __all__ = [
     "ParkedTrack",
     "RtcpFeedback",
     "restrict_host_addresses",
+    "restrict_port_range",
+    "MediaPortsExhausted",
     "prefer_codec",
     "negotiated_payload_type",
     "ntp_now",
@@ -666,3 +674,110 @@ def inbound_packets(receiver: RTCRtpReceiver) -> tuple[int, int]:
         expected += int(stream.packets_expected)
         lost += max(int(stream.packets_lost), 0)
     return expected, lost
+
+
+# --- UDP port range for the SFU's ICE ------------------------------------------
+#
+# aioice binds each host candidate's socket to port 0 (any ephemeral port) and
+# 0.13 takes no port range. aiortc builds every ICE connection from the name
+# ``Connection`` in aiortc.rtcicetransport, so a subclass set there binds host
+# sockets inside the configured range; server-reflexive and relayed candidates
+# are still gathered by aioice itself.
+
+
+class MediaPortsExhausted(CodedError):
+    """Every UDP port of the configured range is taken on a media address."""
+
+    def __init__(self, address: str, low: int, high: int) -> None:
+        super().__init__(
+            "media_ports_exhausted",
+            f"The server has no free media port ({low}-{high} on {address} are all in use); "
+            "it is full, try again later.",
+        )
+
+
+_original_ice_connection = aiortc.rtcicetransport.Connection  # type: ignore[attr-defined]
+_port_range: tuple[int, int] | None = None
+_next_port: int | None = None
+
+
+def restrict_port_range(low: int | None, high: int | None) -> None:
+    """Bind the host candidates of every ICE connection created afterwards in this process to a UDP port
+    from ``low`` to ``high`` inclusive (None and None: any ephemeral port, aioice's own way).
+
+    Each peer connection (bundled: all its media on one transport) takes one port per host address.
+    """
+    global _port_range, _next_port
+    if low is None or high is None:
+        _port_range = None
+        aiortc.rtcicetransport.Connection = _original_ice_connection  # type: ignore[attr-defined]
+        return
+    _port_range, _next_port = (low, high), low
+    aiortc.rtcicetransport.Connection = _RangedConnection  # type: ignore[attr-defined]
+
+
+def _bind_in_range(address: str, low: int, high: int) -> socket.socket:
+    """A UDP socket bound to ``address`` on a free port of the range, tried from where the last one left off."""
+    global _next_port
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    start = _next_port if _next_port is not None and low <= _next_port <= high else low
+    count = high - low + 1
+    for i in range(count):
+        port = low + (start - low + i) % count
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.bind((address, port))
+        except OSError:
+            sock.close()
+            continue
+        sock.setblocking(False)
+        _next_port = low + (port - low + 1) % count
+        return sock
+    raise MediaPortsExhausted(address, low, high)
+
+
+class _RangedConnection(aioice.ice.Connection):
+    async def get_component_candidates(
+        self, component: int, addresses: list[str], timeout: int = 5
+    ) -> list[aioice.Candidate]:
+        if _port_range is None:
+            return await super().get_component_candidates(component, addresses, timeout)
+        low, high = _port_range
+        loop = asyncio.get_running_loop()
+        sockets: list[socket.socket] = []
+        try:
+            for address in addresses:
+                sockets.append(_bind_in_range(address, low, high))
+        except MediaPortsExhausted:
+            for sock in sockets:
+                sock.close()
+            raise
+        protocols: list[aioice.ice.StunProtocol] = []
+        for sock in sockets:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, aioice.turn.UDP_SOCKET_BUFFER_SIZE)
+            _, protocol = await loop.create_datagram_endpoint(lambda: aioice.ice.StunProtocol(self), sock=sock)
+            host, port = sock.getsockname()[:2]
+            protocol.local_candidate = aioice.Candidate(
+                foundation=aioice.candidate.candidate_foundation("host", "udp", host),
+                component=component, transport="udp",
+                priority=aioice.candidate.candidate_priority(component, "host"),
+                host=host, port=port, type="host",
+            )
+            protocols.append(protocol)
+        self._protocols += protocols
+        candidates = [p.local_candidate for p in protocols]
+        if self.stun_server is not None:
+            candidates += await self._reflexive_candidates(protocols, self.stun_server, timeout)
+        # aioice itself for the rest (a TURN allocation, on a socket of its own); no host addresses left to bind.
+        return candidates + await super().get_component_candidates(component, [], timeout)
+
+    async def _reflexive_candidates(self, protocols: list[aioice.ice.StunProtocol], stun_server: tuple[str, int],
+                                    timeout: int) -> list[aioice.Candidate]:
+        tasks = [asyncio.create_task(aioice.ice.server_reflexive_candidate(p, stun_server))
+                 for p in protocols if ":" not in p.local_candidate.host]
+        if not tasks:
+            return []
+        done, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        return [task.result()[0] for task in done if task.exception() is None]

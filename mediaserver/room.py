@@ -10,7 +10,7 @@ from typing import Any
 
 from aiortc import RTCIceServer
 
-from .aiortc_adapter import restrict_host_addresses
+from .aiortc_adapter import restrict_host_addresses, restrict_port_range
 from .forwarder import Publication, Subscription
 from .peer import ParticipantInfo, Peer, Signal
 
@@ -147,8 +147,10 @@ class MediaServer:
         ice_servers: Iterable[RTCIceServer] = (),
         host_addresses: Iterable[str] | None = None,
         adaptation: bool = True,
+        port_range: tuple[int, int] | None = None,
     ) -> None:
         restrict_host_addresses(host_addresses)
+        restrict_port_range(*(port_range or (None, None)))
         self.ice_servers = list(ice_servers)
         self.adaptation = adaptation
         self.rooms: dict[str, Room] = {}

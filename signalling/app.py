@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from typing import Any
 
 from aiohttp import web
@@ -12,9 +11,9 @@ from aiortc import RTCIceServer
 
 from mediaserver.room import MediaServer
 
-from . import cluster, devices, doctor, images, live, metrics, rest
+from . import cluster, devices, doctor, images, live, logs, metrics, ops, rest
 from . import web as web_client
-from .config import DATABASE_FILE, ServerConfig, admin_key, prepare_data_dir, token_keys
+from .config import DATABASE_FILE, SECRET_FILE, ServerConfig, admin_key, prepare_data_dir, private_value, token_keys
 from .devices import HomeKits
 from .imagestore import ImageStore
 from .store import ConsultationStore
@@ -38,13 +37,18 @@ def build_app(config: ServerConfig) -> web.Application:
     prepare_data_dir(config)
     store = ConsultationStore(config.data_dir / DATABASE_FILE)
     authority = TokenAuthority(token_keys(config), config.issuer, config.audience)
-    media = MediaServer(ice_servers(config), config.media_addresses, adaptation=config.adaptation)
+    low, high = config.media_port_min, config.media_port_max
+    media = MediaServer(ice_servers(config), config.media_addresses, adaptation=config.adaptation,
+                        port_range=None if low is None or high is None else (low, high))
     kits = HomeKits(store, authority)
     hub = SignallingHub(config, authority, store, media, devices=kits)
     app = web.Application(middlewares=[rest.json_errors, rest.require_admin], client_max_size=1024**2)
     app[HUB] = hub
+    ops.add_routes(app)  # health, drain; before others append readiness checks
     cluster.join_cluster(app, hub)  # only with a Redis URL configured
     app[rest.ADMIN_KEY] = admin_key(config)
+    logs.hide(app[rest.ADMIN_KEY], private_value(config.data_dir, SECRET_FILE), config.turn_credential,
+              config.turn_static_auth_secret)
     rest.add_routes(app)
     devices.add_routes(app)
     doctor.add_routes(app)
@@ -102,13 +106,12 @@ async def serve(config: ServerConfig) -> None:
         for label, url in demo_links(app):
             print(f"  {label:10} {url}", flush=True)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    drained = ops.handle_signals(app, config.drain_timeout, stop)  # SIGTERM drains first
     await stop.wait()
+    drained.cancel()
     await runner.cleanup()
 
 
 def run(config: ServerConfig, **_: Any) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.log_format, config.log_level)
     asyncio.run(serve(config))

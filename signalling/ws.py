@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
+from mediaserver.aiortc_adapter import MediaPortsExhausted
 from mediaserver.errors import CodedError
 from mediaserver.peer import ParticipantInfo, Peer
 from mediaserver.room import MediaServer
@@ -73,6 +74,7 @@ class SignallingHub:
     sessions: dict[tuple[str, str], ParticipantSocket] = field(default_factory=dict)
     devices: HomeKits | None = None
     cluster: ClusterNode | None = None  # one node of several sharing a Redis registry (cluster.py)
+    draining: bool = False  # joins only to consultations live here (ops.py)
     _closing: set[asyncio.Future[None]] = field(default_factory=set)
 
     def connected(self, participant_id: str) -> bool:
@@ -239,6 +241,9 @@ class ParticipantSocket:
                 f"The role {claims.role} may not publish; join with publish set to false.",
             )
             return
+        if self.hub.draining and message.room not in self.hub.media.rooms:
+            await self.refuse("draining", "This server is restarting and starts no new calls; join again shortly.")
+            return
         key = (message.room, claims.participant_id)
         previous = self.hub.sessions.get(key)
         if previous is not None and previous is not self:
@@ -262,7 +267,11 @@ class ParticipantSocket:
                 "heartbeat_timeout": self.hub.config.heartbeat_timeout,
             }
         )
-        await self.peer.negotiate()
+        try:
+            await self.peer.negotiate()
+        except MediaPortsExhausted as exc:
+            logger.warning("participant %s refused in %s: no free media port", info.id, message.room)
+            await self.refuse(exc.code, exc.message)  # the socket closes and the participant leaves the room
 
     async def redirect(self, message: Join) -> None:
         """Send a join for a consultation held by another node of the cluster there (docs/protocol.md)."""
