@@ -305,9 +305,7 @@ class ClusterNode:
             if lost:
                 await self.registry.restore(self.store.open_ids(), self.id)
         except (RedisError, OSError) as exc:
-            if (line := self.health.failed(time.monotonic())) is not None:
-                logger.warning("cluster: Redis at %s is %s (%s: %s); running calls go on, new consultations "
-                               "are refused", self.settings.redis_display, line, type(exc).__name__, exc)
+            self._lost_redis(exc)
             return
         if self.health.succeeded():
             logger.info("cluster: Redis at %s is reachable again; node %s and its consultations registered",
@@ -317,12 +315,17 @@ class ClusterNode:
                         self.id, self.settings.redis_display)
 
     async def _redis(self, call: Awaitable[Any]) -> Any:
+        """Await a Redis call for a request; a lost Redis is the request's ClusterError."""
         try:
             return await call
-        except (RedisError, OSError):
-            if (line := self.health.failed(time.monotonic())) is not None:
-                logger.warning("cluster: Redis at %s is %s", self.settings.redis_display, line)
+        except (RedisError, OSError) as exc:
+            self._lost_redis(exc)
             raise cluster_unavailable() from None
+
+    def _lost_redis(self, exc: Exception) -> None:
+        if (line := self.health.failed(time.monotonic())) is not None:
+            logger.warning("cluster: Redis at %s is %s (%s: %s); running calls go on, new consultations are "
+                           "refused", self.settings.redis_display, line, type(exc).__name__, exc)
 
     # --- placement ---
 
@@ -395,7 +398,7 @@ class ClusterNode:
         if not claimed:
             self.store.delete(consultation_id)
             raise ClusterError(409, "consultation_exists", "Another server already holds a consultation with this id.")
-        self.report_soon()
+        await self.report()  # before answering, so the next placement sees this node's new load
         return consultation
 
     # --- finding the owner ---

@@ -1,0 +1,310 @@
+"""Scale-out on Redis: a real redis-server and two `nara serve` nodes sharing it (docs/scale-out.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from bench.process import PROJECT, free_port
+from bench.synthetic import StampedVideoTrack, ToneAudioTrack
+from signalling.client import ConsultationClient, JoinRefused
+from signalling.cluster import NodeRecord, RedisHealth, placement_order
+
+from .media_helpers import TONES, Watcher, receiving_from
+
+LOAD_INTERVAL = 0.3
+
+
+# --- decisions ------------------------------------------------------------------
+
+
+def node(node_id: str, load: int, draining: bool = False) -> NodeRecord:
+    return NodeRecord(node_id, f"http://{node_id}", load, draining)
+
+
+@pytest.mark.parametrize(("nodes", "order"), [
+    ([], []),
+    ([node("a", 3), node("b", 1)], ["b", "a"]),
+    ([node("b", 2), node("a", 2)], ["a", "b"]),  # a tie goes to the same node every time
+    ([node("a", 0, draining=True), node("b", 9)], ["b"]),
+    ([node("a", 0, draining=True)], []),
+])
+def test_new_consultations_go_to_the_least_loaded_node_that_is_not_draining(
+    nodes: list[NodeRecord], order: list[str]
+) -> None:
+    assert [n.id for n in placement_order(nodes)] == order
+
+
+def test_redis_loss_is_logged_once_then_once_a_minute_and_its_return_noticed() -> None:
+    health = RedisHealth()
+    assert health.succeeded() is False  # first contact: not a return
+    assert health.failed(100.0) == "unreachable"
+    assert [health.failed(100.0 + t) for t in (1, 30, 59)] == [None, None, None]
+    assert health.failed(160.0) == "still unreachable after 60 s"
+    assert health.failed(161.0) is None
+    assert health.succeeded() is True
+    assert health.failed(200.0) == "unreachable"
+
+
+# --- the Python client follows a redirect once ----------------------------------------
+
+
+@pytest.fixture
+async def redirecting_server() -> AsyncIterator[str]:
+    """A server whose every join is sent to itself: a client must not follow that round forever."""
+    joins = 0
+
+    async def ws(request: web.Request) -> web.WebSocketResponse:
+        nonlocal joins
+        response = web.WebSocketResponse()
+        await response.prepare(request)
+        await response.receive()
+        joins += 1
+        await response.send_json({"type": "redirect", "code": "consultation_elsewhere", "url": url,
+                                  "node": "x", "message": "elsewhere"})
+        await response.close(code=4307)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/ws", ws)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    url = f"http://127.0.0.1:{port}"
+    yield url
+    assert joins == 2, "the client joins where it was sent once, and stops at the second redirect"
+    await runner.cleanup()
+
+
+async def test_a_second_redirect_is_refused_not_followed(redirecting_server: str) -> None:
+    client = ConsultationClient(redirecting_server, "room", "token")
+    with pytest.raises(JoinRefused) as refused:
+        await client.join(timeout=5)
+    assert refused.value.code == "redirect_loop"
+    await client.close()
+
+
+# --- real processes: redis-server and two nodes ------------------------------------------
+
+
+class RedisServer:
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            if os.environ.get("CI"):
+                pytest.fail("redis-server is missing: .ci/run installs it")
+            pytest.skip("redis-server is not installed here")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for_line(self.process, "Ready to accept connections", 10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+class Node:
+    """A `nara serve` process that is one node of the cluster."""
+
+    def __init__(self, name: str, tmp_path: Path, redis_url: str, secret: str, admin_key: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = tmp_path / name
+        self.data_dir.mkdir(mode=0o700)
+        for file, value in (("token-secret", secret), ("admin-key", admin_key)):  # the same on every node
+            (self.data_dir / file).write_text(value)
+            (self.data_dir / file).chmod(0o600)
+        self.admin_key = admin_key
+        self.log = tmp_path / f"{name}.log"
+        self.env = {**os.environ, "PYTHONPATH": str(PROJECT), "NARA_CLUSTER_REDIS_URL": redis_url,
+                    "NARA_CLUSTER_NODE_ID": name, "NARA_CLUSTER_LOAD_INTERVAL": str(LOAD_INTERVAL)}
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "nara.cli", "serve", "--port", str(self.port), "--data-dir",
+                 str(self.data_dir), "--no-demo", "--adaptation", "off"],
+                env=self.env, stdout=subprocess.PIPE, stderr=log, text=True)
+
+    def wait_started(self) -> None:
+        assert self.process is not None
+        wait_for_line(self.process, "listening on", 30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.admin_key}"}) as http:
+            async with http.request(method, f"{self.url}{path}", json=body, allow_redirects=False) as response:
+                data = await response.json(content_type=None) if response.content_type == "application/json" else None
+                return response.status, data
+
+    async def create(self, title: str = "Konsultation") -> tuple[int, Any]:
+        return await self.request("POST", "/api/consultations", {"title": title})
+
+    async def held(self) -> set[str]:
+        status, data = await self.request("GET", "/api/consultations")
+        assert status == 200, data
+        return {c["id"] for c in data["consultations"]}
+
+    async def token(self, room: str, name: str, participant_id: str) -> dict[str, Any]:
+        status, data = await self.request("POST", f"/api/consultations/{room}/tokens",
+                                          {"name": name, "role": "clinician", "participant_id": participant_id})
+        assert status == 201, data
+        return dict(data)
+
+
+def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float) -> None:
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        line = process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the process ended before printing {text!r}")
+        if text in line:
+            return
+    raise RuntimeError(f"no {text!r} within {timeout} s")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Wait until ``check()`` holds, asking every 0.1 s, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.1)  # polling interval of a bounded wait
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[RedisServer, Node, Node]]:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    secret, admin_key = secrets.token_urlsafe(48), secrets.token_urlsafe(48)
+    nodes = [Node(name, tmp_path, redis.url, secret, admin_key) for name in ("node-a", "node-b")]
+    try:
+        for n in nodes:
+            n.start()
+        for n in nodes:
+            n.wait_started()
+        yield redis, nodes[0], nodes[1]
+    finally:
+        for n in nodes:
+            n.stop()
+        redis.stop()
+
+
+async def join(node: Node, room: str, tag: int) -> tuple[ConsultationClient, Watcher]:
+    token = await node.token(room, f"P{tag}", f"p{tag}")
+    client = ConsultationClient(node.url, room, token["token"], video=StampedVideoTrack(tag, 320, 240, 15),
+                                audio=ToneAudioTrack(TONES[tag]))
+    await client.join()
+    return client, Watcher(client)
+
+
+async def test_two_nodes_share_placement_redirect_joins_and_outlive_redis(
+    cluster: tuple[RedisServer, Node, Node],
+) -> None:
+    redis, a, b = cluster
+
+    registry = aioredis.Redis.from_url(redis.url)
+
+    async def both_registered() -> bool:
+        return bool(await registry.exists("nara:node:node-a", "nara:node:node-b") == 2)
+    await eventually(both_registered, 10, "both nodes registered")
+    await registry.aclose()
+
+    # Created through A, consultations spread over both nodes.
+    placed = {}
+    for n in range(6):
+        status, data = await a.create(f"Konsultation {n}")
+        assert status == 201, data
+        placed[data["id"]] = data["node"]
+    held_a, held_b = await a.held(), await b.held()
+    assert {c for c, owner in placed.items() if owner == "node-a"} <= held_a
+    assert {c for c, owner in placed.items() if owner == "node-b"} <= held_b
+    assert not held_a & held_b, "a consultation lives on one node"
+    assert len(set(placed) & held_a) == len(set(placed) & held_b) == 3, f"spread evenly: {placed}"
+
+    # Two participants join a consultation of B's through A: both land on B and see and hear each other.
+    room = next(c for c, owner in placed.items() if owner == "node-b")
+    status, _ = await a.request("GET", f"/c/{room}")
+    assert status == 307
+    clients: list[tuple[ConsultationClient, Watcher]] = []
+    try:
+        for tag in (1, 2):
+            clients.append(await join(a, room, tag))
+        for (client, watcher), other in zip(clients, ("p2", "p1"), strict=True):
+            assert client.base_url == b.url, "the join was redirected to the owner"
+            await receiving_from(client, {other})
+            watcher.follow()
+        for (_, watcher), other in zip(clients, (2, 1), strict=True):
+            await watcher.wait_for(lambda w=watcher, o=other: len(w.frames[o]) >= 20)
+
+        # Redis goes away: both nodes stay up and say why they are not ready; creating is refused
+        # clearly; the call on B goes on.
+        redis.stop()
+        async def refused() -> bool:
+            return (await a.create())[0] == 503
+        await eventually(refused, 10, "creation refused without Redis")
+        status, data = await a.create()
+        assert (status, data["error"]["code"]) == (503, "cluster_unavailable")
+        watcher = clients[0][1]
+        before = len(watcher.frames[2])
+        await watcher.wait_for(lambda: len(watcher.frames[2]) >= before + 30, timeout=15)
+        assert a.process is not None and a.process.poll() is None
+        assert b.process is not None and b.process.poll() is None
+
+        # Redis is back (empty): the nodes register again with what they hold, and creation works.
+        redis.start()
+        async def created() -> bool:
+            return (await a.create())[0] == 201
+        await eventually(created, 10, "creation works again once Redis is back")
+
+        async def found_again() -> bool:  # through A: B has registered what it holds again
+            status, data = await a.request("POST", f"/api/consultations/{room}/tokens", {"name": "X", "role": "nurse"})
+            return status == 201 and str(data["join_url"]).startswith(f"{b.url}/c/{room}#token=")
+        await eventually(found_again, 10, "B's consultation found through A again")
+    finally:
+        for client, watcher in clients:
+            await watcher.stop()
+            await client.close()
+    log = a.log.read_text()
+    assert log.count("Traceback") == 0, "no traceback storm"
+    assert "is unreachable" in log
