@@ -178,7 +178,7 @@ async def metrics(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, config: ServerConfig, media: MediaServer, history: LiveHistory,
                images: ImageStore | None = None) -> None:
     """``/metrics``, unless the configuration turns it off (``[metrics] enabled = false``)."""
-    if not getattr(config, "metrics_enabled", True):
+    if not config.metrics_enabled:
         return
     app[METRICS_TOKEN] = private_value(config.data_dir, METRICS_TOKEN_FILE)
     app[REGISTRY] = registry_for(media, history, images)
