@@ -380,15 +380,28 @@ def _token_problems(config: ServerConfig) -> list[Problem | None]:
                              f"{config.token_algorithm} needs tokens.public_key (a PEM file) to verify join tokens."))
     unreadable = [_file_problem(name, path) for name, path in keys if path is not None]
     found += unreadable
-    if config.token_algorithm != "HS256" and config.token_public_key is not None and not any(unreadable):
-        from .tokens import TokenKeys
-
-        try:
-            TokenKeys.from_files(config.token_algorithm, config.token_private_key, config.token_public_key)
-        except Exception as exc:  # noqa: BLE001 - any failure to load is reported, not raised
-            found.append(Problem("tokens.public_key", "invalid_key",
-                                 f"The key files do not hold {config.token_algorithm} PEM keys: {exc}."))
+    if config.token_algorithm != "HS256" and not any(unreadable):
+        found += [_key_problem(config.token_algorithm, name, path) for name, path in keys if path is not None]
     return found
+
+
+def _key_problem(algorithm: str, field: str, path: Path) -> Problem | None:
+    """A PEM key file that does not hold a key of ``algorithm`` (Ed25519 for EdDSA, RSA for RS256)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
+
+    expected = (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey) if algorithm == "EdDSA" else (
+        rsa.RSAPrivateKey, rsa.RSAPublicKey)
+    what = "an Ed25519" if algorithm == "EdDSA" else "an RSA"
+    try:
+        data = path.read_bytes()
+        key: object = load_pem_private_key(data, None) if field.endswith("private_key") else load_pem_public_key(data)
+    except (ValueError, TypeError):
+        return Problem(field, "invalid_key", f"{path} is not {what} PEM {field.split('.')[1].replace('_', ' ')} "
+                                             "(or it is encrypted).")
+    if not isinstance(key, expected):
+        return Problem(field, "invalid_key", f"{path} holds a {type(key).__name__}, but {algorithm} needs {what} key.")
+    return None
 
 
 def _media_problems(config: ServerConfig) -> list[Problem | None]:
