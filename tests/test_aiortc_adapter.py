@@ -426,3 +426,77 @@ async def test_inbound_packets_counts_the_uplinks_own_loss_even_when_retransmiss
         await publisher.close()
         await subscriber.close()
         restrict_host_addresses(None)
+
+
+# --- UDP port range for the SFU's ICE ------------------------------------------
+
+
+def test_aiortc_builds_ice_connections_from_aioice_whose_host_binding_the_port_range_replaces() -> None:
+    import aioice.turn
+    import aiortc.rtcicetransport
+
+    assert aiortc_adapter._original_ice_connection is aioice.ice.Connection
+    assert "Connection(" in inspect.getsource(aiortc.rtcicetransport.RTCIceGatherer.__init__)
+    assert "ephemeral_ports" not in inspect.signature(aioice.ice.Connection).parameters, (
+        "aioice takes a port range of its own now: pass it instead of replacing host gathering")
+    gather = aioice.ice.Connection.get_component_candidates
+    assert list(inspect.signature(gather).parameters) == ["self", "component", "addresses", "timeout"]
+    assert "local_addr=(address, 0)" in inspect.getsource(gather), "the bind the range replaces"
+    assert "self.get_component_candidates(" in inspect.getsource(aioice.ice.Connection.gather_candidates)
+    assert list(inspect.signature(aioice.ice.server_reflexive_candidate).parameters) == ["protocol", "stun_server"]
+    assert isinstance(aioice.turn.UDP_SOCKET_BUFFER_SIZE, int)
+
+
+def _free_pair() -> int:
+    """The first of two consecutive free UDP ports on loopback."""
+    import socket
+
+    for low in range(47000, 48000, 2):
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", low + i))
+            return low
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no two free ports")
+
+
+async def _host_port(pc: RTCPeerConnection) -> int:
+    pc.addTransceiver("audio")
+    pc.addTransceiver("video")
+    await pc.setLocalDescription(await pc.createOffer())
+    ports = {int(line.split()[5]) for line in pc.localDescription.sdp.splitlines() if line.startswith("a=candidate:")}
+    assert len(ports) == 1, ports  # bundled: one port for all of a peer connection's media
+    return ports.pop()
+
+
+async def test_port_range_binds_each_peer_connection_inside_it_and_refuses_clearly_when_full() -> None:
+    from mediaserver.aiortc_adapter import MediaPortsExhausted, restrict_port_range
+
+    def bundled() -> RTCPeerConnection:
+        return RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
+
+    low = _free_pair()
+    first, second, third, fourth = bundled(), bundled(), bundled(), bundled()
+    restrict_port_range(low, low + 1)
+    try:
+        ports = {await _host_port(first), await _host_port(second)}
+        assert ports == {low, low + 1}
+        with pytest.raises(MediaPortsExhausted) as refused:
+            await _host_port(third)
+        assert refused.value.code == "media_ports_exhausted" and f"{low}-{low + 1}" in refused.value.message
+        await first.close()
+        assert low <= await _host_port(fourth) <= low + 1, "a closed connection's port is free again"
+    finally:
+        restrict_port_range(None, None)
+        for pc in (first, second, third, fourth):
+            await pc.close()
+    anywhere = bundled()
+    try:
+        assert not low <= await _host_port(anywhere) <= low + 1  # no range: an ephemeral port, aioice's own way
+    finally:
+        await anywhere.close()
