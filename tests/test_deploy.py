@@ -168,7 +168,8 @@ def test_compose_schema_check_catches_a_misspelt_key(tmp_path: Path) -> None:
 
 
 def test_compose_mounts_what_the_repository_has_and_keeps_secrets_out() -> None:
-    given_by_the_operator = {"./coturn/certs"}  # the TLS certificate: docs/deploy.md
+    # The TLS certificate and a copy of the server's generated metrics token: docs/deploy.md.
+    given_by_the_operator = {"./coturn/certs", "./prometheus/metrics-token"}
     for name, service in services().items():
         for volume in service.get("volumes", []):  # type: ignore[attr-defined]
             source = str(volume).split(":")[0]
