@@ -109,9 +109,9 @@ async def test_metrics_carry_each_participants_link_during_a_live_call(server: R
             assert value(samples, "nara_participant_estimate_bps", **who) > 30_000  # type: ignore[operator]
             assert value(samples, "nara_participant_loss_ratio", direction="up", **who) < 0.05  # type: ignore[operator]
             assert value(samples, "nara_participant_loss_ratio", direction="down", **who) < 0.05  # type: ignore[operator]
-            assert value(samples, "nara_forwarded_packets_total", kind="video", **who) > 50  # type: ignore[operator]
-            assert value(samples, "nara_forwarded_packets_total", kind="audio", **who) > 50  # type: ignore[operator]
-            assert value(samples, "nara_uplink_packets_expected_total", kind="video", **who) > 50  # type: ignore[operator]
+            assert value(samples, "nara_forwarded_packets_total", kind="video", **who) >= 10  # type: ignore[operator]
+            assert value(samples, "nara_forwarded_packets_total", kind="audio", **who) >= 10  # type: ignore[operator]
+            assert value(samples, "nara_uplink_packets_expected_total", kind="video", **who) >= 10  # type: ignore[operator]
             [layer] = labels_of(samples, "nara_participant_video_layer", **who)
             assert layer["from"] == other and layer["layer"] in LAYERS
             assert value(samples, "nara_participant_video_height_pixels", **who) > 0  # type: ignore[operator]
