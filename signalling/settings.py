@@ -44,7 +44,7 @@ MIN_PARTICIPANTS = 2  # a port range must hold at least one call
 UPLOAD_MAX_SIZE_RANGE = (1024, 4 * 1024**3)
 TURN_TTL_RANGE = (60, 7 * 24 * 3600)
 LOAD_INTERVAL_RANGE = (0.1, 60.0)
-NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+NODE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # as cluster.py
 
 
 @dataclass(frozen=True)
@@ -468,8 +468,8 @@ def _cluster_problems(config: ServerConfig) -> list[Problem | None]:
         found.append(Problem("cluster.redis_url", "invalid_url", redact_url(reason) + "."))
     if not NODE_ID.fullmatch(config.cluster_node_id):
         found.append(Problem("cluster.node_id", "invalid_value",
-                             f"cluster.node_id {config.cluster_node_id!r} must be 1-63 letters, digits, '.', '_' "
-                             "or '-', starting with a letter or digit."))
+                             f"cluster.node_id {config.cluster_node_id!r} must be 1 to 64 letters, digits, '.', "
+                             "':', '-' or '_'."))
     if config.cluster_node_url is not None and (reason := _url_problem(config.cluster_node_url, ("http", "https"))):
         found.append(Problem("cluster.node_url", "invalid_url", reason + "."))
     return found
