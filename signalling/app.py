@@ -16,6 +16,7 @@ from . import web as web_client
 from .config import DATABASE_FILE, SECRET_FILE, ServerConfig, admin_key, prepare_data_dir, private_value, token_keys
 from .devices import HomeKits
 from .imagestore import ImageStore
+from .proxies import forwarded_client, parse_networks
 from .store import ConsultationStore
 from .tokens import TokenAuthority
 from .ws import HUB, SignallingHub, websocket_handler
@@ -42,7 +43,8 @@ def build_app(config: ServerConfig) -> web.Application:
                         port_range=None if low is None or high is None else (low, high))
     kits = HomeKits(store, authority)
     hub = SignallingHub(config, authority, store, media, devices=kits)
-    app = web.Application(middlewares=[rest.json_errors, rest.require_admin], client_max_size=1024**2)
+    proxied = [forwarded_client(parse_networks(config.trusted_proxies))] if config.trusted_proxies else []
+    app = web.Application(middlewares=[*proxied, rest.json_errors, rest.require_admin], client_max_size=1024**2)
     app[HUB] = hub
     ops.add_routes(app)  # health, drain; before others append readiness checks
     cluster.join_cluster(app, hub)  # only with a Redis URL configured

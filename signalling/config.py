@@ -50,6 +50,8 @@ class ServerConfig:
     log_format: str = "text"  # "text" or "json" (one JSON object per line)
     log_level: str = "info"
     drain_timeout: float = 3600.0  # seconds a draining server waits for its last consultation
+    # TLS proxies whose X-Forwarded-For is believed (signalling/proxies.py); empty: none.
+    trusted_proxies: list[str] = field(default_factory=list)
     # UDP ports the SFU's ICE binds (one per participant and media address); None and None: any ephemeral port.
     media_port_min: int | None = None
     media_port_max: int | None = None

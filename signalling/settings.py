@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .config import ServerConfig
+from .proxies import parse_networks
 
 CONFIG_ENV = "NARA_CONFIG"
 ENV_PREFIX = "NARA_"
@@ -87,6 +88,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("server", "log_level", "str", "log_level"),
     Key("server", "upload_max_size", "int", "upload_max_size"),
     Key("server", "drain_timeout", "float", "drain_timeout"),
+    Key("server", "trusted_proxies", "list", "trusted_proxies"),
     Key("tokens", "algorithm", "str", "token_algorithm"),
     Key("tokens", "private_key", "path", "token_private_key", optional=True),
     Key("tokens", "public_key", "path", "token_public_key", optional=True),
@@ -357,11 +359,23 @@ def validate(config: ServerConfig) -> list[Problem]:
         found.append(Problem("server.public_url", "invalid_url", reason + "."))
     if config.data_dir.exists() and not config.data_dir.is_dir():
         found.append(Problem("server.data_dir", "not_a_directory", f"{config.data_dir} is a file, not a folder."))
+    found += [Problem("server.trusted_proxies", "invalid_network", f"server.trusted_proxies: {exc}.")
+              for exc in _network_errors(config.trusted_proxies)]
     found += _token_problems(config)
     found += _media_problems(config)
     found += _turn_problems(config)
     found += _cluster_problems(config)
     return [p for p in found if p is not None]
+
+
+def _network_errors(values: list[str]) -> list[ValueError]:
+    errors = []
+    for value in values:
+        try:
+            parse_networks([value])
+        except ValueError as exc:
+            errors.append(exc)
+    return errors
 
 
 def _token_problems(config: ServerConfig) -> list[Problem | None]:
