@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import ssl
 import statistics
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
+from aioice import stun
 from aiortc import (
     RTCConfiguration,
     RTCDataChannel,
@@ -37,6 +41,7 @@ from aiortc import (
 from mediaserver.doctor_peer import Receipt, send_for
 
 PINGS = 5
+NO_RELAY = "no relay address from the TURN server"
 PATH_ORDER = ("udp-direct", "turn-udp", "turn-tcp", "turn-tls")  # the order ICE would prefer them in
 LABELS = {
     "http": "HTTP(S)", "websocket": "WebSocket", "udp-direct": "UDP direct", "turn-udp": "TURN/UDP",
@@ -167,7 +172,7 @@ def render(report: Report) -> str:
     lines.append(f"  {'check':<16}{'result':<8}{'measured':>14}  detail")
     for c in report.checks:
         measured = f"{c.kbps:.0f} kbit/s" if c.kbps is not None else _ms(c.rtt_ms) if c.rtt_ms is not None else "-"
-        detail = " ".join(x for x in (c.url or "", c.detail) if x)
+        detail = ": ".join(x for x in (c.url or "", c.detail) if x)
         lines.append(f"  {c.label:<16}{'ok' if c.ok else 'FAILED':<8}{measured:>14}  {detail}".rstrip())
     possible, words = verdict(report.checks)
     lines += ["", ("A call is possible. " if possible else "No call is possible from here. ") + words]
@@ -189,6 +194,96 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
     return str(exc) or type(exc).__name__
+
+
+UDP_TRANSPORT = 0x11000000  # REQUESTED-TRANSPORT: UDP (RFC 5766 14.7)
+
+
+def _turn_address(url: str) -> tuple[str, str, int, str]:
+    """Scheme, host, port and transport of a turn: or turns: URL (RFC 7065)."""
+    scheme, _, rest = url.partition(":")
+    hostport, _, query = rest.partition("?")
+    transport = urllib.parse.parse_qs(query).get("transport", ["udp" if scheme == "turn" else "tcp"])[0]
+    host, _, port = hostport.rpartition(":") if hostport.rfind(":") > hostport.rfind("]") else (hostport, "", "")
+    default = 5349 if scheme == "turns" else 3478
+    return scheme, host.strip("[]"), int(port) if port.isdigit() else default, transport
+
+
+class _FirstDatagram(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if not self.answer.done():
+            self.answer.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(exc)
+
+
+async def _stun_exchange(scheme: str, host: str, port: int, transport: str, request: bytes, timeout: float) -> bytes:
+    loop = asyncio.get_running_loop()
+    if transport == "udp":
+        udp, protocol = await loop.create_datagram_endpoint(_FirstDatagram, remote_addr=(host, port))
+        try:
+            for attempt in range(3):  # STUN over UDP retransmits (RFC 5389 7.2.1)
+                udp.sendto(request)
+                try:
+                    return await asyncio.wait_for(asyncio.shield(protocol.answer), timeout / 3)
+                except TimeoutError:
+                    if attempt == 2:
+                        raise
+            raise TimeoutError
+        finally:
+            udp.close()
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(host, port, ssl=True if scheme == "turns" else None)
+        try:
+            writer.write(request)
+            header = await reader.readexactly(20)
+            return header + await reader.readexactly(int.from_bytes(header[2:4], "big"))
+        finally:
+            writer.close()
+
+
+async def turn_server_problem(url: str, timeout: float) -> str | None:
+    """Why the TURN server at ``url`` cannot be used from here, or None if it answers TURN at all.
+
+    An Allocate request without credentials: a TURN server answers it (with 401,
+    asking for them), so any answer shows the way there is open.
+    """
+    scheme, host, port, transport = _turn_address(url)
+    request = stun.Message(message_method=stun.Method.ALLOCATE, message_class=stun.Class.REQUEST)
+    request.attributes["REQUESTED-TRANSPORT"] = UDP_TRANSPORT
+    over = "TLS" if scheme == "turns" else transport.upper()
+    try:
+        answer = stun.parse_message(await _stun_exchange(scheme, host, port, transport, bytes(request), timeout))
+    except ssl.SSLCertVerificationError as exc:
+        return f"its certificate is not trusted here ({exc.verify_message})"
+    except ssl.SSLError as exc:
+        return f"the TLS handshake with {host}:{port} failed ({exc.reason})"
+    except ConnectionRefusedError:
+        return f"{host}:{port} refused {over} (nothing listens there, or a firewall rejects it)"
+    except TimeoutError:
+        return f"no answer from {host}:{port} over {over} (blocked on the way, or the server is down)"
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        return f"{host}:{port} closed the {over} connection without answering"
+    except OSError as exc:
+        return f"cannot reach {host}:{port} over {over}: {getattr(exc, 'strerror', None) or exc}"
+    except ValueError:
+        return f"{host}:{port} answered, but not as a TURN server"
+    if answer.message_method != stun.Method.ALLOCATE:
+        return f"{host}:{port} answered, but not as a TURN server"
+    return None
+
+
+CANDIDATE = re.compile(r"^a=candidate:\S+ \d+ udp \d+ (\S+) (\d+) typ", re.MULTILINE | re.IGNORECASE)
+
+
+def media_addresses(sdp: str) -> list[str]:
+    """The UDP addresses the server's answer offers for media, as host:port."""
+    return list(dict.fromkeys(f"{host}:{port}" for host, port in CANDIDATE.findall(sdp)))
 
 
 class ProbeConnection:
@@ -227,8 +322,7 @@ class ProbeConnection:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = self.pc.localDescription.sdp
         if relay and " typ relay" not in offer:
-            raise CheckFailed("no relay address from the TURN server (it did not answer, refused the credentials, "
-                              "or its certificate was not trusted)")
+            raise CheckFailed(NO_RELAY)
         async with http.post(f"{server}/doctor/offer", json={"sdp": offer}, headers=headers) as response:
             body = await response.json(content_type=None)
             if response.status != 200:
@@ -243,10 +337,11 @@ class ProbeConnection:
             opened.cancel()
             failed.cancel()
         if not self._open.is_set():
-            raise CheckFailed("no connection: the connectivity checks found no way through"
-                              if self._failed.is_set() else f"no connection within {timeout:g} s")
+            addresses = ", ".join(media_addresses(body["sdp"])) or "none announced"
+            how = "through the relay" if relay else "over UDP"
+            raise CheckFailed(f"no connection {how} to the media server ({addresses}) within {timeout:g} s")
 
-    async def _reply(self, kind: str, timeout: float) -> dict[str, Any]:
+    async def reply(self, kind: str, timeout: float) -> dict[str, Any]:
         async with asyncio.timeout(timeout):
             while True:
                 message = await self.control.get()
@@ -261,7 +356,7 @@ class ProbeConnection:
         for seq in range(count):
             sent = time.monotonic()
             self.channel.send(json.dumps({"type": "ping", "seq": seq}))
-            while (await self._reply("pong", timeout)).get("seq") != seq:
+            while (await self.reply("pong", timeout)).get("seq") != seq:
                 pass
             times.append((time.monotonic() - sent) * 1000)
         return statistics.median(times)
@@ -270,7 +365,7 @@ class ProbeConnection:
         """kbit/s that arrived while the server sent for ``seconds`` (at most ``size`` bytes)."""
         self.receipt = receipt = Receipt()
         self.channel.send(json.dumps({"type": "down", "seconds": seconds, "bytes": size}))
-        done = await self._reply("down-done", seconds + 15)
+        done = await self.reply("down-done", seconds + 15)
         self.receipt = None
         if receipt.seconds >= 0.05:
             return receipt.bytes * 8 / receipt.seconds / 1000
@@ -281,7 +376,7 @@ class ProbeConnection:
         self.channel.send(json.dumps({"type": "up", "seconds": seconds, "bytes": size}))
         await send_for(self.channel, seconds, size)
         self.channel.send(json.dumps({"type": "up-end"}))
-        done = await self._reply("up-done", 15)
+        done = await self.reply("up-done", 15)
         return float(done["bytes"]) * 8 / max(float(done["seconds"]), 0.001) / 1000
 
     async def close(self) -> None:
@@ -362,6 +457,10 @@ async def run_doctor(options: DoctorOptions) -> Report:
                     check = Check(kind, True, rtt_ms=await probe.round_trip(), url=url)
             except Exception as exc:  # noqa: BLE001
                 check = Check(kind, False, detail=_reason(exc), url=url)
+            if not check.ok and url is not None and check.detail.startswith(NO_RELAY):
+                problem = await turn_server_problem(url, min(options.timeout, 6.0))
+                check.detail = problem or (f"{NO_RELAY}: the TURN server answers but refused the credentials "
+                                           "(check that the server's [turn] secret is coturn's) or has no relay ports")
             report.checks.append(check)
             if check.ok and best is None:
                 best, best_check = probe, check
