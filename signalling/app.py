@@ -57,6 +57,8 @@ def build_app(config: ServerConfig) -> web.Application:
     image_service = images.add_routes(app, ImageStore(store.db, config.data_dir))
     history = live.add_routes(app, media)
     metrics.add_routes(app, config, media, history, image_service.store)
+    if metrics.METRICS_TOKEN in app:
+        logs.hide(app[metrics.METRICS_TOKEN])
     web_client.add_routes(app)
     app.router.add_get("/ws", websocket_handler)
 
