@@ -144,6 +144,9 @@ def test_image_runs_unprivileged_checks_its_health_and_bakes_no_secret() -> None
     assert user.split(":")[0] not in ("root", "0")
     assert any(line.startswith("HEALTHCHECK") for line in lines)
     assert "/health/live" in (DEPLOY / "Dockerfile").read_text()
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert f"nara=={version}" in (DEPLOY / "Dockerfile").read_text(), "the image installs this version of Nära"
+    assert services()["nara"]["image"] == f"nara:{version}"
     for line in lines:
         if line.startswith(("ENV", "ARG")):
             assert not re.search(r"(?i)(secret|password|token|key)\w*=", line), line
