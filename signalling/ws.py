@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ from .protocol import (
 from .ratelimit import TokenBucket
 from .store import ConsultationStore
 from .tokens import TokenAuthority, TokenError
+from .turn import ice_servers_for
 
 if TYPE_CHECKING:
     from .cluster import ClusterNode
@@ -261,7 +263,7 @@ class ParticipantSocket:
                 "participant": info.public(),
                 "room": {"id": consultation.id, "title": consultation.title},
                 "participants": [p for p in room.participants() if p["id"] != info.id],
-                "ice_servers": self.hub.config.ice_servers,
+                "ice_servers": ice_servers_for(self.hub.config, info.id, time.time()),
                 "ice_transport_policy": self.hub.config.ice_transport_policy,
                 "heartbeat_interval": self.hub.config.heartbeat_interval,
                 "heartbeat_timeout": self.hub.config.heartbeat_timeout,

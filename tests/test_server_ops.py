@@ -7,7 +7,10 @@ Every test here runs a real `nara serve --config` process on loopback and real p
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -16,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,7 @@ from signalling import logs
 from signalling.client import ConsultationClient, JoinRefused
 from signalling.settings import redact_url
 
+from .conftest import start_server
 from .media_helpers import Watcher
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -131,19 +136,20 @@ async def nara_serve(tmp_path: Path, config: str = "") -> AsyncIterator[NaraProc
         served.stop()
 
 
-async def publisher(served: NaraProcess, room: str, tag: int) -> ConsultationClient:
+async def publisher(served: NaraProcess, room: str, tag: int, **client_kw: Any) -> ConsultationClient:
     video = StampedVideoTrack(tag, width=160, height=120, fps=10)
     client = ConsultationClient(served.url, room, await served.token(room, f"P{tag}"), video=video,
-                                audio=ToneAudioTrack(440.0 * tag))
+                                audio=ToneAudioTrack(440.0 * tag), **client_kw)
     await client.join()
     return client
 
 
 async def watching(
-    served: NaraProcess, room: str, tags: set[int], name: str = "W"
+    served: NaraProcess, room: str, tags: set[int], name: str = "W", **client_kw: Any
 ) -> tuple[ConsultationClient, Watcher]:
     """A participant who publishes nothing and has seen video from every publisher in ``tags``."""
-    client = ConsultationClient(served.url, room, await served.token(room, name, "observer"), publish=False)
+    client = ConsultationClient(served.url, room, await served.token(room, name, "observer"), publish=False,
+                                **client_kw)
     await client.join()
     watcher = Watcher(client)
     await client.wait_for(lambda: len(client.remote_tracks) >= 2 * len(tags), 20)
@@ -219,10 +225,12 @@ async def test_json_logs_one_object_per_line_and_no_secret_anywhere(tmp_path: Pa
             async with http.get(f"{served.url}/api/consultations",
                                 headers={"Authorization": "Bearer wrong-key-0123456789"}) as response:
                 assert response.status == 403
+        forged = ConsultationClient(served.url, room, token + "x")
         with pytest.raises(JoinRefused):
-            await ConsultationClient(served.url, room, token + "x").join()
-        first = await publisher(served, room, 1)
-        viewer, watcher = await watching(served, room, {1})
+            await forged.join()
+        await forged.close()
+        first = await publisher(served, room, 1, ice_servers=[])  # the TURN server named above is not there
+        viewer, watcher = await watching(served, room, {1}, ice_servers=[])
         await watcher.stop()
         await viewer.close()
         await first.close()
@@ -238,6 +246,26 @@ async def test_json_logs_one_object_per_line_and_no_secret_anywhere(tmp_path: Pa
     output = "".join(served.stdout + served.stderr)
     for secret in secrets:
         assert secret not in output
+
+
+async def test_each_participant_gets_a_turn_credential_of_its_own_that_expires(tmp_path: Path) -> None:
+    secret = "coturn-static-secret-abcdef"
+    running, runner = await start_server(tmp_path, turn_urls=["turn:127.0.0.1:3478?transport=udp"],
+                                         turn_static_auth_secret=secret, turn_ttl=600)
+    try:
+        room = running.consultation()
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{running.url}/ws") as ws:
+            token = running.token(room, "Dr A", participant_id="p-dr-a")
+            await ws.send_json({"type": "join", "room": room, "token": token, "publish": False})
+            joined = await ws.receive_json(timeout=10)
+    finally:
+        await runner.cleanup()
+    [server] = joined["ice_servers"]
+    assert server["urls"] == ["turn:127.0.0.1:3478?transport=udp"]
+    expiry, name = server["username"].split(":")
+    assert name == "p-dr-a" and 590 <= int(expiry) - time.time() <= 600
+    expected = hmac.new(secret.encode(), server["username"].encode(), hashlib.sha1).digest()
+    assert base64.b64decode(server["credential"]) == expected, "what coturn's use-auth-secret accepts"
 
 
 # --- health and drain -------------------------------------------------------------------
@@ -261,9 +289,11 @@ async def test_sigterm_drains_the_live_call_goes_on_and_the_process_exits_when_i
         assert (status, body["status"]) == (503, "draining")
         status, body = await served.request("POST", "/api/consultations", {"title": "Ny"})
         assert (status, body["error"]["code"]) == (503, "draining")
+        elsewhere = ConsultationClient(served.url, other, await served.token(other, "Dr B"))
         with pytest.raises(JoinRefused) as refused:
-            await ConsultationClient(served.url, other, await served.token(other, "Dr B")).join()
+            await elsewhere.join()
         assert refused.value.code == "draining"
+        await elsewhere.close()
         late = ConsultationClient(served.url, room, await served.token(room, "Sköterska"), publish=False)
         await late.join()  # the consultation live here still takes its participants
         await frames_continue(watcher, 1)  # and its call goes on
