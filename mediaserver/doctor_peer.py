@@ -39,7 +39,7 @@ CHUNK = 16 * 1024  # bytes per binary message; browsers and aiortc take up to 64
 MAX_SECONDS = 5.0  # one bandwidth test, either way
 MAX_BYTES = 4 * 1024 * 1024  # one bandwidth test, either way
 MAX_TOTAL_BYTES = 4 * MAX_BYTES  # everything sent and received over one peer's life
-BUFFERED_HIGH = 256 * 1024  # stop queueing while this much waits unsent
+BUFFERED_HIGH = 64 * 1024  # stop queueing while this much waits unsent (under 4 s at 150 kbit/s)
 MAX_TEXT = 1024  # a control message's length
 
 
