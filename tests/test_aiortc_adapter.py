@@ -482,6 +482,7 @@ async def test_port_range_binds_each_peer_connection_inside_it_and_refuses_clear
 
     low = _free_pair()
     first, second, third, fourth = bundled(), bundled(), bundled(), bundled()
+    restrict_host_addresses(["127.0.0.1"])  # one host address: one port per peer connection
     restrict_port_range(low, low + 1)
     try:
         ports = {await _host_port(first), await _host_port(second)}
