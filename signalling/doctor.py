@@ -21,9 +21,6 @@ itself after ``PEER_LIFETIME`` seconds.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import logging
 import time
 import urllib.parse
@@ -35,11 +32,11 @@ from aiohttp import web
 
 from mediaserver.doctor_peer import MAX_BYTES, MAX_SECONDS, DoctorPeer
 
-from .config import ServerConfig
 from .devices import DeviceError
 from .ratelimit import TokenBucket
 from .rest import api_error, json_body
 from .tokens import TokenAuthority, TokenError
+from .turn import ice_servers_for
 from .web import PAGE_HEADERS, STATIC
 from .ws import HUB
 
@@ -71,30 +68,6 @@ def turn_checks(ice_servers: list[dict[str, Any]]) -> list[dict[str, Any]]:
             checks.append({"kind": kind, "url": url, "username": server.get("username"),
                            "credential": server.get("credential")})
     return checks
-
-
-def time_limited_credential(secret: str, name: str, ttl: int, now: float) -> tuple[str, str]:
-    """A TURN username and password for coturn's ``use-auth-secret``, valid ``ttl`` seconds from ``now``.
-
-    The username is ``<expiry>:<name>`` and the password the base64 HMAC-SHA1 of the
-    username under the shared secret (draft-uberti-behave-turn-rest).
-    """
-    username = f"{int(now) + ttl}:{name}"
-    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
-    return username, base64.b64encode(digest).decode()
-
-
-def doctor_turn_servers(config: ServerConfig, now: float) -> list[dict[str, Any]]:
-    """The TURN servers a doctor client should test: ``[turn]`` (with a credential of its own when
-    the server shares coturn's secret) and any TURN URL among ``ice_servers``."""
-    servers = [s for s in config.ice_servers if s.get("urls")]
-    if config.turn_urls:
-        username, credential = config.turn_username, config.turn_credential
-        if config.turn_static_auth_secret is not None:
-            username, credential = time_limited_credential(config.turn_static_auth_secret, "doctor",
-                                                           config.turn_ttl, now)
-        servers.append({"urls": list(config.turn_urls), "username": username, "credential": credential})
-    return servers
 
 
 class DoctorService:
@@ -154,6 +127,10 @@ def authorise(request: web.Request) -> str:
     return f"participant {claims.participant_id}"
 
 
+async def to_doctor_page(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPMovedPermanently("/doctor/")
+
+
 async def doctor_page(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC / "doctor.html", headers=PAGE_HEADERS)
 
@@ -163,7 +140,7 @@ async def doctor_config(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     return web.json_response(
         {
-            "turn": turn_checks(doctor_turn_servers(hub.config, time.time())),
+            "turn": turn_checks(ice_servers_for(hub.config, "doctor", time.time())),
             "limits": {"seconds": MAX_SECONDS, "bytes": MAX_BYTES, "peer_lifetime": PEER_LIFETIME},
         },
         headers={"Cache-Control": "no-store"},
@@ -218,6 +195,7 @@ def mint_doctor_token(authority: TokenAuthority, ttl: int = DOCTOR_TOKEN_TTL) ->
 def add_routes(app: web.Application) -> None:
     service = DoctorService()
     app[DOCTOR] = service
+    app.router.add_get("/doctor", to_doctor_page)
     app.router.add_get("/doctor/", doctor_page)
     app.router.add_get("/doctor/config", doctor_config)
     app.router.add_post("/doctor/offer", doctor_offer)

@@ -18,7 +18,8 @@ import pytest
 from bench.process import PROJECT, free_port
 from mediaserver.doctor_peer import MAX_BYTES, MAX_SECONDS
 from nara.doctor import Check, ProbeConnection, Report, render, verdict
-from signalling.doctor import DOCTOR_ROOM, OFFER_BURST, mint_doctor_token, time_limited_credential
+from signalling.doctor import DOCTOR_ROOM, OFFER_BURST, mint_doctor_token
+from signalling.turn import time_limited_credential
 
 from .conftest import RunningServer
 from .coturn import Coturn, coturn_or_skip
