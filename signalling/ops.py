@@ -109,7 +109,9 @@ async def drain(request: web.Request) -> web.Response:
 async def refuse_new_consultations(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    if request.app[DRAIN_STATE].draining and request.method == "POST" and request.path == "/api/consultations":
+    # A node of a cluster places new consultations on the nodes that are not draining (cluster.py).
+    if request.app[DRAIN_STATE].draining and request.method == "POST" and request.path == "/api/consultations" \
+            and request.app[HUB].cluster is None:
         raise api_error(503, "draining",
                         "This server is draining before a restart and takes no new consultations; "
                         "create it on another server, or after the restart.")
