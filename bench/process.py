@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -49,7 +50,8 @@ def start_python(module: str, *args: str, ready: str) -> subprocess.Popen[str]:
 
 
 def stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
+    """Stop at once: SIGINT, as SIGTERM lets ``nara serve`` drain until its calls end."""
+    process.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
