@@ -11,13 +11,38 @@ from __future__ import annotations
 
 import fractions
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import av
+import numpy as np
 from aiortc.mediastreams import MediaStreamTrack
 
 OPUS_RATE = 48000
 OPUS_FRAME = 960  # 20 ms
+OPUS_PACKET_MS = (20, 40, 60)
+
+
+@dataclass(frozen=True)
+class OpusProfile:
+    """How the call's audio is encoded: bitrate (bit/s) and milliseconds of sound per packet."""
+
+    bitrate: int = 24_000
+    packet_ms: int = 20
+
+    def __post_init__(self) -> None:
+        if not 6_000 <= self.bitrate <= 128_000:
+            raise ValueError("Opus bitrate must be between 6 and 128 kbit/s")
+        if self.packet_ms not in OPUS_PACKET_MS:
+            raise ValueError("Opus packets here are 20, 40 or 60 ms long")
+
+
+# Every packet costs about 60 bytes of IP, UDP, RTP and SRTP headers: 24 kbit/s at 50 packets a second, as
+# much as the speech itself. On a thin uplink, 20 kbit/s in 60 ms packets carries the speech (wideband, with
+# in-band FEC, which libopus drops below about 18 kbit/s) in about 30 kbit/s instead of 55; a lost packet
+# costs 60 ms, rebuilt from the next one's FEC or asked for again.
+NORMAL = OpusProfile()
+THIN_UPLINK = OpusProfile(bitrate=20_000, packet_ms=60)
 
 
 class OpusTrack(MediaStreamTrack):
@@ -31,25 +56,38 @@ class OpusTrack(MediaStreamTrack):
 
     def __init__(self, source: MediaStreamTrack, bitrate: int = 24_000, expected_loss: int = 10) -> None:
         super().__init__()
-        if not 6_000 <= bitrate <= 128_000:
-            raise ValueError("Opus bitrate must be between 6 and 128 kbit/s")
         self.source = source
-        self.bitrate = bitrate
-        self._codec = av.CodecContext.create("libopus", "w")
-        self._codec.sample_rate = OPUS_RATE
-        self._codec.layout = "mono"
-        self._codec.format = "s16"
-        self._codec.bit_rate = bitrate
-        self._codec.time_base = fractions.Fraction(1, OPUS_RATE)
-        self._codec.options = {
-            "application": "voip",
-            "frame_duration": "20",
-            "fec": "1",
-            "packet_loss": str(expected_loss),
-        }
+        self.expected_loss = expected_loss
+        self.profile = OpusProfile(bitrate=bitrate)
+        self._wanted = self.profile
+        self._codec = self._encoder(self.profile)
         self._resampler = av.AudioResampler(format="s16", layout="mono", rate=OPUS_RATE, frame_size=OPUS_FRAME)
+        self._unencoded: list[av.AudioFrame] = []  # 20 ms frames not yet encoded
         self._ready: deque[av.Packet[Any]] = deque()
         self._pts = 0
+
+    @property
+    def bitrate(self) -> int:
+        return self.profile.bitrate
+
+    def use(self, profile: OpusProfile) -> None:
+        """Encode as ``profile`` says from the next packet on (the stream goes on: its clock is unbroken)."""
+        self._wanted = profile
+
+    def _encoder(self, profile: OpusProfile) -> Any:
+        codec = av.CodecContext.create("libopus", "w")
+        codec.sample_rate = OPUS_RATE
+        codec.layout = "mono"
+        codec.format = "s16"
+        codec.bit_rate = profile.bitrate
+        codec.time_base = fractions.Fraction(1, OPUS_RATE)
+        codec.options = {
+            "application": "voip",
+            "frame_duration": str(profile.packet_ms),
+            "fec": "1",
+            "packet_loss": str(self.expected_loss),
+        }
+        return codec
 
     async def recv(self) -> av.Packet[Any]:
         while not self._ready:
@@ -57,13 +95,28 @@ class OpusTrack(MediaStreamTrack):
             if not isinstance(frame, av.AudioFrame):
                 raise TypeError("OpusTrack needs a source of audio frames")
             for chunk in self._resampler.resample(frame):
-                chunk.pts = self._pts
-                chunk.time_base = fractions.Fraction(1, OPUS_RATE)
-                self._pts += chunk.samples
-                for packet in self._codec.encode(chunk):
-                    packet.time_base = fractions.Fraction(1, OPUS_RATE)
-                    self._ready.append(packet)
+                self._unencoded.append(chunk)
+                if len(self._unencoded) * OPUS_FRAME >= self.profile.packet_ms * OPUS_RATE // 1000:
+                    self._encode_waiting()
         return self._ready.popleft()
+
+    def _encode_waiting(self) -> None:
+        """One packet of the frames waiting; a new profile starts at a packet's edge, with a fresh encoder
+        (libopus sets its packet length once)."""
+        chunks, self._unencoded = self._unencoded, []
+        samples = sum(chunk.samples for chunk in chunks)
+        joined = av.AudioFrame.from_ndarray(np.concatenate([chunk.to_ndarray() for chunk in chunks], axis=1),
+                                            format="s16", layout="mono")
+        joined.sample_rate = OPUS_RATE
+        joined.pts = self._pts
+        joined.time_base = fractions.Fraction(1, OPUS_RATE)
+        self._pts += samples
+        for packet in self._codec.encode(joined):
+            packet.time_base = fractions.Fraction(1, OPUS_RATE)
+            self._ready.append(packet)
+        if self._wanted != self.profile:
+            self.profile = self._wanted
+            self._codec = self._encoder(self.profile)
 
     def stop(self) -> None:
         self.source.stop()

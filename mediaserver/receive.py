@@ -4,7 +4,9 @@ Two policies, pure and driven by the time passed in, so tests run them with
 a fake clock; the aiortc shell around them is in ``aiortc_adapter``.
 
 Audio (``AudioPlayout``): one 20 ms frame comes out on every tick of a steady
-playout clock, whatever the network did. The clock runs a small target delay
+playout clock, whatever the network did (or one packet of 40 or 60 ms, from a
+sender that packs more frames into each packet on a thin uplink; the clock then
+ticks at the packet's length). The clock runs a small target delay
 behind the fastest packets seen, grown when packets arrive late and shrunk
 slowly when they stop doing so. For each tick: the packet itself if it is
 here; else the packet after it, if here, rebuilds it from its in-band FEC;
@@ -85,6 +87,7 @@ class PlayoutFrame:
     payload: bytes | None
     timestamp: int  # RTP timestamp of the frame, as sent
     new_stream: bool = False  # reset the decoder before this frame
+    samples: int = 960  # how much sound it stands for: what "fec", "conceal" and "silence" are to make up
 
     @property
     def concealed(self) -> bool:
@@ -111,6 +114,7 @@ class _AudioPacket:
     ts: int
     payload: bytes
     repaired: bool = False  # came again after we asked for it
+    samples: int = 960  # its length, in samples
 
 
 @dataclass
@@ -124,7 +128,11 @@ class _Request:
 
 
 class AudioPlayout:
-    """An adaptive playout buffer for one audio stream of fixed-length frames (Opus at 20 ms).
+    """An adaptive playout buffer for one audio stream of frames of ``frame_samples`` (Opus at 20 ms).
+
+    A packet may hold several frames (Opus at 40 or 60 ms a packet): ``packet_samples(payload)``
+    says how long each one is (every packet one frame, without it). The stream's packets are then
+    expected that far apart: a lost one is rebuilt or concealed whole.
 
     ``push`` each packet as it arrives; call ``pop(now)`` when ``next_due()``
     has come, and play what it returns. Times are seconds on any monotonic clock.
@@ -145,6 +153,7 @@ class AudioPlayout:
         shrink_interval: float = 1.0,
         catch_up_after: float = 0.5,
         can_recover: Callable[[bytes], bool] = lambda packet: True,
+        packet_samples: Callable[[bytes], int] | None = None,
         on_missing: Callable[[list[int]], None] | None = None,
         max_requests: int = 3,
         max_repair_delay: float = 0.25,
@@ -167,6 +176,7 @@ class AudioPlayout:
         self.shrink_interval = shrink_interval
         self.catch_up_after = catch_up_after
         self.can_recover = can_recover
+        self.packet_samples = packet_samples
         self.on_missing = on_missing
         self.max_requests = max_requests
         self.max_repair_delay = max_repair_delay
@@ -197,6 +207,7 @@ class AudioPlayout:
         self._new_stream = False
         self._strays: list[tuple[int, int, bytes, float, int | None]] = []
         self._highest_ts = 0  # extended timestamp of the packet with the highest sequence number
+        self._stride = self.frame_samples  # the length of that packet: how far apart the stream's packets are
         self._highest_pauses = False  # that packet announces a pause (DTX): nothing is due after it
         self._guessed: deque[int] = deque(maxlen=64)  # asked for because overdue, not because of a gap
         self._guessing_after = 0.0  # no asking for overdue packets before this time
@@ -240,8 +251,10 @@ class AudioPlayout:
             return
         self._recent.append(seq)
         repaired = self._note_sequence(seq, ts, highest, now)
+        samples = self._length_of(payload)
         if highest is None or seq > highest:
             self._highest_pauses = len(payload) <= PAUSE_PACKET_SIZE
+            self._stride = samples
         self._last_arrival = now
         if repaired:
             # Kept out of the jitter figures: how late a retransmission comes is the repair's own measure.
@@ -255,7 +268,23 @@ class AudioPlayout:
         if ts in self._packets:
             self.counters.duplicates += 1
             return
-        self._packets[ts] = _AudioPacket(seq, ts, payload, repaired)
+        self._packets[ts] = _AudioPacket(seq, ts, payload, repaired, samples)
+
+    def _length_of(self, payload: bytes) -> int:
+        """The packet's length in samples: a whole number of frames, else one frame."""
+        if self.packet_samples is None or len(payload) <= PAUSE_PACKET_SIZE:
+            return self.frame_samples
+        try:
+            samples = self.packet_samples(payload)
+        except (ValueError, ArithmeticError):
+            return self.frame_samples
+        if samples <= 0 or samples % self.frame_samples or samples > self.frame_samples * 6:
+            return self.frame_samples
+        return samples
+
+    @property
+    def _stride_duration(self) -> float:
+        return self._stride / self.clock_rate
 
     def _begin(self, sequence_number: int, timestamp: int, now: float, ssrc: int | None) -> None:
         if self._started:
@@ -293,8 +322,8 @@ class AudioPlayout:
         gap = seq - highest - 1
         wanted: list[int] = []
         # The frames of a long gap that can still play are its last few.
-        for k in range(max(1, gap - int(self._ceiling / self.frame_duration) - 1), gap + 1):
-            frame_ts = previous_ts + k * self.frame_samples  # the earliest it can be
+        for k in range(max(1, gap - int(self._ceiling / self._stride_duration) - 1), gap + 1):
+            frame_ts = previous_ts + k * self._stride  # the earliest it can be
             if highest + k in self._requests:
                 continue  # asked for already, when it was overdue
             if self._due(frame_ts) > now + 1e-6:
@@ -346,11 +375,11 @@ class AudioPlayout:
             return None
         if self._last_arrival < self._guessing_after:
             return None
-        allowance = self._late() + self.frame_duration / 2
+        allowance = self._late() + self._stride_duration / 2
         seq = highest + 1
         while seq in self._requests:
             seq += 1
-        ts = self._highest_ts + (seq - highest) * self.frame_samples
+        ts = self._highest_ts + (seq - highest) * self._stride
         if (ts - self._highest_ts) / self.clock_rate > self._ceiling:
             return None
         return seq, ts, self._base_transit + ts / self.clock_rate + allowance
@@ -423,7 +452,9 @@ class AudioPlayout:
         """The delay that lets all but the latest few packets play in time, with room for FEC."""
         if len(self._transits) < 2:
             return self.start_delay
-        target = self._late() + self.frame_duration  # the next packet must be here too, for FEC
+        target = self._late() + self._stride_duration  # the next packet must be here too, for FEC
+        if self._stride > self.frame_samples:
+            target += self.frame_duration  # and a frame to spare: it is due the moment the lost one is
         if len(self._transits) < 50:  # too few packets to trust: not below the start
             target = max(target, self.start_delay)
         return min(max(target, self.min_delay), self.max_delay)
@@ -473,43 +504,47 @@ class AudioPlayout:
         slot = self._playhead
         frame = self.frame_samples
         packet = self._packets.pop(slot, None)
-        if packet is not None and self._should_shrink(now) and slot + frame in self._packets:
-            self.counters.skipped += 1
+        if (packet is not None and self._should_shrink(now) and slot + packet.samples in self._packets
+                and (packet.samples == frame or self.delay > self._ceiling + self.frame_duration)):
+            # Passing over a packet of several frames is heard: the delay waits for short ones to shrink.
+            self.counters.skipped += packet.samples // frame
             self._last_shrink = now
-            self._origin -= self.frame_duration
-            self._playhead = slot = slot + frame
+            self._origin -= packet.samples / self.clock_rate
+            self._playhead = slot = slot + packet.samples
             self._reference = packet
             packet = self._packets.pop(slot)
         if packet is not None:
             self.counters.played += 1
             self.counters.recovered_retransmission += packet.repaired
             self._reference = packet
-            return self._out("packet", packet.payload, slot, advance=True)
+            return self._out("packet", packet.payload, slot, packet.samples)
         following = self._following(slot)
         reference = self._reference
         paused = reference is not None and (
             len(reference.payload) <= PAUSE_PACKET_SIZE if following is None else following.seq == reference.seq + 1)
         if paused:
             self.counters.silent += 1  # the sender paused (DTX): nothing is missing
-            return self._out("silence", None, slot, advance=True)
-        after = self._packets.get(slot + frame)
+            return self._out("silence", None, slot, frame)
+        # The lost packet is as long as the stream's packets are now, up to the next one that is here.
+        missing = self._stride if following is None else max(frame, min(self._stride, following.ts - slot))
+        after = self._packets.get(slot + missing)
         if after is not None and self.can_recover(after.payload):
             self.counters.recovered_fec += 1
-            return self._out("fec", after.payload, slot, advance=True)
+            return self._out("fec", after.payload, slot, missing)
         self.counters.concealed += 1
         if (following is None or self._awaited(slot)) and self.delay + self.frame_duration <= self.target_delay + 1e-9:
             # Nothing newer has come, so the packet is more likely late than lost, or it has
             # been asked for again; and the delay is below target. Play this slot one frame later.
             self._origin += self.frame_duration
-            return self._out("conceal", None, slot, advance=False)
-        return self._out("conceal", None, slot, advance=True)
+            return self._out("conceal", None, slot, 0)
+        return self._out("conceal", None, slot, missing)
 
-    def _out(self, source: FrameSource, payload: bytes | None, slot: int, *, advance: bool) -> PlayoutFrame:
-        if advance:
-            assert self._playhead is not None
-            self._playhead += self.frame_samples
+    def _out(self, source: FrameSource, payload: bytes | None, slot: int, advance: int) -> PlayoutFrame:
+        """What to play at ``slot``; the playhead moves ``advance`` samples on (0: this slot plays again)."""
+        assert self._playhead is not None
+        self._playhead += advance
         new_stream, self._new_stream = self._new_stream, False
-        return PlayoutFrame(source, payload, slot % (1 << 32), new_stream)
+        return PlayoutFrame(source, payload, slot % (1 << 32), new_stream, advance or self.frame_samples)
 
     def _following(self, slot: int) -> _AudioPacket | None:
         later = [ts for ts in self._packets if ts > slot]

@@ -21,7 +21,7 @@ from typing import Any
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .opus import OpusDecodeError, OpusDecoder, has_fec
+from .opus import OpusDecodeError, OpusDecoder, has_fec, packet_samples
 from .receive import (
     AssembledFrame,
     AssemblyCounters,
@@ -60,7 +60,8 @@ class ReceivedAudioTrack(MediaStreamTrack):
     def __init__(self, channels: int = 2, playout: AudioPlayout | None = None,
                  request_retransmission: Callable[[list[int]], None] | None = None) -> None:
         super().__init__()
-        self.playout = playout if playout is not None else AudioPlayout(can_recover=has_fec)
+        self.playout = playout if playout is not None else AudioPlayout(can_recover=has_fec,
+                                                                        packet_samples=_opus_samples)
         if request_retransmission is not None:
             self.playout.on_missing = request_retransmission
         self.channels = channels
@@ -142,7 +143,7 @@ class ReceivedAudioTrack(MediaStreamTrack):
         source = step.source
         if step.new_stream:
             self._decoder.reset()
-        samples = self.playout.frame_samples
+        samples = step.samples
         try:
             if source == "packet":
                 assert step.payload is not None
@@ -301,3 +302,11 @@ async def stop_when_ended(source: MediaStreamTrack, track: MediaStreamTrack) -> 
         while True:
             await source.recv()
     track.stop()
+
+
+def _opus_samples(payload: bytes) -> int:
+    """How many samples an Opus packet holds at 48 kHz (0 if it is not one)."""
+    try:
+        return packet_samples(payload, AUDIO_RATE)
+    except OpusDecodeError:
+        return 0
