@@ -61,6 +61,22 @@ class CallSignal:
 NO_CALL = CallSignal(False)
 
 
+@dataclass(frozen=True)
+class SocketSignal:
+    """What the upload's TCP connection says of itself (``edge.tcpinfo``), read at ``at`` (the caller's clock).
+
+    Its round trip is updated with every acknowledgement, so a queue in front of the call's audio shows
+    there within a round trip, long before the call's next receiver report says so.
+    """
+
+    at: float
+    connection: int  # tells connections apart: a new one counts its bytes from zero
+    acked: int  # payload bytes acknowledged so far
+    rtt: float  # smoothed round trip, seconds
+    min_rtt: float  # the lowest seen on this connection
+    unsent: int = 0  # bytes written and not sent yet
+
+
 class TokenBucket:
     """Bytes at ``rate`` per second, with at most ``burst`` bytes at once."""
 
@@ -99,6 +115,23 @@ class ScavengerSettings:
     stale_after: float = 2.0  # seconds: an older round trip says nothing of the queue now; the rate holds
     busy_after: float = 1.0  # seconds of bytes unsent in the socket: TCP is not keeping up; the rate does not grow
     call_start: float = 8 * KIB  # where the rate starts when a call begins (64 kbit/s)
+    # With the upload's own connection to read (``SocketSignal``):
+    # Seconds of its round trip above its base: a queue in front of the audio. Its round trip varies by
+    # tens of ms with no queue at all (delayed acknowledgements, the audio's packets between its own).
+    socket_target: float = 0.120
+    socket_settle: int = 64 * KIB  # a connection's round trip is its base's only once it carried this much
+    # What TCP delivered is measured over at least this long: over a shorter time a repaired loss, which
+    # acknowledges many segments at once, reads as a burst far above the link's rate.
+    delivery_interval: float = 2.0
+    delivery_window: float = 10.0  # the upload's share of the link: the most delivered per interval lately
+    headroom: float = 1.05  # the rate grows to at most this times that share (feeling for more, slowly)
+    start_headroom: float = 1.5  # ... and in the slow start, before any queue showed
+    drain: float = 0.5  # a queue found is to be gone in about this long: the cut goes deeper the longer it is
+    deepest_cut: float = 0.5  # a cut leaves at least this share of what was delivered
+    # The uplink counts as thin (the call then packs its audio more tightly, see ``thin_uplink``) for
+    # ``thin_hold`` seconds after a queue showed while the upload carried under ``thin_below``.
+    thin_below: float = 250_000 / 8
+    thin_hold: float = 60.0
 
 
 class ScavengerRate:
@@ -113,8 +146,18 @@ class ScavengerRate:
         self._last: RttSample | None = None
         self._updated_at: float | None = None
         self._cut_at = float("-inf")
+        self._cut_queue = 0.0  # the queue that the last cut was for
+        self._squeezed: tuple[float, float] | None = None  # (when, at what rate) a queue last showed in a call
         self._calling = False
         self._starting = False  # in slow start: no queue seen yet in this call
+        self.delivered: float | None = None  # bytes per second TCP delivered over the latest interval
+        self._mark: SocketSignal | None = None  # where the current delivery interval began
+        self._deliveries: deque[tuple[float, float]] = deque()  # (at, bytes per second), kept decreasing
+        self._heard: SocketSignal | None = None  # the last reading with news (an acknowledgement since the one before)
+        # The upload connections' base: the lowest smoothed round trip of the last base_window, once full
+        # packets set it (a connection's first round trips are of small packets, quicker through a thin link).
+        self._socket_history: deque[tuple[float, float]] = deque()
+        self.socket_queueing: float | None = None
 
     @property
     def in_call(self) -> bool:
@@ -124,14 +167,20 @@ class ScavengerRate:
         self.settings = ScavengerSettings(**{**self.settings.__dict__, "ceiling": ceiling})
         self.rate = min(self.rate, ceiling) if self.in_call else ceiling
 
-    def update(self, now: float, sample: RttSample | None, in_call: bool | None = None, unsent: int = 0) -> float:
+    def update(self, now: float, sample: RttSample | None, in_call: bool | None = None, unsent: int = 0,
+               sock: SocketSignal | None = None) -> float:
         """The rate at ``now``; ``sample`` is the call's latest RTT, or None without a call.
 
         ``in_call`` says a call is up even before its first RTT (it defaults to ``sample is not None``):
         the rate then stays at the call's starting rate until there is a measurement. ``unsent``: bytes
-        waiting unsent in the upload's socket.
+        waiting unsent in the upload's socket. ``sock``: the upload connection's own reading, if any;
+        with it the rate keeps near what TCP delivers and is cut as soon as the connection's round trip
+        shows a queue (see ``_steer``).
         """
         s = self.settings
+        fresh_socket = self._watch_socket(sock)
+        if sock is not None:
+            unsent = max(unsent, sock.unsent)
         in_call = sample is not None if in_call is None else in_call
         if not in_call:
             self._history.clear()
@@ -157,14 +206,21 @@ class ScavengerRate:
         self.queueing = queueing
         elapsed = max(0.0, now - (self._updated_at if self._updated_at is not None else now))
         self._updated_at = now
+        if fresh_socket is not None and self.socket_queueing is not None and self.socket_queueing > s.socket_target:
+            self._starting = False
+            self._cut(now, self.socket_queueing)  # seen per acknowledgement: no waiting for the next report
+            return self.rate
         if now - sample.at > s.stale_after:
             # No report for a while: lost, or stuck behind a queue that has grown long. No news is not
             # good news: grown on an old "no queue", the rate ran to the ceiling while the audio waited.
             return self.rate
         if unsent > s.busy_after * self.rate and queueing <= s.target:
             return self.rate  # TCP is behind the rate: no growth (a queue above the target still cuts)
+        if sock is not None:
+            return self._steer(now, queueing, elapsed, sock)
         if queueing > s.target:
             self._starting = False
+            self._squeezed = (now, self.rate)
             if now - self._cut_at >= s.cut_interval:
                 self.rate *= s.cut
                 self._cut_at = now
@@ -176,6 +232,106 @@ class ScavengerRate:
             self.rate += off_target * max(s.min_step, s.growth * self.rate) * elapsed
         self.rate = min(s.ceiling, max(s.floor, self.rate))
         return self.rate
+
+    def _steer(self, now: float, queueing: float, elapsed: float, sock: SocketSignal) -> float:
+        """The rate beside a call, with the upload's own connection to read.
+
+        The queue in front of the audio is the larger of the call's (late, from its reports) and the
+        connection's (per acknowledgement), each against its target. Above it, the rate is cut at once
+        to under what TCP delivered, the deeper the longer the queue. Below half of it, the rate grows
+        (a slow start at first), but never beyond ``headroom`` times the most TCP delivered lately: a
+        rate far above what the link carries fills its queue in seconds, ahead of the audio.
+        """
+        s = self.settings
+        on_socket = self.socket_queueing or 0.0
+        pressure = max(queueing / s.target, on_socket / s.socket_target)
+        if pressure > 1.0:
+            self._starting = False
+            self._cut(now, max(queueing - s.target, on_socket))
+        elif self._starting and pressure < 0.5:
+            self._grow(self.rate * (2.0 ** (s.slow_start * elapsed) - 1.0))
+        else:
+            self._starting = False
+            self._grow((1.0 - pressure) * max(s.min_step, s.growth * self.rate) * elapsed)
+        self.rate = min(s.ceiling, max(s.floor, self.rate))
+        return self.rate
+
+    def _grow(self, step: float) -> None:
+        share = self.share
+        if share is None:
+            return  # nothing delivered measured yet on this connection: hold
+        if self.rate > share:
+            step *= 0.25  # above what TCP delivered lately: feel the way, slowly
+        if self._starting and self.rate > share * self.settings.start_headroom:
+            self._starting = False  # TCP no longer keeps up with the doubling: the link is full, or nearly
+        headroom = self.settings.start_headroom if self._starting else self.settings.headroom
+        self.rate = max(self.rate, min(self.rate + step, share * headroom))
+
+    def _cut(self, now: float, queue: float) -> None:
+        """Cut for a queue of ``queue`` seconds: under what TCP delivered, the deeper the longer the queue."""
+        s = self.settings
+        self._squeezed = (now, min(self.rate, self.share or self.rate))
+        if now - self._cut_at < s.cut_interval:
+            return  # the last cut has not shown in the round trips yet
+        if self.share is not None and queue < self._cut_queue and now - self._cut_at < 2 * s.cut_interval:
+            return  # shorter than at the last cut: draining already (round trips are smoothed, and lag)
+        self._cut_at, self._cut_queue = now, queue
+        share = self.share
+        if share is None:
+            self.rate *= s.cut
+        else:
+            # Under the most TCP delivered lately (what the link carried of the upload), not the latest
+            # interval's: that one follows the rate down after each cut, and the chunks' round trips.
+            keep = min(0.9, max(s.deepest_cut, 1.0 - queue / s.drain))
+            self.rate = min(self.rate * 0.9, share * keep)
+        self.rate = max(s.floor, self.rate)
+
+    def thin_uplink(self, now: float) -> bool:
+        """Whether the link is thin: lately a queue showed in front of the call while the upload carried
+        less than ``thin_below`` (at most what it was sending and what TCP had delivered)."""
+        s = self.settings
+        return self._squeezed is not None and now - self._squeezed[0] < s.thin_hold and self._squeezed[1] < s.thin_below
+
+    @property
+    def share(self) -> float | None:
+        """The most TCP delivered per interval over the last ``delivery_window`` (bytes per second)."""
+        return self._deliveries[0][1] if self._deliveries else None
+
+    def _watch_socket(self, sock: SocketSignal | None) -> SocketSignal | None:
+        """Learn what TCP delivered; the reading if it brings news (an acknowledgement since the last one)."""
+        if sock is None:
+            return None
+        s = self.settings
+        mark = self._mark
+        if mark is None or mark.connection != sock.connection or sock.acked < mark.acked:
+            self._mark = self._heard = sock
+            return None
+        news = self._heard is None or sock.acked != self._heard.acked
+        if news:
+            self._heard = sock
+            self._learn_socket(sock)
+        if sock.at - mark.at >= s.delivery_interval:
+            delivered = (sock.acked - mark.acked) / (sock.at - mark.at)
+            self._mark = sock
+            self.delivered = delivered
+            if delivered > 0:  # nothing at all delivered: an outage or a pause, which says nothing of the link
+                history = self._deliveries
+                while history and history[-1][1] <= delivered:
+                    history.pop()
+                history.append((sock.at, delivered))
+        while self._deliveries and self._deliveries[0][0] < sock.at - s.delivery_window:
+            self._deliveries.popleft()
+        return sock if news else None
+
+    def _learn_socket(self, sock: SocketSignal) -> None:
+        history = self._socket_history
+        if sock.acked >= self.settings.socket_settle:
+            while history and history[-1][1] >= sock.rtt:
+                history.pop()
+            history.append((sock.at, sock.rtt))
+        while history and history[0][0] < sock.at - self.settings.base_window:
+            history.popleft()
+        self.socket_queueing = max(0.0, sock.rtt - history[0][1]) if history else None
 
     def _learn(self, sample: RttSample) -> None:
         history = self._history

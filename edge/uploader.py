@@ -62,6 +62,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from . import tcpinfo
 from .device_api import DeviceCredential
 from .outbox import Outbox, OutboxItem, sha256_of
 from .pacing import (
@@ -72,6 +73,7 @@ from .pacing import (
     CallSignal,
     ScavengerRate,
     ScavengerSettings,
+    SocketSignal,
     TokenBucket,
     chunk_size,
 )
@@ -94,7 +96,7 @@ DEVICE_CODES = frozenset({"device_revoked", "device_unknown", "device_credential
 @dataclass(frozen=True)
 class UploadSettings:
     ceiling_kbps: int = 2000
-    chunk_seconds: float = 1.5
+    chunk_seconds: float = 5.0  # a chunk's round trip leaves the link idle: a small share of a long chunk
     min_chunk: int = MIN_CHUNK
     max_chunk: int = MAX_CHUNK
     backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, cap=60.0))
@@ -209,6 +211,8 @@ class Uploader:
         self.settings = settings or UploadSettings()
         self.call = call or (lambda: NO_CALL)  # the call beside which the upload goes, if any
         self.on_change: Callable[[], None] | None = None
+        self.on_thin_uplink: Callable[[bool], None] | None = None  # told when the judgement changes
+        self.thin_uplink = False  # a queue showed in front of the call while the upload carried little
         self.rng = rng or random.Random()
         self._loop = asyncio.get_running_loop()
         s = self.settings
@@ -218,8 +222,11 @@ class Uploader:
         self._network = asyncio.Event()  # the agent says the network is back
         self._tokens: dict[str, tuple[str, float]] = {}  # consultation -> (token, when it expires on our clock)
         self._http: aiohttp.ClientSession | None = None
-        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()  # the upload's, paced by the kernel
+        # The upload's sockets, paced by the kernel, each with a number that tells its connection apart.
+        self._sockets: weakref.WeakKeyDictionary[socket.socket, int] = weakref.WeakKeyDictionary()
+        self._opened_count = 0
         self._wire_rate = 0
+        self._retransmitted = 0.0  # the share of the current connection's bytes sent again
         self._deadline: asyncio.Timeout | None = None
         self._progress_at = self._loop.time()
         self._failures = 0
@@ -260,6 +267,10 @@ class Uploader:
             "rate_kbps": round(self.scavenger.rate * 8 / 1000, 1), "ceiling_kbps": self.settings.ceiling_kbps,
             "in_call": self.scavenger.in_call,
             "queueing_ms": round(self.scavenger.queueing * 1000) if self.scavenger.queueing is not None else None,
+            "socket_queueing_ms": (round(self.scavenger.socket_queueing * 1000)
+                                   if self.scavenger.socket_queueing is not None else None),
+            "delivered_kbps": (round(self.scavenger.delivered * 8 / 1000, 1)
+                               if self.scavenger.delivered is not None else None),
             "retry_in": round(max(0.0, self.retry_at - now), 1) if self.retry_at is not None else None,
             "delivered": self.delivered, "bytes_sent": self.bytes_sent,
         }
@@ -293,6 +304,7 @@ class Uploader:
         self.outbox.refresh()
         pending = self.outbox.pending()
         if not pending:
+            self._judge_link(self._loop.time())
             self._show("idle", None)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._more.wait(), self.settings.idle_check)
@@ -364,7 +376,9 @@ class Uploader:
         checksum_failures = 0
         while True:
             call = self.call()
-            rate = self.scavenger.update(self._loop.time(), call.rtt, call.in_call)  # a chunk at today's rate
+            now = self._loop.time()  # a chunk at today's rate
+            rate = self.scavenger.update(now, call.rtt, call.in_call, sock=self._socket_signal(now))
+            self._judge_link(now)
             size = chunk_size(rate, self.settings.chunk_seconds, self.settings.min_chunk, self._max_chunk)
             image.seek(offset)
             data = image.read(min(size, item.size - offset))
@@ -466,7 +480,8 @@ class Uploader:
         while start < len(view):
             now = self._loop.time()
             call = self.call()
-            rate = self.scavenger.update(now, call.rtt, call.in_call, self._unsent())
+            rate = self.scavenger.update(now, call.rtt, call.in_call, self._unsent(), self._socket_signal(now))
+            self._judge_link(now)
             self._bucket.set_rate(rate, now)
             self._pace_wire(rate)
             piece = view[start:start + self._piece(rate)]
@@ -570,23 +585,50 @@ class Uploader:
         return f"{self.server}{_path_of(location)}"
 
     def _opened(self, sock: socket.socket) -> None:
-        self._sockets.add(sock)
+        self._opened_count += 1
+        self._sockets[sock] = self._opened_count
         self._wire_rate = 0  # a new socket: set its pacing with the next piece
+        self._retransmitted = 0.0
+
+    def _judge_link(self, now: float) -> None:
+        thin = self.scavenger.thin_uplink(now)
+        if thin != self.thin_uplink:
+            self.thin_uplink = thin
+            logger.info("the uplink is %s", "thin: a queue showed in front of the call" if thin else "no longer thin")
+            if self.on_thin_uplink is not None:
+                self.on_thin_uplink(thin)
+
+    def _socket_signal(self, now: float) -> SocketSignal | None:
+        """The latest upload connection's own account of itself (None where the system gives none)."""
+        for sock, number in sorted(self._sockets.items(), key=lambda pair: -pair[1]):
+            if sock.fileno() < 0:
+                continue
+            try:
+                info = tcpinfo.read(sock)
+            except (OSError, ValueError):
+                return None
+            if info.state != tcpinfo.TCP_ESTABLISHED or info.bytes_acked is None or info.min_rtt is None:
+                return None
+            self._retransmitted = min(0.3, info.retransmitted_share)
+            return SocketSignal(now, number, info.bytes_acked, info.rtt, info.min_rtt, info.notsent or 0)
+        return None
 
     def _pace_wire(self, rate: float) -> None:
-        """The kernel paces the upload's packets at ``rate`` (payload bytes per second, headers added)."""
-        wire = int(rate * WIRE_OVERHEAD)
+        """The kernel paces the upload's packets at ``rate`` (payload bytes per second, with headers and with
+        room for the share of them the connection has had to send again: else TCP falls behind the rate on a
+        lossy link, and what it delivers says less of what the link would carry)."""
+        wire = int(rate * WIRE_OVERHEAD / (1.0 - self._retransmitted))
         if abs(wire - self._wire_rate) <= self._wire_rate // 50:
             return  # within 2 %: not worth a system call per piece
         self._wire_rate = wire
-        for sock in list(self._sockets):
+        for sock in list(self._sockets.keys()):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, wire)
 
     def _unsent(self) -> int:
         """Bytes written to the upload's socket that TCP has not sent yet (0 where the system cannot say)."""
         waiting = 0
-        for sock in list(self._sockets):
+        for sock in list(self._sockets.keys()):
             with contextlib.suppress(OSError, ValueError):
                 waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0\0\0\0"))[0]
         return waiting
@@ -619,7 +661,9 @@ class Uploader:
             status = self.status()
             logger.info("upload of %s: %d of %d bytes; rate %.0f kbit/s (ceiling %d%s)", self.image, self.sent,
                         self.size, status["rate_kbps"], self.settings.ceiling_kbps,
-                        f", beside a call, queueing {status['queueing_ms']} ms" if status["in_call"] else "")
+                        f", beside a call, queueing {status['queueing_ms']} ms (call), "
+                        f"{status['socket_queueing_ms']} ms (upload), delivered {status['delivered_kbps']} kbit/s"
+                        if status["in_call"] else "")
 
 
 def _offset(answer: _Answer, default: int) -> int:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from edge.pacing import KIB, MAX_CHUNK, MIN_CHUNK, RttSample, ScavengerRate, ScavengerSettings, TokenBucket, chunk_size
+from edge.pacing import (
+    KIB,
+    MAX_CHUNK,
+    MIN_CHUNK,
+    RttSample,
+    ScavengerRate,
+    ScavengerSettings,
+    SocketSignal,
+    TokenBucket,
+    chunk_size,
+)
 
 CEILING = 250_000.0  # 2 Mbit/s in bytes per second
 
@@ -156,3 +166,111 @@ def test_while_tcp_is_behind_the_rate_it_does_not_grow_but_a_queue_still_cuts_it
         assert rate.update(float(second), RttSample(0.110, float(second)), unsent=int(2 * before)) == before
     assert rate.update(20.0, RttSample(0.400, 20.0), unsent=int(2 * before)) == pytest.approx(0.75 * before)
     assert rate.update(22.0, RttSample(0.110, 22.0), unsent=0) > 0.75 * before  # caught up: it grows again
+
+
+# --- with the upload connection's own round trip and deliveries (TCP_INFO) ---
+
+
+def reading(at: float, acked: float, rtt: float = 0.150, min_rtt: float = 0.100, connection: int = 1,
+            unsent: int = 0) -> SocketSignal:
+    return SocketSignal(at, connection, int(acked) + 64 * KIB, rtt, min_rtt, unsent)
+
+
+def test_the_connections_round_trip_cuts_at_once_to_under_what_tcp_delivered() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    rate.rate = 30_000.0  # well past the slow start, far above the link
+    rate.update(2.0, RttSample(0.100, 1.5), sock=reading(2.0, 48_000))  # TCP delivered 24 kB/s
+    assert rate.delivered == pytest.approx(24_000)
+    # The call's report still says "no queue" (it is a second old); the connection's round trip, 150 ms
+    # above its base (the lowest of its smoothed round trips), already says otherwise: cut at once, under
+    # what was delivered, the deeper the longer the queue (to be gone in half a second).
+    cut = rate.update(2.2, RttSample(0.100, 1.5), sock=reading(2.2, 52_000, rtt=0.300))
+    assert cut == pytest.approx(24_000 * (1 - 0.150 / 0.5))
+    # The same queue, shorter, a moment later: draining already, no second cut.
+    assert rate.update(3.3, RttSample(0.100, 2.5), sock=reading(3.3, 70_000, rtt=0.280)) == cut
+    # Longer still a second later: cut again.
+    assert rate.update(3.5, RttSample(0.100, 2.5), sock=reading(3.5, 72_000, rtt=0.350)) < cut
+
+
+def test_the_rate_grows_to_at_most_a_little_above_what_tcp_delivered() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    acked = 0.0
+    for tenth in range(1, 300):  # the link carries 10 kB/s of the upload, however fast it is asked to go
+        now = tenth / 10
+        acked += min(rate.rate, 10_000.0) / 10
+        rate.update(now, RttSample(0.100, now), sock=reading(now, acked))
+        assert rate.rate <= 8 * KIB * 2 ** (0.7 * now) + 1
+    assert rate.share == pytest.approx(10_000, rel=0.01)
+    # The slow start ended when TCP stopped keeping up; without the connection's reading, a link whose
+    # round trips show no queue would have grown it to the ceiling.
+    assert 10_000 < rate.rate <= 15_000
+    rate.update(30.1, RttSample(0.100, 30.1), sock=reading(30.1, acked + 500, rtt=0.400))  # a queue: cut
+    for tenth in range(302, 600):
+        now = tenth / 10
+        acked += min(rate.rate, 10_000.0) / 10
+        rate.update(now, RttSample(0.100, now), sock=reading(now, acked))
+    assert rate.rate <= 10_000 * 1.05 + 1  # after a queue showed: at most 5 % above what TCP delivered
+
+
+def test_a_new_connection_counts_its_deliveries_from_its_own_start() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 20_000))
+    rate.update(3.0, RttSample(0.100, 3.0), sock=reading(3.0, 500, connection=2))  # after an outage
+    assert rate.delivered == pytest.approx(10_000)  # not a negative rate, nor the new one's from the old start
+    rate.update(5.0, RttSample(0.100, 5.0), sock=reading(5.0, 24_500, connection=2))
+    assert rate.delivered == pytest.approx(12_000)
+
+
+def test_beside_a_call_on_a_256_kbits_uplink_with_the_connections_reading_the_queue_stays_shorter() -> None:
+    """The fluid model above, with the upload's own connection: its round trip carries the queue within a
+    third of a second (smoothed), the call's reports come a second apart and half a second late; the call
+    takes 55 kbit/s (24 kbit/s of Opus in 50 packets a second, with their headers)."""
+    capacity, audio, base, step = 32_000.0, 7_000.0, 0.100, 0.02  # the call: 55 kbit/s with its headers
+    rate = scavenger()
+    backlog, acked, srtt = 0.0, 0.0, base
+    sample, reports = RttSample(base, 0.0), []
+    delays, carried, peak = [], [], 0.0
+    for n in range(int(180 / step)):
+        now = n * step
+        if n % int(1 / step) == 0:
+            reports.append(RttSample(base + backlog / capacity, now + 0.5))
+        while reports and reports[0].at <= now:
+            sample = reports.pop(0)
+        srtt += (base + backlog / capacity - srtt) * step / 0.3
+        sending = rate.update(now, sample, sock=reading(now, acked, srtt, base))
+        through = sending if backlog == 0 and sending + audio <= capacity else capacity * sending / (sending + audio)
+        backlog = max(0.0, backlog + (sending + audio - capacity) * step)
+        acked += through * step
+        peak = max(peak, backlog / capacity)
+        if now >= 60.0:
+            delays.append(backlog / capacity)
+            carried.append(through)
+    print(f"queue: peak {peak * 1000:.0f} ms, after the first minute at most {max(delays) * 1000:.0f} ms, "
+          f"{sum(delays) / len(delays) * 1000:.0f} ms on average; upload {sum(carried) / len(carried) * 8 / 1000:.0f} "
+          f"kbit/s of the {(capacity - audio) * 8 / 1000:.0f} left")
+    assert peak < 0.200  # once, as the slow start ends
+    assert max(delays) < 0.130
+    assert sum(delays) / len(delays) < 0.040
+    assert sum(carried) / len(carried) > 0.9 * (capacity - audio)
+
+
+def test_the_uplink_counts_as_thin_for_a_minute_after_a_queue_showed_beside_a_slow_upload() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    assert not rate.thin_uplink(0.0)
+    rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 40_000))  # 20 kB/s: 160 kbit/s
+    rate.update(2.5, RttSample(0.100, 2.0), sock=reading(2.5, 45_000, rtt=0.400))  # a queue in front of the call
+    assert rate.thin_uplink(3.0) and rate.thin_uplink(62.0)
+    assert not rate.thin_uplink(63.0)  # a minute without another: the call may spend more on headers again
+
+
+def test_a_queue_beside_a_fast_upload_does_not_make_the_uplink_thin() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    rate.rate = 200_000.0
+    rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 400_000))  # 1.6 Mbit/s delivered
+    rate.update(2.5, RttSample(0.100, 2.0), sock=reading(2.5, 500_000, rtt=0.400))
+    assert not rate.thin_uplink(3.0)
