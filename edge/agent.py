@@ -34,6 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mediaserver.encoders import NORMAL, THIN_UPLINK
+
 from .call import CallTimings, KitCall
 from .config import EdgeConfig
 from .device_api import (
@@ -254,9 +256,18 @@ class KitAgent:
         self.uploader = Uploader(self.outbox, self.config.server, self.credential, call=self.call_signal,
                                  settings=UploadSettings(ceiling_kbps=self.config.upload_kbps))
         self.uploader.on_change = self.touch
+        self.uploader.on_thin_uplink = self._thin_uplink
         self.photos.uploader_status = self.uploader.status
         self.outbox.on_change = self._outbox_changed
         return self._loop.create_task(self.uploader.run())
+
+    def _thin_uplink(self, thin: bool) -> None:
+        """The uploader found the uplink thin (a queue in front of the call at a low rate), or no longer:
+        the call's audio goes in fewer, longer packets meanwhile, for less of the link in headers."""
+        if self.media is not None:
+            self.media.use_audio(THIN_UPLINK if thin else NORMAL)
+            logger.info("call audio: %d kbit/s in %d ms packets", self.media.audio_profile.bitrate // 1000,
+                        self.media.audio_profile.packet_ms)
 
     def _outbox_changed(self) -> None:
         """The outbox changed, maybe in a worker thread: the page shows it, and a new photo goes at once."""

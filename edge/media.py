@@ -41,6 +41,7 @@ import queue
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from bench.synthetic import StampedVideoTrack, ToneAudioTrack
-from mediaserver.encoders import OpusTrack
+from mediaserver.encoders import NORMAL, OpusProfile, OpusTrack
 from mediaserver.video_encoders import EncodedVideoTrack, Vp8Encoder
 
 from .scene import Image, SyntheticScene, render_scene
@@ -466,6 +467,8 @@ class KitMedia:
         self.audio: Capture | None = None
         self.scene = SyntheticScene()  # what the synthetic camera's stills show
         self.stills = 0
+        self.audio_profile = NORMAL  # how the call's audio is encoded now
+        self._audio_tracks: weakref.WeakSet[OpusTrack] = weakref.WeakSet()
         self._still_lock = asyncio.Lock()
 
     @classmethod
@@ -503,12 +506,22 @@ class KitMedia:
 
     def call_tracks(self) -> tuple[MediaStreamTrack | None, EncodedVideoTrack | None]:
         """(audio, video) for a new call, encoded by Nära's encoders; the call stops them when it ends."""
-        audio = OpusTrack(self.audio.track()) if self.audio is not None and self.status.microphone == "ok" else None
+        audio = None
+        if self.audio is not None and self.status.microphone == "ok":
+            audio = OpusTrack(self.audio.track())
+            audio.use(self.audio_profile)
+            self._audio_tracks.add(audio)
         video = None
         if self.video is not None and self.status.camera == "ok":
             encoder = Vp8Encoder(self.width, self.height, self.fps, START_BITRATE)
             video = EncodedVideoTrack(self.video.track(), encoder)
         return audio, video
+
+    def use_audio(self, profile: OpusProfile) -> None:
+        """Encode the call's audio as ``profile`` says, from the next packet on, in this call and the next."""
+        self.audio_profile = profile
+        for track in list(self._audio_tracks):
+            track.use(profile)
 
     def self_view(self) -> av.VideoFrame | None:
         return self.video.latest if self.video is not None and self.status.camera == "ok" else None
