@@ -412,7 +412,10 @@ async def sample(link: PacketLink, kit: KitProcess, clinician: Clinician, run: R
         row.update(socket_stats(ss_output, ADDRESSING.server_address))
         uploader = ((await kit.page_status()).get("photos") or {}).get("uploader") or {}
         row.update({"upload_state": uploader.get("state"), "upload_rate_kbps": uploader.get("rate_kbps"),
-                    "upload_queueing_ms": uploader.get("queueing_ms"), "upload_sent": uploader.get("sent")})
+                    "upload_queueing_ms": uploader.get("queueing_ms"), "upload_sent": uploader.get("sent"),
+                    "upload_socket_queueing_ms": uploader.get("socket_queueing_ms"),
+                    "upload_delivered_kbps": uploader.get("delivered_kbps"),
+                    "uplink_thin": uploader.get("thin_uplink")})
         row["link_cpu_seconds"] = reading.cpu_seconds
         now_heard = clinician.playout_counters()
         for name in ("concealed", "late_dropped", "skipped", "resets", "duplicates", "nacked"):

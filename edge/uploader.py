@@ -272,7 +272,7 @@ class Uploader:
             "delivered_kbps": (round(self.scavenger.delivered * 8 / 1000, 1)
                                if self.scavenger.delivered is not None else None),
             "retry_in": round(max(0.0, self.retry_at - now), 1) if self.retry_at is not None else None,
-            "delivered": self.delivered, "bytes_sent": self.bytes_sent,
+            "delivered": self.delivered, "bytes_sent": self.bytes_sent, "thin_uplink": self.thin_uplink,
         }
 
     # --- running --------------------------------------------------------------------------------
