@@ -10,10 +10,11 @@ named ``doctor``, and asks over it in JSON text messages:
   (both capped here), then ``{"type": "down-done", "bytes": n, "seconds": d}``.
   The client measures what arrives.
 * ``{"type": "up", "seconds": s, "bytes": b}``: the client sends binary
-  messages, then ``{"type": "up-end"}``; the answer is
-  ``{"type": "up-done", "bytes": n, "seconds": d}``, counted from the first
-  binary message's arrival to the last's (the bytes of the first not
-  included), so it is the rate that reached the server.
+  messages, then ``{"type": "up-end"}``; the answer, once ``s`` seconds have
+  passed since the first binary message arrived or at ``up-end`` if that is
+  sooner, is ``{"type": "up-done", "bytes": n, "seconds": d}``: the bytes that
+  arrived in that window after the first message, and the time from its
+  arrival to the last one's, so it is the rate that reached the server.
 
 Anything else gets ``{"type": "error", "code": ..., "message": ...}``. The peer
 closes itself after ``lifetime`` seconds whatever the client does, and after
@@ -62,9 +63,18 @@ def transfer_limits(message: dict[str, Any]) -> tuple[float, int]:
 
 
 class Receipt:
-    """Bytes arriving in a bandwidth test: how many, and over what time, from the first message's arrival."""
+    """Bytes arriving in a bandwidth test: how many, and over what time, in a window from the first message.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    Bytes after ``window`` seconds are not counted: on a thin link what is still
+    queued then takes a while to drain (and SCTP's retransmission timer, at
+    least a second, stretches it further), which says nothing about the rate.
+    ``on_window_end`` is called once the window has passed.
+    """
+
+    def __init__(self, window: float, on_window_end: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window = window
+        self.on_window_end = on_window_end
         self.clock = clock
         self.first: float | None = None
         self.last: float | None = None
@@ -74,13 +84,21 @@ class Receipt:
         now = self.clock()
         if self.first is None:
             self.first = now
-        else:
+            if self.on_window_end is not None:
+                asyncio.get_running_loop().call_later(self.window, self.on_window_end)
+        elif now - self.first <= self.window:
             self.bytes += size
+        else:
+            return
         self.last = now
 
     @property
     def seconds(self) -> float:
         return 0.0 if self.first is None or self.last is None else self.last - self.first
+
+    def kbps(self) -> float | None:
+        """The rate in the window, or None if too little arrived to tell."""
+        return self.bytes * 8 / self.seconds / 1000 if self.seconds >= 0.05 else None
 
     def summary(self, kind: str) -> dict[str, Any]:
         return {"type": kind, "bytes": self.bytes, "seconds": round(self.seconds, 4)}
@@ -194,15 +212,20 @@ class DoctorPeer:
                 seconds, size = transfer_limits(message)
                 self._spawn(self._send_down(channel, seconds, size))
             elif kind == "up":
-                transfer_limits(message)
-                self._receipt = Receipt()
+                seconds, _ = transfer_limits(message)
+                self._receipt = Receipt(seconds, on_window_end=lambda: self._up_done(channel))
             elif kind == "up-end":
-                receipt, self._receipt = self._receipt or Receipt(), None
-                channel.send(json.dumps(receipt.summary("up-done")))
+                self._up_done(channel)
             else:
                 raise ProbeRequestError("type_unknown", "type must be ping, down, up or up-end.")
         except ProbeRequestError as exc:
             channel.send(json.dumps({"type": "error", "code": exc.code, "message": exc.message}))
+
+    def _up_done(self, channel: RTCDataChannel) -> None:
+        """The upload's result, once: when its window has passed, or when the client says it is done."""
+        receipt, self._receipt = self._receipt, None
+        if receipt is not None and channel.readyState == "open":
+            channel.send(json.dumps(receipt.summary("up-done")))
 
     async def _send_down(self, channel: RTCDataChannel, seconds: float, size: int) -> None:
         if not self._count(size):

@@ -362,21 +362,34 @@ class ProbeConnection:
         return statistics.median(times)
 
     async def download(self, seconds: float, size: int) -> float:
-        """kbit/s that arrived while the server sent for ``seconds`` (at most ``size`` bytes)."""
-        self.receipt = receipt = Receipt()
+        """kbit/s that arrived in the ``seconds`` after the first byte, the server sending at most ``size`` bytes."""
+        window_end = asyncio.Event()
+        self.receipt = receipt = Receipt(seconds, on_window_end=window_end.set)
         self.channel.send(json.dumps({"type": "down", "seconds": seconds, "bytes": size}))
-        done = await self.reply("down-done", seconds + 15)
+        done = asyncio.ensure_future(self.reply("down-done", seconds + 15))
+        ended = asyncio.ensure_future(window_end.wait())
+        try:
+            await asyncio.wait({done, ended}, timeout=seconds + 15, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            if not done.done():
+                done.cancel()  # what is still queued drains by itself; its result is not needed
         self.receipt = None
-        if receipt.seconds >= 0.05:
-            return receipt.bytes * 8 / receipt.seconds / 1000
-        return float(done["bytes"]) * 8 / max(float(done["seconds"]), 0.001) / 1000
+        rate = receipt.kbps()
+        answered = done.done() and not done.cancelled() and done.exception() is None
+        if rate is None and answered:
+            answer = done.result()  # everything came at once: as fast as the server could send it
+            rate = float(answer["bytes"]) * 8 / max(float(answer["seconds"]), 0.001) / 1000
+        if rate is None:
+            raise CheckFailed("nothing arrived from the server in time")
+        return rate
 
     async def upload(self, seconds: float, size: int) -> float:
         """kbit/s that reached the server while this end sent for ``seconds`` (at most ``size`` bytes)."""
         self.channel.send(json.dumps({"type": "up", "seconds": seconds, "bytes": size}))
         await send_for(self.channel, seconds, size)
         self.channel.send(json.dumps({"type": "up-end"}))
-        done = await self.reply("up-done", 15)
+        done = await self.reply("up-done", seconds + 15)
         return float(done["bytes"]) * 8 / max(float(done["seconds"]), 0.001) / 1000
 
     async def close(self) -> None:
