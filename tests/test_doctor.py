@@ -17,13 +17,14 @@ import pytest
 
 from bench.process import PROJECT, free_port
 from mediaserver.doctor_peer import MAX_BYTES, MAX_SECONDS
-from nara.doctor import Check, ProbeConnection, Report, render, verdict
+from nara.doctor import Check, DoctorOptions, ProbeConnection, Report, render, verdict
+from nara.doctor import run_doctor as doctor_in_process
 from signalling.doctor import DOCTOR_ROOM, OFFER_BURST, mint_doctor_token
 from signalling.turn import time_limited_credential
 
-from .conftest import RunningServer
+from .conftest import RunningServer, start_server
 from .coturn import Coturn, coturn_or_skip
-from .edge_helpers import ServerProcess
+from .edge_helpers import ServerProcess, enrolled_kit
 from .tcp_only import namespaces_available, run_behind_tcp_only
 
 DOCTOR_SECONDS = "1"  # each direction of the bandwidth test: enough on loopback
@@ -140,6 +141,34 @@ async def test_behind_a_firewall_that_lets_only_tcp_through_the_doctor_finds_tur
     assert "over TURN/TLS" in row(out, "Bandwidth down") and "kbit/s" in row(out, "Bandwidth up"), out
     assert f"UDP is blocked: calls will go through TURN over TLS on port {turn_up.tls_port}" in out, out
     assert "A call is possible." in out
+
+
+async def test_a_kit_checks_with_its_own_configuration_and_credential(
+        served: ServerProcess, turn_up: Coturn, tmp_path: Path) -> None:
+    _, credential = await enrolled_kit(served.url, served.admin_key, tmp_path)
+    config = tmp_path / "kit.toml"
+    config.write_text(f'server = "{served.url}"\ncredential = "{credential}"\n')
+    command = [sys.executable, "-m", "nara.cli", "doctor", "--kit-config", str(config), "--json",
+               "--local-address", "127.0.0.1", "--seconds", DOCTOR_SECONDS]
+    status, out, err = await run_doctor(command, doctor_env(turn_up))
+    assert status == 0, out + err
+    assert json.loads(out)["server"] == served.url
+    checks = checks_of(out)
+    assert checks["udp-direct"]["ok"] and checks["turn-udp"]["ok"] and checks["turn-tls"]["ok"], checks
+
+
+async def test_a_server_with_the_wrong_turn_secret_is_told_apart_from_an_unreachable_relay(
+        tmp_path: Path, turn_up: Coturn) -> None:
+    running, runner = await start_server(tmp_path, turn_urls=[turn_up.urls[0]], turn_static_auth_secret="not coturn's")
+    try:
+        token, _ = mint_doctor_token(running.hub.authority)
+        report = await doctor_in_process(DoctorOptions(running.url, f"Bearer {token}", timeout=5, seconds=0.5))
+    finally:
+        await runner.cleanup()
+    turn = report.get("turn-udp")
+    assert turn is not None and not turn.ok
+    assert "the TURN server answers but refused the credentials" in turn.detail
+    assert verdict(report.checks)[0]  # direct UDP still carries the call
 
 
 async def test_a_server_that_cannot_be_reached_means_no_call(tmp_path: Path) -> None:
