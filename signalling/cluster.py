@@ -30,6 +30,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from .config import ServerConfig
+from .ops import DRAIN_STATE, READINESS_CHECKS
 from .rest import ApiError, consultation_json, json_body, validated_consultation
 from .store import Consultation, ConsultationStore, new_id
 from .ws import HUB, SignallingHub
@@ -41,6 +42,7 @@ NODE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 CONSULTATION_ID = re.compile(r"^[a-z0-9]{1,64}$")
 FORWARD_TIMEOUT = 10.0  # seconds a placement waits for the chosen node
 REDIS_TIMEOUT = 1.0  # seconds for one Redis call: a lost Redis must not hold a request long
+STOP_TIMEOUT = 3.0  # seconds leaving the cluster may take at shutdown
 STILL_DOWN_LOG_EVERY = 60.0  # seconds between log lines while Redis stays unreachable
 
 
@@ -242,7 +244,6 @@ class ClusterNode:
         self.settings = settings
         self.store = store
         self.participants = participants
-        self.drain_requested = False
         self._draining = draining
         self.registry = Registry(aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
@@ -251,6 +252,7 @@ class ClusterNode:
         self._http: aiohttp.ClientSession | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
 
     @property
     def id(self) -> str:
@@ -258,7 +260,7 @@ class ClusterNode:
 
     @property
     def draining(self) -> bool:
-        return self.drain_requested or (self._draining is not None and self._draining())
+        return self._draining is not None and self._draining()
 
     def readiness(self) -> str | None:
         """Why this node is not ready for new work, or None when it is."""
@@ -276,13 +278,18 @@ class ClusterNode:
         self._reporter = asyncio.ensure_future(self._report_every_interval())
 
     async def stop(self) -> None:
+        # The reporter is asked to finish rather than cancelled: a cancellation that lands inside a
+        # Redis call can come out as a Redis error, which the reporter survives.
+        self._stopping = True
+        self._wake.set()
         if self._reporter is not None:
-            self._reporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reporter
+            _, pending = await asyncio.wait([self._reporter], timeout=STOP_TIMEOUT)
+            for task in pending:
+                task.cancel()
         if self.health.reachable:
-            with contextlib.suppress(RedisError, OSError):
-                await self.registry.withdraw(self.id)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await self.registry.withdraw(self.id)
         await self.registry.redis.aclose()
         if self._http is not None:
             await self._http.close()
@@ -292,11 +299,15 @@ class ClusterNode:
         self._wake.set()
 
     async def _report_every_interval(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.load_interval)
+        while not self._stopping:
+            try:
+                async with asyncio.timeout(self.settings.load_interval):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
             self._wake.clear()
-            await self.report()
+            if not self._stopping:
+                await self.report()
 
     async def report(self) -> None:
         """Renew this node's record; after Redis lost it, register this node's consultations again."""
@@ -429,12 +440,21 @@ async def place_here(request: web.Request) -> web.Response:
 
 def join_cluster(app: web.Application, hub: SignallingHub) -> None:
     """With a Redis URL configured, run this server as a node of a cluster: its route, its load reports,
-    and leaving the registry at the end. Without one, nothing changes."""
+    its readiness check, and leaving the registry at the end. Without one, nothing changes.
+
+    Needs ops.add_routes first (the drain state and the readiness checks)."""
     settings = settings_from_config(hub.config)
     if settings is None:
         return
-    media = hub.media
-    node = hub.cluster = ClusterNode(settings, hub.store, lambda: media.counts()["participants"])
+    media, drain = hub.media, app[DRAIN_STATE]
+    node = hub.cluster = ClusterNode(settings, hub.store, lambda: media.counts()["participants"],
+                                     draining=lambda: drain.draining)
+    drain.listeners.append(lambda state: node.report_soon())  # out of placement at once
+
+    async def redis() -> str | None:
+        return node.readiness()
+
+    app[READINESS_CHECKS].append(redis)
     app.router.add_put("/api/cluster/consultations/{id}", place_here)
 
     async def start(app: web.Application) -> None:

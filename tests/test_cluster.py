@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -122,6 +122,7 @@ class RedisServer:
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         wait_for_line(self.process, "Ready to accept connections", 10)
+        threading.Thread(target=self.process.stdout.read, daemon=True).start()  # never a full pipe
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -189,18 +190,20 @@ class Node:
 
 
 def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float) -> None:
+    """Read the process's output until a line holds ``text``, for at most ``timeout`` seconds."""
     assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], deadline - time.monotonic())
-        if not ready:
-            break
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the process ended before printing {text!r}")
-        if text in line:
-            return
-    raise RuntimeError(f"no {text!r} within {timeout} s")
+    stdout = process.stdout
+    found = threading.Event()
+
+    def scan() -> None:
+        for line in stdout:
+            if text in line:
+                found.set()
+                return
+
+    threading.Thread(target=scan, daemon=True).start()
+    if not found.wait(timeout):
+        raise RuntimeError(f"no {text!r} within {timeout} s")
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
@@ -277,6 +280,14 @@ async def test_two_nodes_share_placement_redirect_joins_and_outlive_redis(
         for (_, watcher), other in zip(clients, (2, 1), strict=True):
             await watcher.wait_for(lambda w=watcher, o=other: len(w.frames[o]) >= 20)
 
+        # B drains: new consultations all go to A, and the call on B goes on.
+        status, data = await b.request("POST", "/admin/drain")
+        assert status == 200, data
+        for n in range(3):
+            status, data = await a.create(f"Efter {n}")
+            assert (status, data["node"]) == (201, "node-a"), data
+        assert not {data["id"]} & await b.held()
+
         # Redis goes away: both nodes stay up and say why they are not ready; creating is refused
         # clearly; the call on B goes on.
         redis.stop()
@@ -285,6 +296,8 @@ async def test_two_nodes_share_placement_redirect_joins_and_outlive_redis(
         await eventually(refused, 10, "creation refused without Redis")
         status, data = await a.create()
         assert (status, data["error"]["code"]) == (503, "cluster_unavailable")
+        status, data = await a.request("GET", "/health/ready")
+        assert (status, data["reasons"]) == (503, ["redis_unreachable"])
         watcher = clients[0][1]
         before = len(watcher.frames[2])
         await watcher.wait_for(lambda: len(watcher.frames[2]) >= before + 30, timeout=15)
