@@ -125,6 +125,7 @@ class ScavengerSettings:
     delivery_interval: float = 2.0
     delivery_window: float = 10.0  # the upload's share of the link: the most delivered per interval lately
     headroom: float = 1.05  # the rate grows to at most this times that share (feeling for more, slowly)
+    probe: float = 2 * KIB  # ... plus this (16 kbit/s): a share cut low, on a thin link, comes back in seconds
     start_headroom: float = 1.5  # ... and in the slow start, before any queue showed
     drain: float = 0.5  # a queue found is to be gone in about this long: the cut goes deeper the longer it is
     deepest_cut: float = 0.5  # a cut leaves at least this share of what was delivered
@@ -262,10 +263,11 @@ class ScavengerRate:
             return  # nothing delivered measured yet on this connection: hold
         if self.rate > share:
             step *= 0.25  # above what TCP delivered lately: feel the way, slowly
-        if self._starting and self.rate > share * self.settings.start_headroom:
+        if self._starting and self.rate >= share * self.settings.start_headroom:
             self._starting = False  # TCP no longer keeps up with the doubling: the link is full, or nearly
-        headroom = self.settings.start_headroom if self._starting else self.settings.headroom
-        self.rate = max(self.rate, min(self.rate + step, share * headroom))
+        s = self.settings
+        ceiling = share * s.start_headroom if self._starting else share * s.headroom + s.probe
+        self.rate = max(self.rate, min(self.rate + step, ceiling))
 
     def _cut(self, now: float, queue: float) -> None:
         """Cut for a queue of ``queue`` seconds: under what TCP delivered, the deeper the longer the queue."""
