@@ -17,8 +17,9 @@ named ``doctor``, and asks over it in JSON text messages:
   arrival to the last one's, so it is the rate that reached the server.
 
 Anything else gets ``{"type": "error", "code": ..., "message": ...}``. The peer
-closes itself after ``lifetime`` seconds whatever the client does, and after
-it has sent or received more than ``MAX_TOTAL_BYTES``. Nothing received is
+closes itself after ``lifetime`` seconds whatever the client does, after
+``connect_within`` seconds if the connection has not come up by then, and
+after it has sent or received more than ``MAX_TOTAL_BYTES``. Nothing received is
 kept.
 """
 
@@ -138,23 +139,28 @@ async def send_for(channel: RTCDataChannel, seconds: float, size: int, clock: Ca
 class DoctorPeer:
     """One client's connection for the network doctor; see the module's description."""
 
-    def __init__(self, lifetime: float, on_closed: Callable[[DoctorPeer], None] | None = None) -> None:
+    def __init__(self, lifetime: float, on_closed: Callable[[DoctorPeer], None] | None = None,
+                 connect_within: float = 20.0) -> None:
         # No ICE servers: the server's own host candidates (the SFU's media addresses) are
         # what is tested; the client brings the relay when it tests TURN.
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.lifetime = lifetime
+        self.connect_within = connect_within  # a client whose connection fails does not hold a place for long
         self.on_closed = on_closed
         self.closed = False
         self.total_bytes = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._receipt: Receipt | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._unconnected: asyncio.TimerHandle | None = None
         self.pc.on("datachannel", self._on_channel)
         self.pc.on("connectionstatechange", self._on_state)
 
     async def answer(self, offer_sdp: str) -> str:
         """Take the client's offer and return the answer, with this peer's candidates in it."""
-        self._expiry = asyncio.get_running_loop().call_later(self.lifetime, self._spawn_close)
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_later(self.lifetime, self._spawn_close)
+        self._unconnected = loop.call_later(self.connect_within, self._close_unless_connected)
         await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         return str(self.pc.localDescription.sdp)
@@ -166,6 +172,10 @@ class DoctorPeer:
 
     def _spawn_close(self) -> None:
         self._spawn(self.close())
+
+    def _close_unless_connected(self) -> None:
+        if self.pc.connectionState != "connected":
+            self._spawn_close()
 
     async def _on_state(self) -> None:
         if self.pc.connectionState in ("failed", "closed"):
@@ -240,8 +250,9 @@ class DoctorPeer:
         if self.closed:
             return
         self.closed = True
-        if self._expiry is not None:
-            self._expiry.cancel()
+        for timer in (self._expiry, self._unconnected):
+            if timer is not None:
+                timer.cancel()
         await self.pc.close()
         for task in list(self._tasks):
             if task is not asyncio.current_task():

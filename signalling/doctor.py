@@ -46,7 +46,8 @@ DOCTOR_ROOM = "network-doctor"  # the room claim of a doctor token; never a cons
 DOCTOR_TOKEN_TTL = 3600
 DOCTOR_TOKEN_NAME = "Nätverkskontroll"
 PEER_LIFETIME = 60.0  # seconds a doctor peer lives, whatever its client does
-MAX_PEERS = 4  # doctor peers at once on this server
+PEER_CONNECT_WITHIN = 20.0  # seconds for its connection to come up (the client gives up after 12)
+MAX_PEERS = 8  # doctor peers at once on this server
 OFFER_RATE = 1 / 3  # offers per second and client address, after a burst of
 OFFER_BURST = 6
 MAX_SDP = 16 * 1024
@@ -155,9 +156,11 @@ async def doctor_offer(request: web.Request) -> web.Response:
     sdp = (await json_body(request)).get("sdp")
     if not isinstance(sdp, str) or not sdp.startswith("v=0") or len(sdp) > MAX_SDP:
         raise api_error(400, "sdp_invalid", f"Send {{\"sdp\": <an SDP offer of at most {MAX_SDP} characters>}}.")
+    if "m=application" not in sdp:
+        raise api_error(400, "sdp_invalid", "The offer must carry the 'doctor' data channel.")
     if len(service.peers) >= MAX_PEERS:
         raise api_error(503, "doctor_busy", "Other network checks are running on this server; try again in a minute.")
-    peer = DoctorPeer(PEER_LIFETIME, on_closed=service.peers.discard)
+    peer = DoctorPeer(PEER_LIFETIME, on_closed=service.peers.discard, connect_within=PEER_CONNECT_WITHIN)
     service.peers.add(peer)
     try:
         answer = await peer.answer(sdp)

@@ -14,12 +14,13 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+from aiortc import RTCPeerConnection
 
 from bench.process import PROJECT, free_port
-from mediaserver.doctor_peer import MAX_BYTES, MAX_SECONDS
+from mediaserver.doctor_peer import MAX_BYTES, MAX_SECONDS, DoctorPeer
 from nara.doctor import Check, DoctorOptions, ProbeConnection, Report, render, verdict
 from nara.doctor import run_doctor as doctor_in_process
-from signalling.doctor import DOCTOR_ROOM, OFFER_BURST, mint_doctor_token
+from signalling.doctor import DOCTOR, DOCTOR_ROOM, MAX_PEERS, OFFER_BURST, mint_doctor_token
 from signalling.turn import time_limited_credential
 
 from .conftest import RunningServer, start_server
@@ -273,6 +274,37 @@ async def test_the_doctor_peer_keeps_its_limits(server: RunningServer, http: aio
         assert 0 < await probe.round_trip(3) < 1000  # and the peer still answers
     finally:
         await probe.close()
+
+
+async def test_a_check_that_never_connects_gives_its_place_back_and_a_full_server_says_busy(
+        server: RunningServer, http: aiohttp.ClientSession) -> None:
+    client = RTCPeerConnection()
+    client.createDataChannel("doctor")
+    await client.setLocalDescription(await client.createOffer())
+    closed = asyncio.Event()
+    peer = DoctorPeer(lifetime=60, on_closed=lambda _: closed.set(), connect_within=0.5)
+    try:
+        await peer.answer(client.localDescription.sdp)  # and the client never takes the answer
+        await asyncio.wait_for(closed.wait(), 10)
+        assert peer.closed
+    finally:
+        await client.close()
+
+    service = server.app[DOCTOR]
+    holders = [DoctorPeer(lifetime=60) for _ in range(MAX_PEERS)]
+    service.peers.update(holders)
+    token, _ = mint_doctor_token(server.hub.authority)
+    client = RTCPeerConnection()
+    client.createDataChannel("doctor")
+    try:
+        await client.setLocalDescription(await client.createOffer())
+        async with http.post(f"{server.url}/doctor/offer", json={"sdp": client.localDescription.sdp},
+                             headers={"Authorization": f"Bearer {token}"}) as response:
+            assert (response.status, (await response.json())["error"]["code"]) == (503, "doctor_busy")
+    finally:
+        await client.close()
+        for holder in holders:
+            await holder.close()
 
 
 # --- what the results mean -------------------------------------------------------------
