@@ -414,6 +414,16 @@ class ClusterNode:
 
     # --- finding the owner ---
 
+    async def ask_owner(self, owner: NodeRecord, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        """POST ``body`` to ``path`` on the owning node (for a question only it can answer); its answer."""
+        assert self._http is not None
+        try:
+            async with self._http.post(f"{owner.url}{path}", json=body) as response:
+                return response.status, await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            raise ClusterError(503, "node_unavailable", "The server that holds this consultation is not "
+                                                        "reachable now; try again shortly.") from None
+
     async def owner(self, consultation_id: str) -> NodeRecord | None:
         """The live node that holds a consultation this node does not; None when no node holds it."""
         node_id = await self._redis(self.registry.owner(consultation_id))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -24,6 +25,9 @@ from mediaserver.errors import CodedError
 from .bodysites import BODY_SITES
 from .tokens import TokenError
 from .ws import HUB
+
+if TYPE_CHECKING:
+    from .cluster import ClusterNode
 
 STATIC = Path(__file__).parent / "static"
 NO_STORE = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
@@ -89,6 +93,8 @@ async def check_link(request: web.Request) -> web.Response:
             {"error": {"code": "body_malformed", "message": "Send {\"room\": ..., \"token\": ...}."}},
             status=400, headers=NO_STORE)
     consultation = hub.store.get(room)
+    if consultation is None and hub.cluster is not None:
+        return await _check_at_owner(hub.cluster, room, token)
     if consultation is None or consultation.status != "open":
         return web.json_response(
             {"error": {"code": "room_not_found", "message": "There is no open consultation with this id."}},
@@ -107,6 +113,20 @@ async def check_link(request: web.Request) -> web.Response:
         },
         headers=NO_STORE,
     )
+
+
+async def _check_at_owner(cluster: ClusterNode, room: str, token: str) -> web.Response:
+    """In a cluster, the node that holds the consultation answers for it (this page's join is redirected there)."""
+    try:
+        owner = await cluster.owner(room)
+        if owner is None:
+            status, body = 404, {"error": {"code": "room_not_found",
+                                           "message": "There is no open consultation with this id."}}
+        else:
+            status, body = await cluster.ask_owner(owner, "/join/check", {"room": room, "token": token})
+    except CodedError as exc:
+        status, body = 503, {"error": {"code": exc.code, "message": exc.message}}
+    return web.json_response(body, status=status, headers=NO_STORE)
 
 
 def add_routes(app: web.Application) -> None:

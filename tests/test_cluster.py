@@ -24,6 +24,7 @@ from bench.synthetic import StampedVideoTrack, ToneAudioTrack
 from signalling.client import ConsultationClient, JoinRefused
 from signalling.cluster import NodeRecord, RedisHealth, placement_order
 
+from .conftest import in_ci
 from .media_helpers import TONES, Watcher, receiving_from
 
 LOAD_INTERVAL = 0.3
@@ -321,3 +322,54 @@ async def test_two_nodes_share_placement_redirect_joins_and_outlive_redis(
     log = a.log.read_text()
     assert log.count("Traceback") == 0, "no traceback storm"
     assert "is unreachable" in log
+
+
+# --- the browser client ------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+HAVE_CHROMIUM = CHROMIUM.exists()
+# A page the test hands the browser itself (route.fulfill) counts as coming from no address, so Chromium's
+# local network access checks would keep it from loopback; a page a node serves is not affected.
+CHROMIUM_ARGS = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                 "--allow-loopback-in-peer-connection", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-features=LocalNetworkAccessChecks"]
+INDEX_HTML = PROJECT / "signalling" / "static" / "index.html"
+
+
+async def test_the_browser_follows_the_page_and_the_join_to_the_owner(
+    cluster: tuple[RedisServer, Node, Node],
+) -> None:
+    if not HAVE_CHROMIUM:
+        if in_ci():
+            pytest.fail("Chromium is required in CI: .ci/run installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed here")
+    from playwright.async_api import async_playwright
+
+    _, a, b = cluster
+    placed = [(await a.create("Hemsjukvård Pajala"))[1] for _ in range(2)]  # one on each node
+    room = next(c["id"] for c in placed if c.get("node") == "node-b")
+    doctor, relative = await a.token(room, "Dr Berg", "doctor"), await a.token(room, "Anna", "anna")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            # The page asked of A answers 307 to B, and the token in the fragment comes along.
+            first = await (await browser.new_context()).new_page()
+            await first.goto(f"{a.url}/c/{room}#token={doctor['token']}")
+            assert first.url.startswith(f"{b.url}/c/{room}")
+            # A page that A served itself (as when the registry could not be asked): the link check
+            # is answered by B, and the call's join is redirected there.
+            second = await (await browser.new_context()).new_page()
+            await second.route(f"{a.url}/c/{room}", lambda route: route.fulfill(
+                path=INDEX_HTML, content_type="text/html"))
+            await second.goto(f"{a.url}/c/{room}#token={relative['token']}")
+            assert second.url.startswith(f"{a.url}/c/{room}")
+            for page in (first, second):
+                await page.click("#join-button")
+                await page.wait_for_function("() => naraDebug.call?.state === 'connected'", timeout=20000)
+            assert await second.evaluate("() => naraDebug.call.server") == b.url
+            for page, other in ((first, "anna"), (second, "doctor")):
+                await page.wait_for_function(
+                    "(id) => (naraDebug.stats.participants.get(id)?.framesDecoded ?? 0) > 20", arg=other,
+                    timeout=20000)
+        finally:
+            await browser.close()
