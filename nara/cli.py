@@ -130,7 +130,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import os
 
     from mediaserver.aiortc_adapter import restrict_host_addresses
-    from nara.doctor import DoctorOptions, render, run_doctor, verdict
+    from nara.doctor import TABLE_HEADER, DoctorOptions, render_row, render_verdict, run_doctor, verdict
 
     server, authorization = args.server, None
     credential_file = args.credential
@@ -166,8 +166,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if args.local_address:
         restrict_host_addresses(args.local_address)
     options = DoctorOptions(server.rstrip("/"), authorization, timeout=args.timeout, seconds=args.seconds)
-    report = asyncio.run(run_doctor(options))
-    print(json.dumps(report.as_json(), ensure_ascii=False) if args.json else render(report))
+    if args.json:
+        report = asyncio.run(run_doctor(options))
+        print(json.dumps(report.as_json(), ensure_ascii=False))
+    else:  # the table grows as the checks finish; a check can take its whole time limit
+        print(f"Nära network check of {options.server}\n\n{TABLE_HEADER}", flush=True)
+        report = asyncio.run(run_doctor(options, on_check=lambda check: print(render_row(check), flush=True)))
+        print(f"\n{render_verdict(report.checks)}")
     return 0 if verdict(report.checks)[0] else 1
 
 

@@ -24,6 +24,7 @@ import ssl
 import statistics
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,6 +72,12 @@ class Check:
 class Report:
     server: str
     checks: list[Check] = field(default_factory=list)
+    on_check: Callable[[Check], None] | None = field(default=None, repr=False)  # each result as it comes
+
+    def add(self, check: Check) -> None:
+        self.checks.append(check)
+        if self.on_check is not None:
+            self.on_check(check)
 
     def get(self, kind: str) -> Check | None:
         return next((c for c in self.checks if c.kind == kind), None)
@@ -166,17 +173,25 @@ def _port(url: str | None) -> str:
     return hostport.rpartition(":")[2] if ":" in hostport else ("5349" if url.startswith("turns:") else "3478")
 
 
+TABLE_HEADER = f"  {'check':<16}{'result':<8}{'measured':>14}  detail"
+
+
+def render_row(c: Check) -> str:
+    measured = f"{c.kbps:.0f} kbit/s" if c.kbps is not None else _ms(c.rtt_ms) if c.rtt_ms is not None else "-"
+    detail = ": ".join(x for x in (c.url or "", c.detail) if x)
+    return f"  {c.label:<16}{'ok' if c.ok else 'FAILED':<8}{measured:>14}  {detail}".rstrip()
+
+
+def render_verdict(checks: list[Check]) -> str:
+    possible, words = verdict(checks)
+    return ("A call is possible. " if possible else "No call is possible from here. ") + words
+
+
 def render(report: Report) -> str:
     """The table and the verdict, for a terminal."""
-    lines = [f"Nära network check of {report.server}", ""]
-    lines.append(f"  {'check':<16}{'result':<8}{'measured':>14}  detail")
-    for c in report.checks:
-        measured = f"{c.kbps:.0f} kbit/s" if c.kbps is not None else _ms(c.rtt_ms) if c.rtt_ms is not None else "-"
-        detail = ": ".join(x for x in (c.url or "", c.detail) if x)
-        lines.append(f"  {c.label:<16}{'ok' if c.ok else 'FAILED':<8}{measured:>14}  {detail}".rstrip())
-    possible, words = verdict(report.checks)
-    lines += ["", ("A call is possible. " if possible else "No call is possible from here. ") + words]
-    return "\n".join(lines)
+    lines = [f"Nära network check of {report.server}", "", TABLE_HEADER]
+    lines += [render_row(c) for c in report.checks]
+    return "\n".join([*lines, "", render_verdict(report.checks)])
 
 
 # --- the checks ----------------------------------------------------------------
@@ -439,22 +454,22 @@ async def _fetch_config(http: aiohttp.ClientSession, options: DoctorOptions, hea
             return body
 
 
-async def run_doctor(options: DoctorOptions) -> Report:
-    """Every check, one after the other, each with its own time limit."""
-    report = Report(options.server)
+async def run_doctor(options: DoctorOptions, on_check: Callable[[Check], None] | None = None) -> Report:
+    """Every check, one after the other, each with its own time limit; ``on_check`` hears each result."""
+    report = Report(options.server, on_check=on_check)
     headers = {"Authorization": options.authorization}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=options.timeout)) as http:
         for kind, step in (("http", _check_http), ("websocket", _check_websocket)):
             try:
-                report.checks.append(await step(http, options))
+                report.add(await step(http, options))
             except Exception as exc:  # noqa: BLE001 - every failure is a result to report
-                report.checks.append(Check(kind, False, detail=_reason(exc)))
+                report.add(Check(kind, False, detail=_reason(exc)))
         if not all(c.ok for c in report.checks):
             return report
         try:
             config = await _fetch_config(http, options, headers)
         except Exception as exc:  # noqa: BLE001
-            report.checks.append(Check("udp-direct", False, detail=_reason(exc)))
+            report.add(Check("udp-direct", False, detail=_reason(exc)))
             return report
         paths: list[tuple[str, str | None, list[RTCIceServer]]] = [("udp-direct", None, [])]
         for turn in config.get("turn", []):
@@ -474,7 +489,7 @@ async def run_doctor(options: DoctorOptions) -> Report:
                 problem = await turn_server_problem(url, min(options.timeout, 6.0))
                 check.detail = problem or (f"{NO_RELAY}: the TURN server answers but refused the credentials "
                                            "(check that the server's [turn] secret is coturn's) or has no relay ports")
-            report.checks.append(check)
+            report.add(check)
             if check.ok and best is None:
                 best, best_check = probe, check
             else:
@@ -484,9 +499,9 @@ async def run_doctor(options: DoctorOptions) -> Report:
                 for kind, measure in (("bandwidth-down", best.download), ("bandwidth-up", best.upload)):
                     try:
                         kbps = await measure(options.seconds, options.max_bytes)
-                        report.checks.append(Check(kind, True, kbps=kbps, detail=f"over {best_check.label}"))
+                        report.add(Check(kind, True, kbps=kbps, detail=f"over {best_check.label}"))
                     except Exception as exc:  # noqa: BLE001
-                        report.checks.append(Check(kind, False, detail=_reason(exc)))
+                        report.add(Check(kind, False, detail=_reason(exc)))
             finally:
                 await best.close()
     return report
