@@ -134,6 +134,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     server, authorization = args.server, None
     credential_file = args.credential
+    kit_turn = None
     try:
         if args.kit_config:
             from edge.config import EdgeConfigError, load_config
@@ -144,6 +145,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                 print(f"nara doctor: {args.kit_config}: {exc}", file=sys.stderr)
                 return 2
             server, credential_file = server or kit.server, credential_file or kit.credential
+            if kit.turn is not None:
+                from signalling.doctor import turn_checks
+
+                kit_turn = turn_checks([{"urls": kit.turn.url, "username": kit.turn.username,
+                                         "credential": kit.turn.credential}])
         if credential_file:
             from edge.device_api import CredentialError, read_credential
 
@@ -165,15 +171,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 2
     if args.local_address:
         restrict_host_addresses(args.local_address)
-    options = DoctorOptions(server.rstrip("/"), authorization, timeout=args.timeout, seconds=args.seconds)
+    options = DoctorOptions(server.rstrip("/"), authorization, timeout=args.timeout, seconds=args.seconds,
+                            kit_turn=kit_turn)
     if args.json:
         report = asyncio.run(run_doctor(options))
         print(json.dumps(report.as_json(), ensure_ascii=False))
     else:  # the table grows as the checks finish; a check can take its whole time limit
         print(f"Nära network check of {options.server}\n\n{TABLE_HEADER}", flush=True)
         report = asyncio.run(run_doctor(options, on_check=lambda check: print(render_row(check), flush=True)))
-        print(f"\n{render_verdict(report.checks)}")
-    return 0 if verdict(report.checks)[0] else 1
+        print(f"\n{render_verdict(report.checks, report.relay_only)}")
+    return 0 if verdict(report.checks, report.relay_only)[0] else 1
 
 
 def cmd_doctor_token(args: argparse.Namespace) -> int:

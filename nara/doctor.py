@@ -73,6 +73,7 @@ class Report:
     server: str
     checks: list[Check] = field(default_factory=list)
     on_check: Callable[[Check], None] | None = field(default=None, repr=False)  # each result as it comes
+    relay_only: str | None = None  # why calls from here never go straight to the server, if they do not
 
     def add(self, check: Check) -> None:
         self.checks.append(check)
@@ -83,8 +84,8 @@ class Report:
         return next((c for c in self.checks if c.kind == kind), None)
 
     def as_json(self) -> dict[str, Any]:
-        possible, words = verdict(self.checks)
-        return {"server": self.server, "call_possible": possible, "verdict": words,
+        possible, words = verdict(self.checks, self.relay_only)
+        return {"server": self.server, "call_possible": possible, "verdict": words, "relay_only": self.relay_only,
                 "checks": [{k: v for k, v in asdict(c).items() if v is not None} for c in self.checks]}
 
 
@@ -118,8 +119,12 @@ def bandwidth_words(down: float | None, up: float | None) -> str:
     return "Bandwidth is below 100 kbit/s: expect audio only, with gaps."
 
 
-def verdict(checks: list[Check]) -> tuple[bool, str]:
-    """Is a call possible from here, and what should IT staff know? In plain words."""
+def verdict(checks: list[Check], relay_only: str | None = None) -> tuple[bool, str]:
+    """Is a call possible from here, and what should IT staff know? In plain words.
+
+    ``relay_only`` says why calls from here never go straight to the server, if they do not:
+    the server's transport policy, or the kit's own relay.
+    """
     by_kind = {c.kind: c for c in checks}
     http, ws = by_kind.get("http"), by_kind.get("websocket")
     if http is None or not http.ok:
@@ -130,11 +135,13 @@ def verdict(checks: list[Check]) -> tuple[bool, str]:
         reason = ws.detail if ws else "not checked"
         return False, (f"The server answers HTTP but its WebSocket does not ({reason}): a proxy or firewall "
                        "blocks WebSocket upgrades, and no call can be set up. Allow WebSocket to the server.")
-    path = media_path(checks)
     turn = [c for c in checks if c.kind.startswith("turn-")]
     failed_turn = [c for c in turn if not c.ok]
     down, up = by_kind.get("bandwidth-down"), by_kind.get("bandwidth-up")
     speed = bandwidth_words(down.kbps if down else None, up.kbps if up else None)
+    if relay_only is not None:
+        return _relayed_verdict(turn, ws, relay_only, speed)
+    path = media_path(checks)
     if path is None:
         if not turn:
             return False, ("No media path: direct UDP to the media server is blocked and the server names no TURN "
@@ -166,6 +173,26 @@ def verdict(checks: list[Check]) -> tuple[bool, str]:
     return True, " ".join(words)
 
 
+def _relayed_verdict(turn: list[Check], ws: Check, why: str, speed: str) -> tuple[bool, str]:
+    path = media_path(turn)
+    if path is None:
+        failures = "; ".join(f"{c.label}: {c.detail}" for c in turn) or "none is configured"
+        return False, (f"Every call from here goes through TURN ({why}), and no TURN relay could be used "
+                       f"({failures}).")
+    extra = ""
+    if path.rtt_ms is not None and ws.rtt_ms is not None:
+        extra = f"; +{max(0.0, path.rtt_ms - ws.rtt_ms):.0f} ms over the server's own round trip"
+    how = {"turn-udp": "UDP", "turn-tcp": "TCP", "turn-tls": "TLS"}[path.kind]
+    words = [f"Every call from here goes through TURN ({why}): over {how} on port {_port(path.url)} "
+             f"(round trip {_ms(path.rtt_ms)}{extra})."]
+    if path.kind != "turn-udp":
+        words.append("Over TCP a lost packet holds up the ones behind it, so sound and picture stall more on a "
+                     "lossy link than over UDP.")
+    if speed:
+        words.append(speed)
+    return True, " ".join(words)
+
+
 def _port(url: str | None) -> str:
     if not url:
         return "?"
@@ -182,8 +209,8 @@ def render_row(c: Check) -> str:
     return f"  {c.label:<16}{'ok' if c.ok else 'FAILED':<8}{measured:>14}  {detail}".rstrip()
 
 
-def render_verdict(checks: list[Check]) -> str:
-    possible, words = verdict(checks)
+def render_verdict(checks: list[Check], relay_only: str | None = None) -> str:
+    possible, words = verdict(checks, relay_only)
     return ("A call is possible. " if possible else "No call is possible from here. ") + words
 
 
@@ -191,7 +218,7 @@ def render(report: Report) -> str:
     """The table and the verdict, for a terminal."""
     lines = [f"Nära network check of {report.server}", "", TABLE_HEADER]
     lines += [render_row(c) for c in report.checks]
-    return "\n".join([*lines, "", render_verdict(report.checks)])
+    return "\n".join([*lines, "", render_verdict(report.checks, report.relay_only)])
 
 
 # --- the checks ----------------------------------------------------------------
@@ -418,6 +445,9 @@ class DoctorOptions:
     timeout: float = 12.0  # each check
     seconds: float = 3.0  # each direction of the bandwidth test
     max_bytes: int = 4 * 1024 * 1024
+    # A kit's own relay from its configuration ({"kind", "url", "username", "credential"}): the kit sends
+    # every call through it instead of the server's TURN servers, so it is checked instead of them.
+    kit_turn: list[dict[str, Any]] | None = None
 
 
 async def _check_http(http: aiohttp.ClientSession, options: DoctorOptions) -> Check:
@@ -471,8 +501,12 @@ async def run_doctor(options: DoctorOptions, on_check: Callable[[Check], None] |
         except Exception as exc:  # noqa: BLE001
             report.add(Check("udp-direct", False, detail=_reason(exc)))
             return report
+        if options.kit_turn is not None:
+            report.relay_only = "the kit's configuration names its own TURN relay"
+        elif config.get("transport_policy") == "relay":
+            report.relay_only = "the server's transport policy is relay"
         paths: list[tuple[str, str | None, list[RTCIceServer]]] = [("udp-direct", None, [])]
-        for turn in config.get("turn", []):
+        for turn in config.get("turn", []) if options.kit_turn is None else options.kit_turn:
             server = RTCIceServer(urls=turn["url"], username=turn.get("username"), credential=turn.get("credential"))
             paths.append((turn["kind"], turn["url"], [server]))
         best: ProbeConnection | None = None
@@ -490,8 +524,8 @@ async def run_doctor(options: DoctorOptions, on_check: Callable[[Check], None] |
                 check.detail = problem or (f"{NO_RELAY}: the TURN server answers but refused the credentials "
                                            "(check that the server's [turn] secret is coturn's) or has no relay ports")
             report.add(check)
-            if check.ok and best is None:
-                best, best_check = probe, check
+            if check.ok and best is None and (kind != "udp-direct" or report.relay_only is None):
+                best, best_check = probe, check  # the path a call would take
             else:
                 await probe.close()
         if best is not None and best_check is not None:

@@ -142,6 +142,7 @@ async def doctor_config(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "turn": turn_checks(ice_servers_for(hub.config, "doctor", time.time())),
+            "transport_policy": hub.config.ice_transport_policy,
             "limits": {"seconds": MAX_SECONDS, "bytes": MAX_BYTES, "peer_lifetime": PEER_LIFETIME},
         },
         headers={"Cache-Control": "no-store"},

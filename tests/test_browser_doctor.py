@@ -83,3 +83,21 @@ async def test_without_a_token_the_doctor_page_asks_for_one_and_takes_a_join_lin
         "() => naraDoctor.checks.find(c => c.kind === 'udp-direct')?.state === 'ok'", timeout=30000)
     await page.locator("#token-form").wait_for(state="hidden")
 
+
+
+async def test_when_the_server_sends_every_call_through_turn_the_page_measures_that_path(
+        browser: Any, tmp_path: Path, coturn: Coturn) -> None:
+    running, runner = await start_server(tmp_path, turn_urls=coturn.urls, turn_static_auth_secret=coturn.secret,
+                                         ice_transport_policy="relay")
+    try:
+        token, _ = mint_doctor_token(running.hub.authority)
+        page = await open_page(browser, f"{running.url}/doctor/?seconds=1#token={token}")
+        await page.wait_for_function("() => naraDoctor.done", timeout=60000)
+        checks = await results(page)
+        assert checks["udp-direct"]["state"] == "ok" and checks["turn-udp"]["state"] == "ok"
+        assert checks["bandwidth-down"]["via"] == "turn-udp"  # the path calls take, not the direct one
+        verdict = await page.get_by_test_id("verdict").inner_text()
+        assert verdict.startswith("Samtal är möjliga härifrån. Servern skickar alla samtal via TURN: här över UDP "
+                                  f"på port {coturn.port}")
+    finally:
+        await runner.cleanup()

@@ -153,9 +153,22 @@ async def test_a_kit_checks_with_its_own_configuration_and_credential(
                "--local-address", "127.0.0.1", "--seconds", DOCTOR_SECONDS]
     status, out, err = await run_doctor(command, doctor_env(turn_up))
     assert status == 0, out + err
-    assert json.loads(out)["server"] == served.url
+    assert json.loads(out)["server"] == served.url and json.loads(out)["relay_only"] is None
     checks = checks_of(out)
     assert checks["udp-direct"]["ok"] and checks["turn-udp"]["ok"] and checks["turn-tls"]["ok"], checks
+
+    # A kit with a relay of its own sends every call through it: that relay is what is checked.
+    username, password = time_limited_credential(turn_up.secret, "kit-7", 600, time.time())
+    config.write_text(f'server = "{served.url}"\ncredential = "{credential}"\n\n[turn]\n'
+                      f'url = "{turn_up.urls[1]}"\nusername = "{username}"\ncredential = "{password}"\n')
+    status, out, err = await run_doctor(command, doctor_env(turn_up))
+    assert status == 0, out + err
+    checks = checks_of(out)
+    assert "turn-udp" not in checks and checks["turn-tls"]["ok"] and checks["turn-tls"]["url"] == turn_up.urls[1]
+    assert checks["bandwidth-down"]["detail"] == "over TURN/TLS"  # not the direct path a call would not take
+    assert json.loads(out)["verdict"].startswith(
+        "Every call from here goes through TURN (the kit's configuration names its own TURN relay): over TLS on port "
+        f"{turn_up.tls_port}")
 
 
 async def test_a_server_with_the_wrong_turn_secret_is_told_apart_from_an_unreachable_relay(
@@ -311,6 +324,18 @@ async def test_a_check_that_never_connects_gives_its_place_back_and_a_full_serve
 
 TLS = "turns:turn.example.se:443?transport=tcp"
 REACHED = [Check("http", True, rtt_ms=30), Check("websocket", True, rtt_ms=40)]
+
+
+@pytest.mark.parametrize(("checks", "possible", "words"), [
+    ([*REACHED, Check("udp-direct", True, rtt_ms=41), Check("turn-udp", True, rtt_ms=50, url="turn:t.se")], True,
+     "Every call from here goes through TURN (policy): over UDP on port 3478 (round trip 50 ms; +10 ms"),
+    ([*REACHED, Check("udp-direct", True, rtt_ms=41), Check("turn-udp", False, detail="no answer")], False,
+     "Every call from here goes through TURN (policy), and no TURN relay could be used (TURN/UDP: no answer)"),
+])
+def test_when_every_call_goes_through_turn_direct_udp_does_not_count(
+        checks: list[Check], possible: bool, words: str) -> None:
+    assert verdict(checks, "policy")[0] is possible
+    assert words in verdict(checks, "policy")[1]
 
 
 @pytest.mark.parametrize(("checks", "possible", "words"), [

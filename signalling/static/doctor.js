@@ -17,7 +17,7 @@ const GATHER_TIMEOUT = 6000; // ms for candidates (a TURN server that does not a
 const asked = Number(new URLSearchParams(location.search).get("seconds"));
 const BANDWIDTH_SECONDS = asked > 0 ? Math.min(asked, 5) : 3; // each direction
 
-const page = { checks: [], done: false, possible: null, verdict: "", startedAt: null };
+const page = { checks: [], done: false, possible: null, verdict: "", startedAt: null, relayOnly: false };
 window.naraDoctor = page; // for IT staff in the console, and for the browser tests
 
 class CheckFailed extends Error {
@@ -273,7 +273,7 @@ async function fetchConfig() {
 }
 
 async function run() {
-  Object.assign(page, { checks: [], done: false, possible: null, verdict: "", startedAt: new Date() });
+  Object.assign(page, { checks: [], done: false, possible: null, verdict: "", startedAt: new Date(), relayOnly: false });
   $("again").disabled = true;
   $("token-form").hidden = true;
   $("status").textContent = t("doctor.running");
@@ -290,6 +290,7 @@ async function run() {
       direct.detail = { key: error.key ?? "doctor.fail.other", vars: error.vars ?? { message: String(error) } };
       return;
     }
+    page.relayOnly = config.transport_policy === "relay"; // every call goes through TURN
     const paths = [{ check: direct, iceServers: [] }];
     for (const turn of config.turn.slice().sort((a, b) => PATH_ORDER.indexOf(a.kind) - PATH_ORDER.indexOf(b.kind))) {
       paths.push({ check: newCheck(turn.kind, turn.url),
@@ -302,7 +303,8 @@ async function run() {
         await probe.connect();
         return { rttMs: await probe.roundTrip() };
       });
-      if (path.check.state === "ok" && best === null) best = { probe, check: path.check };
+      const callPath = path.check.kind !== "udp-direct" || !page.relayOnly; // the path a call would take
+      if (path.check.state === "ok" && best === null && callPath) best = { probe, check: path.check };
       else probe.close();
     }
     if (best !== null) {
@@ -340,10 +342,11 @@ function verdict(checks) {
   const { http, websocket: ws } = byKind;
   if (!http || http.state !== "ok") return [false, t("doctor.verdict.unreachable", { reason: http ? detailText(http) : "-" })];
   if (!ws || ws.state !== "ok") return [false, t("doctor.verdict.no_websocket", { reason: detailText(ws ?? {}) })];
-  const path = PATH_ORDER.map((k) => byKind[k]).find((c) => c?.state === "ok");
   const turns = checks.filter((c) => c.kind.startsWith("turn-"));
   const failed = turns.filter((c) => c.state === "failed").map((c) => `${label(c.kind)}: ${detailText(c)}`).join("; ");
   const speed = speedWords(byKind["bandwidth-down"]?.kbps, byKind["bandwidth-up"]?.kbps);
+  if (page.relayOnly) return relayedVerdict(turns, ws, failed, speed);
+  const path = PATH_ORDER.map((k) => byKind[k]).find((c) => c?.state === "ok");
   if (!path) {
     return [false, turns.length === 0 ? t("doctor.verdict.no_path_no_turn") : t("doctor.verdict.no_path", { failures: failed })];
   }
@@ -357,6 +360,18 @@ function verdict(checks) {
     if (path.kind === "turn-udp") words.push(t("doctor.verdict.turn_udp", vars));
     else words.push(t(path.kind === "turn-tls" ? "doctor.verdict.turn_tls" : "doctor.verdict.turn_tcp", vars));
   }
+  if (speed) words.push(speed);
+  return [true, words.join(" ")];
+}
+
+// The server's transport policy is relay: direct UDP is shown but is no way for a call.
+function relayedVerdict(turns, ws, failed, speed) {
+  const path = PATH_ORDER.map((k) => turns.find((c) => c.kind === k && c.state === "ok")).find(Boolean);
+  if (!path) return [false, t("doctor.verdict.relayed_none", { failures: failed || "-" })];
+  const extra = ws.rttMs != null ? t("doctor.verdict.extra", { ms: Math.max(0, Math.round(path.rttMs - ws.rttMs)) }) : "";
+  const how = { "turn-udp": "UDP", "turn-tcp": "TCP", "turn-tls": "TLS" }[path.kind];
+  const words = [t("doctor.verdict.relayed", { how, port: turnPort(path.url), rtt: ms(path.rttMs), extra })];
+  if (path.kind !== "turn-udp") words.push(t("doctor.verdict.tcp_note"));
   if (speed) words.push(speed);
   return [true, words.join(" ")];
 }
