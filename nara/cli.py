@@ -130,7 +130,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import os
 
     from mediaserver.aiortc_adapter import restrict_host_addresses
-    from nara.doctor import TABLE_HEADER, DoctorOptions, render_row, render_verdict, run_doctor, verdict
+    from nara.doctor import DoctorOptions, run_doctor
+    from nara.doctor_verdict import TABLE_HEADER, render_row, render_verdict, verdict
 
     server, authorization = args.server, None
     credential_file = args.credential

@@ -18,8 +18,9 @@ from aiortc import RTCPeerConnection
 
 from bench.process import PROJECT, free_port
 from mediaserver.doctor_peer import MAX_BYTES, MAX_SECONDS, DoctorPeer
-from nara.doctor import Check, DoctorOptions, ProbeConnection, Report, render, verdict
+from nara.doctor import DoctorOptions, ProbeConnection
 from nara.doctor import run_doctor as doctor_in_process
+from nara.doctor_verdict import Check, Report, render, verdict
 from signalling.doctor import DOCTOR, DOCTOR_ROOM, MAX_PEERS, OFFER_BURST, mint_doctor_token
 from signalling.turn import time_limited_credential
 
