@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .config import ServerConfig
@@ -245,9 +247,10 @@ class ClusterNode:
         self.store = store
         self.participants = participants
         self._draining = draining
+        # One try per call, bounded: the next report tries again, and a request must not wait on retries.
         self.registry = Registry(aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
-            health_check_interval=0))
+            retry=Retry(NoBackoff(), 0), health_check_interval=0))
         self.health = RedisHealth()
         self._http: aiohttp.ClientSession | None = None
         self._reporter: asyncio.Task[None] | None = None
@@ -278,8 +281,8 @@ class ClusterNode:
         self._reporter = asyncio.ensure_future(self._report_every_interval())
 
     async def stop(self) -> None:
-        # The reporter is asked to finish rather than cancelled: a cancellation that lands inside a
-        # Redis call can come out as a Redis error, which the reporter survives.
+        # The reporter is asked to finish rather than cancelled: cancelled, it was seen to go on now and
+        # then (the cancellation lost in a Redis call or the timeout around it), holding the exit for good.
         self._stopping = True
         self._wake.set()
         if self._reporter is not None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -288,6 +289,15 @@ async def test_two_nodes_share_placement_redirect_joins_and_outlive_redis(
             status, data = await (a, b)[n % 2].create(f"Efter {n}")  # through either
             assert (status, data["node"]) == (201, "node-a"), data
         assert not {data["id"]} & await b.held()
+
+        # Redis hangs (stopped, its connections open): a creation is refused within the Redis timeout.
+        assert redis.process is not None
+        redis.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        status, data = await a.create()
+        assert (status, data["error"]["code"]) == (503, "cluster_unavailable")
+        assert time.monotonic() - started < 2.5, "a hung Redis holds a request for one Redis timeout at most"
+        redis.process.send_signal(signal.SIGCONT)
 
         # Redis goes away: both nodes stay up and say why they are not ready; creating is refused
         # clearly; the call on B goes on.
