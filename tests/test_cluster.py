@@ -23,7 +23,8 @@ from aiohttp import web
 from bench.process import PROJECT, free_port
 from bench.synthetic import StampedVideoTrack, ToneAudioTrack
 from signalling.client import ConsultationClient, JoinRefused
-from signalling.cluster import NodeRecord, RedisHealth, placement_order
+from signalling.cluster import ClusterError, ClusterNode, ClusterSettings, NodeRecord, RedisHealth, placement_order
+from signalling.store import ConsultationStore
 
 from .conftest import in_ci
 from .media_helpers import TONES, Watcher, receiving_from
@@ -232,6 +233,28 @@ def cluster(tmp_path: Path) -> Iterator[tuple[RedisServer, Node, Node]]:
     finally:
         for n in nodes:
             n.stop()
+        redis.stop()
+
+
+async def test_a_placement_is_stored_and_registered_both_or_neither(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    store = ConsultationStore(tmp_path / "nara.sqlite3")
+    node = ClusterNode(ClusterSettings(redis.url, "node-a", "http://127.0.0.1:1"), store, lambda: 0)
+    fields = {"title": "Hembesök", "scheduled_for": None, "patient_ref": None}
+    try:
+        first = await node.create_here("abc123", fields)
+        again = await node.create_here("abc123", fields)  # the same placement, its answer lost
+        assert again == first and [c.id for c in store.list()] == ["abc123"]
+        assert await node.registry.owner("abc123") == "node-a"
+        redis.stop()
+        with pytest.raises(ClusterError) as refused:
+            await node.create_here("def456", fields)
+        assert (refused.value.status, refused.value.code) == (503, "cluster_unavailable")
+        assert store.get("def456") is None, "not stored when it could not be registered"
+    finally:
+        await node.stop()
+        store.close()
         redis.stop()
 
 
