@@ -224,8 +224,7 @@ async def _fetch_config(http: aiohttp.ClientSession, options: DoctorOptions, hea
             body = await response.json(content_type=None)
             if response.status != 200:
                 error = body.get("error", {}) if isinstance(body, dict) else {}
-                raise CheckFailed(f"the server refused the credential ({error.get('code', response.status)}: "
-                                  f"{error.get('message', '')})")
+                raise CheckFailed(f"{error.get('code', response.status)}: {error.get('message', '')}".rstrip(": "))
             return body
 
 
@@ -244,7 +243,7 @@ async def run_doctor(options: DoctorOptions, on_check: Callable[[Check], None] |
         try:
             config = await _fetch_config(http, options, headers)
         except Exception as exc:  # noqa: BLE001
-            report.add(Check("udp-direct", False, detail=_reason(exc)))
+            report.add(Check("credential", False, detail=_reason(exc)))
             return report
         if options.kit_turn is not None:
             report.relay_only = "the kit's configuration names its own TURN relay"

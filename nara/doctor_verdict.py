@@ -12,14 +12,15 @@ from typing import Any
 
 PATH_ORDER = ("udp-direct", "turn-udp", "turn-tcp", "turn-tls")  # the order ICE would prefer them in
 LABELS = {
-    "http": "HTTP(S)", "websocket": "WebSocket", "udp-direct": "UDP direct", "turn-udp": "TURN/UDP",
-    "turn-tcp": "TURN/TCP", "turn-tls": "TURN/TLS", "bandwidth-down": "Bandwidth down", "bandwidth-up": "Bandwidth up",
+    "http": "HTTP(S)", "websocket": "WebSocket", "credential": "Credential", "udp-direct": "UDP direct",
+    "turn-udp": "TURN/UDP", "turn-tcp": "TURN/TCP", "turn-tls": "TURN/TLS",
+    "bandwidth-down": "Bandwidth down", "bandwidth-up": "Bandwidth up",
 }
 
 
 @dataclass
 class Check:
-    kind: str  # http, websocket, udp-direct, turn-udp, turn-tcp, turn-tls, bandwidth-down, bandwidth-up
+    kind: str  # http, websocket, credential, udp-direct, turn-udp, turn-tcp, turn-tls, bandwidth-down, bandwidth-up
     ok: bool
     rtt_ms: float | None = None
     kbps: float | None = None
@@ -98,6 +99,10 @@ def verdict(checks: list[Check], relay_only: str | None = None) -> tuple[bool, s
         reason = ws.detail if ws else "not checked"
         return False, (f"The server answers HTTP but its WebSocket does not ({reason}): a proxy or firewall "
                        "blocks WebSocket upgrades, and no call can be set up. Allow WebSocket to the server.")
+    credential = by_kind.get("credential")
+    if credential is not None and not credential.ok:
+        return False, (f"The server did not accept the credential ({credential.detail}), so the media paths were "
+                       "not checked. Get a new doctor token (nara doctor-token), or check the kit's credential.")
     turn = [c for c in checks if c.kind.startswith("turn-")]
     failed_turn = [c for c in turn if not c.ok]
     down, up = by_kind.get("bandwidth-down"), by_kind.get("bandwidth-up")

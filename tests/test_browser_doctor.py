@@ -75,8 +75,16 @@ async def test_without_a_token_the_doctor_page_asks_for_one_and_takes_a_join_lin
         browser: Any, server_with_turn: RunningServer) -> None:
     page = await open_page(browser, f"{server_with_turn.url}/doctor/?seconds=1")
     await page.locator("#token-input").wait_for(state="visible")
+    await page.fill("#token-input", "not-a-token")
+    await page.click("#token-form button")
+    await page.wait_for_function("() => naraDoctor.done")
+    assert await page.locator("tr[data-kind='credential'] .state").inner_text() == "Misslyckades"
+    assert (await page.get_by_test_id("verdict").inner_text()).startswith(
+        "Inga samtal är möjliga härifrån. Servern godtog inte länken eller koden (felkod token_malformed)")
+
     room = server_with_turn.consultation()
     link = f"{server_with_turn.url}/c/{room}#token={server_with_turn.token(room, role='nurse')}"
+    await page.locator("#token-input").wait_for(state="visible")  # offered again, for another token
     await page.fill("#token-input", link)
     await page.click("#token-form button")
     await page.wait_for_function(

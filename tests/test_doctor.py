@@ -252,6 +252,14 @@ async def test_only_a_doctor_token_a_join_token_or_a_kit_credential_opens_the_ch
         assert response.status == 404
 
 
+async def test_a_refused_credential_is_said_plainly(server: RunningServer) -> None:
+    report = await doctor_in_process(DoctorOptions(server.url, "Bearer not-a-token", timeout=5))
+    assert [(c.kind, c.ok) for c in report.checks] == [("http", True), ("websocket", True), ("credential", False)]
+    possible, words = verdict(report.checks)
+    assert not possible
+    assert words.startswith("The server did not accept the credential (token_malformed: The token is not a JWT.)")
+
+
 async def test_doctor_tokens_come_from_the_admin_and_offers_are_rate_limited(
         server: RunningServer, http: aiohttp.ClientSession) -> None:
     async with http.post(f"{server.url}/api/doctor/tokens", json={}) as response:

@@ -282,14 +282,15 @@ async function run() {
     await runCheck(newCheck("websocket"), checkWebSocket);
     if (page.checks.some((c) => c.state !== "ok")) return;
     let config;
-    const direct = newCheck("udp-direct");
     try {
       config = await fetchConfig();
     } catch (error) {
-      direct.state = "failed";
-      direct.detail = { key: error.key ?? "doctor.fail.other", vars: error.vars ?? { message: String(error) } };
+      const credential = newCheck("credential");
+      credential.state = "failed";
+      credential.detail = { key: error.key ?? "doctor.fail.other", vars: error.vars ?? { message: String(error) } };
       return;
     }
+    const direct = newCheck("udp-direct");
     page.relayOnly = config.transport_policy === "relay"; // every call goes through TURN
     const paths = [{ check: direct, iceServers: [] }];
     for (const turn of config.turn.slice().sort((a, b) => PATH_ORDER.indexOf(a.kind) - PATH_ORDER.indexOf(b.kind))) {
@@ -317,6 +318,7 @@ async function run() {
   } finally {
     page.done = true;
     $("again").disabled = false;
+    $("token-form").hidden = !page.checks.some((c) => c.kind === "credential"); // refused: paste another
     $("status").textContent = "";
     render();
   }
@@ -342,6 +344,9 @@ function verdict(checks) {
   const { http, websocket: ws } = byKind;
   if (!http || http.state !== "ok") return [false, t("doctor.verdict.unreachable", { reason: http ? detailText(http) : "-" })];
   if (!ws || ws.state !== "ok") return [false, t("doctor.verdict.no_websocket", { reason: detailText(ws ?? {}) })];
+  if (byKind.credential?.state === "failed") {
+    return [false, t("doctor.verdict.credential", { reason: detailText(byKind.credential) })];
+  }
   const turns = checks.filter((c) => c.kind.startsWith("turn-"));
   const failed = turns.filter((c) => c.state === "failed").map((c) => `${label(c.kind)}: ${detailText(c)}`).join("; ");
   const speed = speedWords(byKind["bandwidth-down"]?.kbps, byKind["bandwidth-up"]?.kbps);
