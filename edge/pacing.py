@@ -119,6 +119,10 @@ class ScavengerSettings:
     # Seconds of its round trip above its base: a queue in front of the audio. Its round trip varies by
     # tens of ms with no queue at all (delayed acknowledgements, the audio's packets between its own).
     socket_target: float = 0.120
+    # It also grows by up to 200 ms as a slow upload's packets come far apart (the server then delays its
+    # acknowledgements), and cut on that alone, the rate fell to the floor: under ``socket_alone`` the
+    # connection's queue counts only while the call's last report showed a queue too (half its target).
+    socket_alone: float = 0.300
     socket_settle: int = 64 * KIB  # a connection's round trip is its base's only once it carried this much
     # What TCP delivered is measured over at least this long: over a shorter time a repaired loss, which
     # acknowledges many segments at once, reads as a burst far above the link's rate.
@@ -207,9 +211,10 @@ class ScavengerRate:
         self.queueing = queueing
         elapsed = max(0.0, now - (self._updated_at if self._updated_at is not None else now))
         self._updated_at = now
-        if fresh_socket is not None and self.socket_queueing is not None and self.socket_queueing > s.socket_target:
+        on_socket = self._socket_queue(queueing, now - sample.at <= s.stale_after)
+        if fresh_socket is not None and on_socket > s.socket_target:
             self._starting = False
-            self._cut(now, self.socket_queueing)  # seen per acknowledgement: no waiting for the next report
+            self._cut(now, on_socket)  # seen per acknowledgement: no waiting for the next report
             return self.rate
         if now - sample.at > s.stale_after:
             # No report for a while: lost, or stuck behind a queue that has grown long. No news is not
@@ -218,7 +223,7 @@ class ScavengerRate:
         if unsent > s.busy_after * self.rate and queueing <= s.target:
             return self.rate  # TCP is behind the rate: no growth (a queue above the target still cuts)
         if sock is not None:
-            return self._steer(now, queueing, elapsed, sock)
+            return self._steer(now, queueing, elapsed, on_socket)
         if queueing > s.target:
             self._starting = False
             self._squeezed = (now, self.rate)
@@ -234,7 +239,16 @@ class ScavengerRate:
         self.rate = min(s.ceiling, max(s.floor, self.rate))
         return self.rate
 
-    def _steer(self, now: float, queueing: float, elapsed: float, sock: SocketSignal) -> float:
+    def _socket_queue(self, queueing: float, fresh: bool) -> float:
+        """The connection's queue as it counts: alone when long, else while the call's report agrees
+        (else at most half its target: it slows the growth, and never cuts)."""
+        s = self.settings
+        on_socket = self.socket_queueing or 0.0
+        if on_socket > s.socket_alone or (fresh and queueing >= s.target / 2):
+            return on_socket
+        return min(on_socket, s.socket_target / 2)
+
+    def _steer(self, now: float, queueing: float, elapsed: float, on_socket: float) -> float:
         """The rate beside a call, with the upload's own connection to read.
 
         The queue in front of the audio is the larger of the call's (late, from its reports) and the
@@ -244,7 +258,6 @@ class ScavengerRate:
         rate far above what the link carries fills its queue in seconds, ahead of the audio.
         """
         s = self.settings
-        on_socket = self.socket_queueing or 0.0
         pressure = max(queueing / s.target, on_socket / s.socket_target)
         if pressure > 1.0:
             self._starting = False

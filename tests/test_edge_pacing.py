@@ -182,15 +182,27 @@ def test_the_connections_round_trip_cuts_at_once_to_under_what_tcp_delivered() -
     rate.rate = 30_000.0  # well past the slow start, far above the link
     rate.update(2.0, RttSample(0.100, 1.5), sock=reading(2.0, 48_000))  # TCP delivered 24 kB/s
     assert rate.delivered == pytest.approx(24_000)
-    # The call's report still says "no queue" (it is a second old); the connection's round trip, 150 ms
-    # above its base (the lowest of its smoothed round trips), already says otherwise: cut at once, under
-    # what was delivered, the deeper the longer the queue (to be gone in half a second).
-    cut = rate.update(2.2, RttSample(0.100, 1.5), sock=reading(2.2, 52_000, rtt=0.300))
+    # The call's report (half a second old) shows 40 ms of queue, under its 60 ms target; the connection's
+    # round trip, 150 ms above its base (the lowest of its smoothed round trips), says the queue has grown
+    # since: cut at once, under what was delivered, the deeper the longer the queue (gone in half a second).
+    cut = rate.update(2.2, RttSample(0.140, 1.7), sock=reading(2.2, 52_000, rtt=0.300))
     assert cut == pytest.approx(24_000 * (1 - 0.150 / 0.5))
     # The same queue, shorter, a moment later: draining already, no second cut.
-    assert rate.update(3.3, RttSample(0.100, 2.5), sock=reading(3.3, 70_000, rtt=0.280)) == cut
+    assert rate.update(3.3, RttSample(0.140, 2.5), sock=reading(3.3, 70_000, rtt=0.280)) == cut
     # Longer still a second later: cut again.
-    assert rate.update(3.5, RttSample(0.100, 2.5), sock=reading(3.5, 72_000, rtt=0.350)) < cut
+    assert rate.update(3.5, RttSample(0.140, 2.5), sock=reading(3.5, 72_000, rtt=0.350)) < cut
+
+
+def test_the_connections_round_trip_alone_cuts_only_when_long() -> None:
+    """A slow upload's round trip grows with no queue at all (its packets come far apart, and the server
+    delays its acknowledgements): unless the call's report shows a queue too, only a long one counts."""
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    rate.rate = 12_000.0
+    rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 24_000))
+    kept = rate.update(2.2, RttSample(0.100, 2.0), sock=reading(2.2, 26_000, rtt=0.330))
+    assert kept >= 12_000.0  # 180 ms above its base: not cut
+    assert rate.update(2.4, RttSample(0.100, 2.0), sock=reading(2.4, 28_000, rtt=0.500)) < 12_000.0  # 350 ms
 
 
 def test_the_rate_grows_to_at_most_a_little_above_what_tcp_delivered() -> None:
@@ -206,7 +218,7 @@ def test_the_rate_grows_to_at_most_a_little_above_what_tcp_delivered() -> None:
     # The slow start ended when TCP stopped keeping up; without the connection's reading, a link whose
     # round trips show no queue would have grown it to the ceiling.
     assert 10_000 < rate.rate <= 15_000
-    rate.update(30.1, RttSample(0.100, 30.1), sock=reading(30.1, acked + 500, rtt=0.400))  # a queue: cut
+    rate.update(30.1, RttSample(0.100, 30.1), sock=reading(30.1, acked + 500, rtt=0.500))  # a queue: cut
     for tenth in range(302, 600):
         now = tenth / 10
         acked += min(rate.rate, 10_000.0) / 10
@@ -262,7 +274,7 @@ def test_the_uplink_counts_as_thin_for_a_minute_after_a_queue_showed_beside_a_sl
     rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
     assert not rate.thin_uplink(0.0)
     rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 40_000))  # 20 kB/s: 160 kbit/s
-    rate.update(2.5, RttSample(0.100, 2.0), sock=reading(2.5, 45_000, rtt=0.400))  # a queue in front of the call
+    rate.update(2.5, RttSample(0.100, 2.0), sock=reading(2.5, 45_000, rtt=0.500))  # a queue in front of the call
     assert rate.thin_uplink(3.0) and rate.thin_uplink(62.0)
     assert not rate.thin_uplink(63.0)  # a minute without another: the call may spend more on headers again
 
@@ -272,5 +284,5 @@ def test_a_queue_beside_a_fast_upload_does_not_make_the_uplink_thin() -> None:
     rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
     rate.rate = 200_000.0
     rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 400_000))  # 1.6 Mbit/s delivered
-    rate.update(2.5, RttSample(0.100, 2.0), sock=reading(2.5, 500_000, rtt=0.400))
+    rate.update(2.5, RttSample(0.100, 2.0), sock=reading(2.5, 500_000, rtt=0.500))
     assert not rate.thin_uplink(3.0)
