@@ -21,6 +21,21 @@ not keeping up with the rate (losses to repair), so a low queue says nothing
 of what the rate would do; grown there, the rate stood far above the link's
 and sent the backlog in a rush once TCP caught up.
 
+With the upload's own connection to read (``SocketSignal``, from its
+``TCP_INFO``) the rate also keeps near what TCP actually delivers: it grows
+to at most ``headroom`` times the most delivered over ``delivery_interval``
+lately, plus ``probe`` (half again as much in the slow start, which ends when
+TCP stops keeping up), so it can never stand far above what the link
+carries; and the connection's own round trip, updated by every
+acknowledgement, shows a queue within a round trip instead of a report a
+second late. A queue then cuts the rate at once to under what was delivered,
+the deeper the longer the queue (to be gone in ``drain``). That round trip
+also grows with no queue at all when a slow upload's packets come far apart
+(the server delays its acknowledgements), so below ``socket_alone`` it
+counts only while the call's report shows a queue too. After a queue showed
+beside an upload under ``thin_below``, ``thin_uplink`` says the link is thin
+for ``thin_hold`` seconds (the call's audio then goes in longer packets).
+
 In a fluid model of a 256 kbit/s uplink with a 32 kbit/s call and a receiver
 report a second (tests/test_edge_pacing.py), the queue in front of the audio
 peaks once at about 250 ms when the slow start ends and then stays under

@@ -14,7 +14,7 @@ Per image:
    server got; otherwise ``POST`` (idempotent on ``image_id``: a lost answer,
    or a power cut before the address was recorded, finds the same upload) and
    record the address;
-3. ``PATCH`` the rest in chunks of about 1.5 s of bytes at the current rate,
+3. ``PATCH`` the rest in chunks of about 5 s of bytes at the current rate,
    each with ``Upload-Checksum: sha256 …``, recording each acknowledged
    offset. ``460`` sends that chunk again, ``409`` asks ``HEAD``; the last
    chunk's answer names the stored image, and the outbox marks it delivered.
@@ -28,8 +28,13 @@ its images wait.
 
 The bytes are paced (``edge/pacing.py``): a token bucket under a ceiling
 (``upload_kbps``) that, while a call is up, yields to the call's audio like
-LEDBAT. The upload's socket is marked low priority (DSCP CS1) where the
-operating system allows. The kernel paces the socket's packets at the same
+LEDBAT, and keeps near what the upload's connection delivers (its
+``TCP_INFO``, ``edge/tcpinfo.py``). Between two chunks the link stands idle
+for a round trip (the last bytes' way there, the server's answer back): a
+fifth of a 1.5 s chunk on a thin link, a twentieth of a 5 s one; an outage
+costs the chunk under way (a checksummed chunk counts whole or not at all),
+2.5 s of bytes on average. The upload's socket is marked low priority (DSCP
+CS1) where the operating system allows. The kernel paces the socket's packets at the same
 rate (``SO_MAX_PACING_RATE``): the socket's send buffer holds seconds of bytes
 on a thin link, and without it TCP sends them in window-sized bursts at
 whatever rate its window allows, so a cut in the rate reached the link only
