@@ -188,11 +188,12 @@ class Registry:
     def consultation_key(consultation_id: str) -> str:
         return f"{KEY_PREFIX}consultation:{consultation_id}"
 
-    async def publish(self, record: NodeRecord, ttl: float) -> bool:
-        """Renew this node's record; True when it had expired or was lost (Redis restarted or emptied)."""
+    async def publish(self, record: NodeRecord, ttl: float) -> NodeRecord | None:
+        """Renew this node's record; the one it replaced, None when that had expired or was lost
+        (first start, Redis restarted or emptied)."""
         previous = await self.redis.set(self.node_key(record.id), record.to_json(), px=int(ttl * 1000), get=True)
         await self.redis.sadd(f"{KEY_PREFIX}nodes", record.id)
-        return previous is None
+        return NodeRecord.from_json(previous) if isinstance(previous, (str, bytes)) else None
 
     async def withdraw(self, node_id: str) -> None:
         await self.redis.delete(self.node_key(node_id))
@@ -256,6 +257,7 @@ class ClusterNode:
         self._reporter: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
+        self._twin_reported = False
 
     @property
     def id(self) -> str:
@@ -315,12 +317,17 @@ class ClusterNode:
     async def report(self) -> None:
         """Renew this node's record; after Redis lost it, register this node's consultations again."""
         try:
-            lost = await self.registry.publish(self.record(), self.settings.node_ttl)
+            previous = await self.registry.publish(self.record(), self.settings.node_ttl)
+            lost = previous is None
             if lost:
                 await self.registry.restore(self.store.open_ids(), self.id)
         except (RedisError, OSError) as exc:
             self._lost_redis(exc)
             return
+        if previous is not None and previous.url != self.settings.node_url and not self._twin_reported:
+            self._twin_reported = True  # once: both nodes would say it every interval
+            logger.error("cluster: another node at %s also calls itself %s; give each node its own node_id",
+                         previous.url, self.id)
         if self.health.succeeded():
             logger.info("cluster: Redis at %s is reachable again; node %s and its consultations registered",
                         self.settings.redis_display, self.id)

@@ -258,6 +258,26 @@ async def test_a_placement_is_stored_and_registered_both_or_neither(tmp_path: Pa
         redis.stop()
 
 
+async def test_two_nodes_with_one_node_id_are_told_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    redis = RedisServer(tmp_path)
+    redis.start()
+    stores = [ConsultationStore(tmp_path / f"{n}.sqlite3") for n in (1, 2)]
+    twins = [ClusterNode(ClusterSettings(redis.url, "nara-1", f"http://127.0.0.{n}:8080"), store, lambda: 0)
+             for n, store in zip((1, 2), stores, strict=True)]
+    try:
+        for _ in range(3):
+            for twin in twins:
+                await twin.report()
+        said = [r.getMessage() for r in caplog.records if "also calls itself" in r.getMessage()]
+        assert said == [f"cluster: another node at http://127.0.0.{n}:8080 also calls itself nara-1; give each node "
+                        "its own node_id" for n in (1, 2)], "each twin says it once"
+    finally:
+        for twin, store in zip(twins, stores, strict=True):
+            await twin.stop()
+            store.close()
+        redis.stop()
+
+
 async def join(node: Node, room: str, tag: int) -> tuple[ConsultationClient, Watcher]:
     token = await node.token(room, f"P{tag}", f"p{tag}")
     client = ConsultationClient(node.url, room, token["token"], video=StampedVideoTrack(tag, 320, 240, 15),
