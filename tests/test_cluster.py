@@ -124,7 +124,11 @@ class RedisServer:
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.directory)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_for_line(self.process, "Ready to accept connections", 10)
+        try:
+            wait_for_line(self.process, "Ready to accept connections", 10)
+        except RuntimeError:
+            self.stop()
+            raise
         threading.Thread(target=self.process.stdout.read, daemon=True).start()  # never a full pipe
 
     def stop(self) -> None:
