@@ -262,6 +262,10 @@ class AudioPlayout:
         else:
             self._observe_transit(now, now - ts / self.clock_rate)
         self.request_missing(now)
+        if ts < self._playhead < ts + samples and self._playhead not in self._packets:
+            # The playhead stands inside this packet (a catch-up landed between a long packet's frames):
+            # back to its start, or every packet of the stream would come a frame too late, for good.
+            self._playhead = ts
         if ts < self._playhead:
             self.counters.late_dropped += 1
             return
@@ -559,9 +563,11 @@ class AudioPlayout:
         return self._last_shrink is None or now - self._last_shrink >= self.shrink_interval
 
     def _catch_up(self, lag: float) -> None:
-        """The reader fell behind: jump to the frame due now, dropping what is past."""
+        """The reader fell behind: jump to the frame due now (at a packet's edge), dropping what is past."""
         assert self._playhead is not None
         frames = int(lag / self.frame_duration)
+        off_edge = (self._playhead + frames * self.frame_samples - self._highest_ts) % self._stride
+        frames = max(0, frames - off_edge // self.frame_samples)
         self._playhead += frames * self.frame_samples
         self.counters.skipped += frames
         for ts in [ts for ts in self._packets if ts < self._playhead]:

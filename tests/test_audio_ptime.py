@@ -151,3 +151,29 @@ async def test_a_lost_60_ms_packet_without_its_successor_is_concealed_whole() ->
     assert len(pcm) == sum(step.samples for step in played)
     stamps = [step.timestamp for step in played if step.samples == 3 * FRAME]
     assert stamps == sorted(stamps)
+
+
+async def test_after_the_reader_stalls_for_seconds_60_ms_packets_play_again_at_once() -> None:
+    """A reader held up for 3.86 s (a busy machine) catches up by 193 frames: not a whole number of 60 ms
+    packets. The playout must land on a packet's edge, or every later packet comes a frame too late."""
+    packets = (await encoded({0: THIN_UPLINK}, 200))[1:]
+    playout = AudioPlayout(can_recover=has_fec, packet_samples=packet_samples)
+    ts0 = packets[0][0]
+    arrivals = sorted((((ts - ts0) % (1 << 32)) / RATE + 0.05, index) for index, (ts, _) in enumerate(packets))
+    stall = (3.0, 6.86)
+    played: list[tuple[float, str]] = []
+    t = 0.0
+    while t < 11.0:
+        due = playout.next_due()
+        t = max(t, min(due if due is not None else 1e9, arrivals[0][0] if arrivals else 1e9))
+        if stall[0] <= t < stall[1]:
+            t = stall[1]  # nothing runs meanwhile; what came is read after the first frame
+        if due is not None and due <= t:
+            step = playout.pop(t)
+            assert step is not None
+            played.append((t, step.source))
+        while arrivals and arrivals[0][0] <= t:
+            _, index = arrivals.pop(0)
+            playout.push(1000 + index, packets[index][0], packets[index][1], t)
+    after = [source for at, source in played if at >= stall[1] + 0.5]
+    assert after and set(after) == {"packet"}, after[:20]
