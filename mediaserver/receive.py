@@ -44,6 +44,8 @@ from typing import Literal
 from .vp8 import is_keyframe_data, parse_descriptor
 
 STRAYS_BEFORE_RESYNC = 3  # packets in a row not of the stream (far from it, or off its frames) before a resync
+REPAIR_MEMORY = 10.0  # seconds after the last repaired hole that a video stream counts as one whose holes get repaired
+REPAIR_ROOM = 1.2  # ... and its playout delay leaves this much more than a repair takes
 
 
 class _Unwrapper:
@@ -651,6 +653,7 @@ class VideoFrameAssembler:
         self.max_pending_packets = max_pending_packets
         self.round_trip_time: float | None = None  # seconds; set it when known
         self.repair_time: float | None = None  # smoothed time from noticing a hole to its packet arriving
+        self.repaired_at: float | None = None  # when a hole was last filled
         self.counters = AssemblyCounters()
         self._started = False
         self._last_request: float | None = None
@@ -744,6 +747,7 @@ class VideoFrameAssembler:
         elif seq in self._missing:
             self._learn_repair_time(now - self._missing.pop(seq))
             self._asked.pop(seq, None)
+            self.repaired_at = now
         elif self._expected is None or seq >= self._expected:
             self.counters.duplicates += 1
 
@@ -941,6 +945,15 @@ class VideoFrameAssembler:
     def _learn_repair_time(self, sample: float) -> None:
         self.repair_time = sample if self.repair_time is None else self.repair_time + (sample - self.repair_time) / 8
 
+    def repair_delay(self, now: float) -> float:
+        """How late a frame with a repaired hole comes, on a link whose holes have been repaired lately
+        (0 otherwise): the least delay its playout should have. Learning it from the frames alone
+        takes as many repaired frames as the delay's quantile leaves out, and each one before shows
+        the picture still for a repair's time."""
+        if self.repair_time is None or self.repaired_at is None or now - self.repaired_at > REPAIR_MEMORY:
+            return 0.0
+        return self.repair_time * REPAIR_ROOM
+
     def _request_keyframe(self, now: float) -> None:
         if any(f.keyframe for f in self._frames.values()):
             return  # one is on its way
@@ -955,7 +968,7 @@ class VideoFrameAssembler:
 class VideoPlayout:
     """When each whole frame is to be shown: on its RTP clock, a target delay behind the fastest frames.
 
-    ``schedule(timestamp, completed_at)`` gives the local time at which the
+    ``schedule(timestamp, completed_at, floor)`` gives the local time at which the
     frame is due (never earlier than the frame before it). A frame's lateness
     is how much longer than the fastest frame of the last ``window`` seconds
     it took to complete; the target delay is the ``quantile`` of those, so it
@@ -963,7 +976,9 @@ class VideoPlayout:
     link) and shrinks by at most ``shrink_step`` per frame when they need less.
     The window is long so that the frames of a rare outage, which complete all
     at once when it ends, do not hold every later frame back.
-    A jump in timestamps (a new stream) starts the clock again.
+    A jump in timestamps (a new stream) starts the clock again. ``floor``: a
+    delay known to be needed beforehand (what a repair takes, on a link whose
+    holes are being repaired), taken at once.
     """
 
     def __init__(self, clock_rate: int = 90000, *, window: float = 30.0, quantile: float = 0.95,
@@ -981,7 +996,7 @@ class VideoPlayout:
         self._last_due: float | None = None
         self._last_media: float | None = None
 
-    def schedule(self, timestamp: int, completed_at: float) -> float:
+    def schedule(self, timestamp: int, completed_at: float, floor: float = 0.0) -> float:
         media = self._ts.extend(timestamp) / self.clock_rate
         if self._last_media is not None and abs(media - self._last_media) > 5.0:
             self._restart(timestamp)
@@ -994,7 +1009,8 @@ class VideoPlayout:
             self._transits.popleft()
         transits = sorted(t for _, t in self._transits)
         base = transits[0]
-        wanted = min(transits[min(int(self.quantile * len(transits)), len(transits) - 1)] - base, self.max_delay)
+        wanted = min(max(transits[min(int(self.quantile * len(transits)), len(transits) - 1)] - base, floor),
+                     self.max_delay)
         self.delay = wanted if wanted >= self.delay else max(wanted, self.delay - self.shrink_step)
         due = base + media + self.delay
         if self._last_due is not None:

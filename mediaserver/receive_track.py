@@ -241,7 +241,8 @@ class ReceivedVideoTrack(MediaStreamTrack):
 
     def _queue_frames(self, frames: list[AssembledFrame]) -> None:
         for frame in frames:
-            self._to_decode.put_nowait((frame, self.playout.schedule(frame.timestamp, frame.completed_at)))
+            floor = self.assembler.repair_delay(frame.completed_at)
+            self._to_decode.put_nowait((frame, self.playout.schedule(frame.timestamp, frame.completed_at, floor)))
         loop = asyncio.get_running_loop()
         if self._timer is not None:
             self._timer.cancel()

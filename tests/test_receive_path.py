@@ -858,3 +858,26 @@ def test_video_playout_lets_a_rare_outage_pass_without_holding_later_frames() ->
     # and a new stream (a jump in timestamps) starts the clock again
     due = playout.schedule(450 * 6000 + 90000 * 60, 40.0)
     assert due == pytest.approx(40.0)
+
+
+def test_video_playout_makes_room_for_a_repair_at_once_when_repairs_are_rarer_than_its_quantile_leaves_out() -> None:
+    # One frame in 25 (4 %) waits 120 ms for a repaired packet: the delay's 95th percentile alone
+    # never covers it, and each such frame would stand the picture still.
+    def shown(with_floor: bool) -> list[float]:
+        publisher, assembler, playout = Publisher(), VideoFrameAssembler(), VideoPlayout(90000)
+        assembler.round_trip_time = 0.1  # (a hole waits two round trips)
+        arrivals = sorted((k / 30 + j * 0.001 + (0.12 if (k % 25, j) == (5, 1) else 0.0), packet)
+                          for k in range(300) for j, packet in enumerate(publisher.packets(k)))
+        due = []
+        for at, packet in arrivals:
+            for frame in assembler.push(*packet, at):
+                floor = assembler.repair_delay(frame.completed_at) if with_floor else 0.0
+                due.append(playout.schedule(frame.timestamp, frame.completed_at, floor))
+        return due
+
+    due = shown(with_floor=True)
+    assert len(due) == 300
+    gaps = [b - a for a, b in zip(due[6:], due[7:], strict=False)]  # from the first repair on
+    assert max(gaps) == pytest.approx(1 / 30, abs=1e-6)
+    unaided = shown(with_floor=False)
+    assert max(b - a for a, b in zip(unaided[6:], unaided[7:], strict=False)) > 2.5 / 30  # (without it: a stall)
