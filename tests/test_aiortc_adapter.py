@@ -447,22 +447,6 @@ def test_aiortc_builds_ice_connections_from_aioice_whose_host_binding_the_port_r
     assert isinstance(aioice.turn.UDP_SOCKET_BUFFER_SIZE, int)
 
 
-def _free_pair() -> int:
-    """The first of two consecutive free UDP ports on loopback."""
-    import socket
-
-    for low in range(47000, 48000, 2):
-        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
-        try:
-            for i, s in enumerate(socks):
-                s.bind(("127.0.0.1", low + i))
-            return low
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no two free ports")
 
 
 async def _host_port(pc: RTCPeerConnection) -> int:
@@ -477,10 +461,12 @@ async def _host_port(pc: RTCPeerConnection) -> int:
 async def test_port_range_binds_each_peer_connection_inside_it_and_refuses_clearly_when_full() -> None:
     from mediaserver.aiortc_adapter import MediaPortsExhausted, restrict_port_range
 
+    from .ports import free_udp_pair
+
     def bundled() -> RTCPeerConnection:
         return RTCPeerConnection(RTCConfiguration(iceServers=[], bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
 
-    low = _free_pair()
+    low = free_udp_pair(47000)
     first, second, third, fourth = bundled(), bundled(), bundled(), bundled()
     restrict_host_addresses(["127.0.0.1"])  # one host address: one port per peer connection
     restrict_port_range(low, low + 1)

@@ -34,6 +34,7 @@ from signalling.settings import redact_url
 
 from .conftest import start_server
 from .media_helpers import Watcher
+from .ports import free_udp_pair
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -331,19 +332,6 @@ async def test_a_second_sigterm_exits_at_once_and_the_drain_timeout_tells_partic
 # --- the UDP port range ------------------------------------------------------------------
 
 
-def free_pair() -> int:
-    for low in range(49000, 50000, 2):
-        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
-        try:
-            for i, s in enumerate(socks):
-                s.bind(("127.0.0.1", low + i))
-            return low
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no two free UDP ports")
 
 
 def server_ports(client: ConsultationClient) -> set[int]:
@@ -355,7 +343,7 @@ def server_ports(client: ConsultationClient) -> set[int]:
 async def test_the_sfu_uses_only_its_port_range_and_a_full_range_refuses_the_newcomer_not_the_call(
     tmp_path: Path,
 ) -> None:
-    low = free_pair()
+    low = free_udp_pair(49000)
     async with nara_serve(tmp_path, f'[media]\naddresses = ["127.0.0.1"]\nport_min = {low}\nport_max = {low + 1}\n') \
             as served:
         room = await served.consultation()
