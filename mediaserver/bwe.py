@@ -9,7 +9,7 @@ and never cut.
 * Loss, after Galène: grow 5 % a second while loss stays under 2 %, hold
   between 2 % and 10 %, and above 10 % cut by half the loss rate, at most once
   per round trip. Growth stops at half again what the link last delivered
-  (or 100 kbit/s above it, whichever is more): a clean link that carries 100
+  (or 50 kbit/s above it, whichever is more): a clean link that carries 100
   kbit/s (a subscriber on a low layer) says nothing about 600, and an
   estimate grown there unused would move the subscriber up into a flood.
   The loss is smoothed over reports: one report covers a second, a few
@@ -92,7 +92,7 @@ GROW_BELOW = 0.02
 CUT_ABOVE = 0.10
 GROWTH = 1.05
 GROWTH_REACH = 1.5  # growth stops at this multiple of what the link last delivered: an unused estimate is no measure
-GROWTH_ROOM = 100_000.0  # ... or this much above it, bit/s (paused video needs room to come back)
+GROWTH_ROOM = 50_000.0  # ... or this much above it, bit/s (paused video needs room to come back, no more)
 LOSS_SMOOTHING = 0.6  # weight of the newest report's loss
 MIN_CUT_INTERVAL = 0.5  # seconds
 QUEUE_CUT = 0.85

@@ -411,10 +411,15 @@ def test_an_estimate_the_link_is_not_asked_to_carry_grows_only_a_little_beyond_w
     for t in range(30):
         bwe.on_delivered(100_000, now=float(t))
         bwe.on_report(0, now=float(t))
-    assert bwe.estimate == pytest.approx(200_000)  # 100 kbit/s of room (half as much again on faster links)
+    assert bwe.estimate == pytest.approx(150_000)  # half as much again (or 50 kbit/s, on thinner links)
     bwe.on_delivered(50_000, now=30.0)  # (nor does it fall when less is sent)
     bwe.on_report(0, now=31.0)
-    assert bwe.estimate == pytest.approx(200_000)
+    assert bwe.estimate == pytest.approx(150_000)
+    paused = BandwidthEstimate(estimate=60_000, confirmed=True)  # video paused: the sound alone arrives
+    for t in range(30):
+        paused.on_delivered(40_000, now=float(t))
+        paused.on_report(0, now=float(t))
+    assert paused.estimate == pytest.approx(90_000)  # room for the lowest layer to come back
 
 
 def test_a_queue_read_twice_cuts_straight_under_what_the_link_delivers() -> None:
