@@ -143,6 +143,11 @@ class ScavengerSettings:
     # acknowledges many segments at once, reads as a burst far above the link's rate.
     delivery_interval: float = 2.0
     delivery_window: float = 10.0  # the upload's share of the link: the most delivered per interval lately
+    # A rate cut low (a queue as an outage began, a burst of losses) may grow back to this share of the most
+    # delivered over ``recall_window`` at the usual pace: capped near what a low rate itself delivered, it
+    # crept back over 50 s after an outage.
+    recall_window: float = 60.0
+    recall_share: float = 0.8
     headroom: float = 1.05  # the rate grows to at most this times that share (feeling for more, slowly)
     probe: float = 2 * KIB  # ... plus this (16 kbit/s): a share cut low, on a thin link, comes back in seconds
     start_headroom: float = 1.5  # ... and in the slow start, before any queue showed
@@ -173,6 +178,7 @@ class ScavengerRate:
         self.delivered: float | None = None  # bytes per second TCP delivered over the latest interval
         self._mark: SocketSignal | None = None  # where the current delivery interval began
         self._deliveries: deque[tuple[float, float]] = deque()  # (at, bytes per second), kept decreasing
+        self._recall: deque[tuple[float, float]] = deque()  # the same over recall_window
         self._heard: SocketSignal | None = None  # the last reading with news (an acknowledgement since the one before)
         # The upload connections' base: the lowest smoothed round trip of the last base_window, once full
         # packets set it (a connection's first round trips are of small packets, quicker through a thin link).
@@ -289,13 +295,14 @@ class ScavengerRate:
         share = self.share
         if share is None:
             return  # nothing delivered measured yet on this connection: hold
-        if self.rate > share:
-            step *= 0.25  # above what TCP delivered lately: feel the way, slowly
-        if self._starting and self.rate >= share * self.settings.start_headroom:
-            self._starting = False  # TCP no longer keeps up with the doubling: the link is full, or nearly
         s = self.settings
+        recalled = self._recall[0][1] * s.recall_share if self._recall else 0.0
+        if self.rate > max(share, recalled):
+            step *= 0.25  # above what TCP delivered lately: feel the way, slowly
+        if self._starting and self.rate >= share * s.start_headroom:
+            self._starting = False  # TCP no longer keeps up with the doubling: the link is full, or nearly
         ceiling = share * s.start_headroom if self._starting else share * s.headroom + s.probe
-        self.rate = max(self.rate, min(self.rate + step, ceiling))
+        self.rate = max(self.rate, min(self.rate + step, max(ceiling, recalled)))
 
     def _cut(self, now: float, queue: float) -> None:
         """Cut for a queue of ``queue`` seconds: under what TCP delivered, the deeper the longer the queue."""
@@ -345,12 +352,13 @@ class ScavengerRate:
             self._mark = sock
             self.delivered = delivered
             if delivered > 0:  # nothing at all delivered: an outage or a pause, which says nothing of the link
-                history = self._deliveries
-                while history and history[-1][1] <= delivered:
-                    history.pop()
-                history.append((sock.at, delivered))
-        while self._deliveries and self._deliveries[0][0] < sock.at - s.delivery_window:
-            self._deliveries.popleft()
+                for history in (self._deliveries, self._recall):
+                    while history and history[-1][1] <= delivered:
+                        history.pop()
+                    history.append((sock.at, delivered))
+        for history, window in ((self._deliveries, s.delivery_window), (self._recall, s.recall_window)):
+            while history and history[0][0] < sock.at - window:
+                history.popleft()
         return sock if news else None
 
     def _learn_socket(self, sock: SocketSignal) -> None:

@@ -286,3 +286,26 @@ def test_a_queue_beside_a_fast_upload_does_not_make_the_uplink_thin() -> None:
     rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 400_000))  # 1.6 Mbit/s delivered
     rate.update(2.5, RttSample(0.100, 2.0), sock=reading(2.5, 500_000, rtt=0.500))
     assert not rate.thin_uplink(3.0)
+
+
+def test_a_rate_cut_low_grows_back_after_an_outage_towards_what_the_link_carried_before() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    rate.rate = 20_000.0
+    acked = 0.0
+    for tenth in range(1, 300):  # 30 s: the link carries the 20 kB/s asked of it
+        acked += 2_000.0
+        rate.update(tenth / 10, RttSample(0.100, tenth / 10), sock=reading(tenth / 10, acked))
+    rate.rate = 8_000.0  # cut low as a 20 s outage began (its queue showed, then nothing came)
+    for half in range(60, 100):  # the outage: the call's last report grows old, nothing is acknowledged
+        rate.update(half / 2, RttSample(0.100, 29.9), sock=reading(half / 2, acked))
+    assert rate.rate < 10_000.0  # grown only while the last report was fresh
+    acked = 0.0
+    for tenth in range(500, 650):  # after it, a new connection, no queue; TCP delivers three quarters of
+        now = tenth / 10  # the rate (a timeout on the new connection, the chunks' round trips)
+        acked += 0.75 * rate.rate / 10
+        rate.update(now, RttSample(0.100, now), sock=reading(now, acked, connection=2))
+    # In 15 s back at 80 % of what the link carried before; capped near what it delivered itself, it
+    # would still be under 10 kB/s.
+    assert rate.rate >= 0.8 * 20_000 - 1
+    assert rate.rate <= 20_000 * 1.05 + 2 * KIB
