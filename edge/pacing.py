@@ -26,9 +26,10 @@ With the upload's own connection to read (``SocketSignal``, from its
 to at most ``headroom`` times the most delivered over ``delivery_interval``
 lately, plus ``probe`` (half again as much in the slow start, which ends when
 TCP stops keeping up), so it can never stand far above what the link
-carries; and the connection's own round trip, updated by every
-acknowledgement, shows a queue within a round trip instead of a report a
-second late. A queue then cuts the rate at once to under what was delivered,
+carries (a rate cut low may grow back to ``recall_share`` of the most
+delivered over ``recall_window``, as after an outage); and the connection's
+own round trip, updated by every acknowledgement, shows a queue within a
+round trip instead of a report a second late. A queue then cuts the rate at once to under what was delivered,
 the deeper the longer the queue (to be gone in ``drain``). That round trip
 also grows with no queue at all when a slow upload's packets come far apart
 (the server delays its acknowledgements), so below ``socket_alone`` it
