@@ -143,6 +143,10 @@ class ScavengerSettings:
     # What TCP delivered is measured over at least this long: over a shorter time a repaired loss, which
     # acknowledges many segments at once, reads as a burst far above the link's rate.
     delivery_interval: float = 2.0
+    # ... or as soon as this many bytes came in at least ``short_interval``: on a fast link a measurement
+    # every two seconds held the slow start to its headroom per two seconds, and a photo took half a minute.
+    short_bytes: int = 96 * KIB
+    short_interval: float = 0.5
     delivery_window: float = 10.0  # the upload's share of the link: the most delivered per interval lately
     # A rate cut low (a queue as an outage began, a burst of losses) may grow back to this share of the most
     # delivered over ``recall_window`` at the usual pace: capped near what a low rate itself delivered, it
@@ -151,7 +155,13 @@ class ScavengerSettings:
     recall_share: float = 0.8
     headroom: float = 1.05  # the rate grows to at most this times that share (feeling for more, slowly)
     probe: float = 2 * KIB  # ... plus this (16 kbit/s): a share cut low, on a thin link, comes back in seconds
-    start_headroom: float = 1.5  # ... and in the slow start, before any queue showed
+    start_headroom: float = 1.3  # ... and in the slow start, before any queue showed
+    # TCP kept up with the rate when it delivered at least this share of what the rate asked over the
+    # interval (the rest: the idle round trip between two chunks). Then the rate being above what was
+    # delivered says only that the measurement lags a growing rate, not that the link is full: judged
+    # so, the slow start ended within seconds on any link and a photo on a good one crept up by 2 % a
+    # second.
+    kept_up_share: float = 0.8
     drain: float = 0.5  # a queue found is to be gone in about this long: the cut goes deeper the longer it is
     deepest_cut: float = 0.5  # a cut leaves at least this share of what was delivered
     # The uplink counts as thin (the call then packs its audio more tightly, see ``thin_uplink``) for
@@ -177,6 +187,9 @@ class ScavengerRate:
         self._calling = False
         self._starting = False  # in slow start: no queue seen yet in this call
         self.delivered: float | None = None  # bytes per second TCP delivered over the latest interval
+        self.kept_up: bool | None = None  # whether TCP delivered what the rate asked over the latest interval
+        self._asked = 0.0  # bytes the rate asked for since the current delivery interval began
+        self._asked_at: float | None = None
         self._mark: SocketSignal | None = None  # where the current delivery interval began
         self._deliveries: deque[tuple[float, float]] = deque()  # (at, bytes per second), kept decreasing
         self._recall: deque[tuple[float, float]] = deque()  # the same over recall_window
@@ -205,6 +218,9 @@ class ScavengerRate:
         shows a queue (see ``_steer``).
         """
         s = self.settings
+        if self._asked_at is not None and sock is not None:
+            self._asked += self.rate * max(0.0, now - self._asked_at)
+        self._asked_at = now if sock is not None else None
         fresh_socket = self._watch_socket(sock)
         if sock is not None:
             unsent = max(unsent, sock.unsent)
@@ -298,9 +314,9 @@ class ScavengerRate:
             return  # nothing delivered measured yet on this connection: hold
         s = self.settings
         recalled = self._recall[0][1] * s.recall_share if self._recall else 0.0
-        if self.rate > max(share, recalled):
+        if self.rate > max(share, recalled) and not (self._starting and self.kept_up):
             step *= 0.25  # above what TCP delivered lately: feel the way, slowly
-        if self._starting and self.rate >= share * s.start_headroom:
+        if self._starting and self.kept_up is False:
             self._starting = False  # TCP no longer keeps up with the doubling: the link is full, or nearly
         ceiling = share * s.start_headroom if self._starting else share * s.headroom + s.probe
         self.rate = max(self.rate, min(self.rate + step, max(ceiling, recalled)))
@@ -343,14 +359,17 @@ class ScavengerRate:
         mark = self._mark
         if mark is None or mark.connection != sock.connection or sock.acked < mark.acked:
             self._mark = self._heard = sock
+            self._asked, self.kept_up = 0.0, None
             return None
         news = self._heard is None or sock.acked != self._heard.acked
         if news:
             self._heard = sock
             self._learn_socket(sock)
-        if sock.at - mark.at >= s.delivery_interval:
-            delivered = (sock.acked - mark.acked) / (sock.at - mark.at)
-            self._mark = sock
+        span = sock.at - mark.at
+        if span >= s.delivery_interval or (span >= s.short_interval and sock.acked - mark.acked >= s.short_bytes):
+            delivered = (sock.acked - mark.acked) / span
+            self.kept_up = delivered * span >= s.kept_up_share * self._asked
+            self._mark, self._asked = sock, 0.0
             self.delivered = delivered
             if delivered > 0:  # nothing at all delivered: an outage or a pause, which says nothing of the link
                 for history in (self._deliveries, self._recall):

@@ -97,7 +97,7 @@ async def test_the_team_asks_for_a_photo_and_the_nurse_takes_retakes_and_saves_i
             await screen.wait_for_function(
                 "id => document.querySelector(`#photo-queue li[data-id='${id}']`)?.textContent"
                 ".includes('Korsbenet') && document.querySelector(`#photo-queue li[data-id='${id}']`)"
-                ".textContent.includes('levererad')", arg=item.id, timeout=20000)
+                ".textContent.includes('levererad')", arg=item.id, timeout=45000)
             token = server.token(room, "Dr A", "clinician")
             async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
                 async with http.get(f"{server.url}/api/consultations/{room}/images") as response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from edge.pacing import (
@@ -309,3 +311,31 @@ def test_a_rate_cut_low_grows_back_after_an_outage_towards_what_the_link_carried
     # would still be under 10 kB/s.
     assert rate.rate >= 0.8 * 20_000 - 1
     assert rate.rate <= 20_000 * 1.05 + 2 * KIB
+
+
+def test_beside_a_call_on_a_good_link_with_noisy_round_trips_a_large_photo_still_takes_seconds() -> None:
+    """The good link again, with the upload's own connection and the noise a busy kit sees with no queue at
+    all: its round trip jumps by up to 40 ms (delayed acknowledgements), the call's by up to 30 ms, and
+    between two 5 s chunks TCP idles for a round trip."""
+    capacity, audio, base, step = 250_000.0, 4_000.0, 0.050, 0.02
+    noise = random.Random(7)
+    rate = scavenger()
+    backlog, acked, sent, now = 0.0, 0.0, 0.0, 0.0
+    sample, chunk_left = RttSample(base, 0.0), 0.0
+    while sent < 3_000_000 and now < 120.0:
+        if round(now / step) % 50 == 0:
+            sample = RttSample(base + backlog / capacity + noise.uniform(0.0, 0.030), now)
+        srtt = base + backlog / capacity + noise.uniform(0.0, 0.040)
+        sending = rate.update(now, sample, sock=reading(now, acked, srtt, base))
+        if chunk_left <= 0.0:  # the next PATCH: one round trip with nothing sent
+            chunk_left = sending * 5.0
+            now += base
+            continue
+        through = min(sending, capacity - audio)
+        backlog = max(0.0, backlog + (sending + audio - capacity) * step)
+        acked += through * step
+        sent += through * step
+        chunk_left -= through * step
+        now += step
+    print(f"3 MB in {now:.1f} s, the rate at the end {rate.rate * 8 / 1000:.0f} kbit/s")
+    assert now < 36.0  # 3 MB over 2 Mbit/s: 12 s alone on the link, here from the call's 64 kbit/s start
