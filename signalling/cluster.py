@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from .config import ServerConfig
 from .ops import DRAIN_STATE, READINESS_CHECKS
-from .rest import ApiError, consultation_json, json_body, validated_consultation
+from .rest import ApiError, consultation_json, json_body, requested_device, validated_consultation
 from .store import Consultation, ConsultationStore, new_id
 from .ws import HUB, SignallingHub
 
@@ -175,7 +175,8 @@ class RedisHealth:
 
 
 class Registry:
-    """The keys in Redis: ``nara:node:<id>`` (expiring), ``nara:nodes``, ``nara:consultation:<id>``."""
+    """The keys in Redis: ``nara:node:<id>`` (expiring), ``nara:nodes``, ``nara:consultation:<id>`` and
+    ``nara:device:<id>`` (the node a home kit is enrolled on)."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
@@ -187,6 +188,10 @@ class Registry:
     @staticmethod
     def consultation_key(consultation_id: str) -> str:
         return f"{KEY_PREFIX}consultation:{consultation_id}"
+
+    @staticmethod
+    def device_key(device_id: str) -> str:
+        return f"{KEY_PREFIX}device:{device_id}"
 
     async def publish(self, record: NodeRecord, ttl: float) -> NodeRecord | None:
         """Renew this node's record; the one it replaced, None when that had expired or was lost
@@ -220,12 +225,25 @@ class Registry:
     async def release(self, consultation_id: str) -> None:
         await self.redis.delete(self.consultation_key(consultation_id))
 
-    async def restore(self, consultation_ids: list[str], node_id: str) -> None:
-        """Register again the consultations this node holds (after Redis lost them)."""
+    async def restore(self, consultation_ids: list[str], node_id: str, device_ids: Sequence[str] = ()) -> None:
+        """Register again the consultations and home kits this node holds (after Redis lost them)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for consultation_id in consultation_ids:
                 pipe.set(self.consultation_key(consultation_id), node_id)
+            for device_id in device_ids:
+                pipe.set(self.device_key(device_id), node_id)
             await pipe.execute()
+
+    async def register_device(self, device_id: str, node_id: str) -> None:
+        await self.redis.set(self.device_key(device_id), node_id)
+
+    async def forget_device(self, device_id: str) -> None:
+        await self.redis.delete(self.device_key(device_id))
+
+    async def device_node(self, device_id: str) -> str | None:
+        """The node a home kit is enrolled on; None when no node holds it."""
+        raw = await self.redis.get(self.device_key(device_id))
+        return None if raw is None else _text(raw)
 
     async def owner(self, consultation_id: str) -> str | None:
         raw = await self.redis.get(self.consultation_key(consultation_id))
@@ -243,11 +261,17 @@ class ClusterNode:
     """This node's part: report its load, place new consultations, find the owner of others."""
 
     def __init__(self, settings: ClusterSettings, store: ConsultationStore,
-                 participants: Callable[[], int], draining: Callable[[], bool] | None = None) -> None:
+                 participants: Callable[[], int], draining: Callable[[], bool] | None = None,
+                 devices: Callable[[], list[str]] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.participants = participants
         self._draining = draining
+        self._devices = devices or list  # the home kits this node holds (not revoked)
+        # Set by devices.py where home kits are served: refuse a kit this node cannot assign, assign one.
+        self.check_kit: Callable[[str], object] | None = None
+        self.assign_kit: Callable[[str, str], None] | None = None
+        self._devices_unregistered = False  # a kit's registration failed: register them all at the next report
         # One try per call, bounded: the next report tries again, and a request must not wait on retries.
         self.registry = Registry(aioredis.Redis.from_url(
             settings.redis_url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT,
@@ -320,7 +344,10 @@ class ClusterNode:
             previous = await self.registry.publish(self.record(), self.settings.node_ttl)
             lost = previous is None
             if lost:
-                await self.registry.restore(self.store.open_ids(), self.id)
+                await self.registry.restore(self.store.open_ids(), self.id, self._devices())
+            elif self._devices_unregistered:
+                await self.registry.restore([], self.id, self._devices())
+            self._devices_unregistered = False
         except (RedisError, OSError) as exc:
             self._lost_redis(exc)
             return
@@ -348,14 +375,55 @@ class ClusterNode:
             logger.warning("cluster: Redis at %s is %s (%s: %s); running calls go on, new consultations are "
                            "refused", self.settings.redis_display, line, type(exc).__name__, exc)
 
+    # --- home kits ---
+
+    async def register_device(self, device_id: str) -> None:
+        """Record that a home kit lives on this node; without Redis now, at the next report that reaches it."""
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await self.registry.register_device(device_id, self.id)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._devices_unregistered = True
+            self._lost_redis(exc)
+
+    async def forget_device(self, device_id: str) -> None:
+        """A revoked kit leaves the registry (a stale entry only leads to this node, which refuses it)."""
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await self.registry.forget_device(device_id)
+
+    async def device_node(self, device_id: str) -> str | None:
+        """The node a home kit lives on; None when no node holds it."""
+        node_id: str | None = await self._redis(self.registry.device_node(device_id))
+        return node_id
+
+    async def kit_node(self, device_id: str) -> NodeRecord | None:
+        """The node a new consultation for this kit must go to; None for this node."""
+        node_id = await self.device_node(device_id)
+        if node_id is None:
+            raise ClusterError(404, "device_unknown", "There is no home kit with this device_id in the cluster.")
+        if node_id == self.id:
+            if self.draining:
+                raise kit_node_draining(node_id)
+            return None
+        node: NodeRecord | None = await self._redis(self.registry.node(node_id))
+        if node is None:
+            raise kit_node_unavailable(node_id)
+        if node.draining:
+            raise kit_node_draining(node_id)
+        return node
+
     # --- placement ---
 
     async def place(self, fields: dict[str, Any], authorization: str,
-                    describe: Callable[[Consultation], dict[str, Any]]) -> dict[str, Any]:
-        """Create a consultation on the least-loaded node that will take it; its description."""
+                    describe: Callable[[Consultation], dict[str, Any]], device_id: str | None = None) -> dict[str, Any]:
+        """Create a consultation on the least-loaded node that will take it, or with a home kit on the kit's
+        node, the kit assigned; its description."""
         if self.health.reachable is False:
             # Say so at once rather than wait for Redis on every request; the reporter notices its return.
             raise cluster_unavailable()
+        if device_id is not None:
+            return await self._place_with_kit(fields, authorization, describe, device_id)
         candidates = placement_order(await self._redis(self.registry.nodes()))
         if not candidates:
             raise ClusterError(503, "no_node_available",
@@ -367,25 +435,40 @@ class ClusterNode:
                     continue
                 return describe(await self.create_here(consultation_id, fields))
             answer = await self._forward(node, consultation_id, fields, authorization)
-            if answer is not None:
+            if isinstance(answer, dict):
                 return answer
         raise ClusterError(503, "no_node_available", "No server in the cluster took the new consultation.")
 
+    async def _place_with_kit(self, fields: dict[str, Any], authorization: str,
+                              describe: Callable[[Consultation], dict[str, Any]], device_id: str) -> dict[str, Any]:
+        node = await self.kit_node(device_id)
+        consultation_id = new_id()
+        if node is None:
+            return describe(await self.create_here(consultation_id, fields, device_id))
+        answer = await self._forward(node, consultation_id, fields, authorization, device_id)
+        if answer == "node_draining":  # it began draining since its last report
+            raise kit_node_draining(node.id)
+        if not isinstance(answer, dict):
+            raise kit_node_unavailable(node.id)
+        return answer
+
     async def _forward(self, node: NodeRecord, consultation_id: str, fields: dict[str, Any],
-                       authorization: str) -> dict[str, Any] | None:
-        """Create the consultation on ``node``; None when it declined (draining) or could not be reached."""
+                       authorization: str, device_id: str | None = None) -> dict[str, Any] | str:
+        """Create the consultation on ``node``; its description, or why not when another node may take it:
+        ``node_draining`` (it declined) or ``node_unreachable`` (nothing reached it)."""
         assert self._http is not None
         url = f"{node.url}/api/cluster/consultations/{consultation_id}"
+        body = fields if device_id is None else {**fields, "device_id": device_id}
         try:
-            async with self._http.put(url, json=fields, headers={"Authorization": authorization}) as response:
+            async with self._http.put(url, json=body, headers={"Authorization": authorization}) as response:
                 body = await response.json(content_type=None)
                 if response.status == 201 and isinstance(body, dict):
-                    return body
+                    return dict(body)
                 code = body.get("error", {}).get("code") if isinstance(body, dict) else None
         except aiohttp.ClientConnectorError as exc:
             # Nothing reached the node: another may take the consultation.
             logger.warning("cluster: node %s at %s cannot be reached (%s); trying the next", node.id, node.url, exc)
-            return None
+            return "node_unreachable"
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # The node may have stored it before its answer was lost: never place the same request twice.
             logger.warning("cluster: node %s did not answer the placement of %s: %s", node.id, consultation_id,
@@ -394,7 +477,7 @@ class ClusterNode:
                                f"The server chosen for the consultation ({node.id}) did not answer; it may "
                                f"or may not have created consultation {consultation_id}.") from None
         if code == "node_draining":
-            return None
+            return str(code)
         if code in ("admin_key_invalid", "admin_key_missing"):
             raise ClusterError(502, "cluster_misconfigured",
                                f"Node {node.id} refused this server's admin key: every node needs the same admin key.")
@@ -402,13 +485,20 @@ class ClusterNode:
         raise ClusterError(502, "node_refused", f"The server chosen for the consultation ({node.id}) refused "
                                                 f"it ({code or response.status}).")
 
-    async def create_here(self, consultation_id: str, fields: dict[str, Any]) -> Consultation:
-        """Store a consultation placed on this node and record it in Redis; both or neither."""
+    async def create_here(self, consultation_id: str, fields: dict[str, Any],
+                          device_id: str | None = None) -> Consultation:
+        """Store a consultation placed on this node and record it in Redis, both or neither; with
+        ``device_id``, that home kit (held here) assigned to it."""
         if self.draining:
             raise ClusterError(503, "node_draining", "This server is draining and takes no new consultations.")
+        if device_id is not None:
+            if self.check_kit is None:
+                raise ClusterError(404, "device_unknown", "This server serves no home kits.")
+            self.check_kit(device_id)  # before anything is stored
         existing = self.store.get(consultation_id)
         if existing is not None:  # the same placement again (its answer was lost): the same consultation
             await self._redis(self.registry.claim(consultation_id, self.id))
+            self._assign(consultation_id, device_id)
             return existing
         consultation = self.store.create(consultation_id=consultation_id, **fields)
         try:
@@ -419,16 +509,24 @@ class ClusterNode:
         if not claimed:
             self.store.delete(consultation_id)
             raise ClusterError(409, "consultation_exists", "Another server already holds a consultation with this id.")
+        self._assign(consultation_id, device_id)
         await self.report()  # before answering, so the next placement sees this node's new load
         return consultation
 
+    def _assign(self, consultation_id: str, device_id: str | None) -> None:
+        if device_id is not None and self.assign_kit is not None:
+            self.assign_kit(consultation_id, device_id)
+
     # --- finding the owner ---
 
-    async def ask_owner(self, owner: NodeRecord, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        """POST ``body`` to ``path`` on the owning node (for a question only it can answer); its answer."""
+    async def ask_owner(self, owner: NodeRecord, path: str, body: dict[str, Any], authorization: str | None = None,
+                        method: str = "POST") -> tuple[int, Any]:
+        """Send ``body`` to ``path`` on the owning node (for a question or a change only it can answer), with
+        the caller's credential when given; its answer."""
         assert self._http is not None
+        headers = {"Authorization": authorization} if authorization else None
         try:
-            async with self._http.post(f"{owner.url}{path}", json=body) as response:
+            async with self._http.request(method, f"{owner.url}{path}", json=body, headers=headers) as response:
                 return response.status, await response.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError):
             raise ClusterError(503, "node_unavailable", "The server that holds this consultation is not "
@@ -446,6 +544,16 @@ class ClusterNode:
         return node
 
 
+def kit_node_unavailable(node_id: str) -> ClusterError:
+    return ClusterError(503, "kit_node_unavailable", f"The server that holds this home kit ({node_id}) is not "
+                                                     "reachable now; try again shortly.")
+
+
+def kit_node_draining(node_id: str) -> ClusterError:
+    return ClusterError(503, "kit_node_draining", f"The server that holds this home kit ({node_id}) is draining "
+                                                  "and takes no new consultations; move the kit to another server.")
+
+
 async def place_here(request: web.Request) -> web.Response:
     """Internal: another node placed a consultation on this one (PUT is idempotent for one id)."""
     hub = request.app[HUB]
@@ -453,8 +561,9 @@ async def place_here(request: web.Request) -> web.Response:
     consultation_id = request.match_info["id"]
     if not CONSULTATION_ID.match(consultation_id):
         raise ApiError(400, "consultation_id_invalid", "A consultation id is 1 to 64 lowercase letters or digits.")
-    fields = validated_consultation(await json_body(request))
-    consultation = await hub.cluster.create_here(consultation_id, fields)
+    data = await json_body(request)
+    fields = validated_consultation(data)
+    consultation = await hub.cluster.create_here(consultation_id, fields, requested_device(data))
     return web.json_response(consultation_json(hub, consultation), status=201)
 
 
@@ -467,13 +576,17 @@ def join_cluster(app: web.Application, hub: SignallingHub) -> None:
     if settings is None:
         return
     media, drain = hub.media, app[DRAIN_STATE]
-    node = hub.cluster = ClusterNode(settings, hub.store, lambda: media.counts()["participants"],
-                                     draining=lambda: drain.draining)
+    kits = hub.devices
+    node = hub.cluster = ClusterNode(
+        settings, hub.store, lambda: media.counts()["participants"], draining=lambda: drain.draining,
+        devices=lambda: [d.id for d in kits.store.devices() if not d.revoked] if kits is not None else [])
     drain.listeners.append(lambda state: node.report_soon())  # out of placement at once
 
     async def redis() -> str | None:
         return node.readiness()
 
+    if kits is not None:
+        node.check_kit, node.assign_kit = kits.assignable, kits.assign
     app[READINESS_CHECKS].append(redis)
     app.router.add_put("/api/cluster/consultations/{id}", place_here)
 

@@ -357,6 +357,24 @@ class HomeKits:
         bucket = self._enrol_buckets.setdefault(address, TokenBucket(ENROL_RATE, ENROL_BURST))
         return bucket.take()
 
+    def assignable(self, device_id: Any) -> Device:
+        """The kit a consultation may be given: one held here and not revoked; a clear refusal otherwise."""
+        device = self.store.get(device_id) if isinstance(device_id, str) else None
+        if device is None:
+            raise api_error(404, "device_unknown", "There is no home kit with this device_id.")
+        if device.revoked:
+            raise api_error(409, "device_revoked", "This home kit was revoked by IT staff; enrol a kit first.")
+        return device
+
+    def assign(self, consultation_id: str, device_id: Any) -> None:
+        """Give a consultation this kit (replacing its other kit, if any) and tell the kits."""
+        device = self.assignable(device_id)
+        previous = self.store.assignment(consultation_id)
+        self.store.assign(consultation_id, device.id, self.clock())
+        for changed in {device.id, previous.device_id if previous else device.id}:
+            self.wake(changed)
+        logger.info("device %s assigned to %s", device.id, consultation_id)
+
     def check_not_revoked(self, device_id: str) -> None:
         """DeviceError when this participant id is a kit IT staff revoked."""
         device = self.store.get(device_id)
@@ -409,6 +427,8 @@ async def create_device(request: web.Request) -> web.Response:
         raise api_error(400, "name_invalid", f"name must be text of 1 to {MAX_NAME} characters, e.g. 'Kit 7'.")
     device, code = kits.store.create(name.strip(), kits.clock())
     logger.info("device %s (%s) created; its enrolment code is valid for 24 h", device.id, device.name)
+    if (cluster := request.app[HUB].cluster) is not None:
+        await cluster.register_device(device.id)  # so a consultation for it is placed here
     return web.json_response(
         {
             "device_id": device.id,
@@ -512,6 +532,8 @@ async def revoke_device(request: web.Request) -> web.Response:
     except DeviceError as exc:
         raise _refuse(exc) from None
     kits.wake(device.id)
+    if hub.cluster is not None:
+        await hub.cluster.forget_device(device.id)
     closed = await hub.disconnect(device.id, "kit", "device_revoked", REVOKED_MESSAGE, CLOSE_REVOKED)
     logger.info("device %s (%s) revoked; %d live connection(s) closed", device.id, device.name, closed)
     return web.json_response({"device_id": device.id, "revoked": True})
@@ -554,19 +576,44 @@ async def get_kit(request: web.Request) -> web.Response:
 
 async def assign_kit(request: web.Request) -> web.Response:
     kits = _kits(request)
+    cluster = request.app[HUB].cluster
+    if cluster is not None and request.app[HUB].store.get(request.match_info["id"]) is None:
+        return await _assign_elsewhere(request)
     consultation = _consultation(request)
     device_id = (await json_body(request)).get("device_id")
-    device = kits.store.get(device_id) if isinstance(device_id, str) else None
-    if device is None:
-        raise api_error(404, "device_unknown", "There is no home kit with this device_id.")
-    if device.revoked:
-        raise api_error(409, "device_revoked", "This home kit was revoked by IT staff; enrol a kit first.")
-    previous = kits.store.assignment(consultation.id)
-    kits.store.assign(consultation.id, device.id, kits.clock())
-    for changed in {device.id, previous.device_id if previous else device.id}:
-        kits.wake(changed)
-    logger.info("device %s assigned to %s", device.id, consultation.id)
+    if cluster is not None and isinstance(device_id, str) and kits.store.get(device_id) is None:
+        if (node_id := await cluster.device_node(device_id)) is not None:  # it would never join here
+            raise kit_on_other_node(device_id, node_id, consultation.id, cluster.id)
+    kits.assign(consultation.id, device_id)
     return _kit_response(request, consultation.id)
+
+
+def kit_on_other_node(device_id: str, device_node: str, consultation_id: str, consultation_node: str) -> Exception:
+    return api_error(409, "kit_on_other_node",
+                     f"Home kit {device_id} is enrolled on server {device_node} and consultation {consultation_id} "
+                     f"lives on {consultation_node}: a kit joins only consultations of its own server. Create the "
+                     "consultation with this device_id, so it is placed on the kit's server.")
+
+
+async def _assign_elsewhere(request: web.Request) -> web.Response:
+    """In a cluster, a kit for a consultation another node holds: sent on to that node when the kit lives
+    there too; refused (``kit_on_other_node``) when it lives elsewhere."""
+    hub = request.app[HUB]
+    cluster = hub.cluster
+    assert cluster is not None
+    consultation_id = request.match_info["id"]
+    _authorise_caller(request, consultation_id)  # only the caller learns where things live
+    body = await json_body(request)
+    owner = await cluster.owner(consultation_id)
+    if owner is None:
+        raise api_error(404, "consultation_not_found", "There is no consultation with this id.")
+    device_id = body.get("device_id")
+    device_node = await cluster.device_node(device_id) if isinstance(device_id, str) else None
+    if device_node is not None and device_node != owner.id:
+        raise kit_on_other_node(str(device_id), device_node, consultation_id, owner.id)
+    status, answer = await cluster.ask_owner(owner, request.path, body, request.headers.get("Authorization", ""),
+                                             method="PUT")
+    return web.json_response(answer, status=status)
 
 
 async def unassign_kit(request: web.Request) -> web.Response:

@@ -107,14 +107,29 @@ def validated_consultation(data: dict[str, Any]) -> dict[str, Any]:
     return {"title": title.strip(), "scheduled_for": scheduled_for, "patient_ref": patient_ref}
 
 
+def requested_device(data: dict[str, Any]) -> str | None:
+    """The optional ``device_id`` of a new consultation: the home kit to assign to it."""
+    device_id = data.get("device_id")
+    if device_id is not None and (not isinstance(device_id, str) or not 0 < len(device_id) <= 64):
+        raise api_error(400, "device_id_invalid", "device_id must be a home kit's device id.")
+    return device_id
+
+
 async def create_consultation(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    fields = validated_consultation(await json_body(request))
-    if hub.cluster is not None:  # on the least-loaded node of the cluster (cluster.py)
+    data = await json_body(request)
+    fields, device_id = validated_consultation(data), requested_device(data)
+    if hub.cluster is not None:  # on the least-loaded node of the cluster, or the kit's (cluster.py)
         placed = await hub.cluster.place(fields, request.headers.get("Authorization", ""),
-                                         lambda c: consultation_json(hub, c))
+                                         lambda c: consultation_json(hub, c), device_id)
         return web.json_response(placed, status=201)
+    if device_id is not None:
+        if hub.devices is None:
+            raise api_error(404, "device_unknown", "This server serves no home kits.")
+        hub.devices.assignable(device_id)  # refused before anything is stored
     consultation = hub.store.create(**fields)
+    if device_id is not None and hub.devices is not None:
+        hub.devices.assign(consultation.id, device_id)
     return web.json_response(consultation_json(hub, consultation), status=201)
 
 

@@ -430,3 +430,88 @@ async def test_the_browser_follows_the_page_and_the_join_to_the_owner(
                     timeout=20000)
         finally:
             await browser.close()
+
+
+# --- home kits: placement follows the kit ---------------------------------------------------
+
+
+async def test_a_consultation_for_a_kit_is_placed_on_the_kits_node_and_a_mismatch_is_refused(
+    cluster: tuple[RedisServer, Node, Node],
+) -> None:
+    redis, a, b = cluster
+    registry = aioredis.Redis.from_url(redis.url, decode_responses=True)
+    try:
+        async def both_registered() -> bool:
+            return bool(await registry.exists("nara:node:node-a", "nara:node:node-b") == 2)
+        await eventually(both_registered, 10, "both nodes registered")
+
+        # Two kits are created on B; the registry says where they live.
+        kits = []
+        for name in ("Kit 7", "Kit 8"):
+            status, data = await b.request("POST", "/api/devices", {"name": name})
+            assert status == 201, data
+            kits.append(data["device_id"])
+        kit, other_kit = kits
+        assert await registry.get(f"nara:device:{kit}") == "node-b"
+
+        # Created through A with the kit: placed on B, the kit assigned there (a kit joins only its own node).
+        for _ in range(3):  # whatever the load says
+            status, data = await a.request("POST", "/api/consultations", {"title": "Hembesök", "device_id": kit})
+            assert status == 201, data
+            assert data["node"] == "node-b" and data["kit"]["device_id"] == kit, data
+        room_b = data["id"]
+        assert room_b in await b.held()
+        status, data = await b.request("GET", f"/api/consultations/{room_b}/kit")
+        assert (status, data["kit"]["device_id"]) == (200, kit)
+
+        # A consultation on A cannot take B's kit, through either node: a clear code naming the nodes.
+        room_a = None
+        for _ in range(6):
+            status, data = await a.create("Utan kit")
+            if data["node"] == "node-a":
+                room_a = data["id"]
+                break
+        assert room_a is not None, "A took none of six consultations"
+        for via in (a, b):
+            status, data = await via.request("PUT", f"/api/consultations/{room_a}/kit", {"device_id": kit})
+            assert (status, data["error"]["code"]) == (409, "kit_on_other_node"), data
+            assert "node-b" in data["error"]["message"] and "node-a" in data["error"]["message"]
+        status, data = await a.request("GET", f"/api/consultations/{room_a}/kit")
+        assert (status, data["kit"]) == (200, None), "nothing was assigned"
+
+        # Kit and consultation both on B, asked through A: sent on to B and done there.
+        status, data = await a.request("PUT", f"/api/consultations/{room_b}/kit", {"device_id": other_kit})
+        assert (status, data["kit"]["device_id"]) == (200, other_kit), data
+
+        # Redis restarted empty: B registers its kits again within a load interval or two.
+        await registry.flushall()
+
+        async def kit_registered_again() -> bool:
+            return bool(await registry.get(f"nara:device:{kit}") == "node-b")
+        await eventually(kit_registered_again, 10, "the kit registered again")
+
+        # A revoked kit leaves the registry: a consultation for it is refused, nothing created.
+        status, _ = await b.request("POST", f"/api/devices/{other_kit}/revoke")
+        assert status == 200
+        assert await registry.get(f"nara:device:{other_kit}") is None
+        held = await a.held() | await b.held()
+        status, data = await a.request("POST", "/api/consultations", {"device_id": other_kit})
+        assert (status, data["error"]["code"]) == (404, "device_unknown"), data
+        assert await a.held() | await b.held() == held
+
+        # The kit's node drains (a call there keeps it up): a consultation for the kit is refused with which
+        # node and why; once it has left, the same with kit_node_unavailable.
+        client, _ = await join(b, room_b, 1)
+        status, _ = await b.request("POST", "/admin/drain")
+        assert status == 200
+        for via in (a, b):
+            status, data = await via.request("POST", "/api/consultations", {"device_id": kit})
+            assert (status, data["error"]["code"]) == (503, "kit_node_draining"), data
+            assert "node-b" in data["error"]["message"]
+        await client.close()
+        b.stop()
+        status, data = await a.request("POST", "/api/consultations", {"device_id": kit})
+        assert (status, data["error"]["code"]) == (503, "kit_node_unavailable"), data
+        assert "node-b" in data["error"]["message"]
+    finally:
+        await registry.aclose()
