@@ -477,3 +477,18 @@ async def test_a_stopping_server_answers_waiting_kits_instead_of_holding_them(tm
     assert (status, answer) == (200, {"state": "idle", "next": {"consultation_id": later,
                                                                 "scheduled_for": pytest.approx(time.time() + 7200,
                                                                                                abs=60)}})
+
+
+async def test_a_consultation_created_with_a_kit_has_it_assigned_and_a_bad_kit_creates_nothing(api: Api) -> None:
+    device_id, _ = await api.enrolled_kit()
+    status, body = await api.call("POST", "/api/consultations", {"title": "Hembesök", "device_id": device_id},
+                                  api.admin)
+    assert status == 201, body
+    assert body["kit"]["device_id"] == device_id
+    assert (await api.consultation(body["id"]))["kit"]["device_id"] == device_id
+    status, before = await api.call("GET", "/api/consultations", None, api.admin)
+    for bad, code in (("kit-nosuchkit", "device_unknown"), (7, "device_id_invalid")):
+        status, body = await api.call("POST", "/api/consultations", {"device_id": bad}, api.admin)
+        assert body["error"]["code"] == code, body
+    status, after = await api.call("GET", "/api/consultations", None, api.admin)
+    assert len(after["consultations"]) == len(before["consultations"]), "nothing created for a bad kit"
