@@ -1,20 +1,15 @@
 """How much video one subscriber's link can take: a pure function of time and reports.
 
 Inputs are what a subscriber's RTCP says: receiver reports (fraction lost, and
-each one's own round trip, not an average: an average shows a queue only
-after several reports) and REMB (its receiver's own delay-based estimate),
-and what the sender sent. Audio is outside this budget: it is never counted here
+the round-trip time derived from them) and REMB (its receiver's own
+delay-based estimate). Audio is outside this budget: it is never counted here
 and never cut.
 
 * Loss, after Galène: grow 5 % a second while loss stays under 2 %, hold
   between 2 % and 10 %, and above 10 % cut by half the loss rate, at most once
-  per round trip. Growth stops at half again what the link last delivered
-  (or 50 kbit/s above it, whichever is more): a clean link that carries 100
-  kbit/s (a subscriber on a low layer) says nothing about 600, and an
-  estimate grown there unused would move the subscriber up into a flood.
-  The loss is smoothed over reports: one report covers a second, a few
-  dozen packets, and under 5 % random loss one report in twenty shows more
-  than 10 % by chance alone.
+  per round trip. The loss is smoothed over reports: one report covers a
+  second, a few dozen packets, and under 5 % random loss one report in twenty
+  shows more than 10 % by chance alone.
 * Loss that repairs hide: a receiver report counts a packet that came again
   when asked for as received, so on a link whose losses are repaired it reads
   nothing, congestion included. What the subscriber asked for again (its
@@ -27,11 +22,8 @@ and never cut.
   cut by 15 % once per round trip, and do not grow while it persists. These
   cuts may go further below what the link delivered than the others (to 75 %
   of it): sending just what a link delivers keeps its queue standing, and
-  audio waits in that queue. A queue read twice within a second is the link
-  carrying no more than arrives (a link that shrank under what is sent): the
-  cut goes straight under what arrived. (Once is not enough: a round trip is
-  one report's, and a moment's stall anywhere on the way shows as a queue.)
-  Each stream's round trip is compared with that stream's own lowest: streams of
+  audio waits in that queue. Each
+  stream's round trip is compared with that stream's own lowest: streams of
   one link report round trips some tens of milliseconds apart (how long each
   one's reports wait), and mixing them would read as a queue.
 * REMB: a receiver's REMB falls only when it has seen its link overuse, so a
@@ -64,21 +56,13 @@ and never cut.
   loses in bursts whatever is sent, and its NACKs would fail every other
   probe: there delay and REMB judge alone. The loss-based rule takes over
   again as soon as it ends.
-* How far probes go: they step from the usable estimate, half as far again
-  (the first from what the link has carried), and one that worked is
-  followed at once; after two in a row that clearly worked (round trips came
-  back during each, none risen more than a few milliseconds, and the padding
-  reached the rate asked for) each goes twice as far (a slow start while the
-  link keeps proving it). One that only just worked (its round trip rose) was
-  near the link's rate: later ones close in on a little above it. A probe
-  asks no more than the sender can pad to: padding rides on the stream's own
-  packets, and a probe credited with a rate it never sent once moved a 150
-  kbit/s subscriber up into a flood. Padding lasts half a second: an overshoot fills the queue
-  for no longer. After a failure they close in on the lowest rate that
-  failed, halfway each time, and once close under it look a little above it,
-  backing off longer after each failure in a row: on a thin link each probe
-  that overshoots delays the audio behind it. A cut forgets that rate (the
-  link has changed).
+* How far probes go: they step from the usable estimate (the first to twice
+  what the link has carried, later ones half as far again), and one that
+  worked is followed at once. After a failure they close in on the lowest
+  rate that failed, halfway each time, and once close under it look a little
+  above it, backing off longer after each failure in a row: on a thin link
+  each probe that overshoots delays the audio behind it. A cut forgets that
+  rate (the link has changed).
 * What a failed probe leaves behind (a queue, a REMB that dips) is the
   probe's doing: for a moment after it, those signs cut nothing.
 """
@@ -91,35 +75,27 @@ from dataclasses import dataclass, field
 GROW_BELOW = 0.02
 CUT_ABOVE = 0.10
 GROWTH = 1.05
-GROWTH_REACH = 1.5  # growth stops at this multiple of what the link last delivered: an unused estimate is no measure
-GROWTH_ROOM = 50_000.0  # ... or this much above it, bit/s (paused video needs room to come back, no more)
 LOSS_SMOOTHING = 0.6  # weight of the newest report's loss
 MIN_CUT_INTERVAL = 0.5  # seconds
 QUEUE_CUT = 0.85
 QUEUE_LIMIT = 0.12  # seconds of queueing above the base round trip that count as congestion
 QUEUE_CALM = 0.05  # seconds: below this, the queue is empty enough to grow or probe
 QUEUE_FRESH = 2.0  # seconds a stream's reading of the queue counts for (reports come every 0.5-1.5 s)
-QUEUE_CONFIRM = 1.0  # seconds: a second reading of a queue within this after the first confirms it
 REMB_FALL = 0.9  # a REMB under 90 % of the highest of the last REMB_WINDOW reports overuse
 REMB_WINDOW = 1.0  # seconds (a receiver lowers its REMB a little with each message it sends)
 REMB_ROOM = 1.2  # ... unless it still allows this much more than is being sent
 
-PROBE_TIME = 0.5  # seconds the padding lasts (an overshoot fills a queue for no longer: a second of it, a second)
+PROBE_TIME = 1.0  # seconds the padding lasts
 PROBE_SETTLE = 1.0  # seconds after the padding for the last report to come back
 PROBE_CALM = 2.0  # seconds without a cut before probing
-FIRST_PROBE_WAIT = 1.0  # seconds a new link is watched (its base round trip, its loss) before the first probe
 NACK_MEMORY = 3.0  # seconds of NACKs that tell how much the link loses of its own
 PROBE_LOSS_RISE = 0.03  # a probe on a clean link (less NACKed loss than this) fails when a report shows this much
 ASKED_LEARNING = 0.03  # weight of each report in the link's own level of NACKed loss
 # A probe overshooting a thin link fills its queue, and audio waits in that queue too:
 # probes step from what the link has carried, close in on a rate that failed, and stop
 # at the first sign of queueing.
-FIRST_PROBE_STEP = 1.5  # the first probe reaches this multiple of what the link has carried
+FIRST_PROBE_STEP = 2.0  # the first probe reaches this multiple of what the link has carried
 PROBE_STEP = 1.5  # later ones this multiple of the usable estimate
-CLEAR_STEP = 2.0  # ... after two probes in a row that clearly worked (a slow start while the link keeps proving it)
-PROBE_CLEAR = 0.02  # seconds: a probe clearly worked when no round trip during it rose more than this
-NEAR_CEILING = 1.2  # a probe that only just worked (a queue began) puts the link's rate about this far above it
-PROBE_REACHED = 0.9  # ... nor clearly when less than this share of its rate was sent
 CEILING_GAP = 1.2  # a failed rate further than this above the usable estimate: probe halfway to it
 PROBE_ABOVE_CEILING = 1.1  # closer: probe this far above it (has the link grown?)
 PROBE_BACKOFF = (2.0, 4.0, 8.0, 16.0, 30.0)  # seconds between probes after 1, 2, 3, 4, 5+ failures in a row
@@ -179,9 +155,6 @@ class Probe:
     worst_queue: float  # the most queueing any round trip showed during the probe, seconds
     nack_rate: float  # packets a second the link lost (NACKed) before the probe
     asked_before: float = 0.0  # the NACKed loss before the probe
-    readings: int = 0  # round trips measured during it (without one, a flat round trip proves little)
-    sent_from: tuple[float, int] | None = None  # (when, bytes sent so far) as the padding began
-    sent_rate: float | None = None  # what was sent while the padding lasted, bit/s
 
 
 @dataclass
@@ -199,7 +172,6 @@ class BandwidthEstimate:
     queue_delay: float = 0.0  # how far that round trip is above its stream's lowest, seconds
     bases: dict[str, tuple[float, float]] = field(default_factory=dict)  # stream -> (lowest round trip, when)
     queues: dict[str, tuple[float, float]] = field(default_factory=dict)  # stream -> (its last queueing, when)
-    queue_seen_at: float | None = None  # when a round trip last showed congestion
     reports: int = 0
     last_growth: float | None = None
     last_cut: float | None = None
@@ -207,8 +179,6 @@ class BandwidthEstimate:
     last_probe_end: float | None = None
     blame_until: float = 0.0  # until then, signs of overuse are the last probe's doing, not the link's
     failed_probes: int = 0  # in a row
-    probe_step: float = PROBE_STEP  # how far the next probe steps above the usable estimate
-    clear_probes: int = 0  # in a row
     ceiling: float | None = None  # the lowest rate a probe failed at since the link last showed it could do more
     probes: int = 0
     successful_probes: int = 0
@@ -220,33 +190,17 @@ class BandwidthEstimate:
     nacks: deque[tuple[float, int]] = field(default_factory=deque)  # (when, packets) of the last few seconds
     rembs: deque[tuple[float, float]] = field(default_factory=deque)  # (when, bit/s) of the last REMB_WINDOW
 
-    def on_nack(self, now: float, packets: int = 1, judges: bool = True) -> None:
+    def on_nack(self, now: float, packets: int = 1) -> None:
         """The subscriber reports ``packets`` lost. During a probe on a clean link, any loss is the
         probe overflowing a queue; this stops it within a round trip, long before the next receiver
         report could. (A link that loses packets of its own loses them in bursts, whatever is sent:
-        there its NACKs say nothing about a probe, which is judged by delay and REMB.)
-
-        ``judges=False``: the asks only tell how much the link loses of its own (audio's: fifty
-        packets a second show a link's loss long before a low layer's few video packets do, but an
-        audio receiver also asks for packets that are only late)."""
+        there its NACKs say nothing about a probe, which is judged by delay and REMB.)"""
         while self.nacks and self.nacks[0][0] < now - NACK_MEMORY:
             self.nacks.popleft()
         self.nacks.append((now, packets))
         probe = self.probe
-        if judges and probe is not None and self.padding(now) and not self._lossy(probe):
+        if probe is not None and self.padding(now) and not self._lossy(probe):
             self._fail_probe(now)
-
-    def on_sent(self, now: float, total_bytes: int) -> None:
-        """How many bytes (headers included) have gone toward this subscriber so far, padding and
-        resends too. A probe clearly worked only if what was sent while it lasted reached its rate:
-        padding comes with the stream's own packets, and on a thin stream it may fall short."""
-        probe = self.probe
-        if probe is None:
-            return
-        if probe.sent_from is None:
-            probe.sent_from = (now, total_bytes)
-        elif probe.sent_rate is None and not self.padding(now) and now > probe.sent_from[0]:
-            probe.sent_rate = (total_bytes - probe.sent_from[1]) * 8 / (now - probe.sent_from[0])
 
     def on_delivered(self, rate: float, now: float) -> None:
         self.delivered, self.delivered_at = rate, now
@@ -293,13 +247,7 @@ class BandwidthEstimate:
         if now < self.blame_until:
             return  # what the failed probe left in the queue
         if self.remb < self.estimate:
-            # With no queue in the latest round trips, the receiver may have read bursts as overuse
-            # (a big picture's frames, on a fast link): the estimate steps down, as for a queue, and
-            # that is no congestion to hold probes back for.
-            heard = any(now - at < QUEUE_FRESH for _, at in self.queues.values())
-            calm = heard and self.queue_delay < QUEUE_CALM
-            target = max(self.remb, self.estimate * QUEUE_CUT) if calm else self.remb
-            self._cut_to(target, now, floor=REMB_DELIVERED_FLOOR, congestion=not calm)
+            self._cut_to(self.remb, now, floor=REMB_DELIVERED_FLOOR)
 
     def on_rtt(self, rtt: float, now: float, stream: str = "") -> None:
         """A round trip measured on one of the link's streams (``stream`` names it)."""
@@ -313,20 +261,11 @@ class BandwidthEstimate:
         self.queues[stream] = (self.queue_delay, now)
         if self.probe is not None:
             self.probe.worst_queue = max(self.probe.worst_queue, self.queue_delay)
-            self.probe.readings += 1
             if self._probe_failed(self.probe):
                 self._fail_probe(now)  # a queue is building: stop padding now, not at the end
-        elif self.queue_delay > QUEUE_LIMIT and now >= self.blame_until:
-            confirmed = self.queue_seen_at is not None and now - self.queue_seen_at <= QUEUE_CONFIRM
-            self.queue_seen_at = now
-            delivered = self._fresh_delivered(now)
-            if confirmed and delivered is not None and delivered * DELIVERED_FLOOR < self.estimate * QUEUE_CUT:
-                # A queue read twice: the link carries no more than arrives (a link that shrank under
-                # what is sent). Straight under it, instead of a step a round trip while the queue fills.
-                self._cut_to(delivered * DELIVERED_FLOOR, now, floor=QUEUE_DRAIN_FLOOR)
-            elif self._may_cut(now):
-                # Sending what the link delivers keeps a standing queue standing: below it, the queue drains.
-                self._cut_to(self.estimate * QUEUE_CUT, now, floor=QUEUE_DRAIN_FLOOR)
+        elif self.queue_delay > QUEUE_LIMIT and self._may_cut(now) and now >= self.blame_until:
+            # Sending what the link delivers keeps a standing queue standing: below it, the queue drains.
+            self._cut_to(self.estimate * QUEUE_CUT, now, floor=QUEUE_DRAIN_FLOOR)
 
     def on_report(self, fraction_lost: int, now: float, asked: float | None = None) -> None:
         """A receiver report: ``fraction_lost`` is RFC 3550's 8-bit fixed-point fraction;
@@ -356,32 +295,26 @@ class BandwidthEstimate:
             elapsed = now - self.last_growth
             if elapsed >= 1.0:
                 if self.confirmed:  # (a guess does not grow: it is not a measure of anything)
-                    grown = self.estimate * GROWTH ** min(elapsed, 5.0)
-                    if self.delivered is not None:
-                        reach = max(self.delivered * GROWTH_REACH, self.delivered + GROWTH_ROOM)
-                        grown = max(min(grown, reach), self.estimate)
-                    self.estimate = self._bounded(grown)
+                    self.estimate = self._bounded(self.estimate * GROWTH ** min(elapsed, 5.0))
                 self.last_growth = now
         elif self.last_growth is None:
             self.last_growth = now  # heard from: the estimate is now known
 
     # --- probing -------------------------------------------------------------------
 
-    def probe_rate(self, now: float, wanted: float, most: float | None = None) -> float | None:
+    def probe_rate(self, now: float, wanted: float) -> float | None:
         """The rate the link is being probed at, or None.
 
         ``wanted`` is what this subscriber could use if the link allowed it (the
         next layer up, or more of the original). A probe starts when that is
         more than the estimate, the link has been clean for a while, and the
-        back-off after failed probes has passed. ``most``: the highest rate the
-        sender can pad its streams up to now; a probe goes no higher, for one
-        that worked proves no more than the link carried.
+        back-off after failed probes has passed.
         """
         self._finish_probe(now)
         if self.probe is not None:
             return self.probe.rate  # until its verdict
         usable = self.usable
-        target = min(wanted, self._probe_reach(usable), self.maximum, most if most is not None else self.maximum)
+        target = min(wanted, self._probe_reach(usable), self.maximum)
         if target <= usable * 1.05 or not self.known:  # (nothing seen to arrive yet: usable is 0)
             return None
         calm_since = max(t for t in (self.last_cut, self.last_probe_end, -1e9) if t is not None)
@@ -389,7 +322,7 @@ class BandwidthEstimate:
         backoff = PROBE_BACKOFF[min(self.failed_probes, len(PROBE_BACKOFF)) - 1] if self.failed_probes else 0.0
         if self.last_cut is not None and now - self.last_cut < PROBE_CALM:
             return None
-        if self.heard_at is None or now - self.heard_at < FIRST_PROBE_WAIT:
+        if self.heard_at is None or now - self.heard_at < PROBE_CALM:
             return None  # watch a new link for a moment (its base round trip, its loss) first
         # Loss below the cutting threshold with a flat round trip is the link's own
         # (radio) loss, not congestion: it does not stop a probe, which is judged by delay.
@@ -405,7 +338,7 @@ class BandwidthEstimate:
         link has carried); after a failure, halfway to the lowest rate that failed, or, once close
         under it, a little above it."""
         if self.ceiling is None:
-            return usable * (FIRST_PROBE_STEP if self.probes == 0 else self.probe_step)
+            return usable * (FIRST_PROBE_STEP if self.probes == 0 else PROBE_STEP)
         if self.ceiling > usable * CEILING_GAP:
             return (usable + self.ceiling) / 2
         return max(self.ceiling, usable) * PROBE_ABOVE_CEILING
@@ -430,15 +363,6 @@ class BandwidthEstimate:
             self._carried(proven)
             self.failed_probes = 0
             self.successful_probes += 1
-            # Clearly worked (round trips came back during it, none of them risen): the next steps
-            # further. Only just worked: it may have been near the link's rate; the next steps less.
-            reached = probe.sent_rate is not None and probe.sent_rate >= probe.rate * PROBE_REACHED
-            clear = probe.readings > 1 and probe.worst_queue <= PROBE_CLEAR and reached
-            self.clear_probes = self.clear_probes + 1 if clear else 0
-            self.probe_step = CLEAR_STEP if self.clear_probes >= 2 else PROBE_STEP
-            if probe.worst_queue > PROBE_CLEAR:
-                # Only just: a queue began, the link's rate is near. Close in on it from here.
-                self.ceiling = probe.rate * NEAR_CEILING
             self.last_growth = now
             if self.ceiling is not None and probe.rate >= self.ceiling:
                 self.ceiling = None  # the link carries more than it did when that probe failed
@@ -453,8 +377,6 @@ class BandwidthEstimate:
 
     def _failed(self, probe: Probe, now: float) -> None:
         self.failed_probes += 1
-        self.probe_step = PROBE_STEP
-        self.clear_probes = 0
         self.ceiling = probe.rate if self.ceiling is None else min(self.ceiling, probe.rate)
         self.blame_until = now + PROBE_SETTLE
 
@@ -478,27 +400,18 @@ class BandwidthEstimate:
             return None
         return base + max((q for q, at in self.queues.values() if now - at < QUEUE_FRESH), default=0.0)
 
-    def _fresh_delivered(self, now: float) -> float | None:
-        if self.delivered is None or self.delivered_at is None or now - self.delivered_at >= DELIVERED_FRESH:
-            return None
-        return self.delivered
-
     def _may_cut(self, now: float) -> bool:
         # Once per round trip, and no more often than reports can show the effect of the last cut.
         return self.last_cut is None or now - self.last_cut >= max(self.rtt, MIN_CUT_INTERVAL)
 
-    def _cut_to(self, value: float, now: float, floor: float = DELIVERED_FLOOR, congestion: bool = True) -> None:
+    def _cut_to(self, value: float, now: float, floor: float = DELIVERED_FLOOR) -> None:
         if self.delivered is not None and self.delivered_at is not None and now - self.delivered_at < DELIVERED_FRESH:
             value = max(value, self.delivered * floor)
         self.estimate = self._bounded(min(value, self.estimate))
         self._carried(0.0)  # (a cut to what the link has carried confirms the estimate)
-        self.last_growth = now  # no growth straight after a cut
-        if not congestion:
-            return
         self.last_cut = now
+        self.last_growth = now  # no growth straight after a cut
         self.ceiling = None  # the link has changed: what failed before says nothing now
-        self.probe_step = PROBE_STEP
-        self.clear_probes = 0
 
     def _bounded(self, value: float) -> float:
         return max(self.minimum, min(value, self.maximum))

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket
-from .bwe import PACKET_OVERHEAD
 from .keyframes import KeyframeThrottle
 from .ladder import PAUSED, SOURCE_HEADROOM, Ladder, LayerChooser
 from .packet_cache import PacketCache
@@ -53,7 +52,7 @@ DECISION_INTERVAL = 0.25
 # How long a move to another level waits for its keyframe before asking again.
 KEYFRAME_WAIT = 1.0
 # At most this many times the level's own rate while probing.
-MAX_PROBE_FACTOR = 8.0
+MAX_PROBE_FACTOR = 4.0
 # Seconds of a probe's paced padding that may wait to be sent.
 PADDING_BACKLOG = 0.25
 # A publisher sending at least this share of its cap is held back by it. (An encoder allowed
@@ -150,11 +149,11 @@ class SubscriberLink(Protocol):
 
     def rise_budget(self) -> float | None: ...
 
-    def probe(self, now: float, wanted: float, most: float | None = None) -> float | None: ...
+    def probe(self, now: float, wanted: float) -> float | None: ...
 
     def padding(self, now: float) -> bool: ...
 
-    def lost_packets(self, now: float, packets: int = 1, judges: bool = True) -> None: ...
+    def lost_packets(self, now: float, packets: int = 1) -> None: ...
 
     def transit(self) -> float | None: ...
 
@@ -166,13 +165,13 @@ class UnknownLink:
     def rise_budget(self) -> float | None:
         return None
 
-    def probe(self, now: float, wanted: float, most: float | None = None) -> float | None:
+    def probe(self, now: float, wanted: float) -> float | None:
         return None
 
     def padding(self, now: float) -> bool:
         return False
 
-    def lost_packets(self, now: float, packets: int = 1, judges: bool = True) -> None:
+    def lost_packets(self, now: float, packets: int = 1) -> None:
         pass
 
     def transit(self) -> float | None:
@@ -420,9 +419,6 @@ class Subscription:
         self.keyframe_asked: float | None = None
         self.chooser = LayerChooser()
         self.meter = RateMeter()
-        # The same with each packet's headers, as the link carries it (and the estimate counts it).
-        self.wire = RateMeter()
-        self.wire_bytes = 0  # everything sent, headers, resends and padding included
         self.probe_factor = 0.0
         self.probe_credit = 0.0
         self.padding_rate = 0.0  # bit/s of duplicates while probing
@@ -460,12 +456,7 @@ class Subscription:
             source, cost = levels[-1]
             if cost <= budget * SOURCE_FOLLOWS:
                 levels = [*levels[:-1], (source, min(cost, budget))]
-        flowing = self.level is not None and self.level != PAUSED
-        # (the probe is a rate on the link: headers count, a tenth of a thin video's rate)
-        current = max(self.publication.level_rate(self.level) * self.header_factor(), 1.0) if flowing else 0.0
-        # Padding goes only so far: a probe beyond it would be credited with a rate the link never saw.
-        probe = self.link.probe(now, self.chooser.wanted(levels, cap_limited),
-                                current * MAX_PROBE_FACTOR if flowing else None)
+        probe = self.link.probe(now, self.chooser.wanted(levels, cap_limited))
         trying = self.level == PAUSED and probe is not None
         ladder = self.publication.ladder
         floor = float(ladder.specs[0].bitrate) if ladder is not None and ladder.specs else None
@@ -482,13 +473,9 @@ class Subscription:
         if probe is None or self.level is None or self.level == PAUSED or not self.link.padding(now):
             self.probe_factor = 0.0
         else:
+            current = max(self.publication.level_rate(self.level), 1.0)
             self.probe_factor = min(probe / current, MAX_PROBE_FACTOR) if probe > current else 0.0
             self.padding_rate = current * (self.probe_factor - 1.0)
-
-    def header_factor(self) -> float:
-        """What this stream is on the link, for each of its payload's bits."""
-        payload = self.meter.rate
-        return self.wire.rate / payload if payload > 0 and self.wire.rate > payload else 1.0
 
     async def _pause(self) -> None:
         self.level = PAUSED
@@ -533,11 +520,10 @@ class Subscription:
     def _pad(self, packet: RtpPacket, out_seq: int, out_ts: int, now: float) -> None:
         """Send a duplicate, paced at the padding's own rate: sent in a burst behind the packet, the
         duplicates of a frame would hold up the audio behind them on a thin link for tens of ms."""
-        spacing = (len(packet.payload) + PACKET_OVERHEAD) * 8 / max(self.padding_rate, 1.0)
-        self.padding_due = max(self.padding_due, now) + spacing
+        self.padding_due = max(self.padding_due, now) + len(packet.payload) * 8 / max(self.padding_rate, 1.0)
         delay = self.padding_due - now
         if delay > PADDING_BACKLOG:
-            self.padding_due -= spacing
+            self.padding_due -= len(packet.payload) * 8 / max(self.padding_rate, 1.0)
             return  # (the padding falls behind: leave this one out rather than queue it)
 
         async def send() -> None:
@@ -564,14 +550,12 @@ class Subscription:
         except ConnectionError:
             self.stats.send_errors += 1
             return False
-        self.wire_bytes += len(packet.payload) + PACKET_OVERHEAD
         if extra:
             return True
         self.resends.sent(out_seq, self.publication.clock())
         self.stats.packets += 1
         self.stats.bytes += len(packet.payload)
         self.meter.add(len(packet.payload), self.publication.clock())
-        self.wire.add(len(packet.payload) + PACKET_OVERHEAD, self.publication.clock())
         return True
 
     async def on_feedback(self, feedback: RtcpFeedback) -> None:
@@ -581,9 +565,9 @@ class Subscription:
             upstream = []
             cache = self.publication.cache_for(self.level)
             now = self.publication.clock()
-            # (audio receivers also ask for packets that are merely late: they tell how much the
-            # link loses of its own, but not whether a probe overflows it)
-            self.link.lost_packets(now, len(feedback.lost), judges=self.publication.kind == "video")
+            if self.publication.kind == "video":
+                # (audio receivers also ask for packets that are merely late: no sign of loss)
+                self.link.lost_packets(now, len(feedback.lost))
             rtt = self.port.round_trip_time or 0.1
             transit = self.link.transit()
             for out_seq in feedback.lost:

@@ -289,8 +289,7 @@ class Peer:
                    if slot.delivery.at is not None and now - slot.delivery.at < DELIVERED_FRESH)
 
     def _audio_rate(self, now: float) -> float:
-        """What the audio takes of the link, headers included (on a thin link, as much again as its payload)."""
-        return sum(s.wire.current(now) for s in self._receiving("audio"))
+        return sum(s.meter.current(now) for s in self._receiving("audio"))
 
     def sending_rate(self, now: float) -> float:
         """What is sent toward this subscriber lately, all streams together (padding and resends aside)."""
@@ -324,22 +323,18 @@ class Peer:
         videos = max(len(self._receiving("video")), 1)
         return max(estimate - audio, 0.0) / videos
 
-    def probe(self, now: float, wanted: float, most: float | None = None) -> float | None:
-        """Pad one video up to this rate now, to learn whether the link could carry ``wanted``
-        (``most``: as far as its padding can go)."""
+    def probe(self, now: float, wanted: float) -> float | None:
+        """Pad one video up to this rate now, to learn whether the link could carry ``wanted``."""
         videos = max(len(self._receiving("video")), 1)
         audio = self._audio_rate(now)
-        sent = sum(s.wire_bytes for s in self.subscriptions())
-        self.bandwidth.on_sent(now, sent)
-        rate = self.bandwidth.probe_rate(now, wanted * videos + audio, None if most is None else most * videos + audio)
-        self.bandwidth.on_sent(now, sent)  # (a probe that starts now counts what is sent from now)
+        rate = self.bandwidth.probe_rate(now, wanted * videos + audio)
         return None if rate is None else max(rate - audio, 0.0) / videos
 
     def padding(self, now: float) -> bool:
         return self.bandwidth.padding(now)
 
-    def lost_packets(self, now: float, packets: int = 1, judges: bool = True) -> None:
-        self.bandwidth.on_nack(now, packets, judges)
+    def lost_packets(self, now: float, packets: int = 1) -> None:
+        self.bandwidth.on_nack(now, packets)
 
     def transit(self) -> float | None:
         """How long this subscriber's link now takes to answer a packet: its lowest round trip plus

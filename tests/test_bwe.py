@@ -90,14 +90,14 @@ def test_a_probe_that_keeps_the_round_trip_flat_raises_the_estimate() -> None:
     clean_link(bwe, 0.0, 3.0)
     before = bwe.estimate
     rate = probe_to(bwe, 3.0, wanted=2_000_000)
-    assert rate == pytest.approx(before * 1.5)  # the first probe reaches half as far again
-    assert bwe.probe_rate(3.3, wanted=2_000_000) == rate and bwe.padding(3.3)
-    assert bwe.probe_rate(3.6, wanted=2_000_000) == rate and not bwe.padding(3.6)  # waiting for the last report
-    clean_link(bwe, 3.6, 4.6)
+    assert rate == pytest.approx(before * 2)  # the first probe reaches twice as far
+    assert bwe.probe_rate(3.5, wanted=2_000_000) == rate and bwe.padding(3.5)
+    assert bwe.probe_rate(4.1, wanted=2_000_000) == rate and not bwe.padding(4.1)  # waiting for the last report
+    clean_link(bwe, 4.1, 5.1)
     assert bwe.estimate == pytest.approx(rate * 0.95)
     assert bwe.successful_probes == 1
-    second = probe_to(bwe, 4.6, wanted=20_000_000)
-    assert second == pytest.approx(bwe.estimate * 1.5)  # one that worked is followed at once
+    second = probe_to(bwe, 5.1, wanted=20_000_000)
+    assert second == pytest.approx(bwe.estimate * 1.5)  # one that worked is followed at once, a gentler step up
 
 
 def test_a_probe_that_fills_a_queue_fails_and_backs_off() -> None:
@@ -183,11 +183,11 @@ def test_nacks_stop_a_probe_only_on_a_link_that_was_clean() -> None:
         lossy.on_nack(t + 0.5)
         lossy.on_report(0, now=float(t), asked=0.05)
     assert lossy.probe_rate(4.0, wanted=2_000_000) is not None
-    lossy.on_nack(4.1, packets=9)  # a burst of its own loss, asked for three times: says nothing about the probe
-    lossy.on_report(0, now=4.2, asked=0.12)
-    assert lossy.failed_probes == 0 and lossy.padding(4.3)
-    lossy.on_rtt(0.3, now=4.35)  # a queue building: that is the probe
-    assert lossy.failed_probes == 1 and not lossy.padding(4.4)
+    lossy.on_nack(4.2, packets=9)  # a burst of its own loss, asked for three times: says nothing about the probe
+    lossy.on_report(0, now=4.5, asked=0.12)
+    assert lossy.failed_probes == 0 and lossy.padding(4.6)
+    lossy.on_rtt(0.3, now=4.8)  # a queue building: that is the probe
+    assert lossy.failed_probes == 1 and not lossy.padding(4.85)
 
 
 def test_a_links_own_repaired_loss_does_not_cut_but_more_of_it_stops_growth() -> None:
@@ -236,10 +236,10 @@ def test_a_lost_packet_reported_during_a_probe_stops_it() -> None:
 
 def test_a_new_link_is_watched_before_the_first_probe() -> None:
     bwe = BandwidthEstimate(estimate=300_000)
-    clean_link(bwe, 0.0, 0.5)
-    assert bwe.probe_rate(0.5, wanted=2_000_000) is None
-    clean_link(bwe, 1.0, 1.0)
-    assert bwe.probe_rate(1.0, wanted=2_000_000) is not None
+    clean_link(bwe, 0.0, 1.0)
+    assert bwe.probe_rate(1.0, wanted=2_000_000) is None
+    clean_link(bwe, 1.5, 2.0)
+    assert bwe.probe_rate(2.0, wanted=2_000_000) is not None
 
 
 def test_loss_that_retransmissions_hide_from_reports_is_read_from_nacks() -> None:
@@ -278,10 +278,10 @@ def test_the_starting_guess_moves_no_one_up_and_probes_step_from_what_arrived() 
     assert bwe.known and not bwe.confirmed
     assert bwe.estimate == 300_000  # (a guess does not grow)
     assert bwe.usable == 80_000  # what a subscriber may move up to
-    assert probe_to(bwe, 3.0, wanted=2_000_000) == pytest.approx(120_000)  # a step above what arrived, not the guess
+    assert probe_to(bwe, 3.0, wanted=2_000_000) == pytest.approx(160_000)  # twice what arrived, not the guess
     clean_link(bwe, 3.0, 5.0, delivered=80_000)
-    assert bwe.successful_probes == 1 and bwe.usable == pytest.approx(114_000)
-    assert probe_to(bwe, 5.0, wanted=2_000_000) == pytest.approx(171_000)  # it worked: the next at once
+    assert bwe.successful_probes == 1 and bwe.usable == pytest.approx(152_000)
+    assert probe_to(bwe, 5.0, wanted=2_000_000) == pytest.approx(228_000)  # worked: the next at once
 
 
 def test_a_link_that_carries_the_guess_confirms_it() -> None:
@@ -293,27 +293,27 @@ def test_a_link_that_carries_the_guess_confirms_it() -> None:
 def test_probes_close_in_on_a_rate_that_failed_then_look_a_little_above_it() -> None:
     bwe = BandwidthEstimate()
     clean_link(bwe, 0.0, 3.0, delivered=80_000)
-    assert probe_to(bwe, 3.0, wanted=2_000_000) == pytest.approx(120_000)
-    bwe.on_rtt(0.3, now=3.4)  # a 100 kbit/s link: the queue grows
-    assert bwe.failed_probes == 1 and bwe.ceiling == pytest.approx(120_000)
+    assert probe_to(bwe, 3.0, wanted=2_000_000) == pytest.approx(160_000)
+    bwe.on_rtt(0.3, now=3.4)  # a 150 kbit/s link: the queue grows
+    assert bwe.failed_probes == 1 and bwe.ceiling == pytest.approx(160_000)
     clean_link(bwe, 5.5, 6.0, delivered=80_000)
-    assert probe_to(bwe, 6.0, wanted=2_000_000) == pytest.approx(100_000)  # halfway to the rate that failed
+    assert probe_to(bwe, 6.0, wanted=2_000_000) == pytest.approx(120_000)  # halfway to the rate that failed
     t, targets = 6.0, []
-    while (target := probe_to(bwe, t, wanted=2_000_000)) is not None and target < 120_000:
+    while (target := probe_to(bwe, t, wanted=2_000_000)) is not None and target < 160_000:
         targets.append(target)  # each works, and the next goes halfway from there to the rate that failed
         clean_link(bwe, t, t + 2.0, delivered=80_000)
         t += 2.0
-    assert len(targets) == 2 and targets == sorted(targets) and bwe.usable == pytest.approx(targets[-1] * 0.95)
-    assert target == pytest.approx(120_000 * 1.1)  # close under it: is the link still no faster?
+    assert len(targets) == 3 and targets == sorted(targets) and bwe.usable == pytest.approx(targets[-1] * 0.95)
+    assert target == pytest.approx(160_000 * 1.1)  # close under it: is the link still no faster?
     usable = bwe.usable
     bwe.on_rtt(0.3, now=t + 0.4)
-    assert bwe.ceiling == pytest.approx(120_000) and bwe.usable == usable
-    assert bwe.probe_rate(t + 3.0, wanted=2_000_000) is None  # the queue it left is the latest reading
+    assert bwe.ceiling == pytest.approx(160_000) and bwe.usable == usable
+    assert bwe.probe_rate(t + 3.0, wanted=2_000_000) is None  # two failures in a row: 4 s apart
     clean_link(bwe, t + 4.5, t + 5.0, delivered=80_000)
-    assert probe_to(bwe, t + 5.0, wanted=2_000_000) == pytest.approx(132_000)
+    assert probe_to(bwe, t + 5.0, wanted=2_000_000) == pytest.approx(176_000)
     clean_link(bwe, t + 5.0, t + 7.0, delivered=80_000)  # the link has grown: it works
     assert bwe.ceiling is None
-    assert probe_to(bwe, t + 7.0, wanted=2_000_000) == pytest.approx(1.5 * 132_000 * 0.95)  # on up, at once
+    assert probe_to(bwe, t + 7.0, wanted=2_000_000) == pytest.approx(1.5 * 176_000 * 0.95)  # on up, at once
 
 
 def test_what_a_failed_probe_leaves_in_the_queue_cuts_nothing() -> None:
@@ -350,122 +350,3 @@ def test_a_remb_far_under_what_arrives_cuts_no_further_than_what_arrives() -> No
         bwe.on_remb(60_000, now=k * 1.0, sending=80_000)
         bwe.on_remb(33_000, now=k * 1.0 + 0.5, sending=80_000)
     assert bwe.estimate == 80_000  # not shaved by a tenth with every dip, down to a pause
-
-
-def test_a_probe_that_only_just_worked_is_followed_by_a_smaller_step() -> None:
-    # The round trip rose during the probe, though not enough to fail it: it may have been at the
-    # link's rate, and twice that would flood it.
-    bwe = BandwidthEstimate()
-    clean_link(bwe, 0.0, 3.0, delivered=100_000)
-    assert probe_to(bwe, 3.0, wanted=2_000_000) == pytest.approx(150_000)
-    clean_link(bwe, 3.0, 5.0, delivered=100_000)  # clearly worked
-    second = probe_to(bwe, 5.0, wanted=2_000_000)
-    assert second == pytest.approx(150_000 * 0.95 * 1.5)
-    bwe.on_rtt(0.135, now=5.6)  # 35 ms of queue: a pass, only just
-    clean_link(bwe, 6.0, 7.0, delivered=100_000)
-    assert bwe.successful_probes == 2 and bwe.usable == pytest.approx(second * 0.95)
-    # not twice as far, nor half as far again: the link's rate is near, and probes close in on it
-    assert probe_to(bwe, 7.0, wanted=2_000_000) == pytest.approx(second * (0.95 + 1.2) / 2)
-    # No round trip at all during a probe proves nothing clearly either.
-    quiet = BandwidthEstimate()
-    clean_link(quiet, 0.0, 3.0, delivered=100_000)
-    assert probe_to(quiet, 3.0, wanted=2_000_000) is not None
-    clean_link(quiet, 3.0, 5.0, delivered=100_000)
-    assert probe_to(quiet, 5.0, wanted=2_000_000) is not None
-    quiet.on_report(0, now=7.0)
-    assert quiet.successful_probes == 2
-    assert probe_to(quiet, 7.0, wanted=2_000_000) == pytest.approx(quiet.usable * 1.5)
-
-
-def test_slow_start_doubles_while_the_link_proves_it_and_stops_at_the_first_queue() -> None:
-    bwe = BandwidthEstimate()
-    clean_link(bwe, 0.0, 3.0, delivered=80_000)
-    t, targets = 3.0, []
-    sent = 0
-    while (target := probe_to(bwe, t, wanted=4_000_000)) is not None and target < 1_000_000:
-        targets.append(target)
-        bwe.on_sent(t, sent)
-        sent += int(target / 8 / 2)  # the padding reaches the rate for its half second
-        bwe.on_sent(t + 0.5, sent)
-        clean_link(bwe, t + 0.5, t + 2.0, delivered=80_000)
-        t += 2.0
-    # half as far again twice, then, the link having clearly carried both, twice as far each time
-    assert [round(x) for x in targets] == [120_000, 171_000, 324_900, 617_310]
-    bwe.on_rtt(0.2, now=t + 0.3)  # a queue: it fails, and what comes next steps gently
-    assert bwe.failed_probes == 1 and bwe.probe_step == 1.5
-
-
-def test_a_probe_goes_no_further_than_the_sender_can_pad() -> None:
-    # A 50 kbit/s layer padded four times over reaches 200: a probe to 300 would be credited with
-    # a rate the link never saw.
-    bwe = BandwidthEstimate()
-    clean_link(bwe, 0.0, 3.0, delivered=250_000)
-    assert bwe.probe_rate(3.0, wanted=2_000_000, most=280_000) == pytest.approx(280_000)
-    clean_link(bwe, 3.0, 5.0, delivered=250_000)
-    assert bwe.usable == pytest.approx(280_000 * 0.95)  # what was sent, not the 375 a step would have asked
-
-
-def test_an_estimate_the_link_is_not_asked_to_carry_grows_only_a_little_beyond_what_it_carries() -> None:
-    # A subscriber on a low layer sends 100 kbit/s: a clean link says nothing about 600.
-    bwe = BandwidthEstimate(estimate=120_000, confirmed=True)
-    for t in range(30):
-        bwe.on_delivered(100_000, now=float(t))
-        bwe.on_report(0, now=float(t))
-    assert bwe.estimate == pytest.approx(150_000)  # half as much again (or 50 kbit/s, on thinner links)
-    bwe.on_delivered(50_000, now=30.0)  # (nor does it fall when less is sent)
-    bwe.on_report(0, now=31.0)
-    assert bwe.estimate == pytest.approx(150_000)
-    paused = BandwidthEstimate(estimate=60_000, confirmed=True)  # video paused: the sound alone arrives
-    for t in range(30):
-        paused.on_delivered(40_000, now=float(t))
-        paused.on_report(0, now=float(t))
-    assert paused.estimate == pytest.approx(90_000)  # room for the lowest layer to come back
-
-
-def test_a_queue_read_twice_cuts_straight_under_what_the_link_delivers() -> None:
-    # 2 Mbit/s drops to 300 kbit/s: 300 arrive while a megabit a second is sent into the queue.
-    bwe = BandwidthEstimate(estimate=1_000_000, confirmed=True)
-    clean_link(bwe, 0.0, 10.0, rtt=0.05, delivered=1_000_000)
-    before = bwe.estimate
-    bwe.on_delivered(290_000, now=10.4)
-    bwe.on_rtt(0.2, now=10.5)  # once: it could be a stall anywhere; a step down
-    assert bwe.estimate == pytest.approx(before * 0.85)
-    bwe.on_rtt(0.25, now=10.6)  # again: the link carries what arrives, no more
-    assert bwe.estimate == pytest.approx(290_000 * 0.9)
-    single = BandwidthEstimate(estimate=1_000_000, confirmed=True)
-    clean_link(single, 0.0, 10.0, rtt=0.05, delivered=400_000)
-    before = single.estimate
-    single.on_rtt(0.3, now=10.2)  # one round trip held up, the next ones flat
-    clean_link(single, 10.7, 12.0, rtt=0.05, delivered=400_000)
-    assert single.estimate >= before * 0.85
-
-
-def test_a_probe_whose_padding_fell_short_proves_nothing_clearly() -> None:
-    # A thin stream's padding fell short: 150 kbit/s were asked for, 110 went out. It passes, but
-    # twice its rate next would rest on a rate the link never saw.
-    bwe = BandwidthEstimate()
-    clean_link(bwe, 0.0, 3.0, delivered=100_000)
-    assert probe_to(bwe, 3.0, wanted=2_000_000) == pytest.approx(150_000)
-    bwe.on_sent(3.0, 1_000_000)
-    bwe.on_sent(3.25, 1_000_000 + 110_000 // 8 // 4)
-    bwe.on_sent(3.5, 1_000_000 + 110_000 // 8 // 2)  # the padding is over
-    clean_link(bwe, 3.5, 5.0, delivered=100_000)
-    assert bwe.successful_probes == 1 and bwe.clear_probes == 0
-
-
-def test_a_remb_that_falls_with_no_queue_in_sight_does_not_hold_probes_back() -> None:
-    # A big picture on a fast link: each frame a burst the receiver's detector reads as overuse.
-    bwe = BandwidthEstimate(estimate=600_000, confirmed=True)
-    clean_link(bwe, 0.0, 4.0, rtt=0.05, delivered=300_000)
-    bwe.on_remb(600_000, now=4.1, sending=300_000)
-    bwe.on_remb(320_000, now=4.2, sending=300_000)
-    assert bwe.estimate == pytest.approx(600_000 * 0.85)  # a step down, not to the REMB
-    assert bwe.probe_rate(4.3, wanted=2_000_000) is not None  # the link itself showed nothing
-    queued = BandwidthEstimate(estimate=600_000, confirmed=True)
-    clean_link(queued, 0.0, 4.0, rtt=0.05, delivered=300_000)
-    queued.on_rtt(0.11, now=4.05)  # 60 ms of queue
-    queued.on_remb(600_000, now=4.1, sending=300_000)
-    queued.on_remb(320_000, now=4.2, sending=300_000)
-    assert queued.estimate == pytest.approx(320_000)
-    clean_link(queued, 4.5, 5.5, rtt=0.05, delivered=300_000)
-    assert queued.probe_rate(5.5, wanted=2_000_000) is None  # a cut for congestion: calm first
