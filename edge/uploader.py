@@ -261,8 +261,13 @@ class Uploader:
         """The agent reached the server again: end a back-off now, and drop a request stuck on the old link."""
         self._network.set()
         now = self._loop.time()
-        if self._deadline is not None and now - self._progress_at > 1.0:
-            self._deadline.reschedule(now)
+        if now - self._progress_at > 1.0:
+            self._move_deadline(now)
+
+    def _move_deadline(self, when: float) -> None:
+        """Move the running request's deadline, unless it has already passed (it cannot be moved then)."""
+        if self._deadline is not None and not self._deadline.expired():
+            self._deadline.reschedule(when)
 
     def status(self) -> dict[str, Any]:
         """For the kit's page and the log: what the uploader is doing, how fast, and how far it got."""
@@ -644,8 +649,7 @@ class Uploader:
     def _progress(self) -> None:
         now = self._loop.time()
         self._progress_at = now
-        if self._deadline is not None:
-            self._deadline.reschedule(now + self.settings.stall_timeout)
+        self._move_deadline(now + self.settings.stall_timeout)
 
     def _show(self, state: str, detail: str | None) -> None:
         changed = (state, detail) != (self.state, self.detail)

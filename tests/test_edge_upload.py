@@ -120,6 +120,42 @@ async def test_a_connection_cut_in_the_middle_of_a_patch_resumes_where_the_serve
     assert uploader.bytes_sent <= len(image) + MIN_CHUNK  # at most the chunk the cut broke was sent again
 
 
+async def test_the_agent_seeing_the_server_again_as_a_stalled_request_expires_harms_nothing(
+        server: RunningServer, tmp_path: Path) -> None:
+    """The agent tells the uploader the server answers again (``network_back``) at any moment, also in the
+    instant between a stalled request's deadline passing and the request giving up: that once stopped
+    the whole kit agent (an expiring deadline cannot be moved)."""
+    room = server.consultation()
+    kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
+    proxy = TcpProxy("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
+    await proxy.start()
+    outbox = Outbox.open(tmp_path / "outbox")
+    image = photo_bytes("hip", small=True)
+    item = outbox.add(image, photo_metadata(room, "hip"))
+    uploader, changes = uploader_for(outbox, proxy.url, kit, ceiling_kbps=200, stall_timeout=1.2,
+                                     backoff=_quick_backoff())
+    running = asyncio.ensure_future(uploader.run())
+
+    async def telling_on_every_turn_of_the_loop() -> None:
+        while uploader.status()["state"] != "waiting":
+            uploader.network_back()
+            await asyncio.sleep(0)  # the next turn of the event loop: no moment of the expiry is missed
+
+    try:
+        await changes.until(lambda: _sent(outbox, item.id) >= MIN_CHUNK)
+        proxy.cut()
+        await asyncio.wait_for(telling_on_every_turn_of_the_loop(), 30)  # raised here before
+        proxy.restore()
+        uploader.network_back()
+        await changes.until(lambda: _state(outbox, item.id) == DELIVERED, 30)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await proxy.close()
+    [stored] = await stored_images(server.url, room, server.token(room, "Dr A", "clinician"))
+    assert stored["data"] == image
+
+
 async def test_a_refusal_is_final_shown_and_the_next_photo_goes(server: RunningServer, tmp_path: Path) -> None:
     room, elsewhere = server.consultation(), server.consultation()
     kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
