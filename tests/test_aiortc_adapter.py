@@ -7,7 +7,9 @@ mediaserver/aiortc_adapter.py's module docstring before changing anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+from collections.abc import AsyncIterator
 
 import aioice.ice
 import aiortc
@@ -19,6 +21,7 @@ from aiortc import (
     RTCPeerConnection,
     RTCRtpReceiver,
     RTCRtpSender,
+    RTCRtpTransceiver,
 )
 
 from mediaserver import aiortc_adapter
@@ -306,14 +309,16 @@ def test_round_trip_assumptions_hold() -> None:
     assert "self.__lsr_time = time.time()" in inspect.getsource(RTCRtpSender._run_rtcp)
 
 
-async def test_each_receiver_report_gives_its_round_trip_and_aiortc_still_gets_it() -> None:
+@contextlib.asynccontextmanager
+async def audio_call_following_round_trips(
+        round_trips: list[float]) -> AsyncIterator[tuple[RTCRtpTransceiver, RTCRtpReceiver]]:
+    """An aiortc audio call on loopback whose sender hands each receiver report's round trip to ``round_trips``."""
     from aiortc.mediastreams import AudioStreamTrack
 
     from mediaserver.aiortc_adapter import follow_round_trips
 
     restrict_host_addresses(["127.0.0.1"])
     publisher, subscriber = RTCPeerConnection(), RTCPeerConnection()
-    round_trips: list[float] = []
     try:
         transceiver = publisher.addTransceiver(AudioStreamTrack(), direction="sendonly")
         follow_round_trips(transceiver.sender, round_trips.append)
@@ -321,7 +326,17 @@ async def test_each_receiver_report_gives_its_round_trip_and_aiortc_still_gets_i
         await subscriber.setRemoteDescription(publisher.localDescription)
         await subscriber.setLocalDescription(await subscriber.createAnswer())
         await publisher.setRemoteDescription(subscriber.localDescription)
-        remote = subscriber.getTransceivers()[0].receiver.track
+        yield transceiver, subscriber.getTransceivers()[0].receiver
+    finally:
+        await publisher.close()
+        await subscriber.close()
+        restrict_host_addresses(None)
+
+
+async def test_each_receiver_report_gives_its_round_trip_and_aiortc_still_gets_it() -> None:
+    round_trips: list[float] = []
+    async with audio_call_following_round_trips(round_trips) as (transceiver, receiver):
+        remote = receiver.track
 
         async def frames_until_two_reports() -> None:
             while len(round_trips) < 2:
@@ -332,10 +347,6 @@ async def test_each_receiver_report_gives_its_round_trip_and_aiortc_still_gets_i
         stats = await transceiver.sender.getStats()
         smoothed = [s.roundTripTime for s in stats.values() if s.type == "remote-inbound-rtp"]
         assert smoothed and smoothed[0] is not None and 0.0 <= smoothed[0] < 0.2
-    finally:
-        await publisher.close()
-        await subscriber.close()
-        restrict_host_addresses(None)
 
 
 # --- round trips longer than the time between sender reports ----------------
@@ -347,21 +358,8 @@ def test_a_sender_keeps_only_its_latest_report_and_sends_through_send_rtcp() -> 
 
 
 async def test_a_queue_longer_than_the_time_between_sender_reports_still_shows_in_the_round_trips() -> None:
-    from aiortc.mediastreams import AudioStreamTrack
-
-    from mediaserver.aiortc_adapter import follow_round_trips
-
-    restrict_host_addresses(["127.0.0.1"])
-    publisher, subscriber = RTCPeerConnection(), RTCPeerConnection()
     round_trips: list[float] = []
-    try:
-        transceiver = publisher.addTransceiver(AudioStreamTrack(), direction="sendonly")
-        follow_round_trips(transceiver.sender, round_trips.append)
-        await publisher.setLocalDescription(await publisher.createOffer())
-        await subscriber.setRemoteDescription(publisher.localDescription)
-        await subscriber.setLocalDescription(await subscriber.createAnswer())
-        await publisher.setRemoteDescription(subscriber.localDescription)
-        receiver = subscriber.getTransceivers()[0].receiver
+    async with audio_call_following_round_trips(round_trips) as (_, receiver):
         send_now = receiver._send_rtcp
 
         async def held_in_a_queue(packet: object) -> None:  # every report waits 1.7 s, as behind a full uplink
@@ -378,10 +376,6 @@ async def test_a_queue_longer_than_the_time_between_sender_reports_still_shows_i
         # By the time each report arrives the publisher has sent a newer sender report; the round trip
         # is still measured from the one each report answers.
         assert all(1.6 < rtt < 2.2 for rtt in round_trips), round_trips
-    finally:
-        await publisher.close()
-        await subscriber.close()
-        restrict_host_addresses(None)
 
 
 # --- what a publisher's uplink lost, for IT staff's figures -------------------
