@@ -7,6 +7,8 @@ import contextlib
 import hashlib
 import socket
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -89,8 +91,22 @@ async def test_lost_answers_to_patches_do_not_lose_or_repeat_bytes(server: Runni
     assert stored["data"] == image and stored["id"] == receipt.image_ref
 
 
-async def test_a_connection_cut_in_the_middle_of_a_patch_resumes_where_the_server_is(
-        server: RunningServer, tmp_path: Path) -> None:
+@dataclass
+class ProxiedUpload:
+    """A photo in a kit's outbox, its uploader running at 200 kbit/s through a TCP proxy that can be cut."""
+
+    room: str
+    proxy: TcpProxy
+    outbox: Outbox
+    image: bytes
+    item_id: str
+    uploader: Uploader
+    changes: Changes
+
+
+@contextlib.asynccontextmanager
+async def upload_through_a_proxy(server: RunningServer, tmp_path: Path,
+                                 stall_timeout: float) -> AsyncIterator[ProxiedUpload]:
     room = server.consultation()
     kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
     proxy = TcpProxy("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
@@ -99,25 +115,32 @@ async def test_a_connection_cut_in_the_middle_of_a_patch_resumes_where_the_serve
     image = photo_bytes("hip", small=True)
     item = outbox.add(image, photo_metadata(room, "hip"))
     # 200 kbit/s: each 16 KiB chunk takes two thirds of a second on the wire, so a cut lands inside one.
-    uploader, changes = uploader_for(outbox, proxy.url, kit, ceiling_kbps=200, stall_timeout=1.0,
+    uploader, changes = uploader_for(outbox, proxy.url, kit, ceiling_kbps=200, stall_timeout=stall_timeout,
                                      backoff=_quick_backoff())
     running = asyncio.ensure_future(uploader.run())
     try:
-        await changes.until(lambda: _sent(outbox, item.id) >= 2 * MIN_CHUNK
-                            and uploader.sent - _sent(outbox, item.id) >= MIN_CHUNK // 4)
-        proxy.cut()  # a quarter or more of the next chunk is on its way
-        await changes.until(lambda: uploader.status()["state"] == "waiting")  # it noticed the stall
-        assert uploader.status()["detail"] and "stalled" in uploader.status()["detail"]
-        proxy.restore()
-        uploader.network_back()
-        await changes.until(lambda: _state(outbox, item.id) == DELIVERED, 30)
+        yield ProxiedUpload(room, proxy, outbox, image, item.id, uploader, changes)
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         await proxy.close()
-    [stored] = await stored_images(server.url, room, server.token(room, "Dr A", "clinician"))
-    assert stored["data"] == image
-    assert uploader.bytes_sent <= len(image) + MIN_CHUNK  # at most the chunk the cut broke was sent again
+
+
+async def test_a_connection_cut_in_the_middle_of_a_patch_resumes_where_the_server_is(
+        server: RunningServer, tmp_path: Path) -> None:
+    async with upload_through_a_proxy(server, tmp_path, stall_timeout=1.0) as up:
+        outbox, uploader, item_id = up.outbox, up.uploader, up.item_id
+        await up.changes.until(lambda: _sent(outbox, item_id) >= 2 * MIN_CHUNK
+                               and uploader.sent - _sent(outbox, item_id) >= MIN_CHUNK // 4)
+        up.proxy.cut()  # a quarter or more of the next chunk is on its way
+        await up.changes.until(lambda: uploader.status()["state"] == "waiting")  # it noticed the stall
+        assert uploader.status()["detail"] and "stalled" in uploader.status()["detail"]
+        up.proxy.restore()
+        uploader.network_back()
+        await up.changes.until(lambda: _state(outbox, item_id) == DELIVERED, 30)
+    [stored] = await stored_images(server.url, up.room, server.token(up.room, "Dr A", "clinician"))
+    assert stored["data"] == up.image
+    assert uploader.bytes_sent <= len(up.image) + MIN_CHUNK  # at most the chunk the cut broke was sent again
 
 
 async def test_the_agent_seeing_the_server_again_as_a_stalled_request_expires_harms_nothing(
@@ -125,35 +148,22 @@ async def test_the_agent_seeing_the_server_again_as_a_stalled_request_expires_ha
     """The agent tells the uploader the server answers again (``network_back``) at any moment, also in the
     instant between a stalled request's deadline passing and the request giving up: that once stopped
     the whole kit agent (an expiring deadline cannot be moved)."""
-    room = server.consultation()
-    kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
-    proxy = TcpProxy("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
-    await proxy.start()
-    outbox = Outbox.open(tmp_path / "outbox")
-    image = photo_bytes("hip", small=True)
-    item = outbox.add(image, photo_metadata(room, "hip"))
-    uploader, changes = uploader_for(outbox, proxy.url, kit, ceiling_kbps=200, stall_timeout=1.2,
-                                     backoff=_quick_backoff())
-    running = asyncio.ensure_future(uploader.run())
+    async with upload_through_a_proxy(server, tmp_path, stall_timeout=1.2) as up:
+        outbox, uploader, item_id = up.outbox, up.uploader, up.item_id
 
-    async def telling_on_every_turn_of_the_loop() -> None:
-        while uploader.status()["state"] != "waiting":
-            uploader.network_back()
-            await asyncio.sleep(0)  # the next turn of the event loop: no moment of the expiry is missed
+        async def telling_on_every_turn_of_the_loop() -> None:
+            while uploader.status()["state"] != "waiting":
+                uploader.network_back()
+                await asyncio.sleep(0)  # the next turn of the event loop: no moment of the expiry is missed
 
-    try:
-        await changes.until(lambda: _sent(outbox, item.id) >= MIN_CHUNK)
-        proxy.cut()
+        await up.changes.until(lambda: _sent(outbox, item_id) >= MIN_CHUNK)
+        up.proxy.cut()
         await asyncio.wait_for(telling_on_every_turn_of_the_loop(), 30)  # raised here before
-        proxy.restore()
+        up.proxy.restore()
         uploader.network_back()
-        await changes.until(lambda: _state(outbox, item.id) == DELIVERED, 30)
-    finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await proxy.close()
-    [stored] = await stored_images(server.url, room, server.token(room, "Dr A", "clinician"))
-    assert stored["data"] == image
+        await up.changes.until(lambda: _state(outbox, item_id) == DELIVERED, 30)
+    [stored] = await stored_images(server.url, up.room, server.token(up.room, "Dr A", "clinician"))
+    assert stored["data"] == up.image
 
 
 async def test_a_refusal_is_final_shown_and_the_next_photo_goes(server: RunningServer, tmp_path: Path) -> None:
