@@ -100,6 +100,10 @@ async def test_a_requested_photo_goes_from_the_tablet_to_the_gallery_and_beside_
                  wound_jpeg(1600, 1200, 1), "heel_left", last_week.isoformat())
 
     tablet = await open_page(browser, kit_link(server, room), viewport=TABLET)
+    # Both pages share the browser's one fake camera, which runs at the size of whoever opened it
+    # first; a real tablet has its camera to itself, so the tablet opens it before the doctor joins.
+    await tablet.wait_for_function(
+        "() => naraDebug.localStream?.getVideoTracks()[0]?.getSettings().width === 1280", timeout=20000)
     doctor = await join_call(browser, server, room, "Dr Berg", "clinician", "doctor")
     await tablet.wait_for_function("() => naraDebug.call?.state === 'connected'", timeout=20000)
     await doctor.wait_for_selector("#gallery-empty:not([hidden])")
