@@ -9,15 +9,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from bench.edge import KitLink
 from bench.process import PROJECT, free_port
 from bench.synthetic import StampedVideoTrack, ToneAudioTrack, dominant_frequency, read_stamp
+from edge.agent import KitAgent
 from edge.config import EdgeConfig, TurnRelay
 from edge.device_api import enrol, write_credential
 from edge.media import SYNTHETIC_TAG, SYNTHETIC_TONE
@@ -106,6 +108,47 @@ class KitWatcher:
         for task in self._tasks.values():
             task.cancel()
         await self.client.close()
+
+
+@dataclass
+class KitInCall:
+    """A real kit agent in a call with a clinician, its whole link (signalling and TURN) through ``link``."""
+
+    link: KitLink
+    agent: KitAgent
+    clinician: KitWatcher
+
+
+@contextlib.asynccontextmanager
+async def agent_running(config: EdgeConfig) -> AsyncIterator[KitAgent]:
+    agent = KitAgent(config)
+    task = asyncio.ensure_future(agent.run())
+    try:
+        yield agent
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def kit_in_call(server: Any, tmp_path: Path) -> AsyncIterator[KitInCall]:
+    """An enrolled kit called into a new consultation of ``server`` (a RunningServer), the clinician seeing it."""
+    link = KitLink(server.url)
+    await link.start()
+    kit_id, credential = await enrolled_kit(server.url, server.admin_key, tmp_path)
+    room = server.consultation()
+    await admin(server.url, server.admin_key, "PUT", f"/api/consultations/{room}/kit", {"device_id": kit_id})
+    await admin(server.url, server.admin_key, "POST", f"/api/consultations/{room}/call-kit")
+    clinician = await KitWatcher.join(server.url, room, server.token(room, "Dr A", "clinician"), kit_id)
+    config = kit_config(link.server_url, credential, turn=link.relay)
+    try:
+        async with agent_running(config) as agent:
+            await clinician.wait_for(clinician.sees_kit, 20)
+            yield KitInCall(link, agent, clinician)
+    finally:
+        await clinician.close()
+        await link.close()
 
 
 class ServerProcess:

@@ -3,70 +3,41 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 
-from bench.edge import KitLink
-from edge.agent import KitAgent
-from edge.config import EdgeConfig
 from edge.reconnect import State
 
 from .conftest import RunningServer
-from .edge_helpers import KitWatcher, ServerProcess, admin, enrolled_kit, kit_config
+from .edge_helpers import KitWatcher, ServerProcess, admin, agent_running, enrolled_kit, kit_config, kit_in_call
 
 OUTAGE = 5.0
 RECOVERY_GOAL = 3.0
 RESTART_GOAL = 5.0
 
 
-@contextlib.asynccontextmanager
-async def agent_running(config: EdgeConfig) -> AsyncIterator[KitAgent]:
-    agent = KitAgent(config)
-    task = asyncio.ensure_future(agent.run())
-    try:
-        yield agent
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def test_media_flows_again_within_3_s_of_the_link_coming_back(server: RunningServer, tmp_path: Path) -> None:
-    link = KitLink(server.url)
-    await link.start()
-    kit_id, credential = await enrolled_kit(server.url, server.admin_key, tmp_path)
-    room = server.consultation()
-    await admin(server.url, server.admin_key, "PUT", f"/api/consultations/{room}/kit", {"device_id": kit_id})
-    await admin(server.url, server.admin_key, "POST", f"/api/consultations/{room}/call-kit")
-    clinician = await KitWatcher.join(server.url, room, server.token(room, "Dr A", "clinician"), kit_id)
-    config = kit_config(link.server_url, credential, turn=link.relay)
-    try:
-        async with agent_running(config) as agent:
-            await clinician.wait_for(clinician.sees_kit, 20)
-            assert link.turn.allocations, "the kit's media goes through the relay"
-            for _ in range(2):
-                await clinician.wait_for(lambda: clinician.kit_video_after(time.monotonic() - 0.5) is not None)
-                cut = time.monotonic()
-                link.cut()
-                # The kit notices within 3 s, by itself.
-                await agent.wait_for(lambda: agent.state in (State.RECONNECTING, State.NO_NETWORK), 3.5)
-                noticed = time.monotonic() - cut
-                assert noticed <= 3.2, noticed
-                await asyncio.sleep(OUTAGE - noticed)  # the rest of the outage
-                link.restore()
-                back = time.monotonic()
-                await clinician.wait_for(lambda back=back: clinician.kit_video_after(back) is not None, 10)
-                recovered = clinician.kit_video_after(back)
-                assert recovered is not None and recovered - back < RECOVERY_GOAL, recovered
-            reasons = [t.reason.split(":")[0] for t in agent.machine.transitions if t.new is State.RECONNECTING]
-            assert set(reasons) <= {"heartbeat", "media", "unreachable"}
-    finally:
-        await clinician.close()
-        await link.close()
+    async with kit_in_call(server, tmp_path) as call:
+        link, agent, clinician = call.link, call.agent, call.clinician
+        assert link.turn.allocations, "the kit's media goes through the relay"
+        for _ in range(2):
+            await clinician.wait_for(lambda: clinician.kit_video_after(time.monotonic() - 0.5) is not None)
+            cut = time.monotonic()
+            link.cut()
+            # The kit notices within 3 s, by itself.
+            await agent.wait_for(lambda: agent.state in (State.RECONNECTING, State.NO_NETWORK), 3.5)
+            noticed = time.monotonic() - cut
+            assert noticed <= 3.2, noticed
+            await asyncio.sleep(OUTAGE - noticed)  # the rest of the outage
+            link.restore()
+            back = time.monotonic()
+            await clinician.wait_for(lambda back=back: clinician.kit_video_after(back) is not None, 10)
+            recovered = clinician.kit_video_after(back)
+            assert recovered is not None and recovered - back < RECOVERY_GOAL, recovered
+        reasons = [t.reason.split(":")[0] for t in agent.machine.transitions if t.new is State.RECONNECTING]
+        assert set(reasons) <= {"heartbeat", "media", "unreachable"}
 
 
 async def test_server_killed_mid_call_the_kit_is_back_within_5_s(tmp_path: Path) -> None:
