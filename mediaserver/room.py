@@ -6,13 +6,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiortc import RTCIceServer
 
 from .aiortc_adapter import restrict_host_addresses, restrict_port_range
 from .forwarder import Publication, Subscription
 from .peer import ParticipantInfo, Peer, Signal
+
+if TYPE_CHECKING:
+    from .figures import ConsultationFigures
+    from .service import MediaPeer
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +159,11 @@ class MediaServer:
         self.adaptation = adaptation
         self.rooms: dict[str, Room] = {}
         self._changed = asyncio.Condition()
+        self.on_change: list[Callable[[], None]] = []  # told whenever wait_until's predicates are checked
 
     async def _notify(self) -> None:
+        for listener in self.on_change:
+            listener()
         async with self._changed:
             self._changed.notify_all()
 
@@ -182,14 +189,14 @@ class MediaServer:
         await self._notify()
         return peer
 
-    async def leave(self, room_id: str, participant_id: str, peer: Peer | None = None) -> None:
+    async def leave(self, room_id: str, participant_id: str, peer: MediaPeer | None = None) -> None:
         """Remove a participant (only if ``peer`` is still its current session)."""
         room = self.rooms.get(room_id)
         if room is None:
             return
         current = room.peers.get(participant_id)
         if current is None or (peer is not None and current is not peer):
-            if peer is not None:
+            if isinstance(peer, Peer):
                 await peer.close()
             return
         await room.remove(participant_id)
@@ -219,6 +226,29 @@ class MediaServer:
                 for peer in room.peers.values()
             }
         return rooms
+
+    # --- what signalling asks (service.MediaService) ----------------------------
+
+    def is_live(self, room_id: str) -> bool:
+        room = self.rooms.get(room_id)
+        return room is not None and bool(room.peers)
+
+    async def participants(self, room_id: str) -> list[dict[str, Any]]:
+        room = self.rooms.get(room_id)
+        return room.participants() if room is not None else []
+
+    async def mute(self, room_id: str, peer: MediaPeer, kind: str, muted: bool) -> None:
+        room = self.rooms.get(room_id)
+        if room is not None and isinstance(peer, Peer) and room.peers.get(peer.info.id) is peer:
+            await room.set_muted(peer, kind, muted)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.forwarding_stats()
+
+    async def figures(self) -> list[ConsultationFigures]:
+        from .figures import live_figures  # figures.py reads rooms and peers: it imports this module
+
+        return live_figures(self)
 
     def counts(self) -> dict[str, int]:
         return {

@@ -33,6 +33,8 @@ def _apply_flags(config: Any, args: argparse.Namespace) -> None:
         config.demo = False
     if getattr(args, "adaptation", None) is not None:
         config.adaptation = args.adaptation == "on"
+    if getattr(args, "workers", None) is not None:
+        config.media_workers = args.workers
 
 
 def _load_config(args: argparse.Namespace, file: str | None = None):  # type: ignore[no-untyped-def]
@@ -442,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-demo", action="store_true", help="do not create the demo consultation")
     serve.add_argument("--adaptation", choices=("on", "off"),
                        help="quality ladder and per-subscriber video levels (default on; off: forward only)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="SFU worker processes (default: one per core; 0: the SFU inside this process)")
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser(

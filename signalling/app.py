@@ -1,4 +1,4 @@
-"""The Nära server: signalling (REST + WebSocket) and the SFU in one process."""
+"""The Nära server: signalling (REST + WebSocket) here, the SFU in worker processes (or here: workers = 0)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from typing import Any
 from aiohttp import web
 from aiortc import RTCIceServer
 
-from mediaserver.room import MediaServer
-
-from . import cluster, devices, doctor, images, live, logs, metrics, ops, rest
+from . import cluster, devices, doctor, images, live, logs, metrics, ops, rest, workers
 from . import web as web_client
 from .config import DATABASE_FILE, SECRET_FILE, ServerConfig, admin_key, prepare_data_dir, private_value, token_keys
 from .devices import HomeKits
@@ -38,15 +36,14 @@ def build_app(config: ServerConfig) -> web.Application:
     prepare_data_dir(config)
     store = ConsultationStore(config.data_dir / DATABASE_FILE)
     authority = TokenAuthority(token_keys(config), config.issuer, config.audience)
-    low, high = config.media_port_min, config.media_port_max
-    media = MediaServer(ice_servers(config), config.media_addresses, adaptation=config.adaptation,
-                        port_range=None if low is None or high is None else (low, high))
+    media = workers.media_service(config)
     kits = HomeKits(store, authority)
     hub = SignallingHub(config, authority, store, media, devices=kits)
     proxied = [forwarded_client(parse_networks(config.trusted_proxies))] if config.trusted_proxies else []
     app = web.Application(middlewares=[*proxied, rest.json_errors, rest.require_admin], client_max_size=1024**2)
     app[HUB] = hub
     ops.add_routes(app)  # health, drain; before others append readiness checks
+    workers.add_routes(app)  # the SFU's worker processes start with the server
     cluster.join_cluster(app, hub)  # only with a Redis URL configured
     app[rest.ADMIN_KEY] = admin_key(config)
     logs.hide(app[rest.ADMIN_KEY], private_value(config.data_dir, SECRET_FILE), config.turn_credential,

@@ -55,6 +55,8 @@ class ServerConfig:
     # UDP ports the SFU's ICE binds (one per participant and media address); None and None: any ephemeral port.
     media_port_min: int | None = None
     media_port_max: int | None = None
+    # SFU worker processes (signalling/workers.py); None: one per core; 0: the SFU runs in this process.
+    media_workers: int | None = None
     turn_urls: list[str] = field(default_factory=list)
     turn_username: str | None = None
     turn_credential: str | None = None  # secret

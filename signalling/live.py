@@ -25,8 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
-from mediaserver.figures import ConsultationFigures, ParticipantFigures, live_figures, uplink_loss
-from mediaserver.room import MediaServer
+from mediaserver.figures import ConsultationFigures, ParticipantFigures, uplink_loss
+from mediaserver.service import MediaService
 
 from .rest import api_error
 from .web import PAGE_HEADERS, STATIC
@@ -145,17 +145,17 @@ class LiveHistory:
 class LiveSampler:
     """Samples every participant's figures into a ``LiveHistory`` while the server runs."""
 
-    def __init__(self, media: MediaServer, history: LiveHistory) -> None:
+    def __init__(self, media: MediaService, history: LiveHistory) -> None:
         self.media = media
         self.history = history
         self._task: asyncio.Task[None] | None = None
 
-    def sample(self) -> None:
-        self.history.record(live_figures(self.media), time.time())
+    async def sample(self) -> None:
+        self.history.record(await self.media.figures(), time.time())
 
     async def _run(self) -> None:
         while True:
-            self.sample()
+            await self.sample()
             await asyncio.sleep(self.history.interval)  # the sampling period itself
 
     async def start(self, app: web.Application) -> None:
@@ -192,7 +192,7 @@ async def it_redirect(request: web.Request) -> web.StreamResponse:
     raise web.HTTPFound("/it/")
 
 
-def add_routes(app: web.Application, media: MediaServer) -> LiveHistory:
+def add_routes(app: web.Application, media: MediaService) -> LiveHistory:
     history = LiveHistory()
     sampler = LiveSampler(media, history)
     app[LIVE] = history

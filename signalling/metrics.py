@@ -26,8 +26,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from mediaserver.figures import ConsultationFigures, live_figures
-from mediaserver.room import MediaServer
+from mediaserver.figures import ConsultationFigures
+from mediaserver.pool import WorkerPool
+from mediaserver.service import MediaService
 
 from .config import ServerConfig, private_value
 from .imagestore import ImageStore
@@ -42,17 +43,51 @@ PARTICIPANT = ["consultation", "participant"]
 class NaraCollector(Collector):
     """The live figures of every consultation and participant, read when Prometheus asks."""
 
-    def __init__(self, media: MediaServer, history: LiveHistory, images: ImageStore | None = None) -> None:
+    def __init__(self, media: MediaService, history: LiveHistory, images: ImageStore | None = None) -> None:
         self.media = media
         self.history = history
         self.images = images
+        self.consultations: list[ConsultationFigures] = []  # read by ``refresh`` before each scrape
+
+    async def refresh(self) -> None:
+        """Read every participant's figures (from the media workers: each answers within a bound or is left
+        out, so a stuck worker cannot hang a scrape)."""
+        self.consultations = await self.media.figures()
 
     def collect(self) -> Iterator[Metric]:
-        consultations = live_figures(self.media)
+        consultations = self.consultations
         yield from self._counts(consultations)
         yield from self._links(consultations)
+        if isinstance(self.media, WorkerPool):
+            yield from self._workers(self.media)
         if self.images is not None:
             yield from self._images(self.images)
+
+    @staticmethod
+    def _workers(pool: WorkerPool) -> Iterator[Metric]:
+        worker = ["worker"]
+        up = GaugeMetricFamily("nara_media_worker_up", "1 while the SFU worker process is running and answering, "
+                               "else 0.", labels=worker)
+        consultations = GaugeMetricFamily("nara_media_worker_consultations", "Consultations whose call is on the "
+                                          "worker.", labels=worker)
+        participants = GaugeMetricFamily("nara_media_worker_participants", "Participants whose media is on the "
+                                         "worker.", labels=worker)
+        cpu = CounterMetricFamily("nara_media_worker_cpu_seconds", "CPU time the worker process has used (user "
+                                  "and system), seconds.", labels=worker)
+        memory = GaugeMetricFamily("nara_media_worker_resident_memory_bytes", "Resident memory of the worker "
+                                   "process, bytes.", labels=worker)
+        restarts = CounterMetricFamily("nara_media_worker_restarts", "Times the worker was started again after "
+                                       "its process died.", labels=worker)
+        for described in pool.describe():
+            label = [str(described["index"])]
+            up.add_metric(label, 1 if described["up"] else 0)
+            consultations.add_metric(label, len(described["consultations"]))
+            participants.add_metric(label, described["participants"])
+            if described["cpu_seconds"] is not None:
+                cpu.add_metric(label, described["cpu_seconds"])
+                memory.add_metric(label, described["memory_bytes"])
+            restarts.add_metric(label, described["restarts"])
+        yield from (up, consultations, participants, cpu, memory, restarts)
 
     def _counts(self, consultations: list[ConsultationFigures]) -> Iterator[Metric]:
         yield GaugeMetricFamily("nara_consultations", "Consultations with at least one participant in the call.",
@@ -147,16 +182,19 @@ class NaraCollector(Collector):
         yield GaugeMetricFamily("nara_images_stored_bytes", "Bytes of the images stored.", value=size)
 
 
-def registry_for(media: MediaServer, history: LiveHistory, images: ImageStore | None = None) -> CollectorRegistry:
+def registry_for(media: MediaService, history: LiveHistory,
+                 images: ImageStore | None = None) -> tuple[CollectorRegistry, NaraCollector]:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NaraCollector(media, history, images))
+    collector = NaraCollector(media, history, images)
+    registry.register(collector)
     ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux)
     PlatformCollector(registry=registry)
-    return registry
+    return registry, collector
 
 
 METRICS_TOKEN: web.AppKey[str] = web.AppKey("metrics_token", str)
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("metrics_registry", CollectorRegistry)
+COLLECTOR: web.AppKey[NaraCollector] = web.AppKey("metrics_collector", NaraCollector)
 
 
 def _check_bearer(request: web.Request) -> None:
@@ -171,15 +209,16 @@ def _check_bearer(request: web.Request) -> None:
 
 async def metrics(request: web.Request) -> web.Response:
     _check_bearer(request)
+    await request.app[COLLECTOR].refresh()
     body = generate_latest(request.app[REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Cache-Control": "no-store"})
 
 
-def add_routes(app: web.Application, config: ServerConfig, media: MediaServer, history: LiveHistory,
+def add_routes(app: web.Application, config: ServerConfig, media: MediaService, history: LiveHistory,
                images: ImageStore | None = None) -> None:
     """``/metrics``, unless the configuration turns it off (``[metrics] enabled = false``)."""
     if not config.metrics_enabled:
         return
     app[METRICS_TOKEN] = private_value(config.data_dir, METRICS_TOKEN_FILE)
-    app[REGISTRY] = registry_for(media, history, images)
+    app[REGISTRY], app[COLLECTOR] = registry_for(media, history, images)
     app.router.add_get("/metrics", metrics, name="metrics")

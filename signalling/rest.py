@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ from mediaserver.errors import CodedError
 from .store import patient_ref_problem
 from .tokens import DEFAULT_TTL, MAX_TTL, ROLES
 from .ws import HUB, SignallingHub
+
+logger = logging.getLogger(__name__)
 
 ADMIN_KEY: web.AppKey[str] = web.AppKey("admin_key", str)
 MAX_BODY = 16 * 1024
@@ -84,11 +87,22 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def consultation_json(hub: SignallingHub, consultation: Any) -> dict[str, Any]:
-    room = hub.media.rooms.get(consultation.id)
+def consultation_json(hub: SignallingHub, consultation: Any,
+                      participants: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     kit = hub.devices.kit_status(consultation.id, hub.connected) if hub.devices else None
     placed = {"node": hub.cluster.id, "node_url": hub.cluster.settings.node_url} if hub.cluster else {}
-    return {**consultation.public(), "participants": room.participants() if room else [], "kit": kit, **placed}
+    return {**consultation.public(), "participants": participants or [], "kit": kit, **placed}
+
+
+async def consultation_view(hub: SignallingHub, consultation: Any) -> dict[str, Any]:
+    """``consultation_json`` with everyone in its call now (asked of its media worker, if it is live)."""
+    participants: list[dict[str, Any]] = []
+    if hub.media.is_live(consultation.id):
+        try:
+            participants = await hub.media.participants(consultation.id)
+        except CodedError as exc:  # its media worker stopped or is stuck: shown without them
+            logger.warning("participants of %s unknown: %s", consultation.id, exc.code)
+    return consultation_json(hub, consultation, participants)
 
 
 def validated_consultation(data: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +149,7 @@ async def create_consultation(request: web.Request) -> web.Response:
 
 async def list_consultations(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    return web.json_response({"consultations": [consultation_json(hub, c) for c in hub.store.list()]})
+    return web.json_response({"consultations": [await consultation_view(hub, c) for c in hub.store.list()]})
 
 
 async def get_consultation(request: web.Request) -> web.Response:
@@ -143,7 +157,7 @@ async def get_consultation(request: web.Request) -> web.Response:
     consultation = hub.store.get(request.match_info["id"])
     if consultation is None:
         raise api_error(404, "consultation_not_found", "There is no consultation with this id.")
-    return web.json_response(consultation_json(hub, consultation))
+    return web.json_response(await consultation_view(hub, consultation))
 
 
 def join_url(hub: SignallingHub, room: str, token: str, base_url: str | None = None) -> str:
@@ -190,7 +204,7 @@ async def mint_token(request: web.Request) -> web.Response:
 
 
 async def forwarding_stats(request: web.Request) -> web.Response:
-    return web.json_response({"rooms": request.app[HUB].media.forwarding_stats()})
+    return web.json_response({"rooms": await request.app[HUB].media.stats()})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -9,7 +9,7 @@ example in deploy/nara.toml)::
 
     [server]  host port public_url data_dir demo log_format log_level upload_max_size drain_timeout
     [tokens]  algorithm private_key public_key issuer audience
-    [media]   addresses port_min port_max adaptation
+    [media]   addresses port_min port_max adaptation workers
     [turn]    urls username credential static_auth_secret ttl transport_policy
     [cluster] redis_url node_id node_url load_interval
     [metrics] enabled
@@ -45,6 +45,7 @@ MIN_PARTICIPANTS = 2  # a port range must hold at least one call
 UPLOAD_MAX_SIZE_RANGE = (1024, 4 * 1024**3)
 TURN_TTL_RANGE = (60, 7 * 24 * 3600)
 LOAD_INTERVAL_RANGE = (0.1, 60.0)
+WORKERS_RANGE = (0, 256)  # SFU worker processes; 0: the SFU in the server's own process
 NODE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # as cluster.py
 
 
@@ -98,6 +99,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("media", "port_min", "int", "media_port_min", optional=True),
     Key("media", "port_max", "int", "media_port_max", optional=True),
     Key("media", "adaptation", "bool", "adaptation"),
+    Key("media", "workers", "int", "media_workers", optional=True),
     Key("turn", "urls", "list", "turn_urls"),
     Key("turn", "username", "str", "turn_username", optional=True),
     Key("turn", "credential", "str", "turn_credential", secret=True, optional=True),
@@ -431,6 +433,8 @@ def _media_problems(config: ServerConfig) -> list[Problem | None]:
             except ValueError:
                 found.append(Problem("media.addresses", "invalid_address",
                                      f'{address!r} is not an IP address (or give ["all"] alone).'))
+    if config.media_workers is not None:
+        found.append(_range("media.workers", config.media_workers, *WORKERS_RANGE))
     low, high = config.media_port_min, config.media_port_max
     if (low is None) != (high is None):
         missing = "media.port_max" if high is None else "media.port_min"
@@ -450,7 +454,18 @@ def _media_problems(config: ServerConfig) -> list[Problem | None]:
                                  f"address ({count}), so a call of {MIN_PARTICIPANTS} needs "
                                  f"{ports_needed(MIN_PARTICIPANTS, count)}. Allow one port per participant expected "
                                  "at once on this node, per address."))
+        elif (workers := worker_count(config)) > 1 and \
+                (high - low + 1) // workers < ports_needed(MIN_PARTICIPANTS, count):
+            found.append(Problem("media.port_max", "range_too_narrow",
+                                 f"{low}-{high} is shared by {workers} media workers, each with its own slice of "
+                                 f"{(high - low + 1) // workers} ports; a call of {MIN_PARTICIPANTS} on one needs "
+                                 f"{ports_needed(MIN_PARTICIPANTS, count)}. Widen the range or set media.workers."))
     return found
+
+
+def worker_count(config: ServerConfig) -> int:
+    """SFU worker processes the configuration asks for (as signalling/workers.py counts them)."""
+    return config.media_workers if config.media_workers is not None else (os.cpu_count() or 1)
 
 
 def _turn_problems(config: ServerConfig) -> list[Problem | None]:
@@ -521,4 +536,6 @@ def summary(config: ServerConfig) -> list[str]:
     if low is not None and high is not None:
         count = len(config.media_addresses) if config.media_addresses else 1
         lines.append(f"# media: UDP {low}-{high} holds {(high - low + 1) // count} participants at once on this node")
+    lines.append(f"# media: {worker_count(config)} SFU worker process(es)" if worker_count(config) else
+                 "# media: the SFU runs inside the server's process (workers = 0)")
     return lines

@@ -20,8 +20,9 @@ from aiohttp import WSMsgType, web
 
 from mediaserver.aiortc_adapter import MediaPortsExhausted
 from mediaserver.errors import CodedError
-from mediaserver.peer import ParticipantInfo, Peer
-from mediaserver.room import MediaServer
+from mediaserver.peer import ParticipantInfo
+from mediaserver.pool import WORKER_LOST
+from mediaserver.service import MediaPeer, MediaService
 
 from .config import ServerConfig
 from .protocol import (
@@ -61,6 +62,8 @@ CLOSE_REPLACED = 4002  # the same participant joined from elsewhere
 CLOSE_REVOKED = 4403  # a home kit IT staff revoked
 CLOSE_POLICY = 1008
 CLOSE_REDIRECT = 4307  # the consultation is on another node of the cluster: join there
+CLOSE_RESTART = 1012  # the media process of the call stopped: join again (clients reconnect on any close)
+CLOSE_TRY_AGAIN = 1013  # no media process is up right now
 DISCONNECT_WAIT = 2.0  # seconds a revocation waits for the kit's connections to close
 PHOTO_REQUESTERS = frozenset({"clinician", "nurse"})
 
@@ -72,7 +75,7 @@ class SignallingHub:
     config: ServerConfig
     authority: TokenAuthority
     store: ConsultationStore
-    media: MediaServer
+    media: MediaService  # a MediaServer in this process, or the WorkerPool of worker processes
     sessions: dict[tuple[str, str], ParticipantSocket] = field(default_factory=dict)
     devices: HomeKits | None = None
     cluster: ClusterNode | None = None  # one node of several sharing a Redis registry (cluster.py)
@@ -119,7 +122,7 @@ class ParticipantSocket:
         self.hub = hub
         self.ws = ws
         self.remote = remote
-        self.peer: Peer | None = None
+        self.peer: MediaPeer | None = None
         self.room_id: str | None = None
         self.bucket = TokenBucket(MESSAGES_PER_SECOND, MESSAGE_BURST)
         self.dropped = 0
@@ -196,7 +199,7 @@ class ParticipantSocket:
         if isinstance(message, Answer):
             await self.peer.handle_answer(message.sdp)
         elif isinstance(message, Mute):
-            await self.hub.media.room(self.room_id).set_muted(self.peer, message.kind, message.muted)
+            await self.hub.media.mute(self.room_id, self.peer, message.kind, message.muted)
         elif isinstance(message, Leave):
             await self.close(1000, "left")
         elif isinstance(message, RequestPhoto):
@@ -243,7 +246,7 @@ class ParticipantSocket:
                 f"The role {claims.role} may not publish; join with publish set to false.",
             )
             return
-        if self.hub.draining and message.room not in self.hub.media.rooms:
+        if self.hub.draining and not self.hub.media.is_live(message.room):
             await self.refuse("draining", "This server is restarting and starts no new calls; join again shortly.")
             return
         key = (message.room, claims.participant_id)
@@ -251,10 +254,15 @@ class ParticipantSocket:
         if previous is not None and previous is not self:
             await previous.refuse("replaced", "You joined from another connection.", CLOSE_REPLACED)
         info = ParticipantInfo(claims.participant_id, claims.name, claims.role, message.publish)
-        self.peer = await self.hub.media.join(message.room, info, self.send, self._media_failed)
-        room = self.hub.media.room(message.room)
-        self.room_id = message.room
-        self.hub.sessions[key] = self
+        try:
+            self.peer = await self.hub.media.join(message.room, info, self.send, self._media_failed)
+            self.room_id = message.room
+            self.hub.sessions[key] = self
+            participants = await self.hub.media.participants(message.room)
+        except CodedError as exc:  # no media worker is up, or it stopped meanwhile: the client joins again
+            logger.warning("participant %s not joined to %s: %s", info.id, message.room, exc.code)
+            await self.refuse(exc.code, exc.message, CLOSE_RESTART if exc.code == WORKER_LOST else CLOSE_TRY_AGAIN)
+            return
         logger.info("participant %s (%s) joined %s", info.id, info.role, message.room)
         await self.send(
             {
@@ -262,7 +270,7 @@ class ParticipantSocket:
                 "protocol": PROTOCOL_VERSION,
                 "participant": info.public(),
                 "room": {"id": consultation.id, "title": consultation.title},
-                "participants": [p for p in room.participants() if p["id"] != info.id],
+                "participants": [p for p in participants if p["id"] != info.id],
                 "ice_servers": ice_servers_for(self.hub.config, info.id, time.time()),
                 "ice_transport_policy": self.hub.config.ice_transport_policy,
                 "heartbeat_interval": self.hub.config.heartbeat_interval,
@@ -298,8 +306,14 @@ class ParticipantSocket:
         })
         await self.close(CLOSE_REDIRECT, "consultation_elsewhere")
 
-    async def _media_failed(self, peer: Peer, code: str) -> None:
-        if peer is self.peer:
+    async def _media_failed(self, peer: MediaPeer, code: str) -> None:
+        if peer is not self.peer:
+            return
+        if code == WORKER_LOST:
+            logger.warning("participant %s of %s: its media worker stopped; told to join again", peer.info.id,
+                           self.room_id)
+            await self.refuse(code, "The server's media process for this call stopped; join again.", CLOSE_RESTART)
+        else:
             await self.refuse(code, "The media connection failed; join again.", CLOSE_POLICY)
 
     async def leave(self) -> None:

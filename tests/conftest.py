@@ -52,7 +52,9 @@ class RunningServer:
 async def start_server(
     tmp_path: Path, port: int = 0, **overrides: object
 ) -> tuple[RunningServer, web.AppRunner]:
-    config = ServerConfig(data_dir=tmp_path / "data", port=port, demo=False)
+    # media_workers=0: the SFU runs in the test's own process (the embedded mode), so tests may look inside
+    # server.hub.media.rooms[...]; tests/test_workers.py runs real `nara serve --workers 2` processes.
+    config = ServerConfig(data_dir=tmp_path / "data", port=port, demo=False, media_workers=0)
     for key, value in overrides.items():
         setattr(config, key, value)
     app = build_app(config)

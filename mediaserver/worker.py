@@ -1,0 +1,168 @@
+"""An SFU worker process: one ``MediaServer`` on its own event loop, driven over a stream.
+
+``python -m mediaserver.worker FD [LOG_FORMAT LOG_LEVEL]``: ``FD`` is this
+process's end of a socketpair whose other end the main process holds
+(``pool.py``); ``worker_protocol.py`` describes what goes over it. The worker
+knows nothing of tokens, the store or WebSockets: the main process has checked
+every participant before it asks for a join. When the stream ends the worker
+closes its rooms and exits, so it never outlives the server that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from typing import Any
+
+from aiortc import RTCIceServer
+
+from .errors import CodedError
+from .peer import ParticipantInfo, Peer
+from .room import MediaServer
+from .worker_protocol import Message, ProtocolFault, encode, error_json, figures_json, read_message
+
+logger = logging.getLogger(__name__)
+
+LOAD_INTERVAL = 2.0  # seconds between two load events
+
+
+class Worker:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.media: MediaServer | None = None
+        self.sessions: dict[int, tuple[str, Peer]] = {}  # session -> (room, peer)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def send(self, message: Message) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(encode(message))  # one frame per write: frames never interleave
+
+    async def serve(self, reader: asyncio.StreamReader) -> None:
+        load = asyncio.ensure_future(self._report_load())
+        try:
+            while (message := await read_message(reader)) is not None:
+                task = asyncio.ensure_future(self._answer(message))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+        except (ProtocolFault, ConnectionError) as exc:
+            logger.error("media worker: the stream from the server broke: %s", exc)
+        finally:
+            load.cancel()
+            if self.media is not None:
+                await self.media.close()
+
+    async def _report_load(self) -> None:
+        while True:
+            await asyncio.sleep(LOAD_INTERVAL)  # the report's own period
+            if self.media is not None:
+                self.send({"event": "load", **self.media.counts()})
+
+    async def _answer(self, request: Message) -> None:
+        reply: Message = {"id": request.get("id")}
+        try:
+            result = await self._do(request)
+            reply.update(ok=True, result=result)
+        except CodedError as exc:
+            reply.update(ok=False, error=error_json(exc))
+        except Exception as exc:  # noqa: BLE001 - one bad request must not end the worker's other rooms
+            logger.exception("media worker: %s failed", request.get("op"))
+            reply.update(ok=False, error={"code": "media_worker_fault", "message": f"{type(exc).__name__}: {exc}"})
+        self.send(reply)
+
+    def _peer(self, request: Message) -> Peer:
+        found = self.sessions.get(int(request["session"]))
+        if found is None:
+            raise CodedError("media_session_gone", "This participant's media session has ended.")
+        return found[1]
+
+    async def _do(self, request: Message) -> Any:
+        op = request.get("op")
+        if op == "start":
+            return self._start(request)
+        media = self.media
+        if media is None:
+            raise CodedError("media_worker_fault", "The media worker was not started.")
+        if op == "join":
+            return await self._join(media, request)
+        if op == "leave":
+            found = self.sessions.pop(int(request["session"]), None)
+            if found is not None:
+                await media.leave(found[0], found[1].info.id, found[1])
+            return None
+        if op in ("answer", "negotiate"):
+            peer = self._peer(request)
+            if op == "answer":
+                await peer.handle_answer(str(request["sdp"]))
+            else:
+                await peer.negotiate()
+            return {"awaiting_answer": peer.awaiting_answer}
+        if op == "mute":
+            found = self.sessions.get(int(request["session"]))
+            if found is not None:
+                await media.mute(found[0], found[1], str(request["kind"]), bool(request["muted"]))
+            return None
+        if op == "participants":
+            return await media.participants(str(request["room"]))
+        if op == "stats":
+            return await media.stats()
+        if op == "figures":
+            return figures_json(await media.figures())
+        raise CodedError("media_request_unknown", f"The media worker has no request {op!r}.")
+
+    def _start(self, request: Message) -> dict[str, int]:
+        port_range = request.get("port_range")
+        self.media = MediaServer(
+            [RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+             for s in request.get("ice_servers", [])],
+            request.get("addresses"),
+            adaptation=bool(request.get("adaptation", True)),
+            port_range=(int(port_range[0]), int(port_range[1])) if port_range else None,
+        )
+        self.media.on_change.append(lambda: self.send({"event": "changed"}))
+        return {"pid": os.getpid()}
+
+    async def _join(self, media: MediaServer, request: Message) -> dict[str, bool]:
+        session, room_id = int(request["session"]), str(request["room"])
+        info = ParticipantInfo(**request["info"])
+
+        async def signal(message: dict[str, Any]) -> None:
+            self.send({"event": "signal", "session": session, "message": message})
+
+        async def failed(peer: Peer, code: str) -> None:
+            found = self.sessions.get(session)
+            if found is not None and found[1] is peer:
+                self.send({"event": "failed", "session": session, "code": code})
+
+        peer = await media.join(room_id, info, signal, failed)
+        for other, (other_room, other_peer) in list(self.sessions.items()):
+            if other_room == room_id and other_peer.info.id == info.id:
+                del self.sessions[other]  # replaced by this session (Room.add closed it)
+        self.sessions[session] = (room_id, peer)
+        return {"awaiting_answer": peer.awaiting_answer}
+
+
+async def run(fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    worker = Worker(writer)
+    try:
+        await worker.serve(reader)
+    finally:
+        writer.close()
+    logger.info("media worker %d: the server's stream ended; exiting", os.getpid())
+
+
+def main(argv: list[str]) -> int:
+    from signalling import logs  # the same log lines as the server's, secrets redacted
+
+    log_format, level = (argv[1], argv[2]) if len(argv) >= 3 else ("text", "info")
+    logs.configure(log_format, level)
+    asyncio.run(run(int(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
