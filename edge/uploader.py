@@ -493,7 +493,7 @@ class Uploader:
             rate = self.scavenger.update(now, call.rtt, call.in_call, self._unsent(), self._socket_signal(now))
             self._judge_link(now)
             self._bucket.set_rate(rate, now)
-            self._pace_wire(rate)
+            self._pace_wire(self.scavenger.pacing_rate(now))
             piece = view[start:start + self._piece(rate)]
             wait = self._bucket.take(len(piece), now)
             if wait > 0:

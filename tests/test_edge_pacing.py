@@ -339,3 +339,33 @@ def test_beside_a_call_on_a_good_link_with_noisy_round_trips_a_large_photo_still
         now += step
     print(f"3 MB in {now:.1f} s, the rate at the end {rate.rate * 8 / 1000:.0f} kbit/s")
     assert now < 36.0  # 3 MB over 2 Mbit/s: 12 s alone on the link, here from the call's 64 kbit/s start
+
+
+def test_a_new_connections_first_round_trips_are_no_queue_until_it_has_carried_enough() -> None:
+    """After an outage the new connection's first round trips were inflated to 2 s, which read against the old
+    connection's base as a queue of a second and cut the rate by half with no queue in front of the call."""
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    rate.rate = 24_000.0
+    rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 48_000))  # settled: its base is 150 ms
+    fresh = 24_000.0
+    for tenth in range(1, 20):  # the new connection, its first 60 kB: round trips of 2 s, the call's report calm
+        now = 30.0 + tenth / 10
+        raw = SocketSignal(now, 2, tenth * 3_000, 2.0, 0.150)
+        assert rate.update(now, RttSample(0.100, now), sock=raw) >= fresh
+    assert rate.socket_queueing is None
+    settled = SocketSignal(32.5, 2, 70 * KIB, 2.0, 0.150)  # settled, and still 2 s: a queue after all
+    assert rate.update(32.5, RttSample(0.100, 32.5), sock=settled) < fresh
+
+
+def test_the_kernel_may_send_faster_than_the_rate_to_catch_up_unless_a_queue_cut_it_lately() -> None:
+    rate = scavenger()
+    assert rate.pacing_rate(0.0) == CEILING  # no call: the ceiling
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    rate.rate = 24_000.0
+    rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 48_000))
+    assert rate.pacing_rate(2.0) == pytest.approx(rate.rate * 1.25)  # room to make up a repaired loss's stall
+    cut = rate.update(2.2, RttSample(0.100, 2.0), sock=reading(2.2, 50_000, rtt=0.500))  # a long queue: cut
+    assert cut < 24_000.0
+    assert rate.pacing_rate(2.5) == cut  # what waits in the socket goes at the new rate, not faster
+    assert rate.pacing_rate(4.3) == pytest.approx(rate.rate * 1.25)
