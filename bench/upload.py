@@ -265,12 +265,15 @@ def socket_stats(ss_output: str, server: str) -> dict[str, float | str]:
             tokens = line.split()
             connections[-1].update(dict(token.split(":", 1) for token in tokens if ":" in token))
             connections[-1]["cc"] = tokens[0]  # the congestion control comes first, on its own
+            for name, value in zip(tokens, tokens[1:], strict=False):
+                if name == "pacing_rate":  # "pacing_rate 202328bps/222496bps": its own, and the most allowed
+                    connections[-1][name] = value
         elif server in line:
             connections.append({})
     if not connections:
         return {}
     busiest = max(connections, key=lambda c: int(c.get("bytes_sent", "0")))
-    return {
+    stats: dict[str, float | str] = {
         "tcp_connections": len(connections),
         "tcp_cc": busiest.get("cc", ""),
         "tcp_cwnd": float(busiest.get("cwnd", "0")),
@@ -279,6 +282,30 @@ def socket_stats(ss_output: str, server: str) -> dict[str, float | str]:
         "tcp_unacked": float(busiest.get("unacked", "0")),
         "tcp_bytes_retrans": float(sum(int(c.get("bytes_retrans", "0")) for c in connections)),
     }
+    if "pacing_rate" in busiest:  # what actually paced the upload: TCP's own pacing under the uploader's
+        own, _, most = busiest["pacing_rate"].partition("/")
+        stats["tcp_pacing_kbps"] = _kbps(own)
+        if most:
+            stats["tcp_max_pacing_kbps"] = _kbps(most)
+    if "notsent" in busiest or "pacing_rate" in busiest:
+        stats["tcp_notsent"] = float(busiest.get("notsent", "0"))
+    bbr = busiest.get("bbr", "")
+    if bbr.startswith("("):  # "bbr:(bw:204376bps,mrtt:149.973,pacing_gain:1.25,cwnd_gain:2)"
+        fields = dict(item.split(":", 1) for item in bbr.strip("()").split(",") if ":" in item)
+        if "bw" in fields:
+            stats["tcp_bbr_bw_kbps"] = _kbps(fields["bw"])
+        if "pacing_gain" in fields:
+            stats["tcp_bbr_gain"] = float(fields["pacing_gain"])
+    return stats
+
+
+def _kbps(value: str) -> float:
+    """ss's rates ("202328bps", "1.2Mbps", "980Kbps") in kbit/s."""
+    scale = {"Mbps": 1000.0, "Kbps": 1.0, "bps": 0.001}
+    for unit, factor in scale.items():
+        if value.endswith(unit):
+            return float(value[: -len(unit)]) * factor
+    return float(value) / 1000
 
 
 # --- the clinician -------------------------------------------------------------------------------

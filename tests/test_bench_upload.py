@@ -102,3 +102,13 @@ def test_the_kit_upload_socket_is_read_from_ss() -> None:
     assert stats == {"tcp_connections": 2, "tcp_cc": "cubic", "tcp_cwnd": 7.0, "tcp_rtt_ms": 812.25,
                      "tcp_rto_ms": 2048.0, "tcp_unacked": 12.0, "tcp_bytes_retrans": 310000.0}
     assert socket_stats("State Recv-Q Send-Q Local Address:Port  Peer Address:Port Process\n", "10.78.0.1") == {}
+
+
+def test_the_kit_upload_sockets_own_pacing_and_bbr_estimate_are_read_from_ss() -> None:
+    output = ("ESTAB 0 0 10.78.0.2:45010 10.78.0.1:8123\n\t bbr wscale:7,7 rto:364 rtt:154.02/5.317 cwnd:9 "
+              "bytes_sent:900000 bbr:(bw:204376bps,mrtt:149.973,pacing_gain:1.25,cwnd_gain:2) "
+              "pacing_rate 202328bps/1.2Mbps delivery_rate 148512bps app_limited unacked:4 notsent:16498\n")
+    stats = socket_stats(output, "10.78.0.1")
+    assert stats["tcp_pacing_kbps"] == pytest.approx(202.328) and stats["tcp_max_pacing_kbps"] == 1200.0
+    assert stats["tcp_bbr_bw_kbps"] == pytest.approx(204.376) and stats["tcp_bbr_gain"] == 1.25
+    assert stats["tcp_notsent"] == 16498.0
