@@ -472,8 +472,16 @@ class WorkerPool:
         """None when at least one worker is up, else the reason (for /health/ready)."""
         return None if self._up() else f"media: none of {self.count} worker(s) is up"
 
+    @staticmethod
+    def _participants_by_room(worker: WorkerProcess) -> dict[str, int]:
+        counted: dict[str, int] = {}
+        for peer in worker.sessions.values():
+            counted[peer.room_id] = counted.get(peer.room_id, 0) + 1
+        return dict(sorted(counted.items()))
+
     def describe(self) -> list[dict[str, Any]]:
-        """Each worker: its pid, whether it is up, its consultations and participants, CPU, memory, restarts."""
+        """Each worker: its pid, whether it is up, its consultations (with their participants), its participants,
+        CPU seconds, resident memory, restarts and UDP port slice."""
         described = []
         for index in range(self.count):
             worker = self.workers[index]
@@ -482,7 +490,7 @@ class WorkerPool:
                 "index": index,
                 "pid": worker.pid if worker is not None else None,
                 "up": worker is not None and worker.up,
-                "consultations": sorted(worker.rooms()) if worker is not None else [],
+                "consultations": self._participants_by_room(worker) if worker is not None else {},
                 "participants": len(worker.sessions) if worker is not None else 0,
                 "cpu_seconds": usage[0] if usage else None,
                 "memory_bytes": usage[1] if usage else None,

@@ -6,7 +6,7 @@ one per core) runs the SFU in that many processes (``mediaserver/pool.py``);
 mode: for debugging, and for tests that look inside the rooms).
 
 ``GET /api/workers`` (the admin key) lists each worker: its index and pid,
-whether it is up, the consultations on it, its participants, CPU seconds,
+whether it is up, the consultations on it (each with its participants), its participants, CPU seconds,
 resident memory, restarts and UDP port slice.
 """
 

@@ -1,0 +1,210 @@
+"""The SFU in worker processes: consultations spread over them, one killed mid-call, none left behind.
+
+A real ``nara serve --workers 2``, a real home kit agent (which joins again by
+itself) and real aiortc participants on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mediaserver.aiortc_adapter import MediaPortsExhausted
+from mediaserver.errors import CodedError, MediaError
+from mediaserver.figures import ConsultationFigures, ParticipantFigures, VideoReceived
+from mediaserver.pool import WorkerLoad, least_loaded, port_slices
+from mediaserver.worker_protocol import (
+    encode,
+    error_from_json,
+    error_json,
+    figures_from_json,
+    figures_json,
+    read_message,
+)
+from signalling import settings
+
+from .edge_helpers import KitWatcher, ServerProcess, admin, agent_running, enrolled_kit, kit_config
+
+# --- the pieces, on plain data ----------------------------------------------------------
+
+
+def test_the_port_range_is_cut_into_one_slice_per_worker_with_nothing_shared() -> None:
+    assert port_slices(40000, 40999, 2) == [(40000, 40499), (40500, 40999)]
+    assert port_slices(40000, 40010, 3) == [(40000, 40003), (40004, 40007), (40008, 40010)]
+
+
+def test_a_new_consultation_goes_to_the_worker_with_fewest_participants_then_least_cpu() -> None:
+    assert least_loaded([WorkerLoad(0, True, 4, 0.1), WorkerLoad(1, True, 2, 0.9)]) == 1
+    assert least_loaded([WorkerLoad(0, True, 2, 0.5), WorkerLoad(1, True, 2, 0.1)]) == 1
+    assert least_loaded([WorkerLoad(0, False, 0, 0.0), WorkerLoad(1, True, 9, 0.9)]) == 1
+    assert least_loaded([WorkerLoad(0, False, 0, 0.0)]) is None
+
+
+async def test_messages_errors_and_figures_cross_the_stream_unchanged() -> None:
+    reader = asyncio.StreamReader()
+    message = {"id": 3, "op": "join", "info": {"id": "p1", "name": "Åsa", "role": "kit", "can_publish": True}}
+    reader.feed_data(encode(message) + encode({"event": "changed"}))
+    reader.feed_eof()
+    assert await read_message(reader) == message
+    assert await read_message(reader) == {"event": "changed"}
+    assert await read_message(reader) is None
+    for error in (MediaPortsExhausted("127.0.0.1", 40000, 40001), MediaError("sdp_invalid", "bad"),
+                  CodedError("media_session_gone", "gone")):
+        back = error_from_json(error_json(error))
+        assert (type(back), back.code, back.message) == (type(error), error.code, error.message)
+    figures = [ConsultationFigures("c1", 1.0, [ParticipantFigures(
+        "c1", "p1", "kit", 2.0, "connected", "host", {"video": 300e3}, {"audio": 24e3}, {"video": (100, 3)},
+        {"audio": 50}, {"audio": 4000}, 0.01, 0.02, 0.05, 8e5, 5e5, 1, [VideoReceived("p2", "180p", 180, False)])])]
+    assert figures_from_json(figures_json(figures)) == figures
+
+
+def test_workers_is_checked_like_every_other_key() -> None:
+    _, problems = settings.load(None, {"NARA_MEDIA_WORKERS": "-1"})
+    assert [(p.field, p.code) for p in problems] == [("media.workers", "out_of_range")]
+    config, problems = settings.load(None, {"NARA_MEDIA_WORKERS": "3", "NARA_MEDIA_PORT_MIN": "40000",
+                                            "NARA_MEDIA_PORT_MAX": "40004"})
+    assert [(p.field, p.code) for p in problems] == [("media.port_max", "range_too_narrow")]
+    assert config.media_workers == 3
+
+
+# --- a real server with two workers ---------------------------------------------------------
+
+
+async def _workers(served: ServerProcess) -> list[dict[str, Any]]:
+    listing = await admin(served.url, served.admin_key, "GET", "/api/workers")
+    assert listing["mode"] == "workers"
+    return list(listing["workers"])
+
+
+async def _wait_for_workers(served: ServerProcess, predicate: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Ask /api/workers until ``predicate`` holds of its list (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = await _workers(served)
+        if predicate(workers):
+            return workers
+        assert time.monotonic() < deadline, workers
+        await asyncio.sleep(0.1)  # the pace of asking, not a wait for the event
+
+
+def _holding(workers: list[dict[str, Any]], consultation: str) -> list[dict[str, Any]]:
+    return [w for w in workers if consultation in w["consultations"]]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+async def _participant(served: ServerProcess, room: str, name: str) -> tuple[str, str]:
+    minted = await admin(served.url, served.admin_key, "POST", f"/api/consultations/{room}/tokens",
+                         {"name": name, "role": "clinician"})
+    return str(minted["token"]), str(minted["participant_id"])
+
+
+async def _metrics(served: ServerProcess) -> str:
+    headers = {"Authorization": f"Bearer {served.admin_key}"}
+    async with aiohttp.ClientSession(headers=headers) as http, http.get(f"{served.url}/metrics") as response:
+        assert response.status == 200
+        return await response.text()
+
+
+async def test_a_killed_worker_takes_only_its_consultation_whose_kit_comes_back_on_a_live_worker(
+        tmp_path: Path) -> None:
+    served = ServerProcess(tmp_path / "server", "--workers", "2")
+    await asyncio.to_thread(served.start)
+    watchers: list[KitWatcher] = []
+    try:
+        kit_id, credential = await enrolled_kit(served.url, served.admin_key, tmp_path)
+        home = (await admin(served.url, served.admin_key, "POST", "/api/consultations",
+                            {"title": "Hemma", "scheduled_for": time.time()}))["id"]
+        await admin(served.url, served.admin_key, "PUT", f"/api/consultations/{home}/kit", {"device_id": kit_id})
+        other = (await admin(served.url, served.admin_key, "POST", "/api/consultations", {"title": "Annan"}))["id"]
+        async with agent_running(kit_config(served.url, credential)):
+            clinician = await KitWatcher.join(served.url, home, await served.token(home), kit_id)
+            watchers.append(clinician)
+            await clinician.wait_for(clinician.sees_kit, 20)
+            # The other consultation: two people who see each other.
+            (token_a, id_a), (token_b, id_b) = [await _participant(served, other, n) for n in ("A", "B")]
+            a = await KitWatcher.join(served.url, other, token_a, id_b)
+            b = await KitWatcher.join(served.url, other, token_b, id_a)
+            watchers += [a, b]
+            await b.wait_for(lambda: len(b.video_at) >= 10, 20)
+
+            # Spread: each consultation whole on one worker, the two on different workers.
+            workers = await _wait_for_workers(served, lambda ws: sorted(w["participants"] for w in ws) == [2, 2])
+            (home_worker,), (other_worker,) = _holding(workers, home), _holding(workers, other)
+            assert home_worker["index"] != other_worker["index"]
+            assert all(w["up"] for w in workers)
+
+            os.kill(home_worker["pid"], signal.SIGKILL)
+            killed = time.monotonic()
+
+            # The clinician is told why and must join again (as the browser does by itself).
+            await clinician.client.wait_for(lambda: clinician.client.ended, 10)
+            assert [e["code"] for e in clinician.client.errors] == ["media_worker_lost"]
+            clinician = await KitWatcher.join(served.url, home, await served.token(home), kit_id)
+            watchers.append(clinician)
+            # The kit comes back by itself; its video reaches the clinician again.
+            await clinician.wait_for(lambda: clinician.kit_video_after(killed) is not None, 25)
+
+            workers = await _wait_for_workers(
+                served, lambda ws: all(w["up"] for w in ws) and len(_holding(ws, home)) == 1
+                and _holding(ws, home)[0]["consultations"][home] == 2)
+            (now_home,) = _holding(workers, home)
+            assert now_home["pid"] != home_worker["pid"] and not _alive(home_worker["pid"])
+            assert [w["restarts"] for w in workers if w["index"] == home_worker["index"]] == [1]
+
+            # The other consultation went on untouched, on the same worker process, its video not held up.
+            (still_other,) = _holding(workers, other)
+            assert still_other["pid"] == other_worker["pid"] and still_other["consultations"][other] == 2
+            assert not a.client.ended and not b.client.ended and not a.client.errors and not b.client.errors
+            await b.wait_for(lambda: b.video_at[-1] > killed + 2.0, 10)
+            around = [t for t in b.video_at if killed - 2 < t]
+            assert max(later - earlier for earlier, later in zip(around, around[1:], strict=False)) < 1.0
+
+            text = await _metrics(served)
+            assert f'nara_media_worker_restarts_total{{worker="{home_worker["index"]}"}} 1.0' in text
+            assert 'nara_media_worker_up{worker="0"} 1.0' in text and 'nara_media_worker_up{worker="1"} 1.0' in text
+            # Every participant's figures, asked of the workers.
+            info = [line for line in text.splitlines() if line.startswith("nara_participant_info{")]
+            assert any(f'consultation="{other}"' in line and f'participant="{id_a}"' in line for line in info)
+            assert sum(f'consultation="{home}"' in line for line in info) == 2
+    finally:
+        for watcher in watchers:
+            await watcher.close()
+        if served.process is not None:
+            served.process.terminate()
+            await asyncio.to_thread(served.process.wait, 20)
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+async def test_no_worker_outlives_its_server(tmp_path: Path, how: str) -> None:
+    served = ServerProcess(tmp_path / "server", "--workers", "2")
+    await asyncio.to_thread(served.start)
+    assert served.process is not None
+    try:
+        pids = [w["pid"] for w in await _workers(served)]
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+        async with aiohttp.ClientSession() as http, http.get(f"{served.url}/health/ready") as response:
+            assert response.status == 200
+        served.process.send_signal(getattr(signal, how))  # SIGTERM drains (nobody is in a call) and exits
+        await asyncio.to_thread(served.process.wait, 20)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids):
+            assert time.monotonic() < deadline, [pid for pid in pids if _alive(pid)]
+            await asyncio.sleep(0.05)  # the pace of looking, not a wait for the event
+    finally:
+        if served.process.poll() is None:
+            served.process.kill()
+            served.process.wait()
