@@ -183,6 +183,9 @@ class InboundTap:
         self._receiver = receiver
         self._on_packet = on_packet
         self.uplink_estimate: int | None = None  # aiortc's delay-based estimate of the publisher's uplink
+        # When the packet being handed to on_packet reached the server (time.monotonic_ns; 0: unknown).
+        self.arrival_ns = 0
+        self._arrivals: _ArrivalStamps | None = None
         self._send_own_rtcp = receiver._send_rtcp
 
         async def send_rtcp(packet: AnyRtcpPacket) -> None:
@@ -205,10 +208,16 @@ class InboundTap:
 
         async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
             await original(packet, arrival_time_ms)
+            arrivals = self._arrivals or self._stamp_arrivals()
             while sink.packets:
+                self.arrival_ns = arrivals.last_ns if arrivals is not None else 0
                 await self._on_packet(sink.packets.popleft())
 
         receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
+
+    def _stamp_arrivals(self) -> _ArrivalStamps | None:
+        self._arrivals = stamp_arrivals(self._receiver)
+        return self._arrivals
 
     async def request_keyframe(self, media_ssrc: int) -> None:
         """Send a PLI to the publisher."""
@@ -353,6 +362,7 @@ class OutboundPort:
         self.ssrc: int = sender._ssrc
         self.payload_type: int | None = None
         self.mid: str | None = None
+        self._templates: list[_HeaderTemplate | None] = [None, None]  # direct_send's headers, without/with level
         original = sender._handle_rtcp_packet
 
         async def handle_rtcp_packet(packet: AnyRtcpPacket) -> None:
@@ -386,6 +396,7 @@ class OutboundPort:
     def configure(self, payload_type: int, mid: str | None) -> None:
         self.payload_type = payload_type
         self.mid = mid
+        self._templates = [None, None]
 
     @property
     def sent(self) -> tuple[int, int]:
@@ -781,3 +792,156 @@ class _RangedConnection(aioice.ice.Connection):
         for task in pending:
             task.cancel()
         return [task.result()[0] for task in done if task.exception() is None]
+
+
+# --- the lean forwarding path: arrival stamps and direct sends -----------------
+#
+# Profiles of the SFU under load (docs/benchmarks.md, issue 9) put most of a
+# forwarded copy's cost in aiortc's general send path, not in the work a copy
+# needs: an RtpPacket object built and serialised through the header extension
+# map, aiortc's NTP clock read through datetime, then three coroutines
+# (RTCDtlsTransport._send_rtp, aioice's Connection.sendto and
+# StunProtocol.send_data) around one SRTP protect and one sendto. A copy only
+# needs its header rewritten, so ``direct_send``:
+#
+# * keeps, per outbound stream, a header laid out once by aiortc's own
+#   serialiser (MID, abs-send-time, audio level: the extensions it would
+#   write), and patches sequence number, timestamp, marker, abs-send-time and
+#   audio level into it in place;
+# * joins it to the shared payload bytes (one allocation), protects it with
+#   the transport's SRTP session and hands it to the nominated pair's datagram
+#   transport, synchronously: no coroutine, no await, no task;
+# * keeps the counters aiortc's sender reports and getStats() read.
+#
+# It declines (returns False) where aiortc's path must run: a pair relayed
+# through TURN (whose send may wait for a channel binding), or a packet with
+# padding. Arrival stamps: aioice queues each datagram for the DTLS transport;
+# ``stamp_arrivals`` notes the time each one was queued, so the forwarding
+# delay counts that queue too.
+
+import struct  # noqa: E402
+import time  # noqa: E402
+
+from aiortc.rtcdtlstransport import State as _DtlsState  # noqa: E402
+
+from .forwarding_delay import FORWARDING_DELAY  # noqa: E402
+
+_NTP_OFFSET = 2208988800  # seconds from 1900 (NTP) to 1970 (Unix)
+_SEQ_TS = struct.Struct("!HL")
+
+
+class _ArrivalStamps:
+    """When each datagram in one ICE connection's queue arrived; ``last_ns``: the one taken last."""
+
+    def __init__(self, queue: asyncio.Queue[Any]) -> None:
+        self.last_ns = 0
+        stamps: deque[int] = deque([0] * queue.qsize())  # (queued before stamping began: unknown)
+        put, get = queue._put, queue._get
+        clock = time.monotonic_ns
+
+        def stamped_put(item: Any) -> None:
+            stamps.append(clock())
+            put(item)
+
+        def stamped_get() -> Any:
+            self.last_ns = stamps.popleft() if stamps else 0
+            return get()
+
+        queue._put = stamped_put  # type: ignore[method-assign]
+        queue._get = stamped_get  # type: ignore[method-assign]
+
+
+def stamp_arrivals(receiver: RTCRtpReceiver) -> _ArrivalStamps | None:
+    """The arrival stamps of ``receiver``'s ICE connection, stamping from now on (None: no connection yet)."""
+    try:
+        queue = receiver.transport.transport._connection._queue
+    except AttributeError:
+        return None
+    stamps: _ArrivalStamps | None = getattr(queue, "nara_arrivals", None)
+    if stamps is None:
+        stamps = _ArrivalStamps(queue)
+        queue.nara_arrivals = stamps  # type: ignore[attr-defined]
+    return stamps
+
+
+class _HeaderTemplate:
+    """One outbound stream's RTP header, laid out by aiortc, with the offsets of what changes per packet."""
+
+    __slots__ = ("buffer", "abs_send_time_at", "audio_level_at")
+
+    def __init__(self, port: OutboundPort, audio_level: bool) -> None:
+        extensions_map = port._sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
+        ids = extensions_map._HeaderExtensionsMap__ids
+        packet = RtpPacket(payload_type=port.payload_type or 0, sequence_number=0, timestamp=0, ssrc=port.ssrc)
+        packet.extensions.mid = port.mid
+        packet.extensions.abs_send_time = 0
+        packet.extensions.audio_level = (False, 0) if audio_level else None
+        header = packet.serialize(extensions_map)
+        self.buffer = bytearray(header)
+        self.abs_send_time_at = 0
+        self.audio_level_at = 0
+        if len(header) == 12:
+            return
+        if header[12:14] != b"\xbe\xde":
+            raise ValueError("not a one-byte header extension block")
+        at, end = 16, len(header)
+        while at < end:  # RFC 8285 one-byte elements: id << 4 | (length - 1), then the value
+            if header[at] == 0:
+                at += 1  # padding
+                continue
+            element_id, length = header[at] >> 4, (header[at] & 0x0F) + 1
+            if element_id == ids.abs_send_time and length == 3:
+                self.abs_send_time_at = at + 1
+            elif element_id == ids.audio_level and length == 1:
+                self.audio_level_at = at + 1
+            at += 1 + length
+
+
+def direct_send(port: OutboundPort, payload: bytes, sequence_number: int, timestamp: int, marker: int,
+                audio_level: tuple[bool, int] | None, arrival_ns: int) -> bool:
+    """Send one forwarded packet on ``port``'s stream straight to the socket; False: use ``port.send``.
+
+    ``arrival_ns``: when the packet it copies reached the server (``time.monotonic_ns``; 0 if
+    unknown), for the forwarding delay histogram. Raises ConnectionError (SendFailed for SRTP
+    refusals) when the packet cannot go out.
+    """
+    sender: Any = port._sender
+    dtls: Any = sender.transport
+    if dtls._state is not _DtlsState.CONNECTED:
+        raise ConnectionError("outbound stream not connected")
+    pair = dtls.transport._connection._nominated.get(1)
+    if (pair is None or type(pair.protocol) is not aioice.ice.StunProtocol or port.payload_type is None
+            or not sender._RTCRtpSender__started):
+        return False  # (relayed through TURN, or its header extensions not known yet: aiortc's own path)
+    templates = port._templates
+    template = templates[audio_level is not None]
+    if template is None:
+        template = templates[audio_level is not None] = _HeaderTemplate(port, audio_level is not None)
+    buffer = template.buffer
+    buffer[1] = (marker << 7) | port.payload_type
+    _SEQ_TS.pack_into(buffer, 2, sequence_number, timestamp)
+    now = time.time() + _NTP_OFFSET
+    ntp = int(now * 4294967296.0)
+    at = template.abs_send_time_at
+    if at:
+        abs_send_time = (ntp >> 14) & 0xFFFFFF
+        buffer[at] = abs_send_time >> 16
+        buffer[at + 1] = (abs_send_time >> 8) & 0xFF
+        buffer[at + 2] = abs_send_time & 0xFF
+    if audio_level is not None and template.audio_level_at:
+        buffer[template.audio_level_at] = (0x80 if audio_level[0] else 0) | (audio_level[1] & 0x7F)
+    try:
+        data = dtls._tx_srtp.protect(b"".join((buffer, payload)))
+    except pylibsrtp.Error as exc:
+        raise SendFailed(f"SRTP refused the packet: {exc}") from exc
+    pair.protocol.transport.sendto(data, pair.remote_addr)
+    if arrival_ns:
+        FORWARDING_DELAY.record(time.monotonic_ns() - arrival_ns)
+    # What aiortc's own path would have counted: its sender reports and getStats() read these.
+    dtls._RTCDtlsTransport__tx_bytes += len(data)
+    dtls._RTCDtlsTransport__tx_packets += 1
+    sender._RTCRtpSender__ntp_timestamp = ntp
+    sender._RTCRtpSender__rtp_timestamp = timestamp
+    sender._RTCRtpSender__octet_count += len(payload)
+    sender._RTCRtpSender__packet_count += 1
+    return True

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket
+from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket, SendFailed, direct_send
 from .keyframes import KeyframeThrottle
 from .ladder import PAUSED, SOURCE_HEADROOM, Ladder, LayerChooser
 from .packet_cache import PacketCache
@@ -100,10 +100,11 @@ class ResendLimit:
     asked: deque[int] = field(default_factory=lambda: deque(maxlen=128))  # (a packet asked for again counts once)
 
     def sent(self, seq: int, now: float) -> None:
-        """A packet went out for the first time."""
-        self.first_sent[seq % len(self.first_sent)] = (seq, now)
-        self._decay(now)
-        self.sends += 1
+        """A packet went out for the first time (once per packet per subscriber: kept cheap)."""
+        self.first_sent[seq & 1023] = (seq, now)
+        if self.late_share is not None:  # (only the share of asks needs the sends counted)
+            self._decay(now)
+            self.sends += 1
 
     def _decay(self, now: float) -> None:
         if self.counted_at is not None and now > self.counted_at:
@@ -250,6 +251,7 @@ class Publication:
     async def on_packet(self, packet: RtpPacket) -> None:
         if self.closed:
             return
+        arrival_ns = self.tap.arrival_ns
         # Late packets (retransmissions after a loss or an outage) are forwarded too:
         # they fill holes that receivers would otherwise wait on.
         if not self.cache.store(packet.sequence_number, packet):
@@ -263,7 +265,7 @@ class Publication:
         if keyframe:
             self.throttle.keyframe_seen()
             self.source_size = keyframe_size(packet.payload) or self.source_size
-        await self.forward_level(self.source_level, packet, keyframe)
+        await self.forward_level(self.source_level, packet, keyframe, arrival_ns)
         if self.ladder is not None:
             await self.ladder.on_source_packet(packet, now)
         if self.throttle.pending and self.throttle.due(now):
@@ -277,10 +279,20 @@ class Publication:
                 self.last_remb = now
                 await self._tell_rate_cap()
 
-    async def forward_level(self, level: int, packet: RtpPacket, keyframe: bool) -> None:
-        """A packet of one level (the original or a layer) to every subscriber on or moving to it."""
+    async def forward_level(self, level: int, packet: RtpPacket, keyframe: bool, arrival_ns: int = 0) -> None:
+        """A packet of one level (the original or a layer) to every subscriber on or moving to it.
+
+        This loop is the SFU's hot path: it runs once per packet per subscriber.
+        A subscriber steadily on this level is served synchronously by
+        ``Subscription.forward`` (header rewritten, straight to the socket: no
+        coroutine, task or queue per copy, and the payload bytes shared by all);
+        only what needs more (a move to this level, probing, a TURN relay) goes
+        through ``Subscription.offer``. ``arrival_ns``: when the packet reached
+        the server, for the forwarding delay histogram.
+        """
         for subscription in tuple(self.subscriptions):
-            await subscription.offer(level, packet, keyframe)
+            if not subscription.forward(level, packet, arrival_ns):
+                await subscription.offer(level, packet, keyframe)
 
     async def decide(self, now: float) -> None:
         """Move each subscriber to the level its link can take; run only the layers in use."""
@@ -489,6 +501,35 @@ class Subscription:
         self.announced_pause = paused
         if self.publication.on_video_state is not None:
             await self.publication.on_video_state(self, paused)
+
+    def forward(self, level: int, packet: RtpPacket, arrival_ns: int) -> bool:
+        """The hot path's common case: this subscriber is on ``level`` and nothing else is going on.
+
+        Returns True when the packet is dealt with (sent, or not for this subscriber), False
+        when ``offer`` must take it: a move to this level, probing (its padding), a new source,
+        or a transport that aiortc's own send path must serve (TURN).
+        """
+        if level != self.level:
+            return level != self.target  # (neither on it nor moving to it: nothing to send)
+        if self.probe_factor > 1.0 or self.rewriter.source_ssrc != packet.ssrc:
+            return False
+        now = self.publication.clock()
+        out_seq, out_ts = self.rewriter.rewrite(packet.sequence_number, packet.timestamp, now)
+        payload = packet.payload
+        try:
+            if not direct_send(self.port, payload, out_seq, out_ts, packet.marker, packet.extensions.audio_level,
+                               arrival_ns):
+                return False
+        except SendFailed:
+            self.stats.send_errors += 1
+            return True
+        except ConnectionError:
+            return True  # (not connected yet, or any more: as offer, nothing is counted)
+        self.resends.sent(out_seq, now)
+        self.stats.packets += 1
+        self.stats.bytes += len(payload)
+        self.meter.add(len(payload), now)
+        return True
 
     async def offer(self, level: int, packet: RtpPacket, keyframe: bool) -> None:
         """A packet of ``level``: forwarded if this subscriber is on it, or is moving to it and it starts a keyframe."""

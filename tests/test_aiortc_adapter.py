@@ -481,3 +481,81 @@ async def test_port_range_binds_each_peer_connection_inside_it_and_refuses_clear
         assert not low <= await _host_port(anywhere) <= low + 1  # no range: an ephemeral port, aioice's own way
     finally:
         await anywhere.close()
+
+
+# --- the lean forwarding path: arrival stamps and direct sends ------------------
+
+
+def test_direct_send_assumptions_hold() -> None:
+    from aiortc.rtp import HeaderExtensionsMap
+
+    # aiortc's own send path is what direct_send replaces: one SRTP protect, then the ICE connection's
+    # sendto, which for a host or server-reflexive pair is the datagram transport's sendto.
+    send_rtp = inspect.getsource(RTCDtlsTransport._send_rtp)
+    assert "self._tx_srtp.protect(data)" in send_rtp and "await self.transport._send(data)" in send_rtp
+    assert "self.__tx_bytes += len(data)" in send_rtp and "self.__tx_packets += 1" in send_rtp
+    assert "active_pair.protocol.send_data(data, active_pair.remote_addr)" in inspect.getsource(
+        aioice.ice.Connection.sendto)
+    assert inspect.getsource(aioice.ice.StunProtocol.send_data).strip().endswith("self.transport.sendto(data, addr)")
+    assert "self.__started = True" in inspect.getsource(RTCRtpSender.send)
+    assert hasattr(HeaderExtensionsMap(), "_HeaderExtensionsMap__ids")
+    # arrival stamps: aioice queues each datagram for the DTLS transport through asyncio.Queue's _put/_get
+    assert "self._queue.put_nowait((data, component))" in inspect.getsource(aioice.ice.Connection.data_received)
+    queue_source = inspect.getsource(asyncio.Queue)
+    assert "self._put(item)" in queue_source and "item = self._get()" in queue_source
+
+
+async def test_direct_send_writes_what_aiortcs_own_path_writes_and_stamps_arrivals() -> None:
+    import time
+
+    from mediaserver.aiortc_adapter import direct_send
+    from mediaserver.forwarding_delay import FORWARDING_DELAY
+
+    global arrived
+    arrived = asyncio.Event()  # (this test's loop: the module's event may belong to an earlier test's)
+    restrict_host_addresses(["127.0.0.1"])
+    sender_pc, receiver_pc, port, received, feedback, tap = await connected_pair()
+    dtls = port._sender.transport
+    protected: list[bytes] = []  # what each path hands SRTP: the plain RTP packet
+    session = dtls._tx_srtp
+
+    class Recording:
+        def protect(self, data: bytes) -> bytes:
+            protected.append(data)
+            return session.protect(data)
+
+        def protect_rtcp(self, data: bytes) -> bytes:
+            return session.protect_rtcp(data)
+
+    dtls._tx_srtp = Recording()
+    try:
+        payload = bytes([0x10, 0x00]) + bytes(range(200))
+        await port.send(payload, sequence_number=500, timestamp=90000, marker=1)
+        before = FORWARDING_DELAY.snapshot()
+        stamped = time.monotonic_ns()
+        assert direct_send(port, payload, 501, 93000, 0, None, stamped)
+        assert direct_send(port, payload, 502, 96000, 1, None, 0)  # (arrival unknown: not counted)
+        assert FORWARDING_DELAY.snapshot().since(before).total == 1
+        await asyncio.wait_for(_until(lambda: len(received) == 3), 5)
+        assert [(p.sequence_number, p.timestamp, p.marker, p.payload) for p in received] == [
+            (500, 90000, 1, payload), (501, 93000, 0, payload), (502, 96000, 1, payload)]
+        # byte for byte what aiortc writes, but for sequence number, timestamp, marker and abs-send-time
+        slow, fast = protected[0], protected[2]
+        header = len(slow) - len(payload)
+        assert len(fast) == len(slow) and header > 12 and fast[header:] == payload
+        assert fast[0] == slow[0] and fast[1] == slow[1] and fast[8:12] == slow[8:12]
+        abs_at = port._templates[0].abs_send_time_at  # type: ignore[union-attr]
+        assert abs_at > 12
+        assert fast[12:abs_at] == slow[12:abs_at] and fast[abs_at + 3:header] == slow[abs_at + 3:header]
+        assert all(p.extensions.abs_send_time is not None for p in received)
+        assert all(p.extensions.mid == port.mid for p in received)
+        # the sender's reports count every packet, as aiortc's own path does
+        assert port.sent == (3, 3 * len(payload))
+        # arrival stamps: the first packet on a connection has none (stamping starts with it), later ones do
+        assert 0 < tap.arrival_ns <= time.monotonic_ns()
+        assert time.monotonic_ns() - tap.arrival_ns < 5_000_000_000
+    finally:
+        dtls._tx_srtp = session
+        await sender_pc.close()
+        await receiver_pc.close()
+        restrict_host_addresses(None)
