@@ -220,7 +220,8 @@ class WorkerPool:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "mediaserver.worker", str(child.fileno()),
-                self.settings.log_format, self.settings.log_level, pass_fds=(child.fileno(),))
+                self.settings.log_format, self.settings.log_level, pass_fds=(child.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)  # its log goes to stderr
         except OSError:
             parent.close()
             raise

@@ -5,14 +5,17 @@ process's end of a socketpair whose other end the main process holds
 (``pool.py``); ``worker_protocol.py`` describes what goes over it. The worker
 knows nothing of tokens, the store or WebSockets: the main process has checked
 every participant before it asks for a join. When the stream ends the worker
-closes its rooms and exits, so it never outlives the server that started it.
+closes its rooms and exits, so it never outlives the server that started it; and
+should the server die at once (SIGKILL, OOM), Linux ends the worker with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import Any
@@ -27,6 +30,7 @@ from .worker_protocol import Message, ProtocolFault, encode, error_json, figures
 logger = logging.getLogger(__name__)
 
 LOAD_INTERVAL = 2.0  # seconds between two load events
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class Worker:
@@ -155,9 +159,20 @@ async def run(fd: int) -> None:
     logger.info("media worker %d: the server's stream ended; exiting", os.getpid())
 
 
+def die_with_parent() -> None:
+    """Have the kernel kill this process when the server that started it dies (Linux; elsewhere the end of
+    the stream does it, a moment later)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        logger.info("media worker: prctl is not available; the end of the stream stops this worker")
+
+
 def main(argv: list[str]) -> int:
     from signalling import logs  # the same log lines as the server's, secrets redacted
 
+    die_with_parent()
     log_format, level = (argv[1], argv[2]) if len(argv) >= 3 else ("text", "info")
     logs.configure(log_format, level)
     asyncio.run(run(int(argv[0])))

@@ -454,7 +454,7 @@ def _media_problems(config: ServerConfig) -> list[Problem | None]:
                                  f"address ({count}), so a call of {MIN_PARTICIPANTS} needs "
                                  f"{ports_needed(MIN_PARTICIPANTS, count)}. Allow one port per participant expected "
                                  "at once on this node, per address."))
-        elif (workers := worker_count(config)) > 1 and \
+        elif config.media_workers is not None and (workers := config.media_workers) > 1 and \
                 (high - low + 1) // workers < ports_needed(MIN_PARTICIPANTS, count):
             found.append(Problem("media.port_max", "range_too_narrow",
                                  f"{low}-{high} is shared by {workers} media workers, each with its own slice of "
@@ -464,8 +464,16 @@ def _media_problems(config: ServerConfig) -> list[Problem | None]:
 
 
 def worker_count(config: ServerConfig) -> int:
-    """SFU worker processes the configuration asks for (as signalling/workers.py counts them)."""
-    return config.media_workers if config.media_workers is not None else (os.cpu_count() or 1)
+    """SFU worker processes: ``media.workers``, else one per core, but no more than the port range has slices
+    for a call each (a range that held a call before workers came still does)."""
+    if config.media_workers is not None:
+        return config.media_workers
+    cores = os.cpu_count() or 1
+    low, high = config.media_port_min, config.media_port_max
+    if low is None or high is None or high < low:
+        return cores
+    per_call = ports_needed(MIN_PARTICIPANTS, len(config.media_addresses) if config.media_addresses else 1)
+    return max(1, min(cores, (high - low + 1) // per_call))
 
 
 def _turn_problems(config: ServerConfig) -> list[Problem | None]:
