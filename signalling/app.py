@@ -7,7 +7,6 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from aiortc import RTCIceServer
 
 from . import cluster, devices, doctor, images, live, logs, metrics, ops, rest, workers
 from . import web as web_client
@@ -22,13 +21,6 @@ from .ws import HUB, SignallingHub, websocket_handler
 logger = logging.getLogger(__name__)
 
 DEMO_TITLE = "Demokonsultation"
-
-
-def ice_servers(config: ServerConfig) -> list[RTCIceServer]:
-    return [
-        RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
-        for s in config.ice_servers
-    ]
 
 
 def build_app(config: ServerConfig) -> web.Application:

@@ -25,15 +25,19 @@ from .settings import worker_count
 from .ws import HUB
 
 
+def ice_servers(config: ServerConfig) -> list[RTCIceServer]:
+    """The ICE servers the SFU itself uses (``ServerConfig.ice_servers``)."""
+    return [RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
+            for s in config.ice_servers]
+
+
 def media_service(config: ServerConfig) -> MediaService:
     """The SFU this server uses: a pool of worker processes, or (``workers = 0``) a MediaServer in this process."""
     low, high = config.media_port_min, config.media_port_max
     port_range = None if low is None or high is None else (low, high)
     count = worker_count(config)  # settings.py: the configured number, else one per core; 0: in this process
     if count == 0:
-        servers = [RTCIceServer(urls=s["urls"], username=s.get("username"), credential=s.get("credential"))
-                   for s in config.ice_servers]
-        return MediaServer(servers, config.media_addresses, adaptation=config.adaptation,
+        return MediaServer(ice_servers(config), config.media_addresses, adaptation=config.adaptation,
                            port_range=port_range)
     return WorkerPool(count, WorkerSettings(
         ice_servers=[dict(s) for s in config.ice_servers], addresses=config.media_addresses,
