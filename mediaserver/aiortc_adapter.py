@@ -824,7 +824,7 @@ import time  # noqa: E402
 
 from aiortc.rtcdtlstransport import State as _DtlsState  # noqa: E402
 
-from .forwarding_delay import FORWARDING_DELAY  # noqa: E402
+from .forwarding_delay import DelayHistogram  # noqa: E402
 
 _NTP_OFFSET = 2208988800  # seconds from 1900 (NTP) to 1970 (Unix)
 _SEQ_TS = struct.Struct("!HL")
@@ -898,11 +898,11 @@ class _HeaderTemplate:
 
 
 def direct_send(port: OutboundPort, payload: bytes, sequence_number: int, timestamp: int, marker: int,
-                audio_level: tuple[bool, int] | None, arrival_ns: int) -> bool:
+                audio_level: tuple[bool, int] | None, arrival_ns: int, delays: DelayHistogram) -> bool:
     """Send one forwarded packet on ``port``'s stream straight to the socket; False: use ``port.send``.
 
     ``arrival_ns``: when the packet it copies reached the server (``time.monotonic_ns``; 0 if
-    unknown), for the forwarding delay histogram. Raises ConnectionError (SendFailed for SRTP
+    unknown); its forwarding delay is recorded in ``delays``. Raises ConnectionError (SendFailed for SRTP
     refusals) when the packet cannot go out.
     """
     sender: Any = port._sender
@@ -936,7 +936,7 @@ def direct_send(port: OutboundPort, payload: bytes, sequence_number: int, timest
         raise SendFailed(f"SRTP refused the packet: {exc}") from exc
     pair.protocol.transport.sendto(data, pair.remote_addr)
     if arrival_ns:
-        FORWARDING_DELAY.record(time.monotonic_ns() - arrival_ns)
+        delays.record(time.monotonic_ns() - arrival_ns)
     # What aiortc's own path would have counted: its sender reports and getStats() read these.
     dtls._RTCDtlsTransport__tx_bytes += len(data)
     dtls._RTCDtlsTransport__tx_packets += 1
@@ -945,3 +945,61 @@ def direct_send(port: OutboundPort, payload: bytes, sequence_number: int, timest
     sender._RTCRtpSender__octet_count += len(payload)
     sender._RTCRtpSender__packet_count += 1
     return True
+
+
+# --- load generators' receivers: RTP counted by its clear header ----------------
+#
+# A benchmark's subscribers must cost far less than the server they load, or
+# they, not the server, are what is measured. SRTP leaves the RTP header in
+# the clear, so ``count_rtp_headers`` takes each inbound RTP datagram as the
+# socket delivers it, reads sequence number, timestamp and marker, and drops
+# it: no queue, SRTP, parsing, bandwidth estimation or NACKs. Everything else
+# (DTLS, SRTCP, so the sender reports) still reaches aiortc, and each
+# receiver's statistics are fed as aiortc's own path would, so its receiver
+# reports still tell the server what arrived, with jitter and round trips.
+
+
+class _HeaderFields:
+    """The fields of one RTP header aiortc's receive statistics read (one reused object)."""
+
+    __slots__ = ("sequence_number", "timestamp")
+
+    def __init__(self) -> None:
+        self.sequence_number = 0
+        self.timestamp = 0
+
+
+RtpHeaderHandler = Callable[[int, int, int, bool, int], None]  # ssrc, sequence number, timestamp, marker, size
+
+
+def count_rtp_headers(pc: Any, on_header: RtpHeaderHandler) -> None:
+    """From now on, hand each inbound RTP datagram of ``pc`` (a connected, bundled peer connection)
+    to ``on_header`` instead of aiortc's receive path; ``size`` is the whole encrypted datagram's."""
+    from aiortc.rtcrtpreceiver import StreamStatistics
+
+    transport = dtls_transport(pc)
+    if transport is None:
+        raise ConnectionError("the peer connection has no transport yet")
+    connection = transport.transport._connection
+    router = transport._rtp_router
+    original = connection.data_received
+    fields = _HeaderFields()
+    unpack = struct.Struct("!BBHLL").unpack_from
+
+    def data_received(data: bytes, component: int) -> None:
+        if len(data) < 12 or not 127 < data[0] < 192 or 192 <= data[1] <= 223:
+            original(data, component)  # DTLS, STUN, RTCP: aiortc's as before
+            return
+        _, second, seq, ts, ssrc = unpack(data)
+        on_header(ssrc, seq, ts, second >= 128, len(data))
+        receiver = router.ssrc_table.get(ssrc)
+        if receiver is not None:
+            streams = receiver._RTCRtpReceiver__remote_streams
+            stream = streams.get(ssrc)
+            if stream is None:
+                clock_rate = 90000 if receiver._RTCRtpReceiver__kind == "video" else 48000
+                stream = streams[ssrc] = StreamStatistics(clock_rate)
+            fields.sequence_number, fields.timestamp = seq, ts
+            stream.add(fields)
+
+    connection.data_received = data_received

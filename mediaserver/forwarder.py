@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket, SendFailed, direct_send
+from .forwarding_delay import DelayHistogram
 from .keyframes import KeyframeThrottle
 from .ladder import PAUSED, SOURCE_HEADROOM, Ladder, LayerChooser
 from .packet_cache import PacketCache
@@ -233,6 +234,7 @@ class Publication:
         self.muted = False
         self.closed = False
         self.stats = ForwardingStats()
+        self.delays = DelayHistogram()  # how long each forwarded copy was held in the server
 
     @property
     def source_level(self) -> int:
@@ -518,7 +520,7 @@ class Subscription:
         payload = packet.payload
         try:
             if not direct_send(self.port, payload, out_seq, out_ts, packet.marker, packet.extensions.audio_level,
-                               arrival_ns):
+                               arrival_ns, self.publication.delays):
                 return False
         except SendFailed:
             self.stats.send_errors += 1

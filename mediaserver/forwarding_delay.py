@@ -1,5 +1,6 @@
 """How long the server holds a packet it forwards: from the datagram's arrival to its copy's ``sendto``.
 
+Each publication keeps one (``Publication.delays``, in ``GET /api/stats``).
 The adapter stamps each inbound datagram when aioice hands it over from the
 socket (``time.monotonic_ns``), before the queue to the DTLS transport, SRTP,
 parsing and Nära's forwarding; each forwarded copy records its own delay when
@@ -72,7 +73,16 @@ class DelaySnapshot:
         return BOUNDS_NS[-1] * 2 / 1e9
 
     def to_json(self) -> dict[str, object]:
-        return {"bounds_ns": list(BOUNDS_NS), "counts": self.counts, "sum_ns": self.sum_ns}
+        """The counts (of the buckets of ``BOUNDS_NS``, then everything above) and the sum."""
+        return {"counts": self.counts, "sum_ns": self.sum_ns}
+
+    @classmethod
+    def empty(cls) -> DelaySnapshot:
+        return cls([0] * (len(BOUNDS_NS) + 1), 0)
+
+    def __add__(self, other: DelaySnapshot) -> DelaySnapshot:
+        return DelaySnapshot([a + b for a, b in zip(self.counts, other.counts, strict=True)],
+                             self.sum_ns + other.sum_ns)
 
     @classmethod
     def from_json(cls, data: dict[str, object]) -> DelaySnapshot:
@@ -83,6 +93,3 @@ class DelaySnapshot:
             raise ValueError("not a forwarding delay histogram of these buckets")
         return cls(list(counts), sum_ns)
 
-
-# The process's one histogram: every forwarded copy of every consultation in this process.
-FORWARDING_DELAY = DelayHistogram()

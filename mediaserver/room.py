@@ -212,7 +212,8 @@ class MediaServer:
                 peer.info.id: {
                     "published": {k: {**vars(p.stats), "rate_cap": p.rate_cap, "bitrate": int(p.meter.rate),
                                       "layers": sorted(p.ladder.specs[lv].name for lv in p.ladder.layers)
-                                      if p.ladder is not None else []}
+                                      if p.ladder is not None else [],
+                                      "forwarding_delay": p.delays.snapshot().to_json()}
                                   for k, p in peer.publications.items()},
                     "bandwidth_estimate": int(peer.bandwidth.estimate),
                     "received": [

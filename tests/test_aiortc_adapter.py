@@ -509,7 +509,7 @@ async def test_direct_send_writes_what_aiortcs_own_path_writes_and_stamps_arriva
     import time
 
     from mediaserver.aiortc_adapter import direct_send
-    from mediaserver.forwarding_delay import FORWARDING_DELAY
+    from mediaserver.forwarding_delay import DelayHistogram
 
     global arrived
     arrived = asyncio.Event()  # (this test's loop: the module's event may belong to an earlier test's)
@@ -531,11 +531,10 @@ async def test_direct_send_writes_what_aiortcs_own_path_writes_and_stamps_arriva
     try:
         payload = bytes([0x10, 0x00]) + bytes(range(200))
         await port.send(payload, sequence_number=500, timestamp=90000, marker=1)
-        before = FORWARDING_DELAY.snapshot()
-        stamped = time.monotonic_ns()
-        assert direct_send(port, payload, 501, 93000, 0, None, stamped)
-        assert direct_send(port, payload, 502, 96000, 1, None, 0)  # (arrival unknown: not counted)
-        assert FORWARDING_DELAY.snapshot().since(before).total == 1
+        delays = DelayHistogram()
+        assert direct_send(port, payload, 501, 93000, 0, None, time.monotonic_ns(), delays)
+        assert direct_send(port, payload, 502, 96000, 1, None, 0, delays)  # (arrival unknown: not counted)
+        assert delays.snapshot().total == 1
         await asyncio.wait_for(_until(lambda: len(received) == 3), 5)
         assert [(p.sequence_number, p.timestamp, p.marker, p.payload) for p in received] == [
             (500, 90000, 1, payload), (501, 93000, 0, payload), (502, 96000, 1, payload)]
