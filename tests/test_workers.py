@@ -94,6 +94,17 @@ async def _wait_for_workers(served: ServerProcess, predicate: Any, timeout: floa
         await asyncio.sleep(0.1)  # the pace of asking, not a wait for the event
 
 
+async def _wait_for_live(served: ServerProcess, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
+    """Ask /api/live until ``predicate`` holds of its report (it samples every 2 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report: dict[str, Any] = await admin(served.url, served.admin_key, "GET", "/api/live")
+        if predicate(report):
+            return report
+        assert time.monotonic() < deadline, report
+        await asyncio.sleep(0.2)  # the pace of asking, not a wait for the event
+
+
 def _holding(workers: list[dict[str, Any]], consultation: str) -> list[dict[str, Any]]:
     return [w for w in workers if consultation in w["consultations"]]
 
@@ -146,6 +157,11 @@ async def test_a_killed_worker_takes_only_its_consultation_whose_kit_comes_back_
             (home_worker,), (other_worker,) = _holding(workers, home), _holding(workers, other)
             assert home_worker["index"] != other_worker["index"]
             assert all(w["up"] for w in workers)
+            # What the REST API and the IT staff page show is asked of the workers.
+            shown = await admin(served.url, served.admin_key, "GET", f"/api/consultations/{other}")
+            assert sorted(p["id"] for p in shown["participants"]) == sorted([id_a, id_b])
+            live = await _wait_for_live(served, lambda report: len(report["consultations"]) == 2)
+            assert {c["id"]: len(c["participants"]) for c in live["consultations"]} == {home: 2, other: 2}
 
             os.kill(home_worker["pid"], signal.SIGKILL)
             killed = time.monotonic()
