@@ -29,6 +29,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def with_children(pid: int) -> list[int]:
+    """The process and its children (a `nara serve` and its media workers)."""
+    found = [pid]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+def _total(measure: Any, pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += measure(pid)
+        except (OSError, IndexError, ValueError):
+            continue  # a worker that exited between the listing and the reading
+    return total
+
+
 def resident_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -87,16 +111,17 @@ class NaraServer:
 
 
 class SfuProcess(NaraServer):
-    """The SFU under test, sampled for CPU and memory."""
+    """The SFU under test, sampled for CPU and memory: the server and its media worker processes together."""
 
     def __init__(self, workdir: Path, options: Sequence[str] = ()) -> None:
         super().__init__(workdir / "sfu-data", options)
-        self._cpu = cpu_seconds(self.process.pid)
+        self._cpu = _total(cpu_seconds, with_children(self.process.pid))
         self._at = time.monotonic()
 
     def sample(self) -> tuple[float, float]:
         """(cores used since the last sample, resident memory in MB)."""
-        cpu, now = cpu_seconds(self.process.pid), time.monotonic()
+        pids = with_children(self.process.pid)
+        cpu, now = _total(cpu_seconds, pids), time.monotonic()
         cores = (cpu - self._cpu) / max(now - self._at, 1e-6)
         self._cpu, self._at = cpu, now
-        return cores, resident_mb(self.process.pid)
+        return cores, _total(resident_mb, pids)
