@@ -45,6 +45,7 @@ READ_TIMEOUT = 2.0  # seconds a scrape (figures, stats) waits for a worker befor
 STOP_TIMEOUT = 5.0  # seconds a worker has to close its rooms before it is killed
 RESTART_DELAY = (0.5, 30.0)  # the first and the longest wait before a worker that keeps dying is started again
 STABLE_AFTER = 30.0  # seconds a worker must live for its next death to count as a first one
+STUCK_AFTER = 15.0  # seconds without a word from a worker (it reports its load every 2 s) before it is killed
 WORKER_LOST = "media_worker_lost"
 
 
@@ -121,6 +122,7 @@ class WorkerProcess:
         self.writer = writer
         self.up = False
         self.started_at = time.monotonic()
+        self.heard_at = self.started_at  # its last message
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.sessions: dict[int, RemotePeer] = {}
         self.reported: dict[str, int] = {}  # the worker's own last counts (its load event)
@@ -212,6 +214,20 @@ class WorkerPool:
     async def start(self) -> None:
         """Start every worker; those that do not come up are tried again in the background."""
         await asyncio.gather(*(self._start_worker(i) for i in range(self.count)))
+        self._spawn(self._watch())
+
+    async def _watch(self) -> None:
+        """Kill a worker whose loop has stopped answering (a stuck worker serves no media either): its
+        participants then move as from any worker that died."""
+        while not self.closing:
+            await asyncio.sleep(STUCK_AFTER / 5)  # the watch's own pace
+            now = time.monotonic()
+            for worker in self._up():
+                if now - worker.heard_at > STUCK_AFTER:
+                    logger.error("media worker %d (pid %d) said nothing for %.0f s; killed", worker.index,
+                                 worker.pid, now - worker.heard_at)
+                    with contextlib.suppress(ProcessLookupError):
+                        worker.process.kill()
 
     async def _start_worker(self, index: int) -> None:
         if self.closing:
@@ -251,6 +267,7 @@ class WorkerPool:
     async def _read(self, worker: WorkerProcess) -> None:
         try:
             while (message := await read_message(worker.reader)) is not None:
+                worker.heard_at = time.monotonic()
                 self._dispatch(worker, message)
         except (ProtocolFault, ConnectionError) as exc:
             logger.error("media worker %d (pid %d): its stream broke: %s", worker.index, worker.pid, exc)
