@@ -526,6 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--duration", type=float, default=10.0, help="seconds measured per N")
     forward.add_argument("--bitrate", type=int, default=550_000, help="publisher video bitrate, bit/s")
     forward.add_argument("--generators", type=int, default=2, help="subscriber load processes")
+    forward.add_argument("--room-size", type=int, default=0, metavar="K",
+                         help="consultations of 1 publisher + K subscribers (default 0: one consultation for all)")
+    forward.add_argument("--workers", type=int, metavar="N", help="nara serve --workers N (default: its own)")
+    forward.add_argument("--uvloop", action="store_true", help="run the server and its workers on uvloop")
+    forward.add_argument("--profile", metavar="DIR",
+                         help="py-spy every server process during each step's window (raw stacks into DIR)")
     forward.add_argument("--output", help="write the results as JSON here")
     forward.set_defaults(func=cmd_bench_forward)
 
