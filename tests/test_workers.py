@@ -19,7 +19,7 @@ import pytest
 from mediaserver.aiortc_adapter import MediaPortsExhausted
 from mediaserver.errors import CodedError, MediaError
 from mediaserver.figures import ConsultationFigures, ParticipantFigures, VideoReceived
-from mediaserver.pool import WorkerLoad, least_loaded, port_slices
+from mediaserver.pool import WorkerLoad, WorkerPool, least_loaded, port_slices
 from mediaserver.worker_protocol import (
     encode,
     error_from_json,
@@ -30,7 +30,9 @@ from mediaserver.worker_protocol import (
 )
 from signalling import settings
 
+from .conftest import start_server
 from .edge_helpers import KitWatcher, ServerProcess, admin, agent_running, enrolled_kit, kit_config
+from .test_browser_client import browser, join_call, rising  # noqa: F401 - browser is a fixture
 
 # --- the pieces, on plain data ----------------------------------------------------------
 
@@ -224,3 +226,26 @@ async def test_no_worker_outlives_its_server(tmp_path: Path, how: str) -> None:
         if served.process.poll() is None:
             served.process.kill()
             served.process.wait()
+
+
+async def test_the_browsers_of_a_consultation_whose_worker_died_rejoin_by_themselves(
+        tmp_path: Path, browser: Any) -> None:  # noqa: F811 - the fixture
+    server, runner = await start_server(tmp_path, media_workers=2)  # this process signals; two worker processes
+    try:
+        pool = server.hub.media
+        assert isinstance(pool, WorkerPool)
+        room = server.consultation()
+        doctor = await join_call(browser, server, room, "Dr Berg", "clinician", "doctor")
+        relative = await join_call(browser, server, room, "Anna", "relative", "anna")
+        await rising(doctor, "anna", "framesDecoded", 20)
+        (holding,) = [w for w in pool.describe() if room in w["consultations"]]
+        os.kill(holding["pid"], signal.SIGKILL)
+        for page in (doctor, relative):
+            await page.wait_for_function("() => naraDebug.stateLog.includes('reconnecting')")
+        for page, other in ((doctor, "anna"), (relative, "doctor")):
+            await page.wait_for_function("() => naraDebug.call.state === 'connected'", timeout=20000)
+            await rising(page, other, "framesDecoded", 30)
+        (now,) = [w for w in pool.describe() if room in w["consultations"]]
+        assert now["pid"] != holding["pid"] and now["consultations"][room] == 2
+    finally:
+        await runner.cleanup()
