@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,30 @@ def test_workers_is_checked_like_every_other_key() -> None:
                                             "NARA_MEDIA_PORT_MAX": "40004"})
     assert [(p.field, p.code) for p in problems] == [("media.port_max", "range_too_narrow")]
     assert config.media_workers == 3
+
+
+def free_udp_range(count: int, search_from: int = 45000, search_to: int = 47000) -> int:
+    """The first of ``count`` consecutive free UDP ports on loopback."""
+    for low in range(search_from, search_to, count):
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.bind(("127.0.0.1", low + i))
+            return low
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free UDP ports")
+
+
+async def server_ports(page: Any) -> set[int]:
+    """The UDP ports of the server's ICE candidates in a browser's current call."""
+    sdp = await page.evaluate("() => naraDebug.call.pc.remoteDescription.sdp")
+    ports = {int(line.split()[5]) for line in sdp.splitlines() if line.startswith("a=candidate:")}
+    assert ports
+    return ports
 
 
 # --- a real server with two workers ---------------------------------------------------------
@@ -230,7 +255,9 @@ async def test_no_worker_outlives_its_server(tmp_path: Path, how: str) -> None:
 
 async def test_the_browsers_of_a_consultation_whose_worker_died_rejoin_by_themselves(
         tmp_path: Path, browser: Any) -> None:  # noqa: F811 - the fixture
-    server, runner = await start_server(tmp_path, media_workers=2)  # this process signals; two worker processes
+    low = free_udp_range(4)  # two workers, two ports each: one call of two on either
+    # This process signals; two worker processes carry the media, each in its own half of the range.
+    server, runner = await start_server(tmp_path, media_workers=2, media_port_min=low, media_port_max=low + 3)
     try:
         pool = server.hub.media
         assert isinstance(pool, WorkerPool)
@@ -239,6 +266,9 @@ async def test_the_browsers_of_a_consultation_whose_worker_died_rejoin_by_themse
         relative = await join_call(browser, server, room, "Anna", "relative", "anna")
         await rising(doctor, "anna", "framesDecoded", 20)
         (holding,) = [w for w in pool.describe() if room in w["consultations"]]
+        assert sorted(w["port_range"] for w in pool.describe()) == [[low, low + 1], [low + 2, low + 3]]
+        for page in (doctor, relative):
+            assert await server_ports(page) <= set(range(holding["port_range"][0], holding["port_range"][1] + 1))
         os.kill(holding["pid"], signal.SIGKILL)
         for page in (doctor, relative):
             await page.wait_for_function("() => naraDebug.stateLog.includes('reconnecting')")
@@ -247,5 +277,7 @@ async def test_the_browsers_of_a_consultation_whose_worker_died_rejoin_by_themse
             await rising(page, other, "framesDecoded", 30)
         (now,) = [w for w in pool.describe() if room in w["consultations"]]
         assert now["pid"] != holding["pid"] and now["consultations"][room] == 2
+        for page in (doctor, relative):
+            assert await server_ports(page) <= set(range(now["port_range"][0], now["port_range"][1] + 1))
     finally:
         await runner.cleanup()
