@@ -282,6 +282,9 @@ class ParticipantSocket:
         except MediaPortsExhausted as exc:
             logger.warning("participant %s refused in %s: no free media port", info.id, message.room)
             await self.refuse(exc.code, exc.message)  # the socket closes and the participant leaves the room
+        except CodedError as exc:  # its media worker stopped or did not answer: the client joins again
+            logger.warning("participant %s of %s: no first offer: %s", info.id, message.room, exc.code)
+            await self.refuse(exc.code, exc.message, CLOSE_RESTART if exc.code == WORKER_LOST else CLOSE_TRY_AGAIN)
 
     async def redirect(self, message: Join) -> None:
         """Send a join for a consultation held by another node of the cluster there (docs/protocol.md)."""
