@@ -30,6 +30,7 @@ from mediaserver.worker_protocol import (
     read_message,
 )
 from signalling import settings
+from signalling.client import ConsultationClient, JoinRefused
 
 from .conftest import start_server
 from .edge_helpers import KitWatcher, ServerProcess, admin, agent_running, enrolled_kit, kit_config
@@ -279,5 +280,31 @@ async def test_the_browsers_of_a_consultation_whose_worker_died_rejoin_by_themse
         assert now["pid"] != holding["pid"] and now["consultations"][room] == 2
         for page in (doctor, relative):
             assert await server_ports(page) <= set(range(now["port_range"][0], now["port_range"][1] + 1))
+    finally:
+        await runner.cleanup()
+
+
+async def test_while_no_worker_is_up_the_server_is_not_ready_and_a_join_is_told_to_come_back(tmp_path: Path) -> None:
+    server, runner = await start_server(tmp_path, media_workers=1)
+    try:
+        pool = server.hub.media
+        assert isinstance(pool, WorkerPool)
+        room = server.consultation()
+        (worker,) = pool.describe()
+        os.kill(worker["pid"], signal.SIGKILL)
+        await pool.wait_until(lambda: pool.ready() is not None, 10)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{server.url}/health/ready") as response:
+                assert response.status == 503
+                assert (await response.json())["reasons"] == ["media: none of 1 worker(s) is up"]
+            client = ConsultationClient(server.url, room, server.token(room))
+            with pytest.raises(JoinRefused) as refused:
+                await client.join()
+            assert refused.value.code == "media_unavailable"
+            await client.close()
+            await pool.wait_until(lambda: pool.ready() is None, 20)  # a new worker took its place
+            async with http.get(f"{server.url}/health/ready") as response:
+                assert response.status == 200
+        assert [w["restarts"] for w in pool.describe()] == [1]
     finally:
         await runner.cleanup()
