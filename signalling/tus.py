@@ -17,7 +17,10 @@ that may lose power in the middle of a write:
 - PATCHes to the same upload are serialised: a second one *waits* for the
   first to finish (a retry after a dropped connection often arrives before the
   server notices the old one has gone; the old one ends at the latest after
-  ``READ_IDLE_TIMEOUT`` seconds without bytes), then is judged against the
+  ``READ_IDLE_TIMEOUT`` seconds without bytes, or after ``SUPERSEDE_IDLE``
+  seconds without bytes once a newer PATCH waits: a kit back after an outage
+  retries on a new connection, and its old one, silent since the outage
+  began, kept the retry waiting up to 30 s), then is judged against the
   offset the first left: ``409 offset_mismatch`` with the server's offset when
   it is stale.
 
@@ -56,6 +59,8 @@ OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
 MAX_CHUNK = 8 * 1024 * 1024  # bytes taken per PATCH
 READ_BLOCK = 64 * 1024
 READ_IDLE_TIMEOUT = 30.0  # seconds without a byte before a PATCH is taken as broken off
+SUPERSEDE_IDLE = 2.0  # ... or this many, once another PATCH waits for the same upload
+IDLE_CHECK = 0.5  # how often a silent body is looked at
 MAX_METADATA = 16 * 1024  # bytes of Upload-Metadata
 METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 IMAGE_ID_HEADER = "Nara-Image-Id"
@@ -160,6 +165,10 @@ class UploadLocks:
         lock = self._locks.get(upload_id)
         return lock is not None and lock.locked()
 
+    def waited_for(self, upload_id: str) -> bool:
+        """Whether a request waits for this upload while another holds it."""
+        return self._users.get(upload_id, 0) > 1
+
     async def until_held(self, upload_id: str, timeout: float = 10.0) -> None:
         """Return once a request holds this upload (for monitoring and tests)."""
         async with self._taken:
@@ -174,27 +183,39 @@ class Chunk:
 
 async def receive_chunk(
     content: aiohttp.StreamReader, path: Path, offset: int, room: int, declared: int | None, checksum: Checksum | None,
-    idle_timeout: float = READ_IDLE_TIMEOUT,
+    idle_timeout: float = READ_IDLE_TIMEOUT, superseded: Callable[[], bool] | None = None,
+    supersede_idle: float = SUPERSEDE_IDLE,
 ) -> Chunk:
     """Stream one PATCH body into ``path`` at ``offset``, fsync, and say how much of it counts.
 
     ``room`` is the most this PATCH may bring; ``declared`` its Content-Length, if it sent one; a body
-    that brings nothing for ``idle_timeout`` seconds counts as broken off.
+    that brings nothing for ``idle_timeout`` seconds counts as broken off, and so does one silent for
+    ``supersede_idle`` seconds while ``superseded()`` says a newer request waits for the upload.
     Raises TusError on a checksum mismatch or an over-long body; nothing of the chunk counts then.
     """
     digest = CHECKSUMS[checksum.algorithm]() if checksum else None
     received = 0
     broken = False
+    loop = asyncio.get_running_loop()
     with await asyncio.to_thread(path.open, "r+b") as f:
         f.truncate(offset)  # anything past the recorded offset was never acknowledged
         f.seek(offset)
         try:
+            heard_at = loop.time()
             while True:
                 try:
-                    block = await asyncio.wait_for(content.read(READ_BLOCK), idle_timeout)
-                except (TimeoutError, ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError):
+                    block = await asyncio.wait_for(content.read(READ_BLOCK), min(idle_timeout, IDLE_CHECK))
+                except TimeoutError:
+                    silent = loop.time() - heard_at
+                    if silent >= idle_timeout or (silent >= supersede_idle and superseded is not None
+                                                  and superseded()):
+                        broken = True
+                        break
+                    continue
+                except (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError):
                     broken = True
                     break
+                heard_at = loop.time()
                 if not block:
                     break
                 received += len(block)
@@ -255,12 +276,14 @@ class TusServer:
     """The upload endpoint: ``OPTIONS``/``POST`` on ``prefix``, ``HEAD``/``PATCH`` on ``prefix/<id>``."""
 
     def __init__(self, store: ImageStore, policy: UploadPolicy, prefix: str = "/api/uploads",
-                 max_chunk: int = MAX_CHUNK, read_idle_timeout: float = READ_IDLE_TIMEOUT) -> None:
+                 max_chunk: int = MAX_CHUNK, read_idle_timeout: float = READ_IDLE_TIMEOUT,
+                 supersede_idle: float = SUPERSEDE_IDLE) -> None:
         self.store = store
         self.policy = policy
         self.prefix = prefix
         self.max_chunk = max_chunk
         self.read_idle_timeout = read_idle_timeout
+        self.supersede_idle = supersede_idle
         self.locks = UploadLocks()
 
     def add_routes(self, app: web.Application, names: dict[str, str]) -> None:
@@ -342,7 +365,8 @@ class TusServer:
                                "More bytes than the upload's length." if too_long
                                else f"At most {self.max_chunk} bytes per PATCH.")
             chunk = await receive_chunk(request.content, self.store.partial_path(upload.id), offset, room,
-                                        declared, checksum, self.read_idle_timeout)
+                                        declared, checksum, self.read_idle_timeout,
+                                        lambda: self.locks.waited_for(upload.id), self.supersede_idle)
             if chunk.kept:
                 self.store.record_offset(upload.id, offset + chunk.kept)
             if chunk.broken:

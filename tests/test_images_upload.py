@@ -435,3 +435,25 @@ async def test_a_retry_waits_for_a_stalled_chunk_and_then_goes_on(server: Runnin
         writer.close()
         last = await client.patch(location, part, data[part:])
         assert last.status == 204 and "Nara-Image-Id" in last.headers
+
+
+async def test_a_retry_after_an_outage_ends_the_silent_chunk_it_waits_for_within_seconds(server: RunningServer) -> None:
+    """A kit back after an outage retries on a new connection; the old one has been silent since the outage
+    began, and the server would take it as broken off only after 30 s: with a retry waiting, a silence of
+    ``supersede_idle`` is enough."""
+    room = server.consultation()
+    data = photo(800, 600, seed=10)
+    token = server.token(room, role="kit")
+    tus = server.app[IMAGES].tus
+    assert tus.read_idle_timeout == 30.0
+    tus.supersede_idle = 0.5
+    async with aiohttp.ClientSession() as http:
+        client = TusClient(http, server.url, token)
+        location = (await client.create(metadata(room, data), len(data))).headers["Location"]
+        part = len(data) // 2
+        reader, writer = await raw_patch(server, location, token, 0, part, data[:1000], chunk_checksum(data[:part]))
+        await tus.locks.until_held(upload_id=location.rsplit("/", 1)[1])
+        retry = await asyncio.wait_for(client.patch(location, 0, data[:part]), 10.0)  # not the 30 s
+        assert retry.status == 204 and retry.offset == part
+        assert b"upload_interrupted" in await reader.read(4096)
+        writer.close()
