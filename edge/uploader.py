@@ -329,6 +329,7 @@ class Uploader:
             await self._back_off(item, str(exc))
 
     async def _back_off(self, item: OutboxItem, detail: str) -> None:
+        self._abort_connections()
         await self._close_http()  # pooled connections over a broken link are the likeliest to be dead
         delay = self.settings.backoff.delay(self._failures, self.rng)
         self._failures += 1
@@ -493,6 +494,7 @@ class Uploader:
             rate = self.scavenger.update(now, call.rtt, call.in_call, self._unsent(), self._socket_signal(now))
             self._judge_link(now)
             self._bucket.set_rate(rate, now)
+            self._bucket.burst = 2 * self._piece(rate)  # sized at the ceiling, it let 10 kB go at once as a call began
             self._pace_wire(self.scavenger.pacing_rate(now))
             piece = view[start:start + self._piece(rate)]
             wait = self._bucket.take(len(piece), now)
@@ -634,6 +636,14 @@ class Uploader:
         for sock in list(self._sockets.keys()):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, wire)
+
+    def _abort_connections(self) -> None:
+        """Closing the upload's connections drops what they still hold (a reset, not a goodbye). A stalled
+        PATCH's connection closed gracefully kept its unsent tens of kB, and the kernel sent them after the
+        outage beside the new connection: useless bytes that queued in front of the call's audio."""
+        for sock in list(self._sockets.keys()):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def _unsent(self) -> int:
         """Bytes written to the upload's socket that TCP has not sent yet (0 where the system cannot say)."""

@@ -328,3 +328,30 @@ async def test_while_a_dropped_call_is_rebuilt_the_upload_still_yields_to_it(tmp
     agent.assignment = None
     agent.machine.idle(3.0)
     assert not agent.call_signal().in_call
+
+
+async def test_a_given_up_connection_is_reset_so_nothing_it_held_is_sent_after_the_outage(tmp_path: Path) -> None:
+    """A stalled PATCH's connection still held tens of kB unsent; closed gracefully, the kernel sent them
+    once the link was back, beside the new connection and in front of the call's audio."""
+    from edge.device_api import DeviceCredential
+
+    uploader = Uploader(Outbox.open(tmp_path / "outbox"), "http://127.0.0.1:9",
+                        DeviceCredential("http://127.0.0.1:9", "kit", "secret", "Kit"))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = socket.getaddrinfo("127.0.0.1", listener.getsockname()[1], type=socket.SOCK_STREAM)[0]
+        sock = _low_priority_socket(65536, uploader._opened)(address)
+        sock.connect(address[4])
+        server_side, _ = listener.accept()
+        with server_side:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:  # the far end reads nothing: the connection fills up with unsent bytes
+                    sock.send(b"x" * 65536)
+            uploader._abort_connections()
+            sock.close()
+            server_side.settimeout(10)
+            with pytest.raises(ConnectionResetError):
+                while server_side.recv(65536):  # a graceful close would hand over every byte, then the end
+                    pass
