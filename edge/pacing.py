@@ -30,7 +30,8 @@ carries (a rate cut low may grow back to ``recall_share`` of the most
 delivered over ``recall_window``, as after an outage); and the connection's
 own round trip, updated by every acknowledgement, shows a queue within a
 round trip instead of a report a second late. A queue then cuts the rate at once to under what was delivered,
-the deeper the longer the queue (to be gone in ``drain``). That round trip
+the deeper the longer the queue (to be gone in ``drain``), and the rate grows
+back by ``regrowth`` a second to near the rate the cut was for. That round trip
 also grows with no queue at all when a slow upload's packets come far apart
 (the server delays its acknowledgements), so below ``socket_alone`` it
 counts only while the call's report shows a queue too, and a new connection's
@@ -166,7 +167,10 @@ class ScavengerSettings:
     # so, the slow start ended within seconds on any link and a photo on a good one crept up by 2 % a
     # second.
     kept_up_share: float = 0.8
-    drain: float = 0.5  # a queue found is to be gone in about this long: the cut goes deeper the longer it is
+    # A queue found is to be gone in about this long: the cut goes deeper the longer it is. In half a second,
+    # a queue of 250 ms cut the rate by half, and the link stood a fifth empty for the 10-20 s it took to
+    # grow back; in the fluid model of the 256 kbit/s uplink a second keeps the queue shorter too.
+    drain: float = 1.0
     deepest_cut: float = 0.5  # a cut leaves at least this share of what was delivered
     # The kernel may send the upload's packets this much faster than the rate (``pacing_rate``) unless a
     # queue cut the rate lately: TCP stalls for a round trip or more at each loss it repairs, and paced at
@@ -175,6 +179,11 @@ class ScavengerSettings:
     # on average: they are written no faster.
     catch_up: float = 1.25
     catch_up_after: float = 2.0  # seconds after a cut: what it left waiting in the socket goes at the new rate
+    # After a cut the rate grows back by ``regrowth`` a second (not ``growth``) while it is under
+    # ``knee_share`` of the rate the cut was for and no queue shows: grown back at the usual pace, it spent
+    # 10-20 s of every 15-20 well under what the link had carried, and the link stood a fifth empty.
+    regrowth: float = 0.15
+    knee_share: float = 0.9
     # The uplink counts as thin (the call then packs its audio more tightly, see ``thin_uplink``) for
     # ``thin_hold`` seconds after a queue showed while the upload carried under ``thin_below``.
     thin_below: float = 250_000 / 8
@@ -195,6 +204,7 @@ class ScavengerRate:
         self._cut_at = float("-inf")
         self._cut_queue = 0.0  # the queue that the last cut was for
         self._squeezed: tuple[float, float] | None = None  # (when, at what rate) a queue last showed in a call
+        self._knee: float | None = None  # the rate the last cut was for
         self._calling = False
         self._starting = False  # in slow start: no queue seen yet in this call
         self.delivered: float | None = None  # bytes per second TCP delivered over the latest interval
@@ -315,7 +325,10 @@ class ScavengerRate:
             self._grow(self.rate * (2.0 ** (s.slow_start * elapsed) - 1.0))
         else:
             self._starting = False
-            self._grow((1.0 - pressure) * max(s.min_step, s.growth * self.rate) * elapsed)
+            step = (1.0 - pressure) * max(s.min_step, s.growth * self.rate) * elapsed
+            if self._knee is not None and pressure < 0.5 and self.rate < s.knee_share * self._knee:
+                step = max(step, min(s.regrowth * self.rate * elapsed, s.knee_share * self._knee - self.rate))
+            self._grow(step)
         self.rate = min(s.ceiling, max(s.floor, self.rate))
         return self.rate
 
@@ -341,6 +354,7 @@ class ScavengerRate:
         if self.share is not None and queue < self._cut_queue and now - self._cut_at < 2 * s.cut_interval:
             return  # shorter than at the last cut: draining already (round trips are smoothed, and lag)
         self._cut_at, self._cut_queue = now, queue
+        self._knee = self.rate
         share = self.share
         if share is None:
             self.rate *= s.cut

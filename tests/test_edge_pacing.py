@@ -186,9 +186,9 @@ def test_the_connections_round_trip_cuts_at_once_to_under_what_tcp_delivered() -
     assert rate.delivered == pytest.approx(24_000)
     # The call's report (half a second old) shows 40 ms of queue, under its 60 ms target; the connection's
     # round trip, 150 ms above its base (the lowest of its smoothed round trips), says the queue has grown
-    # since: cut at once, under what was delivered, the deeper the longer the queue (gone in half a second).
+    # since: cut at once, under what was delivered, the deeper the longer the queue (gone in a second).
     cut = rate.update(2.2, RttSample(0.140, 1.7), sock=reading(2.2, 52_000, rtt=0.300))
-    assert cut == pytest.approx(24_000 * (1 - 0.150 / 0.5))
+    assert cut == pytest.approx(24_000 * (1 - 0.150 / 1.0))
     # The same queue, shorter, a moment later: draining already, no second cut.
     assert rate.update(3.3, RttSample(0.140, 2.5), sock=reading(3.3, 70_000, rtt=0.280)) == cut
     # Longer still a second later: cut again.
@@ -369,3 +369,27 @@ def test_the_kernel_may_send_faster_than_the_rate_to_catch_up_unless_a_queue_cut
     assert cut < 24_000.0
     assert rate.pacing_rate(2.5) == cut  # what waits in the socket goes at the new rate, not faster
     assert rate.pacing_rate(4.3) == pytest.approx(rate.rate * 1.25)
+
+
+def test_after_a_cut_the_rate_grows_back_quickly_to_near_where_the_queue_showed_then_slowly() -> None:
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    acked = 0.0
+    rate.rate = 24_000.0
+    rate._starting = False  # past the slow start
+    for tenth in range(1, 100):  # 10 s: the link carries what is asked
+        acked += rate.rate / 10
+        rate.update(tenth / 10, RttSample(0.100, tenth / 10), sock=reading(tenth / 10, acked))
+    knee = rate.rate
+    acked += knee / 10
+    cut = rate.update(10.0, RttSample(0.100, 10.0), sock=reading(10.0, acked, rtt=0.450))  # a 300 ms queue
+    assert cut <= 0.75 * knee
+    now, back_at = 10.0, None
+    while now < 25.0 and (back_at is None or now < back_at + 2.0):
+        now = round(now + 0.1, 1)  # TCP delivers what is asked; its round trip 40 ms above its base, the
+        acked += rate.rate / 10  # call's report shows no queue (in the benchmark: the link at about 80 %)
+        rate.update(now, RttSample(0.100, now), sock=reading(now, acked, rtt=0.190))
+        if back_at is None and rate.rate >= 0.9 * knee - 1:
+            back_at = now
+    assert back_at is not None and back_at - 10.0 <= 3.0  # at the usual pace: 5 s
+    assert rate.rate <= 0.9 * knee * 1.08**2 + 1  # from there on, the usual pace
