@@ -1,16 +1,32 @@
-"""``nara bench forward``: what forwarding one video to N subscribers costs the server.
+"""``nara bench forward``: what forwarding video to N subscribers costs the server.
 
-Two servers are measured in the same run, each in its own process:
+Two servers are measured in the same run, each in processes of its own:
 
-* ``forward``: Nära's server (``nara serve``), forwarding packets untouched;
+* ``forward``: Nära's server (``nara serve``, optionally with ``--workers``),
+  every feature of the forwarding path on: NACK cache, keyframe relay, the
+  bandwidth estimate with adaptation (the default) and statistics;
 * ``naive``: the re-encoding relay of ``bench/naive_relay.py`` (aiortc
   ``MediaRelay`` feeding one VP8 encoder per subscriber), the baseline.
 
-One publisher sends 640x480 VP8 at 30 fps and a fixed bitrate. Subscribers
-are added step by step up to each N; at every step the server process's CPU is
-read from /proc over a measurement window, and every subscriber reports frames
-per second, loss and one-way delay (relative to its minimum). Load generators
-run in their own processes, never decode, and report their CPU apart. The
+Publishers replay a clip of 640x480 VP8 at 30 fps and a fixed bitrate,
+encoded once before the run, so a consultation's publisher costs little
+and many consultations can run. Two shapes: one consultation with every
+subscriber in it (``--room-size 0``), or consultations of one publisher and
+``--room-size`` subscribers each, the shape of real consultations.
+
+Subscribers are added step by step up to each N. A subscriber completes ICE
+and DTLS with aiortc, then counts RTP packets from their clear header at the
+socket (no SRTP, parsing or decoding) while sending what real receivers send:
+receiver reports built from what arrived, and a REMB every second (claiming
+``REMB_CLAIM``; loopback carries it). The server moves every subscriber to the
+original before a step is measured, as a real link with room to spare would.
+
+At every step the server's processes' CPU (the main process and its media
+workers) is read from /proc over a measurement window; every subscriber
+reports frames per second, loss and one-way delay (relative to its minimum,
+so it includes the generators' own lag); the server reports how long it held
+each forwarded packet (from the datagram's arrival to its copy's sendto).
+Load generators run in processes of their own and report their CPU apart. The
 marginal CPU per subscriber is the slope of a least-squares line through
 (N, server CPU).
 """
@@ -19,8 +35,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fractions
 import json
+import math
 import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection
@@ -28,51 +50,142 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import av
+from aiortc.mediastreams import MediaStreamTrack
+
+from mediaserver.forwarding_delay import DelaySnapshot
 
 from .process import NaraServer, cpu_seconds, free_port, start_python, stop
 
 FPS = 30
+CLIP_SECONDS = 4  # the replayed clip: two keyframe intervals
+KEYFRAME_INTERVAL = 2.0
 WARMUP = 2.0
+SETTLE_LIMIT = 30.0  # seconds a batch of new subscribers may take to be on the original
+BATCH = 12  # subscribers joining at once: consultations start one by one, not all in the same second
+REMB_CLAIM = 5_000_000  # bit/s each subscriber's REMB claims
+REMB_INTERVAL = 1.0
 DEGRADED_DELIVERY = 0.95
 DEGRADED_LOSS = 0.01
 DEGRADED_DELAY_MS = 100.0
 
 
+# --- the clip ----------------------------------------------------------------------
+
+
+def encode_clip(bitrate: int, seconds: float = CLIP_SECONDS) -> list[tuple[bytes, bool]]:
+    """(VP8 frame, keyframe) for ``seconds`` of the detailed synthetic scene at ``bitrate``, starting on a
+    keyframe; replayed in a loop it stays decodable (every loop starts on a keyframe)."""
+    import numpy as np
+
+    from bench.synthetic import source_luma
+    from mediaserver.video_encoders import Vp8Encoder
+
+    width, height = 640, 480
+    encoder = Vp8Encoder(width, height, FPS, bitrate, keyframe_interval=KEYFRAME_INTERVAL)
+    chroma = np.full((height // 2, width), 128, dtype=np.uint8)
+    frames: list[tuple[bytes, bool]] = []
+    try:
+        for number in range(int(seconds * FPS)):
+            luma = source_luma(width, height, number, "detailed")
+            frame = av.VideoFrame.from_ndarray(np.vstack([luma, chroma]), format="yuv420p")
+            if number == 0:
+                encoder.request_keyframe()
+            encoded = encoder.encode(frame, number * 90000 // FPS)
+            if encoded is not None:
+                frames.append((encoded.data, encoded.keyframe))
+    finally:
+        encoder.close()
+    return frames
+
+
+class ReplayVideoTrack(MediaStreamTrack):
+    """Hands aiortc the clip's encoded frames at ``FPS``, in a loop (aiortc only packetises them)."""
+
+    kind = "video"
+
+    def __init__(self, frames: list[tuple[bytes, bool]]) -> None:
+        super().__init__()
+        self.frames = frames
+        self.frames_sent = 0
+        self._began: float | None = None
+
+    async def recv(self) -> av.Packet[Any]:
+        if self._began is None:
+            self._began = time.monotonic()
+        delay = self._began + self.frames_sent / FPS - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # (pacing the frames, not waiting for anything)
+        data, keyframe = self.frames[self.frames_sent % len(self.frames)]
+        packet = av.Packet(data)
+        packet.pts = self.frames_sent * 90000 // FPS
+        packet.time_base = fractions.Fraction(1, 90000)
+        packet.is_keyframe = keyframe
+        self.frames_sent += 1
+        return packet
+
+
 # --- load generator processes ---------------------------------------------------
 
 
-async def _forward_subscriber(url: str, room: str, token: str, meters: list[Any]) -> Any:
+class Subscriber:
+    """One subscriber's peer connection, what it counted, and what its REMB names."""
+
+    def __init__(self, peer: Any, meter: Any, remb: bool) -> None:
+        self.peer = peer
+        self.meter = meter
+        self.remb = remb
+        self.video_receivers: list[Any] = []
+        self.ssrc: int | None = None
+
+    def on_header(self, ssrc: int, seq: int, ts: int, marker: bool, size: int) -> None:
+        self.ssrc = ssrc
+        self.meter.count(seq, ts, marker, size, time.monotonic())
+
+
+def _count_at_socket(subscriber: Subscriber, pc: Any) -> None:
+    from mediaserver.aiortc_adapter import count_rtp_headers
+
+    count_rtp_headers(pc, subscriber.on_header)
+
+
+async def _forward_subscriber(url: str, room: str, token: str) -> Subscriber:
     from bench.meter import StreamMeter
     from mediaserver.aiortc_adapter import InboundTap
     from signalling.client import ConsultationClient
 
-    meter = StreamMeter()
+    subscriber = Subscriber(None, StreamMeter(), remb=True)
 
     def tap(transceiver: Any) -> None:
+        # Until counting at the socket takes over: nothing decoded, nothing buffered.
         async def on_packet(packet: Any) -> None:
             if transceiver.kind == "video":
-                meter.add(packet)
+                subscriber.on_header(packet.ssrc, packet.sequence_number, packet.timestamp, bool(packet.marker),
+                                     len(packet.payload))
 
         InboundTap(transceiver.receiver, on_packet)
+        if transceiver.kind == "video":
+            subscriber.video_receivers.append(transceiver.receiver)
 
     client = ConsultationClient(url, room, token, publish=False, on_new_transceiver=tap)
     await client.join()
-    meters.append(meter)
-    return client
+    subscriber.peer = client
+    return subscriber
 
 
-async def _naive_subscriber(url: str, meters: list[Any]) -> Any:
+async def _naive_subscriber(url: str) -> Subscriber:
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
     from bench.meter import StreamMeter
     from mediaserver.aiortc_adapter import InboundTap
 
-    meter = StreamMeter()
     pc = RTCPeerConnection()
+    subscriber = Subscriber(pc, StreamMeter(), remb=False)  # (the relay's encoders ignore REMB: held at a rate)
     transceiver = pc.addTransceiver("video", direction="recvonly")
 
     async def on_packet(packet: Any) -> None:
-        meter.add(packet)
+        subscriber.on_header(packet.ssrc, packet.sequence_number, packet.timestamp, bool(packet.marker),
+                             len(packet.payload))
 
     InboundTap(transceiver.receiver, on_packet)
     await pc.setLocalDescription(await pc.createOffer())
@@ -80,25 +193,30 @@ async def _naive_subscriber(url: str, meters: list[Any]) -> Any:
         async with http.post(f"{url}/subscribe", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as r:
             answer = await r.json()
     await pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
-    meters.append(meter)
-    return pc
+    connected = asyncio.Event()
+
+    @pc.on("connectionstatechange")
+    def _() -> None:
+        if pc.connectionState == "connected":
+            connected.set()
+
+    if pc.connectionState != "connected":
+        await asyncio.wait_for(connected.wait(), 30)
+    return subscriber
 
 
-async def _publisher(mode: str, url: str, room: str, token: str, bitrate: int) -> tuple[Any, Any]:
+async def _publisher(mode: str, url: str, room: str, token: str, frames: list[tuple[bytes, bool]]) -> tuple[Any, Any]:
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
-    from bench.synthetic import StampedVideoTrack
-    from mediaserver.aiortc_adapter import hold_encoder_bitrate
     from signalling.client import ConsultationClient
 
-    video = StampedVideoTrack(1, 640, 480, FPS)
+    video = ReplayVideoTrack(frames)
     if mode == "forward":
-        client = ConsultationClient(url, room, token, video=video,
-                                    on_new_transceiver=lambda t: hold_encoder_bitrate(t.sender, bitrate))
+        client = ConsultationClient(url, room, token, video=video)
         await client.join()
         return client, video
     pc = RTCPeerConnection()
-    hold_encoder_bitrate(pc.addTrack(video), bitrate)
+    pc.addTrack(video)
     await pc.setLocalDescription(await pc.createOffer())
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{url}/publish", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as r:
@@ -107,14 +225,30 @@ async def _publisher(mode: str, url: str, room: str, token: str, bitrate: int) -
     return pc, video
 
 
-async def _generator(conn: Connection, mode: str, url: str, room: str) -> None:
+async def _send_rembs(subscribers: list[Subscriber]) -> None:
+    """Every subscriber's REMB, once a second, as a browser sends its receive estimate."""
+    from mediaserver.aiortc_adapter import send_bitrate_cap
+
+    while True:
+        await asyncio.sleep(REMB_INTERVAL)  # (the REMB's own period)
+        for subscriber in list(subscribers):
+            if subscriber.remb and subscriber.ssrc is not None:
+                for receiver in subscriber.video_receivers:
+                    try:
+                        await send_bitrate_cap(receiver, REMB_CLAIM, [subscriber.ssrc])
+                    except ConnectionError:
+                        pass
+
+
+async def _generator(conn: Connection, mode: str, url: str, frames: list[tuple[bytes, bool]]) -> None:
     from mediaserver.aiortc_adapter import restrict_host_addresses
 
     restrict_host_addresses(["127.0.0.1"])
     loop = asyncio.get_running_loop()
-    meters: list[Any] = []
+    subscribers: list[Subscriber] = []
     peers: list[Any] = []
-    video = None
+    videos: list[Any] = []
+    rembs = asyncio.ensure_future(_send_rembs(subscribers))
     window_start = time.monotonic()
     cpu_start = time.process_time()
     frames_start = 0
@@ -122,79 +256,206 @@ async def _generator(conn: Connection, mode: str, url: str, room: str) -> None:
         command: dict[str, Any] = await loop.run_in_executor(None, conn.recv)
         kind = command["cmd"]
         if kind == "publish":
-            peer, video = await _publisher(mode, url, room, command["token"], command["bitrate"])
+            peer, video = await _publisher(mode, url, command["room"], command["token"], frames)
             peers.append(peer)
+            videos.append(video)
             conn.send({"ok": True})
         elif kind == "add":
-            new: list[Any] = []
+            new: list[Subscriber] = []
             for token in command["tokens"]:
                 if mode == "forward":
-                    peers.append(await _forward_subscriber(url, room, token, new))
+                    new.append(await _forward_subscriber(url, command["room"], token))
                 else:
-                    peers.append(await _naive_subscriber(url, new))
+                    new.append(await _naive_subscriber(url))
             deadline = time.monotonic() + 30
-            while any(m.packets == 0 for m in new) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            meters.extend(new)
-            conn.send({"ok": all(m.packets for m in new)})
+            while any(s.meter.packets == 0 for s in new) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)  # (polling the counters, bounded)
+            for subscriber in new:  # (connected and receiving: counting at the socket takes over)
+                pc = subscriber.peer.pc if mode == "forward" else subscriber.peer
+                if subscriber.meter.packets:
+                    _count_at_socket(subscriber, pc)
+            subscribers.extend(new)
+            conn.send({"ok": all(s.meter.packets for s in new)})
         elif kind == "reset":
-            for meter in meters:
-                meter.reset()
+            for subscriber in subscribers:
+                subscriber.meter.reset()
             window_start, cpu_start = time.monotonic(), time.process_time()
-            frames_start = video.frames_sent if video is not None else 0
+            frames_start = sum(v.frames_sent for v in videos)
             conn.send({"ok": True})
         elif kind == "stats":
             seconds = time.monotonic() - window_start
             conn.send({
-                "subscribers": [m.summary(seconds) for m in meters],
+                "subscribers": [s.meter.summary(seconds) for s in subscribers],
                 "cpu": (time.process_time() - cpu_start) / seconds,
-                "frames_sent": (video.frames_sent - frames_start) if video is not None else 0,
+                "frames_sent": sum(v.frames_sent for v in videos) - frames_start,
+                "publishers": len(videos),
                 "seconds": seconds,
             })
         elif kind == "stop":
+            rembs.cancel()
+            for subscriber in subscribers:
+                await subscriber.peer.close()
             for peer in peers:
                 await peer.close()
             conn.send({"ok": True})
             return
 
 
-def _generator_main(conn: Connection, mode: str, url: str, room: str) -> None:
-    asyncio.run(_generator(conn, mode, url, room))
+def _generator_main(conn: Connection, mode: str, url: str, frames: list[tuple[bytes, bool]]) -> None:
+    asyncio.run(_generator(conn, mode, url, frames))
 
 
-# --- orchestration -----------------------------------------------------------------
+# --- the server's processes ---------------------------------------------------------
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a server's media workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def _tree_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass  # (a worker gone: its CPU is lost with it)
+    return total
 
 
 class ServerUnderTest:
-    """The forwarding SFU (`nara serve`) or the naive relay, in a process of its own."""
+    """The forwarding SFU (`nara serve`) or the naive relay, in processes of their own."""
 
-    def __init__(self, mode: str, bitrate: int, workdir: Path) -> None:
+    def __init__(self, mode: str, bitrate: int, workdir: Path, workers: int | None, uvloop: bool) -> None:
         self.mode = mode
-        self.room = ""
         self.nara: NaraServer | None = None
-        if mode == "forward":
-            self.nara = NaraServer(workdir / "forward-data")
-            self.url, self.process = self.nara.url, self.nara.process
-        else:
-            port = free_port()
-            self.url = f"http://127.0.0.1:{port}"
-            self.process = start_python("bench.naive_relay", "--port", str(port), "--bitrate", str(bitrate),
-                                        ready="ready")
+        self.env_backup = os.environ.get("PYTHONPATH")
+        if uvloop:
+            _use_uvloop(workdir)
+        try:
+            if mode == "forward":
+                options = ("--workers", str(workers)) if workers is not None else ()
+                self.nara = NaraServer(workdir / f"forward-data-{time.monotonic_ns()}", options)
+                self.url, self.process = self.nara.url, self.nara.process
+            else:
+                port = free_port()
+                self.url = f"http://127.0.0.1:{port}"
+                self.process = start_python("bench.naive_relay", "--port", str(port), "--bitrate", str(bitrate),
+                                            ready="ready")
+        finally:
+            if uvloop:
+                _restore_env(self.env_backup)
 
-    async def prepare(self) -> None:
-        if self.nara is not None:
-            self.room = await self.nara.consultation("bench")
+    async def consultation(self, title: str) -> str:
+        return await self.nara.consultation(title) if self.nara is not None else ""
 
-    async def tokens(self, role: str, count: int) -> list[str]:
+    async def tokens(self, room: str, role: str, count: int) -> list[str]:
         if self.nara is None:
             return [""] * count
-        return [await self.nara.token(self.room, "bench", role) for _ in range(count)]
+        return [await self.nara.token(room, "bench", role) for _ in range(count)]
 
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.process.pid)
+    def pids(self) -> list[int]:
+        return process_tree(self.process.pid)
+
+    async def stats(self) -> dict[str, Any]:
+        if self.nara is None:
+            return {}
+        rooms: dict[str, Any] = (await self.nara.api("GET", "/api/stats")).get("rooms", {})
+        return rooms
+
+    async def forwarding_delay(self) -> DelaySnapshot | None:
+        if self.nara is None:
+            return None
+        total = DelaySnapshot.empty()
+        for participants in (await self.stats()).values():
+            for participant in participants.values():
+                for published in participant.get("published", {}).values():
+                    if "forwarding_delay" in published:
+                        total = total + DelaySnapshot.from_json(published["forwarding_delay"])
+        return total
+
+    async def levels(self) -> tuple[int, int]:
+        """(subscriptions on the original, all subscriptions) of video."""
+        on, total = 0, 0
+        for participants in (await self.stats()).values():
+            for participant in participants.values():
+                for received in participant.get("received", []):
+                    if str(received.get("from", "")).endswith("/video"):
+                        total += 1
+                        on += received.get("level") == "original"
+        return on, total
 
     def stop(self) -> None:
         stop(self.process)
+
+
+def _use_uvloop(workdir: Path) -> None:
+    """Make every Python process started from here on (the server and its workers) run uvloop."""
+    site = workdir / "uvloop-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import asyncio\nimport uvloop\nasyncio.set_event_loop_policy(uvloop.EventLoopPolicy())\n")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+
+
+def _restore_env(value: str | None) -> None:
+    if value is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = value
+
+
+# --- profiles ------------------------------------------------------------------------
+
+
+def start_profiles(pids: list[int], seconds: float, directory: Path, label: str) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each of the server's processes for the measurement window (raw stacks, one file each)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    directory.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
+                              "--format", "raw", "--nonblocking", "-o", str(directory / f"{label}-{pid}.raw")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for pid in pids]
+
+
+def own_time(files: list[Path], top: int = 12) -> list[tuple[str, float]]:
+    """The functions with the most samples at the top of the stack (own time), as shares of the busy
+    samples (the event loop waiting in ``select`` is idle, left out)."""
+    counts: dict[str, int] = {}
+    total = 0
+    for path in files:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            leaf = stack.rsplit(";", 1)[-1]
+            name, _, where = leaf.partition(" (")
+            module = where.rsplit("/", 1)[-1].split(":", 1)[0]
+            key = f"{name} ({module})"
+            if name.endswith("Selector.select") or name == "select":
+                continue
+            counts[key] = counts.get(key, 0) + int(count)
+            total += int(count)
+    return [(key, n / total) for key, n in sorted(counts.items(), key=lambda kv: -kv[1])[:top]] if total else []
+
+
+# --- orchestration -----------------------------------------------------------------
 
 
 async def _ask(conn: Connection, command: dict[str, Any]) -> dict[str, Any]:
@@ -203,55 +464,104 @@ async def _ask(conn: Connection, command: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-async def run_mode(mode: str, steps: list[int], duration: float, bitrate: int, workdir: Path,
-                   generators_count: int = 2, progress: Any = print) -> list[dict[str, Any]]:
-    server = ServerUnderTest(mode, bitrate, workdir)
+async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple[bytes, bool]], workdir: Path,
+                   progress: Any = print) -> list[dict[str, Any]]:
+    room_size = options.room_size if mode == "forward" else 0  # (the naive relay has one room)
+    server = ServerUnderTest(mode, options.bitrate, workdir, options.workers if mode == "forward" else None,
+                             options.uvloop and mode == "forward")
     context = multiprocessing.get_context("spawn")
-    workers: list[tuple[Any, Connection]] = []
+    generators: list[tuple[Any, Connection]] = []
+    rooms: list[tuple[str, int, int]] = []  # (consultation, generator, subscribers in it)
     try:
-        await server.prepare()
-        for _ in range(generators_count + 1):  # worker 0 publishes
+        for _ in range(options.generators):
             parent, child = context.Pipe()
-            process = context.Process(target=_generator_main, args=(child, mode, server.url, server.room))
+            process = context.Process(target=_generator_main, args=(child, mode, server.url, frames))
             process.start()
-            workers.append((process, parent))
-        publisher = workers[0][1]
-        generators = [conn for _, conn in workers[1:]]
-        await _ask(publisher, {"cmd": "publish", "token": (await server.tokens("kit", 1))[0],
-                               "bitrate": bitrate})
+            generators.append((process, parent))
+
+        async def open_room(generator: int) -> None:
+            room = await server.consultation(f"bench {len(rooms)}")
+            token = (await server.tokens(room, "kit", 1))[0]
+            await _ask(generators[generator][1], {"cmd": "publish", "room": room, "token": token})
+            rooms.append((room, generator, 0))
+
+        async def add(count: int) -> list[dict[str, Any]]:
+            """``count`` more subscribers; wait (bounded) until the server has every one on the original."""
+            # Who gets them: the consultation being filled, then new ones, each (publisher and
+            # subscribers) in one generator, consultations spread round the generators.
+            plan: dict[int, list[tuple[str, int]]] = {}
+            for _ in range(count):
+                if not rooms or (room_size and rooms[-1][2] >= room_size):
+                    await open_room(len(rooms) % len(generators) if room_size else 0)
+                room, _, count = rooms[-1]
+                generator = rooms[-1][1] if room_size else (count % len(generators))
+                plan.setdefault(generator, []).append((room, count))
+                rooms[-1] = (room, rooms[-1][1], count + 1)
+            replies = []
+            for generator, wanted in plan.items():
+                by_room: dict[str, int] = {}
+                for room, _ in wanted:
+                    by_room[room] = by_room.get(room, 0) + 1
+                for room, count in by_room.items():
+                    tokens = await server.tokens(room, "observer", count)
+                    replies.append(_ask(generators[generator][1], {"cmd": "add", "room": room, "tokens": tokens}))
+            answers = await asyncio.gather(*replies)
+            settle_started = time.monotonic()
+            on, total = await server.levels()
+            while on < total and time.monotonic() - settle_started < SETTLE_LIMIT:
+                await asyncio.sleep(0.5)  # (polling the server's levels, bounded)
+                on, total = await server.levels()
+            return list(answers)
+
         results = []
         current = 0
         for n in steps:
-            tokens = await server.tokens("observer", n - current)
-            shares = [tokens[i::len(generators)] for i in range(len(generators))]
-            replies = await asyncio.gather(*(
-                _ask(g, {"cmd": "add", "tokens": share})
-                for g, share in zip(generators, shares, strict=True)
-                if share
-            ))
-            current = n
-            await asyncio.sleep(WARMUP)  # let the new subscribers' keyframes and rates settle
-            for _, conn in workers:
+            answers = []
+            while current < n:
+                batch = min(BATCH, n - current)
+                answers += await add(batch)
+                current += batch
+            on, total = await server.levels()
+            await asyncio.sleep(WARMUP)  # let the last moves' keyframes and rates settle
+            for _, conn in generators:
                 await _ask(conn, {"cmd": "reset"})
-            cpu_start, wall_start = server.cpu_seconds(), time.monotonic()
-            await asyncio.sleep(duration)  # the measurement window
-            server_cores = (server.cpu_seconds() - cpu_start) / (time.monotonic() - wall_start)
-            stats = [await _ask(conn, {"cmd": "stats"}) for _, conn in workers]
-            subscribers = [s for st in stats[1:] for s in st["subscribers"]]
-            sent_fps = stats[0]["frames_sent"] / stats[0]["seconds"]
-            step = {
+            pids = server.pids()
+            profiles = (start_profiles(pids, options.duration, Path(options.profile), f"{mode}-{n}")
+                        if options.profile and mode == "forward" else [])
+            delay_start = await server.forwarding_delay()
+            cpu_start, wall_start = _tree_cpu(pids), time.monotonic()
+            await asyncio.sleep(options.duration)  # the measurement window
+            server_cores = (_tree_cpu(pids) - cpu_start) / (time.monotonic() - wall_start)
+            delay_end = await server.forwarding_delay()
+            for profile in profiles:
+                profile.wait(timeout=options.duration + 30)
+            stats = [await _ask(conn, {"cmd": "stats"}) for _, conn in generators]
+            subscribers = [s for st in stats for s in st["subscribers"]]
+            publishers = sum(st["publishers"] for st in stats)
+            sent_fps = sum(st["frames_sent"] for st in stats) / stats[0]["seconds"] / max(publishers, 1)
+            step: dict[str, Any] = {
                 "mode": mode,
                 "subscribers": n,
-                "all_receiving": all(r["ok"] for r in replies),
+                "consultations": len(rooms),
+                "server_processes": len(pids),
+                "on_original": on,
+                "all_receiving": all(r["ok"] for r in answers),
                 "server_cores": server_cores,
-                "generator_cores": sum(st["cpu"] for st in stats[1:]),
-                "publisher_cores": stats[0]["cpu"],
+                "generator_cores": sum(st["cpu"] for st in stats),
                 "sent_fps": sent_fps,
                 "min_fps": min(s["frames_per_second"] for s in subscribers),
                 "mean_kbit_per_second": sum(s["kbit_per_second"] for s in subscribers) / len(subscribers),
                 "max_loss": max(s["loss"] for s in subscribers),
                 "max_delay_p95_ms": max(s["delay_p95_ms"] for s in subscribers),
             }
+            if delay_start is not None and delay_end is not None:
+                window = delay_end.since(delay_start)
+                for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+                    value = window.quantile(q)
+                    step[f"forwarding_delay_{name}_ms"] = value * 1000 if value is not None else None
+                step["forwarded_packets"] = window.total
+            if profiles:
+                step["profile"] = own_time([Path(options.profile) / f"{mode}-{n}-{pid}.raw" for pid in pids])
             step["degraded"] = (
                 step["min_fps"] < DEGRADED_DELIVERY * sent_fps
                 or step["max_loss"] > DEGRADED_LOSS
@@ -259,11 +569,11 @@ async def run_mode(mode: str, steps: list[int], duration: float, bitrate: int, w
             )
             results.append(step)
             progress(_row(step))
-        for _, conn in workers:
+        for _, conn in generators:
             await _ask(conn, {"cmd": "stop"})
         return results
     finally:
-        for process, _ in workers:
+        for process, _ in generators:
             process.join(timeout=20)
             if process.is_alive():
                 process.kill()
@@ -282,15 +592,21 @@ def marginal_cost(steps: list[dict[str, Any]]) -> tuple[float, float]:
     return slope, mean_y - slope * mean_x
 
 
-HEADER = (f"{'server':8} {'N':>4} {'server cores':>12} {'gen cores':>9} {'min fps':>7} "
-          f"{'kbit/s':>7} {'max loss':>8} {'p95 delay':>9}  state")
+HEADER = (f"{'server':8} {'N':>4} {'rooms':>5} {'server cores':>12} {'gen cores':>9} {'min fps':>7} "
+          f"{'kbit/s':>7} {'max loss':>8} {'p95 delay':>9} {'fwd p50/p95/p99 ms':>20} {'orig':>5}  state")
 
 
 def _row(s: dict[str, Any]) -> str:
     state = "degraded" if s["degraded"] else "ok"
-    return (f"{s['mode']:8} {s['subscribers']:>4} {s['server_cores']:>12.3f} {s['generator_cores']:>9.2f} "
-            f"{s['min_fps']:>7.1f} {s['mean_kbit_per_second']:>7.0f} {s['max_loss']:>8.2%} "
-            f"{s['max_delay_p95_ms']:>7.1f}ms  {state}")
+    held = "-"
+    if s.get("forwarding_delay_p95_ms") is not None:
+        held = "/".join(f"{s[f'forwarding_delay_{q}_ms']:.2f}" for q in ("p50", "p95", "p99"))
+    line = (f"{s['mode']:8} {s['subscribers']:>4} {s['consultations']:>5} {s['server_cores']:>12.3f} "
+            f"{s['generator_cores']:>9.2f} {s['min_fps']:>7.1f} {s['mean_kbit_per_second']:>7.0f} "
+            f"{s['max_loss']:>8.2%} {s['max_delay_p95_ms']:>7.1f}ms {held:>20} {s['on_original']:>5}  {state}")
+    for name, share in s.get("profile", [])[:8]:
+        line += f"\n    {share:6.1%}  {name}"
+    return line
 
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -306,6 +622,17 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "streams_per_core": (1 / slope) if slope > 0 else float("inf"),
             "largest_healthy_n": max(healthy) if healthy else 0,
         }
+    if "forward" in summary:
+        # The load closest to 80 % of one core's capacity (capacity: 1 core / marginal CPU per subscriber).
+        capacity = summary["forward"]["streams_per_core"]
+        if math.isfinite(capacity):
+            target = 0.8 * capacity
+            nearest = min(results["forward"], key=lambda s: abs(s["subscribers"] - target))
+            summary["forward"]["capacity_80_percent"] = target
+            summary["forward"]["step_nearest_80_percent"] = {
+                "subscribers": nearest["subscribers"], "share_of_capacity": nearest["subscribers"] / capacity,
+                **{k: nearest.get(k) for k in ("forwarding_delay_p50_ms", "forwarding_delay_p95_ms",
+                                               "forwarding_delay_p99_ms")}}
     if "forward" in summary and "naive" in summary:
         summary["naive_over_forward"] = (
             summary["naive"]["marginal_cores_per_subscriber"]
@@ -315,24 +642,38 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
-    forward_steps = sorted({int(n) for n in args.subscribers.split(",")})
-    naive_steps = sorted({int(n) for n in args.naive_subscribers.split(",")})
-    print(f"nara bench forward: 640x480@{FPS} VP8 at {args.bitrate // 1000} kbit/s, "
-          f"{args.duration:.0f} s per step, {args.generators} generator processes", flush=True)
+    forward_steps = sorted({int(n) for n in args.subscribers.split(",") if n})
+    naive_steps = sorted({int(n) for n in args.naive_subscribers.split(",") if n})
+    shape = f"consultations of 1 + {args.room_size}" if args.room_size else "one consultation"
+    workers = "default workers" if args.workers is None else f"--workers {args.workers}"
+    print(f"nara bench forward: 640x480@{FPS} VP8 clip at {args.bitrate // 1000} kbit/s, {shape}, "
+          f"{args.duration:.0f} s per step, {args.generators} generator processes, {workers}"
+          f"{', uvloop' if args.uvloop else ''}", flush=True)
+    print("encoding the clip ...", flush=True)
+    frames = encode_clip(args.bitrate)
+    clip_rate = sum(len(d) for d, _ in frames) * 8 / (len(frames) / FPS)
+    print(f"clip: {len(frames)} frames, {clip_rate / 1000:.0f} kbit/s, "
+          f"{sum(k for _, k in frames)} keyframes", flush=True)
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         results = {
-            mode: asyncio.run(run_mode(mode, steps, args.duration, args.bitrate, Path(tmp),
-                                       args.generators, lambda r: print(r, flush=True)))
-            for mode, steps in (("forward", forward_steps), ("naive", naive_steps))
+            mode: asyncio.run(run_mode(mode, steps, args, frames, Path(tmp), lambda r: print(r, flush=True)))
+            for mode, steps in (("forward", forward_steps), ("naive", naive_steps)) if steps
         }
     summary = summarise(results)
     print()
-    for mode in ("forward", "naive"):
+    for mode in results:
         s = summary[mode]
-        print(f"{mode:8} marginal {s['marginal_cores_per_subscriber'] * 1000:.1f} millicores per subscriber "
+        print(f"{mode:8} marginal {s['marginal_cores_per_subscriber'] * 1000:.2f} millicores per subscriber "
               f"(= {s['streams_per_core']:.0f} streams per core), largest healthy N {s['largest_healthy_n']}")
-    print(f"naive / forward CPU per subscriber: {summary['naive_over_forward']:.1f}x")
+    if "forward" in summary and "step_nearest_80_percent" in summary["forward"]:
+        near = summary["forward"]["step_nearest_80_percent"]
+        print(f"80 % of one core's capacity: {summary['forward']['capacity_80_percent']:.0f} subscribers; "
+              f"nearest step N = {near['subscribers']} ({near['share_of_capacity']:.0%} of capacity): forwarding "
+              f"delay p50/p95/p99 {near['forwarding_delay_p50_ms']} / {near['forwarding_delay_p95_ms']} / "
+              f"{near['forwarding_delay_p99_ms']} ms")
+    if "naive_over_forward" in summary:
+        print(f"naive / forward CPU per subscriber: {summary['naive_over_forward']:.1f}x")
     if args.output:
         Path(args.output).write_text(json.dumps({"steps": results, "summary": summary}, indent=2))
     return 0

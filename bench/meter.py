@@ -29,17 +29,21 @@ class StreamMeter:
         self.delays = []
 
     def add(self, packet: RtpPacket, arrival: float | None = None) -> None:
-        arrival = time.monotonic() if arrival is None else arrival
+        self.count(packet.sequence_number, packet.timestamp, bool(packet.marker), len(packet.payload),
+                   time.monotonic() if arrival is None else arrival)
+
+    def count(self, sequence_number: int, timestamp: int, marker: bool, size: int, arrival: float) -> None:
+        """One packet, from its header alone (``size``: what is counted as its bytes)."""
         self.packets += 1
-        self.bytes += len(packet.payload)
-        if packet.marker:
+        self.bytes += size
+        if marker:
             self.frames += 1
-        seq = self._extend_seq(packet.sequence_number)
+        seq = self._extend_seq(sequence_number)
         if self.first_seq is None or seq < self.first_seq:
             self.first_seq = seq
         if self.highest_seq is None or seq > self.highest_seq:
             self.highest_seq = seq
-        ts = self._extend_ts(packet.timestamp)
+        ts = self._extend_ts(timestamp)
         # One-way delay up to a constant: arrival time minus media time.
         self.delays.append(arrival - ts / self.clock_rate)
 

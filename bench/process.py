@@ -62,7 +62,8 @@ def resident_mb(pid: int) -> float:
 
 def start_python(module: str, *args: str, ready: str) -> subprocess.Popen[str]:
     """Start ``python -m module args``, returning once it prints a line containing ``ready``."""
-    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    # (a PYTHONPATH already set comes after the project: nara bench forward --uvloop puts a sitecustomize there)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(PROJECT), os.environ.get("PYTHONPATH")) if p)}
     process = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     assert process.stdout is not None
