@@ -558,3 +558,31 @@ async def test_direct_send_writes_what_aiortcs_own_path_writes_and_stamps_arriva
         await sender_pc.close()
         await receiver_pc.close()
         restrict_host_addresses(None)
+
+
+async def test_rtp_counted_at_the_socket_by_its_header_still_shows_in_receiver_reports() -> None:
+    from mediaserver.aiortc_adapter import count_rtp_headers
+
+    global arrived
+    arrived = asyncio.Event()  # (this test's loop: the module's event may belong to an earlier test's)
+    restrict_host_addresses(["127.0.0.1"])
+    sender_pc, receiver_pc, port, received, feedback, tap = await connected_pair()
+    headers: list[tuple[int, int, int, bool]] = []
+    try:
+        payload = bytes([0x10, 0x00]) + bytes(300)
+        await port.send(payload, sequence_number=700, timestamp=1000, marker=1)
+        await asyncio.wait_for(_until(lambda: len(received) == 1), 5)  # (routed once by aiortc: its SSRC is known)
+        count_rtp_headers(receiver_pc, lambda ssrc, seq, ts, marker, size: headers.append((ssrc, seq, ts, marker)))
+        for i in range(1, 6):
+            await port.send(payload, sequence_number=700 + i, timestamp=1000 + 3000 * i, marker=i % 2)
+        # aiortc's receive path sees none of them; the counter sees each header, as sent
+        await asyncio.wait_for(_until(lambda: any(f.kind == "report" and f.highest_sequence % 65536 == 705
+                                                  for f in feedback)), 5)
+        assert headers == [(port.ssrc, 700 + i, 1000 + 3000 * i, bool(i % 2)) for i in range(1, 6)]
+        assert len(received) == 1
+        report = next(f for f in feedback if f.kind == "report" and f.highest_sequence % 65536 == 705)
+        assert report.packets_lost == 0
+    finally:
+        await sender_pc.close()
+        await receiver_pc.close()
+        restrict_host_addresses(None)
