@@ -301,11 +301,6 @@ class WorkerPool:
     async def _lost(self, worker: WorkerProcess) -> None:
         """The worker's stream ended: it exited, was killed, or broke the protocol."""
         was_up, worker.up = worker.up, False
-        if not self.closing:
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.kill()  # already gone, or past saving
-        code = await worker.process.wait()
-        worker.writer.close()
         for future in worker.pending.values():
             if not future.done():
                 future.set_exception(worker_lost())
@@ -313,7 +308,12 @@ class WorkerPool:
         lost = list(worker.sessions.values())
         worker.sessions.clear()
         for room in [room for room, placed in self.placement.items() if placed is worker]:
-            del self.placement[room]
+            del self.placement[room]  # its next join is placed again, on a worker that is up
+        if not self.closing:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()  # already gone, or past saving
+        code = await worker.process.wait()
+        worker.writer.close()
         if self.closing:
             return
         logger.error("media worker %d (pid %d) exited (%s)%s; %d participant(s) in %d consultation(s) move",
@@ -323,22 +323,22 @@ class WorkerPool:
             self._spawn(peer.on_failed(peer, WORKER_LOST))
         await self._notify()
         if self.workers[worker.index] is worker:
-            self._spawn(self._restart(worker))
+            self._spawn(self._restart(worker.index, time.monotonic() - worker.started_at))
 
-    async def _restart(self, dead: WorkerProcess) -> None:
-        index = dead.index
-        lived = time.monotonic() - dead.started_at
+    async def _restart(self, index: int, lived: float) -> None:
+        """Start a worker in place of one that died after ``lived`` seconds, after a back-off that grows while
+        its workers keep dying young (a worker that cannot start is not started in a loop)."""
         self.deaths_in_a_row[index] = 1 if lived > STABLE_AFTER else self.deaths_in_a_row[index] + 1
         first, longest = RESTART_DELAY
-        delay = min(first * 2 ** (self.deaths_in_a_row[index] - 1), longest)
-        await asyncio.sleep(delay)  # the back-off itself: a worker that dies at once is not started in a loop
+        await asyncio.sleep(min(first * 2 ** (self.deaths_in_a_row[index] - 1), longest))  # the back-off
         if self.closing:
             return
         self.restarts[index] += 1
         try:
             await self._start_worker(index)
-        except OSError as exc:
+        except OSError as exc:  # no process could be made (out of memory, process limit): later
             logger.error("media worker %d could not be started: %s", index, exc)
+            self._spawn(self._restart(index, 0.0))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.ensure_future(coroutine)
