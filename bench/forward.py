@@ -62,7 +62,6 @@ CLIP_SECONDS = 4  # the replayed clip: two keyframe intervals
 KEYFRAME_INTERVAL = 2.0
 WARMUP = 2.0
 SETTLE_LIMIT = 30.0  # seconds a batch of new subscribers may take to be on the original
-BATCH = 12  # subscribers joining at once: consultations start one by one, not all in the same second
 REMB_CLAIM = 5_000_000  # bit/s each subscriber's REMB claims
 REMB_INTERVAL = 1.0
 DEGRADED_DELIVERY = 0.95
@@ -518,7 +517,7 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
         for n in steps:
             answers = []
             while current < n:
-                batch = min(BATCH, n - current)
+                batch = min(options.batch, n - current)
                 answers += await add(batch)
                 current += batch
             on, total = await server.levels()

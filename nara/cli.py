@@ -528,6 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--generators", type=int, default=2, help="subscriber load processes")
     forward.add_argument("--room-size", type=int, default=0, metavar="K",
                          help="consultations of 1 publisher + K subscribers (default 0: one consultation for all)")
+    forward.add_argument("--batch", type=int, default=24,
+                         help="subscribers joining at once; each batch is on the original before the next joins")
     forward.add_argument("--workers", type=int, metavar="N", help="nara serve --workers N (default: its own)")
     forward.add_argument("--uvloop", action="store_true", help="run the server and its workers on uvloop")
     forward.add_argument("--profile", metavar="DIR",
