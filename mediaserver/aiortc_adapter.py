@@ -363,6 +363,7 @@ class OutboundPort:
         self.payload_type: int | None = None
         self.mid: str | None = None
         self._templates: list[_HeaderTemplate | None] = [None, None]  # direct_send's headers, without/with level
+        self._route: _Route | None = None  # where direct_send writes, while the ICE pair stays
         original = sender._handle_rtcp_packet
 
         async def handle_rtcp_packet(packet: AnyRtcpPacket) -> None:
@@ -397,6 +398,7 @@ class OutboundPort:
         self.payload_type = payload_type
         self.mid = mid
         self._templates = [None, None]
+        self._route = None
 
     @property
     def sent(self) -> tuple[int, int]:
@@ -867,7 +869,7 @@ def stamp_arrivals(receiver: RTCRtpReceiver) -> _ArrivalStamps | None:
 class _HeaderTemplate:
     """One outbound stream's RTP header, laid out by aiortc, with the offsets of what changes per packet."""
 
-    __slots__ = ("buffer", "abs_send_time_at", "audio_level_at")
+    __slots__ = ("buffer", "payload_type", "abs_send_time_at", "audio_level_at")
 
     def __init__(self, port: OutboundPort, audio_level: bool) -> None:
         extensions_map = port._sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
@@ -878,6 +880,7 @@ class _HeaderTemplate:
         packet.extensions.audio_level = (False, 0) if audio_level else None
         header = packet.serialize(extensions_map)
         self.buffer = bytearray(header)
+        self.payload_type = header[1] & 0x7F
         self.abs_send_time_at = 0
         self.audio_level_at = 0
         if len(header) == 12:
@@ -897,6 +900,29 @@ class _HeaderTemplate:
             at += 1 + length
 
 
+class _Route:
+    """Where one outbound stream's packets go while its DTLS transport and ICE pair stay the same
+    (looked up once, not through aiortc's properties for every packet)."""
+
+    __slots__ = ("dtls", "nominated", "pair", "sendto", "address")
+
+    def __init__(self, dtls: Any, nominated: dict[int, Any], pair: Any) -> None:
+        self.dtls = dtls
+        self.nominated = nominated
+        self.pair = pair
+        self.sendto = pair.protocol.transport.sendto
+        self.address = pair.remote_addr
+
+
+def _find_route(sender: Any) -> _Route | None:
+    dtls = sender._RTCRtpSender__transport
+    nominated = dtls._transport._connection._nominated
+    pair = nominated.get(1)
+    if pair is None or type(pair.protocol) is not aioice.ice.StunProtocol or not sender._RTCRtpSender__started:
+        return None  # (relayed through TURN, or its header extensions not known yet: aiortc's own path)
+    return _Route(dtls, nominated, pair)
+
+
 def direct_send(port: OutboundPort, payload: bytes, sequence_number: int, timestamp: int, marker: int,
                 audio_level: tuple[bool, int] | None, arrival_ns: int, delays: DelayHistogram) -> bool:
     """Send one forwarded packet on ``port``'s stream straight to the socket; False: use ``port.send``.
@@ -906,19 +932,22 @@ def direct_send(port: OutboundPort, payload: bytes, sequence_number: int, timest
     refusals) when the packet cannot go out.
     """
     sender: Any = port._sender
-    dtls: Any = sender.transport
+    route = port._route
+    if route is None or route.dtls is not sender._RTCRtpSender__transport or route.nominated.get(1) is not route.pair:
+        if sender._RTCRtpSender__transport._state is not _DtlsState.CONNECTED:
+            raise ConnectionError("outbound stream not connected")
+        route = port._route = _find_route(sender)
+        if route is None or port.payload_type is None:
+            return False
+    dtls = route.dtls
     if dtls._state is not _DtlsState.CONNECTED:
         raise ConnectionError("outbound stream not connected")
-    pair = dtls.transport._connection._nominated.get(1)
-    if (pair is None or type(pair.protocol) is not aioice.ice.StunProtocol or port.payload_type is None
-            or not sender._RTCRtpSender__started):
-        return False  # (relayed through TURN, or its header extensions not known yet: aiortc's own path)
     templates = port._templates
     template = templates[audio_level is not None]
     if template is None:
         template = templates[audio_level is not None] = _HeaderTemplate(port, audio_level is not None)
     buffer = template.buffer
-    buffer[1] = (marker << 7) | port.payload_type
+    buffer[1] = (marker << 7) | template.payload_type
     _SEQ_TS.pack_into(buffer, 2, sequence_number, timestamp)
     now = time.time() + _NTP_OFFSET
     ntp = int(now * 4294967296.0)
@@ -934,7 +963,7 @@ def direct_send(port: OutboundPort, payload: bytes, sequence_number: int, timest
         data = dtls._tx_srtp.protect(b"".join((buffer, payload)))
     except pylibsrtp.Error as exc:
         raise SendFailed(f"SRTP refused the packet: {exc}") from exc
-    pair.protocol.transport.sendto(data, pair.remote_addr)
+    route.sendto(data, route.address)
     if arrival_ns:
         delays.record(time.monotonic_ns() - arrival_ns)
     # What aiortc's own path would have counted: its sender reports and getStats() read these.
