@@ -363,7 +363,10 @@ class Uploader:
         offset: int | None = None
         location = item.location
         if location is not None:
+            asked_at = self._loop.time()
             offset = await self._head(item, location, token)
+            logger.info("upload of %s: the server has %s bytes (asked in %.1f s)", item.id, offset,
+                        self._loop.time() - asked_at)
             if offset is None:
                 self.outbox.forget_location(item.id)
                 location = None
