@@ -184,6 +184,9 @@ class ScavengerSettings:
     # 10-20 s of every 15-20 well under what the link had carried, and the link stood a fifth empty.
     regrowth: float = 0.15
     knee_share: float = 0.9
+    # ... and from there on grows at this share of the usual pace: at the usual pace it went on past the rate
+    # of the last cut within seconds, and the queue that showed a second later was 400-500 ms long.
+    past_knee: float = 0.25
     # The uplink counts as thin (the call then packs its audio more tightly, see ``thin_uplink``) for
     # ``thin_hold`` seconds after a queue showed while the upload carried under ``thin_below``.
     thin_below: float = 250_000 / 8
@@ -326,7 +329,9 @@ class ScavengerRate:
         else:
             self._starting = False
             step = (1.0 - pressure) * max(s.min_step, s.growth * self.rate) * elapsed
-            if self._knee is not None and pressure < 0.5 and self.rate < s.knee_share * self._knee:
+            if self._knee is not None and self.rate >= s.knee_share * self._knee:
+                step *= s.past_knee
+            elif self._knee is not None and pressure < 0.5:
                 step = max(step, min(s.regrowth * self.rate * elapsed, s.knee_share * self._knee - self.rate))
             self._grow(step)
         self.rate = min(s.ceiling, max(s.floor, self.rate))

@@ -392,4 +392,4 @@ def test_after_a_cut_the_rate_grows_back_quickly_to_near_where_the_queue_showed_
         if back_at is None and rate.rate >= 0.9 * knee - 1:
             back_at = now
     assert back_at is not None and back_at - 10.0 <= 3.0  # at the usual pace: 5 s
-    assert rate.rate <= 0.9 * knee * 1.08**2 + 1  # from there on, the usual pace
+    assert rate.rate <= 0.9 * knee * 1.02**2 + 1  # from there on, a quarter of the usual pace
