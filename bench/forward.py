@@ -261,11 +261,12 @@ async def _generator(conn: Connection, mode: str, url: str, frames: list[tuple[b
             conn.send({"ok": True})
         elif kind == "add":
             new: list[Subscriber] = []
-            for token in command["tokens"]:
-                if mode == "forward":
-                    new.append(await _forward_subscriber(url, command["room"], token))
-                else:
-                    new.append(await _naive_subscriber(url))
+            for room, tokens in command["groups"]:
+                for token in tokens:
+                    if mode == "forward":
+                        new.append(await _forward_subscriber(url, room, token))
+                    else:
+                        new.append(await _naive_subscriber(url))
             deadline = time.monotonic() + 30
             while any(s.meter.packets == 0 for s in new) and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)  # (polling the counters, bounded)
@@ -497,13 +498,12 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
                 plan.setdefault(generator, []).append((room, count))
                 rooms[-1] = (room, rooms[-1][1], count + 1)
             replies = []
-            for generator, wanted in plan.items():
+            for generator, wanted in plan.items():  # (one command per generator: its pipe takes one at a time)
                 by_room: dict[str, int] = {}
                 for room, _ in wanted:
                     by_room[room] = by_room.get(room, 0) + 1
-                for room, count in by_room.items():
-                    tokens = await server.tokens(room, "observer", count)
-                    replies.append(_ask(generators[generator][1], {"cmd": "add", "room": room, "tokens": tokens}))
+                groups = [(room, await server.tokens(room, "observer", count)) for room, count in by_room.items()]
+                replies.append(_ask(generators[generator][1], {"cmd": "add", "groups": groups}))
             answers = await asyncio.gather(*replies)
             settle_started = time.monotonic()
             on, total = await server.levels()
