@@ -61,6 +61,7 @@ from dataclasses import dataclass
 KIB = 1024
 MIN_CHUNK = 16 * KIB
 MAX_CHUNK = 1024 * KIB
+MIN_BACKLOG = 4 * KIB
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,10 @@ class ScavengerSettings:
     # quarter less than the rate asked while the link stood idle as often). The bytes still go at the rate
     # on average: they are written no faster.
     catch_up: float = 1.25
+    # ... and beside a call at most this many seconds of bytes at the rate wait unsent in the socket, so what
+    # TCP catches up is bounded: 20 kB left behind by a stall went out at the catch-up rate into a link
+    # already nearly full, and the audio waited 300-400 ms.
+    backlog: float = 0.3
     catch_up_after: float = 2.0  # seconds after a cut: what it left waiting in the socket goes at the new rate
     # After a cut the rate grows back by ``regrowth`` a second (not ``growth``) while it is under
     # ``knee_share`` of the rate the cut was for and no queue shows: grown back at the usual pace, it spent
@@ -377,6 +382,13 @@ class ScavengerRate:
         if not self._calling or now - self._cut_at < s.catch_up_after:
             return self.rate
         return min(s.ceiling, self.rate * s.catch_up)
+
+    def backlog_limit(self) -> float:
+        """The most bytes that may wait unsent in the upload's socket (``backlog`` seconds at the rate, at
+        least ``MIN_BACKLOG``, beside a call; without one, no limit)."""
+        if not self._calling:
+            return float("inf")
+        return max(MIN_BACKLOG, self.rate * self.settings.backlog)
 
     def thin_uplink(self, now: float) -> bool:
         """Whether the link is thin: lately a queue showed in front of the call while the upload carried

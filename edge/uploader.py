@@ -93,6 +93,7 @@ SIOCOUTQNSD = 0x894B  # Linux: bytes in a TCP socket's send queue not sent yet
 WIRE_OVERHEAD = 1500 / 1448  # IP and TCP headers (with timestamps) on a full packet
 UPLOAD_CONGESTION_CONTROL = b"bbr"
 MAX_CHECKSUM_RETRIES = 5
+BACKLOG_WAIT = 0.02  # seconds between looks at a socket holding too much unsent
 MAX_RESTARTS = 3  # an image whose upload vanished or was reset this often in a row waits for the back-off
 DEVICE_CODES = frozenset({"device_revoked", "device_unknown", "device_credential_invalid",
                           "device_credential_missing"})
@@ -494,11 +495,15 @@ class Uploader:
         while start < len(view):
             now = self._loop.time()
             call = self.call()
-            rate = self.scavenger.update(now, call.rtt, call.in_call, self._unsent(), self._socket_signal(now))
+            unsent = self._unsent()
+            rate = self.scavenger.update(now, call.rtt, call.in_call, unsent, self._socket_signal(now))
             self._judge_link(now)
             self._bucket.set_rate(rate, now)
             self._bucket.burst = 2 * self._piece(rate)  # sized at the ceiling, it let 10 kB go at once as a call began
             self._pace_wire(self.scavenger.pacing_rate(now))
+            if unsent > self.scavenger.backlog_limit():
+                await asyncio.sleep(BACKLOG_WAIT)  # TCP is behind: what it catches up stays small
+                continue
             piece = view[start:start + self._piece(rate)]
             wait = self._bucket.take(len(piece), now)
             if wait > 0:

@@ -393,3 +393,13 @@ def test_after_a_cut_the_rate_grows_back_quickly_to_near_where_the_queue_showed_
             back_at = now
     assert back_at is not None and back_at - 10.0 <= 3.0  # at the usual pace: 5 s
     assert rate.rate <= 0.9 * knee * 1.02**2 + 1  # from there on, a quarter of the usual pace
+
+
+def test_beside_a_call_only_a_third_of_a_second_of_bytes_may_wait_unsent_in_the_socket() -> None:
+    rate = scavenger()
+    assert rate.backlog_limit() == float("inf")  # no call: the ceiling paces, the socket holds what it takes
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    rate.rate = 24_000.0
+    assert rate.backlog_limit() == pytest.approx(24_000 * 0.3)
+    rate.rate = 2_000.0
+    assert rate.backlog_limit() == 4 * KIB  # on the slowest link still a few packets
