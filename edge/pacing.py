@@ -189,9 +189,12 @@ class ScavengerSettings:
     # 10-20 s of every 15-20 well under what the link had carried, and the link stood a fifth empty.
     regrowth: float = 0.15
     knee_share: float = 0.9
-    # ... and from there on grows at this share of the usual pace: at the usual pace it went on past the rate
-    # of the last cut within seconds, and the queue that showed a second later was 400-500 ms long.
+    # ... and from there to ``knee_top`` of it at this share of the usual pace: at the usual pace it went on
+    # past the rate of the last cut within seconds, and the queue that showed a second later was 400-500 ms
+    # long. Above that, the usual pace again: slow for good, each cut a little under the last one's rate
+    # brought the next lower, and the rate sank to 140-170 kbit/s on a link with room for 210.
     past_knee: float = 0.25
+    knee_top: float = 1.05
     # The uplink counts as thin (the call then packs its audio more tightly, see ``thin_uplink``) for
     # ``thin_hold`` seconds after a queue showed while the upload carried under ``thin_below``.
     thin_below: float = 250_000 / 8
@@ -334,7 +337,7 @@ class ScavengerRate:
         else:
             self._starting = False
             step = (1.0 - pressure) * max(s.min_step, s.growth * self.rate) * elapsed
-            if self._knee is not None and self.rate >= s.knee_share * self._knee:
+            if self._knee is not None and s.knee_share * self._knee <= self.rate < s.knee_top * self._knee:
                 step *= s.past_knee
             elif self._knee is not None and pressure < 0.5:
                 step = max(step, min(s.regrowth * self.rate * elapsed, s.knee_share * self._knee - self.rate))

@@ -403,3 +403,31 @@ def test_beside_a_call_only_a_third_of_a_second_of_bytes_may_wait_unsent_in_the_
     assert rate.backlog_limit() == pytest.approx(24_000 * 0.3)
     rate.rate = 2_000.0
     assert rate.backlog_limit() == 4 * KIB  # on the slowest link still a few packets
+
+
+def test_past_the_rate_of_the_last_cut_the_rate_grows_at_the_usual_pace_again() -> None:
+    """Slow near the rate the last cut was for, but not for good: each cut a little under the last one's rate
+    would bring the next lower."""
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    acked = 0.0
+    rate.rate = 24_000.0
+    rate._starting = False
+    for tenth in range(1, 100):
+        acked += rate.rate / 10
+        rate.update(tenth / 10, RttSample(0.100, tenth / 10), sock=reading(tenth / 10, acked))
+    knee = rate.rate
+    acked += knee / 10
+    rate.update(10.0, RttSample(0.100, 10.0), sock=reading(10.0, acked, rtt=0.450))
+    now = 10.0
+    while rate.rate < 1.05 * knee and now < 60.0:  # no queue at all: TCP delivers what is asked
+        now = round(now + 0.1, 1)
+        acked += rate.rate / 10
+        rate.update(now, RttSample(0.100, now), sock=reading(now, acked))
+    assert now < 35.0  # 3 s back to 90 %, then slowly (more slowly still above what TCP delivered lately)
+    above = rate.rate
+    for _ in range(20):  # 2 s more
+        now = round(now + 0.1, 1)
+        acked += rate.rate / 10
+        rate.update(now, RttSample(0.100, now), sock=reading(now, acked))
+    assert rate.rate >= above * 1.03  # the usual pace above what TCP delivered lately: 2 % a second, not 0.5
