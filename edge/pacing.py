@@ -353,8 +353,13 @@ class ScavengerRate:
         recalled = self._recall[0][1] * s.recall_share if self._recall else 0.0
         if self.rate > max(share, recalled) and not (self._starting and self.kept_up):
             step *= 0.25  # above what TCP delivered lately: feel the way, slowly
-        if self._starting and self.kept_up is False:
-            self._starting = False  # TCP no longer keeps up with the doubling: the link is full, or nearly
+        settled = self._heard is not None and self._heard.acked >= s.socket_settle
+        if self._starting and self.kept_up is False and settled:
+            # TCP no longer keeps up with the doubling: the link is full, or nearly. Not on a connection that has
+            # not carried ``socket_settle`` yet: its own start (handshake, first round trips, a loss repaired
+            # with a timeout) delivered 60-80 % of a slow start's rate and ended it at 110 kbit/s, and growing
+            # from there at the usual pace took 20 s.
+            self._starting = False
         ceiling = share * s.start_headroom if self._starting else share * s.headroom + s.probe
         self.rate = max(self.rate, min(self.rate + step, max(ceiling, recalled)))
 

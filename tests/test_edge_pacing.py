@@ -431,3 +431,21 @@ def test_past_the_rate_of_the_last_cut_the_rate_grows_at_the_usual_pace_again() 
         acked += rate.rate / 10
         rate.update(now, RttSample(0.100, now), sock=reading(now, acked))
     assert rate.rate >= above * 1.03  # the usual pace above what TCP delivered lately: 2 % a second, not 0.5
+
+
+def test_a_new_connection_not_keeping_up_at_first_does_not_end_the_slow_start() -> None:
+    """A photo's first connection delivers 60-80 % of what the slow start asks while it gets going (its
+    handshake, its first round trips); that is no sign of a full link until it has carried 64 KiB."""
+    rate = scavenger()
+    acked, now = 0.0, 0.0
+    rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, 0, 0.150, 0.150))
+    while acked < 60 * KIB:
+        now = round(now + 0.1, 1)
+        acked += 0.7 * rate.rate / 10
+        rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
+    assert rate.kept_up is False and rate._starting
+    for _ in range(30):  # settled, and still not keeping up: the link is full after all
+        now = round(now + 0.1, 1)
+        acked += 0.7 * rate.rate / 10
+        rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
+    assert not rate._starting
