@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import numpy as np
 import pytest
+
+from mediaserver.forwarding_delay import DelaySnapshot
 
 from .conftest import RunningServer
 from .media_helpers import TONES, Watcher, join_publisher, receiving_from
@@ -41,6 +44,17 @@ async def test_three_participants_see_and_hear_each_other(forwarding_server: Run
                 heard = watcher.tones[f"p{publisher}"][-50:]
                 assert heard, f"p{tag} heard nothing from p{publisher}"
                 assert np.median(heard) == pytest.approx(TONES[publisher], abs=30)
+        # The server says how long it held what it forwarded: nearly every copy sent is counted
+        # (the lean path serves a steady flow; only the first packets and probes go the general way).
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.admin_key}"}) as http:
+            async with http.get(f"{server.url}/api/stats") as response:
+                participants = (await response.json())["rooms"][room]
+        for who, figures in participants.items():
+            for kind, published in figures["published"].items():
+                sent = sum(r["packets"] for p in participants.values() for r in p["received"]
+                           if r["from"] == f"{who}/{kind}")
+                held = DelaySnapshot.from_json(published["forwarding_delay"])
+                assert sent > 0 and held.total >= 0.8 * sent, f"{who}/{kind}: {held.total} of {sent} copies timed"
     finally:
         for w in watchers.values():
             await w.stop()
