@@ -18,7 +18,9 @@ The hook points and why they are shaped this way:
 * Outbound: ``RTCRtpSender`` only sends what its own loop encodes and
   re-packetises per frame. We park that loop on a track that never yields a
   frame and write our rewritten RTP packets straight to the sender's DTLS
-  transport, keeping the sender-report counters it uses for RTCP SR.
+  transport, keeping the sender-report counters it uses for RTCP SR. The
+  forwarding hot path goes further (``direct_send``, near the end): a header
+  template patched per packet, SRTP, then the ICE pair's socket; no coroutine.
 * RTCP from a subscriber (NACK, PLI/FIR, REMB, receiver reports) arrives at the
   sender's ``_handle_rtcp_packet``; we route it to Nära first and let aiortc
   keep only what it can still use (RTT and statistics from reports).
