@@ -6,11 +6,14 @@ socket (``time.monotonic_ns``), before the queue to the DTLS transport, SRTP,
 parsing and Nära's forwarding; each forwarded copy records its own delay when
 it goes to the socket. So the figure includes every queue inside the server
 and the fan-out to the subscribers before it in the same packet's loop, which
-is what grows with load.
+is what grows with load. Counted are the copies of what a publisher sent that
+take the hot path; server-made layers (encoded here, not forwarded),
+retransmissions, a probe's padding and copies relayed through TURN (aiortc's
+own send path) are not.
 
 Recording must cost next to nothing (it runs once per packet per subscriber):
-a fixed list of bucket bounds, one ``bisect`` and one list increment; no
-allocation. Percentiles are read from the counts, with the bucket's upper
+a fixed list of bucket bounds, one integer division (or a ``bisect`` above a
+millisecond) and one list increment; no allocation. Percentiles are read from the counts, with the bucket's upper
 bound as the value (so they err on the high side, by at most one bucket).
 """
 
