@@ -235,6 +235,8 @@ class Publication:
         self.closed = False
         self.stats = ForwardingStats()
         self.delays = DelayHistogram()  # how long each forwarded copy was held in the server
+        # Told once when the publication closes (its delays join the process's total for /metrics).
+        self.on_close: Callable[[Publication], None] = lambda publication: None
 
     @property
     def source_level(self) -> int:
@@ -398,11 +400,14 @@ class Publication:
         self._update_layers()
 
     def close(self) -> None:
+        was_open = not self.closed
         self.closed = True
         self.subscriptions.clear()
         self.cache.clear()
         if self.ladder is not None:
             self.ladder.close()
+        if was_open:
+            self.on_close(self)
 
 
 class Subscription:

@@ -20,6 +20,7 @@ bound as the value (so they err on the high side, by at most one bucket).
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # Bucket upper bounds in nanoseconds: 25 µs steps to 1 ms, then coarser up to 2 s.
@@ -100,3 +101,19 @@ class DelaySnapshot:
             raise ValueError("not a forwarding delay histogram of these buckets")
         return cls(list(counts), sum_ns)
 
+
+class DelayTotal:
+    """A process's forwarding delay since it started, for ``/metrics``: the publications that ended (each adds its
+    counts when it closes) plus the live ones when read, so the total never goes down while the process lives."""
+
+    def __init__(self) -> None:
+        self.ended = DelaySnapshot.empty()
+
+    def retire(self, delays: DelayHistogram) -> None:
+        self.ended = self.ended + delays.snapshot()
+
+    def read(self, live: Iterable[DelayHistogram]) -> DelaySnapshot:
+        total = self.ended
+        for delays in live:
+            total = total + delays.snapshot()
+        return total

@@ -33,6 +33,7 @@ from typing import Any
 
 from .errors import CodedError
 from .figures import ConsultationFigures
+from .forwarding_delay import DelaySnapshot
 from .peer import ParticipantInfo, Signal
 from .service import MediaPeer, PeerFailed
 from .worker_protocol import Message, ProtocolFault, encode, error_from_json, figures_from_json, read_message
@@ -458,6 +459,10 @@ class WorkerPool:
 
     async def _ask_all(self, op: str) -> list[Any]:
         """Every worker's answer to ``op``; a worker that does not answer in READ_TIMEOUT is left out."""
+        return list((await self._ask_each(op)).values())
+
+    async def _ask_each(self, op: str) -> dict[int, Any]:
+        """``_ask_all``, by worker index."""
         workers = self._up()
         answers = await asyncio.gather(*(self.request(w, op, timeout=READ_TIMEOUT) for w in workers),
                                        return_exceptions=True)
@@ -465,7 +470,7 @@ class WorkerPool:
             if isinstance(answer, BaseException):
                 logger.warning("media worker %d (pid %d) did not answer %s: %r", worker.index, worker.pid, op,
                                answer)
-        return [a for a in answers if not isinstance(a, BaseException)]
+        return {w.index: a for w, a in zip(workers, answers, strict=True) if not isinstance(a, BaseException)}
 
     async def stats(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
@@ -475,6 +480,15 @@ class WorkerPool:
 
     async def figures(self) -> list[ConsultationFigures]:
         return [c for answer in await self._ask_all("figures") for c in figures_from_json(answer)]
+
+    async def forwarding_delays(self) -> dict[str, DelaySnapshot]:
+        delays = {}
+        for index, answer in (await self._ask_each("forwarding_delay")).items():
+            try:
+                delays[str(index)] = DelaySnapshot.from_json(answer)
+            except (ValueError, AttributeError) as exc:
+                logger.warning("media worker %d sent no forwarding delay histogram: %s", index, exc)
+        return delays
 
     async def _notify(self) -> None:
         async with self._changed:

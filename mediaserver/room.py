@@ -12,6 +12,7 @@ from aiortc import RTCIceServer
 
 from .aiortc_adapter import restrict_host_addresses, restrict_port_range
 from .forwarder import Publication, Subscription
+from .forwarding_delay import DelaySnapshot, DelayTotal
 from .peer import ParticipantInfo, Peer, Signal
 
 if TYPE_CHECKING:
@@ -21,13 +22,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FailureHandler = Callable[[Peer, str], Awaitable[None]]
+IN_PROCESS = "main"  # the worker label of consultations run in the main process (no media workers)
 
 
 class Room:
     def __init__(self, room_id: str, ice_servers: list[RTCIceServer], adaptation: bool = True,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, delays: DelayTotal | None = None) -> None:
         self.id = room_id
         self.on_change = on_change  # media state changed (levels, layers): wakes MediaServer.wait_until
+        self.delays = delays or DelayTotal()  # the process's forwarding delay: a publication's joins it as it ends
         self.ice_servers = ice_servers
         self.adaptation = adaptation  # the quality ladder and per-subscriber levels
         self.peers: dict[str, Peer] = {}
@@ -87,6 +90,7 @@ class Room:
     async def publish(self, publication: Publication) -> None:
         publication.on_video_state = self._video_state
         publication.on_change = self.on_change
+        publication.on_close = lambda ended: self.delays.retire(ended.delays)
         self.on_change()
         await self.broadcast(
             {
@@ -158,6 +162,7 @@ class MediaServer:
         self.ice_servers = list(ice_servers)
         self.adaptation = adaptation
         self.rooms: dict[str, Room] = {}
+        self.delays = DelayTotal()  # how long forwarded copies were held, every publication since the start
         self._changed = asyncio.Condition()
         self.on_change: list[Callable[[], None]] = []  # told whenever wait_until's predicates are checked
 
@@ -179,7 +184,8 @@ class MediaServer:
     def room(self, room_id: str) -> Room:
         room = self.rooms.get(room_id)
         if room is None:
-            room = self.rooms[room_id] = Room(room_id, self.ice_servers, self.adaptation, self._changed_soon)
+            room = self.rooms[room_id] = Room(room_id, self.ice_servers, self.adaptation, self._changed_soon,
+                                              self.delays)
         return room
 
     async def join(
@@ -250,6 +256,14 @@ class MediaServer:
         from .figures import live_figures  # figures.py reads rooms and peers: it imports this module
 
         return live_figures(self)
+
+    def forwarding_delay(self) -> DelaySnapshot:
+        """How long this process held the copies it forwarded, since it started (``forwarding_delay.py``)."""
+        return self.delays.read(p.delays for room in list(self.rooms.values()) for peer in list(room.peers.values())
+                                for p in list(peer.publications.values()) if not p.closed)
+
+    async def forwarding_delays(self) -> dict[str, DelaySnapshot]:
+        return {IN_PROCESS: self.forwarding_delay()}
 
     def counts(self) -> dict[str, int]:
         return {

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from .figures import ConsultationFigures
+from .forwarding_delay import DelaySnapshot
 from .peer import ParticipantInfo, Signal
 
 
@@ -56,6 +57,11 @@ class MediaService(Protocol):
 
     async def figures(self) -> list[ConsultationFigures]:
         """Every live consultation and each participant's figures (``mediaserver/figures.py``)."""
+
+    async def forwarding_delays(self) -> dict[str, DelaySnapshot]:
+        """How long the server held the copies it forwarded (``mediaserver/forwarding_delay.py``), since each
+        process started, by media worker (its index, or ``main`` without workers); a worker that does not
+        answer in time is left out."""
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Wait until ``predicate()`` holds, checked whenever the media state changes."""

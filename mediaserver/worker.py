@@ -114,6 +114,8 @@ class Worker:
             return await media.stats()
         if op == "figures":
             return figures_json(await media.figures())
+        if op == "forwarding_delay":
+            return media.forwarding_delay().to_json()
         raise CodedError("media_request_unknown", f"The media worker has no request {op!r}.")
 
     def _start(self, request: Message) -> dict[str, int]:

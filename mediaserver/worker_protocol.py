@@ -16,6 +16,8 @@ Requests (main → worker), ``{"id": n, "op": ..., **arguments}``:
 * ``leave``: ``room``, ``session``. ``answer``: ``session``, ``sdp``. ``negotiate``: ``session``.
 * ``mute``: ``session``, ``kind``, ``muted``. ``participants``: ``room``.
 * ``stats``, ``figures``: the forwarding stats, every participant's figures.
+* ``forwarding_delay``: how long the worker held the copies it forwarded since it started (the histogram's
+  ``counts`` and ``sum_ns``, ``forwarding_delay.py``).
 
 Replies (worker → main): ``{"id": n, "ok": true, "result": ...}`` or
 ``{"id": n, "ok": false, "error": {"code", "message", "class"}}``: a refusal keeps

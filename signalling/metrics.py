@@ -15,18 +15,20 @@ figures.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Iterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from mediaserver.figures import ConsultationFigures
+from mediaserver.forwarding_delay import BOUNDS_NS, DelaySnapshot
 from mediaserver.pool import WorkerPool
 from mediaserver.service import MediaService
 
@@ -48,16 +50,18 @@ class NaraCollector(Collector):
         self.history = history
         self.images = images
         self.consultations: list[ConsultationFigures] = []  # read by ``refresh`` before each scrape
+        self.delays: dict[str, DelaySnapshot] = {}  # by worker, read with them
 
     async def refresh(self) -> None:
         """Read every participant's figures (from the media workers: each answers within a bound or is left
         out, so a stuck worker cannot hang a scrape)."""
-        self.consultations = await self.media.figures()
+        self.consultations, self.delays = await asyncio.gather(self.media.figures(), self.media.forwarding_delays())
 
     def collect(self) -> Iterator[Metric]:
         consultations = self.consultations
         yield from self._counts(consultations)
         yield from self._links(consultations)
+        yield self._forwarding_delay(self.delays)
         if isinstance(self.media, WorkerPool):
             yield from self._workers(self.media)
         if self.images is not None:
@@ -88,6 +92,21 @@ class NaraCollector(Collector):
                 memory.add_metric(label, described["memory_bytes"])
             restarts.add_metric(label, described["restarts"])
         yield from (up, consultations, participants, cpu, memory, restarts)
+
+    @staticmethod
+    def _forwarding_delay(delays: dict[str, DelaySnapshot]) -> Metric:
+        histogram = HistogramMetricFamily("nara_forwarding_delay_seconds", "How long the server held each copy "
+                                          "it forwarded as it came (not server-made layers, resends, probe padding "
+                                          "or TURN relays), from the datagram's arrival to the copy's send, by media "
+                                          "worker (main: no workers), since the worker started.", labels=["worker"])
+        for worker, snapshot in sorted(delays.items()):
+            buckets, seen = [], 0
+            for bound, count in zip(BOUNDS_NS, snapshot.counts, strict=False):
+                seen += count
+                buckets.append((f"{bound / 1e9:g}", float(seen)))
+            buckets.append(("+Inf", float(snapshot.total)))
+            histogram.add_metric([worker], buckets, snapshot.sum_ns / 1e9)
+        return histogram
 
     def _counts(self, consultations: list[ConsultationFigures]) -> Iterator[Metric]:
         yield GaugeMetricFamily("nara_consultations", "Consultations with at least one participant in the call.",

@@ -12,6 +12,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.synthetic import StampedVideoTrack, ToneAudioTrack
+from mediaserver.forwarding_delay import BOUNDS_NS, DelaySnapshot
 from signalling.client import ConsultationClient
 
 from .conftest import RunningServer, start_server
@@ -180,3 +181,69 @@ async def test_metrics_can_be_turned_off(tmp_path: Path) -> None:
         assert status == 404
     finally:
         await runner.cleanup()
+
+
+def copies_held(samples: Samples) -> float:
+    """Copies the server forwarded, by its own histograms in ``GET /api/stats``."""
+    return float(sum(DelaySnapshot.from_json(published["forwarding_delay"]).total
+                     for participants in samples.values() for figures in participants.values()
+                     for published in figures["published"].values()))
+
+
+async def stats(server: RunningServer) -> Any:
+    headers = {"Authorization": f"Bearer {server.admin_key}"}
+    async with aiohttp.ClientSession(headers=headers) as http, http.get(f"{server.url}/api/stats") as response:
+        return (await response.json())["rooms"]
+
+
+def delay_histogram(text: str) -> tuple[list[tuple[float, float]], float, float]:
+    """``nara_forwarding_delay_seconds`` of the server (no media workers): its (le, cumulative count) buckets,
+    its count and its sum, through Prometheus' own parser."""
+    [family] = [f for f in text_string_to_metric_families(text) if f.name == "nara_forwarding_delay_seconds"]
+    assert family.type == "histogram"
+    buckets = sorted((float(s.labels["le"]), s.value) for s in family.samples if s.name.endswith("_bucket"))
+    assert all(s.labels["worker"] == "main" for s in family.samples)
+    [count] = [s.value for s in family.samples if s.name.endswith("_count")]
+    [total] = [s.value for s in family.samples if s.name.endswith("_sum")]
+    return buckets, count, total
+
+
+async def test_forwarding_delay_histogram_counts_every_copy_timed_and_keeps_them_after_a_leave(
+        server: RunningServer) -> None:
+    room = server.hub.store.create(TITLE, None, PATIENT_REF).id
+    clients = [await join(server, room, tag) for tag in (1, 2)]
+    token = (server.config.data_dir / "metrics-token").read_text().strip()
+    try:
+        for client, other in zip(clients, ("p2", "p1"), strict=True):
+            await receiving_from(client, {other})
+
+        async def forwarding() -> bool:
+            return copies_held(await stats(server)) >= 100
+
+        await until(forwarding)
+        # The histogram is read between two readings of the publications' own: it holds every copy they timed.
+        before = copies_held(await stats(server))
+        status, text = await scrape(server, token)
+        after = copies_held(await stats(server))
+        assert status == 200
+        buckets, count, held = delay_histogram(text)
+        assert 100 <= before <= count <= after
+        assert [le for le, _ in buckets][-1] == float("inf") and buckets[-1][1] == count
+        assert all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:], strict=False))  # cumulative
+        assert [le for le, _ in buckets][:-1] == [bound / 1e9 for bound in BOUNDS_NS]
+        assert 0 < held / count < 0.05  # loopback, two participants: well under 50 ms a copy on average
+
+        # One leaves: what its publications' copies were held stays in the histogram (a counter never drops).
+        await clients[0].close()
+
+        async def one_left() -> bool:
+            nonlocal text
+            text = (await scrape(server, token))[1]
+            return value(parse(text), "nara_participants", role="clinician") == 1
+
+        await until(one_left)
+        _, count_after_leave, held_after_leave = delay_histogram(text)
+        assert count_after_leave >= count and held_after_leave >= held
+    finally:
+        for client in clients:
+            await client.close()

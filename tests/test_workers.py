@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mediaserver.aiortc_adapter import MediaPortsExhausted
 from mediaserver.errors import CodedError, MediaError
@@ -224,6 +225,12 @@ async def test_a_killed_worker_takes_only_its_consultation_whose_kit_comes_back_
             info = [line for line in text.splitlines() if line.startswith("nara_participant_info{")]
             assert any(f'consultation="{other}"' in line and f'participant="{id_a}"' in line for line in info)
             assert sum(f'consultation="{home}"' in line for line in info) == 2
+            # How long each worker held the copies it forwarded, counted in the worker since it started: the
+            # untouched one forwarded a's video to b all along (the new one's kit video reaches the clinician
+            # on a layer it makes, which is not a forwarded copy).
+            copies = {s.labels["worker"]: s.value for f in text_string_to_metric_families(text)
+                      if f.name == "nara_forwarding_delay_seconds" for s in f.samples if s.name.endswith("_count")}
+            assert set(copies) == {"0", "1"} and copies[str(other_worker["index"])] > 100
     finally:
         for watcher in watchers:
             await watcher.close()
