@@ -213,6 +213,11 @@ async def _publisher(mode: str, url: str, room: str, token: str, frames: list[tu
     if mode == "forward":
         client = ConsultationClient(url, room, token, video=video)
         await client.join()
+        # Connected, its track long published: the consultation's subscribers join after, so none is offered
+        # the publication's renegotiation while its own join is still under way.
+        deadline = time.monotonic() + 30
+        while (client.pc is None or client.pc.connectionState != "connected") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # (polling the connection, bounded)
         return client, video
     pc = RTCPeerConnection()
     pc.addTrack(video)
@@ -337,6 +342,38 @@ def _tree_cpu(pids: list[int]) -> float:
     return total
 
 
+def pin_threads(pid: int, cores: set[int]) -> None:
+    """Every thread of ``pid`` onto ``cores`` (a thread it starts later inherits its creator's)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cores)
+        except ProcessLookupError:
+            pass  # (a thread that ended meanwhile)
+
+
+class CorePlan:
+    """``--pin``: media worker i alone on core i; this process, its load generators and publishers, and the
+    server's main process share the other cores (a worker started again later is not pinned)."""
+
+    def __init__(self, workers: int) -> None:
+        self.saved = os.sched_getaffinity(0)
+        cores = sorted(self.saved)
+        if len(cores) <= workers:
+            raise SystemExit(f"--pin needs more cores than workers: {len(cores)} core(s), {workers} worker(s)")
+        self.worker_cores = [{c} for c in cores[:workers]]
+        self.rest = set(cores[workers:])
+        os.sched_setaffinity(0, self.rest)  # everything started from here on inherits it
+
+    def pin_workers(self, worker_pids: list[int]) -> None:
+        if len(worker_pids) != len(self.worker_cores):
+            raise RuntimeError(f"expected {len(self.worker_cores)} media workers, found {len(worker_pids)}")
+        for pid, cores in zip(sorted(worker_pids), self.worker_cores, strict=True):
+            pin_threads(pid, cores)
+
+    def restore(self) -> None:
+        os.sched_setaffinity(0, self.saved)
+
+
 class ServerUnderTest:
     """The forwarding SFU (`nara serve`) or the naive relay, in processes of their own."""
 
@@ -370,6 +407,9 @@ class ServerUnderTest:
 
     def pids(self) -> list[int]:
         return process_tree(self.process.pid)
+
+    def worker_pids(self) -> list[int]:
+        return [pid for pid in self.pids() if pid != self.process.pid]
 
     async def stats(self) -> dict[str, Any]:
         if self.nara is None:
@@ -467,8 +507,16 @@ async def _ask(conn: Connection, command: dict[str, Any]) -> dict[str, Any]:
 async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple[bytes, bool]], workdir: Path,
                    progress: Any = print) -> list[dict[str, Any]]:
     room_size = options.room_size if mode == "forward" else 0  # (the naive relay has one room)
-    server = ServerUnderTest(mode, options.bitrate, workdir, options.workers if mode == "forward" else None,
-                             options.uvloop and mode == "forward")
+    plan = CorePlan(options.workers) if options.pin and mode == "forward" else None
+    try:
+        server = ServerUnderTest(mode, options.bitrate, workdir, options.workers if mode == "forward" else None,
+                                 options.uvloop and mode == "forward")
+        if plan is not None:
+            plan.pin_workers(server.worker_pids())
+    except BaseException:
+        if plan is not None:
+            plan.restore()
+        raise
     context = multiprocessing.get_context("spawn")
     generators: list[tuple[Any, Connection]] = []
     rooms: list[tuple[str, int, int]] = []  # (consultation, generator, subscribers in it)
@@ -527,10 +575,13 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
             pids = server.pids()
             profiles = (start_profiles(pids, options.duration, Path(options.profile), f"{mode}-{n}")
                         if options.profile and mode == "forward" else [])
+            workers = server.worker_pids() if mode == "forward" else []
             delay_start = await server.forwarding_delay()
-            cpu_start, wall_start = _tree_cpu(pids), time.monotonic()
+            cpu_start, worker_start, wall_start = _tree_cpu(pids), _tree_cpu(workers), time.monotonic()
             await asyncio.sleep(options.duration)  # the measurement window
-            server_cores = (_tree_cpu(pids) - cpu_start) / (time.monotonic() - wall_start)
+            wall = time.monotonic() - wall_start
+            server_cores = (_tree_cpu(pids) - cpu_start) / wall
+            worker_cores = (_tree_cpu(workers) - worker_start) / wall
             delay_end = await server.forwarding_delay()
             for profile in profiles:
                 profile.wait(timeout=options.duration + 30)
@@ -546,6 +597,7 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
                 "on_original": on,
                 "all_receiving": all(r["ok"] for r in answers),
                 "server_cores": server_cores,
+                "worker_cores": worker_cores,  # the media workers alone (0 without workers)
                 "generator_cores": sum(st["cpu"] for st in stats),
                 "sent_fps": sent_fps,
                 "min_fps": min(s["frames_per_second"] for s in subscribers),
@@ -577,12 +629,14 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
             if process.is_alive():
                 process.kill()
         server.stop()
+        if plan is not None:
+            plan.restore()
 
 
-def marginal_cost(steps: list[dict[str, Any]]) -> tuple[float, float]:
-    """Least-squares slope and intercept of server cores against subscribers."""
+def marginal_cost(steps: list[dict[str, Any]], cores: str = "server_cores") -> tuple[float, float]:
+    """Least-squares slope and intercept of server cores (or ``cores``: ``worker_cores``) against subscribers."""
     xs = [float(s["subscribers"]) for s in steps]
-    ys = [s["server_cores"] for s in steps]
+    ys = [s[cores] for s in steps]
     n = len(xs)
     mean_x, mean_y = sum(xs) / n, sum(ys) / n
     var = sum((x - mean_x) ** 2 for x in xs)
@@ -591,7 +645,7 @@ def marginal_cost(steps: list[dict[str, Any]]) -> tuple[float, float]:
     return slope, mean_y - slope * mean_x
 
 
-HEADER = (f"{'server':8} {'N':>4} {'rooms':>5} {'server cores':>12} {'gen cores':>9} {'min fps':>7} "
+HEADER = (f"{'server':8} {'N':>4} {'rooms':>5} {'server cores':>12} {'worker':>6} {'gen cores':>9} {'min fps':>7} "
           f"{'kbit/s':>7} {'max loss':>8} {'p95 delay':>9} {'fwd p50/p95/p99 ms':>20} {'orig':>5}  state")
 
 
@@ -601,7 +655,8 @@ def _row(s: dict[str, Any]) -> str:
     if s.get("forwarding_delay_p95_ms") is not None:
         held = "/".join(f"{s[f'forwarding_delay_{q}_ms']:.2f}" for q in ("p50", "p95", "p99"))
     line = (f"{s['mode']:8} {s['subscribers']:>4} {s['consultations']:>5} {s['server_cores']:>12.3f} "
-            f"{s['generator_cores']:>9.2f} {s['min_fps']:>7.1f} {s['mean_kbit_per_second']:>7.0f} "
+            f"{s.get('worker_cores', 0):>6.3f} {s['generator_cores']:>9.2f} {s['min_fps']:>7.1f} "
+            f"{s['mean_kbit_per_second']:>7.0f} "
             f"{s['max_loss']:>8.2%} {s['max_delay_p95_ms']:>7.1f}ms {held:>20} {s['on_original']:>5}  {state}")
     for name, share in s.get("profile", [])[:8]:
         line += f"\n    {share:6.1%}  {name}"
@@ -621,15 +676,22 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             "streams_per_core": (1 / slope) if slope > 0 else float("inf"),
             "largest_healthy_n": max(healthy) if healthy else 0,
         }
+        if any(s.get("worker_cores") for s in healthy_steps):
+            # The media workers alone: with one worker, what that worker's own core can carry.
+            worker_slope, _ = marginal_cost(healthy_steps, "worker_cores")
+            summary[mode]["worker_marginal_cores_per_subscriber"] = worker_slope
+            summary[mode]["worker_streams_per_core"] = (1 / worker_slope) if worker_slope > 0 else float("inf")
     if "forward" in summary:
-        # The load closest to 80 % of one core's capacity (capacity: 1 core / marginal CPU per subscriber).
-        capacity = summary["forward"]["streams_per_core"]
+        # The load closest to 80 % of one core's capacity (capacity: 1 core / marginal CPU per subscriber,
+        # of the media workers alone when there are any: the main process is on another core).
+        capacity = summary["forward"].get("worker_streams_per_core", summary["forward"]["streams_per_core"])
         if math.isfinite(capacity):
             target = 0.8 * capacity
             nearest = min(results["forward"], key=lambda s: abs(s["subscribers"] - target))
             summary["forward"]["capacity_80_percent"] = target
             summary["forward"]["step_nearest_80_percent"] = {
                 "subscribers": nearest["subscribers"], "share_of_capacity": nearest["subscribers"] / capacity,
+                "worker_cores": nearest.get("worker_cores"),
                 **{k: nearest.get(k) for k in ("forwarding_delay_p50_ms", "forwarding_delay_p95_ms",
                                                "forwarding_delay_p99_ms")}}
     if "forward" in summary and "naive" in summary:
@@ -641,6 +703,8 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.pin and not args.workers:
+        raise SystemExit("--pin needs --workers N (N media workers, each pinned to a core of its own)")
     forward_steps = sorted({int(n) for n in args.subscribers.split(",") if n})
     naive_steps = sorted({int(n) for n in args.naive_subscribers.split(",") if n})
     shape = f"consultations of 1 + {args.room_size}" if args.room_size else "one consultation"
@@ -665,6 +729,9 @@ def main(args: argparse.Namespace) -> int:
         s = summary[mode]
         print(f"{mode:8} marginal {s['marginal_cores_per_subscriber'] * 1000:.2f} millicores per subscriber "
               f"(= {s['streams_per_core']:.0f} streams per core), largest healthy N {s['largest_healthy_n']}")
+        if "worker_streams_per_core" in s:
+            print(f"{'':8} the media workers alone: {s['worker_marginal_cores_per_subscriber'] * 1000:.2f} "
+                  f"millicores per subscriber (= {s['worker_streams_per_core']:.0f} streams per core)")
     if "forward" in summary and "step_nearest_80_percent" in summary["forward"]:
         near = summary["forward"]["step_nearest_80_percent"]
         print(f"80 % of one core's capacity: {summary['forward']['capacity_80_percent']:.0f} subscribers; "

@@ -532,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="subscribers joining at once; each batch is on the original before the next joins")
     forward.add_argument("--workers", type=int, metavar="N", help="nara serve --workers N (default: its own)")
     forward.add_argument("--uvloop", action="store_true", help="run the server and its workers on uvloop")
+    forward.add_argument("--pin", action="store_true",
+                         help="media worker i alone on core i; generators and the server's main process on the rest")
     forward.add_argument("--profile", metavar="DIR",
                          help="py-spy every server process during each step's window (raw stacks into DIR)")
     forward.add_argument("--output", help="write the results as JSON here")
