@@ -15,6 +15,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiortc import RTCIceServer
 
+from mediaserver.aiortc_adapter import restrict_host_addresses, restrict_port_range
 from mediaserver.pool import WorkerPool, WorkerSettings
 from mediaserver.room import MediaServer
 from mediaserver.service import MediaService
@@ -39,6 +40,10 @@ def media_service(config: ServerConfig) -> MediaService:
     if count == 0:
         return MediaServer(ice_servers(config), config.media_addresses, adaptation=config.adaptation,
                            port_range=port_range)
+    # The network doctor's test peer (doctor.py) runs in this process: it answers on the same addresses and
+    # port range as the calls (a port a worker's slice holds is skipped; a worker skips one the doctor holds).
+    restrict_host_addresses(config.media_addresses)
+    restrict_port_range(low, high)
     return WorkerPool(count, WorkerSettings(
         ice_servers=[dict(s) for s in config.ice_servers], addresses=config.media_addresses,
         adaptation=config.adaptation, port_range=port_range, log_format=config.log_format,
