@@ -15,7 +15,11 @@ packet is asked for as soon as it is missing (a gap in sequence numbers, or
 half a frame overdue) and once more a round trip later, while its frame is
 still to play; when retransmissions are what
 fills the gaps, the target delay makes room for one (up to a quarter of a
-second), and gives it back slowly once the link is clean.
+second), and gives it back slowly once the link is clean. A stream that
+comes later for good (a sender that lost time, after a stall, without its
+timestamps showing it) is measured even while each packet is asked for
+before it comes, and once every packet has come too late for a second, at
+the stream's pace, the playout takes the stream up as it comes.
 
 Video (``VideoFrameAssembler``): packets in, whole VP8 frames out, in order.
 A frame with a hole waits a short, round-trip-aware time for the
@@ -72,6 +76,8 @@ class _Unwrapper:
 
 FrameSource = Literal["packet", "fec", "conceal", "silence"]
 GUESS_PAUSE = 2.0  # seconds without asking for overdue packets after one turned out only late
+STALE_TIMING = 0.5  # seconds without a packet measured (each asked for first) before the newest are measured anyway
+RESYNC_AFTER = 1.0  # seconds of every packet coming too late, at the stream's pace, before the playout takes it up
 PAUSE_PACKET_SIZE = 2  # an Opus packet this small carries no audio: the sender goes quiet (DTX)
 
 
@@ -108,6 +114,7 @@ class PlayoutCounters:
     resets: int = 0  # new streams (new SSRC or a jump) after the first
     nacked: int = 0  # missing packets asked for again (each counted once, however often asked)
     recovered_retransmission: int = 0  # of the frames played from their packet, those that came again when asked
+    resyncs: int = 0  # times every packet came too late for a while and the playout took the stream up as it came
 
 
 @dataclass
@@ -216,6 +223,8 @@ class AudioPlayout:
         self._last_arrival = 0.0
         self._requests: dict[int, _Request] = {}  # by extended sequence number
         self._given_up: dict[int, float] = {}  # asked for, frame played without it: seq -> when first asked
+        self._late_since: float | None = None  # first arrival of the packets in a row that all came too late
+        self._late_count = 0  # how many of them
 
     # --- packets in ---------------------------------------------------------------
 
@@ -252,29 +261,60 @@ class AudioPlayout:
             self.counters.duplicates += 1
             return
         self._recent.append(seq)
+        newest = highest is None or seq > highest
         repaired = self._note_sequence(seq, ts, highest, now)
         samples = self._length_of(payload)
-        if highest is None or seq > highest:
+        if newest:
             self._highest_pauses = len(payload) <= PAUSE_PACKET_SIZE
             self._stride = samples
         self._last_arrival = now
         if repaired:
             # Kept out of the jitter figures: how late a retransmission comes is the repair's own measure.
             self._repairs.append((now, now - ts / self.clock_rate - self._base_transit))
-        else:
+        if not repaired or (newest and self._transits and now - self._transits[-1][0] > STALE_TIMING):
+            # Nothing measured for a while, and this packet asked for as overdue is the newest yet: it may
+            # well be the original, only late, and nothing of the stream came sooner. Kept out, a stream
+            # that comes later than the figures say has each packet asked for before it comes, and they
+            # never learn it again (all of it dropped as late, for good).
             self._observe_transit(now, now - ts / self.clock_rate)
         self.request_missing(now)
         if ts < self._playhead < ts + samples and self._playhead not in self._packets:
             # The playhead stands inside this packet (a catch-up landed between a long packet's frames):
             # back to its start, or every packet of the stream would come a frame too late, for good.
             self._playhead = ts
-        if ts < self._playhead:
+        if ts < self._playhead and not self._late_for_good(now):
             self.counters.late_dropped += 1
             return
+        if ts < self._playhead:
+            self._resync(ts, now)
+        self._late_since = None
         if ts in self._packets:
             self.counters.duplicates += 1
             return
         self._packets[ts] = _AudioPacket(seq, ts, payload, repaired, samples)
+
+    def _late_for_good(self, now: float) -> bool:
+        """True once every packet has come too late for ``RESYNC_AFTER`` while they came at the stream's pace
+        (at least every other one): the stream runs later than the playout, whatever made it so."""
+        if self._late_since is None:
+            self._late_since, self._late_count = now, 0
+        self._late_count += 1
+        span = now - self._late_since
+        return span >= RESYNC_AFTER and self._late_count >= span / self._stride_duration / 2
+
+    def _resync(self, ts: int, now: float) -> None:
+        """Play the stream as it comes now: this packet next, the starting delay after it; the figures
+        keep only what came since it broke."""
+        assert self._late_since is not None
+        since = self._late_since
+        self.counters.resyncs += 1
+        transit = now - ts / self.clock_rate
+        self._transits = deque(t for t in self._transits if t[0] >= since) or deque([(now, transit)])
+        self._base_transit = min(t for _, t in self._transits)
+        self._repairs.clear()  # measured against the old timing
+        self._origin = transit + self.start_delay
+        self._playhead = ts
+        self._last_shrink = now
 
     def _length_of(self, payload: bytes) -> int:
         """The packet's length in samples: a whole number of frames, else one frame."""

@@ -317,6 +317,70 @@ def test_a_pause_announced_by_the_sender_is_silence_not_loss() -> None:
     assert playout.counters.concealed == 0 and playout.counters.silent == 10
 
 
+def run_stepped(frames_per_packet: int, *, asking: bool, step_at: float = 10.0, step: float = 0.5,
+                seconds: float = 20.0) -> tuple[AudioPlayout, list[tuple[float, str]], list[float]]:
+    """A stream of packets of ``frames_per_packet`` frames, 50 ms after their media time, one in ten lost,
+    and from ``step_at`` on ``step`` later still, for good (the stream stalled on its way, then went on at
+    its pace). Missing packets are asked for and never come again (the server declines).
+    What played when, and when packets were dropped as late."""
+    stride = frames_per_packet * FRAME
+    playout = AudioPlayout(can_recover=lambda packet: False, packet_samples=lambda packet: stride,
+                           on_missing=(lambda seqs: None) if asking else None)
+    rng = random.Random(4)
+    arrivals = [(i * stride / RATE + 0.05 + rng.uniform(0, 0.01) + (step if i * stride / RATE >= step_at else 0), i)
+                for i in range(int(seconds * RATE / stride)) if rng.random() >= 0.1]
+    played: list[tuple[float, str]] = []
+    late: list[float] = []
+    now = 0.0
+    while True:
+        due, ask = playout.next_due(), playout.next_request_due()
+        arrival = arrivals[0][0] if arrivals else None
+        if arrival is not None and (due is None or arrival <= due) and (ask is None or arrival <= ask):
+            now, i = arrivals.pop(0)
+            before = playout.counters.late_dropped
+            playout.push(1000 + i, 5000 + i * stride, PACKETS[i % len(PACKETS)], now)
+            late += [now] * (playout.counters.late_dropped - before)
+        elif ask is not None and ask <= seconds and (due is None or ask <= due):
+            now = max(now, ask)
+            playout.request_missing(now)
+        elif due is not None and due <= seconds:
+            now = due
+            frame = playout.pop(now)
+            assert frame is not None
+            played.append((now, frame.source))
+        else:
+            return playout, played, late
+
+
+@pytest.mark.parametrize("frames_per_packet", [1, 3])
+@pytest.mark.parametrize("asking", [True, False])
+def test_a_stream_that_comes_later_for_good_is_played_again_within_a_second_or_so(
+        frames_per_packet: int, asking: bool) -> None:
+    # nara bench upload: the clinician's playout dropped all of the kit's audio as late for 33 s on a healthy
+    # link. Every packet came later than the timing learned before a stall, so each was asked for as
+    # overdue before it came, counted as a retransmission and kept out of the timing: nothing was measured
+    # again, and the playout never learned that the stream now came half a second later.
+    playout, played, late = run_stepped(frames_per_packet, asking=asking)
+    back = 10.0 + 0.5 + 1.5  # the stream comes later from 10.0 s on: its first late packet at 10.5 s
+    assert late and min(late) >= 10.5
+    assert max(late) < back  # nothing dropped as late after that
+    after = [source for t, source in played if t >= back]
+    assert after.count("packet") >= 0.85 * len(after)  # what came plays (one in ten is lost)
+    assert 0.04 <= playout.delay <= 0.25
+    assert playout.counters.resyncs == 1 and playout.counters.resets == 0
+
+
+def test_a_burst_of_late_packets_after_a_stall_is_dropped_without_a_resync() -> None:
+    # the way stood still for two seconds: what was held up comes at once, too late; the stream then
+    # comes on time again, and the playout keeps its timing
+    arrivals = [(max(t, 10.0) if 8.0 <= t < 10.0 else t, i) for t, i in steady(1000)]
+    stream = Stream(fec_playout())
+    stream.run(arrivals, until=998 * TICK)
+    counters = stream.playout.counters
+    assert counters.resyncs == 0 and counters.late_dropped >= 90
+    assert stream.sources()[-400:] == "p" * 400
+
+
 # --- VP8 payload descriptors --------------------------------------------------------
 
 
