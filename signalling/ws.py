@@ -95,7 +95,7 @@ class SignallingHub:
         sent = 0
         for session in found:
             try:
-                await session.send(message)
+                await session.signal(message)
                 sent += 1
             except (ConnectionError, RuntimeError) as exc:  # the connection is closing: it will leave
                 logger.info("could not send %s to a participant of %s: %s", message.get("type"), room_id, exc)
@@ -126,10 +126,25 @@ class ParticipantSocket:
         self.room_id: str | None = None
         self.bucket = TokenBucket(MESSAGES_PER_SECOND, MESSAGE_BURST)
         self.dropped = 0
+        # What the media side signals while this participant is being joined (another participant's
+        # track, an offer) waits here, so the client always reads "joined" first.
+        self._held: list[dict[str, Any]] | None = None
 
     async def send(self, message: dict[str, Any]) -> None:
         if not self.ws.closed:
             await self.ws.send_str(json.dumps(message, ensure_ascii=False))
+
+    async def signal(self, message: dict[str, Any]) -> None:
+        """A message from the media side: held until "joined" has gone out, then sent in order."""
+        if self._held is not None:
+            self._held.append(message)
+        else:
+            await self.send(message)
+
+    async def _release_held(self) -> None:
+        while self._held:
+            await self.send(self._held.pop(0))
+        self._held = None  # (no wait between the last check and this: nothing can slip past the order)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if not self.ws.closed:
@@ -254,13 +269,15 @@ class ParticipantSocket:
         if previous is not None and previous is not self:
             await previous.refuse("replaced", "You joined from another connection.", CLOSE_REPLACED)
         info = ParticipantInfo(claims.participant_id, claims.name, claims.role, message.publish)
+        self._held = []
         try:
-            self.peer = await self.hub.media.join(message.room, info, self.send, self._media_failed)
+            self.peer = await self.hub.media.join(message.room, info, self.signal, self._media_failed)
             self.room_id = message.room
             self.hub.sessions[key] = self
             participants = await self.hub.media.participants(message.room)
         except CodedError as exc:  # no media worker is up, or it stopped meanwhile: the client joins again
             logger.warning("participant %s not joined to %s: %s", info.id, message.room, exc.code)
+            self._held = None
             await self.refuse(exc.code, exc.message, CLOSE_RESTART if exc.code == WORKER_LOST else CLOSE_TRY_AGAIN)
             return
         logger.info("participant %s (%s) joined %s", info.id, info.role, message.room)
@@ -277,6 +294,7 @@ class ParticipantSocket:
                 "heartbeat_timeout": self.hub.config.heartbeat_timeout,
             }
         )
+        await self._release_held()
         try:
             await self.peer.negotiate()
         except MediaPortsExhausted as exc:
