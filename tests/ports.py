@@ -5,10 +5,10 @@ from __future__ import annotations
 import socket
 
 
-def free_udp_pair(search_from: int = 47000, search_to: int = 50000) -> int:
-    """The first of two consecutive free UDP ports on loopback (a narrow media port range)."""
-    for low in range(search_from, search_to, 2):
-        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+def free_udp_range(count: int, search_from: int = 45000, search_to: int = 50000) -> int:
+    """The first of ``count`` consecutive free UDP ports on loopback (a narrow media port range)."""
+    for low in range(search_from, search_to, count):
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
         try:
             for i, s in enumerate(socks):
                 s.bind(("127.0.0.1", low + i))
@@ -18,4 +18,9 @@ def free_udp_pair(search_from: int = 47000, search_to: int = 50000) -> int:
         finally:
             for s in socks:
                 s.close()
-    raise RuntimeError("no two consecutive free UDP ports")
+    raise RuntimeError(f"no {count} consecutive free UDP ports")
+
+
+def free_udp_pair(search_from: int = 47000) -> int:
+    """The first of two consecutive free UDP ports on loopback."""
+    return free_udp_range(2, search_from)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from signalling.client import ConsultationClient, JoinRefused
 
 from .conftest import start_server
 from .edge_helpers import KitWatcher, ServerProcess, admin, agent_running, enrolled_kit, kit_config
+from .ports import free_udp_range
 from .test_browser_client import browser, join_call, rising  # noqa: F401 - browser is a fixture
 
 # --- the pieces, on plain data ----------------------------------------------------------
@@ -77,22 +77,6 @@ def test_workers_is_checked_like_every_other_key() -> None:
                                             "NARA_MEDIA_PORT_MAX": "40004"})
     assert [(p.field, p.code) for p in problems] == [("media.port_max", "range_too_narrow")]
     assert config.media_workers == 3
-
-
-def free_udp_range(count: int, search_from: int = 45000, search_to: int = 47000) -> int:
-    """The first of ``count`` consecutive free UDP ports on loopback."""
-    for low in range(search_from, search_to, count):
-        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-        try:
-            for i, sock in enumerate(socks):
-                sock.bind(("127.0.0.1", low + i))
-            return low
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free UDP ports")
 
 
 async def server_ports(page: Any) -> set[int]:
