@@ -17,12 +17,14 @@ from signalling.rest import ADMIN_KEY
 from signalling.ws import HUB, SignallingHub
 
 
-@pytest.fixture(autouse=True, scope="session")
+@pytest.fixture(autouse=True)
 def loopback_ice() -> None:
     """Peers made in the test process gather ICE candidates on loopback, the only network the tests use.
 
     (aioice leaves loopback out by default, and a server started in this
-    process would set the same; a test must not depend on which ran first.)
+    process would set the same; a test must not depend on which ran first.
+    Set before every test: a test that tried other addresses and set them
+    back to aioice's own left the next test's kit with no candidate at all.)
     """
     restrict_host_addresses(["127.0.0.1"])
 
