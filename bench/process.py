@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 
+from mediaserver.pool import process_usage
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 
@@ -24,9 +26,11 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time a process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User plus system CPU time a process has used (ProcessLookupError once it is gone)."""
+    usage = process_usage(pid)
+    if usage is None:
+        raise ProcessLookupError(pid)
+    return usage[0]
 
 
 def with_children(pid: int) -> list[int]:
