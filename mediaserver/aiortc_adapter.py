@@ -427,8 +427,9 @@ class OutboundPort:
         marker: int,
         padding_size: int = 0,
         audio_level: Any = None,
+        probe: bool = False,
     ) -> None:
-        """Send one RTP packet on this sender's SSRC and payload type.
+        """Send one RTP packet on this sender's SSRC and payload type (``probe``: a probe's padding).
 
         Raises ConnectionError (SendFailed for SRTP refusals) when the packet
         cannot go out; nothing else.
@@ -449,6 +450,9 @@ class OutboundPort:
         packet.extensions.abs_send_time = (now >> 14) & 0x00FFFFFF
         packet.extensions.mid = self.mid
         packet.extensions.audio_level = audio_level
+        if stamps_transport_cc(sender):
+            packet.extensions.transport_sequence_number = transport_history(sender.transport).take(
+                time.monotonic(), len(payload) + padding_size + PACKET_SIZE_AROUND_PAYLOAD, probe)
         data = packet.serialize(sender._RTCRtpSender__rtp_header_extensions_map)  # type: ignore[attr-defined]
         try:
             await sender.transport._send_rtp(data)
@@ -583,6 +587,7 @@ def nara_receive_track(receiver: RTCRtpReceiver, kind: str, *, channels: int = 2
     if receiver.__dict__.pop("_send_rtcp", None) is None:
         raise RuntimeError("aiortc changed: InboundTap no longer wraps the receiver's _send_rtcp")
     route_retransmissions(receiver)
+    send_transport_feedback(receiver)  # (the connection's transport-wide congestion control feedback)
     _keep_running(stop_when_ended(remote, track))
     return track
 
@@ -831,6 +836,8 @@ from aiortc.rtcdtlstransport import State as _DtlsState  # noqa: E402
 from .forwarding_delay import DelayHistogram  # noqa: E402
 
 _NTP_OFFSET = 2208988800  # seconds from 1900 (NTP) to 1970 (Unix)
+SRTP_TAG = 10  # bytes of SRTP authentication tag on each packet
+PACKET_SIZE_AROUND_PAYLOAD = 32  # RTP header, its extensions and the SRTP tag, about (a send history's sizes)
 _SEQ_TS = struct.Struct("!HL")
 
 
@@ -871,7 +878,7 @@ def stamp_arrivals(receiver: RTCRtpReceiver) -> _ArrivalStamps | None:
 class _HeaderTemplate:
     """One outbound stream's RTP header, laid out by aiortc, with the offsets of what changes per packet."""
 
-    __slots__ = ("buffer", "payload_type", "abs_send_time_at", "audio_level_at")
+    __slots__ = ("buffer", "payload_type", "abs_send_time_at", "audio_level_at", "transport_cc_at")
 
     def __init__(self, port: OutboundPort, audio_level: bool) -> None:
         extensions_map = port._sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
@@ -880,11 +887,13 @@ class _HeaderTemplate:
         packet.extensions.mid = port.mid
         packet.extensions.abs_send_time = 0
         packet.extensions.audio_level = (False, 0) if audio_level else None
+        packet.extensions.transport_sequence_number = 0 if ids.transport_sequence_number else None
         header = packet.serialize(extensions_map)
         self.buffer = bytearray(header)
         self.payload_type = header[1] & 0x7F
         self.abs_send_time_at = 0
         self.audio_level_at = 0
+        self.transport_cc_at = 0
         if len(header) == 12:
             return
         if header[12:14] != b"\xbe\xde":
@@ -899,6 +908,8 @@ class _HeaderTemplate:
                 self.abs_send_time_at = at + 1
             elif element_id == ids.audio_level and length == 1:
                 self.audio_level_at = at + 1
+            elif element_id == ids.transport_sequence_number and length == 2:
+                self.transport_cc_at = at + 1
             at += 1 + length
 
 
@@ -906,10 +917,11 @@ class _Route:
     """Where one outbound stream's packets go while its DTLS transport and ICE pair stay the same
     (looked up once, not through aiortc's properties for every packet)."""
 
-    __slots__ = ("dtls", "nominated", "pair", "sendto", "address")
+    __slots__ = ("dtls", "nominated", "pair", "sendto", "address", "history")
 
     def __init__(self, dtls: Any, nominated: dict[int, Any], pair: Any) -> None:
         self.dtls = dtls
+        self.history = transport_history(dtls)
         self.nominated = nominated
         self.pair = pair
         self.sendto = pair.protocol.transport.sendto
@@ -961,6 +973,11 @@ def direct_send(port: OutboundPort, payload: bytes, sequence_number: int, timest
         buffer[at + 2] = abs_send_time & 0xFF
     if audio_level is not None and template.audio_level_at:
         buffer[template.audio_level_at] = (0x80 if audio_level[0] else 0) | (audio_level[1] & 0x7F)
+    at = template.transport_cc_at
+    if at:
+        transport_sequence = route.history.take(time.monotonic(), len(buffer) + len(payload) + SRTP_TAG)
+        buffer[at] = transport_sequence >> 8
+        buffer[at + 1] = transport_sequence & 0xFF
     try:
         data = dtls._tx_srtp.protect(b"".join((buffer, payload)))
     except pylibsrtp.Error as exc:
@@ -1034,3 +1051,115 @@ def count_rtp_headers(pc: Any, on_header: RtpHeaderHandler) -> None:
             stream.add(fields)
 
     connection.data_received = data_received
+
+
+# --- transport-wide congestion control: negotiation, stamping, feedback ---------
+#
+# aiortc parses and writes the transport-wide sequence number header extension
+# but neither negotiates it nor sends or reads transport feedback (RTCP RTPFB
+# FMT 15). Nära offers it on every m-line the server sends on (the offer is
+# trimmed for the rest by mediaserver/sdp.py), stamps every packet sent toward
+# a subscriber with the connection's next number (``OutboundPort.send`` and
+# ``direct_send``, through ``transport_history``), reads the subscriber's
+# feedback from the connection's raw RTCP (``follow_transport_feedback``), and
+# sends feedback from Nära's receive path (``send_transport_feedback``). The
+# packet format and the records are in mediaserver/twcc.py.
+
+import random  # noqa: E402
+
+import aiortc.codecs  # noqa: E402
+from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpHeaderExtensionParameters  # noqa: E402
+
+from .twcc import TRANSPORT_CC_URI, FeedbackRecorder, SendHistory, TransportFeedback, transport_feedbacks  # noqa: E402
+
+TRANSPORT_CC_ID = 5  # the header extension's id, the same on every m-line of a bundle
+FEEDBACK_INTERVAL = 0.075  # seconds between a receiver's transport feedback packets
+
+
+def negotiate_transport_cc() -> None:
+    """Offer and accept the transport-wide sequence number extension and ``transport-cc`` feedback
+    on every audio and video codec (once per process; aiortc's tables are module globals)."""
+    for kind in ("audio", "video"):
+        extensions = aiortc.codecs.HEADER_EXTENSIONS[kind]
+        if not any(e.uri == TRANSPORT_CC_URI for e in extensions):
+            extensions.append(RTCRtpHeaderExtensionParameters(id=TRANSPORT_CC_ID, uri=TRANSPORT_CC_URI))
+        for codec in aiortc.codecs.CODECS[kind]:
+            if codec.mimeType.lower().endswith("/rtx"):
+                continue
+            if not any(f.type == "transport-cc" for f in codec.rtcpFeedback):
+                codec.rtcpFeedback.append(RTCRtcpFeedback(type="transport-cc"))
+
+
+negotiate_transport_cc()
+
+
+def transport_history(dtls: Any) -> SendHistory:
+    """The transport-wide sequence numbers sent on one DTLS transport (one connection, bundled)."""
+    history: SendHistory | None = getattr(dtls, "nara_sent", None)
+    if history is None:
+        history = dtls.nara_sent = SendHistory()
+    return history
+
+
+def stamps_transport_cc(sender: RTCRtpSender) -> bool:
+    """Whether ``sender``'s stream negotiated the transport-wide sequence number."""
+    extensions_map = sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
+    return bool(extensions_map._HeaderExtensionsMap__ids.transport_sequence_number)
+
+
+def follow_transport_feedback(pc: Any, on_feedback: Callable[[TransportFeedback], None]) -> SendHistory | None:
+    """Call ``on_feedback`` for each transport feedback packet ``pc``'s remote side sends (read from
+    the raw RTCP before aiortc parses it; aiortc still gets every packet). The connection's send
+    history, or None before it has a transport."""
+    dtls = dtls_transport(pc)
+    if dtls is None:
+        return None
+    history = transport_history(dtls)
+    if getattr(dtls, "nara_feedback_followed", False):
+        return history
+    if not hasattr(dtls, "_handle_rtcp_data"):
+        raise RuntimeError("aiortc changed: RTCDtlsTransport has no _handle_rtcp_data")
+    original = dtls._handle_rtcp_data
+
+    async def handle_rtcp_data(data: bytes) -> None:
+        for feedback in transport_feedbacks(data):
+            on_feedback(feedback)
+        await original(data)
+
+    dtls._handle_rtcp_data = handle_rtcp_data
+    dtls.nara_feedback_followed = True
+    return history
+
+
+def send_transport_feedback(receiver: RTCRtpReceiver) -> None:
+    """Send transport feedback for everything ``receiver``'s connection receives, every 75 ms while
+    packets come (once per connection, however many receivers share it)."""
+    dtls: Any = receiver.transport
+    if getattr(dtls, "nara_feedback", None) is not None:
+        return
+    router = dtls._rtp_router
+    if not hasattr(router, "route_rtp"):
+        raise RuntimeError("aiortc changed: RtpRouter has no route_rtp")
+    recorder = dtls.nara_feedback = FeedbackRecorder(random.getrandbits(32))
+    original = router.route_rtp
+    clock = time.monotonic_ns
+
+    def route_rtp(packet: RtpPacket) -> Any:
+        sequence = packet.extensions.transport_sequence_number
+        if sequence is not None:
+            recorder.on_packet(sequence, clock() // 1000, packet.ssrc)
+        return original(packet)
+
+    router.route_rtp = route_rtp
+
+    async def send_feedback() -> None:
+        while dtls.state not in ("closed", "failed"):
+            await asyncio.sleep(FEEDBACK_INTERVAL)
+            packet = recorder.feedback() if dtls.state == "connected" else None
+            if packet is not None:
+                try:
+                    await dtls._send_rtp(packet)
+                except (ConnectionError, pylibsrtp.Error):
+                    return
+
+    _keep_running(send_feedback())

@@ -65,12 +65,41 @@ and never cut.
   rate (the link has changed).
 * What a failed probe leaves behind (a queue, a REMB that dips) is the
   probe's doing: for a moment after it, those signs cut nothing.
+
+Per-packet delay feedback (transport-wide congestion control, mediaserver/twcc.py
+and mediaserver/delay_detector.py), where the subscriber sends it (browsers, Nära's
+receive path), adds faster rules; the ones above stay for subscribers without it:
+
+* Overuse: when the delay detector sees the queue grow, cut at once to 0.85
+  times what the receiver acknowledged over the last half second (no floor
+  from what the reports said was delivered: they are a second old), at most
+  once per round trip (and no more often than every 0.2 s).
+* What arrives counts as carried: the acknowledged rate confirms the estimate
+  as delivery from reports does, within a fraction of a second.
+* Probes are judged by their own packets: one fails as soon as the detector
+  sees overuse while its packets arrive, or when their one-way delay grew by
+  more than ``PROBE_DELAY_RISE`` from its first packets to its last, or when
+  they arrived at less than 85 % of the rate they were sent at (the link is
+  full). Otherwise it is proven as soon as feedback has covered all of its
+  packets, at the lower of its rate and the rate they arrived at: there is no
+  waiting a second for a report.
+* They start sooner and go further: half a second after the link is first
+  heard from (or a cut), for half a second each, the first to three times what
+  the link has carried and the next to twice that again (six times), as
+  browsers do, and the back-off after a failure is shorter
+  (``PROBE_BACKOFF_PER_PACKET``): a failed probe is stopped within a round
+  trip of its first overuse instead of filling the queue for a second.
+* Without per-packet feedback for ``PER_PACKET_FRESH`` seconds the
+  estimate falls back to the rules above.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+
+from .delay_detector import OVERUSE
+from .twcc import PacketResult
 
 GROW_BELOW = 0.02
 CUT_ABOVE = 0.10
@@ -105,6 +134,17 @@ QUEUE_DRAIN_FLOOR = 0.75  # ... a cut for a standing queue, this share: less tha
 REMB_DELIVERED_FLOOR = 1.0  # ... a cut to a REMB, all of it
 DELIVERED_FRESH = 2.0  # seconds a delivered rate stays usable
 PACKET_OVERHEAD = 40  # bytes of SRTP, UDP and IP around each payload
+# With per-packet delay feedback:
+PER_PACKET_FRESH = 2.0  # seconds a transport feedback keeps the faster rules on
+OVERUSE_CUT = 0.85  # times the acknowledged rate
+OVERUSE_CUT_INTERVAL = 0.2  # seconds, at least (and a round trip)
+PROBE_TIME_PER_PACKET = 0.5  # seconds the padding lasts
+PROBE_CALM_PER_PACKET = 0.5  # seconds without a cut (or after the link is first heard from) before probing
+PROBE_SETTLE_PER_PACKET = 0.5  # seconds after a failed probe whose overuse is its own doing
+PROBE_STEPS_PER_PACKET = (3.0, 2.0)  # the first probes' steps: to 3x what was carried, then 6x
+PROBE_BACKOFF_PER_PACKET = (1.0, 2.0, 4.0, 8.0, 8.0)
+PROBE_DELAY_RISE = 0.025  # seconds a probe's packets' one-way delay may grow
+PROBE_RECEIVED_SHARE = 0.85  # a probe's packets must arrive at least this share of the rate they were sent at
 
 
 @dataclass
@@ -155,6 +195,8 @@ class Probe:
     worst_queue: float  # the most queueing any round trip showed during the probe, seconds
     nack_rate: float  # packets a second the link lost (NACKed) before the probe
     asked_before: float = 0.0  # the NACKed loss before the probe
+    duration: float = PROBE_TIME  # seconds of padding
+    packets: list[PacketResult] = field(default_factory=list)  # its packets' feedback (per-packet feedback only)
 
 
 @dataclass
@@ -189,6 +231,9 @@ class BandwidthEstimate:
     heard_at: float | None = None  # first report from this link
     nacks: deque[tuple[float, int]] = field(default_factory=deque)  # (when, packets) of the last few seconds
     rembs: deque[tuple[float, float]] = field(default_factory=deque)  # (when, bit/s) of the last REMB_WINDOW
+    per_packet_at: float | None = None  # the last transport feedback
+    acked: float | None = None  # what the receiver acknowledged lately, bit/s (per-packet feedback)
+    overuse_cuts: int = 0
 
     def on_nack(self, now: float, packets: int = 1) -> None:
         """The subscriber reports ``packets`` lost. During a probe on a clean link, any loss is the
@@ -319,17 +364,21 @@ class BandwidthEstimate:
             return None
         calm_since = max(t for t in (self.last_cut, self.last_probe_end, -1e9) if t is not None)
         # (right after a probe that worked, the next follows at once)
-        backoff = PROBE_BACKOFF[min(self.failed_probes, len(PROBE_BACKOFF)) - 1] if self.failed_probes else 0.0
-        if self.last_cut is not None and now - self.last_cut < PROBE_CALM:
+        per_packet = self.per_packet(now)
+        backoffs = PROBE_BACKOFF_PER_PACKET if per_packet else PROBE_BACKOFF
+        backoff = backoffs[min(self.failed_probes, len(backoffs)) - 1] if self.failed_probes else 0.0
+        calm = PROBE_CALM_PER_PACKET if per_packet else PROBE_CALM
+        if self.last_cut is not None and now - self.last_cut < calm:
             return None
-        if self.heard_at is None or now - self.heard_at < PROBE_CALM:
+        if self.heard_at is None or now - self.heard_at < calm:
             return None  # watch a new link for a moment (its base round trip, its loss) first
         # Loss below the cutting threshold with a flat round trip is the link's own
         # (radio) loss, not congestion: it does not stop a probe, which is judged by delay.
         if now - calm_since < backoff or self.loss > CUT_ABOVE or self.queue_delay >= QUEUE_CALM:
             return None
         self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_queue=self.queue_delay,
-                           nack_rate=self._nack_rate(now), asked_before=self.asked)
+                           nack_rate=self._nack_rate(now), asked_before=self.asked,
+                           duration=PROBE_TIME_PER_PACKET if per_packet else PROBE_TIME)
         self.probes += 1
         return target
 
@@ -338,6 +387,8 @@ class BandwidthEstimate:
         link has carried); after a failure, halfway to the lowest rate that failed, or, once close
         under it, a little above it."""
         if self.ceiling is None:
+            if self.per_packet_at is not None and self.successful_probes == self.probes < len(PROBE_STEPS_PER_PACKET):
+                return usable * PROBE_STEPS_PER_PACKET[self.probes]  # (the start, while every probe worked)
             return usable * (FIRST_PROBE_STEP if self.probes == 0 else PROBE_STEP)
         if self.ceiling > usable * CEILING_GAP:
             return (usable + self.ceiling) / 2
@@ -349,16 +400,19 @@ class BandwidthEstimate:
 
     def padding(self, now: float) -> bool:
         """Whether a probe wants the stream padded right now (its verdict comes a little later)."""
-        return self.probe is not None and now - self.probe.start < PROBE_TIME
+        return self.probe is not None and now - self.probe.start < self.probe.duration
 
     def _finish_probe(self, now: float) -> None:
         probe = self.probe
-        if probe is None or now - probe.start < PROBE_TIME + PROBE_SETTLE:
+        if probe is None or now - probe.start < probe.duration + PROBE_SETTLE:
             return
+        self._verdict(probe, now, not self._probe_failed(probe), probe.rate)
+
+    def _verdict(self, probe: Probe, now: float, worked: bool, rate: float) -> None:
         self.probe = None
         self.last_probe_end = now
-        if not self._probe_failed(probe):
-            proven = probe.rate * 0.95
+        if worked:
+            proven = rate * 0.95
             self.estimate = self._bounded(max(self.estimate, proven))
             self._carried(proven)
             self.failed_probes = 0
@@ -378,7 +432,7 @@ class BandwidthEstimate:
     def _failed(self, probe: Probe, now: float) -> None:
         self.failed_probes += 1
         self.ceiling = probe.rate if self.ceiling is None else min(self.ceiling, probe.rate)
-        self.blame_until = now + PROBE_SETTLE
+        self.blame_until = now + (PROBE_SETTLE_PER_PACKET if probe.packets else PROBE_SETTLE)
 
     @staticmethod
     def _lossy(probe: Probe) -> bool:
@@ -388,6 +442,61 @@ class BandwidthEstimate:
     @staticmethod
     def _probe_failed(probe: Probe) -> bool:
         return probe.worst_queue > max(QUEUE_CALM, probe.base_rtt * 0.5)
+
+    # --- per-packet delay feedback ---------------------------------------------------
+
+    def per_packet(self, now: float) -> bool:
+        """Whether this subscriber's per-packet delay feedback is coming."""
+        return self.per_packet_at is not None and now - self.per_packet_at < PER_PACKET_FRESH
+
+    def on_transport_feedback(self, results: list[PacketResult], state: str, acked: float | None,
+                              now: float) -> None:
+        """One transport feedback packet: ``results``, its packets matched to what was sent; ``state``,
+        the delay detector's after them; ``acked``, what the receiver acknowledged lately (bit/s)."""
+        self.per_packet_at = now
+        if self.heard_at is None:
+            self.heard_at = now
+        if self.last_growth is None:
+            self.last_growth = now  # heard from: the estimate is now known
+        if acked is not None:
+            self.acked = acked
+            self._carried(acked)
+        probe = self.probe
+        if probe is not None:
+            end = probe.start + probe.duration
+            probe.packets.extend(r for r in results if probe.start <= r.sent < end)
+            if state == OVERUSE:
+                self._fail_probe(now)  # the queue grows: stop padding now
+            elif any(r.sent >= end for r in results):  # feedback has covered all of its packets
+                rate = self._probe_verdict(probe)
+                if rate is None:
+                    self._fail_probe(now)
+                else:
+                    self._verdict(probe, now, True, min(rate, probe.rate))
+        elif state == OVERUSE and acked is not None and now >= self.blame_until and (
+                self.last_cut is None or now - self.last_cut >= max(self.rtt, OVERUSE_CUT_INTERVAL)):
+            self.overuse_cuts += 1
+            self._cut_to(acked * OVERUSE_CUT, now, floor=0.0)
+
+    @staticmethod
+    def _probe_verdict(probe: Probe) -> float | None:
+        """The rate a probe's packets were sent at, or None if they show the link full.
+
+        A probe's padding repeats packets already sent, which the receiver's SRTP drops as
+        replays before it can note their arrival: the stream's own packets between them say
+        what the padding did to the queue."""
+        sent = sorted(probe.packets, key=lambda r: r.sent)
+        came = [(r.sent, r.arrival) for r in sent if not r.probe and r.arrival is not None]
+        if len(came) < 8 or sent[-1].sent <= sent[0].sent:
+            return None  # (too few packets came back to say anything)
+        delays = [arrival - at for at, arrival in came]
+        quarter = max(len(delays) // 4, 1)
+        if sum(delays[-quarter:]) / quarter - min(delays[:quarter]) > PROBE_DELAY_RISE:
+            return None
+        sent_span, arrival_span = came[-1][0] - came[0][0], came[-1][1] - came[0][1]
+        if sent_span > 0 and arrival_span > sent_span / PROBE_RECEIVED_SHARE:
+            return None  # (the stream's packets arrived spread out: the link is full)
+        return sum(r.size for r in sent[1:]) * 8 / (sent[-1].sent - sent[0].sent)
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -52,8 +52,8 @@ MIME_TYPES = {"audio": "audio/opus", "video": "video/VP8"}
 DECISION_INTERVAL = 0.25
 # How long a move to another level waits for its keyframe before asking again.
 KEYFRAME_WAIT = 1.0
-# At most this many times the level's own rate while probing.
-MAX_PROBE_FACTOR = 4.0
+# At most this many times the level's own rate while probing (a probe from the lowest layer reaches six times it).
+MAX_PROBE_FACTOR = 6.0
 # Seconds of a probe's paced padding that may wait to be sent.
 PADDING_BACKLOG = 0.25
 # A publisher sending at least this share of its cap is held back by it. (An encoder allowed
@@ -576,14 +576,15 @@ class Subscription:
 
         async def send() -> None:
             await asyncio.sleep(delay)
-            if self.probe_factor > 1.0 and await self._send(packet, out_seq, out_ts, extra=True):
+            if self.probe_factor > 1.0 and await self._send(packet, out_seq, out_ts, extra=True, probe=True):
                 self.stats.padding += 1
 
         task = asyncio.ensure_future(send())
         self._padding.add(task)
         task.add_done_callback(self._padding.discard)
 
-    async def _send(self, packet: RtpPacket, out_seq: int, out_ts: int, extra: bool = False) -> bool:
+    async def _send(self, packet: RtpPacket, out_seq: int, out_ts: int, extra: bool = False,
+                    probe: bool = False) -> bool:
         """Send one packet; ``extra`` marks a retransmission or a probe's duplicate, which the
         rate meter leaves out (it measures the stream itself)."""
         try:
@@ -594,6 +595,7 @@ class Subscription:
                 marker=packet.marker,
                 padding_size=packet.padding_size,
                 audio_level=packet.extensions.audio_level,
+                probe=probe,
             )
         except ConnectionError:
             self.stats.send_errors += 1

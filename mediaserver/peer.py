@@ -34,14 +34,17 @@ from .aiortc_adapter import (
     RtcpFeedback,
     RtpPacket,
     follow_round_trips,
+    follow_transport_feedback,
     negotiated_payload_type,
     prefer_codec,
 )
 from .bwe import DELIVERED_FRESH, BandwidthEstimate, DeliveryMeter, NackLoss
+from .delay_detector import DelayDetector
 from .errors import MediaError
 from .forwarder import CLOCK_RATES, MIME_TYPES, Publication, Subscription
 from .rewriter import StreamRewriter
-from .sdp import with_opus_fec
+from .sdp import transport_cc_toward_subscribers, with_opus_fec
+from .twcc import SendHistory, TransportFeedback
 
 if TYPE_CHECKING:
     from .room import Room
@@ -137,6 +140,10 @@ class Peer:
         self.muted: dict[str, bool] = {"audio": False, "video": False}
         self.slots: list[Slot] = []
         self.bandwidth = BandwidthEstimate()
+        # Per-packet delay feedback from this subscriber (transport-wide congestion control), if it sends it.
+        self.delay = DelayDetector()
+        self.sent_history: SendHistory | None = None
+        self.transport_feedbacks = 0
         self.joined_at = time.time()  # wall clock
         self.closed = False
         self._lock = asyncio.Lock()
@@ -205,7 +212,8 @@ class Peer:
             if not self.pc.getTransceivers():
                 return  # nothing to send or receive yet; an empty offer is not valid SDP
             offer = await self.pc.createOffer()
-            offer = RTCSessionDescription(sdp=with_opus_fec(offer.sdp), type=offer.type)
+            sdp = transport_cc_toward_subscribers(with_opus_fec(offer.sdp))
+            offer = RTCSessionDescription(sdp=sdp, type=offer.type)
             await self.pc.setLocalDescription(offer)
             self._awaiting_answer = True
             self._arm_answer_deadline()
@@ -255,6 +263,8 @@ class Peer:
             except Exception as exc:  # aiortc raises ValueError, OperationError, ...
                 raise MediaError("sdp_invalid", f"The answer could not be applied: {exc}") from exc
             self._awaiting_answer = False
+            if self.sent_history is None:
+                self.sent_history = follow_transport_feedback(self.pc, self._on_transport_feedback)
             if self._answer_timer is not None:
                 self._answer_timer.cancel()
                 self._answer_timer = None
@@ -279,6 +289,16 @@ class Peer:
                 asyncio.ensure_future(self.on_failed(self, "answer_timeout"))
 
         self._answer_timer = loop.call_later(ANSWER_DEADLINE, expired)
+
+    def _on_transport_feedback(self, feedback: TransportFeedback) -> None:
+        if self.sent_history is None:
+            return
+        results = self.sent_history.results(feedback)
+        if not results:
+            return
+        self.transport_feedbacks += 1
+        state = self.delay.on_results(results)
+        self.bandwidth.on_transport_feedback(results, state, self.delay.acked_rate, time.monotonic())
 
     def subscriptions(self) -> list[Subscription]:
         return [s.subscription for s in self.slots if s.subscription is not None]

@@ -222,6 +222,8 @@ class MediaServer:
                                       "forwarding_delay": p.delays.snapshot().to_json()}
                                   for k, p in peer.publications.items()},
                     "bandwidth_estimate": int(peer.bandwidth.estimate),
+                    "transport_feedback": {"packets": peer.transport_feedbacks, "delay": peer.delay.state,
+                                           "overuse_cuts": peer.bandwidth.overuse_cuts},
                     "received": [
                         {"from": slot.publication.id, **vars(slot.subscription.stats),
                          "level": slot.publication.level_name(slot.subscription.level),

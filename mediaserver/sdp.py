@@ -31,3 +31,27 @@ def with_opus_fec(sdp: str) -> str:
                 line = f"{line};useinbandfec=1"
         out.append(line)
     return "\r\n".join(out)
+
+
+def transport_cc_toward_subscribers(sdp: str) -> str:
+    """Offer transport-wide congestion control only on the m-lines the server sends on.
+
+    On an m-line the server receives on, a browser would stamp its packets and
+    steer its own sending by feedback the server never sends; it keeps its
+    REMB- and loss-based control there instead.
+    """
+    out: list[str] = []
+    section: list[str] = []
+
+    def flush() -> None:
+        receiving = "a=recvonly" in section and section[0].startswith("m=")
+        out.extend(line for line in section
+                   if not receiving or ("transport-wide-cc" not in line and not line.endswith(" transport-cc")))
+        section.clear()
+
+    for line in sdp.split("\r\n"):
+        if line.startswith("m="):
+            flush()
+        section.append(line)
+    flush()
+    return "\r\n".join(out)

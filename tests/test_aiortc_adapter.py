@@ -545,7 +545,12 @@ async def test_direct_send_writes_what_aiortcs_own_path_writes_and_stamps_arriva
         assert fast[0] == slow[0] and fast[1] == slow[1] and fast[8:12] == slow[8:12]
         abs_at = port._templates[0].abs_send_time_at  # type: ignore[union-attr]
         assert abs_at > 12
-        assert fast[12:abs_at] == slow[12:abs_at] and fast[abs_at + 3:header] == slow[abs_at + 3:header]
+        # (and the transport-wide sequence number, consecutive across both paths)
+        twcc_at = port._templates[0].transport_cc_at  # type: ignore[union-attr]
+        assert twcc_at > abs_at
+        assert [int.from_bytes(p[twcc_at:twcc_at + 2], "big") for p in protected] == [0, 1, 2]
+        assert fast[12:abs_at] == slow[12:abs_at] and fast[abs_at + 3:twcc_at] == slow[abs_at + 3:twcc_at]
+        assert fast[twcc_at + 2:header] == slow[twcc_at + 2:header]
         assert all(p.extensions.abs_send_time is not None for p in received)
         assert all(p.extensions.mid == port.mid for p in received)
         # the sender's reports count every packet, as aiortc's own path does

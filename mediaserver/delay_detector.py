@@ -1,0 +1,156 @@
+"""Whether a link's queue is growing, from per-packet send and arrival times: a pure function of feedback.
+
+After the delay-based part of Google Congestion Control (draft-ietf-rmcat-gcc-02
+and the WebRTC design notes), fed from transport-wide feedback (mediaserver/twcc.py):
+
+* Packets sent within 5 ms of a group's first form one group (a frame, or a
+  burst of padding): inside a burst the pacing says nothing about the link.
+* Between two consecutive groups, the one-way delay variation is the gap
+  between their last arrivals minus the gap between their last sends: positive
+  when the second waited longer in a queue than the first.
+* The trendline: those variations are summed into an accumulated delay,
+  smoothed, and a least-squares line is fitted over the last 20 groups'
+  (arrival time, smoothed delay). Its slope is how fast the queue grows; the
+  detector reads the slope times the number of groups seen (at most 60) times
+  a gain of 4, in milliseconds.
+* Overuse when that stays above a threshold for 10 ms and at least two groups
+  and is not falling; underuse below minus the threshold; normal between. The
+  threshold follows the signal (up slowly, down faster) so that other flows'
+  queues, which come and go, do not starve this one; bursts far above it (a
+  sudden route change) leave it alone.
+* The acknowledged bitrate: what the receiver says arrived over the last half
+  second of its own clock, headers included.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .twcc import PacketResult
+
+GROUP_SPAN = 0.005  # seconds: packets sent this close to a group's first belong to it
+SMOOTHING = 0.9  # weight of the smoothed accumulated delay's past
+WINDOW = 20  # groups the trendline is fitted over
+GAIN = 4.0
+MAX_DELTAS = 60  # the slope is scaled by at most this many groups
+THRESHOLD_START = 12.5  # milliseconds
+THRESHOLD_MIN, THRESHOLD_MAX = 6.0, 600.0
+THRESHOLD_UP, THRESHOLD_DOWN = 0.0087, 0.039  # per millisecond of the signal's distance from the threshold
+THRESHOLD_IGNORE = 15.0  # a signal this far past the threshold does not move it
+OVERUSE_TIME = 0.010  # seconds the signal must stay over the threshold
+ACKED_WINDOW = 0.5  # seconds of arrivals the acknowledged bitrate counts
+PACKET_OVERHEAD = 28  # bytes of IP and UDP around each datagram
+
+NORMAL, OVERUSE, UNDERUSE = "normal", "overuse", "underuse"
+
+
+@dataclass
+class _Group:
+    first_sent: float
+    last_sent: float
+    last_arrival: float
+
+
+class DelayDetector:
+    """The delay-based signal for one connection: feed it ``on_results`` in feedback order."""
+
+    def __init__(self) -> None:
+        self.state = NORMAL
+        self.threshold = THRESHOLD_START
+        self.signal = 0.0  # the last modified trend, ms
+        self.overuse_since: float | None = None  # when the signal last went over the threshold
+        self.overuse_groups = 0
+        self.acked_rate: float | None = None  # bit/s
+        self.groups_seen = 0
+        self._group: _Group | None = None
+        self._previous: _Group | None = None
+        self._accumulated = 0.0
+        self._smoothed = 0.0
+        self._first_arrival: float | None = None
+        self._points: deque[tuple[float, float]] = deque(maxlen=WINDOW)  # (arrival ms, smoothed delay ms)
+        self._last_update: float | None = None
+        self._acked: deque[tuple[float, int]] = deque()  # (arrival, bytes) of the last ACKED_WINDOW
+        self._acked_bytes = 0
+        self._newest_arrival: float | None = None
+
+    def on_results(self, results: list[PacketResult]) -> str:
+        """Take one feedback packet's results; the state after them."""
+        for result in sorted((r for r in results if r.arrival is not None), key=lambda r: r.sequence):
+            arrival = result.arrival
+            assert arrival is not None
+            self._acknowledge(arrival, result.size)
+            group = self._group
+            if group is None or result.sent - group.first_sent > GROUP_SPAN:
+                if group is not None:
+                    self._group_done(group)
+                self._group = _Group(result.sent, result.sent, arrival)
+            else:
+                group.last_sent = max(group.last_sent, result.sent)
+                group.last_arrival = max(group.last_arrival, arrival)
+        return self.state
+
+    def _acknowledge(self, arrival: float, size: int) -> None:
+        if self._newest_arrival is None or arrival > self._newest_arrival:
+            self._newest_arrival = arrival
+        self._acked.append((arrival, size + PACKET_OVERHEAD))
+        self._acked_bytes += size + PACKET_OVERHEAD
+        while self._acked and self._acked[0][0] < self._newest_arrival - ACKED_WINDOW:
+            self._acked_bytes -= self._acked.popleft()[1]
+        span = self._newest_arrival - self._acked[0][0]
+        if span >= ACKED_WINDOW / 2:
+            self.acked_rate = self._acked_bytes * 8 / max(span, ACKED_WINDOW * 0.9)
+
+    def _group_done(self, group: _Group) -> None:
+        previous, self._previous = self._previous, group
+        if previous is None:
+            return
+        send_delta = group.last_sent - previous.last_sent
+        arrival_delta = group.last_arrival - previous.last_arrival
+        if send_delta <= 0:
+            return  # (reordered across groups: says nothing)
+        self.groups_seen += 1
+        variation = (arrival_delta - send_delta) * 1000.0
+        self._accumulated += variation
+        self._smoothed = SMOOTHING * self._smoothed + (1 - SMOOTHING) * self._accumulated
+        if self._first_arrival is None:
+            self._first_arrival = group.last_arrival
+        self._points.append(((group.last_arrival - self._first_arrival) * 1000.0, self._smoothed))
+        if len(self._points) == WINDOW:
+            slope = _slope(self._points)
+            if slope is not None:
+                self._detect(min(self.groups_seen, MAX_DELTAS) * slope * GAIN, group.last_sent, group.last_arrival)
+
+    def _detect(self, signal: float, sent: float, arrival: float) -> None:
+        previous, self.signal = self.signal, signal
+        if signal > self.threshold:
+            if self.overuse_since is None:
+                self.overuse_since, self.overuse_groups = sent, 0
+            self.overuse_groups += 1
+            if sent - self.overuse_since >= OVERUSE_TIME and self.overuse_groups > 1 and signal >= previous:
+                self.state = OVERUSE
+        elif signal < -self.threshold:
+            self.overuse_since = None
+            self.state = UNDERUSE
+        else:
+            self.overuse_since = None
+            self.state = NORMAL
+        self._adapt(signal, arrival)
+
+    def _adapt(self, signal: float, arrival: float) -> None:
+        last, self._last_update = self._last_update, arrival
+        if last is None or abs(signal) > self.threshold + THRESHOLD_IGNORE:
+            return
+        step = min(max(arrival - last, 0.0), 0.1) * 1000.0
+        rate = THRESHOLD_DOWN if abs(signal) < self.threshold else THRESHOLD_UP
+        self.threshold += rate * (abs(signal) - self.threshold) * step
+        self.threshold = max(THRESHOLD_MIN, min(self.threshold, THRESHOLD_MAX))
+
+
+def _slope(points: deque[tuple[float, float]]) -> float | None:
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    numerator = sum((x - mean_x) * (y - mean_y) for x, y in points)
+    denominator = sum((x - mean_x) ** 2 for x, _ in points)
+    return None if denominator == 0 else numerator / denominator

@@ -1,0 +1,76 @@
+"""The delay-based detector, driven by made-up per-packet feedback on a fake clock."""
+
+from __future__ import annotations
+
+from mediaserver.delay_detector import NORMAL, OVERUSE, UNDERUSE, DelayDetector
+from mediaserver.twcc import PacketResult
+
+
+def link(rate_bps: float, send_bps: float, seconds: float, start: float = 0.0, first_seq: int = 0,
+         free_at: float = 0.0, size: int = 1000) -> tuple[list[PacketResult], float]:
+    """Packets sent at ``send_bps`` through a bottleneck of ``rate_bps`` that is busy until ``free_at``:
+    their results, and when the bottleneck is free again."""
+    results: list[PacketResult] = []
+    gap, service = size * 8 / send_bps, size * 8 / rate_bps
+    for i in range(int(seconds / gap)):
+        sent = start + i * gap
+        free_at = max(free_at, sent) + service
+        results.append(PacketResult(first_seq + i, sent, size, False, free_at + 0.05))
+    return results, free_at
+
+
+def feed(detector: DelayDetector, results: list[PacketResult], every: int = 10) -> list[str]:
+    return [detector.on_results(results[i:i + every]) for i in range(0, len(results), every)]
+
+
+def test_a_link_with_room_reads_normal_and_acknowledges_what_was_sent() -> None:
+    detector = DelayDetector()
+    results, _ = link(rate_bps=2_000_000, send_bps=500_000, seconds=5)
+    states = feed(detector, results)
+    assert set(states) == {NORMAL}
+    assert detector.acked_rate is not None and abs(detector.acked_rate - 500_000 * 1028 / 1000) < 50_000
+
+
+def test_sending_over_the_link_reads_overuse_within_a_fraction_of_a_second() -> None:
+    detector = DelayDetector()
+    calm, _ = link(rate_bps=2_000_000, send_bps=1_000_000, seconds=3)
+    feed(detector, calm)
+    assert detector.state == NORMAL
+    flood, _ = link(rate_bps=300_000, send_bps=1_000_000, seconds=2, start=3.0, first_seq=len(calm))
+    states = feed(detector, flood, every=5)
+    first_overuse = states.index(OVERUSE)
+    # each step is five packets of 8 ms: overuse within about 0.3 s of the link dropping
+    assert first_overuse * 5 * 0.008 < 0.3
+    # and what the receiver acknowledges falls to what the link carries
+    assert detector.acked_rate is not None and detector.acked_rate < 400_000
+
+
+def test_a_queue_draining_reads_underuse_then_normal_once_it_is_empty() -> None:
+    detector = DelayDetector()
+    flood, busy = link(rate_bps=600_000, send_bps=1_000_000, seconds=1.5)
+    assert OVERUSE in feed(detector, flood)
+    draining, busy = link(rate_bps=600_000, send_bps=200_000, seconds=1.5, start=1.5, first_seq=len(flood),
+                          free_at=busy)
+    assert busy < 3.0  # (the queue has drained)
+    assert UNDERUSE in feed(detector, draining, every=5)
+    after, _ = link(rate_bps=600_000, send_bps=200_000, seconds=4, start=3.0, first_seq=len(flood) + len(draining),
+                    free_at=busy)
+    assert feed(detector, after)[-1] == NORMAL
+
+
+def test_lost_packets_and_jitter_within_a_burst_say_nothing() -> None:
+    detector = DelayDetector()
+    results, _ = link(rate_bps=2_000_000, send_bps=500_000, seconds=5)
+    shaken = [PacketResult(r.sequence, r.sent, r.size, r.probe,
+                           None if r.sequence % 7 == 0 else (r.arrival or 0) + (0.002 if r.sequence % 2 else 0.0))
+              for r in results]
+    assert set(feed(detector, shaken)) == {NORMAL}
+
+
+def test_the_threshold_adapts_to_a_noisy_link_but_stays_bounded() -> None:
+    detector = DelayDetector()
+    results, _ = link(rate_bps=2_000_000, send_bps=500_000, seconds=20)
+    noisy = [PacketResult(r.sequence, r.sent, r.size, r.probe, (r.arrival or 0) + 0.004 * ((r.sequence // 3) % 2))
+             for r in results]
+    feed(detector, noisy)
+    assert 6.0 <= detector.threshold <= 600.0
