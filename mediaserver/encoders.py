@@ -65,6 +65,7 @@ class OpusTrack(MediaStreamTrack):
         self._unencoded: list[av.AudioFrame] = []  # 20 ms frames not yet encoded
         self._ready: deque[av.Packet[Any]] = deque()
         self._pts = 0
+        self._source_next: int | None = None  # where the source's next frame should begin, at 48 kHz
 
     @property
     def bitrate(self) -> int:
@@ -94,11 +95,33 @@ class OpusTrack(MediaStreamTrack):
             frame = await self.source.recv()
             if not isinstance(frame, av.AudioFrame):
                 raise TypeError("OpusTrack needs a source of audio frames")
+            self._follow_dropped_time(frame)
             for chunk in self._resampler.resample(frame):
                 self._unencoded.append(chunk)
                 if len(self._unencoded) * OPUS_FRAME >= self.profile.packet_ms * OPUS_RATE // 1000:
                     self._encode_waiting()
         return self._ready.popleft()
+
+    def _follow_dropped_time(self, frame: av.AudioFrame) -> None:
+        """The packets' clock jumps where the source's frames do (whole 20 ms frames).
+
+        A machine that stalls for a while gets the missed frames from its capture at once, and a slow reader
+        keeps only the newest of them (``edge/media.py``): counted on unbroken, the packets would go out for
+        good as much later than their timestamps say as was dropped, and a receiver would take every one of
+        them as late. The frames waiting for the packet under way go with the dropped time (at most a
+        packet's worth before a gap of seconds), so what follows is stamped where it was captured. A source
+        whose time goes back (a device opened again) is followed from where it now is, without a jump.
+        """
+        if frame.pts is None or frame.time_base is None or not frame.sample_rate:
+            return
+        begins = int(frame.pts * frame.time_base * OPUS_RATE)
+        expected, self._source_next = self._source_next, begins + frame.samples * OPUS_RATE // frame.sample_rate
+        if expected is None:
+            return
+        jump = round((begins - expected) / OPUS_FRAME) * OPUS_FRAME
+        if jump > 0:
+            self._pts += jump + sum(chunk.samples for chunk in self._unencoded)
+            self._unencoded = []
 
     def _encode_waiting(self) -> None:
         """One packet of the frames waiting; a new profile starts at a packet's edge, with a fresh encoder
