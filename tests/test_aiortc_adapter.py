@@ -591,3 +591,50 @@ async def test_rtp_counted_at_the_socket_by_its_header_still_shows_in_receiver_r
         await sender_pc.close()
         await receiver_pc.close()
         restrict_host_addresses(None)
+
+
+# --- ICE consent that a busy media worker does not lose -----------------------------
+
+
+def _socket_of(pc: RTCPeerConnection) -> asyncio.DatagramTransport:
+    """The datagram transport of ``pc``'s nominated ICE pair (where its media and consent answers queue)."""
+    connection = pc.getTransceivers()[0].receiver.transport.transport._connection
+    pair = connection._nominated[1]
+    transport: asyncio.DatagramTransport = pair.protocol.transport
+    return transport
+
+
+async def test_consent_answers_queued_for_seconds_do_not_close_a_healthy_connection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert aioice.ice.Connection.query_consent is aiortc_adapter._query_consent
+    source = inspect.getsource(aioice.ice.Connection.connect)
+    assert "self.query_consent()" in source and "_query_consent_task" in source
+    assert "self._query_consent_task" in inspect.getsource(aioice.ice.Connection.close)
+    assert list(inspect.signature(aioice.ice.Connection.build_request).parameters) == ["self", "pair", "nominate"]
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.05)  # (aioice's own checks: 6 misses in 3.4 s)
+    global arrived
+    arrived = asyncio.Event()  # (this test's loop: the module's event may belong to an earlier test's)
+    restrict_host_addresses(["127.0.0.1"])
+    sender_pc, receiver_pc, port, received, feedback, tap = await connected_pair()
+    try:
+        # The receiver's socket is not read for 5 s, as a busy worker's publisher socket holds its queue:
+        # every consent check the sender makes meanwhile is answered seconds late.
+        stalled = _socket_of(receiver_pc)
+        resumed = asyncio.Event()
+        stalled.pause_reading()
+        asyncio.get_running_loop().call_later(5.0, lambda: (stalled.resume_reading(), resumed.set()))
+        await asyncio.wait_for(resumed.wait(), 10)
+        await port.send(bytes([0x10, 0x00]) + bytes(200), sequence_number=1, timestamp=0, marker=1)
+        await asyncio.wait_for(_until(lambda: len(received) >= 1), 5)
+        assert sender_pc.connectionState == "connected" and receiver_pc.connectionState == "connected"
+        # consent still expires when nothing answers at all
+        monkeypatch.setattr(aiortc_adapter, "CONSENT_TIMEOUT", 1.0)
+        ended = asyncio.Event()
+        sender_pc.on("connectionstatechange",
+                     lambda: ended.set() if sender_pc.connectionState in ("failed", "closed") else None)
+        stalled.pause_reading()
+        await asyncio.wait_for(ended.wait(), 10)
+    finally:
+        await sender_pc.close()
+        await receiver_pc.close()
+        restrict_host_addresses(None)
