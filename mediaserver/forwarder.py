@@ -45,6 +45,7 @@ Clock = Callable[[], float]
 CLOCK_RATES = {"audio": 48000, "video": 90000}
 # How often one missing packet may be asked for again upstream.
 UPSTREAM_NACK_INTERVAL = 0.1
+ASK_FORGOTTEN = 2.0  # seconds after which an ask upstream is forgotten
 # How often the publisher is told its rate cap (REMB), in seconds.
 REMB_INTERVAL = 1.0
 MIME_TYPES = {"audio": "audio/opus", "video": "video/VP8"}
@@ -221,6 +222,8 @@ class Publication:
         self.throttle = KeyframeThrottle(interval=keyframe_interval)
         self.source_ssrc: int | None = None
         self.asked_upstream: dict[int, float] = {}  # source seq -> when we last NACKed it
+        self.highest_seq: int | None = None  # the newest source sequence number received
+        self.upstream_repair: float | None = None  # seconds the publisher takes to answer an ask (smoothed)
         self.last_remb: float | None = None
         self.last_decision: float | None = None
         self.rate_cap: int | None = None  # what the publisher was last told, bit/s
@@ -261,6 +264,9 @@ class Publication:
         if not self.cache.store(packet.sequence_number, packet):
             return  # a retransmission we already forwarded
         now = self.clock()
+        if packet.ssrc != self.source_ssrc:
+            self.highest_seq = None  # a new stream numbers its packets anew
+        self._note_sequence(packet.sequence_number, now)
         self.source_ssrc = packet.ssrc
         self.stats.packets += 1
         self.stats.bytes += len(packet.payload)
@@ -373,21 +379,53 @@ class Publication:
 
         aiortc's receiver NACKs a gap once, when it appears; if that NACK or its
         retransmission is lost, only a subscriber's NACK tells us the hole is
-        still there.
+        still there (for audio, aiortc's receiver asks for nothing: this is the
+        only ask). A packet is asked for again only once the publisher has had
+        the time it takes to answer, and never one newer than any we have: that
+        one is late, not lost.
         """
         now = self.clock()
-        wanted = [seq for seq in missing if now - self.asked_upstream.get(seq, -1.0) >= UPSTREAM_NACK_INTERVAL]
+        interval = self.upstream_interval
+        wanted = [seq for seq in missing
+                  if self._past(seq) and now - self.asked_upstream.get(seq, -1.0) >= interval - 1e-9]
         if not wanted or self.source_ssrc is None or self.closed:
             return
         for seq in wanted:
             self.asked_upstream[seq] = now
         if len(self.asked_upstream) > 512:
-            self.asked_upstream = {s: t for s, t in self.asked_upstream.items() if now - t < 2.0}
+            self.asked_upstream = {s: t for s, t in self.asked_upstream.items() if now - t < ASK_FORGOTTEN}
         self.stats.nacks += 1
         try:
             await self.tap.request_retransmission(self.source_ssrc, wanted)
         except ConnectionError:
             pass
+
+    def _note_sequence(self, seq: int, now: float) -> None:
+        """The newest sequence number so far; a packet that fills one we asked for tells how long the
+        publisher takes to answer."""
+        highest = self.highest_seq
+        if highest is None or 0 < (seq - highest) % 65536 < 32768:
+            self.highest_seq = seq
+            return
+        asked = self.asked_upstream.get(seq)  # older than the newest: a retransmission or a late packet
+        if asked is not None and 0 < now - asked < ASK_FORGOTTEN:
+            sample = now - asked
+            self.upstream_repair = sample if self.upstream_repair is None else (
+                self.upstream_repair + (sample - self.upstream_repair) / 8)
+
+    @property
+    def upstream_interval(self) -> float:
+        """How long one missing packet's ask upstream is left to be answered before it is asked for again:
+        what the publisher has taken to answer (a queue in front of it included), at least 0.1 s."""
+        repair = self.upstream_repair
+        return UPSTREAM_NACK_INTERVAL if repair is None else max(UPSTREAM_NACK_INTERVAL, 1.25 * repair)
+
+    def _past(self, seq: int) -> bool:
+        """True if a packet after ``seq`` has come: a receiver asking for a packet we have not yet got and
+        none after it is hearing it late, not lost (most likely behind the same queue as the publisher's
+        next packets), and asking the publisher would send it again into that queue: a queue in front of
+        the audio would feed itself."""
+        return self.highest_seq is not None and 0 < (self.highest_seq - seq) % 65536 < 32768
 
     def attach(self, port: OutboundPort, rewriter: StreamRewriter, link: SubscriberLink | None = None,
                subscriber_id: str = "") -> Subscription:
