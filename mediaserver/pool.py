@@ -191,11 +191,14 @@ class RemotePeer:
 class WorkerPool:
     """The SFU in ``count`` worker processes (``service.MediaService``)."""
 
-    def __init__(self, count: int, settings: WorkerSettings) -> None:
+    def __init__(self, count: int, settings: WorkerSettings, stuck_after: float = STUCK_AFTER,
+                 command: tuple[str, ...] = (sys.executable, "-m", "mediaserver.worker")) -> None:
         if count < 1:
             raise ValueError("a pool needs at least one worker")
         self.count = count
         self.settings = settings
+        self.stuck_after = stuck_after  # (tests make it short; a worker reports its load every 2 s)
+        self.command = command  # a worker's program; its stream's descriptor and log settings follow
         self.port_ranges: list[tuple[int, int] | None] = [None] * count
         if settings.port_range is not None:
             self.port_ranges = list(port_slices(*settings.port_range, count))
@@ -221,10 +224,10 @@ class WorkerPool:
         """Kill a worker whose loop has stopped answering (a stuck worker serves no media either): its
         participants then move as from any worker that died."""
         while not self.closing:
-            await asyncio.sleep(STUCK_AFTER / 5)  # the watch's own pace
+            await asyncio.sleep(self.stuck_after / 5)  # the watch's own pace
             now = time.monotonic()
             for worker in self._up():
-                if now - worker.heard_at > STUCK_AFTER:
+                if now - worker.heard_at > self.stuck_after:
                     logger.error("media worker %d (pid %d) said nothing for %.0f s; killed", worker.index,
                                  worker.pid, now - worker.heard_at)
                     with contextlib.suppress(ProcessLookupError):
@@ -236,7 +239,7 @@ class WorkerPool:
         parent, child = socket.socketpair()
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mediaserver.worker", str(child.fileno()),
+                *self.command, str(child.fileno()),
                 self.settings.log_format, self.settings.log_level, pass_fds=(child.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL)  # its log goes to stderr
         except OSError:

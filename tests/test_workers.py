@@ -299,3 +299,66 @@ async def test_while_no_worker_is_up_the_server_is_not_ready_and_a_join_is_told_
         assert [w["restarts"] for w in pool.describe()] == [1]
     finally:
         await runner.cleanup()
+
+
+# --- a worker that stops answering, and one that cannot be started ----------------------------
+
+
+async def test_a_worker_that_stops_answering_is_killed_and_replaced_and_its_participant_told() -> None:
+    from mediaserver.peer import ParticipantInfo
+    from mediaserver.pool import WORKER_LOST, WorkerSettings
+
+    pool = WorkerPool(1, WorkerSettings(addresses=["127.0.0.1"]), stuck_after=3.0)  # (it reports every 2 s)
+    await pool.start()
+    stopped: int | None = None
+    try:
+        failures: list[str] = []
+        told = asyncio.Event()
+
+        async def on_failed(peer: Any, code: str) -> None:
+            failures.append(code)
+            told.set()
+
+        async def signal_(message: dict[str, Any]) -> None:
+            pass
+
+        await pool.join("room-1", ParticipantInfo("p1", "Åsa", "clinician", True), signal_, on_failed)
+        (worker,) = pool.describe()
+        stopped = int(worker["pid"])
+        os.kill(stopped, signal.SIGSTOP)  # its loop answers nothing, as a worker stuck in a loop
+        await asyncio.wait_for(told.wait(), 10)
+        assert failures == [WORKER_LOST]
+        assert not _alive(stopped)
+        await pool.wait_until(lambda: pool.ready() is None, 20)
+        (replaced,) = pool.describe()
+        assert replaced["pid"] != stopped and replaced["restarts"] == 1
+    finally:
+        if stopped is not None and _alive(stopped):
+            os.kill(stopped, signal.SIGKILL)
+        await pool.close()
+
+
+async def test_a_worker_that_cannot_start_is_tried_again_later_and_later_and_joins_are_told_so() -> None:
+    import sys
+
+    from mediaserver.peer import ParticipantInfo
+    from mediaserver.pool import WorkerSettings
+
+    started = time.monotonic()
+    pool = WorkerPool(1, WorkerSettings(), command=(sys.executable, "-c", "raise SystemExit(3)"))
+    await pool.start()
+    try:
+        assert pool.ready() == "media: none of 1 worker(s) is up"
+
+        async def ignore(*_: Any) -> None:
+            pass
+
+        with pytest.raises(CodedError) as refused:
+            await pool.join("room-1", ParticipantInfo("p1", "Åsa", "clinician", True), ignore, ignore)
+        assert refused.value.code == "media_unavailable"
+        # tried again after 0.5 s, then 1 s: not in a loop
+        await pool.wait_until(lambda: pool.restarts[0] >= 2, 10)
+        assert time.monotonic() - started >= 1.5
+        assert pool.restarts[0] <= 3 and pool.deaths_in_a_row[0] >= 2 and pool.ready() is not None
+    finally:
+        await pool.close()
