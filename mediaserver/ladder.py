@@ -167,6 +167,47 @@ class LayerChooser:
         return top * (2.0 if cap_limited else 1.2)
 
 
+# --- join storms: how many ladders a worker starts ---------------------------------------
+
+LADDER_STARTS_PER_SECOND = 1.0  # ladders (a decoder of the original and its first layer) a worker starts a second
+LADDER_START_BURST = 3  # and at once, after a quiet while
+
+
+@dataclass
+class StartPacer:
+    """How many ladders may start now, across one worker: a token bucket.
+
+    A new subscriber starts on a layer made on the server until its link has
+    proven itself (a thin link must not be flooded by the original first), so
+    the first subscriber of every new consultation starts a decoder of the
+    original and an encoder. Many consultations joining a worker at once (a
+    busy hour, or every call of a worker that died moving to this one) would
+    start them all in the same second and stall the worker's forwarding for
+    every call on it. Starts are paced instead: a subscriber whose layer may not
+    start yet stays "starting" (no video yet, as its client shows) and gets it
+    within seconds. Starts are counted, not ladders running: a thin link keeps
+    its layer for good, and that must never hold other calls' starts back.
+    """
+
+    rate: float = LADDER_STARTS_PER_SECOND
+    burst: float = LADDER_START_BURST
+    tokens: float | None = None  # (None: full)
+    at: float = 0.0
+    refused: int = 0  # starts put off, since the worker started
+
+    def take(self, now: float) -> bool:
+        """Whether a ladder may start now (and if so, count it)."""
+        elapsed = max(now - self.at, 0.0)
+        tokens = self.burst if self.tokens is None else min(self.burst, self.tokens + elapsed * self.rate)
+        self.at = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return True
+        self.tokens = tokens
+        self.refused += 1
+        return False
+
+
 # --- the running ladder --------------------------------------------------------------
 
 
@@ -229,6 +270,7 @@ class Ladder:
     def __init__(self, publication: Publication, specs: Sequence[LayerSpec] = DEFAULT_LAYERS) -> None:
         self.publication = publication
         self.specs = tuple(specs)
+        self.pacer = StartPacer()  # (a media server gives every ladder of a worker the same one: peer.py)
         self.layers: dict[int, Layer] = {}
         self._assembler: VideoFrameAssembler | None = None
         self._decoder: Any = None
@@ -252,9 +294,12 @@ class Ladder:
 
     def update(self, in_use: set[int]) -> None:
         """Start the layers some subscriber is on or moving to; stop the others."""
-        for level in in_use - set(self.layers):
-            if self.is_layer(level):
-                self._start(level)
+        for level in sorted(in_use - set(self.layers)):
+            if not self.is_layer(level):
+                continue
+            if self._executor is None and not self.pacer.take(self.publication.clock()):
+                break  # a storm of joins on this worker: asked again at the next decision (a quarter second)
+            self._start(level)
         for level in set(self.layers) - in_use:
             self._stop(level)
 

@@ -184,6 +184,8 @@ class Peer:
         if kind not in self._taps:
             return
         publication = Publication(self.info.id, kind, self._taps[kind], adaptation=self.room.adaptation)
+        if publication.ladder is not None:
+            publication.ladder.pacer = self.room.ladder_starts  # (a join storm's ladders start paced, worker-wide)
         publication.muted = self.muted[kind]
         self.publications[kind] = publication
         asyncio.ensure_future(self.room.publish(publication))
@@ -191,7 +193,9 @@ class Peer:
     async def _on_connection_state(self) -> None:
         state = self.pc.connectionState
         logger.info("participant %s media connection %s", self.info.id, state)
-        if state == "failed" and not self.closed:
+        # "closed" without our own close(): the remote end or ICE consent ended every DTLS transport and aiortc
+        # closed the connection itself; the participant must hear of it as of a failure, not stay in the call
+        if state in ("failed", "closed") and not self.closed:
             await self.on_failed(self, "media_failed")
 
     # --- negotiation ---------------------------------------------------------

@@ -13,6 +13,7 @@ from aiortc import RTCIceServer
 from .aiortc_adapter import restrict_host_addresses, restrict_port_range
 from .forwarder import Publication, Subscription
 from .forwarding_delay import DelaySnapshot, DelayTotal
+from .ladder import StartPacer
 from .peer import ParticipantInfo, Peer, Signal
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class Room:
         self.delays = delays or DelayTotal()  # the process's forwarding delay: a publication's joins it as it ends
         self.ice_servers = ice_servers
         self.adaptation = adaptation  # the quality ladder and per-subscriber levels
+        self.ladder_starts = StartPacer()  # the media server's, shared by all its rooms (MediaServer.room)
         self.peers: dict[str, Peer] = {}
         self.started_at = time.time()  # wall clock: when its first participant joined
 
@@ -163,6 +165,7 @@ class MediaServer:
         self.adaptation = adaptation
         self.rooms: dict[str, Room] = {}
         self.delays = DelayTotal()  # how long forwarded copies were held, every publication since the start
+        self.ladder_starts = StartPacer()  # how many ladders this process (one worker) starts a second
         self._changed = asyncio.Condition()
         self.on_change: list[Callable[[], None]] = []  # told whenever wait_until's predicates are checked
 
@@ -186,6 +189,7 @@ class MediaServer:
         if room is None:
             room = self.rooms[room_id] = Room(room_id, self.ice_servers, self.adaptation, self._changed_soon,
                                               self.delays)
+            room.ladder_starts = self.ladder_starts
         return room
 
     async def join(
