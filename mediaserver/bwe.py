@@ -76,19 +76,25 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   once per round trip (and no more often than every 0.2 s).
 * What arrives counts as carried: the acknowledged rate confirms the estimate
   as delivery from reports does, within a fraction of a second.
-* Probes are judged by their own packets: one fails as soon as the detector
-  sees overuse while its packets arrive, or when their one-way delay grew by
-  more than ``PROBE_DELAY_RISE`` from its first packets to its last, or when
-  they arrived at less than 85 % of the rate they were sent at (the link is
-  full). Otherwise it is proven as soon as feedback has covered all of its
-  packets, at the lower of its rate and the rate they arrived at: there is no
-  waiting a second for a report.
+* Probes are judged by their own packets. A probe's padding repeats packets
+  already sent, which the receiver's SRTP drops as replays before it notes
+  their arrival, so the stream's own packets between them tell what the
+  padding did to the queue: a probe fails as soon as the detector sees
+  overuse, or the one-way delay of its packets (the latest quarter over the
+  first quarter's lowest) has grown by more than ``PROBE_DELAY_RISE``, or
+  they arrived spread out over more than 1/0.85 of the time they were sent
+  in (the link is full). Otherwise it is proven as soon as feedback has
+  covered all of its packets: at its rate if its packets (padding included)
+  went out at ``PROBE_REACHED`` of it or more (the padding duplicates what is
+  forwarded, paced, and runs a little short), else at the rate they went
+  out at. There is no waiting a second for a report.
 * They start sooner and go further: half a second after the link is first
   heard from (or a cut), for half a second each, the first to three times what
   the link has carried and the next to twice that again (six times), as
-  browsers do, and the back-off after a failure is shorter
+  browsers do; a probe right after one that worked steps twice as far
+  (``PROBE_STREAK_STEP``), and the back-off after a failure is shorter
   (``PROBE_BACKOFF_PER_PACKET``): a failed probe is stopped within a round
-  trip of its first overuse instead of filling the queue for a second.
+  trip of the first sign instead of filling the queue for a second.
 * Without per-packet feedback for ``PER_PACKET_FRESH`` seconds the
   estimate falls back to the rules above.
 """
@@ -142,9 +148,11 @@ PROBE_TIME_PER_PACKET = 0.5  # seconds the padding lasts
 PROBE_CALM_PER_PACKET = 0.5  # seconds without a cut (or after the link is first heard from) before probing
 PROBE_SETTLE_PER_PACKET = 0.5  # seconds after a failed probe whose overuse is its own doing
 PROBE_STEPS_PER_PACKET = (3.0, 2.0)  # the first probes' steps: to 3x what was carried, then 6x
-PROBE_BACKOFF_PER_PACKET = (1.0, 2.0, 4.0, 8.0, 8.0)
+PROBE_STREAK_STEP = 2.0  # a probe right after one that worked steps this far (1.5x otherwise)
+PROBE_BACKOFF_PER_PACKET = (1.0, 2.0, 4.0, 6.0, 6.0)
 PROBE_DELAY_RISE = 0.025  # seconds a probe's packets' one-way delay may grow
 PROBE_RECEIVED_SHARE = 0.85  # a probe's packets must arrive at least this share of the rate they were sent at
+PROBE_REACHED = 0.7  # padding that reached this share of a probe's rate proves the rate (it runs a little short)
 
 
 @dataclass
@@ -234,6 +242,7 @@ class BandwidthEstimate:
     per_packet_at: float | None = None  # the last transport feedback
     acked: float | None = None  # what the receiver acknowledged lately, bit/s (per-packet feedback)
     overuse_cuts: int = 0
+    _streak: bool = False  # the last probe worked, judged by its own packets
 
     def on_nack(self, now: float, packets: int = 1) -> None:
         """The subscriber reports ``packets`` lost. During a probe on a clean link, any loss is the
@@ -389,6 +398,8 @@ class BandwidthEstimate:
         if self.ceiling is None:
             if self.per_packet_at is not None and self.successful_probes == self.probes < len(PROBE_STEPS_PER_PACKET):
                 return usable * PROBE_STEPS_PER_PACKET[self.probes]  # (the start, while every probe worked)
+            if self.per_packet_at is not None and self.probes and self.failed_probes == 0 and self._streak:
+                return usable * PROBE_STREAK_STEP
             return usable * (FIRST_PROBE_STEP if self.probes == 0 else PROBE_STEP)
         if self.ceiling > usable * CEILING_GAP:
             return (usable + self.ceiling) / 2
@@ -465,14 +476,16 @@ class BandwidthEstimate:
         if probe is not None:
             end = probe.start + probe.duration
             probe.packets.extend(r for r in results if probe.start <= r.sent < end)
-            if state == OVERUSE:
+            if state == OVERUSE or self._delay_rise(probe) > PROBE_DELAY_RISE:
                 self._fail_probe(now)  # the queue grows: stop padding now
+                self._streak = False
             elif any(r.sent >= end for r in results):  # feedback has covered all of its packets
                 rate = self._probe_verdict(probe)
+                self._streak = rate is not None
                 if rate is None:
                     self._fail_probe(now)
                 else:
-                    self._verdict(probe, now, True, min(rate, probe.rate))
+                    self._verdict(probe, now, True, probe.rate if rate >= probe.rate * PROBE_REACHED else rate)
         elif state == OVERUSE and acked is not None and now >= self.blame_until and (
                 self.last_cut is None or now - self.last_cut >= max(self.rtt, OVERUSE_CUT_INTERVAL)):
             self.overuse_cuts += 1
@@ -489,14 +502,23 @@ class BandwidthEstimate:
         came = [(r.sent, r.arrival) for r in sent if not r.probe and r.arrival is not None]
         if len(came) < 8 or sent[-1].sent <= sent[0].sent:
             return None  # (too few packets came back to say anything)
-        delays = [arrival - at for at, arrival in came]
-        quarter = max(len(delays) // 4, 1)
-        if sum(delays[-quarter:]) / quarter - min(delays[:quarter]) > PROBE_DELAY_RISE:
+        if BandwidthEstimate._delay_rise(probe) > PROBE_DELAY_RISE:
             return None
         sent_span, arrival_span = came[-1][0] - came[0][0], came[-1][1] - came[0][1]
         if sent_span > 0 and arrival_span > sent_span / PROBE_RECEIVED_SHARE:
             return None  # (the stream's packets arrived spread out: the link is full)
         return sum(r.size for r in sent[1:]) * 8 / (sent[-1].sent - sent[0].sent)
+
+    @staticmethod
+    def _delay_rise(probe: Probe) -> float:
+        """How much the one-way delay of a probe's packets grew so far: its latest quarter's average
+        over its first quarter's lowest (0 before eight of them came back)."""
+        delays = [r.arrival - r.sent for r in sorted(probe.packets, key=lambda r: r.sent)
+                  if not r.probe and r.arrival is not None]
+        if len(delays) < 8:
+            return 0.0
+        quarter = len(delays) // 4
+        return sum(delays[-quarter:]) / quarter - min(delays[:quarter])
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -593,6 +593,64 @@ async def test_rtp_counted_at_the_socket_by_its_header_still_shows_in_receiver_r
         restrict_host_addresses(None)
 
 
+# --- transport-wide congestion control: negotiation, stamping, feedback ---------
+
+
+def test_aiortc_still_has_what_transport_wide_congestion_control_relies_on() -> None:
+    import inspect
+
+    import aiortc.codecs
+    from aiortc.rtcdtlstransport import RTCDtlsTransport, RtpRouter
+    from aiortc.rtp import HeaderExtensionsMap
+
+    from mediaserver.twcc import TRANSPORT_CC_URI
+
+    # negotiation: aiortc offers and answers from these module tables
+    source = inspect.getsource(aiortc.rtcpeerconnection.RTCPeerConnection)
+    assert "HEADER_EXTENSIONS[transceiver.kind][:]" in source and "HEADER_EXTENSIONS[media.kind]" in source
+    for kind in ("audio", "video"):
+        assert any(e.uri == TRANSPORT_CC_URI for e in aiortc.codecs.HEADER_EXTENSIONS[kind])
+        assert all(any(f.type == "transport-cc" for f in c.rtcpFeedback)
+                   for c in aiortc.codecs.CODECS[kind] if not c.mimeType.lower().endswith("/rtx"))
+    # stamping: aiortc's map knows the extension and writes it
+    assert hasattr(HeaderExtensionsMap()._HeaderExtensionsMap__ids, "transport_sequence_number")  # type: ignore[attr-defined]
+    # feedback: raw RTCP passes _handle_rtcp_data, every RTP packet RtpRouter.route_rtp, and RTCP
+    # handed to _send_rtp is protected as RTCP
+    assert "RtcpPacket.parse(data)" in inspect.getsource(RTCDtlsTransport._handle_rtcp_data)
+    assert "self._rtp_router.route_rtp(packet)" in inspect.getsource(RTCDtlsTransport._handle_rtp_data)
+    assert "route_rtp" in RtpRouter.__dict__
+    assert "protect_rtcp(data)" in inspect.getsource(RTCDtlsTransport._send_rtp)
+
+
+async def test_two_aiortc_peers_negotiate_stamp_and_feed_back_transport_wide_sequence_numbers() -> None:
+    from mediaserver.aiortc_adapter import follow_transport_feedback, send_transport_feedback
+    from mediaserver.twcc import TRANSPORT_CC_URI, TransportFeedback
+
+    global arrived
+    arrived = asyncio.Event()  # (this test's loop: the module's event may belong to an earlier test's)
+    restrict_host_addresses(["127.0.0.1"])
+    sender_pc, receiver_pc, port, received, feedback, tap = await connected_pair()
+    feedbacks: list[TransportFeedback] = []
+    try:
+        assert TRANSPORT_CC_URI in sender_pc.remoteDescription.sdp  # (the answer accepted it)
+        history = follow_transport_feedback(sender_pc, feedbacks.append)
+        assert history is not None
+        send_transport_feedback(receiver_pc.getTransceivers()[0].receiver)
+        payload = bytes([0x10, 0x00]) + bytes(300)
+        for i in range(10):
+            await port.send(payload, sequence_number=100 + i, timestamp=3000 * i, marker=1, probe=(i == 9))
+        await asyncio.wait_for(_until(lambda: len(received) == 10), 5)
+        assert [p.extensions.transport_sequence_number for p in received] == list(range(10))
+        await asyncio.wait_for(_until(lambda: sum(len(f.arrivals) for f in feedbacks) >= 10), 5)
+        results = [r for f in feedbacks for r in history.results(f)]
+        assert [r.sequence for r in results] == list(range(10))
+        assert all(r.arrival is not None for r in results) and [r.probe for r in results] == [False] * 9 + [True]
+    finally:
+        await sender_pc.close()
+        await receiver_pc.close()
+        restrict_host_addresses(None)
+
+
 # --- ICE consent that a busy media worker does not lose -----------------------------
 
 
