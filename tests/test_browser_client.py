@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 
@@ -119,6 +120,13 @@ async def test_two_browsers_and_an_aiortc_client_see_and_hear_each_other(
             lambda: watcher.frames_from["doctor"] >= 20 and watcher.frames_from["anna"] >= 20)
         names = await doctor.locator('[data-testid="tile"] .name').all_text_contents()
         assert sorted(names) == ["Anna", "Hemkit"]
+        # Chromium tells the server when each packet arrived (transport-wide congestion control
+        # feedback), and the server reads it: GET /api/stats counts what it matched to what it sent.
+        headers = {"Authorization": f"Bearer {server.admin_key}"}
+        async with aiohttp.ClientSession(headers=headers) as http, http.get(f"{server.url}/api/stats") as response:
+            participants = (await response.json())["rooms"][room]
+        assert participants["doctor"]["transport_feedback"]["packets"] > 10
+        assert participants["anna"]["transport_feedback"]["packets"] > 10
         await doctor.click("#details-button")
         rows = await doctor.locator("#details-body tr").all_inner_texts()
         assert len(rows) == 2 and all(any(ch.isdigit() for ch in row) for row in rows)
