@@ -271,6 +271,7 @@ class Ladder:
         self.publication = publication
         self.specs = tuple(specs)
         self.pacer = StartPacer()  # (a media server gives every ladder of a worker the same one: peer.py)
+        self.start_put_off = False  # its subscribers wait "starting" for a free start
         self.layers: dict[int, Layer] = {}
         self._assembler: VideoFrameAssembler | None = None
         self._decoder: Any = None
@@ -298,7 +299,12 @@ class Ladder:
             if not self.is_layer(level):
                 continue
             if self._executor is None and not self.pacer.take(self.publication.clock()):
-                break  # a storm of joins on this worker: asked again at the next decision (a quarter second)
+                if not self.start_put_off:
+                    self.start_put_off = True
+                    logger.info("%s: layers put off: this worker is starting others (a storm of joins)",
+                                self.publication.id)
+                break  # asked again at the next decision (a quarter second)
+            self.start_put_off = False
             self._start(level)
         for level in set(self.layers) - in_use:
             self._stop(level)
