@@ -129,6 +129,7 @@ class Peer:
         self.info = info
         self.signal = signal
         self.on_failed = on_failed
+        self._failure_told = False
         # MAX_BUNDLE: with aiortc's default (balanced), a second transceiver of a kind
         # created before the first answer stays on a transport that bundling discards.
         self.pc = RTCPeerConnection(
@@ -195,7 +196,8 @@ class Peer:
         logger.info("participant %s media connection %s", self.info.id, state)
         # "closed" without our own close(): the remote end or ICE consent ended every DTLS transport and aiortc
         # closed the connection itself; the participant must hear of it as of a failure, not stay in the call
-        if state in ("failed", "closed") and not self.closed:
+        if state in ("failed", "closed") and not self.closed and not self._failure_told:
+            self._failure_told = True  # (a failed connection may go on to close itself: told once)
             await self.on_failed(self, "media_failed")
 
     # --- negotiation ---------------------------------------------------------
