@@ -330,7 +330,10 @@ class ScavengerRate:
         s = self.settings
         pressure = max(queueing / s.target, on_socket / s.socket_target)
         if pressure > 1.0:
-            self._starting = False
+            # Cut, but a queue the call reports before the upload's connection has carried ``socket_settle``
+            # does not end the slow start: seen as a photo's first bytes went (its requests, the agent busy
+            # starting it), it ended the start at 35-50 kbit/s, and the usual pace took 20 s from there.
+            self._starting = self._starting and not self._settled
             self._cut(now, max(queueing - s.target, on_socket))
         elif self._starting and pressure < 0.5:
             self._grow(self.rate * (2.0 ** (s.slow_start * elapsed) - 1.0))
@@ -345,6 +348,11 @@ class ScavengerRate:
         self.rate = min(s.ceiling, max(s.floor, self.rate))
         return self.rate
 
+    @property
+    def _settled(self) -> bool:
+        """The upload's connection has carried ``socket_settle``: its round trips and deliveries count."""
+        return self._heard is not None and self._heard.acked >= self.settings.socket_settle
+
     def _grow(self, step: float) -> None:
         share = self.share
         if share is None:
@@ -353,8 +361,7 @@ class ScavengerRate:
         recalled = self._recall[0][1] * s.recall_share if self._recall else 0.0
         if self.rate > max(share, recalled) and not (self._starting and self.kept_up):
             step *= 0.25  # above what TCP delivered lately: feel the way, slowly
-        settled = self._heard is not None and self._heard.acked >= s.socket_settle
-        if self._starting and self.kept_up is False and settled:
+        if self._starting and self.kept_up is False and self._settled:
             # TCP no longer keeps up with the doubling: the link is full, or nearly. Not on a connection that has
             # not carried ``socket_settle`` yet: its own start (handshake, first round trips, a loss repaired
             # with a timeout) delivered 60-80 % of a slow start's rate and ended it at 110 kbit/s, and growing

@@ -449,3 +449,27 @@ def test_a_new_connection_not_keeping_up_at_first_does_not_end_the_slow_start() 
         acked += 0.7 * rate.rate / 10
         rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
     assert not rate._starting
+
+
+def test_a_queue_as_a_photos_first_bytes_go_cuts_the_rate_but_the_slow_start_goes_on() -> None:
+    """The call's report showed 77 ms of queue a second after a photo was put in (its first requests, the
+    agent busy starting it): the rate is cut, and once the queue is gone it doubles again, not at the usual
+    pace. A queue once the connection has carried 64 KiB ends the slow start."""
+    rate = scavenger()
+    acked, now = 0.0, 0.0
+    rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, 0, 0.150, 0.150))
+    for step in range(1, 31):
+        now = round(now + 0.1, 1)
+        acked += rate.rate / 10
+        rtt = 0.177 if step == 10 else 0.100
+        rate.update(now, RttSample(rtt, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
+        if step == 10:
+            cut = rate.rate
+    assert acked < 64 * KIB and rate._starting and rate.rate > 1.5 * cut
+    while acked < 64 * KIB:
+        now = round(now + 0.1, 1)
+        acked += rate.rate / 10
+        rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
+    now = round(now + 0.1, 1)
+    rate.update(now, RttSample(0.177, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
+    assert not rate._starting
