@@ -312,7 +312,11 @@ class SendHistory:
         return seq & 0xFFFF
 
     def results(self, feedback: TransportFeedback) -> list[PacketResult]:
-        """The packets ``feedback`` describes that are still in the ring, with their send records."""
+        """The packets ``feedback`` describes that are still in the ring, with their send records
+        (none for a feedback describing more packets than the ring holds: a few bytes of run
+        length can describe 65535, and matching them all would cost far more than reading them)."""
+        if len(feedback.arrivals) > 2 * len(self._probes):
+            return []
         base = self._unwrap(feedback.base_sequence)
         offset = self._unwrap_reference(feedback.reference_time)
         found: list[PacketResult] = []

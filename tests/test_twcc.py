@@ -142,3 +142,12 @@ def test_the_send_history_wraps_its_sequence_numbers() -> None:
     results = history.results(parse_feedback(encode_feedback(1, 2, 65534, 0, [1000, 2000, None, 4000])))
     assert [(r.sequence & 0xFFFF, r.sent, r.arrival) for r in results] == [
         (65534, 4.0, 0.001), (65535, 5.0, 0.002), (0, 6.0, None), (1, 7.0, 0.004)]
+
+
+def test_feedback_describing_more_than_the_ring_holds_is_not_matched() -> None:
+    history = SendHistory(capacity=16)
+    for i in range(16):
+        history.take(float(i), 100)
+    flood = encode_feedback(1, 2, 0, 0, [1000] + [None] * 8000 + [2000])  # (a few dozen bytes)
+    assert len(flood) < 64
+    assert history.results(parse_feedback(flood)) == []
