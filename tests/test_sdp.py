@@ -64,3 +64,19 @@ async def test_opus_at_24_kbits_with_fec_carries_the_tone(server: RunningServer)
         await watcher.stop()
         await speaker.close()
         await listener.close()
+
+
+def test_transport_wide_congestion_control_is_offered_only_where_the_server_sends() -> None:
+    from mediaserver.sdp import transport_cc_toward_subscribers
+
+    uri = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01"
+    offer = "\r\n".join([
+        "v=0",
+        "m=video 9 UDP/TLS/RTP/SAVPF 97", "a=recvonly", f"a=extmap:5 {uri}", "a=rtcp-fb:97 nack",
+        "a=rtcp-fb:97 transport-cc",
+        "m=video 9 UDP/TLS/RTP/SAVPF 97", "a=sendonly", f"a=extmap:5 {uri}", "a=rtcp-fb:97 transport-cc", "",
+    ])
+    publishing, subscribing = transport_cc_toward_subscribers(offer).split("m=video")[1:]
+    # a browser publishing to the server keeps its own control: nothing would answer its feedback
+    assert uri not in publishing and "transport-cc" not in publishing and "a=rtcp-fb:97 nack" in publishing
+    assert f"a=extmap:5 {uri}" in subscribing and "a=rtcp-fb:97 transport-cc" in subscribing
