@@ -53,6 +53,7 @@ import aiohttp
 import av
 from aiortc.mediastreams import MediaStreamTrack
 
+from mediaserver import loop_watch
 from mediaserver.forwarding_delay import DelaySnapshot
 
 from .process import NaraServer, cpu_seconds, free_port, start_python, stop
@@ -377,14 +378,20 @@ class CorePlan:
 class ServerUnderTest:
     """The forwarding SFU (`nara serve`) or the naive relay, in processes of their own."""
 
-    def __init__(self, mode: str, bitrate: int, workdir: Path, workers: int | None, uvloop: bool) -> None:
+    def __init__(self, mode: str, bitrate: int, workdir: Path, workers: int | None, uvloop: bool,
+                 watch_loops: bool = False) -> None:
         self.mode = mode
         self.nara: NaraServer | None = None
         self.env_backup = os.environ.get("PYTHONPATH")
         if uvloop:
             _use_uvloop(workdir)
+        self.loop_watch: Path | None = None
         try:
             if mode == "forward":
+                if watch_loops:  # (the media workers read it from their environment: loop_watch.py)
+                    self.loop_watch = workdir / "loop-watch"
+                    self.loop_watch.mkdir(exist_ok=True)
+                    os.environ[loop_watch.ENV] = str(self.loop_watch)
                 options = ("--workers", str(workers)) if workers is not None else ()
                 self.nara = NaraServer(workdir / f"forward-data-{time.monotonic_ns()}", options)
                 self.url, self.process = self.nara.url, self.nara.process
@@ -396,6 +403,7 @@ class ServerUnderTest:
         finally:
             if uvloop:
                 _restore_env(self.env_backup)
+            os.environ.pop(loop_watch.ENV, None)
 
     async def consultation(self, title: str) -> str:
         return await self.nara.consultation(title) if self.nara is not None else ""
@@ -407,6 +415,18 @@ class ServerUnderTest:
 
     def pids(self) -> list[int]:
         return process_tree(self.process.pid)
+
+    def loop_readings(self) -> dict[str, Any]:
+        """``--loop-watch``: what each media worker last wrote (every 2 s), one worker's (the first) only."""
+        if self.loop_watch is None:
+            return {}
+        for path in sorted(self.loop_watch.glob("loop-*.json")):
+            try:
+                reading: dict[str, Any] = json.loads(path.read_text())
+                return reading
+            except (OSError, ValueError):
+                continue
+        return {}
 
     def worker_pids(self) -> list[int]:
         return [pid for pid in self.pids() if pid != self.process.pid]
@@ -510,7 +530,7 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
     plan = CorePlan(options.workers) if options.pin and mode == "forward" else None
     try:
         server = ServerUnderTest(mode, options.bitrate, workdir, options.workers if mode == "forward" else None,
-                                 options.uvloop and mode == "forward")
+                                 options.uvloop and mode == "forward", options.loop_watch and mode == "forward")
         if plan is not None:
             plan.pin_workers(server.worker_pids())
     except BaseException:
@@ -577,12 +597,14 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
                         if options.profile and mode == "forward" else [])
             workers = server.worker_pids() if mode == "forward" else []
             delay_start = await server.forwarding_delay()
+            loops_start = server.loop_readings()
             cpu_start, worker_start, wall_start = _tree_cpu(pids), _tree_cpu(workers), time.monotonic()
             await asyncio.sleep(options.duration)  # the measurement window
             wall = time.monotonic() - wall_start
             server_cores = (_tree_cpu(pids) - cpu_start) / wall
             worker_cores = (_tree_cpu(workers) - worker_start) / wall
             delay_end = await server.forwarding_delay()
+            loops_end = server.loop_readings()
             for profile in profiles:
                 profile.wait(timeout=options.duration + 30)
             stats = [await _ask(conn, {"cmd": "stats"}) for _, conn in generators]
@@ -611,6 +633,8 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
                     value = window.quantile(q)
                     step[f"forwarding_delay_{name}_ms"] = value * 1000 if value is not None else None
                 step["forwarded_packets"] = window.total
+            if loops_end:
+                step["loop_watch"] = loop_watch.window(loops_start, loops_end)
             if profiles:
                 step["profile"] = own_time([Path(options.profile) / f"{mode}-{n}-{pid}.raw" for pid in pids])
             step["degraded"] = (
@@ -660,6 +684,13 @@ def _row(s: dict[str, Any]) -> str:
             f"{s['max_loss']:>8.2%} {s['max_delay_p95_ms']:>7.1f}ms {held:>20} {s['on_original']:>5}  {state}")
     for name, share in s.get("profile", [])[:8]:
         line += f"\n    {share:6.1%}  {name}"
+    watched = s.get("loop_watch", {})
+    for generation, (count, total, longest) in sorted(watched.get("collections", {}).items()):
+        line += (f"\n    gc gen {generation}: {count:.0f} passes, {total * 1000:.1f} ms in all, "
+                 f"longest {longest * 1000:.1f} ms")
+    for name, (count, total, longest) in watched.get("callbacks", {}).items():
+        line += (f"\n    {count:6.0f} callbacks over 1 ms, {total * 1000:7.1f} ms in all, "
+                 f"longest {longest * 1000:5.1f} ms: {name}")
     return line
 
 

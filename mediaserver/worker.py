@@ -23,6 +23,7 @@ from typing import Any
 from aiortc import RTCIceServer
 
 from .errors import CodedError
+from .loop_watch import LoopWatch, from_environment
 from .peer import ParticipantInfo, Peer
 from .room import MediaServer
 from .worker_protocol import Message, ProtocolFault, encode, error_json, figures_json, read_message
@@ -39,6 +40,7 @@ class Worker:
         self.media: MediaServer | None = None
         self.sessions: dict[int, tuple[str, Peer]] = {}  # session -> (room, peer)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.loop_watch: LoopWatch | None = None  # (a bench instrument: loop_watch.py)
 
     def send(self, message: Message) -> None:
         if not self.writer.is_closing():
@@ -63,6 +65,8 @@ class Worker:
             await asyncio.sleep(LOAD_INTERVAL)  # the report's own period
             if self.media is not None:
                 self.send({"event": "load", **self.media.counts()})
+            if self.loop_watch is not None:
+                self.loop_watch.write()
 
     async def _answer(self, request: Message) -> None:
         reply: Message = {"id": request.get("id")}
@@ -154,6 +158,7 @@ async def run(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     worker = Worker(writer)
+    worker.loop_watch = from_environment()
     try:
         await worker.serve(reader)
     finally:

@@ -536,6 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="media worker i alone on core i; generators and the server's main process on the rest")
     forward.add_argument("--profile", metavar="DIR",
                          help="py-spy every server process during each step's window (raw stacks into DIR)")
+    forward.add_argument("--loop-watch", action="store_true",
+                         help="report the media worker's callbacks over 1 ms and its garbage collections per step")
     forward.add_argument("--output", help="write the results as JSON here")
     forward.set_defaults(func=cmd_bench_forward)
 
