@@ -214,31 +214,28 @@ class MediaServer:
             del self.rooms[room_id]
         await self._notify()
 
-    def forwarding_stats(self) -> dict[str, Any]:
-        """Per room and participant: what came in, and what went out to each subscriber."""
-        rooms: dict[str, Any] = {}
-        for room_id, room in self.rooms.items():
-            rooms[room_id] = {
-                peer.info.id: {
-                    "published": {k: {**vars(p.stats), "rate_cap": p.rate_cap, "bitrate": int(p.meter.rate),
-                                      "layers": sorted(p.ladder.specs[lv].name for lv in p.ladder.layers)
-                                      if p.ladder is not None else [],
-                                      "forwarding_delay": p.delays.snapshot().to_json()}
-                                  for k, p in peer.publications.items()},
-                    "bandwidth_estimate": int(peer.bandwidth.estimate),
-                    "transport_feedback": {"packets": peer.transport_feedbacks, "delay": peer.delay.state,
-                                           "overuse_cuts": peer.bandwidth.overuse_cuts},
-                    "received": [
-                        {"from": slot.publication.id, **vars(slot.subscription.stats),
-                         "level": slot.publication.level_name(slot.subscription.level),
-                         "bitrate": int(slot.subscription.meter.rate), "switches": slot.subscription.switches}
-                        for slot in peer.slots
-                        if slot.publication is not None and slot.subscription is not None
-                    ],
-                }
-                for peer in room.peers.values()
+    def _room_stats(self, room: Room) -> dict[str, Any]:
+        """Per participant: what came in, and what went out to each subscriber."""
+        return {
+            peer.info.id: {
+                "published": {k: {**vars(p.stats), "rate_cap": p.rate_cap, "bitrate": int(p.meter.rate),
+                                  "layers": sorted(p.ladder.specs[lv].name for lv in p.ladder.layers)
+                                  if p.ladder is not None else [],
+                                  "forwarding_delay": p.delays.snapshot().to_json()}
+                              for k, p in peer.publications.items()},
+                "bandwidth_estimate": int(peer.bandwidth.estimate),
+                "transport_feedback": {"packets": peer.transport_feedbacks, "delay": peer.delay.state,
+                                       "overuse_cuts": peer.bandwidth.overuse_cuts},
+                "received": [
+                    {"from": slot.publication.id, **vars(slot.subscription.stats),
+                     "level": slot.publication.level_name(slot.subscription.level),
+                     "bitrate": int(slot.subscription.meter.rate), "switches": slot.subscription.switches}
+                    for slot in peer.slots
+                    if slot.publication is not None and slot.subscription is not None
+                ],
             }
-        return rooms
+            for peer in list(room.peers.values())
+        }
 
     # --- what signalling asks (service.MediaService) ----------------------------
 
@@ -256,12 +253,19 @@ class MediaServer:
             await room.set_muted(peer, kind, muted)
 
     async def stats(self) -> dict[str, Any]:
-        return self.forwarding_stats()
+        """Per consultation and participant: what came in, and what went out to each subscriber. Read a
+        consultation at a time with a turn of the loop between (as ``figures``: read at once, a busy worker's
+        stats held every packet arriving behind them)."""
+        rooms: dict[str, Any] = {}
+        for room_id, room in list(self.rooms.items()):
+            rooms[room_id] = self._room_stats(room)
+            await asyncio.sleep(0)  # (one turn of the loop: not waiting for anything)
+        return rooms
 
     async def figures(self) -> list[ConsultationFigures]:
         from .figures import live_figures  # figures.py reads rooms and peers: it imports this module
 
-        return live_figures(self)
+        return await live_figures(self)
 
     def forwarding_delay(self) -> DelaySnapshot:
         """How long this process held the copies it forwarded, since it started (``forwarding_delay.py``)."""
