@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -162,6 +163,10 @@ class Worker:
             port_range=(int(port_range[0]), int(port_range[1])) if port_range else None,
         )
         self.media.on_change.append(lambda: self.send({"event": "changed"}))
+        # What start-up made (the modules: aiortc, av, numpy, ...) lives as long as the worker. Frozen, it is
+        # left out of the collector's full passes, each of which holds the loop, and every packet, while it walks.
+        gc.collect()
+        gc.freeze()
         return {"pid": os.getpid()}
 
     async def _join(self, media: MediaServer, request: Message) -> dict[str, bool]:
