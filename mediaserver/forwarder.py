@@ -224,6 +224,7 @@ class Publication:
         self.asked_upstream: dict[int, float] = {}  # source seq -> when we last NACKed it
         self.highest_seq: int | None = None  # the newest source sequence number received
         self.upstream_repair: float | None = None  # seconds the publisher takes to answer an ask (smoothed)
+        self.held_asks: set[int] = set()  # asked for by a subscriber before any later packet came
         self.last_remb: float | None = None
         self.last_decision: float | None = None
         self.rate_cap: int | None = None  # what the publisher was last told, bit/s
@@ -266,7 +267,10 @@ class Publication:
         now = self.clock()
         if packet.ssrc != self.source_ssrc:
             self.highest_seq = None  # a new stream numbers its packets anew
+            self.held_asks.clear()
         self._note_sequence(packet.sequence_number, now)
+        if self.held_asks:
+            await self._ask_held()
         self.source_ssrc = packet.ssrc
         self.stats.packets += 1
         self.stats.bytes += len(packet.payload)
@@ -386,6 +390,9 @@ class Publication:
         """
         now = self.clock()
         interval = self.upstream_interval
+        early = [seq for seq in missing if not self._past(seq)]
+        if early and len(self.held_asks) < 64:
+            self.held_asks.update(early)
         wanted = [seq for seq in missing
                   if self._past(seq) and now - self.asked_upstream.get(seq, -1.0) >= interval - 1e-9]
         if not wanted or self.source_ssrc is None or self.closed:
@@ -399,6 +406,18 @@ class Publication:
             await self.tap.request_retransmission(self.source_ssrc, wanted)
         except ConnectionError:
             pass
+
+    async def _ask_held(self) -> None:
+        """Asks held because nothing after them had come: once something has, those still missing are lost,
+        and asked for at once (the subscriber may have spent its asks while they were only late)."""
+        past = [seq for seq in self.held_asks if self._past(seq)]
+        if not past:
+            return
+        self.held_asks.difference_update(past)
+        highest = self.highest_seq or 0
+        missing = [seq for seq in past if self.cache.get(seq) is None and (highest - seq) % 65536 < 128]
+        if missing:
+            await self.recover(sorted(missing))
 
     def _note_sequence(self, seq: int, now: float) -> None:
         """The newest sequence number so far; a packet that fills one we asked for tells how long the

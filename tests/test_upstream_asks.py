@@ -75,3 +75,28 @@ async def test_a_gap_is_asked_for_again_only_once_the_publisher_has_had_its_time
     clock.now += 0.1
     await publication.recover([5, 6])
     assert publisher.asked == [4, 5, 6, 5, 6]
+
+
+async def test_a_packet_asked_for_while_only_late_is_asked_for_once_a_later_one_shows_it_lost() -> None:
+    """The listener asks for an overdue packet (held: nothing after it has come) and may spend all its asks
+    before the next packet comes; that packet shows the first one lost, and the server asks for it then."""
+    publication, publisher, clock = await kit_audio()
+    clock.now += 0.03
+    await publication.recover([4])  # overdue: 65540 (4) not here, nor anything after it
+    await publication.recover([4])
+    assert publisher.asked == []
+    clock.now += 0.02
+    await publication.on_packet(audio(65541))  # 5 came: 4 was lost
+    assert publisher.asked == [4]
+    await publication.on_packet(audio(65542))
+    assert publisher.asked == [4]
+
+
+async def test_a_late_packet_that_comes_before_the_next_is_not_asked_for() -> None:
+    publication, publisher, clock = await kit_audio()
+    await publication.recover([4, 5])  # overdue behind a queue
+    clock.now += 0.3
+    await publication.on_packet(audio(65540))
+    await publication.on_packet(audio(65541))
+    await publication.on_packet(audio(65542))
+    assert publisher.asked == []
