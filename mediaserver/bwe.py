@@ -94,7 +94,8 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   browsers do; a probe right after one that worked steps twice as far
   (``PROBE_STREAK_STEP``), and the back-off after a failure is shorter
   (``PROBE_BACKOFF_PER_PACKET``): a failed probe is stopped within a round
-  trip of the first sign instead of filling the queue for a second.
+  trip of the first sign instead of filling the queue for a second. None goes
+  while the detector reads anything but normal: underuse is a queue draining.
 * Without per-packet feedback for ``PER_PACKET_FRESH`` seconds the
   estimate falls back to the rules above.
 """
@@ -104,7 +105,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .delay_detector import OVERUSE
+from .delay_detector import NORMAL, OVERUSE
 from .twcc import PacketResult
 
 GROW_BELOW = 0.02
@@ -242,6 +243,7 @@ class BandwidthEstimate:
     per_packet_at: float | None = None  # the last transport feedback
     acked: float | None = None  # what the receiver acknowledged lately, bit/s (per-packet feedback)
     overuse_cuts: int = 0
+    delay_state: str = NORMAL  # the delay detector's, after the last transport feedback
     _streak: bool = False  # the last probe worked, judged by its own packets
 
     def on_nack(self, now: float, packets: int = 1) -> None:
@@ -385,6 +387,8 @@ class BandwidthEstimate:
         # (radio) loss, not congestion: it does not stop a probe, which is judged by delay.
         if now - calm_since < backoff or self.loss > CUT_ABOVE or self.queue_delay >= QUEUE_CALM:
             return None
+        if per_packet and self.delay_state != NORMAL:
+            return None  # (a queue growing, or one still draining: the probe would only add to it)
         self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_queue=self.queue_delay,
                            nack_rate=self._nack_rate(now), asked_before=self.asked,
                            duration=PROBE_TIME_PER_PACKET if per_packet else PROBE_TIME)
@@ -465,6 +469,7 @@ class BandwidthEstimate:
         """One transport feedback packet: ``results``, its packets matched to what was sent; ``state``,
         the delay detector's after them; ``acked``, what the receiver acknowledged lately (bit/s)."""
         self.per_packet_at = now
+        self.delay_state = state
         if self.heard_at is None:
             self.heard_at = now
         if self.last_growth is None:

@@ -78,6 +78,7 @@ def test_overuse_while_a_probe_pads_stops_it_without_cutting() -> None:
     bwe.on_transport_feedback([], OVERUSE, 450_000, 1.3)  # what the probe left in the queue
     assert bwe.estimate == 500_000
     assert bwe.probe_rate(1.9, wanted=2_000_000) is None  # backed off for a second
+    bwe.on_transport_feedback([], NORMAL, 450_000, 2.3)  # (and the queue it left has drained)
     assert bwe.probe_rate(2.4, wanted=2_000_000) is not None
 
 
@@ -89,3 +90,15 @@ def test_without_feedback_for_a_while_the_report_rules_take_over_again() -> None
     assert not bwe.per_packet(PER_PACKET_FRESH + 0.1)
     bwe.probe_rate(PER_PACKET_FRESH + 0.5, wanted=2_000_000)
     assert bwe.probe is not None and bwe.probe.duration == 1.0  # a report-judged probe again
+
+
+def test_no_probe_while_the_queue_grows_or_drains() -> None:
+    from mediaserver.delay_detector import UNDERUSE
+
+    bwe = BandwidthEstimate(estimate=500_000, confirmed=True)
+    heard(bwe, 0.0, acked=400_000)
+    bwe.on_report(0, now=0.1)
+    bwe.on_transport_feedback([], UNDERUSE, 400_000, 0.9)
+    assert bwe.probe_rate(1.0, wanted=2_000_000) is None
+    bwe.on_transport_feedback([], NORMAL, 400_000, 1.1)
+    assert bwe.probe_rate(1.2, wanted=2_000_000) is not None
