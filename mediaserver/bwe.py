@@ -76,23 +76,36 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   once per round trip (and no more often than every 0.2 s).
 * What arrives counts as carried: the acknowledged rate confirms the estimate
   as delivery from reports does, within a fraction of a second.
-* Probes are judged by their own packets. A probe's padding repeats packets
-  already sent, which the receiver's SRTP drops as replays before it notes
-  their arrival, so the stream's own packets between them tell what the
-  padding did to the queue: a probe fails as soon as the detector sees
-  overuse, or the one-way delay of its packets (the latest quarter over the
-  first quarter's lowest) has grown by more than ``PROBE_DELAY_RISE``, or
-  they arrived spread out over more than 1/0.85 of the time they were sent
-  in (the link is full). Otherwise it is proven as soon as feedback has
-  covered all of its packets: at its rate if its packets (padding included)
-  went out at ``PROBE_REACHED`` of it or more (the padding duplicates what is
-  forwarded, paced, and runs a little short), else at the rate they went
-  out at. There is no waiting a second for a report.
+* A probe is a cluster: 0.15 s of padding at the probe rate
+  (``PROBE_TIME_PER_PACKET``; half a second of it on a 150 kbit/s link left
+  a queue that held audio past its playout), measured by its packets'
+  arrival. Its padding repeats packets already sent, which the receiver's
+  SRTP drops as replays before it notes their arrival, so the stream's own
+  packets in the cluster are its markers: every byte sent between the first
+  and the last of them (padding included: it crossed the same bottleneck)
+  over the span they were sent in is the rate sent, over the span they
+  arrived in, the rate the link carried (``cluster_rates``). The padding
+  stops as soon as the detector sees overuse or the markers' one-way delay
+  (the latest quarter over the first quarter's lowest) has grown by more than
+  ``PROBE_DELAY_RISE``; the cluster is judged once feedback has covered all
+  of it. Arrived at ``PROBE_RECEIVED_SHARE`` of the rate sent or more, with
+  no sign of a queue: the link carries the probe's rate if the cluster went
+  out at ``PROBE_REACHED`` of it or more (the padding duplicates what is
+  forwarded, paced, and runs a little short), else the rate it went out at;
+  but no more than it arrived at, if that was under ``CLUSTER_ON_TIME`` of
+  the rate sent (the link is about full: no step further from there).
+  Arrived slower, or stopped: the link is full, and the rate the cluster
+  arrived at is its capacity: a measurement, not only a failure. The
+  estimate jumps to ``CLUSTER_SHARE`` of it (a starting guess is replaced by
+  it), the next probes close in on it, and they back off as after a failure
+  (a probe just above a full link, one after another, would keep it full).
+  There is no waiting a second for a report.
 * They start sooner and go further: half a second after the link is first
-  heard from (or a cut), for half a second each, the first to three times what
-  the link has carried and the next to twice that again (six times), as
-  browsers do; a probe right after one that worked steps twice as far
-  (``PROBE_STREAK_STEP``), and the back-off after a failure is shorter
+  heard from (or a cut), a cluster each, each to twice the last (the first
+  to twice what the link has carried: a cluster at three times it on a
+  150 kbit/s link left 0.15 s of queue ahead of the sound, at twice it
+  0.05 s), while they work (``PROBE_STEPS_PER_PACKET``,
+  ``PROBE_STREAK_STEP``), and the back-off after a failure is shorter
   (``PROBE_BACKOFF_PER_PACKET``): a failed probe is stopped within a round
   trip of the first sign instead of filling the queue for a second. None goes
   while the detector reads anything but normal: underuse is a queue draining.
@@ -145,15 +158,46 @@ PACKET_OVERHEAD = 40  # bytes of SRTP, UDP and IP around each payload
 PER_PACKET_FRESH = 2.0  # seconds a transport feedback keeps the faster rules on
 OVERUSE_CUT = 0.85  # times the acknowledged rate
 OVERUSE_CUT_INTERVAL = 0.2  # seconds, at least (and a round trip)
-PROBE_TIME_PER_PACKET = 0.5  # seconds the padding lasts
+PROBE_TIME_PER_PACKET = 0.15  # seconds a cluster of padding lasts at most
 PROBE_CALM_PER_PACKET = 0.5  # seconds without a cut (or after the link is first heard from) before probing
 PROBE_SETTLE_PER_PACKET = 0.5  # seconds after a failed probe whose overuse is its own doing
-PROBE_STEPS_PER_PACKET = (3.0, 2.0)  # the first probes' steps: to 3x what was carried, then 6x
+PROBE_STEPS_PER_PACKET = (2.0, 2.0)  # the first probes' steps: to 2x what was carried, then 4x
 PROBE_STREAK_STEP = 2.0  # a probe right after one that worked steps this far (1.5x otherwise)
 PROBE_BACKOFF_PER_PACKET = (1.0, 2.0, 4.0, 6.0, 6.0)
 PROBE_DELAY_RISE = 0.025  # seconds a probe's packets' one-way delay may grow
 PROBE_RECEIVED_SHARE = 0.85  # a probe's packets must arrive at least this share of the rate they were sent at
 PROBE_REACHED = 0.7  # padding that reached this share of a probe's rate proves the rate (it runs a little short)
+CLUSTER_SHARE = 0.9  # a cluster that found the link full moves the estimate to this share of its arrival rate
+CLUSTER_ON_TIME = 0.97  # ... one arriving slower than this share of its send rate proves only what arrived
+CLUSTER_MARKERS = 5  # a cluster needs this many of its packets noted by the receiver to be measured
+
+
+@dataclass(frozen=True)
+class ClusterRates:
+    """The rates a probe's cluster was sent and arrived at, bit/s."""
+
+    sent: float
+    arrived: float
+
+
+def cluster_rates(packets: list[PacketResult]) -> ClusterRates | None:
+    """The rates a cluster of packets was sent and arrived at, from their feedback (None: too few noted).
+
+    The packets the receiver noted mark the cluster (a probe's padding, dropped as replays, never
+    is): every byte sent after the first of them up to the last, padding and losses included
+    (they crossed the same bottleneck, or were lost at it), over the span the two were sent in and
+    over the span they arrived in. The first marker's own size is left out: its arrival is where
+    the span begins."""
+    ordered = sorted(packets, key=lambda r: r.sent)
+    noted = [(i, r.arrival) for i, r in enumerate(ordered) if r.arrival is not None and not r.probe]
+    if len(noted) < CLUSTER_MARKERS:
+        return None
+    (first, first_arrival), (last, last_arrival) = noted[0], noted[-1]
+    bits = sum(r.size for r in ordered[first + 1:last + 1]) * 8
+    sent_span, arrival_span = ordered[last].sent - ordered[first].sent, last_arrival - first_arrival
+    if sent_span <= 0 or bits <= 0:
+        return None
+    return ClusterRates(sent=bits / sent_span, arrived=bits / max(arrival_span, 1e-6))
 
 
 @dataclass
@@ -206,6 +250,7 @@ class Probe:
     asked_before: float = 0.0  # the NACKed loss before the probe
     duration: float = PROBE_TIME  # seconds of padding
     packets: list[PacketResult] = field(default_factory=list)  # its packets' feedback (per-packet feedback only)
+    stopped: bool = False  # its padding was stopped early: its packets showed a queue growing
 
 
 @dataclass
@@ -244,6 +289,7 @@ class BandwidthEstimate:
     acked: float | None = None  # what the receiver acknowledged lately, bit/s (per-packet feedback)
     overuse_cuts: int = 0
     delay_state: str = NORMAL  # the delay detector's, after the last transport feedback
+    measured: float | None = None  # the link's capacity the last full cluster arrived at, bit/s
     _streak: bool = False  # the last probe worked, judged by its own packets
 
     def on_nack(self, now: float, packets: int = 1) -> None:
@@ -421,6 +467,10 @@ class BandwidthEstimate:
         probe = self.probe
         if probe is None or now - probe.start < probe.duration + PROBE_SETTLE:
             return
+        if probe.stopped:
+            self._streak = False
+            self._fail_probe(now)  # (its feedback never covered it)
+            return
         self._verdict(probe, now, not self._probe_failed(probe), probe.rate)
 
     def _verdict(self, probe: Probe, now: float, worked: bool, rate: float) -> None:
@@ -433,7 +483,7 @@ class BandwidthEstimate:
             self.failed_probes = 0
             self.successful_probes += 1
             self.last_growth = now
-            if self.ceiling is not None and probe.rate >= self.ceiling:
+            if self.ceiling is not None and rate >= self.ceiling * 1.05:
                 self.ceiling = None  # the link carries more than it did when that probe failed
         else:
             self._failed(probe, now)
@@ -479,40 +529,45 @@ class BandwidthEstimate:
             self._carried(acked)
         probe = self.probe
         if probe is not None:
-            end = probe.start + probe.duration
-            probe.packets.extend(r for r in results if probe.start <= r.sent < end)
-            if state == OVERUSE or self._delay_rise(probe) > PROBE_DELAY_RISE:
-                self._fail_probe(now)  # the queue grows: stop padding now
-                self._streak = False
-            elif any(r.sent >= end for r in results):  # feedback has covered all of its packets
-                rate = self._probe_verdict(probe)
-                self._streak = rate is not None
-                if rate is None:
-                    self._fail_probe(now)
-                else:
-                    self._verdict(probe, now, True, probe.rate if rate >= probe.rate * PROBE_REACHED else rate)
+            probe.packets.extend(r for r in results if probe.start <= r.sent < probe.start + probe.duration)
+            if not probe.stopped and (state == OVERUSE or self._delay_rise(probe) > PROBE_DELAY_RISE):
+                probe.stopped = True  # the queue grows: the padding stops now, and the cluster ends here
+                probe.duration = min(probe.duration, max(now - probe.start, 0.0))
+            if any(r.sent >= probe.start + probe.duration for r in results):  # feedback has covered all of it
+                self._judge_cluster(probe, now)
         elif state == OVERUSE and acked is not None and now >= self.blame_until and (
                 self.last_cut is None or now - self.last_cut >= max(self.rtt, OVERUSE_CUT_INTERVAL)):
             self.overuse_cuts += 1
             self._cut_to(acked * OVERUSE_CUT, now, floor=0.0)
 
-    @staticmethod
-    def _probe_verdict(probe: Probe) -> float | None:
-        """The rate a probe's packets were sent at, or None if they show the link full.
-
-        A probe's padding repeats packets already sent, which the receiver's SRTP drops as
-        replays before it can note their arrival: the stream's own packets between them say
-        what the padding did to the queue."""
-        sent = sorted(probe.packets, key=lambda r: r.sent)
-        came = [(r.sent, r.arrival) for r in sent if not r.probe and r.arrival is not None]
-        if len(came) < 8 or sent[-1].sent <= sent[0].sent:
-            return None  # (too few packets came back to say anything)
-        if BandwidthEstimate._delay_rise(probe) > PROBE_DELAY_RISE:
-            return None
-        sent_span, arrival_span = came[-1][0] - came[0][0], came[-1][1] - came[0][1]
-        if sent_span > 0 and arrival_span > sent_span / PROBE_RECEIVED_SHARE:
-            return None  # (the stream's packets arrived spread out: the link is full)
-        return sum(r.size for r in sent[1:]) * 8 / (sent[-1].sent - sent[0].sent)
+    def _judge_cluster(self, probe: Probe, now: float) -> None:
+        """A probe's cluster, all its packets' feedback in: proven, or the link's capacity measured."""
+        rates = cluster_rates(probe.packets)
+        if rates is None:
+            self._streak = False
+            self._fail_probe(now)  # (too few of its packets came back to say anything)
+            return
+        stretched = rates.arrived < rates.sent * PROBE_RECEIVED_SHARE
+        if not probe.stopped and not stretched:
+            rate = probe.rate if rates.sent >= probe.rate * PROBE_REACHED else rates.sent
+            # Arrived a little slower than sent: the link is about full, at what arrived.
+            self._streak = rates.arrived >= rates.sent * CLUSTER_ON_TIME
+            failed = self.failed_probes
+            self._verdict(probe, now, True, rate if self._streak else min(rate, rates.arrived))
+            if not self._streak:
+                self.failed_probes = failed + 1  # (backs off, as below: the next would find the same)
+            return
+        self._streak = False
+        self._fail_probe(now)  # (backs off: probes just above a full link, one after another, keep it full)
+        if not stretched:
+            return  # (stopped before its packets showed how much the link carries)
+        # The link is full: what the cluster arrived at is what it carries.
+        capacity = rates.arrived
+        self.ceiling = capacity
+        self.measured = capacity
+        found = self._bounded(capacity * CLUSTER_SHARE)
+        self.estimate = found if not self.confirmed else max(self.estimate, found)
+        self._carried(found)
 
     @staticmethod
     def _delay_rise(probe: Probe) -> float:

@@ -614,9 +614,10 @@ class Subscription:
         if self.rewriter.source_ssrc != packet.ssrc:
             self.rewriter.switch_source(packet.ssrc, packet.sequence_number, packet.timestamp, now)
         out_seq, out_ts = self.rewriter.rewrite(packet.sequence_number, packet.timestamp, now)
-        if await self._send(packet, out_seq, out_ts) and self.probe_factor > 1.0:
+        if await self._send(packet, out_seq, out_ts) and self.probe_factor > 1.0 and self.link.padding(now):
             # Probing: pad up to the probe rate with duplicates of what was just sent.
             # Receivers drop duplicates; the link carries them, which is the point.
+            # (A probe is a short cluster: it may end, or be stopped, between two decisions.)
             self.probe_credit += len(packet.payload) * (self.probe_factor - 1.0)
             while self.probe_credit >= len(packet.payload) > 0:
                 self.probe_credit -= len(packet.payload)
@@ -633,7 +634,8 @@ class Subscription:
 
         async def send() -> None:
             await asyncio.sleep(delay)
-            if self.probe_factor > 1.0 and await self._send(packet, out_seq, out_ts, extra=True, probe=True):
+            if (self.probe_factor > 1.0 and self.link.padding(self.publication.clock())
+                    and await self._send(packet, out_seq, out_ts, extra=True, probe=True)):
                 self.stats.padding += 1
 
         task = asyncio.ensure_future(send())
