@@ -3,8 +3,8 @@
 A bench instrument, off unless ``NARA_LOOP_WATCH`` names a directory
 (``nara bench forward --loop-watch``). Every packet that reaches a worker waits
 behind whatever callback the loop is running; near a worker's capacity a
-stall of S ms is followed by S / (1 - load) ms of catching up, so a 10 ms
-callback at 80 % load holds the copies of about 50 ms of arrivals. This
+stall of S ms leaves the loop behind for about S / (1 - load) ms in all, so a
+10 ms callback at 80 % load holds the copies of about 50 ms of arrivals. This
 records every callback that ran longer than ``LONG_CALLBACK`` by name (a
 task's coroutine, or the function), and every pass of the garbage collector
 by generation, and the worker writes them to ``loop-<pid>.json`` in that
