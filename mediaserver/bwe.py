@@ -95,7 +95,9 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   but no more than it arrived at, if that was under ``CLUSTER_ON_TIME`` of
   the rate sent (the link is about full: no step further from there).
   Arrived slower, or stopped: the link is full, and the rate the cluster
-  arrived at is its capacity: a measurement, not only a failure. The
+  arrived at, if more than the link has carried, is its capacity: a
+  measurement, not only a failure (under that, a few packets spread by
+  jitter tell nothing). The
   estimate jumps to ``CLUSTER_SHARE`` of it (a starting guess is replaced by
   it), the next probes close in on it, and they back off as after a failure
   (a probe just above a full link, one after another, would keep it full).
@@ -559,8 +561,11 @@ class BandwidthEstimate:
             return
         self._streak = False
         self._fail_probe(now)  # (backs off: probes just above a full link, one after another, keep it full)
-        if not stretched:
-            return  # (stopped before its packets showed how much the link carries)
+        if not stretched or rates.arrived <= self.carried:
+            # Stopped before its packets showed how much the link carries; or they show less than it has
+            # carried, which is a cluster's few packets spread by jitter, not the link (on a lossy link with
+            # 100 ms of round trip, taken as the capacity it paused the video for ten seconds).
+            return
         # The link is full: what the cluster arrived at is what it carries.
         capacity = rates.arrived
         self.ceiling = capacity

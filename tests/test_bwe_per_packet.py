@@ -167,3 +167,15 @@ def test_no_probe_while_the_queue_grows_or_drains() -> None:
     assert bwe.probe_rate(1.0, wanted=2_000_000) is None
     bwe.on_transport_feedback([], NORMAL, 400_000, 1.1)
     assert bwe.probe_rate(1.2, wanted=2_000_000) is not None
+
+
+def test_a_cluster_spread_by_jitter_below_what_the_link_carried_is_no_measure_of_it() -> None:
+    bwe = BandwidthEstimate()
+    heard(bwe, 0.0, acked=150_000)
+    bwe.on_report(0, now=0.1)
+    rate = bwe.probe_rate(1.0, wanted=2_000_000)
+    assert rate is not None
+    # a lossy, jittery link: the cluster's few noted packets arrive spread over twice their span
+    bwe.on_transport_feedback(packets(1.0, 0.6, rate, delay_growth=1.0, size=300), NORMAL, 150_000, 1.65)
+    assert bwe.probe is None and bwe.failed_probes == 1 and bwe.measured is None
+    assert bwe.usable == 150_000  # what it carried still stands: the video is not paused for it
