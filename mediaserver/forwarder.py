@@ -33,7 +33,7 @@ from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket, S
 from .forwarding_delay import DelayHistogram
 from .keyframes import KeyframeThrottle
 from .ladder import PAUSED, SOURCE_HEADROOM, Ladder, LayerChooser
-from .packet_cache import PacketCache
+from .packet_cache import RtpPacketCache
 from .rates import RateMeter
 from .rewriter import StreamRewriter
 from .vp8 import is_keyframe_start, keyframe_size
@@ -218,7 +218,7 @@ class Publication:
         self.tap = tap
         self.clock = clock
         self.subscriptions: set[Subscription] = set()
-        self.cache: PacketCache[RtpPacket] = PacketCache(1024 if kind == "video" else 128)
+        self.cache = RtpPacketCache(1024 if kind == "video" else 128)
         self.throttle = KeyframeThrottle(interval=keyframe_interval)
         self.source_ssrc: int | None = None
         self.asked_upstream: dict[int, float] = {}  # source seq -> when we last NACKed it
@@ -331,7 +331,7 @@ class Publication:
             self.ladder.update({level for s in self.subscriptions for level in (s.level, s.target)
                                 if level is not None and self.ladder.is_layer(level)})
 
-    def cache_for(self, level: int | None) -> PacketCache[RtpPacket] | None:
+    def cache_for(self, level: int | None) -> RtpPacketCache | None:
         if level == self.source_level:
             return self.cache
         if self.ladder is not None and level in self.ladder.layers:

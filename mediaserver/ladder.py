@@ -30,7 +30,7 @@ import av
 
 from .aiortc_adapter import RtpPacket
 from .keyframes import KeyframeThrottle
-from .packet_cache import PacketCache
+from .packet_cache import RtpPacketCache
 from .rates import RateMeter
 from .receive import VideoFrameAssembler
 from .video_encoders import Vp8Encoder
@@ -220,7 +220,7 @@ class Layer:
     ssrc: int = field(default_factory=lambda: random.getrandbits(32))
     sequence: int = field(default_factory=lambda: random.getrandbits(16))
     picture_id: int = field(default_factory=lambda: random.getrandbits(15))
-    cache: PacketCache[RtpPacket] = field(default_factory=lambda: PacketCache(512))
+    cache: RtpPacketCache = field(default_factory=lambda: RtpPacketCache(512))
     meter: RateMeter = field(default_factory=RateMeter)
     encoder: Vp8Encoder | None = None  # made and used on the worker thread only
     # A keyframe of a small layer is most of a second's budget: at most one a second.
