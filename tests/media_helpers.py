@@ -9,7 +9,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from aiortc import RTCIceServer
+
 from bench.synthetic import StampedVideoTrack, ToneAudioTrack, dominant_frequency, read_stamp
+from bench.turn import ImpairingTurnServer
+from mediaserver.encoders import OpusTrack
 from signalling.client import ConsultationClient
 
 from .conftest import RunningServer
@@ -79,6 +83,23 @@ async def join_publisher(
                                 **client_kw)
     await client.join()
     return client, video
+
+
+async def join_over_link(server: RunningServer, room: str, who: str, relay: ImpairingTurnServer | None = None,
+                         link: str = "fast", publish: bool = False) -> ConsultationClient:
+    """``who`` joins ``room`` with Nära's receive path, through ``relay``'s ``link`` profile when given
+    (relayed only, so the emulated link is the only way); a publisher sends a stamped camera and a tone."""
+    kw: dict[str, Any] = {"nara_receive": True}  # Nära's receive path: aiortc's own stalls behind holes
+    if relay is not None:
+        kw |= {"ice_servers": [RTCIceServer(urls=relay.url, username=f"{link}/{who}", credential=relay.password)],
+               "relay_only": True}
+    media: dict[str, Any] = {}
+    if publish:
+        media = {"video": StampedVideoTrack(1, 640, 480, 15), "audio": OpusTrack(ToneAudioTrack(440))}
+    client = ConsultationClient(server.url, room, server.token(room, who, "kit" if publish else "clinician",
+                                                               participant_id=who), **kw, **media)
+    await client.join()
+    return client
 
 
 async def receiving_from(client: ConsultationClient, participants: set[str], timeout: float = 15) -> None:

@@ -14,17 +14,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from aiortc import RTCIceServer
 
 from bench.link import LinkProfile
 from bench.profiles import NamedProfile
-from bench.synthetic import StampedVideoTrack, ToneAudioTrack
 from bench.turn import ImpairingTurnServer
-from mediaserver.encoders import OpusTrack
 from mediaserver.forwarder import Publication, Subscription
 from signalling.client import ConsultationClient
 
 from .conftest import RunningServer
+from .media_helpers import join_over_link as join
 from .media_helpers import receiving_from
 
 LINKS = {
@@ -84,19 +82,6 @@ class Sizes:
                 await task
 
 
-async def join(server: RunningServer, room: str, who: str, relay: ImpairingTurnServer | None = None,
-               link: str = "fast", publish: bool = False) -> ConsultationClient:
-    kw: dict[str, Any] = {"nara_receive": True}  # Nära's receive path: aiortc's own stalls behind holes
-    if relay is not None:
-        kw |= {"ice_servers": [RTCIceServer(urls=relay.url, username=f"{link}/{who}", credential=relay.password)],
-              "relay_only": True}
-    media: dict[str, Any] = {}
-    if publish:
-        media = {"video": StampedVideoTrack(1, 640, 480, 15), "audio": OpusTrack(ToneAudioTrack(440))}
-    client = ConsultationClient(server.url, room, server.token(room, who, "kit" if publish else "clinician",
-                                                               participant_id=who), **kw, **media)
-    await client.join()
-    return client
 
 
 def subscription(server: RunningServer, room: str, subscriber: str) -> Subscription:

@@ -28,12 +28,15 @@ async def test_a_long_callback_is_named_and_short_ones_are_not(tmp_path: Path) -
         async def figures_for_everyone() -> None:
             clock.now += 0.012  # a 12 ms walk over every participant
 
+        ran: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
         def short() -> None:
             clock.now += 0.0002
+            ran.set_result(None)
 
         await asyncio.ensure_future(figures_for_everyone())
         asyncio.get_running_loop().call_soon(short)
-        await asyncio.sleep(0)
+        await ran
         gc.collect(2)
     finally:
         watch.uninstall()

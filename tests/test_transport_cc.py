@@ -7,18 +7,14 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from aiortc import RTCIceServer
 
 from bench.link import LinkProfile
 from bench.profiles import NamedProfile
-from bench.synthetic import StampedVideoTrack, ToneAudioTrack
 from bench.turn import ImpairingTurnServer
-from mediaserver.encoders import OpusTrack
 from mediaserver.peer import Peer
-from signalling.client import ConsultationClient
 
 from .conftest import RunningServer
-from .media_helpers import Watcher, receiving_from
+from .media_helpers import Watcher, join_over_link, receiving_from
 
 DROP_AT = 16.0  # seconds after the relay starts
 LOW_RATE = 250_000
@@ -33,28 +29,15 @@ async def relay() -> AsyncIterator[ImpairingTurnServer]:
     server.close()
 
 
-async def join(server: RunningServer, room: str, who: str, relay: ImpairingTurnServer | None = None,
-               publish: bool = False) -> ConsultationClient:
-    kw: dict[str, object] = {"nara_receive": True}
-    if relay is not None:
-        kw |= {"ice_servers": [RTCIceServer(urls=relay.url, username=f"step/{who}", credential=relay.password)],
-               "relay_only": True}
-    media: dict[str, object] = {}
-    if publish:
-        media = {"video": StampedVideoTrack(1, 640, 480, 15), "audio": OpusTrack(ToneAudioTrack(440))}
-    client = ConsultationClient(server.url, room, server.token(room, who, "kit" if publish else "clinician",
-                                                               participant_id=who), **kw, **media)  # type: ignore[arg-type]
-    await client.join()
-    return client
 
 
 async def test_nara_receivers_send_per_packet_feedback_and_the_estimate_cuts_at_once_when_the_link_drops(
     server: RunningServer, relay: ImpairingTurnServer
 ) -> None:
     room = server.consultation()
-    kit = await join(server, room, "kit", publish=True)
-    direct = await join(server, room, "direct")  # (the forwarding hot path's direct sends)
-    stepped = await join(server, room, "stepped", relay)  # (aiortc's own send path: through TURN)
+    kit = await join_over_link(server, room, "kit", publish=True)
+    direct = await join_over_link(server, room, "direct")  # (the forwarding hot path's direct sends)
+    stepped = await join_over_link(server, room, "stepped", relay, "step")  # (aiortc's own send path: through TURN)
     watchers = {c: Watcher(c) for c in (direct, stepped)}
     try:
         for client, watcher in watchers.items():
