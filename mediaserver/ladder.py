@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import logging
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -280,6 +281,10 @@ class Ladder:
         self._skipping = False
         self.decoded_frames = 0
         self.dropped_frames = 0
+        # The worker thread's CPU time decoding the original, and encoding (and scaling for) every layer:
+        # paid once per published video and once per layer, however many subscribers each has.
+        self.decode_seconds = 0.0
+        self.encode_seconds = 0.0
 
     @property
     def source_level(self) -> int:
@@ -374,6 +379,7 @@ class Ladder:
 
         None: the frame could not be decoded (the next keyframe is needed).
         """
+        began = time.thread_time()
         if self._decoder is None:
             self._decoder = av.CodecContext.create("vp8", "r")
         out: list[tuple[Layer, EncodedFrame]] = []
@@ -383,12 +389,16 @@ class Ladder:
             logger.info("%s: could not decode a frame of the original: %s", self.publication.id, exc)
             self._decoder = None
             return None
+        finally:
+            self.decode_seconds += time.thread_time() - began
         for picture in pictures:
             self.decoded_frames += 1
             for layer in layers:
                 if layer.stopped:
                     continue
+                began = time.thread_time()
                 encoded = layer.encode(picture, timestamp)
+                self.encode_seconds += time.thread_time() - began
                 if encoded is not None:
                     out.append((layer, encoded))
         return out

@@ -221,6 +221,9 @@ class MediaServer:
                 "published": {k: {**vars(p.stats), "rate_cap": p.rate_cap, "bitrate": int(p.meter.rate),
                                   "layers": sorted(p.ladder.specs[lv].name for lv in p.ladder.layers)
                                   if p.ladder is not None else [],
+                                  "ladder_cpu": {"decode_s": round(p.ladder.decode_seconds, 4),
+                                                 "encode_s": round(p.ladder.encode_seconds, 4)}
+                                  if p.ladder is not None else None,
                                   "forwarding_delay": p.delays.snapshot().to_json()}
                               for k, p in peer.publications.items()},
                 "bandwidth_estimate": int(peer.bandwidth.estimate),
