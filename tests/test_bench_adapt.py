@@ -132,3 +132,34 @@ def test_the_encoder_benchmark_reports_cost_and_rate_following(capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "CPU per frame" in out and "640x480" in out and "320x180" in out
     assert out.count("keyframes at the change: 0") == 3, out  # rate changes cost no keyframe
+
+
+def _layer_cpu_run(name: str, subscribers: int, encode_s_per_second: float) -> RunResult:
+    """A layer-cpu run read once a second: every subscriber on the 90p layer, the ladder's CPU growing evenly."""
+    from types import SimpleNamespace
+
+    from bench.adapt import Member
+
+    members = (Member("pub", "adapt-clean", publishes=True),
+               *(Member(f"s{i}", "adapt-250k") for i in range(1, subscribers + 1)))
+    participants: dict[str, object] = {m.label: SimpleNamespace(records={}, events=[]) for m in members}
+    run = RunResult(Setup(name, members, 20), "nara", 20.0, participants, 0.0)  # type: ignore[arg-type]
+    for second in range(1, 20):
+        run.cores.append((float(second), 0.05 + 0.008 * subscribers))
+        run.levels.append((float(second), {m.label: "90p" for m in members[1:]}))
+        run.ladder_cpu.append((float(second), (0.012 * second, encode_s_per_second * second)))
+    return run
+
+
+def test_layer_cpu_passes_a_layer_encoded_once_and_fails_one_encoded_per_subscriber() -> None:
+    from bench.adapt import Settings
+
+    scenario = SCENARIOS["layer-cpu"]
+    shared = scenario.evaluate({"layer-cpu-1": _layer_cpu_run("layer-cpu-1", 1, 0.004),
+                                "layer-cpu-10": _layer_cpu_run("layer-cpu-10", 10, 0.0042)}, Settings())
+    assert shared["layer_encode_ratio_10_to_1"] == approx(1.05)
+    assert shared["same_layer_10"] is True
+    assert all(goal.judge(shared)["pass"] for goal in scenario.goals)
+    per_subscriber = scenario.evaluate({"layer-cpu-1": _layer_cpu_run("layer-cpu-1", 1, 0.004),
+                                        "layer-cpu-10": _layer_cpu_run("layer-cpu-10", 10, 0.04)}, Settings())
+    assert [goal.judge(per_subscriber)["pass"] for goal in scenario.goals] == [True, False, True]
