@@ -14,10 +14,14 @@ Per image:
    server got; otherwise ``POST`` (idempotent on ``image_id``: a lost answer,
    or a power cut before the address was recorded, finds the same upload) and
    record the address;
-3. ``PATCH`` the rest in chunks of about 5 s of bytes at the current rate,
-   each with ``Upload-Checksum: sha256 …``, recording each acknowledged
-   offset. ``460`` sends that chunk again, ``409`` asks ``HEAD``; the last
-   chunk's answer names the stored image, and the outbox marks it delivered.
+3. ``PATCH`` the rest: where the server takes Nära's blocks (``Nara-Blocks``,
+   docs/images.md), in PATCHes of about a minute of bytes at the current
+   rate, each a stream of blocks of about half a second with their own
+   SHA-256, which the server verifies and keeps one by one; elsewhere in tus
+   chunks of about 5 s of bytes, each with ``Upload-Checksum: sha256 …``.
+   Each answered offset is recorded. A refused block or chunk (``460``) is
+   sent again from the server's offset, ``409`` asks ``HEAD``; the last
+   answer names the stored image, and the outbox marks it delivered.
 
 A refusal (a 4xx other than those) is final for that image: it is marked
 ``refused`` with the server's code, shown on the kit's page, and never tried
@@ -29,11 +33,11 @@ its images wait.
 The bytes are paced (``edge/pacing.py``): a token bucket under a ceiling
 (``upload_kbps``) that, while a call is up, yields to the call's audio like
 LEDBAT, and keeps near what the upload's connection delivers (its
-``TCP_INFO``, ``edge/tcpinfo.py``). Between two chunks the link stands idle
+``TCP_INFO``, ``edge/tcpinfo.py``). Between two PATCHes the link stands idle
 for a round trip (the last bytes' way there, the server's answer back): a
-fifth of a 1.5 s chunk on a thin link, a twentieth of a 5 s one; an outage
-costs the chunk under way (a checksummed chunk counts whole or not at all),
-2.5 s of bytes on average. The upload's socket is marked low priority (DSCP
+twentieth of a 5 s chunk on a thin link, which is why a PATCH of blocks
+lasts a minute; an outage costs the block under way (a quarter of a second
+of bytes on average), where it cost the checksummed chunk under way (2.5 s). The upload's socket is marked low priority (DSCP
 CS1) where the operating system allows. The kernel paces the socket's packets at the same
 rate (``SO_MAX_PACING_RATE``): the socket's send buffer holds seconds of bytes
 on a thin link, and without it TCP sends them in window-sized bursts at
@@ -99,6 +103,10 @@ WIRE_OVERHEAD = 1500 / 1448  # IP and TCP headers (with timestamps) on a full pa
 UPLOAD_CONGESTION_CONTROL = b"bbr"
 MAX_CHECKSUM_RETRIES = 5
 BACKLOG_WAIT = 0.02  # seconds between looks at a socket holding too much unsent
+BLOCKS_CONTENT_TYPE = "application/vnd.nara.blocks"  # signalling/tus.py: a PATCH body of checksummed blocks
+BLOCK_HEADER = struct.Struct(">I32s")  # a block's length and SHA-256, then its bytes
+MIN_BLOCK = 4 * 1024
+MAX_BLOCK = 256 * 1024
 MAX_RESTARTS = 3  # an image whose upload vanished or was reset this often in a row waits for the back-off
 DEVICE_CODES = frozenset({"device_revoked", "device_unknown", "device_credential_invalid",
                           "device_credential_missing"})
@@ -108,6 +116,13 @@ DEVICE_CODES = frozenset({"device_revoked", "device_unknown", "device_credential
 class UploadSettings:
     ceiling_kbps: int = 2000
     chunk_seconds: float = 5.0  # a chunk's round trip leaves the link idle: a small share of a long chunk
+    # Where the server takes blocks (``signalling/tus.py``, ``BLOCKS_CONTENT_TYPE``), one PATCH carries about
+    # ``stream_seconds`` of bytes at the rate as it starts (at most ``max_stream``), in blocks of about
+    # ``block_seconds`` that count one by one: the link no longer idles for a round trip every chunk, and an
+    # outage costs half a block instead of half a chunk.
+    stream_seconds: float = 60.0
+    block_seconds: float = 0.5
+    max_stream: int = 4 * 1024 * KIB
     min_chunk: int = MIN_CHUNK
     max_chunk: int = MAX_CHUNK
     backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, cap=60.0))
@@ -243,6 +258,8 @@ class Uploader:
         self._failures = 0
         self._acked = 0  # the current image's acknowledged offset
         self._max_chunk = s.max_chunk  # halved if the server says a chunk is too large
+        self._max_stream = s.max_stream  # ... and this for a PATCH of blocks
+        self._blocks = True  # the server takes PATCHes of blocks (until it refuses one's content type)
         self._told_at = float("-inf")
         self._logged_at = float("-inf")
         self._began: tuple[str, float, int] | None = None  # the image being sent: id, since, from offset
@@ -254,7 +271,7 @@ class Uploader:
         self.size = 0
         self.retry_at: float | None = None
         self.bytes_acknowledged = 0  # since start, all images
-        self.bytes_sent = 0  # PATCH body bytes handed to the network since start (resent ones too)
+        self.bytes_sent = 0  # image bytes handed to the network since start (resent ones too)
         self.delivered = 0  # images since start
 
     # --- what others call ---------------------------------------------------------------------
@@ -399,13 +416,28 @@ class Uploader:
             now = self._loop.time()  # a chunk at today's rate
             rate = self.scavenger.update(now, call.rtt, call.in_call, sock=self._socket_signal(now))
             self._judge_link(now)
-            size = chunk_size(rate, self.settings.chunk_seconds, self.settings.min_chunk, self._max_chunk)
+            blocks = self._blocks
+            if blocks:
+                size = chunk_size(rate, self.settings.stream_seconds, self.settings.min_chunk, self._max_stream)
+            else:
+                size = chunk_size(rate, self.settings.chunk_seconds, self.settings.min_chunk, self._max_chunk)
             image.seek(offset)
             data = image.read(min(size, item.size - offset))
             if not data:
                 raise _Again("the image's file is shorter than recorded")
-            answer = await self._patch(location, token, offset, data)
-            if answer.status == 204:
+            if blocks:
+                answer = await self._patch_blocks(location, token, offset, data, rate)
+            else:
+                answer = await self._patch(location, token, offset, data)
+            if blocks and answer.status >= 400 and "Upload-Offset" in answer.headers:
+                offset = _offset(answer, offset)  # the blocks before a refused or cut one count
+                self._acknowledged(item, offset)
+            if blocks and answer.status == 415 and answer.code == "content_type_invalid":
+                self._blocks = False  # a server without Nära's blocks: plain tus chunks
+                logger.info("upload of %s: the server takes no blocks; sending chunks", item.id)
+            elif blocks and answer.status == 413 and self._max_stream > self.settings.min_chunk:
+                self._max_stream = max(self.settings.min_chunk, self._max_stream // 2)
+            elif answer.status == 204:
                 offset = _offset(answer, offset + len(data))
                 self._acknowledged(item, offset)
                 if offset >= item.size:
@@ -494,7 +526,22 @@ class Uploader:
         answer, _ = await self._request("PATCH", self._url(location), headers, data=self._paced(data, offset))
         return answer
 
-    async def _paced(self, data: bytes, base: int) -> AsyncIterator[bytes]:
+    async def _patch_blocks(self, location: str, token: str, offset: int, data: bytes, rate: float) -> _Answer:
+        """One PATCH of ``data`` in blocks of about ``block_seconds`` at ``rate``, each with its SHA-256."""
+        size = int(min(MAX_BLOCK, max(MIN_BLOCK, rate * self.settings.block_seconds)))
+        body = b"".join(BLOCK_HEADER.pack(len(block), hashlib.sha256(block).digest()) + block
+                        for block in (data[at:at + size] for at in range(0, len(data), size)))
+        headers = self._tus(token) | {
+            "Content-Type": BLOCKS_CONTENT_TYPE, "Upload-Offset": str(offset), "Content-Length": str(len(body)),
+        }
+        self.sent = offset
+        answer, _ = await self._request("PATCH", self._url(location), headers,
+                                        data=self._paced(body, offset, len(data)))
+        return answer
+
+    async def _paced(self, data: bytes, base: int, image_bytes: int | None = None) -> AsyncIterator[bytes]:
+        """``data`` paced at the rate; ``image_bytes`` of it are the image's (the rest, blocks' headers)."""
+        image_bytes = len(data) if image_bytes is None else image_bytes
         view = memoryview(data)
         start = 0
         while start < len(view):
@@ -515,9 +562,10 @@ class Uploader:
                 await asyncio.sleep(wait)  # pacing the bytes, not waiting for an event
             self._progress()
             yield bytes(piece)
+            sent_before = start * image_bytes // len(view)
             start += len(piece)
-            self.bytes_sent += len(piece)
-            self.sent = base + start
+            self.bytes_sent += start * image_bytes // len(view) - sent_before
+            self.sent = base + start * image_bytes // len(view)
             self._tell()
 
     async def _request(self, method: str, url: str, headers: dict[str, str], *, data: Any = None,

@@ -14,6 +14,12 @@ that may lose power in the middle of a write:
   the bytes that did arrive count, as tus core asks;
 - a PATCH body is streamed to disk in blocks, never held in memory, and at most
   ``MAX_CHUNK`` bytes are taken per PATCH;
+- a PATCH may instead bring a stream of blocks, each with its own SHA-256
+  (``BLOCKS_CONTENT_TYPE``, Nära's own beside tus: see ``receive_blocks``):
+  each block counts once it is verified and fsynced, and its offset is then
+  recorded, so one long PATCH can carry the rest of an image, ``HEAD`` shows
+  its progress, and a PATCH cut by an outage keeps every verified block
+  before the cut;
 - PATCHes to the same upload are serialised: a second one *waits* for the
   first to finish (a retry after a dropped connection often arrives before the
   server notices the old one has gone; the old one ends at the latest after
@@ -39,6 +45,7 @@ import hashlib
 import logging
 import os
 import re
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +63,10 @@ TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,checksum"
 CHECKSUMS: dict[str, Callable[[], hashlib._Hash]] = {"sha256": hashlib.sha256, "sha1": hashlib.sha1}
 OFFSET_CONTENT_TYPE = "application/offset+octet-stream"
+BLOCKS_CONTENT_TYPE = "application/vnd.nara.blocks"  # a PATCH body of blocks, each with its SHA-256
+BLOCK_HEADER = struct.Struct(">I32s")  # a block: its length in bytes, its SHA-256, then its bytes
+MAX_BLOCK = 1024 * 1024
+BLOCKS_HEADER = "Nara-Blocks"  # OPTIONS: the server takes BLOCKS_CONTENT_TYPE bodies (their checksum)
 MAX_CHUNK = 8 * 1024 * 1024  # bytes taken per PATCH
 READ_BLOCK = 64 * 1024
 READ_IDLE_TIMEOUT = 30.0  # seconds without a byte before a PATCH is taken as broken off
@@ -240,6 +251,85 @@ async def receive_chunk(
     return Chunk(kept, broken)
 
 
+class BlockRefused(TusError):
+    """A block of a block stream was refused; the blocks before it count (``kept``)."""
+
+    def __init__(self, status: int, code: str, message: str, kept: int) -> None:
+        super().__init__(status, code, message)
+        self.kept = kept
+
+
+async def receive_blocks(
+    content: aiohttp.StreamReader, path: Path, offset: int, room: int, on_block: Callable[[int], None],
+    idle_timeout: float = READ_IDLE_TIMEOUT, superseded: Callable[[], bool] | None = None,
+    supersede_idle: float = SUPERSEDE_IDLE,
+) -> Chunk:
+    """Stream a PATCH body of blocks into ``path`` at ``offset``; each block counts once it is verified.
+
+    The body is a sequence of blocks, each ``BLOCK_HEADER`` (its length, 1 to ``MAX_BLOCK`` bytes, and its
+    SHA-256) followed by its bytes. A block whose bytes match its SHA-256 is written, fsynced, and then
+    ``on_block(new offset)`` records it: one long PATCH is acknowledged block by block (``HEAD`` shows it),
+    and a body cut off (an outage, a stall as in ``receive_chunk``) keeps every block before the cut, none
+    of the cut one. A block that does not match (``460 checksum_mismatch``), is malformed, or brings the
+    upload past ``room`` ends the PATCH with ``BlockRefused``; the blocks before it still count.
+    """
+    kept = 0
+    loop = asyncio.get_running_loop()
+    heard_at = loop.time()
+
+    async def read_exactly(size: int) -> bytes | None:
+        """``size`` bytes of the body; b"" if it ended cleanly before any of them, None if it broke off, went
+        silent or ended inside them."""
+        nonlocal heard_at
+        parts: list[bytes] = []
+        need = size
+        while need:
+            try:
+                part = await asyncio.wait_for(content.read(min(need, READ_BLOCK)), min(idle_timeout, IDLE_CHECK))
+            except TimeoutError:
+                silent = loop.time() - heard_at
+                if silent >= idle_timeout or (silent >= supersede_idle and superseded is not None and superseded()):
+                    return None
+                continue
+            except (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError):
+                return None
+            if not part:
+                return b"" if need == size else None
+            heard_at = loop.time()
+            parts.append(part)
+            need -= len(part)
+        return b"".join(parts)
+
+    with await asyncio.to_thread(path.open, "r+b") as f:
+        f.truncate(offset)  # anything past the recorded offset was never acknowledged
+        f.seek(offset)
+        try:
+            while True:
+                header = await read_exactly(BLOCK_HEADER.size)
+                if not header:
+                    return Chunk(kept, broken=header is None)  # b"": the body ended at a block's edge
+                size, digest = BLOCK_HEADER.unpack(header)
+                if not 0 < size <= MAX_BLOCK:
+                    raise BlockRefused(400, "block_invalid", f"A block must bring 1 to {MAX_BLOCK} bytes; the blocks "
+                                       "before it were kept.", kept)
+                if kept + size > room:
+                    raise BlockRefused(413, "too_large", f"These blocks bring more than the {room} bytes this PATCH "
+                                       "may: the upload's length, or the server's largest chunk.", kept)
+                block = await read_exactly(size)
+                if not block:
+                    return Chunk(kept, broken=True)  # cut off inside a block: none of it counts
+                if hashlib.sha256(block).digest() != digest:
+                    raise BlockRefused(460, "checksum_mismatch", "A block does not match its SHA-256; the blocks "
+                                       "before it were kept. Send from the server's Upload-Offset again.", kept)
+                f.write(block)
+                f.flush()
+                await asyncio.to_thread(os.fsync, f.fileno())
+                kept += size
+                on_block(offset + kept)
+        finally:
+            f.truncate(offset + kept)
+
+
 class UploadPolicy(Protocol):
     """What the uploads are for: images.py."""
 
@@ -307,6 +397,7 @@ class TusServer:
             "Tus-Checksum-Algorithm": ",".join(CHECKSUMS),
             "Tus-Max-Size": str(self.policy.max_size),
             MAX_CHUNK_HEADER: str(self.max_chunk),
+            BLOCKS_HEADER: "sha256",
         }))
 
     async def create(self, request: web.Request) -> web.Response:
@@ -346,9 +437,13 @@ class TusServer:
 
     async def patch(self, request: web.Request) -> web.Response:
         upload = await self._upload(request)
-        if request.headers.get("Content-Type", "").split(";")[0].strip() != OFFSET_CONTENT_TYPE:
-            raise TusError(415, "content_type_invalid", f"PATCH bodies must be sent as {OFFSET_CONTENT_TYPE}.")
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        if content_type not in (OFFSET_CONTENT_TYPE, BLOCKS_CONTENT_TYPE):
+            raise TusError(415, "content_type_invalid", f"PATCH bodies must be sent as {OFFSET_CONTENT_TYPE} (or "
+                           f"as {BLOCKS_CONTENT_TYPE}, Nära's blocks).")
         offset = parse_offset(request)
+        if content_type == BLOCKS_CONTENT_TYPE:
+            return await self._patch_blocks(request, upload, offset)
         checksum = parse_checksum(request)
         declared = request.content_length
         async with self.locks.hold(upload.id):
@@ -373,6 +468,35 @@ class TusServer:
                 logger.info("upload %s: a PATCH broke off; %d bytes kept", upload.id, chunk.kept)
                 raise TusError(400, "upload_interrupted", "The chunk broke off before its end; ask HEAD for the "
                                "offset and go on from there.", self._progress_headers(self._current(upload.id)))
+            if offset + chunk.kept == upload.length:
+                await self._finish(request, upload.id)
+            return web.Response(status=204, headers=self._progress_headers(self._current(upload.id)))
+
+    async def _patch_blocks(self, request: web.Request, upload: Upload, offset: int) -> web.Response:
+        """A PATCH of ``BLOCKS_CONTENT_TYPE``: each verified block counts at once (``receive_blocks``)."""
+        async with self.locks.hold(upload.id):
+            upload = self._current(upload.id)
+            if offset != upload.offset:
+                raise TusError(409, "offset_mismatch", f"The server has {upload.offset} bytes of this upload; "
+                               "send from there.", self._progress_headers(upload))
+            if upload.complete:
+                return web.Response(status=204, headers=self._progress_headers(upload))
+            room = min(upload.length - offset, self.max_chunk)
+            try:
+                chunk = await receive_blocks(request.content, self.store.partial_path(upload.id), offset, room,
+                                             lambda reached: self.store.record_offset(upload.id, reached),
+                                             self.read_idle_timeout, lambda: self.locks.waited_for(upload.id),
+                                             self.supersede_idle)
+            except BlockRefused as exc:
+                logger.info("upload %s: a block was refused (%s); %d bytes of the PATCH kept", upload.id, exc.code,
+                            exc.kept)
+                raise TusError(exc.status, exc.code, exc.message,
+                               self._progress_headers(self._current(upload.id))) from None
+            if chunk.broken:
+                logger.info("upload %s: a PATCH of blocks broke off; %d bytes kept", upload.id, chunk.kept)
+                raise TusError(400, "upload_interrupted", "The PATCH broke off; its blocks before the break count. "
+                               "Ask HEAD for the offset and go on from there.",
+                               self._progress_headers(self._current(upload.id)))
             if offset + chunk.kept == upload.length:
                 await self._finish(request, upload.id)
             return web.Response(status=204, headers=self._progress_headers(self._current(upload.id)))

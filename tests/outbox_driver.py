@@ -78,7 +78,9 @@ async def kit(config_path: Path, consultation: str, tag: str, captures: int, see
     config = load_config(config_path)
     outbox = Outbox.open(config.outbox_dir)
     credential = read_credential(config.credential)
-    settings = UploadSettings(ceiling_kbps=config.upload_kbps, max_chunk=MIN_CHUNK, idle_check=0.05,
+    # PATCHes of 64 KiB in blocks of about 5 kB: kills land between PATCHes and inside their blocks.
+    settings = UploadSettings(ceiling_kbps=config.upload_kbps, max_chunk=MIN_CHUNK, max_stream=4 * MIN_CHUNK,
+                              block_seconds=0.01, idle_check=0.05,
                               stall_timeout=2.0, backoff=Backoff(base=0.1, cap=0.5))
     uploader = Uploader(outbox, config.server, credential, settings=settings, rng=random.Random(seed))
     if until_empty:

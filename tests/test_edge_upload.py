@@ -27,6 +27,7 @@ from edge.uploader import (
     UploadsStopped,
     _low_priority_socket,
 )
+from signalling.images import IMAGES
 from tests.outbox_driver import photo_bytes, photo_metadata
 
 from .conftest import RunningServer
@@ -35,7 +36,7 @@ from .upload_helpers import AnswerLosingProxy, AssignedKit, Changes, assigned_ki
 
 
 def uploader_for(outbox: Outbox, server_url: str, kit: AssignedKit, **settings: object) -> tuple[Uploader, Changes]:
-    chosen = {"max_chunk": MIN_CHUNK, "idle_check": 0.05, **settings}
+    chosen = {"max_chunk": MIN_CHUNK, "max_stream": MIN_CHUNK, "idle_check": 0.05, **settings}
     uploader = Uploader(outbox, server_url, kit.credential, settings=UploadSettings(**chosen))  # type: ignore[arg-type]
     changes = Changes()
     uploader.on_change = outbox.on_change = changes
@@ -105,8 +106,8 @@ class ProxiedUpload:
 
 
 @contextlib.asynccontextmanager
-async def upload_through_a_proxy(server: RunningServer, tmp_path: Path,
-                                 stall_timeout: float) -> AsyncIterator[ProxiedUpload]:
+async def upload_through_a_proxy(server: RunningServer, tmp_path: Path, stall_timeout: float,
+                                 **settings: object) -> AsyncIterator[ProxiedUpload]:
     room = server.consultation()
     kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
     proxy = TcpProxy("127.0.0.1", int(server.url.rsplit(":", 1)[1]))
@@ -115,8 +116,8 @@ async def upload_through_a_proxy(server: RunningServer, tmp_path: Path,
     image = photo_bytes("hip", small=True)
     item = outbox.add(image, photo_metadata(room, "hip"))
     # 200 kbit/s: each 16 KiB chunk takes two thirds of a second on the wire, so a cut lands inside one.
-    uploader, changes = uploader_for(outbox, proxy.url, kit, ceiling_kbps=200, stall_timeout=stall_timeout,
-                                     backoff=_quick_backoff())
+    uploader, changes = uploader_for(outbox, proxy.url, kit, **{"ceiling_kbps": 200, "stall_timeout": stall_timeout,
+                                                                "backoff": _quick_backoff(), **settings})
     running = asyncio.ensure_future(uploader.run())
     try:
         yield ProxiedUpload(room, proxy, outbox, image, item.id, uploader, changes)
@@ -141,6 +142,31 @@ async def test_a_connection_cut_in_the_middle_of_a_patch_resumes_where_the_serve
     [stored] = await stored_images(server.url, up.room, server.token(up.room, "Dr A", "clinician"))
     assert stored["data"] == up.image
     assert uploader.bytes_sent <= len(up.image) + MIN_CHUNK  # at most the chunk the cut broke was sent again
+
+
+async def test_a_long_patch_cut_by_an_outage_keeps_the_blocks_the_server_verified(
+        server: RunningServer, tmp_path: Path) -> None:
+    """One PATCH carries the whole photo in blocks; the link dies half way: what the server verified before the
+    cut counts, and only the rest is sent again."""
+    async with upload_through_a_proxy(server, tmp_path, stall_timeout=1.0, max_stream=1024 * 1024) as up:
+        outbox, uploader, item_id = up.outbox, up.uploader, up.item_id
+        await up.changes.until(lambda: uploader.sent >= len(up.image) // 2)
+        sent_at_cut = uploader.sent
+        up.proxy.cut()
+        await up.changes.until(lambda: uploader.status()["state"] == "waiting")
+        assert _sent(outbox, item_id) == 0, "no PATCH was answered: the photo went as one"
+        item = outbox.get(item_id)
+        assert item is not None and item.location is not None
+        kept = server.app[IMAGES].tus.store.upload(item.location.rsplit("/", 1)[1]).offset
+        block = 200_000 // 8 // 2  # half a second of bytes at 200 kbit/s
+        assert sent_at_cut - 2 * block <= kept < len(up.image), "the blocks verified before the cut count"
+        sent_before = uploader.bytes_sent
+        up.proxy.restore()
+        uploader.network_back()
+        await up.changes.until(lambda: _state(outbox, item_id) == DELIVERED, 30)
+    assert uploader.bytes_sent - sent_before == len(up.image) - kept, "only what the server lacked went again"
+    [stored] = await stored_images(server.url, up.room, server.token(up.room, "Dr A", "clinician"))
+    assert stored["data"] == up.image
 
 
 async def test_the_agent_seeing_the_server_again_as_a_stalled_request_expires_harms_nothing(
