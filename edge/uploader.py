@@ -37,8 +37,9 @@ LEDBAT, and keeps near what the upload's connection delivers (its
 for a round trip (the last bytes' way there, the server's answer back): a
 twentieth of a 5 s chunk on a thin link, which is why a PATCH of blocks
 lasts a minute; an outage costs the block under way (a quarter of a second
-of bytes on average), where it cost the checksummed chunk under way (2.5 s). The upload's socket is marked low priority (DSCP
-CS1) where the operating system allows. The kernel paces the socket's packets at the same
+of bytes on average), where it cost the checksummed chunk under way (2.5 s).
+The upload's socket is marked low priority (DSCP CS1) where the operating
+system allows. The kernel paces the socket's packets at the same
 rate (``SO_MAX_PACING_RATE``): the socket's send buffer holds seconds of bytes
 on a thin link, and without it TCP sends them in window-sized bursts at
 whatever rate its window allows, so a cut in the rate reached the link only
