@@ -140,7 +140,12 @@ class ScavengerSettings:
     # With the upload's own connection to read (``SocketSignal``):
     # Seconds of its round trip above its base: a queue in front of the audio. Its round trip varies by
     # tens of ms with no queue at all (delayed acknowledgements, the audio's packets between its own).
-    socket_target: float = 0.120
+    socket_target: float = 0.160
+    # With the connection's round trip to cut within a round trip, the call's report (a second late) may show
+    # this much before it cuts: at the report-only ``target`` (60 ms) and a connection's 120 ms, the rate stood
+    # where the round trips showed about 30 ms of queue, the link three quarters full, while the audio's
+    # packets met at most 100-140 ms of it; with 90 and 160 ms the link was 83 % full (``nara bench upload``).
+    steer_target: float = 0.090
     # It also grows by up to 200 ms as a slow upload's packets come far apart (the server then delays its
     # acknowledgements), and cut on that alone, the rate fell to the floor: under ``socket_alone`` the
     # connection's queue counts only while the call's last report showed a queue too (half its target).
@@ -314,7 +319,7 @@ class ScavengerRate:
         (else at most half its target: it slows the growth, and never cuts)."""
         s = self.settings
         on_socket = self.socket_queueing or 0.0
-        if on_socket > s.socket_alone or (fresh and queueing >= s.target / 2):
+        if on_socket > s.socket_alone or (fresh and queueing >= s.steer_target / 2):
             return on_socket
         return min(on_socket, s.socket_target / 2)
 
@@ -328,13 +333,13 @@ class ScavengerRate:
         rate far above what the link carries fills its queue in seconds, ahead of the audio.
         """
         s = self.settings
-        pressure = max(queueing / s.target, on_socket / s.socket_target)
+        pressure = max(queueing / s.steer_target, on_socket / s.socket_target)
         if pressure > 1.0:
             # Cut, but a queue the call reports before the upload's connection has carried ``socket_settle``
             # does not end the slow start: seen as a photo's first bytes went (its requests, the agent busy
             # starting it), it ended the start at 35-50 kbit/s, and the usual pace took 20 s from there.
             self._starting = self._starting and not self._settled
-            self._cut(now, max(queueing - s.target, on_socket))
+            self._cut(now, max(queueing - s.steer_target, on_socket))
         elif self._starting and pressure < 0.5:
             self._grow(self.rate * (2.0 ** (s.slow_start * elapsed) - 1.0))
         else:

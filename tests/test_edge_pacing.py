@@ -184,15 +184,15 @@ def test_the_connections_round_trip_cuts_at_once_to_under_what_tcp_delivered() -
     rate.rate = 30_000.0  # well past the slow start, far above the link
     rate.update(2.0, RttSample(0.100, 1.5), sock=reading(2.0, 48_000))  # TCP delivered 24 kB/s
     assert rate.delivered == pytest.approx(24_000)
-    # The call's report (half a second old) shows 40 ms of queue, under its 60 ms target; the connection's
-    # round trip, 150 ms above its base (the lowest of its smoothed round trips), says the queue has grown
+    # The call's report (half a second old) shows 60 ms of queue, under its 90 ms target; the connection's
+    # round trip, 170 ms above its base (the lowest of its smoothed round trips), says the queue has grown
     # since: cut at once, under what was delivered, the deeper the longer the queue (gone in a second).
-    cut = rate.update(2.2, RttSample(0.140, 1.7), sock=reading(2.2, 52_000, rtt=0.300))
-    assert cut == pytest.approx(24_000 * (1 - 0.150 / 1.0))
+    cut = rate.update(2.2, RttSample(0.160, 1.7), sock=reading(2.2, 52_000, rtt=0.320))
+    assert cut == pytest.approx(24_000 * (1 - 0.170 / 1.0))
     # The same queue, shorter, a moment later: draining already, no second cut.
-    assert rate.update(3.3, RttSample(0.140, 2.5), sock=reading(3.3, 70_000, rtt=0.280)) == cut
+    assert rate.update(3.3, RttSample(0.160, 2.5), sock=reading(3.3, 70_000, rtt=0.315)) == cut
     # Longer still a second later: cut again.
-    assert rate.update(3.5, RttSample(0.140, 2.5), sock=reading(3.5, 72_000, rtt=0.350)) < cut
+    assert rate.update(3.5, RttSample(0.160, 2.5), sock=reading(3.5, 72_000, rtt=0.370)) < cut
 
 
 def test_the_connections_round_trip_alone_cuts_only_when_long() -> None:
@@ -461,7 +461,7 @@ def test_a_queue_as_a_photos_first_bytes_go_cuts_the_rate_but_the_slow_start_goe
     for step in range(1, 31):
         now = round(now + 0.1, 1)
         acked += rate.rate / 10
-        rtt = 0.177 if step == 10 else 0.100
+        rtt = 0.197 if step == 10 else 0.100  # 97 ms of queue: over the 90 ms the report may show
         rate.update(now, RttSample(rtt, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
         if step == 10:
             cut = rate.rate
@@ -471,5 +471,5 @@ def test_a_queue_as_a_photos_first_bytes_go_cuts_the_rate_but_the_slow_start_goe
         acked += rate.rate / 10
         rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
     now = round(now + 0.1, 1)
-    rate.update(now, RttSample(0.177, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
+    rate.update(now, RttSample(0.197, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
     assert not rate._starting
