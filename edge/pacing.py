@@ -173,6 +173,10 @@ class ScavengerSettings:
     # so, the slow start ended within seconds on any link and a photo on a good one crept up by 2 % a
     # second.
     kept_up_share: float = 0.8
+    # The slow start ends once TCP has not kept up over this many intervals in a row: on a lossy link a
+    # retransmission timeout alone (a second or more without deliveries) made one interval short and ended
+    # it at 106 kbit/s on a link with room for 200, and the usual pace took 20 s from there.
+    start_misses: int = 2
     # A queue found is to be gone in about this long: the cut goes deeper the longer it is. In half a second,
     # a queue of 250 ms cut the rate by half, and the link stood a fifth empty for the 10-20 s it took to
     # grow back; in the fluid model of the 256 kbit/s uplink a second keeps the queue shorter too.
@@ -225,6 +229,7 @@ class ScavengerRate:
         self._starting = False  # in slow start: no queue seen yet in this call
         self.delivered: float | None = None  # bytes per second TCP delivered over the latest interval
         self.kept_up: bool | None = None  # whether TCP delivered what the rate asked over the latest interval
+        self._misses = 0  # intervals in a row, on a settled connection, in which TCP did not keep up
         self._asked = 0.0  # bytes the rate asked for since the current delivery interval began
         self._asked_at: float | None = None
         self._mark: SocketSignal | None = None  # where the current delivery interval began
@@ -366,11 +371,11 @@ class ScavengerRate:
         recalled = self._recall[0][1] * s.recall_share if self._recall else 0.0
         if self.rate > max(share, recalled) and not (self._starting and self.kept_up):
             step *= 0.25  # above what TCP delivered lately: feel the way, slowly
-        if self._starting and self.kept_up is False and self._settled:
-            # TCP no longer keeps up with the doubling: the link is full, or nearly. Not on a connection that has
-            # not carried ``socket_settle`` yet: its own start (handshake, first round trips, a loss repaired
-            # with a timeout) delivered 60-80 % of a slow start's rate and ended it at 110 kbit/s, and growing
-            # from there at the usual pace took 20 s.
+        if self._starting and self._misses >= s.start_misses:
+            # TCP no longer keeps up with the doubling, ``start_misses`` intervals in a row: the link is full, or
+            # nearly. Only intervals on a connection that has carried ``socket_settle`` count: its own start
+            # (handshake, first round trips, a loss repaired with a timeout) delivered 60-80 % of a slow start's
+            # rate and ended it at 110 kbit/s, and growing from there at the usual pace took 20 s.
             self._starting = False
         ceiling = share * s.start_headroom if self._starting else share * s.headroom + s.probe
         self.rate = max(self.rate, min(self.rate + step, max(ceiling, recalled)))
@@ -429,7 +434,7 @@ class ScavengerRate:
         mark = self._mark
         if mark is None or mark.connection != sock.connection or sock.acked < mark.acked:
             self._mark = self._heard = sock
-            self._asked, self.kept_up = 0.0, None
+            self._asked, self.kept_up, self._misses = 0.0, None, 0
             return None
         news = self._heard is None or sock.acked != self._heard.acked
         if news:
@@ -439,6 +444,8 @@ class ScavengerRate:
         if span >= s.delivery_interval or (span >= s.short_interval and sock.acked - mark.acked >= s.short_bytes):
             delivered = (sock.acked - mark.acked) / span
             self.kept_up = delivered * span >= s.kept_up_share * self._asked
+            settled = mark.acked >= s.socket_settle
+            self._misses = self._misses + 1 if settled and not self.kept_up else 0
             self._mark, self._asked = sock, 0.0
             self.delivered = delivered
             if delivered > 0:  # nothing at all delivered: an outage or a pause, which says nothing of the link

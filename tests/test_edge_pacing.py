@@ -444,11 +444,27 @@ def test_a_new_connection_not_keeping_up_at_first_does_not_end_the_slow_start() 
         acked += 0.7 * rate.rate / 10
         rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
     assert rate.kept_up is False and rate._starting
-    for _ in range(30):  # settled, and still not keeping up: the link is full after all
+    for _ in range(80):  # settled, and still not keeping up, two intervals in a row: the link is full after all
         now = round(now + 0.1, 1)
         acked += 0.7 * rate.rate / 10
         rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
     assert not rate._starting
+
+
+def test_one_retransmission_timeout_does_not_end_the_slow_start() -> None:
+    """On the lossy link a timeout (a second and a half without deliveries) left one interval short; that
+    ended the slow start at 106 kbit/s where the link had room for 200. Only a second short interval does."""
+    rate = scavenger()
+    acked, now = 0.0, 0.0
+    rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, 0, 0.150, 0.150))
+    for step in range(1, 121):
+        now = round(now + 0.1, 1)
+        stalled = 80 <= step < 95  # a timeout once the connection has settled
+        acked += 0.0 if stalled else rate.rate / 10
+        rate.update(now, RttSample(0.100, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
+        if step == 100:
+            assert rate.kept_up is False and rate._starting, "one short interval"
+    assert acked > 64 * KIB and rate._starting
 
 
 def test_a_queue_as_a_photos_first_bytes_go_cuts_the_rate_but_the_slow_start_goes_on() -> None:
