@@ -461,6 +461,7 @@ def _rates(before: LinkReading, after: LinkReading) -> dict[str, Any]:
             ta, tb = getattr(a, protocol), getattr(b, protocol)
             row[f"{short}_{protocol}_kbps"] = (tb.bytes - ta.bytes) * 8 / 1000 / SAMPLE_INTERVAL
             packets = tb.packets - ta.packets
+            row[f"{short}_{protocol}_packets"] = packets  # what it is made of: the call's packets, or its repairs
             row[f"{short}_{protocol}_delay_ms"] = (1000 * (tb.delay_sum - ta.delay_sum) / packets) if packets else None
             row[f"{short}_{protocol}_delay_max_ms"] = 1000 * tb.delay_max if packets else None
         for kind in ("lost_random", "lost_queue", "lost_outage"):
