@@ -57,6 +57,7 @@ from mediaserver import loop_watch
 from mediaserver.forwarding_delay import DelaySnapshot
 
 from .process import NaraServer, cpu_seconds, free_port, start_python, stop
+from .seconds import SecondSampler
 
 FPS = 30
 CLIP_SECONDS = 4  # the replayed clip: two keyframe intervals
@@ -68,6 +69,9 @@ REMB_INTERVAL = 1.0
 DEGRADED_DELIVERY = 0.95
 DEGRADED_LOSS = 0.01
 DEGRADED_DELAY_MS = 100.0
+# The worker's counters read at each end of a window: packets in from publishers, NACKs it sent them
+# (Nära's own; aiortc's receiver asks too), probes' duplicates, resends to subscribers, level moves.
+COUNTERS = ("packets_in", "asks_upstream", "padding", "resends", "resends_shed", "switches", "nacked")
 
 
 # --- the clip ----------------------------------------------------------------------
@@ -438,15 +442,27 @@ class ServerUnderTest:
         return rooms
 
     async def forwarding_delay(self) -> DelaySnapshot | None:
+        return (await self.readings())[0]
+
+    async def readings(self) -> tuple[DelaySnapshot | None, dict[str, int]]:
+        """The forwarding delay histogram, and the worker's counters summed (``COUNTERS``), in one read."""
         if self.nara is None:
-            return None
+            return None, {}
         total = DelaySnapshot.empty()
+        counters = dict.fromkeys(COUNTERS, 0)
         for participants in (await self.stats()).values():
             for participant in participants.values():
                 for published in participant.get("published", {}).values():
                     if "forwarding_delay" in published:
                         total = total + DelaySnapshot.from_json(published["forwarding_delay"])
-        return total
+                    counters["packets_in"] += published.get("packets", 0)
+                    counters["asks_upstream"] += published.get("nacks", 0)
+                for received in participant.get("received", []):
+                    for name, key in (("padding", "padding"), ("resends", "retransmitted"),
+                                      ("resends_shed", "resends_shed"), ("switches", "switches"),
+                                      ("nacked", "nacked")):
+                        counters[name] += received.get(key, 0)
+        return total, counters
 
     async def levels(self) -> tuple[int, int]:
         """(subscriptions on the original, all subscriptions) of video."""
@@ -596,14 +612,22 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
             profiles = (start_profiles(pids, options.duration, Path(options.profile), f"{mode}-{n}")
                         if options.profile and mode == "forward" else [])
             workers = server.worker_pids() if mode == "forward" else []
-            delay_start = await server.forwarding_delay()
+            delay_start, counters_start = await server.readings()
             loops_start = server.loop_readings()
+            sampler = (SecondSampler(workers[0], [p.pid for p, _ in generators if p.pid is not None])
+                       if workers else None)
             cpu_start, worker_start, wall_start = _tree_cpu(pids), _tree_cpu(workers), time.monotonic()
-            await asyncio.sleep(options.duration)  # the measurement window
+            if sampler is not None:
+                sampler.sample(wall_start)
+                while (left := wall_start + options.duration - time.monotonic()) > 0:
+                    await asyncio.sleep(min(1.0, left))  # the measurement window, read a second at a time
+                    sampler.sample(time.monotonic())
+            else:
+                await asyncio.sleep(options.duration)  # the measurement window
             wall = time.monotonic() - wall_start
             server_cores = (_tree_cpu(pids) - cpu_start) / wall
             worker_cores = (_tree_cpu(workers) - worker_start) / wall
-            delay_end = await server.forwarding_delay()
+            delay_end, counters_end = await server.readings()
             loops_end = server.loop_readings()
             for profile in profiles:
                 profile.wait(timeout=options.duration + 30)
@@ -635,6 +659,10 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
                 step["forwarded_packets"] = window.total
             if loops_end:
                 step["loop_watch"] = loop_watch.window(loops_start, loops_end)
+            if counters_end:
+                step["counters"] = {k: counters_end[k] - counters_start.get(k, 0) for k in COUNTERS}
+            if sampler is not None:
+                step["seconds"] = [second.to_json() for second in sampler.seconds]
             if profiles:
                 step["profile"] = own_time([Path(options.profile) / f"{mode}-{n}-{pid}.raw" for pid in pids])
             step["degraded"] = (
@@ -684,6 +712,11 @@ def _row(s: dict[str, Any]) -> str:
             f"{s['max_loss']:>8.2%} {s['max_delay_p95_ms']:>7.1f}ms {held:>20} {s['on_original']:>5}  {state}")
     for name, share in s.get("profile", [])[:8]:
         line += f"\n    {share:6.1%}  {name}"
+    if "counters" in s:
+        line += "\n    in the window: " + ", ".join(f"{k} {v}" for k, v in s["counters"].items())
+    if s.get("seconds"):
+        line += ("\n    per second (worker cores / its sockets' queued KB / drops at the worker / at the generators): "
+                 + " ".join(f"{c:.2f}/{q // 1024}/{w}/{g}" for c, q, w, g in s["seconds"]))
     watched = s.get("loop_watch", {})
     for generation, (count, total, longest) in sorted(watched.get("collections", {}).items()):
         line += (f"\n    gc gen {generation}: {count:.0f} passes, {total * 1000:.1f} ms in all, "
