@@ -33,6 +33,7 @@ from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket, S
 from .forwarding_delay import DelayHistogram
 from .keyframes import KeyframeThrottle
 from .ladder import PAUSED, SOURCE_HEADROOM, Ladder, LayerChooser
+from .loop_lag import NEVER_BUSY, LoopLag
 from .packet_cache import RtpPacketCache
 from .rates import RateMeter
 from .rewriter import StreamRewriter
@@ -197,6 +198,7 @@ class ForwardingStats:
     send_errors: int = 0
     padding: int = 0  # duplicates sent to probe the link
     resends_refused: int = 0  # NACKed packets not sent again: already resent this round trip, or over budget
+    resends_shed: int = 0  # NACKed packets not sent again because the worker's loop was behind (loop_lag.py)
     nacked: int = 0  # packets the subscriber reported missing (each ask counted)
 
 
@@ -239,6 +241,8 @@ class Publication:
         self.closed = False
         self.stats = ForwardingStats()
         self.delays = DelayHistogram()  # how long each forwarded copy was held in the server
+        # The worker's loop lateness: behind, it starts no probe; far behind, no resend (a media server's: peer.py).
+        self.loop_lag: LoopLag = NEVER_BUSY
         # Told once when the publication closes (its delays join the process's total for /metrics).
         self.on_close: Callable[[Publication], None] = lambda publication: None
 
@@ -532,7 +536,10 @@ class Subscription:
             source, cost = levels[-1]
             if cost <= budget * SOURCE_FOLLOWS:
                 levels = [*levels[:-1], (source, min(cost, budget))]
-        probe = self.link.probe(now, self.chooser.wanted(levels, cap_limited))
+        if self.publication.loop_lag.busy and not self.link.padding(now):
+            probe = None  # (no new probe on a worker that is behind: its padding would only add to the backlog)
+        else:
+            probe = self.link.probe(now, self.chooser.wanted(levels, cap_limited))
         trying = self.level == PAUSED and probe is not None
         ladder = self.publication.ladder
         floor = float(ladder.specs[0].bitrate) if ladder is not None and ladder.specs else None
@@ -679,11 +686,19 @@ class Subscription:
                 self.link.lost_packets(now, len(feedback.lost))
             rtt = self.port.round_trip_time or 0.1
             transit = self.link.transit()
+            far_behind = self.publication.loop_lag.shedding
             for out_seq in feedback.lost:
                 source_seq = self.rewriter.source_seq(out_seq)
                 cached = cache.get(source_seq) if cache is not None else None
                 if cached is None or cached.ssrc != self.rewriter.source_ssrc:
                     upstream.append(source_seq)
+                    continue
+                if far_behind:
+                    # The worker's loop is far behind: this resend would go out late, often after the receiver
+                    # gave up on it, at the cost of a fresh copy, and the load is what keeps the worker behind.
+                    # Shed (loop_lag.py); a packet missing here is still asked for upstream, as that one ask
+                    # repairs every subscriber.
+                    self.stats.resends_shed += 1
                     continue
                 if not self.resends.allow(out_seq, len(cached.payload), now, rtt, self.meter.rate, transit):
                     self.stats.resends_refused += 1

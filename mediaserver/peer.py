@@ -187,6 +187,7 @@ class Peer:
         publication = Publication(self.info.id, kind, self._taps[kind], adaptation=self.room.adaptation)
         if publication.ladder is not None:
             publication.ladder.pacer = self.room.ladder_starts  # (a join storm's ladders start paced, worker-wide)
+        publication.loop_lag = self.room.loop_lag  # (probes, then resends, shed while the worker is behind)
         publication.muted = self.muted[kind]
         self.publications[kind] = publication
         asyncio.ensure_future(self.room.publish(publication))

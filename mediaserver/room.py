@@ -14,6 +14,7 @@ from .aiortc_adapter import restrict_host_addresses, restrict_port_range
 from .forwarder import Publication, Subscription
 from .forwarding_delay import DelaySnapshot, DelayTotal
 from .ladder import StartPacer
+from .loop_lag import NEVER_BUSY, LoopLag
 from .peer import ParticipantInfo, Peer, Signal
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class Room:
         self.ice_servers = ice_servers
         self.adaptation = adaptation  # the quality ladder and per-subscriber levels
         self.ladder_starts = StartPacer()  # the media server's, shared by all its rooms (MediaServer.room)
+        self.loop_lag = NEVER_BUSY  # the media server's (MediaServer.room)
         self.peers: dict[str, Peer] = {}
         self.started_at = time.time()  # wall clock: when its first participant joined
 
@@ -166,6 +168,7 @@ class MediaServer:
         self.rooms: dict[str, Room] = {}
         self.delays = DelayTotal()  # how long forwarded copies were held, every publication since the start
         self.ladder_starts = StartPacer()  # how many ladders this process (one worker) starts a second
+        self.loop_lag = LoopLag()  # how far behind this process's loop runs (watched from the first join)
         self._changed = asyncio.Condition()
         self.on_change: list[Callable[[], None]] = []  # told whenever wait_until's predicates are checked
 
@@ -190,11 +193,13 @@ class MediaServer:
             room = self.rooms[room_id] = Room(room_id, self.ice_servers, self.adaptation, self._changed_soon,
                                               self.delays)
             room.ladder_starts = self.ladder_starts
+            room.loop_lag = self.loop_lag
         return room
 
     async def join(
         self, room_id: str, info: ParticipantInfo, signal: Signal, on_failed: FailureHandler
     ) -> Peer:
+        self.loop_lag.start()
         peer = await self.room(room_id).add(info, signal, on_failed)
         await self._notify()
         return peer
@@ -285,6 +290,7 @@ class MediaServer:
         }
 
     async def close(self) -> None:
+        await self.loop_lag.stop()
         for room in list(self.rooms.values()):
             await room.close()
         self.rooms.clear()

@@ -1,0 +1,122 @@
+"""A media worker whose loop is behind: it knows it, and sheds resends before any media.
+
+The lag's smoothing on a fake clock; a real loop held by work; and a real
+server (in this process) with real aiortc participants: far behind, the server
+sends a lossy subscriber no resends, and sends them again once it has caught up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from mediaserver.aiortc_adapter import dtls_transport, filter_inbound_rtp, negotiated_payload_type
+from mediaserver.loop_lag import BUSY_LAG, SHED_LAG, TICK, LoopLag
+
+from .conftest import RunningServer
+from .media_helpers import Watcher, join_publisher, receiving_from
+
+
+def _ticks(lag: LoopLag, start: float, seconds: float, late: float) -> float:
+    """Ticks every TICK for ``seconds`` from ``start``, each ``late`` seconds late; the time after the last."""
+    now = start
+    while now < start + seconds:
+        now += TICK + late
+        lag.note(late, now)
+    return now
+
+
+def test_a_loop_late_for_a_while_is_behind_and_a_single_stall_is_not() -> None:
+    lag = LoopLag()
+    now = _ticks(lag, 0.0, 1.0, 0.0)
+    assert not lag.busy and lag.lag == 0.0
+    # one collector's pass of 30 ms among on-time ticks: not behind
+    now += TICK + 0.030
+    lag.note(0.030, now)
+    assert not lag.busy
+    now = _ticks(lag, now, 0.5, 0.0)
+    assert lag.lag < 0.002
+    # every tick 20 ms late for half a second: behind
+    now = _ticks(lag, now, 0.5, 0.020)
+    assert lag.busy and not lag.shedding and 0.015 < lag.lag <= 0.020
+    # 80 ms late, a whole loop's worth of queue: far behind
+    now = _ticks(lag, now, 0.5, 0.080)
+    assert lag.shedding
+    # on time again: caught up within half a second
+    _ticks(lag, now, 0.5, 0.0)
+    assert not lag.busy
+
+
+async def test_a_real_loop_held_by_work_most_of_the_time_reads_as_behind_then_catches_up() -> None:
+    lag = LoopLag()
+    lag.start()
+    loop = asyncio.get_running_loop()
+    holding = True
+
+    def hold() -> None:  # work that holds the loop 40 ms at a time, as a worker past its core's capacity
+        until = time.perf_counter() + 0.040
+        while time.perf_counter() < until:
+            pass
+        if holding:
+            loop.call_soon(hold)
+
+    try:
+        loop.call_soon(hold)
+        deadline = loop.time() + 5.0
+        while not lag.busy and loop.time() < deadline:
+            await asyncio.sleep(TICK)  # (the pace of looking; hold() keeps the loop busy meanwhile)
+        assert lag.busy and lag.lag >= BUSY_LAG
+        holding = False
+        deadline = loop.time() + 5.0
+        while lag.busy and loop.time() < deadline:
+            await asyncio.sleep(TICK)
+        assert not lag.busy
+    finally:
+        holding = False
+        await lag.stop()
+
+
+async def test_a_server_far_behind_sends_no_resends_and_sends_them_again_once_caught_up(
+        forwarding_server: RunningServer) -> None:
+    server = forwarding_server
+    media = server.hub.media
+    behind = media.loop_lag = LoopLag(busy_lag=1e9, shed_lag=1e9)  # (not behind, until the test says so)
+    room = server.consultation()
+    p1, _ = await join_publisher(server, room, 1, width=320, height=240, fps=15)
+    p2, _ = await join_publisher(server, room, 2)
+    await receiving_from(p2, {"p1"})
+    assert p2.pc is not None
+    video = next(t for t in p2.pc.getTransceivers() if p2.owners.get(t.mid or "") == ("p1", "video"))
+    video_pt = negotiated_payload_type(video, "video/VP8")
+    counter = 0
+
+    def keep(data: bytes) -> bool:  # one video packet in 25 lost on the way to p2, its resends let through
+        nonlocal counter
+        if data[1] & 0x7F != video_pt:
+            return True
+        counter += 1
+        return counter % 25 != 0
+
+    filter_inbound_rtp(dtls_transport(p2.pc), keep)
+    w2 = Watcher(p2)
+    w2.follow()
+    try:
+        await w2.wait_for(lambda: len(w2.frames[1]) >= 15, timeout=15)
+        subscription = next(s.subscription for s in media.rooms[room].peers["p2"].slots
+                            if s.subscription is not None and s.kind == "video")
+        await w2.wait_for(lambda: subscription.stats.retransmitted >= 1, timeout=15)
+        # the server falls far behind (any lateness of its loop now counts as far behind)
+        behind.busy_lag = behind.shed_lag = 0.0
+        await w2.wait_for(lambda: behind.shedding, timeout=5)
+        resent = subscription.stats.retransmitted
+        await w2.wait_for(lambda: subscription.stats.resends_shed >= 3, timeout=15)
+        assert subscription.stats.retransmitted - resent <= 1  # (one asked for before the server fell behind)
+        # caught up: resends again
+        behind.busy_lag, behind.shed_lag = BUSY_LAG, SHED_LAG
+        resent = subscription.stats.retransmitted
+        await w2.wait_for(lambda: subscription.stats.retransmitted >= resent + 3, timeout=15)
+        assert not behind.shedding
+    finally:
+        await w2.stop()
+        await p1.close()
+        await p2.close()
