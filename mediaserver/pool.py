@@ -6,10 +6,17 @@ signalling, tokens, the store and images here. ``WorkerPool`` offers signalling
 the same surface as an in-process ``MediaServer`` (``service.MediaService``);
 ``RemotePeer`` stands in for a participant's ``Peer``.
 
-Placement: a consultation goes to the least-loaded worker that is up
-(participants, then CPU) when its first participant joins, and every later
-participant of it goes to the same worker while anyone is in its call: a
-consultation is never split. When its last participant leaves, it is forgotten.
+Placement: a consultation goes to the least-loaded worker that is up when its
+first participant joins, and every later participant of it goes to the same
+worker while anyone is in its call: a consultation is never split. When its
+last participant leaves, it is forgotten. Load is the worker's own CPU, a share
+of the one core its loop can use (read from /proc with each load report), and
+how far behind its loop runs (``loop_lag.py``, which it reports). A worker over
+``SATURATED_CPU`` of its core, or behind, is *saturated*: past about three
+quarters of its core a worker was seen to tip over to all of it
+(docs/benchmarks.md, issue 9), so it takes a new consultation only when every
+other worker is saturated too (the only worker up still takes every join). The
+metrics and /api/workers show which workers are saturated.
 
 A worker that dies is noticed at once (its stream ends): each participant on it
 is told ``media_worker_lost`` (``signalling/ws.py`` closes their WebSocket and
@@ -34,6 +41,7 @@ from typing import Any
 from .errors import CodedError
 from .figures import ConsultationFigures
 from .forwarding_delay import DelaySnapshot
+from .loop_lag import BUSY_LAG
 from .peer import ParticipantInfo, Signal
 from .service import MediaPeer, PeerFailed
 from .worker_protocol import Message, ProtocolFault, encode, error_from_json, figures_from_json, read_message
@@ -82,20 +90,35 @@ def port_slices(low: int, high: int, count: int) -> list[tuple[int, int]]:
     return slices
 
 
+# A worker using this share of its core or more takes new consultations only when no other has room.
+SATURATED_CPU = 0.7
+CPU_BAND = 0.1  # workers whose CPU differs by less than this are told apart by their participants
+
+
 @dataclass(frozen=True)
 class WorkerLoad:
     index: int
     up: bool
     participants: int
-    cpu: float  # share of a core used lately
+    cpu: float  # share of its core used lately
+    loop_lag: float = 0.0  # seconds its loop runs behind, smoothed (as it reported)
+
+    @property
+    def saturated(self) -> bool:
+        return self.cpu >= SATURATED_CPU or self.loop_lag >= BUSY_LAG
 
 
 def least_loaded(loads: list[WorkerLoad]) -> int | None:
-    """The worker a new consultation goes to: fewest participants, then least CPU; None when none is up."""
+    """The worker a new consultation goes to; None when none is up.
+
+    One that is not saturated, if any; of those, the least CPU (in bands of CPU_BAND: a reading is two
+    seconds old, and between readings the participants placed since tell workers at about the same CPU
+    apart), then the fewest participants.
+    """
     up = [load for load in loads if load.up]
     if not up:
         return None
-    return min(up, key=lambda load: (load.participants, round(load.cpu, 2), load.index)).index
+    return min(up, key=lambda load: (load.saturated, int(load.cpu / CPU_BAND), load.participants, load.index)).index
 
 
 def process_usage(pid: int) -> tuple[float, int] | None:
@@ -129,9 +152,13 @@ class WorkerProcess:
         self.reported: dict[str, int] = {}  # the worker's own last counts (its load event)
         self.cpu_seen: tuple[float, float] | None = None  # (monotonic time, CPU seconds) of the last reading
         self.cpu_rate = 0.0
+        self.loop_lag = 0.0  # seconds, as it last reported (loop_lag.py)
 
     def rooms(self) -> set[str]:
         return {peer.room_id for peer in self.sessions.values()}
+
+    def load(self) -> WorkerLoad:
+        return WorkerLoad(self.index, self.up, len(self.sessions), self.cpu_rate, self.loop_lag)
 
     def read_cpu(self) -> None:
         usage = process_usage(self.pid)
@@ -300,6 +327,8 @@ class WorkerPool:
             self._spawn(self._notify())
         elif event == "load":
             worker.reported = {k: int(v) for k, v in message.items() if k in ("rooms", "participants")}
+            lag = message.get("loop_lag")
+            worker.loop_lag = float(lag) if isinstance(lag, (int, float)) and lag >= 0 else 0.0
             worker.read_cpu()
 
     async def _lost(self, worker: WorkerProcess) -> None:
@@ -398,7 +427,7 @@ class WorkerPool:
         return [w for w in self.workers if w is not None and w.up]
 
     def _choose(self) -> WorkerProcess:
-        loads = [WorkerLoad(w.index, w.up, len(w.sessions), w.cpu_rate) for w in self.workers if w is not None]
+        loads = [w.load() for w in self.workers if w is not None]
         index = least_loaded(loads)
         worker = self.workers[index] if index is not None else None
         if worker is None:
@@ -516,7 +545,8 @@ class WorkerPool:
 
     def describe(self) -> list[dict[str, Any]]:
         """Each worker: its pid, whether it is up, its consultations (with their participants), its participants,
-        CPU seconds, resident memory, restarts and UDP port slice."""
+        CPU seconds, its share of its core lately, how far behind its loop runs, whether it is saturated (see
+        the module's doc), resident memory, restarts and UDP port slice."""
         described = []
         for index in range(self.count):
             worker = self.workers[index]
@@ -528,6 +558,9 @@ class WorkerPool:
                 "consultations": self._participants_by_room(worker) if worker is not None else {},
                 "participants": len(worker.sessions) if worker is not None else 0,
                 "cpu_seconds": usage[0] if usage else None,
+                "cpu_share": round(worker.cpu_rate, 3) if worker is not None and worker.up else None,
+                "loop_lag_ms": round(worker.loop_lag * 1000, 1) if worker is not None and worker.up else None,
+                "saturated": worker is not None and worker.up and worker.load().saturated,
                 "memory_bytes": usage[1] if usage else None,
                 "restarts": self.restarts[index],
                 "port_range": list(r) if (r := self.port_ranges[index]) else None,

@@ -79,7 +79,8 @@ class Worker:
         while True:
             await asyncio.sleep(LOAD_INTERVAL)  # the report's own period
             if self.media is not None:
-                self.send({"event": "load", **self.media.counts()})
+                # (its CPU the server reads from /proc; how far behind its loop runs only the worker knows)
+                self.send({"event": "load", **self.media.counts(), "loop_lag": round(self.media.loop_lag.lag, 4)})
             if self.loop_watch is not None:
                 self.loop_watch.write()
 

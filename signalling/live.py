@@ -19,13 +19,14 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from mediaserver.figures import ConsultationFigures, ParticipantFigures, uplink_loss
+from mediaserver.pool import WorkerPool
 from mediaserver.service import MediaService
 
 from .rest import api_error
@@ -169,6 +170,9 @@ class LiveSampler:
 
 
 LIVE: web.AppKey[LiveHistory] = web.AppKey("live", LiveHistory)
+# Each media worker's load for the page (pool.WorkerPool.describe): index, up, participants, CPU share, saturated.
+LIVE_WORKERS: web.AppKey[Callable[[], list[dict[str, Any]]]] = web.AppKey("live_workers")
+WORKER_FIELDS = ("index", "up", "participants", "cpu_share", "saturated")
 
 
 async def live(request: web.Request) -> web.Response:
@@ -181,7 +185,9 @@ async def live(request: web.Request) -> web.Response:
             raise api_error(400, "since_invalid", "since must be a Unix time in seconds.") from None
         if not math.isfinite(since):
             raise api_error(400, "since_invalid", "since must be a Unix time in seconds.")
-    return web.json_response(request.app[LIVE].report(since), headers={"Cache-Control": "no-store"})
+    report = request.app[LIVE].report(since)
+    report["workers"] = request.app[LIVE_WORKERS]()
+    return web.json_response(report, headers={"Cache-Control": "no-store"})
 
 
 async def it_page(request: web.Request) -> web.StreamResponse:
@@ -196,6 +202,9 @@ def add_routes(app: web.Application, media: MediaService) -> LiveHistory:
     history = LiveHistory()
     sampler = LiveSampler(media, history)
     app[LIVE] = history
+    pool = media if isinstance(media, WorkerPool) else None
+    app[LIVE_WORKERS] = lambda: ([{k: w[k] for k in WORKER_FIELDS} for w in pool.describe()]
+                                 if pool is not None else [])
     app.on_startup.append(sampler.start)
     app.on_cleanup.append(sampler.stop)
     app.router.add_get("/api/live", live, name="live")

@@ -82,6 +82,13 @@ class NaraCollector(Collector):
                                    "process, bytes.", labels=worker)
         restarts = CounterMetricFamily("nara_media_worker_restarts", "Times the worker was started again after "
                                        "its process died.", labels=worker)
+        share = GaugeMetricFamily("nara_media_worker_cpu_share", "Share of one core the worker used over its last "
+                                  "load report (2 s): its event loop can use one core.", labels=worker)
+        lag = GaugeMetricFamily("nara_media_worker_loop_lag_seconds", "How late the worker's event loop runs its "
+                                "timers, smoothed, as it last reported: over 0.01 s it is behind.", labels=worker)
+        saturated = GaugeMetricFamily("nara_media_worker_saturated", "1 while the worker uses 70 % of its core or "
+                                      "more, or its loop is behind: it takes new consultations only when no other "
+                                      "worker has room.", labels=worker)
         for described in pool.describe():
             label = [str(described["index"])]
             up.add_metric(label, 1 if described["up"] else 0)
@@ -91,7 +98,11 @@ class NaraCollector(Collector):
                 cpu.add_metric(label, described["cpu_seconds"])
                 memory.add_metric(label, described["memory_bytes"])
             restarts.add_metric(label, described["restarts"])
-        yield from (up, consultations, participants, cpu, memory, restarts)
+            if described["cpu_share"] is not None:
+                share.add_metric(label, described["cpu_share"])
+                lag.add_metric(label, described["loop_lag_ms"] / 1000)
+            saturated.add_metric(label, 1 if described["saturated"] else 0)
+        yield from (up, consultations, participants, cpu, memory, restarts, share, lag, saturated)
 
     @staticmethod
     def _forwarding_delay(delays: dict[str, DelaySnapshot]) -> Metric:

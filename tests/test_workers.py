@@ -45,9 +45,17 @@ def test_the_port_range_is_cut_into_one_slice_per_worker_with_nothing_shared() -
     assert port_slices(40000, 40010, 3) == [(40000, 40003), (40004, 40007), (40008, 40010)]
 
 
-def test_a_new_consultation_goes_to_the_worker_with_fewest_participants_then_least_cpu() -> None:
-    assert least_loaded([WorkerLoad(0, True, 4, 0.1), WorkerLoad(1, True, 2, 0.9)]) == 1
-    assert least_loaded([WorkerLoad(0, True, 2, 0.5), WorkerLoad(1, True, 2, 0.1)]) == 1
+def test_a_new_consultation_goes_to_the_worker_with_least_cpu_and_never_to_a_saturated_one_with_room_elsewhere(
+        ) -> None:
+    # least CPU; within a tenth of a core (readings are 2 s old), fewest participants
+    assert least_loaded([WorkerLoad(0, True, 2, 0.45), WorkerLoad(1, True, 9, 0.12)]) == 1
+    assert least_loaded([WorkerLoad(0, True, 2, 0.31), WorkerLoad(1, True, 4, 0.35)]) == 0
+    assert least_loaded([WorkerLoad(0, True, 4, 0.02), WorkerLoad(1, True, 2, 0.05)]) == 1
+    # saturated (70 % of its core, or its loop behind): only when every other one is too
+    assert least_loaded([WorkerLoad(0, True, 2, 0.72), WorkerLoad(1, True, 40, 0.69)]) == 1
+    assert least_loaded([WorkerLoad(0, True, 2, 0.10, loop_lag=0.02), WorkerLoad(1, True, 40, 0.6)]) == 1
+    assert least_loaded([WorkerLoad(0, True, 2, 0.95), WorkerLoad(1, True, 40, 0.75)]) == 1
+    assert least_loaded([WorkerLoad(0, True, 60, 0.99)]) == 0  # the only one up still takes it
     assert least_loaded([WorkerLoad(0, False, 0, 0.0), WorkerLoad(1, True, 9, 0.9)]) == 1
     assert least_loaded([WorkerLoad(0, False, 0, 0.0)]) is None
 
@@ -175,6 +183,10 @@ async def test_a_killed_worker_takes_only_its_consultation_whose_kit_comes_back_
             assert sorted(p["id"] for p in shown["participants"]) == sorted([id_a, id_b])
             live = await _wait_for_live(served, lambda report: len(report["consultations"]) == 2)
             assert {c["id"]: len(c["participants"]) for c in live["consultations"]} == {home: 2, other: 2}
+            # ... and each worker's load, as the page shows it (two calls of two are far from saturating one)
+            assert [(w["index"], w["up"], w["participants"], w["saturated"]) for w in live["workers"]] == [
+                (0, True, 2, False), (1, True, 2, False)]
+            assert all(0.0 <= w["cpu_share"] < 0.7 for w in live["workers"])
 
             os.kill(home_worker["pid"], signal.SIGKILL)
             killed = time.monotonic()
@@ -335,6 +347,44 @@ async def test_a_worker_that_stops_answering_is_killed_and_replaced_and_its_part
     finally:
         if stopped is not None and _alive(stopped):
             os.kill(stopped, signal.SIGKILL)
+        await pool.close()
+
+
+async def test_a_worker_behind_gets_no_new_consultation_while_another_has_room_and_shows_as_saturated() -> None:
+    from mediaserver.peer import ParticipantInfo
+    from mediaserver.pool import WorkerSettings
+    from signalling.metrics import NaraCollector
+
+    pool = WorkerPool(2, WorkerSettings(addresses=["127.0.0.1"]))
+    await pool.start()
+    try:
+        await pool.wait_until(lambda: pool.ready() is None and all(w["up"] for w in pool.describe()), 20)
+
+        async def ignore(*_: Any) -> None:
+            pass
+
+        def saturated() -> dict[str, float]:
+            families = {f.name: f for f in NaraCollector._workers(pool)}
+            return {s.labels["worker"]: s.value for s in families["nara_media_worker_saturated"].samples}
+
+        # worker 0 reports its loop 30 ms behind (the load event each worker sends every 2 s; told again before
+        # each join, as its own report, with its loop idle, may come in between)
+        busy = pool.workers[0]
+        assert busy is not None
+        behind = {"event": "load", "rooms": 0, "participants": 0, "loop_lag": 0.03}
+        pool._dispatch(busy, behind)
+        assert saturated() == {"0": 1, "1": 0}
+        assert [w["saturated"] for w in pool.describe()] == [True, False]
+        for n in range(3):  # every new consultation goes to worker 1, however many it already has
+            pool._dispatch(busy, behind)
+            await pool.join(f"room-{n}", ParticipantInfo(f"p{n}", "Åsa", "clinician", True), ignore, ignore)
+        assert [sorted(w["consultations"]) for w in pool.describe()] == [[], ["room-0", "room-1", "room-2"]]
+        # caught up: it takes the next one (it has fewer participants)
+        pool._dispatch(busy, {"event": "load", "rooms": 0, "participants": 0, "loop_lag": 0.0})
+        await pool.join("room-3", ParticipantInfo("p3", "Åsa", "clinician", True), ignore, ignore)
+        assert sorted(pool.describe()[0]["consultations"]) == ["room-3"]
+        assert saturated() == {"0": 0, "1": 0}
+    finally:
         await pool.close()
 
 

@@ -17,6 +17,7 @@ const page = {
   window: 600, // seconds shown (the server's history)
   until: null, // the newest sample's time
   consultations: [], // from the latest answer
+  workers: [], // the media workers, from the latest answer (none: the SFU runs in the server's process)
   history: new Map(), // "consultation/participant" -> columns of samples
   polls: 0,
   problem: null,
@@ -128,6 +129,7 @@ function take(report) {
   page.polls += 1;
   page.window = report.history ?? page.window;
   page.consultations = report.consultations;
+  page.workers = report.workers ?? [];
   const live = new Set();
   for (const consultation of report.consultations) {
     for (const p of consultation.participants) {
@@ -185,9 +187,25 @@ function renderStatus() {
 
 function render() {
   renderStatus();
+  renderWorkers();
   $("none").hidden = page.consultations.length > 0;
   const sections = page.consultations.map(renderConsultation);
   $("consultations").replaceChildren(...sections);
+}
+
+// Each media worker's share of its core; a saturated one gets new consultations only when no other has room.
+function renderWorkers() {
+  const line = $("workers");
+  line.hidden = page.workers.length === 0;
+  line.replaceChildren(`${t("it.workers")}: `, ...page.workers.flatMap((w, i) => {
+    const text = !w.up ? t("it.worker_down", { index: w.index })
+      : t("it.worker", { index: w.index, share: percent(w.cpu_share), count: w.participants });
+    const item = element("span", { textContent: w.saturated ? `${text} (${t("it.saturated")})` : text });
+    item.dataset.worker = String(w.index);
+    item.dataset.saturated = String(Boolean(w.saturated));
+    if (w.saturated) item.className = "warning";
+    return i === 0 ? [item] : [" · ", item];
+  }));
 }
 
 function element(tag, props = {}, ...children) {
