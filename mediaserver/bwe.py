@@ -101,7 +101,8 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   estimate jumps to ``CLUSTER_SHARE`` of it (a starting guess is replaced by
   it), the next probes close in on it, and they back off as after a failure
   (a probe just above a full link, one after another, would keep it full).
-  There is no waiting a second for a report.
+  There is no waiting a second for a report. A cluster whose padding could not go (nothing to pad)
+  proves nothing: the next waits a back-off.
 * They start sooner and go further: half a second after the link is first
   heard from (or a cut), a cluster each, each to twice the last (the first
   to twice what the link has carried: a cluster at three times it on a
@@ -293,6 +294,7 @@ class BandwidthEstimate:
     delay_state: str = NORMAL  # the delay detector's, after the last transport feedback
     measured: float | None = None  # the link's capacity the last full cluster arrived at, bit/s
     _streak: bool = False  # the last probe worked, judged by its own packets
+    idle_until: float = 0.0  # no probe before then: the last one could not pad, and proved nothing
 
     def on_nack(self, now: float, packets: int = 1) -> None:
         """The subscriber reports ``packets`` lost. During a probe on a clean link, any loss is the
@@ -435,6 +437,8 @@ class BandwidthEstimate:
         # (radio) loss, not congestion: it does not stop a probe, which is judged by delay.
         if now - calm_since < backoff or self.loss > CUT_ABOVE or self.queue_delay >= QUEUE_CALM:
             return None
+        if now < self.idle_until:
+            return None  # (the last could not pad: it proved nothing)
         if per_packet and self.delay_state != NORMAL:
             return None  # (a queue growing, or one still draining: the probe would only add to it)
         self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_queue=self.queue_delay,
@@ -552,6 +556,14 @@ class BandwidthEstimate:
         stretched = rates.arrived < rates.sent * PROBE_RECEIVED_SHARE
         if not probe.stopped and not stretched:
             rate = probe.rate if rates.sent >= probe.rate * PROBE_REACHED else rates.sent
+            if rate * 0.95 <= self.usable:
+                # Its padding could not go (a paused subscriber's stream has nothing to pad with): it proved
+                # nothing, and the next waits a back-off instead of following at once (probes one after another
+                # would hold off the growth between them for good).
+                self._streak = False
+                self.probe, self.last_probe_end = None, now
+                self.idle_until = now + PROBE_BACKOFF_PER_PACKET[0]
+                return
             # Arrived a little slower than sent: the link is about full, at what arrived.
             self._streak = rates.arrived >= rates.sent * CLUSTER_ON_TIME
             failed = self.failed_probes

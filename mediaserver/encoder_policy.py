@@ -140,12 +140,13 @@ class SizeSteps:
     """Which size step suits a bitrate, without flapping.
 
     Down at once, as far as the rate calls for (one size change, one
-    keyframe). Up one step at a time, only when the rate is ``up_margin``
-    above that step's threshold and ``hold`` seconds have passed since the
-    last change.
+    keyframe). Up, once ``hold`` seconds have passed since the last change,
+    as far as the rate is ``up_margin`` above the thresholds: also one
+    change, and no wait between steps (after a link comes back, the
+    publisher's encoder is the slowest part of the way up).
     """
 
-    def __init__(self, steps: tuple[SizeStep, ...] = DEFAULT_STEPS, up_margin: float = 1.3, hold: float = 5.0) -> None:
+    def __init__(self, steps: tuple[SizeStep, ...] = DEFAULT_STEPS, up_margin: float = 1.3, hold: float = 2.0) -> None:
         if steps[0].below is not None or any(s.below is None for s in steps[1:]):
             raise ValueError("the first step is the full size, every other step has a threshold")
         self.steps = steps
@@ -165,10 +166,12 @@ class SizeSteps:
         if lower > self.index:
             self._move(lower, now)
         elif self.index > 0:
-            threshold = self.steps[self.index].below or 0
             held = self._changed_at is None or now - self._changed_at >= self.hold
-            if bitrate >= threshold * self.up_margin and held:
-                self._move(self.index - 1, now)
+            higher = self.index
+            while higher > 0 and bitrate >= (self.steps[higher].below or 0) * self.up_margin:
+                higher -= 1
+            if higher < self.index and held:
+                self._move(higher, now)
         return self.current
 
     def _move(self, index: int, now: int) -> None:

@@ -54,6 +54,10 @@ MIME_TYPES = {"audio": "audio/opus", "video": "video/VP8"}
 DECISION_INTERVAL = 0.25
 # How long a move to another level waits for its keyframe before asking again.
 KEYFRAME_WAIT = 1.0
+# A paused subscriber's trial of the lowest layer lasts this long, whatever the probe that started it: a
+# probe with per-packet feedback is over in a fraction of a second, before the layer has even started
+# (and while paused there was nothing to pad it with), so the layer's own packets must be the measure.
+TRIAL_TIME = 2.0
 # At most this many times the level's own rate while probing (a probe from the lowest layer reaches six times it).
 MAX_PROBE_FACTOR = 6.0
 # Seconds of a probe's paced padding that may wait to be sent.
@@ -61,6 +65,12 @@ PADDING_BACKLOG = 0.25
 # A publisher sending at least this share of its cap is held back by it. (An encoder allowed
 # more takes seconds to use it: when the cap rises step by step, it runs some way below.)
 CAP_HELD = 0.8
+# ... of the lowest cap it was told in this many seconds: an encoder given more takes a second or two to
+# use it (and the rate meter as long to show it), and until then it is still held by the cap it had.
+CAP_SETTLE = 2.0
+# A cap that would rise this much is told at once, not at the next REMB_INTERVAL: the publisher's encoder
+# is the slowest link of the chain after a subscriber's link has proven more.
+CAP_RISE_AT_ONCE = 1.2
 # For the subscriber the publisher's cap follows, an original this far over its budget counts as fitting.
 SOURCE_FOLLOWS = 1.3
 # Seconds over which a receiver's asks are weighed against what was sent to it.
@@ -230,6 +240,7 @@ class Publication:
         self.last_remb: float | None = None
         self.last_decision: float | None = None
         self.rate_cap: int | None = None  # what the publisher was last told, bit/s
+        self.caps: deque[tuple[float, int]] = deque()  # (when, cap) told in the last CAP_SETTLE seconds
         self.meter = RateMeter()
         self.source_size: tuple[int, int] | None = None  # the original's picture size, from its keyframes
         self.ladder = Ladder(self) if adaptation and kind == "video" else None
@@ -318,12 +329,22 @@ class Publication:
             return
         levels = self.ladder.levels()
         # (a picture that needs less than its cap sends less: then more would not be used)
-        cap_limited = self.rate_cap is not None and self.meter.rate >= CAP_HELD * self.rate_cap
+        cap_limited = self.held_by_cap(now)
         budgets = [b for b in (s.link.video_budget() for s in self.subscriptions) if b is not None]
         best = max(budgets, default=None)
         for subscription in tuple(self.subscriptions):
             await subscription.decide(now, levels, cap_limited, best)
         self._update_layers()
+        if self.rate_cap is not None and best is not None and min(
+                best / SOURCE_HEADROOM, self.tap.uplink_estimate or best) > self.rate_cap * CAP_RISE_AT_ONCE:
+            self.last_remb = now
+            await self._tell_rate_cap()
+
+    def held_by_cap(self, now: float) -> bool:
+        """Whether the publisher sends about all its cap allows (so more would be used, if allowed)."""
+        caps = [cap for at, cap in self.caps if now - at <= CAP_SETTLE] or (
+            [self.rate_cap] if self.rate_cap is not None else [])
+        return bool(caps) and self.meter.rate >= CAP_HELD * min(caps)
 
     def levels_changed(self) -> None:
         """A subscriber moved: stop a layer no one needs any more at once, and tell whoever waits."""
@@ -357,6 +378,10 @@ class Publication:
         if not caps or self.source_ssrc is None:
             return
         self.rate_cap = min(caps)
+        now = self.clock()
+        self.caps.append((now, self.rate_cap))
+        while now - self.caps[0][0] > CAP_SETTLE:
+            self.caps.popleft()
         try:
             await self.tap.send_remb(self.rate_cap, [self.source_ssrc])
         except ConnectionError:
@@ -497,6 +522,7 @@ class Subscription:
         self.target: int | None = (publication.source_level if publication.kind == "video"
                                    and publication.ladder is None else None)
         self.keyframe_asked: float | None = None
+        self.trial_until: float | None = None  # a paused subscriber's trial of the lowest layer lasts until then
         self.chooser = LayerChooser()
         self.meter = RateMeter()
         self.probe_factor = 0.0
@@ -535,15 +561,23 @@ class Subscription:
         elif cap_limited and best_budget is not None and budget >= best_budget * 0.95 and self.level != levels[-1][0]:
             source, cost = levels[-1]
             if cost <= budget * SOURCE_FOLLOWS:
-                levels = [*levels[:-1], (source, min(cost, budget))]
+                # (its bursts do not follow: on a thin link a keyframe takes most of a second's budget)
+                bursts = self.publication.ladder.burst_cost(source) if self.publication.ladder is not None else 0.0
+                levels = [*levels[:-1], (source, min(cost, max(budget, bursts)))]
         if self.publication.loop_lag.busy and not self.link.padding(now):
             probe = None  # (no new probe on a worker that is behind: its padding would only add to the backlog)
         else:
             probe = self.link.probe(now, self.chooser.wanted(levels, cap_limited))
-        trying = self.level == PAUSED and probe is not None
+        if self.level == PAUSED and probe is not None and (self.trial_until is None or now >= self.trial_until):
+            self.trial_until = now + TRIAL_TIME
+        trial = self.trial_until is not None and now < self.trial_until
+        if trial and self.level == levels[0][0]:
+            budget = max(budget, levels[0][1])  # (the trial holds the lowest layer while its packets prove the link)
+        trying = self.level == PAUSED and (probe is not None or trial)
         ladder = self.publication.ladder
         floor = float(ladder.specs[0].bitrate) if ladder is not None and ladder.specs else None
-        choice = self.chooser.choose(now, max(budget, probe) if trying and probe else budget, levels,
+        trial_budget = max(budget, probe or 0.0, levels[0][1] if trial else 0.0)
+        choice = self.chooser.choose(now, trial_budget if trying else budget, levels,
                                      probing=trying, floor=floor, rise_budget=self.link.rise_budget())
         if choice == PAUSED:
             if self.level != PAUSED:

@@ -14,6 +14,13 @@ Which layer a subscriber gets is decided by ``LayerChooser``, a pure function
 of time and the subscriber's budget: down at once, up only after the budget
 has held for a while, and paused below the lowest layer (with hysteresis, so
 a link on the edge does not flicker between paused and playing).
+
+A level costs its rate, or what its largest burst needs if more
+(``available_levels``, ``BURST_DRAIN``): at the lowest rates a keyframe and
+the frame after it carry most of a second's bits in a few hundred
+milliseconds, and on a link they nearly fill they queue the sound behind
+them past its playout. So a thin link keeps a smaller level whose bursts it
+can take, rather than the original its mean rate would allow.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import concurrent.futures
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +39,7 @@ import av
 from .aiortc_adapter import RtpPacket
 from .keyframes import KeyframeThrottle
 from .packet_cache import RtpPacketCache
-from .rates import RateMeter
+from .rates import BurstMeter, RateMeter
 from .receive import VideoFrameAssembler
 from .video_encoders import Vp8Encoder
 from .video_payloads import EncodedFrame, vp8_payloads
@@ -50,8 +57,16 @@ STAY_TOLERANCE = 1.15  # a level already flowing stays until the budget falls th
 SOURCE_HEADROOM = 1.1  # the original needs this much more than it measures
 LAYER_BELOW_SOURCE = 0.8  # a layer is only worth making if it is well below the original
 UNMEASURED_SOURCE = 800_000.0  # bit/s assumed for an original not measured yet
+# A publisher held back by its cap could use this many times what it sends (a probe goes at most a step of
+# the estimate towards it): after a link has come back, the cap rises only as fast as probes prove it.
+HELD_WANTS = 4.0
 MAX_BACKLOG = 3  # frames waiting for the worker before we skip to the next keyframe
 LAYER_KEYFRAME_INTERVAL = 1.0  # seconds between keyframes a layer makes on request
+# A level fits a budget that sends its largest burst (rates.BURST_WINDOW of it: a keyframe and the frame
+# after it) within this time: the queue it leaves on a nearly full link holds the audio behind it for
+# the rest. Above a few hundred kbit/s a stream's bursts are well within it; at the lowest rates a
+# keyframe and its next frame carry most of a second's bits.
+BURST_DRAIN = 0.45
 
 
 @dataclass(frozen=True)
@@ -80,19 +95,31 @@ DEFAULT_LAYERS = (
 )
 
 
+def burst_cost(burst: float) -> float:
+    """The budget (bit/s) that sends a level's largest burst (bits) within ``BURST_DRAIN``."""
+    return burst / BURST_DRAIN
+
+
 def available_levels(layers: Sequence[LayerSpec], source_rate: float,
-                     source_size: tuple[int, int] | None = None) -> list[tuple[int, float]]:
+                     source_size: tuple[int, int] | None = None,
+                     bursts: Mapping[int, float] | None = None) -> list[tuple[int, float]]:
     """(level, bit/s) a subscriber may be given, cheapest first; the original is level ``len(layers)``.
 
-    A layer is offered only when it is clearly cheaper and smaller than the original.
+    A layer is offered only when it is clearly cheaper and smaller than the original. A level
+    costs its rate, or what its largest burst lately (``bursts``: bits, by level) needs, if more.
     """
     source_level = len(layers)
+    bursts = bursts or {}
     # Until the original has been measured, assume it is a typical camera stream.
     source_cost = (source_rate if source_rate > 0 else UNMEASURED_SOURCE) * SOURCE_HEADROOM
-    levels = [(i, float(spec.bitrate)) for i, spec in enumerate(layers)
+    levels = [(i, max(float(spec.bitrate), burst_cost(bursts.get(i, 0.0)))) for i, spec in enumerate(layers)
               if (source_rate <= 0 or spec.bitrate < source_rate * LAYER_BELOW_SOURCE)
               and (source_size is None or spec.height < source_size[1])]
-    return [*levels, (source_level, source_cost)]
+    levels.append((source_level, max(source_cost, burst_cost(bursts.get(source_level, 0.0)))))
+    # (the cheapest level's bursts do not count: below it video pauses, which its rate alone decides)
+    lowest = levels[0][0]
+    cheapest = float(layers[lowest].bitrate) if lowest < source_level else source_cost
+    return [(lowest, cheapest), *levels[1:]]
 
 
 @dataclass
@@ -165,7 +192,7 @@ class LayerChooser:
         if self.current is None or self.current == PAUSED:
             return levels[0][1]
         top = levels[-1][1]
-        return top * (2.0 if cap_limited else 1.2)
+        return top * (HELD_WANTS if cap_limited else 1.2)
 
 
 # --- join storms: how many ladders a worker starts ---------------------------------------
@@ -223,6 +250,7 @@ class Layer:
     picture_id: int = field(default_factory=lambda: random.getrandbits(15))
     cache: RtpPacketCache = field(default_factory=lambda: RtpPacketCache(512))
     meter: RateMeter = field(default_factory=RateMeter)
+    bursts: BurstMeter = field(default_factory=BurstMeter)
     encoder: Vp8Encoder | None = None  # made and used on the worker thread only
     # A keyframe of a small layer is most of a second's budget: at most one a second.
     throttle: KeyframeThrottle = field(default_factory=lambda: KeyframeThrottle(interval=LAYER_KEYFRAME_INTERVAL))
@@ -281,6 +309,8 @@ class Ladder:
         self._skipping = False
         self.decoded_frames = 0
         self.dropped_frames = 0
+        self.source_bursts = BurstMeter()  # the original's (every layer's: Layer.bursts)
+        self.bursts: dict[int, float] = {}  # bits, by level, as ``levels`` last measured them
         # The worker thread's CPU time decoding the original, and encoding (and scaling for) every layer:
         # paid once per published video and once per layer, however many subscribers each has.
         self.decode_seconds = 0.0
@@ -291,7 +321,15 @@ class Ladder:
         return len(self.specs)
 
     def levels(self) -> list[tuple[int, float]]:
-        return available_levels(self.specs, self.publication.meter.rate, self.publication.source_size)
+        now = self.publication.clock()
+        bursts = {level: layer.bursts.peak(now) for level, layer in self.layers.items()}
+        bursts[self.source_level] = self.source_bursts.peak(now)
+        self.bursts = bursts
+        return available_levels(self.specs, self.publication.meter.rate, self.publication.source_size, bursts)
+
+    def burst_cost(self, level: int) -> float:
+        """What a budget needs for the level's largest burst, as the last ``levels`` measured it (0: not running)."""
+        return burst_cost(self.bursts.get(level, 0.0))
 
     def is_layer(self, level: int | None) -> bool:
         return level is not None and 0 <= level < len(self.specs)
@@ -350,6 +388,7 @@ class Ladder:
     # --- the original in, layers out -------------------------------------------------
 
     async def on_source_packet(self, packet: RtpPacket, now: float) -> None:
+        self.source_bursts.add(len(packet.payload), now)
         assembler, executor = self._assembler, self._executor
         if assembler is None or executor is None:
             return
@@ -425,6 +464,7 @@ class Ladder:
             for index, packet in enumerate(layer.packets(encoded)):
                 layer.cache.store(packet.sequence_number, packet)
                 layer.meter.add(len(packet.payload), now)
+                layer.bursts.add(len(packet.payload), now)
                 keyframe = encoded.keyframe and index == 0
                 await self.publication.forward_level(layer.level, packet, keyframe)
 

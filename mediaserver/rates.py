@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 WINDOW = 0.5  # seconds per sample
 SMOOTHING = 0.3  # weight of the newest sample
@@ -37,3 +38,43 @@ class RateMeter:
         # A long silence counts as one sample of nothing, not many.
         self.window_start = now
         self.window_bytes = 0
+
+
+BURST_WINDOW = 0.3  # seconds: a keyframe and the frame after it
+BURST_MEMORY = 7.0  # seconds of a stream's bursts remembered: two keyframe intervals of a few seconds
+BURST_BUCKET = 0.01  # seconds: packets this close together are counted together
+
+
+@dataclass
+class BurstMeter:
+    """The most bits a stream sent within any ``BURST_WINDOW`` of the last ``BURST_MEMORY`` seconds.
+
+    A stream's mean rate hides its bursts: at low rates a VP8 keyframe, and the frame after it
+    (which makes up the detail the keyframe's coarse quantizer left out), carry most of a second's
+    bits in a few hundred milliseconds, and on a link that is nearly full they queue the audio
+    behind them past its playout time.
+    """
+
+    buckets: deque[list[float]] = field(default_factory=deque)  # [start, bytes], oldest first
+
+    def add(self, size: int, now: float) -> None:
+        buckets = self.buckets
+        if buckets and now - buckets[-1][0] < BURST_BUCKET:
+            buckets[-1][1] += size
+        else:
+            buckets.append([now, float(size)])
+            while now - buckets[0][0] > BURST_MEMORY:
+                buckets.popleft()
+
+    def peak(self, now: float) -> float:
+        """Bits, in the fullest window of the remembered ones (0 for a stream not heard from lately)."""
+        buckets = [b for b in self.buckets if now - b[0] <= BURST_MEMORY]
+        best = total = 0.0
+        first = 0
+        for start, size in buckets:
+            total += size
+            while start - buckets[first][0] >= BURST_WINDOW:
+                total -= buckets[first][1]
+                first += 1
+            best = max(best, total)
+        return best * 8

@@ -179,3 +179,17 @@ def test_a_cluster_spread_by_jitter_below_what_the_link_carried_is_no_measure_of
     bwe.on_transport_feedback(packets(1.0, 0.6, rate, delay_growth=1.0, size=300), NORMAL, 150_000, 1.65)
     assert bwe.probe is None and bwe.failed_probes == 1 and bwe.measured is None
     assert bwe.usable == 150_000  # what it carried still stands: the video is not paused for it
+
+
+def test_a_cluster_with_nothing_to_pad_proves_nothing_and_the_next_waits() -> None:
+    bwe = BandwidthEstimate(estimate=100_000, confirmed=True)
+    heard(bwe, 0.0, acked=60_000)
+    bwe.on_report(0, now=0.1)
+    rate = bwe.probe_rate(1.0, wanted=500_000)
+    assert rate is not None
+    # a paused subscriber: only its sound (40 kbit/s) goes, and the padding has nothing to repeat
+    bwe.on_transport_feedback(packets(1.0, 0.3, 40_000, size=100), NORMAL, 60_000, 1.35)
+    assert bwe.probe is None and bwe.usable == 100_000  # nothing learned, nothing lost
+    assert bwe.probe_rate(1.5, wanted=500_000) is None  # not at once, as after one that proved its rate
+    bwe.on_report(0, now=2.4)  # (reports in between let the estimate grow)
+    assert bwe.probe_rate(2.5, wanted=500_000) is not None

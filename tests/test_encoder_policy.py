@@ -82,14 +82,17 @@ def test_size_steps_follow_the_rate(rates: list[int], expected_steps: list[int])
     assert chosen == expected_steps
 
 
-def test_size_steps_go_up_one_at_a_time_after_holding() -> None:
-    steps = SizeSteps(hold=5.0)
+def test_size_steps_go_up_after_holding_as_far_as_the_rate_allows() -> None:
+    steps = SizeSteps(hold=2.0)
     assert steps.choose(40_000, 0).divisor == 4
-    assert steps.choose(1_000_000, 4 * CLOCK_RATE).divisor == 4  # held
-    assert steps.choose(1_000_000, 5 * CLOCK_RATE).divisor == 2
-    assert steps.choose(1_000_000, 9 * CLOCK_RATE).divisor == 2
-    assert steps.choose(1_000_000, 10 * CLOCK_RATE).divisor == 1
+    assert steps.choose(1_000_000, 1 * CLOCK_RATE).divisor == 4  # held
+    assert steps.choose(1_000_000, 2 * CLOCK_RATE).divisor == 1  # both steps at once: one keyframe
     assert steps.current.max_framerate is None
+    steps = SizeSteps(hold=2.0)
+    assert steps.choose(40_000, 0).divisor == 4
+    assert steps.choose(100_000, 2 * CLOCK_RATE).divisor == 2  # (not above 150 kbit/s by the margin)
+    assert steps.choose(1_000_000, 3 * CLOCK_RATE).divisor == 2  # held again
+    assert steps.choose(1_000_000, 4 * CLOCK_RATE).divisor == 1
 
 
 def test_size_steps_do_not_flap_on_a_rate_around_the_threshold() -> None:
