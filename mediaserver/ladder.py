@@ -341,10 +341,14 @@ class Ladder:
         for level in sorted(in_use - set(self.layers)):
             if not self.is_layer(level):
                 continue
-            if self._executor is None and not self.pacer.take(self.publication.clock()):
+            # A ladder (a decoder of the original and an encoder) costs a worker a tenth of its core or more:
+            # none starts while the worker's loop is behind (loop_lag.py), where it would take the worker
+            # over its core and every call on it with it; the subscriber waits "starting" as in a storm.
+            if self._executor is None and (self.publication.loop_lag.busy
+                                           or not self.pacer.take(self.publication.clock())):
                 if not self.start_put_off:
                     self.start_put_off = True
-                    logger.info("%s: layers put off: this worker is starting others (a storm of joins)",
+                    logger.info("%s: layers put off: this worker is behind, or starting others (a storm of joins)",
                                 self.publication.id)
                 break  # asked again at the next decision (a quarter second)
             self.start_put_off = False

@@ -2,19 +2,31 @@
 
 The lag's smoothing on a fake clock; a real loop held by work; and a real
 server (in this process) with real aiortc participants: far behind, the server
-sends a lossy subscriber no resends, and sends them again once it has caught up.
+sends a lossy subscriber no resends, and sends them again once it has caught up;
+behind, it starts no layer for a new subscriber, who waits "starting" until it
+has caught up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from mediaserver.aiortc_adapter import dtls_transport, filter_inbound_rtp, negotiated_payload_type
 from mediaserver.loop_lag import BUSY_LAG, SHED_LAG, TICK, LoopLag
+from signalling.client import ConsultationClient
 
 from .conftest import RunningServer
 from .media_helpers import Watcher, join_publisher, receiving_from
+
+
+async def _until(predicate: Callable[[], bool], timeout: float) -> None:
+    """Look every 0.1 s until ``predicate`` holds (what it reads changes without telling anyone), bounded."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.1)  # the pace of looking, not a wait for the event
 
 
 def _ticks(lag: LoopLag, start: float, seconds: float, late: float) -> float:
@@ -120,3 +132,34 @@ async def test_a_server_far_behind_sends_no_resends_and_sends_them_again_once_ca
         await w2.stop()
         await p1.close()
         await p2.close()
+
+
+async def test_a_server_behind_starts_no_layer_the_new_subscriber_waits_starting_then_gets_video(
+        server: RunningServer) -> None:
+    media = server.hub.media
+    behind = media.loop_lag = LoopLag(busy_lag=0.0)  # (behind from the start: any lateness counts)
+    room = server.consultation()
+    publisher, _ = await join_publisher(server, room, 1, fps=10)
+    subscriber = ConsultationClient(server.url, room, server.token(room, "Dr", participant_id="dr"), publish=False)
+    try:
+        await media.wait_until(lambda: "video" in media.rooms[room].peers["p1"].publications, 15)
+        ladder = media.rooms[room].peers["p1"].publications["video"].ladder
+        assert ladder is not None
+        await subscriber.join()
+
+        def level() -> str | None:
+            peer = media.rooms[room].peers.get("dr")
+            subs = [s.subscription for s in peer.slots if s.kind == "video" and s.subscription is not None] \
+                if peer is not None else []
+            return subs[0].publication.level_name(subs[0].level) if subs else None
+
+        # a new subscriber starts on a layer made on the server: while the server is behind, none starts
+        await _until(lambda: ladder.start_put_off and level() == "starting", 15)
+        assert behind.busy and not ladder.layers
+        # caught up: the layer starts and the subscriber has video
+        behind.busy_lag = BUSY_LAG
+        await _until(lambda: level() not in (None, "starting"), 15)
+        assert ladder.layers or level() == "original"
+    finally:
+        await subscriber.close()
+        await publisher.close()
