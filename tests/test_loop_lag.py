@@ -163,3 +163,55 @@ async def test_a_server_behind_starts_no_layer_the_new_subscriber_waits_starting
     finally:
         await subscriber.close()
         await publisher.close()
+
+
+class _LinkWithRoom:
+    """A subscriber's link that would take more: it probes whenever it is asked to."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def video_budget(self) -> float | None:
+        return 300_000.0
+
+    def rise_budget(self) -> float | None:
+        return None
+
+    def probe(self, now: float, wanted: float) -> float | None:
+        self.asked += 1
+        return wanted
+
+    def padding(self, now: float) -> bool:
+        return self.asked > 0
+
+    def lost_packets(self, now: float, packets: int = 1) -> None:
+        pass
+
+    def transit(self) -> float | None:
+        return None
+
+
+async def test_behind_no_new_probe_starts_and_once_caught_up_one_does() -> None:
+    from typing import Any, cast
+
+    from mediaserver.forwarder import Publication, Subscription
+    from mediaserver.rewriter import StreamRewriter
+
+    publication = Publication("kit", "video", cast(Any, None), clock=lambda: 10.0)
+    lag = publication.loop_lag = LoopLag()
+    link = _LinkWithRoom()
+    subscription = Subscription(publication, cast(Any, None), StreamRewriter(90000), link)
+    subscription.level = 0  # on the lower of two levels, the link with room for the upper one
+    levels = [(0, 150_000.0), (1, 500_000.0)]
+    lag.note(0.030, 10.0)  # behind
+    assert lag.busy
+    await subscription.decide(10.0, levels, cap_limited=False)
+    assert link.asked == 0 and subscription.probe_factor == 0.0
+    lag.note(0.0, 11.0)  # caught up
+    await subscription.decide(11.0, levels, cap_limited=False)
+    assert link.asked == 1 and subscription.probe_factor > 1.0
+    # a probe under way when the worker falls behind runs its course (a short cluster)
+    lag.note(0.050, 11.1)
+    assert lag.busy
+    await subscription.decide(11.1, levels, cap_limited=False)
+    assert link.asked == 2 and subscription.probe_factor > 1.0
