@@ -35,7 +35,11 @@ their own clock (their RTP timestamps) a target delay behind the fastest
 frames seen; the delay covers how late most frames come, and so, on a lossy
 link, the retransmissions that complete them, as a browser's jitter buffer
 does. A repaired frame then shows on time instead of standing the picture
-still for a round trip.
+still for a round trip. While holes are being found, the delay has room for
+one repair (and the frame interval it may take a hole to show) from the start
+of the stream, a guess until a repair has been measured; room made ahead of
+need is grown into a little per frame, so the picture slows instead of
+standing still.
 """
 
 from __future__ import annotations
@@ -48,8 +52,9 @@ from typing import Literal
 from .vp8 import is_keyframe_data, parse_descriptor
 
 STRAYS_BEFORE_RESYNC = 3  # packets in a row not of the stream (far from it, or off its frames) before a resync
-REPAIR_MEMORY = 10.0  # seconds after the last repaired hole that a video stream counts as one whose holes get repaired
+REPAIR_MEMORY = 10.0  # seconds after the last hole found or repaired that a video stream counts as one with holes
 REPAIR_ROOM = 1.2  # ... and its playout delay leaves this much more than a repair takes
+ASSUMED_REPAIR = 0.1  # seconds a video repair is taken to need before one has been measured
 
 
 class _Unwrapper:
@@ -694,6 +699,7 @@ class VideoFrameAssembler:
         self.round_trip_time: float | None = None  # seconds; set it when known
         self.repair_time: float | None = None  # smoothed time from noticing a hole to its packet arriving
         self.repaired_at: float | None = None  # when a hole was last filled
+        self.hole_at: float | None = None  # when a hole was last found
         self.counters = AssemblyCounters()
         self._started = False
         self._last_request: float | None = None
@@ -767,8 +773,11 @@ class VideoFrameAssembler:
         self._note_sequence(seq, now)
         if self._expected is not None and seq < self._expected:
             self.counters.late_packets += 1
-            if seq in self._given_up:
-                self._learn_repair_time(now - self._given_up.pop(seq))
+            given_up = self._given_up.pop(seq, None)
+            if given_up is not None and now - given_up <= self.max_hold:
+                # (Later than that, it answers one of the asks aiortc repeats for every hole it still
+                # tracks, at each new gap, for a second or two: no measure of a repair.)
+                self._learn_repair_time(now - given_up)
         elif not payload:
             self._fillers.add(seq)  # padding only: takes a sequence number, belongs to no frame
         elif self._last_ts is not None and ts <= self._last_ts:
@@ -783,6 +792,9 @@ class VideoFrameAssembler:
             start = seq if highest is None else highest + 1
             for missing in range(start, seq):
                 self._missing[missing] = now
+                self.hole_at = now
+            if highest is None and self.hole_at is None:
+                self.hole_at = now  # until a while passes without one, a new stream may lose packets
             self._seq.accept(seq)
         elif seq in self._missing:
             self._learn_repair_time(now - self._missing.pop(seq))
@@ -986,13 +998,16 @@ class VideoFrameAssembler:
         self.repair_time = sample if self.repair_time is None else self.repair_time + (sample - self.repair_time) / 8
 
     def repair_delay(self, now: float) -> float:
-        """How late a frame with a repaired hole comes, on a link whose holes have been repaired lately
-        (0 otherwise): the least delay its playout should have. Learning it from the frames alone
-        takes as many repaired frames as the delay's quantile leaves out, and each one before shows
-        the picture still for a repair's time."""
-        if self.repair_time is None or self.repaired_at is None or now - self.repaired_at > REPAIR_MEMORY:
+        """How late a frame with a repaired hole comes, on a link where holes have been found or
+        repaired lately (0 otherwise): the least delay its playout should have (a guess before the
+        first repair). Learning it from the frames alone takes as many repaired frames as the
+        delay's quantile leaves out, and each one before shows the picture still for a repair's time;
+        waiting for the first repair to set it shows the picture still for that one."""
+        last = max((t for t in (self.repaired_at, self.hole_at) if t is not None), default=None)
+        if last is None or now - last > REPAIR_MEMORY:
             return 0.0
-        return self.repair_time * REPAIR_ROOM
+        repair = self.repair_time if self.repair_time is not None else ASSUMED_REPAIR
+        return repair * REPAIR_ROOM
 
     def _request_keyframe(self, now: float) -> None:
         if any(f.keyframe for f in self._frames.values()):
@@ -1018,11 +1033,14 @@ class VideoPlayout:
     at once when it ends, do not hold every later frame back.
     A jump in timestamps (a new stream) starts the clock again. ``floor``: a
     delay known to be needed beforehand (what a repair takes, on a link whose
-    holes are being repaired), taken at once.
+    holes are being repaired), taken at the first frame and then grown into by
+    at most ``grow_step`` a frame (the picture slows a little instead of standing
+    still); one frame interval is added to it, as a hole in a frame's last
+    packet shows only when the next frame starts.
     """
 
     def __init__(self, clock_rate: int = 90000, *, window: float = 30.0, quantile: float = 0.95,
-                 max_delay: float = 0.5, shrink_step: float = 0.004) -> None:
+                 max_delay: float = 0.5, shrink_step: float = 0.004, grow_step: float = 0.02) -> None:
         if not 0 < quantile <= 1:
             raise ValueError("quantile must be in (0, 1]")
         self.clock_rate = clock_rate
@@ -1030,11 +1048,20 @@ class VideoPlayout:
         self.quantile = quantile
         self.max_delay = max_delay
         self.shrink_step = shrink_step
+        self.grow_step = grow_step
         self.delay = 0.0  # the current target delay, seconds
         self._ts = _Unwrapper(32)
         self._transits: deque[tuple[float, float]] = deque()  # (completed at, completed at - media time)
         self._last_due: float | None = None
         self._last_media: float | None = None
+        self._intervals: deque[float] = deque(maxlen=15)  # between the latest frames' media times
+
+    @property
+    def frame_interval(self) -> float:
+        """The usual time between frames (the median of the latest), 0 before two frames."""
+        if not self._intervals:
+            return 0.0
+        return sorted(self._intervals)[len(self._intervals) // 2]
 
     def schedule(self, timestamp: int, completed_at: float, floor: float = 0.0) -> float:
         media = self._ts.extend(timestamp) / self.clock_rate
@@ -1042,16 +1069,25 @@ class VideoPlayout:
             self._restart(timestamp)
             media = self._ts.extend(timestamp) / self.clock_rate
         self._ts.accept(self._ts.extend(timestamp))
+        if self._last_media is not None and 0 < media - self._last_media < 1.0:
+            self._intervals.append(media - self._last_media)
         self._last_media = media
+        if floor > 0:
+            floor += self.frame_interval
         transit = completed_at - media
         self._transits.append((completed_at, transit))
         while self._transits[0][0] < completed_at - self.window:
             self._transits.popleft()
         transits = sorted(t for _, t in self._transits)
         base = transits[0]
-        wanted = min(max(transits[min(int(self.quantile * len(transits)), len(transits) - 1)] - base, floor),
-                     self.max_delay)
-        self.delay = wanted if wanted >= self.delay else max(wanted, self.delay - self.shrink_step)
+        late = min(transits[min(int(self.quantile * len(transits)), len(transits) - 1)] - base, self.max_delay)
+        wanted = min(max(late, floor), self.max_delay)
+        if wanted < self.delay:
+            self.delay = max(wanted, self.delay - self.shrink_step)
+        elif self._last_due is None or wanted <= late:
+            self.delay = wanted
+        else:  # room made ahead of need: a little per frame, so the picture slows instead of standing still
+            self.delay = max(late, min(wanted, self.delay + self.grow_step))
         due = base + media + self.delay
         if self._last_due is not None:
             due = max(due, self._last_due)
@@ -1062,5 +1098,6 @@ class VideoPlayout:
         self._ts = _Unwrapper(32)
         self._ts.accept(self._ts.extend(timestamp))
         self._transits.clear()
+        self._intervals.clear()
         self._last_due = None
         self.delay = 0.0

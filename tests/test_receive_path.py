@@ -945,3 +945,43 @@ def test_video_playout_makes_room_for_a_repair_at_once_when_repairs_are_rarer_th
     assert max(gaps) == pytest.approx(1 / 30, abs=1e-6)
     unaided = shown(with_floor=False)
     assert max(b - a for a, b in zip(unaided[6:], unaided[7:], strict=False)) > 2.5 / 30  # (without it: a stall)
+
+
+def test_video_playout_has_room_for_the_first_repair_before_any_was_measured() -> None:
+    # 30 fps; the fifth frame's second packet is lost and comes again 120 ms after its hole showed
+    # (a 100 ms link). Nothing has been repaired yet: the assembler's guess sets the room from the start.
+    publisher, assembler, playout = Publisher(), VideoFrameAssembler(on_missing=lambda seqs: None), VideoPlayout()
+    arrivals = sorted((k / 30 + j * 0.001 + (0.121 if (k, j) == (4, 1) else 0.0), packet)
+                      for k in range(60) for j, packet in enumerate(publisher.packets(k)))
+    due = []
+    for at, packet in arrivals:
+        for frame in assembler.push(*packet, at):
+            due.append(playout.schedule(frame.timestamp, frame.completed_at,
+                                        assembler.repair_delay(frame.completed_at)))
+    assert len(due) == 60
+    gaps = [b - a for a, b in zip(due, due[1:], strict=False)]
+    assert max(gaps) < 1 / 30 + 0.021  # the repaired frame shows on time: no stall anyone would see
+    assert assembler.repair_time == pytest.approx(0.12, abs=0.002)
+
+
+def test_video_playout_grows_into_room_made_ahead_of_need_a_little_per_frame() -> None:
+    playout = VideoPlayout(90000)
+    shown = [playout.schedule(k * 6000, 1.0 + k / 15 + 0.05, floor=0.0 if k < 30 else 0.2) for k in range(90)]
+    gaps = [b - a for a, b in zip(shown, shown[1:], strict=False)]
+    assert max(gaps) <= 1 / 15 + playout.grow_step + 1e-9  # the picture slows a little, never stands still
+    assert playout.delay == pytest.approx(0.2 + 1 / 15)  # the room, and the frame a hole may take to show
+
+
+def test_a_late_answer_to_a_hole_given_up_long_ago_teaches_the_repair_time_nothing() -> None:
+    # aiortc asks again for every hole it still tracks at each new gap, for a second or two: a packet
+    # that comes then is no measure of how long a repair takes.
+    publisher, receiver = Publisher(gop=1000), Receiver(on_missing=lambda seqs: None)
+    send(publisher, receiver, range(0, 4))
+    lost = publisher.packets(4)[1]
+    send(publisher, receiver, range(4, 30), drop=lambda k, j: (k, j) == (4, 1))
+    receiver.push(publisher.packets(30)[0], 1.0)
+    send(publisher, receiver, range(30, 40), drop=lambda k, j: (k, j) == (30, 1), start=0.0)
+    receiver.push(publisher.packets(30)[1], 30 / 30 + 0.1)  # a repair: 100 ms
+    assert receiver.assembler.repair_time == pytest.approx(0.1, abs=0.005)
+    receiver.push(lost, 2.5)  # the hole of frame 4, given up two seconds ago
+    assert receiver.assembler.repair_time == pytest.approx(0.1, abs=0.005)
