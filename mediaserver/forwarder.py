@@ -77,6 +77,8 @@ SOURCE_FOLLOWS = 1.3
 ASK_MEMORY = 0.5
 # An audio receiver asking for more than this share of its packets is hearing a queue, not losses.
 AUDIO_LATE_SHARE = 0.5
+# Seconds by which an ask may come sooner than the link's measured transit and still be for a lost packet.
+ANSWER_SLACK = 0.02
 
 
 @dataclass
@@ -126,8 +128,10 @@ class ResendLimit:
         self.counted_at = now
 
     def on_its_way(self, seq: int, now: float, transit: float | None) -> bool:
+        # (An ask for a hole the next packet showed comes a round trip after the packet went: on a link
+        # without a queue, right at ``transit``, give or take how the round trip was measured.)
         first = self.first_sent[seq % len(self.first_sent)]
-        return transit is not None and first[0] == seq and now - first[1] < transit
+        return transit is not None and first[0] == seq and now - first[1] < transit - ANSWER_SLACK
 
     def allow(self, seq: int, size: int, now: float, rtt: float, rate: float, transit: float | None = None) -> bool:
         self._decay(now)
@@ -719,7 +723,9 @@ class Subscription:
                 # (audio receivers also ask for packets that are merely late: no sign of loss)
                 self.link.lost_packets(now, len(feedback.lost))
             rtt = self.port.round_trip_time or 0.1
-            transit = self.link.transit()
+            # Video receivers ask only for holes a later packet has shown (aiortc's NACK, Chromium's, Nära's
+            # assembler): lost, not queued. Refused as "on its way", it costs the frame another round trip.
+            transit = self.link.transit() if self.publication.kind == "audio" else None
             far_behind = self.publication.loop_lag.shedding
             for out_seq in feedback.lost:
                 source_seq = self.rewriter.source_seq(out_seq)

@@ -131,6 +131,19 @@ def test_a_packet_asked_for_before_the_link_could_have_lost_it_is_not_resent() -
     assert limit.allow(8, 100, now=11.1, rtt=0.06, rate=30_000, transit=None)  # nothing known of the link
 
 
+def test_an_ask_that_comes_a_round_trip_after_the_packet_went_is_for_a_lost_one() -> None:
+    from mediaserver.forwarder import ResendLimit
+
+    # A 100 ms link without a queue, its round trip measured at 106 ms: the hole the next packet showed is
+    # asked for right at that, a few milliseconds under it (the measure's own noise). Refused, the frame
+    # would wait another round trip.
+    limit = ResendLimit()
+    limit.sent(7, now=10.0)
+    assert limit.allow(7, 100, now=10.101, rtt=0.1, rate=300_000, transit=0.106)
+    limit.sent(8, now=11.0)
+    assert not limit.allow(8, 100, now=11.05, rtt=0.1, rate=300_000, transit=0.106)  # sooner: still on its way
+
+
 def test_an_audio_receiver_asking_for_most_of_its_packets_hears_a_queue_and_gets_no_resends() -> None:
     from mediaserver.forwarder import ResendLimit
 
