@@ -204,6 +204,7 @@ class ScavengerSettings:
     # brought the next lower, and the rate sank to 140-170 kbit/s on a link with room for 210.
     past_knee: float = 0.25
     knee_top: float = 1.05
+    knee_memory: float = 3.0  # seconds: a cut this soon after the last one is for the same queue
     # The uplink counts as thin (the call then packs its audio more tightly, see ``thin_uplink``) for
     # ``thin_hold`` seconds after a queue showed while the upload carried under ``thin_below``.
     thin_below: float = 250_000 / 8
@@ -388,8 +389,14 @@ class ScavengerRate:
             return  # the last cut has not shown in the round trips yet
         if self.share is not None and queue < self._cut_queue and now - self._cut_at < 2 * s.cut_interval:
             return  # shorter than at the last cut: draining already (round trips are smoothed, and lag)
+        # The rate this queue showed at: a second cut for the same queue, within ``knee_memory``, keeps the
+        # first one's (after an outage the call's first reports cut twice, and the rate crept back from the
+        # second cut's lower knee at a quarter of the usual pace, 140-160 kbit/s for 20 s).
+        if self._knee is None or now - self._cut_at > s.knee_memory:
+            self._knee = self.rate
+        else:
+            self._knee = max(self._knee, self.rate)
         self._cut_at, self._cut_queue = now, queue
-        self._knee = self.rate
         share = self.share
         if share is None:
             self.rate *= s.cut

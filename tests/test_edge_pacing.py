@@ -395,6 +395,30 @@ def test_after_a_cut_the_rate_grows_back_quickly_to_near_where_the_queue_showed_
     assert rate.rate <= 0.9 * knee * 1.02**2 + 1  # from there on, a quarter of the usual pace
 
 
+def test_a_second_cut_for_the_same_queue_grows_back_to_near_where_the_first_showed() -> None:
+    """After an outage the call's first reports showed one queue twice, a second apart: the rate grows back
+    quickly towards the rate the first cut was for, not the lower one of the second."""
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    acked = 0.0
+    rate.rate = 24_000.0
+    rate._starting = False
+    for tenth in range(1, 100):
+        acked += rate.rate / 10
+        rate.update(tenth / 10, RttSample(0.100, tenth / 10), sock=reading(tenth / 10, acked))
+    knee = rate.rate
+    for now, queue in ((10.0, 0.300), (11.2, 0.400)):  # longer at the second look: cut again
+        acked += rate.rate / 10
+        rate.update(now, RttSample(0.100 + queue, now), sock=reading(now, acked, rtt=0.150 + queue))
+    assert rate.rate < 0.65 * knee
+    now = 11.2
+    while now < 14.2:
+        now = round(now + 0.1, 1)
+        acked += rate.rate / 10
+        rate.update(now, RttSample(0.100, now), sock=reading(now, acked, rtt=0.190))
+    assert rate.rate >= 0.9 * knee - 1  # within three seconds (from the second cut's knee: over 20 s)
+
+
 def test_beside_a_call_only_a_third_of_a_second_of_bytes_may_wait_unsent_in_the_socket() -> None:
     rate = scavenger()
     assert rate.backlog_limit() == float("inf")  # no call: the ceiling paces, the socket holds what it takes
