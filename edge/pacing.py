@@ -409,9 +409,12 @@ class ScavengerRate:
 
     def pacing_rate(self, now: float) -> float:
         """How fast the kernel may send the upload's bytes: the rate, with room to catch up after TCP repaired
-        a loss (``catch_up``) beside a call unless a queue cut the rate in the last ``catch_up_after`` s."""
+        a loss (``catch_up``) beside a call unless a queue cut the rate in the last ``catch_up_after`` s, or
+        the connection has not carried ``socket_settle`` yet: a new one has nothing to make up, and after an
+        outage its first window at the catch-up rate met the call coming back (300 ms of queue in front of the
+        audio, two cuts)."""
         s = self.settings
-        if not self._calling or now - self._cut_at < s.catch_up_after:
+        if not self._calling or now - self._cut_at < s.catch_up_after or not self._settled:
             return self.rate
         return min(s.ceiling, self.rate * s.catch_up)
 

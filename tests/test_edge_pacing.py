@@ -369,6 +369,12 @@ def test_the_kernel_may_send_faster_than_the_rate_to_catch_up_unless_a_queue_cut
     assert cut < 24_000.0
     assert rate.pacing_rate(2.5) == cut  # what waits in the socket goes at the new rate, not faster
     assert rate.pacing_rate(4.3) == pytest.approx(rate.rate * 1.25)
+    # A new connection (after an outage) has nothing to make up: the rate itself until it has carried 64 KiB.
+    rate.update(5.0, RttSample(0.100, 5.0), sock=SocketSignal(5.0, 2, 0, 0.150, 0.150))
+    rate.update(6.0, RttSample(0.100, 6.0), sock=SocketSignal(6.0, 2, 30_000, 0.150, 0.150))
+    assert rate.pacing_rate(6.0) == rate.rate
+    rate.update(9.0, RttSample(0.100, 9.0), sock=SocketSignal(9.0, 2, 70_000, 0.150, 0.150))
+    assert rate.pacing_rate(9.0) == pytest.approx(rate.rate * 1.25)
 
 
 def test_after_a_cut_the_rate_grows_back_quickly_to_near_where_the_queue_showed_then_slowly() -> None:
