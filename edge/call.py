@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 from aiortc import RTCIceServer, RTCPeerConnection
 
-from mediaserver.aiortc_adapter import follow_round_trips
+from mediaserver.aiortc_adapter import follow_round_trips, set_transport_feedback_interval
 from signalling.client import ConsultationClient, JoinRefused
 
 from .config import TurnRelay
@@ -91,6 +91,8 @@ class KitCall:
         self._attached: set[int] = set()
         self._timed: set[int] = set()
         self.rtt: RttSample | None = None  # the latest round trip a receiver report told, for photo uploads
+        self.feedback_interval: float | None = None  # seconds between its transport feedback (None: the usual)
+        self._pc: RTCPeerConnection | None = None  # the media connection, once answered
         self._loop = asyncio.get_running_loop()
 
     async def run(self) -> CallEnd:
@@ -181,7 +183,16 @@ class KitCall:
     def _end(self, failure: Failure, detail: str, connected_at: float | None, now: float) -> CallEnd:
         return CallEnd(failure, detail, connected_for=0.0 if connected_at is None else now - connected_at)
 
+    def pace_feedback(self, interval: float | None) -> None:
+        """Space the call's transport feedback ``interval`` seconds apart (None: the usual), now and on
+        the connection it makes (a thin uplink: see ``mediaserver.aiortc_adapter``)."""
+        self.feedback_interval = interval
+        if self._pc is not None:
+            set_transport_feedback_interval(self._pc, interval)
+
     def _answered(self, pc: RTCPeerConnection) -> None:
+        self._pc = pc
+        set_transport_feedback_interval(pc, self.feedback_interval)
         for transceiver in pc.getTransceivers():
             sender, sent = transceiver.sender, transceiver.sender.track
             attach = getattr(sent, "attach", None)

@@ -1154,7 +1154,7 @@ def send_transport_feedback(receiver: RTCRtpReceiver) -> None:
 
     async def send_feedback() -> None:
         while dtls.state not in ("closed", "failed"):
-            await asyncio.sleep(FEEDBACK_INTERVAL)
+            await asyncio.sleep(getattr(dtls, "nara_feedback_interval", None) or FEEDBACK_INTERVAL)
             packet = recorder.feedback() if dtls.state == "connected" else None
             if packet is not None:
                 try:
@@ -1223,3 +1223,26 @@ async def _query_consent(self: aioice.ice.Connection) -> None:
 
 
 aioice.ice.Connection.query_consent = _query_consent  # type: ignore[method-assign]
+
+
+# --- transport feedback paced for a thin uplink --------------------------------------
+#
+# Nära's receive path sends transport feedback every FEEDBACK_INTERVAL (75 ms):
+# about 13 packets a second of some 80 bytes with their headers, 8 kbit/s, a
+# thirtieth of a 256 kbit/s uplink (nara bench upload: 22 of the home kit's 38
+# UDP packets a second beside a photo upload were not its audio). Each feedback
+# packet covers every packet since the last, so a longer interval loses nothing
+# but timeliness; libwebrtc itself spaces its feedback up to 250 ms apart on slow
+# links. The home kit asks for THIN_FEEDBACK_INTERVAL while its uplink is thin.
+
+THIN_FEEDBACK_INTERVAL = 0.25  # seconds between a thin uplink's transport feedback packets
+
+
+def set_transport_feedback_interval(pc: Any, interval: float | None) -> bool:
+    """Space the transport feedback ``pc`` sends ``interval`` seconds apart from its next packet on (None: the
+    usual FEEDBACK_INTERVAL). False before ``pc`` has a transport (call it again once it has)."""
+    dtls = dtls_transport(pc)
+    if dtls is None:
+        return False
+    dtls.nara_feedback_interval = interval
+    return True

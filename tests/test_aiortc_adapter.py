@@ -696,3 +696,44 @@ async def test_consent_answers_queued_for_seconds_do_not_close_a_healthy_connect
         await sender_pc.close()
         await receiver_pc.close()
         restrict_host_addresses(None)
+
+
+# --- transport feedback paced for a thin uplink --------------------------------------
+
+
+async def test_a_thin_uplinks_transport_feedback_comes_a_quarter_second_apart_and_misses_nothing() -> None:
+    from mediaserver.aiortc_adapter import (
+        THIN_FEEDBACK_INTERVAL,
+        follow_transport_feedback,
+        send_transport_feedback,
+        set_transport_feedback_interval,
+    )
+    from mediaserver.twcc import TransportFeedback
+
+    assert "await asyncio.sleep(getattr(dtls, \"nara_feedback_interval\", None) or FEEDBACK_INTERVAL)" in \
+        inspect.getsource(send_transport_feedback)
+    global arrived
+    arrived = asyncio.Event()  # (this test's loop: the module's event may belong to an earlier test's)
+    restrict_host_addresses(["127.0.0.1"])
+    sender_pc, receiver_pc, port, received, feedback, tap = await connected_pair()
+    loop = asyncio.get_running_loop()
+    feedbacks: list[tuple[float, TransportFeedback]] = []
+    try:
+        history = follow_transport_feedback(sender_pc, lambda f: feedbacks.append((loop.time(), f)))
+        assert history is not None
+        assert set_transport_feedback_interval(receiver_pc, THIN_FEEDBACK_INTERVAL)
+        send_transport_feedback(receiver_pc.getTransceivers()[0].receiver)
+        payload = bytes([0x10, 0x00]) + bytes(100)
+        for i in range(50):  # a second of packets, 20 ms apart
+            await port.send(payload, sequence_number=100 + i, timestamp=1800 * i, marker=1)
+            await asyncio.sleep(0.02)  # the sender's own pace
+        await asyncio.wait_for(_until(lambda: sum(len(f.arrivals) for _, f in feedbacks) >= 50), 5)
+        gaps = [b - a for (a, _), (b, _) in zip(feedbacks, feedbacks[1:], strict=False)]
+        assert gaps and min(gaps) > 0.8 * THIN_FEEDBACK_INTERVAL, gaps  # not every 75 ms
+        assert len(feedbacks) <= 6  # about four a second, not thirteen
+        results = [r for _, f in feedbacks for r in history.results(f)]
+        assert [r.sequence for r in results] == list(range(50)) and all(r.arrival is not None for r in results)
+    finally:
+        await sender_pc.close()
+        await receiver_pc.close()
+        restrict_host_addresses(None)

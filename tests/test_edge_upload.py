@@ -27,6 +27,7 @@ from edge.uploader import (
     UploadsStopped,
     _low_priority_socket,
 )
+from mediaserver.aiortc_adapter import THIN_FEEDBACK_INTERVAL, dtls_transport
 from signalling.images import IMAGES
 from tests.outbox_driver import photo_bytes, photo_metadata
 
@@ -280,6 +281,13 @@ async def test_a_running_kit_delivers_a_photo_taken_in_its_call_beside_the_call(
         shown = agent.status()["photos"]
         assert shown["uploader"]["delivered"] == 1
         await clinician.wait_for(lambda: clinician.hears_kit(), 10)  # the call went on
+        # Judged thin, the uplink gets the call's transport feedback a quarter of a second apart, then back.
+        call, on_thin = agent.call, agent.uploader.on_thin_uplink
+        assert call is not None and call._pc is not None and on_thin is not None
+        on_thin(True)
+        assert dtls_transport(call._pc).nara_feedback_interval == THIN_FEEDBACK_INTERVAL
+        on_thin(False)
+        assert dtls_transport(call._pc).nara_feedback_interval is None
     finally:
         await clinician.close()
         running.cancel()
