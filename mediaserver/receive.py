@@ -198,11 +198,12 @@ class AudioPlayout:
         self.repair_quantile = repair_quantile
         self.assumed_round_trip = assumed_round_trip
         self.round_trip_time: float | None = None  # seconds; set it when known
-        self.repair_time: float | None = None  # smoothed time from first asking for a packet to its arrival
+        self.repair_time: float | None = None  # what most recent asks took, from first asking to arrival
         self.counters = PlayoutCounters()
         self._ceiling = max(max_delay, max_repair_delay)
         self._jump = int((self._ceiling + 3.0) * clock_rate)  # farther than this from the playhead: not this stream
         self._repairs: deque[tuple[float, float]] = deque()  # (arrival, delay it needed) of packets asked for
+        self._repair_samples: deque[float] = deque(maxlen=20)  # times from asking for a packet to its arrival
         self._started = False
         self._clear()
 
@@ -470,7 +471,13 @@ class AudioPlayout:
         return self.assumed_round_trip
 
     def _learn_repair_time(self, sample: float) -> None:
-        self.repair_time = sample if self.repair_time is None else self.repair_time + (sample - self.repair_time) / 8
+        """The repair time is the 80th percentile of the latest: a packet asked for because it was overdue
+        may be the original, only late, and come sooner than any resend could. (Averaged in, such packets
+        shrank the time between asks below the round trip, and the sender, which answers a packet once a
+        round trip, refused the asks meant for resends that were lost.)"""
+        self._repair_samples.append(sample)
+        ordered = sorted(self._repair_samples)
+        self.repair_time = ordered[int(0.8 * (len(ordered) - 1))]
 
     def _awaited(self, slot: int) -> bool:
         return any(r.ts == slot for r in self._requests.values())
@@ -583,7 +590,7 @@ class AudioPlayout:
             self.counters.recovered_fec += 1
             return self._out("fec", after.payload, slot, missing)
         self.counters.concealed += 1
-        if (following is None or self._awaited(slot)) and self.delay + self.frame_duration <= self.target_delay + 1e-9:
+        if (following is None or self._awaited(slot)) and self.delay < self.target_delay - 1e-9:
             # Nothing newer has come, so the packet is more likely late than lost, or it has
             # been asked for again; and the delay is below target. Play this slot one frame later.
             self._origin += self.frame_duration

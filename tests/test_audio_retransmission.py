@@ -380,3 +380,17 @@ def test_a_filling_queue_is_late_not_lost_and_is_not_asked_for() -> None:
     link.run(3.0)
     assert link.playout.counters.nacked <= 3  # of the 100 packets that came late, a handful asked for
     assert all(when < 1.2 for when, _ in link.requests)
+
+
+def test_packets_that_were_only_late_do_not_shorten_the_time_between_asks() -> None:
+    # Every tenth packet comes 15 ms late, and is asked for as overdue before it comes; a burst of
+    # three is lost every second, and the first resend of each is lost too. The asks for them again
+    # must wait a round trip (a sender answers a packet once a round trip), or they are wasted.
+    def late(when: float, index: int) -> None:
+        on_time(when + (0.015 if index % 10 == 5 else 0.0), index)
+
+    link = RepairingLink(lost=lambda i: i % 50 in (20, 21, 22), one_way=0.03)
+    on_time = link._arrive
+    link._arrive = late  # type: ignore[method-assign]
+    link.run(10.0)
+    assert link.playout.repair_time == pytest.approx(0.06, abs=0.001)  # the round trip
