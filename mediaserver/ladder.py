@@ -315,6 +315,7 @@ class Ladder:
         # paid once per published video and once per layer, however many subscribers each has.
         self.decode_seconds = 0.0
         self.encode_seconds = 0.0
+        self.encoded_frames = 0  # by all its layers together
 
     @property
     def source_level(self) -> int:
@@ -443,6 +444,7 @@ class Ladder:
                 encoded = layer.encode(picture, timestamp)
                 self.encode_seconds += time.thread_time() - began
                 if encoded is not None:
+                    self.encoded_frames += 1
                     out.append((layer, encoded))
         return out
 

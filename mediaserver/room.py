@@ -227,7 +227,9 @@ class MediaServer:
                                   "layers": sorted(p.ladder.specs[lv].name for lv in p.ladder.layers)
                                   if p.ladder is not None else [],
                                   "ladder_cpu": {"decode_s": round(p.ladder.decode_seconds, 4),
-                                                 "encode_s": round(p.ladder.encode_seconds, 4)}
+                                                 "encode_s": round(p.ladder.encode_seconds, 4),
+                                                 "decoded_frames": p.ladder.decoded_frames,
+                                                 "encoded_frames": p.ladder.encoded_frames}
                                   if p.ladder is not None else None,
                                   "forwarding_delay": p.delays.snapshot().to_json()}
                               for k, p in peer.publications.items()},

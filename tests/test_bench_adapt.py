@@ -138,7 +138,7 @@ def _layer_cpu_run(name: str, subscribers: int, encode_s_per_second: float) -> R
     """A layer-cpu run read once a second: every subscriber on the 90p layer, the ladder's CPU growing evenly."""
     from types import SimpleNamespace
 
-    from bench.adapt import Member
+    from bench.adapt import LadderWork, Member
 
     members = (Member("pub", "adapt-clean", publishes=True),
                *(Member(f"s{i}", "adapt-250k") for i in range(1, subscribers + 1)))
@@ -147,7 +147,8 @@ def _layer_cpu_run(name: str, subscribers: int, encode_s_per_second: float) -> R
     for second in range(1, 20):
         run.cores.append((float(second), 0.05 + 0.008 * subscribers))
         run.levels.append((float(second), {m.label: "90p" for m in members[1:]}))
-        run.ladder_cpu.append((float(second), (0.012 * second, encode_s_per_second * second)))
+        run.ladder_cpu.append((float(second), LadderWork(0.012 * second, encode_s_per_second * second, 15.0 * second,
+                                                         encode_s_per_second * 2000 * second)))
     return run
 
 
@@ -157,7 +158,8 @@ def test_layer_cpu_passes_a_layer_encoded_once_and_fails_one_encoded_per_subscri
     scenario = SCENARIOS["layer-cpu"]
     shared = scenario.evaluate({"layer-cpu-1": _layer_cpu_run("layer-cpu-1", 1, 0.004),
                                 "layer-cpu-10": _layer_cpu_run("layer-cpu-10", 10, 0.0042)}, Settings())
-    assert shared["layer_encode_ratio_10_to_1"] == approx(1.05)
+    assert shared["layer_encodes_ratio_10_to_1"] == approx(1.05)
+    assert shared["encode_ms_per_frame_1"] == approx(0.5)
     assert shared["same_layer_10"] is True
     assert all(goal.judge(shared)["pass"] for goal in scenario.goals)
     per_subscriber = scenario.evaluate({"layer-cpu-1": _layer_cpu_run("layer-cpu-1", 1, 0.004),
