@@ -142,11 +142,13 @@ class SizeSteps:
     Down at once, as far as the rate calls for (one size change, one
     keyframe). Up, once ``hold`` seconds have passed since the last change,
     as far as the rate is ``up_margin`` above the thresholds: also one
-    change, and no wait between steps (after a link comes back, the
-    publisher's encoder is the slowest part of the way up).
+    change, and no second wait between steps (after a link comes back, the
+    publisher's encoder is the slowest part of the way up). Each change
+    costs a keyframe, which a thin link pays for in queued sound: a rate
+    near a threshold must not move the size often.
     """
 
-    def __init__(self, steps: tuple[SizeStep, ...] = DEFAULT_STEPS, up_margin: float = 1.3, hold: float = 2.0) -> None:
+    def __init__(self, steps: tuple[SizeStep, ...] = DEFAULT_STEPS, up_margin: float = 1.3, hold: float = 5.0) -> None:
         if steps[0].below is not None or any(s.below is None for s in steps[1:]):
             raise ValueError("the first step is the full size, every other step has a threshold")
         self.steps = steps
