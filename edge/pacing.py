@@ -146,6 +146,11 @@ class ScavengerSettings:
     # where the round trips showed about 30 ms of queue, the link three quarters full, while the audio's
     # packets met at most 100-140 ms of it; with 90 and 160 ms the link was 83 % full (``nara bench upload``).
     steer_target: float = 0.090
+    # The slow start goes on while the queue is under this share of those targets (30 ms of the call's, 53 of
+    # the connection's, about where half the earlier 60 and 120 ms put it): at half of 90 and 160 it doubled
+    # once more with 33 ms showing, to 217 kbit/s beside a call still in 20 ms packets, and the audio met
+    # 300-350 ms of queue for two seconds.
+    start_pressure: float = 1 / 3
     # It also grows by up to 200 ms as a slow upload's packets come far apart (the server then delays its
     # acknowledgements), and cut on that alone, the rate fell to the floor: under ``socket_alone`` the
     # connection's queue counts only while the call's last report showed a queue too (half its target).
@@ -346,7 +351,7 @@ class ScavengerRate:
             # starting it), it ended the start at 35-50 kbit/s, and the usual pace took 20 s from there.
             self._starting = self._starting and not self._settled
             self._cut(now, max(queueing - s.steer_target, on_socket))
-        elif self._starting and pressure < 0.5:
+        elif self._starting and pressure < s.start_pressure:
             self._grow(self.rate * (2.0 ** (s.slow_start * elapsed) - 1.0))
         else:
             self._starting = False
