@@ -4,10 +4,12 @@ Every datagram that reaches a worker waits for its loop to get to it. Near the
 core's capacity a stall (a collector's pass, a burst of keyframes) leaves the
 loop behind for a while; past about three quarters of the core the benchmark
 saw it fall behind for good (docs/benchmarks.md, issue 9): datagrams queued,
-aiortc's receive loops drained them in long steps, copies went out late and
-some work only added to the backlog. Some of what a worker does is worth
-doing only on time:
+copies went out late and some work only added to the backlog. Some of what a
+worker does can wait, or is worth doing only on time:
 
+* a ladder (a decoder of the original and an encoder for a new subscriber's
+  layer) costs a tenth of a core or more, and its thread shares the
+  interpreter with the loop;
 * a probe's padding measures a subscriber's link by duplicating its packets
   (up to several times its rate): on a worker that is behind, what it would
   measure is the worker, and the duplicates are load with no picture in them;
@@ -16,8 +18,9 @@ doing only on time:
 
 So the worker measures its loop's lateness (``LoopLag``: a timer every
 ``TICK`` that notes how late it ran, smoothed). While that is over
-``BUSY_LAG`` (*behind*) no new probe starts; while it is over ``SHED_LAG``
-(*far behind*) no resend is sent either (``forwarder.Subscription``). Resends
+``BUSY_LAG`` (*behind*) no ladder and no new probe starts (``ladder.Ladder``,
+``forwarder.Subscription``); while it is over ``SHED_LAG`` (*far behind*) no
+resend is sent either. Resends
 are shed only that late because a lost packet not resent costs the receiver
 more than the packet: its picture stops at the gap until the next keyframe
 (on loopback, a subscriber losing one video packet in 25 stopped decoding the
