@@ -140,17 +140,18 @@ class ScavengerSettings:
     # With the upload's own connection to read (``SocketSignal``):
     # Seconds of its round trip above its base: a queue in front of the audio. Its round trip varies by
     # tens of ms with no queue at all (delayed acknowledgements, the audio's packets between its own).
-    socket_target: float = 0.160
-    # With the connection's round trip to cut within a round trip, the call's report (a second late) may show
-    # this much before it cuts: at the report-only ``target`` (60 ms) and a connection's 120 ms, the rate stood
-    # where the round trips showed about 30 ms of queue, the link three quarters full, while the audio's
-    # packets met at most 100-140 ms of it; with 90 and 160 ms the link was 83 % full (``nara bench upload``).
-    steer_target: float = 0.090
-    # The slow start goes on while the queue is under this share of those targets (30 ms of the call's, 53 of
-    # the connection's, about where half the earlier 60 and 120 ms put it): at half of 90 and 160 it doubled
-    # once more with 33 ms showing, to 217 kbit/s beside a call still in 20 ms packets, and the audio met
-    # 300-350 ms of queue for two seconds.
-    start_pressure: float = 1 / 3
+    socket_target: float = 0.120
+    # With the connection's round trip to cut within a round trip, the call's report (a second late) is held
+    # to this before it cuts. A trade, measured (``nara bench upload``, docs/benchmarks.md, issue 7's fifth
+    # round): at 60 ms here and 120 ms for the connection the rate stands where about 30 ms of queue shows,
+    # and the call's audio beside an upload loses about what it loses alone; at 90 and 160 ms the 256 kbit/s
+    # link was 90 % full and a photo got 67-71 % of it, but the audio lost 2.6-5 times what it lost alone.
+    # The audio comes first.
+    steer_target: float = 0.060
+    # The slow start goes on while the queue is under this share of those targets (at half of 90 and 160 ms
+    # it doubled once more with 33 ms showing, to 217 kbit/s beside a call still in 20 ms packets, and the
+    # audio met 300-350 ms of queue for two seconds; half of 60 and 120 ms is where it stopped before).
+    start_pressure: float = 0.5
     # It also grows by up to 200 ms as a slow upload's packets come far apart (the server then delays its
     # acknowledgements), and cut on that alone, the rate fell to the floor: under ``socket_alone`` the
     # connection's queue counts only while the call's last report showed a queue too (half its target).
