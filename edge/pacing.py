@@ -143,9 +143,10 @@ class ScavengerSettings:
     socket_target: float = 0.120
     # With the connection's round trip to cut within a round trip, the call's report (a second late) is held
     # to this before it cuts. A trade, measured (``nara bench upload``, docs/benchmarks.md, issue 7's fifth
-    # round): at 60 ms here and 120 ms for the connection the rate stands where about 30 ms of queue shows,
-    # and the call's audio beside an upload loses about what it loses alone; at 90 and 160 ms the 256 kbit/s
-    # link was 90 % full and a photo got 67-71 % of it, but the audio lost 2.6-5 times what it lost alone.
+    # round): at 60 ms here and 120 ms for the connection the rate stands where about 30 ms of queue shows
+    # (the audio's packets over 200 ms in the link in 2-7 seconds of a run, and a photo got 55-62 % of the
+    # 256 kbit/s link); at 90 and 160 ms the link was 90 % full and a photo got 67-71 % of it, but the
+    # audio's packets were over 200 ms in 14-28 seconds and it lost 2.6-5 times what it lost alone.
     # The audio comes first.
     steer_target: float = 0.060
     # The slow start goes on while the queue is under this share of those targets (at half of 90 and 160 ms
