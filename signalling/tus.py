@@ -447,10 +447,7 @@ class TusServer:
         checksum = parse_checksum(request)
         declared = request.content_length
         async with self.locks.hold(upload.id):
-            upload = self._current(upload.id)
-            if offset != upload.offset:
-                raise TusError(409, "offset_mismatch", f"The server has {upload.offset} bytes of this upload; "
-                               "send from there.", self._progress_headers(upload))
+            upload = self._at_offset(upload.id, offset)
             if upload.complete:
                 return web.Response(status=204, headers=self._progress_headers(upload))
             room = min(upload.length - offset, self.max_chunk)
@@ -472,13 +469,18 @@ class TusServer:
                 await self._finish(request, upload.id)
             return web.Response(status=204, headers=self._progress_headers(self._current(upload.id)))
 
+    def _at_offset(self, upload_id: str, offset: int) -> Upload:
+        """The upload as stored, once a PATCH's ``Upload-Offset`` is where it stands (a 409 otherwise)."""
+        upload = self._current(upload_id)
+        if offset != upload.offset:
+            raise TusError(409, "offset_mismatch", f"The server has {upload.offset} bytes of this upload; "
+                           "send from there.", self._progress_headers(upload))
+        return upload
+
     async def _patch_blocks(self, request: web.Request, upload: Upload, offset: int) -> web.Response:
         """A PATCH of ``BLOCKS_CONTENT_TYPE``: each verified block counts at once (``receive_blocks``)."""
         async with self.locks.hold(upload.id):
-            upload = self._current(upload.id)
-            if offset != upload.offset:
-                raise TusError(409, "offset_mismatch", f"The server has {upload.offset} bytes of this upload; "
-                               "send from there.", self._progress_headers(upload))
+            upload = self._at_offset(upload.id, offset)
             if upload.complete:
                 return web.Response(status=204, headers=self._progress_headers(upload))
             room = min(upload.length - offset, self.max_chunk)
