@@ -377,15 +377,22 @@ def test_the_kernel_may_send_faster_than_the_rate_to_catch_up_unless_a_queue_cut
     assert rate.pacing_rate(9.0) == pytest.approx(rate.rate * 1.25)
 
 
-def test_after_a_cut_the_rate_grows_back_quickly_to_near_where_the_queue_showed_then_slowly() -> None:
+def grown_for_ten_seconds() -> tuple[ScavengerRate, float]:
+    """A rate past its slow start, grown from 24 kbit/s for 10 s over a link that carries what is asked,
+    and the bytes acknowledged by then."""
     rate = scavenger()
     rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
     acked = 0.0
     rate.rate = 24_000.0
-    rate._starting = False  # past the slow start
-    for tenth in range(1, 100):  # 10 s: the link carries what is asked
+    rate._starting = False
+    for tenth in range(1, 100):
         acked += rate.rate / 10
         rate.update(tenth / 10, RttSample(0.100, tenth / 10), sock=reading(tenth / 10, acked))
+    return rate, acked
+
+
+def test_after_a_cut_the_rate_grows_back_quickly_to_near_where_the_queue_showed_then_slowly() -> None:
+    rate, acked = grown_for_ten_seconds()
     knee = rate.rate
     acked += knee / 10
     cut = rate.update(10.0, RttSample(0.100, 10.0), sock=reading(10.0, acked, rtt=0.450))  # a 300 ms queue
@@ -404,14 +411,7 @@ def test_after_a_cut_the_rate_grows_back_quickly_to_near_where_the_queue_showed_
 def test_a_second_cut_for_the_same_queue_grows_back_to_near_where_the_first_showed() -> None:
     """After an outage the call's first reports showed one queue twice, a second apart: the rate grows back
     quickly towards the rate the first cut was for, not the lower one of the second."""
-    rate = scavenger()
-    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
-    acked = 0.0
-    rate.rate = 24_000.0
-    rate._starting = False
-    for tenth in range(1, 100):
-        acked += rate.rate / 10
-        rate.update(tenth / 10, RttSample(0.100, tenth / 10), sock=reading(tenth / 10, acked))
+    rate, acked = grown_for_ten_seconds()
     knee = rate.rate
     for now, queue in ((10.0, 0.300), (11.2, 0.400)):  # longer at the second look: cut again
         acked += rate.rate / 10
@@ -438,14 +438,7 @@ def test_beside_a_call_only_a_third_of_a_second_of_bytes_may_wait_unsent_in_the_
 def test_past_the_rate_of_the_last_cut_the_rate_grows_at_the_usual_pace_again() -> None:
     """Slow near the rate the last cut was for, but not for good: each cut a little under the last one's rate
     would bring the next lower."""
-    rate = scavenger()
-    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
-    acked = 0.0
-    rate.rate = 24_000.0
-    rate._starting = False
-    for tenth in range(1, 100):
-        acked += rate.rate / 10
-        rate.update(tenth / 10, RttSample(0.100, tenth / 10), sock=reading(tenth / 10, acked))
+    rate, acked = grown_for_ten_seconds()
     knee = rate.rate
     acked += knee / 10
     rate.update(10.0, RttSample(0.100, 10.0), sock=reading(10.0, acked, rtt=0.450))
