@@ -42,6 +42,7 @@ from .bwe import DELIVERED_FRESH, BandwidthEstimate, DeliveryMeter, NackLoss
 from .delay_detector import DelayDetector
 from .errors import MediaError
 from .forwarder import CLOCK_RATES, MIME_TYPES, Publication, Subscription
+from .pacer import VideoPacer
 from .rewriter import StreamRewriter
 from .sdp import transport_cc_toward_subscribers, with_opus_fec
 from .twcc import SendHistory, TransportFeedback
@@ -111,6 +112,7 @@ class Slot:
 
     def release(self) -> None:
         if self.subscription is not None:
+            self.peer.pacer.forget(self.subscription)
             self.subscription.publication.detach(self.subscription)
         self.subscription = None
         self.publication = None
@@ -141,6 +143,8 @@ class Peer:
         self.muted: dict[str, bool] = {"audio": False, "video": False}
         self.slots: list[Slot] = []
         self.bandwidth = BandwidthEstimate()
+        # Video toward this participant leaves at its link's rate; its audio overtakes it (pacer.py).
+        self.pacer = VideoPacer()
         # Per-packet delay feedback from this subscriber (transport-wide congestion control), if it sends it.
         self.delay = DelayDetector()
         self.sent_history: SendHistory | None = None
@@ -283,6 +287,8 @@ class Peer:
                         continue
                     slot.port.configure(payload_type, slot.transceiver.mid)
                     slot.subscription = slot.publication.attach(slot.port, slot.rewriter, self, self.info.id)
+                    if slot.kind == "video" and slot.publication.ladder is not None:
+                        slot.subscription.pacer = self.pacer
             again = self._renegotiate
             self._renegotiate = False
         if again:
@@ -384,6 +390,7 @@ class Peer:
             self._answer_timer.cancel()
         for slot in self.slots:
             slot.release()
+        self.pacer.close()
         for publication in self.publications.values():
             publication.close()
         await self.pc.close()
