@@ -101,8 +101,11 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   estimate jumps to ``CLUSTER_SHARE`` of it (a starting guess is replaced by
   it), the next probes close in on it, and they back off as after a failure
   (a probe just above a full link, one after another, would keep it full).
-  There is no waiting a second for a report. A cluster whose padding could not go (nothing to pad)
-  proves nothing: the next waits a back-off.
+  There is no waiting a second for a report. A cluster whose padding fell short of its rate
+  proves nothing: a low layer's packets come a frame apart and the padding
+  goes behind them, so the next is twice as long (up to
+  ``PROBE_TIME_LONGEST``) and goes at once; after one at the longest (as
+  when a paused stream has nothing to pad with), the next waits a back-off.
 * They start sooner and go further: half a second after the link is first
   heard from (or a cut), a cluster each, each to twice the last (the first
   to twice what the link has carried: a cluster at three times it on a
@@ -112,6 +115,23 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   (``PROBE_BACKOFF_PER_PACKET``): a failed probe is stopped within a round
   trip of the first sign instead of filling the queue for a second. None goes
   while the detector reads anything but normal: underuse is a queue draining.
+* A cluster is judged by its packets alone, never by NACKs: on a link that
+  loses packets of its own, the first probes (half a second after it is
+  first heard from, before it has lost enough to count as lossy) failed on
+  the first NACK, and backed off; a cluster that overflows a queue shows it
+  in its packets' delay first.
+* Growth follows the delay too (``GROWTH_PER_PACKET``, 8 % a second, as
+  libwebrtc's far from the link's capacity): while the detector reads
+  normal, whatever loss the link has of its own (random loss the delay does
+  not confirm, repaired by NACK, is the radio's, not a queue's; loss above
+  the link's own level, or over ``CUT_ABOVE``, still holds it), and no
+  further than ``GROWTH_ABOVE_ACKED`` times what the receiver acknowledged
+  (a publisher that sends less would leave it growing on nothing). The
+  report rules' growth (5 % a second, only under 2 % loss) is then off.
+* After a probe that worked on time, the next goes just above a rate that
+  failed earlier (``PROBE_ABOVE_CEILING``) instead of closing in on it
+  halfway: that rate may have failed while the link was low, and the link
+  may be back; if it works, the rate is forgotten and the streak goes on.
 * Without per-packet feedback for ``PER_PACKET_FRESH`` seconds the
   estimate falls back to the rules above.
 """
@@ -161,12 +181,21 @@ PACKET_OVERHEAD = 40  # bytes of SRTP, UDP and IP around each payload
 PER_PACKET_FRESH = 2.0  # seconds a transport feedback keeps the faster rules on
 OVERUSE_CUT = 0.85  # times the acknowledged rate
 OVERUSE_CUT_INTERVAL = 0.2  # seconds, at least (and a round trip)
+# What arrives falling under this share of what arrived when a probe ended is the link falling, not the probe's
+# queue: it cuts even
+# right after a probe (a link that drops from 2 Mbit/s to 300 kbit/s as a probe ends would otherwise be flooded
+# for the rest of the probe's blame).
+LINK_FELL = 0.5
+GROWTH_PER_PACKET = 1.08  # a second, while the delay detector reads normal (whatever loss the link has of its own)
+GROWTH_ABOVE_ACKED = 1.5  # ... up to this multiple of what the receiver acknowledged
 PROBE_TIME_PER_PACKET = 0.15  # seconds a cluster of padding lasts at most
+PROBE_TIME_LONGEST = 0.6  # ... or, after clusters whose padding fell short of their rate, up to this
+CLUSTER_FULL = 0.9  # a cluster that went out at this share of its rate lets the next be shorter again
 PROBE_CALM_PER_PACKET = 0.5  # seconds without a cut (or after the link is first heard from) before probing
 PROBE_SETTLE_PER_PACKET = 0.5  # seconds after a failed probe whose overuse is its own doing
 PROBE_STEPS_PER_PACKET = (2.0, 2.0)  # the first probes' steps: to 2x what was carried, then 4x
 PROBE_STREAK_STEP = 2.0  # a probe right after one that worked steps this far (1.5x otherwise)
-PROBE_BACKOFF_PER_PACKET = (1.0, 2.0, 4.0, 6.0, 6.0)
+PROBE_BACKOFF_PER_PACKET = (1.0, 2.0, 4.0, 4.0, 4.0)
 PROBE_DELAY_RISE = 0.025  # seconds a probe's packets' one-way delay may grow
 PROBE_RECEIVED_SHARE = 0.85  # a probe's packets must arrive at least this share of the rate they were sent at
 PROBE_REACHED = 0.7  # padding that reached this share of a probe's rate proves the rate (it runs a little short)
@@ -254,6 +283,7 @@ class Probe:
     duration: float = PROBE_TIME  # seconds of padding
     packets: list[PacketResult] = field(default_factory=list)  # its packets' feedback (per-packet feedback only)
     stopped: bool = False  # its padding was stopped early: its packets showed a queue growing
+    per_packet: bool = False  # judged by its own packets' delay and arrival (then never by NACKs)
 
 
 @dataclass
@@ -277,6 +307,7 @@ class BandwidthEstimate:
     probe: Probe | None = None
     last_probe_end: float | None = None
     blame_until: float = 0.0  # until then, signs of overuse are the last probe's doing, not the link's
+    blame_acked: float = 0.0  # ... unless what arrives falls under LINK_FELL of what had arrived (bit/s) then
     failed_probes: int = 0  # in a row
     ceiling: float | None = None  # the lowest rate a probe failed at since the link last showed it could do more
     probes: int = 0
@@ -295,6 +326,7 @@ class BandwidthEstimate:
     measured: float | None = None  # the link's capacity the last full cluster arrived at, bit/s
     _streak: bool = False  # the last probe worked, judged by its own packets
     idle_until: float = 0.0  # no probe before then: the last one could not pad, and proved nothing
+    cluster_time: float = PROBE_TIME_PER_PACKET  # seconds the next cluster lasts at most
 
     def on_nack(self, now: float, packets: int = 1) -> None:
         """The subscriber reports ``packets`` lost. During a probe on a clean link, any loss is the
@@ -305,7 +337,7 @@ class BandwidthEstimate:
             self.nacks.popleft()
         self.nacks.append((now, packets))
         probe = self.probe
-        if probe is not None and self.padding(now) and not self._lossy(probe):
+        if probe is not None and self.padding(now) and not self._lossy(probe) and not probe.per_packet:
             self._fail_probe(now)
 
     def on_delivered(self, rate: float, now: float) -> None:
@@ -380,7 +412,8 @@ class BandwidthEstimate:
         first = self.reports == 0
         self.reports += 1
         if asked is not None:
-            if self.probe is not None and not self._lossy(self.probe) and asked > PROBE_LOSS_RISE:
+            if (self.probe is not None and not self._lossy(self.probe) and not self.probe.per_packet
+                    and asked > PROBE_LOSS_RISE):
                 self._fail_probe(now)  # a clean link losing: the probe overflows it
             self.asked = asked if first else LOSS_SMOOTHING * asked + (1 - LOSS_SMOOTHING) * self.asked
             level = self.asked if self.asked_level is None else self.asked_level
@@ -395,6 +428,8 @@ class BandwidthEstimate:
         if self.loss > CUT_ABOVE:
             if self._may_cut(now) and now >= self.blame_until:
                 self._cut_to(self.estimate * (1 - self.loss / 2), now)
+        elif self.per_packet(now):
+            pass  # (the delay of each packet says when to grow: ``_grow_per_packet``)
         elif self.loss < GROW_BELOW and excess < GROW_BELOW and self.queue_delay < QUEUE_CALM:
             if self.last_growth is None:
                 self.last_growth = now
@@ -443,7 +478,7 @@ class BandwidthEstimate:
             return None  # (a queue growing, or one still draining: the probe would only add to it)
         self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_queue=self.queue_delay,
                            nack_rate=self._nack_rate(now), asked_before=self.asked,
-                           duration=PROBE_TIME_PER_PACKET if per_packet else PROBE_TIME)
+                           duration=self.cluster_time if per_packet else PROBE_TIME, per_packet=per_packet)
         self.probes += 1
         return target
 
@@ -458,6 +493,8 @@ class BandwidthEstimate:
                 return usable * PROBE_STREAK_STEP
             return usable * (FIRST_PROBE_STEP if self.probes == 0 else PROBE_STEP)
         if self.ceiling > usable * CEILING_GAP:
+            if self._streak:  # (the last one worked on time: the link may have grown since that rate failed)
+                return self.ceiling * PROBE_ABOVE_CEILING
             return (usable + self.ceiling) / 2
         return max(self.ceiling, usable) * PROBE_ABOVE_CEILING
 
@@ -503,7 +540,9 @@ class BandwidthEstimate:
     def _failed(self, probe: Probe, now: float) -> None:
         self.failed_probes += 1
         self.ceiling = probe.rate if self.ceiling is None else min(self.ceiling, probe.rate)
-        self.blame_until = now + (PROBE_SETTLE_PER_PACKET if probe.packets else PROBE_SETTLE)
+        self.blame_until = now + (PROBE_SETTLE_PER_PACKET + (self.base_rtt or self.rtt) if probe.packets
+                                  else PROBE_SETTLE)
+        self.blame_acked = self.acked or 0.0
 
     @staticmethod
     def _lossy(probe: Probe) -> bool:
@@ -535,16 +574,34 @@ class BandwidthEstimate:
             self._carried(acked)
         probe = self.probe
         if probe is not None:
+            self.last_growth = now  # (a probe's verdict decides, not growth)
             probe.packets.extend(r for r in results if probe.start <= r.sent < probe.start + probe.duration)
             if not probe.stopped and (state == OVERUSE or self._delay_rise(probe) > PROBE_DELAY_RISE):
                 probe.stopped = True  # the queue grows: the padding stops now, and the cluster ends here
                 probe.duration = min(probe.duration, max(now - probe.start, 0.0))
             if any(r.sent >= probe.start + probe.duration for r in results):  # feedback has covered all of it
                 self._judge_cluster(probe, now)
-        elif state == OVERUSE and acked is not None and now >= self.blame_until and (
-                self.last_cut is None or now - self.last_cut >= max(self.rtt, OVERUSE_CUT_INTERVAL)):
+        elif (state == OVERUSE and acked is not None
+              and (now >= self.blame_until or acked < self.blame_acked * LINK_FELL)
+              and (self.last_cut is None or now - self.last_cut >= max(self.rtt, OVERUSE_CUT_INTERVAL))):
             self.overuse_cuts += 1
             self._cut_to(acked * OVERUSE_CUT, now, floor=0.0)
+        else:
+            self._grow_per_packet(state, now)
+
+    def _grow_per_packet(self, state: str, now: float) -> None:
+        """Grow ``GROWTH_PER_PACKET`` a second while the delay detector reads normal and no more is lost than
+        the link loses of its own; no further than ``GROWTH_ABOVE_ACKED`` times what the receiver acknowledged
+        (a publisher sending less than the estimate would leave it growing on nothing)."""
+        last, self.last_growth = self.last_growth, now
+        if last is None or not self.confirmed or state != NORMAL or now < self.blame_until:
+            return
+        excess = self.asked - (self.asked_level or 0.0)
+        if self.loss > CUT_ABOVE or excess >= GROW_BELOW or self.acked is None:
+            return
+        limit = self.acked * GROWTH_ABOVE_ACKED
+        if self.estimate < limit:
+            self.estimate = self._bounded(min(self.estimate * GROWTH_PER_PACKET ** min(now - last, 1.0), limit))
 
     def _judge_cluster(self, probe: Probe, now: float) -> None:
         """A probe's cluster, all its packets' feedback in: proven, or the link's capacity measured."""
@@ -555,21 +612,34 @@ class BandwidthEstimate:
             return
         stretched = rates.arrived < rates.sent * PROBE_RECEIVED_SHARE
         if not probe.stopped and not stretched:
-            rate = probe.rate if rates.sent >= probe.rate * PROBE_REACHED else rates.sent
+            reached = rates.sent >= probe.rate * PROBE_REACHED
+            rate = probe.rate if reached else rates.sent
+            if not reached:
+                self.cluster_time = min(self.cluster_time * 2, PROBE_TIME_LONGEST)
+            elif rates.sent >= probe.rate * CLUSTER_FULL:
+                self.cluster_time = max(self.cluster_time / 2, PROBE_TIME_PER_PACKET)
             if rate * 0.95 <= self.usable:
-                # Its padding could not go (a paused subscriber's stream has nothing to pad with): it proved
-                # nothing, and the next waits a back-off instead of following at once (probes one after another
-                # would hold off the growth between them for good).
+                # Its padding could not go: it proved nothing. A low layer's packets come a frame apart, and the
+                # padding goes behind them: a short cluster may hold one frame's padding or none, so the next
+                # is longer and follows at once. Once at the longest (or with nothing to pad with at all: a paused
+                # subscriber), the next waits a back-off (one after another, they would hold off the growth
+                # between them for good).
                 self._streak = False
-                self.probe, self.last_probe_end = None, now
-                self.idle_until = now + PROBE_BACKOFF_PER_PACKET[0]
-                return
+                self.probe = None
+                if probe.duration >= PROBE_TIME_LONGEST:
+                    self.last_probe_end = now
+                    self.idle_until = now + PROBE_BACKOFF_PER_PACKET[0]
+                return  # (else the next goes at once: this one was no failure, and restarts no back-off)
             # Arrived a little slower than sent: the link is about full, at what arrived.
             self._streak = rates.arrived >= rates.sent * CLUSTER_ON_TIME
             failed = self.failed_probes
             self._verdict(probe, now, True, rate if self._streak else min(rate, rates.arrived))
             if not self._streak:
                 self.failed_probes = failed + 1  # (backs off, as below: the next would find the same)
+                # (and the queue it left is its own doing: on a 1 Mbit/s link with 100 ms of round trip, read as
+                # overuse, it cut the estimate it had just proven to 0.85 times what the publisher was sending)
+                self.blame_until = now + PROBE_SETTLE_PER_PACKET + (self.base_rtt or self.rtt)
+                self.blame_acked = self.acked or 0.0
             return
         self._streak = False
         self._fail_probe(now)  # (backs off: probes just above a full link, one after another, keep it full)

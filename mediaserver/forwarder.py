@@ -27,16 +27,17 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .aiortc_adapter import InboundTap, OutboundPort, RtcpFeedback, RtpPacket, SendFailed, direct_send
 from .forwarding_delay import DelayHistogram
 from .keyframes import KeyframeThrottle
 from .ladder import PAUSED, SOURCE_HEADROOM, Ladder, LayerChooser
 from .loop_lag import NEVER_BUSY, LoopLag
+from .pacer import VideoPacer
 from .packet_cache import RtpPacketCache
 from .rates import RateMeter
-from .rewriter import StreamRewriter
+from .rewriter import StreamRewriter, seq_newer
 from .vp8 import is_keyframe_start, keyframe_size
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ KEYFRAME_WAIT = 1.0
 # probe with per-packet feedback is over in a fraction of a second, before the layer has even started
 # (and while paused there was nothing to pad it with), so the layer's own packets must be the measure.
 TRIAL_TIME = 2.0
-# At most this many times the level's own rate while probing (a probe from the lowest layer reaches six times it).
-MAX_PROBE_FACTOR = 6.0
+# At most this many times the level's own rate while probing. (At six, a probe from the lowest layer, 35-50
+# kbit/s, could not reach twice what a 1 Mbit/s link had carried, and the climb from it took seconds more.)
+MAX_PROBE_FACTOR = 10.0
 # Seconds of a probe's paced padding that may wait to be sent.
 PADDING_BACKLOG = 0.25
 # A publisher sending at least this share of its cap is held back by it. (An encoder allowed
@@ -68,13 +70,28 @@ PADDING_BACKLOG = 0.25
 # as often as not, and the probes stopped asking for more.)
 CAP_HELD = 0.7
 # ... of the lowest cap it was told in this many seconds: an encoder given more takes a second or two to
-# use it (and the rate meter as long to show it), and until then it is still held by the cap it had.
-CAP_SETTLE = 2.0
+# use it (and the rate meter, smoothed over 1.7 s, as long again to show it), and until then it is still held
+# by the cap it had. (At 2 s, a kit following its cap up from 0.3 to 1.8 Mbit/s read as free for seconds, and
+# the probes that would have lifted its cap stopped.)
+CAP_SETTLE = 3.0
 # A cap that would rise this much is told at once, not at the next REMB_INTERVAL: the publisher's encoder
 # is the slowest link of the chain after a subscriber's link has proven more.
 CAP_RISE_AT_ONCE = 1.2
+# A cap that would fall by more than a third is told at once too: when the link of the subscriber it follows
+# drops (from 2 Mbit/s to 300 kbit/s, say), until the publisher is told, the original it still sends floods that
+# link while its subscriber waits for a layer's keyframe.
+CAP_FALL_AT_ONCE = 1.5
 # For the subscriber the publisher's cap follows, an original this far over its budget counts as fitting.
 SOURCE_FOLLOWS = 1.3
+# aiortc's estimate of the publisher's uplink (its REMB, kept by aiortc_adapter.InboundTap) grows 8 % a second and
+# never past 1.5 times what arrives: as a ceiling it held the cap, and so the whole way back up after a subscriber's
+# link recovered, to that pace (250 kbit/s to 1.6 Mbit/s in 25 s). It is a ceiling while it says the uplink is
+# congested: it fell (aiortc cuts it to 0.85 times what arrives on overuse) within UPLINK_CALM seconds. Otherwise the
+# cap may also reach UPLINK_STEP times what the publisher sends: on an uplink that cannot take that, the estimate
+# falls within a round trip or two, and is the ceiling again.
+UPLINK_CALM = 10.0
+UPLINK_STEP = 3.0
+UPLINK_FALL = 0.95  # an estimate under this share of the last one seen fell
 # Seconds over which a receiver's asks are weighed against what was sent to it.
 ASK_MEMORY = 0.5
 # An audio receiver asking for more than this share of its packets is hearing a queue, not losses.
@@ -216,6 +233,7 @@ class ForwardingStats:
     resends_refused: int = 0  # NACKed packets not sent again: already resent this round trip, or over budget
     resends_shed: int = 0  # NACKed packets not sent again because the worker's loop was behind (loop_lag.py)
     nacked: int = 0  # packets the subscriber reported missing (each ask counted)
+    paced_drops: int = 0  # times the pacer's queue toward this subscriber overflowed: video waited for a keyframe
 
 
 class Publication:
@@ -247,6 +265,8 @@ class Publication:
         self.last_decision: float | None = None
         self.rate_cap: int | None = None  # what the publisher was last told, bit/s
         self.caps: deque[tuple[float, int]] = deque()  # (when, cap) told in the last CAP_SETTLE seconds
+        self.uplink_seen: int | None = None  # aiortc's estimate of the publisher's uplink, when last looked at
+        self.uplink_fell_at: float | None = None  # when it last fell: the uplink was congested
         self.meter = RateMeter()
         self.source_size: tuple[int, int] | None = None  # the original's picture size, from its keyframes
         self.ladder = Ladder(self) if adaptation and kind == "video" else None
@@ -341,10 +361,24 @@ class Publication:
         for subscription in tuple(self.subscriptions):
             await subscription.decide(now, levels, cap_limited, best)
         self._update_layers()
-        if self.rate_cap is not None and best is not None and min(
-                best / SOURCE_HEADROOM, self.tap.uplink_estimate or best) > self.rate_cap * CAP_RISE_AT_ONCE:
-            self.last_remb = now
-            await self._tell_rate_cap()
+        if self.rate_cap is not None and best is not None:
+            cap = min(best / SOURCE_HEADROOM, self.uplink_ceiling(now) or best)
+            if cap > self.rate_cap * CAP_RISE_AT_ONCE or cap * CAP_FALL_AT_ONCE < self.rate_cap:
+                self.last_remb = now
+                await self._tell_rate_cap()
+
+    def uplink_ceiling(self, now: float) -> float | None:
+        """The most the publisher's uplink is known to carry (None: not known): aiortc's estimate of it while
+        that lately fell, else that or ``UPLINK_STEP`` times what the publisher sends, whichever is more."""
+        uplink = self.tap.uplink_estimate
+        if uplink is None:
+            return None
+        if self.uplink_seen is not None and uplink < self.uplink_seen * UPLINK_FALL:
+            self.uplink_fell_at = now
+        self.uplink_seen = uplink
+        if self.uplink_fell_at is not None and now - self.uplink_fell_at < UPLINK_CALM:
+            return float(uplink)
+        return max(float(uplink), self.meter.rate * UPLINK_STEP)
 
     def held_by_cap(self, now: float) -> bool:
         """Whether the publisher sends about all its cap allows (so more would be used, if allowed)."""
@@ -378,13 +412,13 @@ class Publication:
         """Cap the publisher at what its best-connected subscriber can take, and its uplink allows."""
         budgets = [s.link.video_budget() for s in self.subscriptions]
         wanted = [b for b in budgets if b is not None]
-        uplink = self.tap.uplink_estimate
+        now = self.clock()
+        uplink = self.uplink_ceiling(now)
         # The original needs some headroom over its own rate to fit a budget (SOURCE_HEADROOM).
-        caps = ([int(max(wanted) / SOURCE_HEADROOM)] if wanted else []) + ([uplink] if uplink else [])
+        caps = ([int(max(wanted) / SOURCE_HEADROOM)] if wanted else []) + ([int(uplink)] if uplink else [])
         if not caps or self.source_ssrc is None:
             return
         self.rate_cap = min(caps)
-        now = self.clock()
         self.caps.append((now, self.rate_cap))
         while now - self.caps[0][0] > CAP_SETTLE:
             self.caps.popleft()
@@ -535,15 +569,37 @@ class Subscription:
         self.probe_credit = 0.0
         self.padding_rate = 0.0  # bit/s of duplicates while probing
         self.padding_due = 0.0  # when the next duplicate may go
-        self._padding: set[asyncio.Future[None]] = set()
+        self._padding: set[asyncio.Future[Any]] = set()  # (and the pacer's sends through aiortc)
         self.switches = 0
         self.announced_pause = False
         self.resends = ResendLimit(late_share=AUDIO_LATE_SHARE if publication.kind == "audio" else None)
         self.stats = ForwardingStats()
+        # The subscriber's video pacer (mediaserver/pacer.py; None: audio, or not paced). After its queue
+        # overflowed, video waits for a keyframe, numbered on from the last packet sent (no hole to ask for);
+        # asks for packets before that keyframe are not answered (``resend_floor``).
+        self.pacer: VideoPacer | None = None
+        self.pacing_dropped = False
+        self.resend_floor: int | None = None
 
     @property
     def paused(self) -> bool:
         return self.level == PAUSED and self.target is None
+
+    def _at_the_top(self, levels: list[tuple[int, float]], cap_limited: bool) -> bool:
+        """Whether this subscriber has nothing to climb to: steadily on the best level, at its full rate,
+        over a link proven to carry it. A probe then buys nothing, and on a busy worker its padding was
+        8-10 % of all copies (docs/benchmarks.md, issue 9). One thing would still be worth a probe: a
+        publisher held back by a cap that this subscriber's budget sets (cap = the best budget over
+        ``SOURCE_HEADROOM``, or the publisher's uplink if lower): proving more lifts the cap, and the
+        original with it. Where the uplink sets the cap, this link's probe would not lift it."""
+        top, cost = levels[-1]
+        if self.level != top or self.target is not None:
+            return False
+        usable = self.link.rise_budget()
+        if usable is None or usable < cost:
+            return False
+        cap = self.publication.rate_cap
+        return not cap_limited or (cap is not None and cap < usable / SOURCE_HEADROOM * 0.95)
 
     async def decide(self, now: float, levels: list[tuple[int, float]], cap_limited: bool,
                      best_budget: float | None = None) -> None:
@@ -551,20 +607,21 @@ class Subscription:
 
         The publisher is capped at what the best-connected subscriber can take
         (``best_budget``): for that subscriber the original follows its budget,
-        so an original a little over it is as good as fitting to move up to (it
-        comes down within a second), and the subscriber is not held on a layer
-        for it. (Staying on it is another matter: when the budget falls, the
-        original follows too slowly, and a layer takes over at once.)
+        so an original a little over it is as good as fitting, to move up to (it
+        comes down within a second) or to stay on: the subscriber is not held on
+        a layer for it, nor sent down to one for each cut that keeps the link at
+        its capacity. (When the budget falls further, as when a link drops, a
+        layer takes over at once.)
 
         While paused, the probe is the lowest layer itself: it flows for the probe's
         time and stays only if the round trip stayed flat. Until then, no one is
         told the video is back.
         """
-        budget = self.link.video_budget()
+        budget = known_budget = self.link.video_budget()
         if budget is None:
             # Nothing heard from this link yet: the lowest level, until it has shown what it carries.
             budget = levels[0][1]
-        elif cap_limited and best_budget is not None and budget >= best_budget * 0.95 and self.level != levels[-1][0]:
+        elif cap_limited and best_budget is not None and budget >= best_budget * 0.95:
             source, cost = levels[-1]
             if cost <= budget * SOURCE_FOLLOWS:
                 # (its bursts do not follow: on a thin link a keyframe takes most of a second's budget)
@@ -572,6 +629,8 @@ class Subscription:
                 levels = [*levels[:-1], (source, min(cost, max(budget, bursts)))]
         if self.publication.loop_lag.busy and not self.link.padding(now):
             probe = None  # (no new probe on a worker that is behind: its padding would only add to the backlog)
+        elif self._at_the_top(levels, cap_limited) and not self.link.padding(now):
+            probe = None  # (nothing to climb to: its padding would be copies for nothing; a running one ends)
         else:
             probe = self.link.probe(now, self.chooser.wanted(levels, cap_limited))
         if self.level == PAUSED and probe is not None and (self.trial_until is None or now >= self.trial_until):
@@ -599,6 +658,25 @@ class Subscription:
             current = max(self.publication.level_rate(self.level), 1.0)
             self.probe_factor = min(probe / current, MAX_PROBE_FACTOR) if probe > current else 0.0
             self.padding_rate = current * (self.probe_factor - 1.0)
+        if self.pacer is not None:
+            self._pace(now, None if known_budget is None else budget)  # (a trial's budget holds its layer)
+
+    def _pace(self, now: float, budget: float | None) -> None:
+        """Tell the pacer what this video may use: its budget, or its level's own mean rate if that is
+        more, up to as far over the budget as the chooser lets a level be (``SOURCE_FOLLOWS``: the pacer
+        smooths a level's bursts; a level over the budget is the chooser's to change). Further over, the
+        queue overflows and the video waits for a keyframe in the server, not the sound in the link:
+        an original the publisher has been told to bring down comes down over a second or two. A probe's
+        padding goes beside the paced video, not through it."""
+        if self.pacer is None:
+            return
+        if budget is None:
+            self.pacer.allow(self, None, now)
+            return
+        levels = (self.level, self.target)
+        own = max((self.publication.level_rate(level) for level in levels if level is not None and level >= 0),
+                  default=0.0)
+        self.pacer.allow(self, max(budget, min(own, budget * SOURCE_FOLLOWS)), now)
 
     async def _pause(self) -> None:
         self.level = PAUSED
@@ -625,11 +703,17 @@ class Subscription:
         if self.probe_factor > 1.0 or self.rewriter.source_ssrc != packet.ssrc:
             return False
         now = self.publication.clock()
-        out_seq, out_ts = self.rewriter.rewrite(packet.sequence_number, packet.timestamp, now)
         payload = packet.payload
+        pacer = self.pacer
+        if pacer is not None and (self.pacing_dropped or not pacer.admit(len(payload), now)):
+            self._hold(packet, arrival_ns, now, None)
+            return True
+        out_seq, out_ts = self.rewriter.rewrite(packet.sequence_number, packet.timestamp, now)
         try:
             if not direct_send(self.port, payload, out_seq, out_ts, packet.marker, packet.extensions.audio_level,
                                arrival_ns, self.publication.delays):
+                if pacer is not None:
+                    pacer.refund(len(payload))  # (offer asks the pacer again)
                 return False
         except SendFailed:
             self.stats.send_errors += 1
@@ -660,6 +744,10 @@ class Subscription:
             return  # (before the transport is up, a packet would only leave a hole in the sequence)
         if self.rewriter.source_ssrc != packet.ssrc:
             self.rewriter.switch_source(packet.ssrc, packet.sequence_number, packet.timestamp, now)
+        pacer = self.pacer
+        if pacer is not None and (self.pacing_dropped or not pacer.admit(len(packet.payload), now)):
+            self._hold(packet, 0, now, keyframe)
+            return
         out_seq, out_ts = self.rewriter.rewrite(packet.sequence_number, packet.timestamp, now)
         if await self._send(packet, out_seq, out_ts) and self.probe_factor > 1.0 and self.link.padding(now):
             # Probing: pad up to the probe rate with duplicates of what was just sent.
@@ -682,12 +770,68 @@ class Subscription:
         async def send() -> None:
             await asyncio.sleep(delay)
             if (self.probe_factor > 1.0 and self.link.padding(self.publication.clock())
+                    and (self.pacer is None or not self.pacer.waiting)  # (padding never delays media)
                     and await self._send(packet, out_seq, out_ts, extra=True, probe=True)):
                 self.stats.padding += 1
 
         task = asyncio.ensure_future(send())
         self._padding.add(task)
         task.add_done_callback(self._padding.discard)
+
+    def _hold(self, packet: RtpPacket, arrival_ns: int, now: float, keyframe: bool | None) -> None:
+        """A packet the pacer did not let go at once: queued, or dropped while waiting for a keyframe."""
+        pacer = self.pacer
+        assert pacer is not None
+        if self.pacing_dropped:
+            if not (is_keyframe_start(packet.payload) if keyframe is None else keyframe):
+                return
+            self.pacing_dropped = False
+            # Numbered on from the last packet sent: the dropped ones leave no hole the subscriber would ask for.
+            self.rewriter.switch_source(packet.ssrc, packet.sequence_number, packet.timestamp, now)
+            self.resend_floor = (packet.sequence_number + self.rewriter.seq_offset) % 65536
+        if not pacer.hold(self, len(packet.payload), (packet, arrival_ns, time.monotonic_ns()), now):
+            self.pacing_dropped = True
+            self.stats.paced_drops += 1
+            level = self.level
+            if level is not None and level >= 0:
+                task = asyncio.ensure_future(self.publication.request_keyframe(level))
+                self._padding.add(task)
+                task.add_done_callback(self._padding.discard)
+
+    def release(self, item: Any, waited: float) -> None:
+        """The pacer lets a queued packet go: a new packet (numbered now) or a resend (numbered already)."""
+        if len(item) == 3:
+            packet, arrival_ns, queued_ns = item
+            if packet.ssrc != self.rewriter.source_ssrc or self.publication.closed or self.pacing_dropped:
+                return  # (of a level this subscriber has left, or of a queue that overflowed)
+            now = self.publication.clock()
+            out_seq, out_ts = self.rewriter.rewrite(packet.sequence_number, packet.timestamp, now)
+            # (the forwarding delay is the server's own work: time spent paced is left out)
+            arrival_ns = arrival_ns + time.monotonic_ns() - queued_ns if arrival_ns else 0
+            if self._send_copy(packet, out_seq, out_ts, arrival_ns):
+                self.resends.sent(out_seq, now)
+                self.stats.packets += 1
+                self.stats.bytes += len(packet.payload)
+                self.meter.add(len(packet.payload), now)
+        else:
+            packet, out_seq, out_ts = item
+            self._send_copy(packet, out_seq, out_ts, 0)
+
+    def _send_copy(self, packet: RtpPacket, out_seq: int, out_ts: int, arrival_ns: int) -> bool:
+        """Send one packet from outside a coroutine; False if it could not go now."""
+        try:
+            if direct_send(self.port, packet.payload, out_seq, out_ts, packet.marker, packet.extensions.audio_level,
+                           arrival_ns, self.publication.delays):
+                return True
+        except SendFailed:
+            self.stats.send_errors += 1
+            return False
+        except ConnectionError:
+            return False
+        task = asyncio.ensure_future(self._send(packet, out_seq, out_ts, extra=True))  # (aiortc's own path: TURN)
+        self._padding.add(task)
+        task.add_done_callback(self._padding.discard)
+        return True
 
     async def _send(self, packet: RtpPacket, out_seq: int, out_ts: int, extra: bool = False,
                     probe: bool = False) -> bool:
@@ -729,7 +873,12 @@ class Subscription:
             # assembler): lost, not queued. Refused as "on its way", it costs the frame another round trip.
             transit = self.link.transit() if self.publication.kind == "audio" else None
             far_behind = self.publication.loop_lag.shedding
+            floor = self.resend_floor
+            if floor is not None and ((self.rewriter.last_out_seq or floor) - floor) % 65536 > 1024:
+                floor = self.resend_floor = None  # (long past: the numbers will come round again)
             for out_seq in feedback.lost:
+                if floor is not None and seq_newer(floor, out_seq):
+                    continue  # (from before the pacer's queue overflowed: the keyframe since makes it moot)
                 source_seq = self.rewriter.source_seq(out_seq)
                 cached = cache.get(source_seq) if cache is not None else None
                 if cached is None or cached.ssrc != self.rewriter.source_ssrc:
@@ -746,8 +895,12 @@ class Subscription:
                     self.stats.resends_refused += 1
                     continue
                 out_ts = (cached.timestamp + self.rewriter.ts_offset) % (1 << 32)
-                await self._send(cached, out_seq, out_ts, extra=True)
                 self.stats.retransmitted += 1
+                pacer = self.pacer
+                if pacer is not None and not pacer.admit(len(cached.payload), now):
+                    pacer.hold(self, len(cached.payload), (cached, out_seq, out_ts), now, resend=True)
+                    continue
+                await self._send(cached, out_seq, out_ts, extra=True)
             if upstream and self.rewriter.source_ssrc == self.publication.source_ssrc:
                 await self.publication.recover(upstream)
         elif feedback.kind == "keyframe":

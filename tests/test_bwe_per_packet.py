@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from mediaserver.bwe import CLUSTER_SHARE, OVERUSE_CUT, PER_PACKET_FRESH, BandwidthEstimate
+from mediaserver.bwe import (
+    CLUSTER_SHARE,
+    OVERUSE_CUT,
+    PER_PACKET_FRESH,
+    PROBE_TIME_LONGEST,
+    PROBE_TIME_PER_PACKET,
+    BandwidthEstimate,
+)
 from mediaserver.delay_detector import NORMAL, OVERUSE
 from mediaserver.twcc import PacketResult
 
@@ -188,8 +195,18 @@ def test_a_cluster_with_nothing_to_pad_proves_nothing_and_the_next_waits() -> No
     rate = bwe.probe_rate(1.0, wanted=500_000)
     assert rate is not None
     # a paused subscriber: only its sound (40 kbit/s) goes, and the padding has nothing to repeat
-    bwe.on_transport_feedback(packets(1.0, 0.3, 40_000, size=100), NORMAL, 60_000, 1.35)
-    assert bwe.probe is None and bwe.usable == 100_000  # nothing learned, nothing lost
-    assert bwe.probe_rate(1.5, wanted=500_000) is None  # not at once, as after one that proved its rate
-    bwe.on_report(0, now=2.4)  # (reports in between let the estimate grow)
-    assert bwe.probe_rate(2.5, wanted=500_000) is not None
+    now = 1.0
+    durations = []
+    while bwe.probe is not None:
+        durations.append(bwe.probe.duration)
+        end = now + bwe.probe.duration
+        bwe.on_transport_feedback(packets(now, end - now + 0.05, 40_000, size=100, first_seq=int(now * 1000)),
+                                  NORMAL, 60_000, end + 0.1)
+        assert bwe.probe is None and bwe.usable == 100_000  # nothing learned, nothing lost
+        now = round(end + 0.15, 3)
+        bwe.probe_rate(now, wanted=500_000)
+    # (the padding may only have fallen short, as behind a low layer's frames: longer clusters, then none)
+    assert durations == [PROBE_TIME_PER_PACKET, PROBE_TIME_PER_PACKET * 2, PROBE_TIME_LONGEST]
+    assert bwe.probe_rate(now + 0.3, wanted=500_000) is None  # not at once, as after one that proved its rate
+    bwe.on_report(0, now=now + 1.2)  # (reports in between let the estimate grow)
+    assert bwe.probe_rate(now + 1.3, wanted=500_000) is not None
