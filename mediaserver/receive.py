@@ -15,7 +15,8 @@ packet is asked for as soon as it is missing (a gap in sequence numbers, or
 half a frame overdue) and once more a round trip later, while its frame is
 still to play; when retransmissions are what
 fills the gaps, the target delay makes room for one (up to a quarter of a
-second), and gives it back slowly once the link is clean. A stream that
+second for 20 ms packets, more for longer ones, which show a loss later: 330 ms
+for 60 ms packets), and gives it back slowly once the link is clean. A stream that
 comes later for good (a sender that lost time, after a stall, without its
 timestamps showing it) is measured even while each packet is asked for
 before it comes, and once every packet has come too late for a second, at
@@ -27,8 +28,9 @@ retransmission that aiortc's NACK asks for (given a way to ask, the hole is
 asked for twice more, a repair time apart, so a lost retransmission costs a
 round trip and not the picture), then is given up; after that only
 a keyframe can be decoded cleanly, so later frames are not handed on until
-one arrives, and the sender is asked for one (throttled). A later complete
-keyframe never waits behind an older broken frame.
+one arrives, and the sender is asked for one, and asked again at each frame
+it cannot use until one comes (two round trips apart, 0.3 to 1 s). A later
+complete keyframe never waits behind an older broken frame.
 
 Video (``VideoPlayout``): when each whole frame is shown. Frames come out on
 their own clock (their RTP timestamps) a target delay behind the fastest
@@ -55,6 +57,12 @@ STRAYS_BEFORE_RESYNC = 3  # packets in a row not of the stream (far from it, or 
 REPAIR_MEMORY = 10.0  # seconds after the last hole found or repaired that a video stream counts as one with holes
 REPAIR_ROOM = 1.2  # ... and its playout delay leaves this much more than a repair takes
 ASSUMED_REPAIR = 0.1  # seconds a video repair is taken to need before one has been measured
+# Seconds between keyframe requests while a broken picture waits for one: two round trips (the request's way,
+# and the keyframe's, several packets), within these bounds. A request inside that time would ask for the
+# keyframe already on its way; one asked only every second left a subscriber whose every keyframe could
+# lose a packet (resends shed) without a picture for seconds.
+KEYFRAME_ASK_MIN = 0.3
+KEYFRAME_ASK_MAX = 1.0
 
 
 class _Unwrapper:
@@ -120,6 +128,30 @@ class PlayoutCounters:
     nacked: int = 0  # missing packets asked for again (each counted once, however often asked)
     recovered_retransmission: int = 0  # of the frames played from their packet, those that came again when asked
     resyncs: int = 0  # times every packet came too late for a while and the playout took the stream up as it came
+
+
+PacketFateKind = Literal["kept", "repaired", "late", "duplicate", "stray"]
+
+
+@dataclass(frozen=True)
+class PacketFate:
+    """What became of one arriving packet, and the playout's timing then (for benchmarks' records).
+
+    ``fate``: "kept" (in time), "repaired" (in time, asked for again), "late" (its time to play had passed),
+    "duplicate", or "stray" (not of the stream, held until it shows a new one). ``transit``: arrival less
+    media time, on the arrival clock (its least over the window is ``base``); ``delay`` and ``target``
+    are the playout's delay and its target, seconds behind the fastest packets.
+    """
+
+    at: float
+    sequence_number: int
+    timestamp: int
+    fate: PacketFateKind
+    asked: bool  # asked for again (as lost, or as overdue: then perhaps the original, late)
+    transit: float
+    base: float
+    delay: float
+    target: float
 
 
 @dataclass
@@ -200,8 +232,9 @@ class AudioPlayout:
         self.round_trip_time: float | None = None  # seconds; set it when known
         self.repair_time: float | None = None  # what most recent asks took, from first asking to arrival
         self.counters = PlayoutCounters()
-        self._ceiling = max(max_delay, max_repair_delay)
-        self._jump = int((self._ceiling + 3.0) * clock_rate)  # farther than this from the playhead: not this stream
+        self._asked = False  # the packet being taken in was asked for again
+        self.on_packet: Callable[[PacketFate], None] | None = None  # told what became of each packet
+        self._jump = int((max(max_delay, max_repair_delay) + 3.0 + 0.5) * clock_rate)  # farther: not this stream
         self._repairs: deque[tuple[float, float]] = deque()  # (arrival, delay it needed) of packets asked for
         self._repair_samples: deque[float] = deque(maxlen=20)  # times from asking for a packet to its arrival
         self._started = False
@@ -236,6 +269,15 @@ class AudioPlayout:
 
     def push(self, sequence_number: int, timestamp: int, payload: bytes, now: float,
              ssrc: int | None = None) -> None:
+        self._asked = False
+        fate = self._take(sequence_number, timestamp, payload, now, ssrc)
+        if self.on_packet is not None and self._playhead is not None:
+            self.on_packet(PacketFate(now, sequence_number, timestamp, fate, self._asked,
+                                      now - timestamp / self.clock_rate, self._base_transit, self.delay,
+                                      self.target_delay))
+
+    def _take(self, sequence_number: int, timestamp: int, payload: bytes, now: float,
+              ssrc: int | None) -> PacketFateKind:
         if ssrc is not None and self._ssrc is not None and ssrc != self._ssrc:
             self._restart()
         if self._playhead is None:
@@ -252,7 +294,7 @@ class AudioPlayout:
                 self._restart()
                 for stray in strays:
                     self.push(*stray)
-            return
+            return "stray"
         if self._strays:
             self.counters.late_dropped += len(self._strays)
             self._strays = []
@@ -265,10 +307,11 @@ class AudioPlayout:
                 # (a queue is filling); asking for what is late would fill it faster.
                 self._guessing_after = now + GUESS_PAUSE
             self.counters.duplicates += 1
-            return
+            return "duplicate"
         self._recent.append(seq)
         newest = highest is None or seq > highest
         repaired = self._note_sequence(seq, ts, highest, now)
+        self._asked = repaired
         samples = self._length_of(payload)
         if newest:
             self._highest_pauses = len(payload) <= PAUSE_PACKET_SIZE
@@ -290,14 +333,15 @@ class AudioPlayout:
             self._playhead = ts
         if ts < self._playhead and not self._late_for_good(now):
             self.counters.late_dropped += 1
-            return
+            return "late"
         if ts < self._playhead:
             self._resync(ts, now)
         self._late_since = None
         if ts in self._packets:
             self.counters.duplicates += 1
-            return
+            return "duplicate"
         self._packets[ts] = _AudioPacket(seq, ts, payload, repaired, samples)
+        return "repaired" if repaired else "kept"
 
     def _late_for_good(self, now: float) -> bool:
         """True once every packet has come too late for ``RESYNC_AFTER`` while they came at the stream's pace
@@ -529,7 +573,21 @@ class AudioPlayout:
             return None
         needed = sorted(delay for _, delay in self._repairs)
         late = needed[int(self.repair_quantile * (len(needed) - 1))]
-        return min(max(late + self.frame_duration, self.min_delay), self.max_repair_delay)
+        return min(max(late + self.frame_duration, self.min_delay), self.repair_ceiling)
+
+    @property
+    def repair_ceiling(self) -> float:
+        """The most delay given to repairs: ``max_repair_delay`` for a stream of one frame a packet, and more
+        for longer packets, which show a loss that much later: a lost packet shows when the next one comes,
+        a lost pair (the second carried the first one's FEC) when the third does. (Beside a photo's upload,
+        with 60 ms packets and the upload's queue, repairs came 150-300 ms after their packet would have, and
+        at 250 ms most of those that were to save a lost pair came too late.)"""
+        return self.max_repair_delay + 2 * (self._stride - self.frame_samples) / self.clock_rate
+
+    @property
+    def _ceiling(self) -> float:
+        """The most delay the playout takes for any reason."""
+        return max(self.max_delay, self.repair_ceiling)
 
     def _late(self) -> float:
         """How much later than the fastest nearly all packets come."""
@@ -679,7 +737,8 @@ class VideoFrameAssembler:
     arrives and ``poll`` at ``next_deadline()``; both return the frames now
     ready, oldest first. A frame is handed on only if the decoder can use it:
     after a loss, nothing until the next keyframe. ``on_keyframe_needed`` is
-    called (at most once per ``keyframe_interval``) when a keyframe is needed.
+    called when a keyframe is needed, and again at each frame that cannot be
+    used until one comes, at most once per ``keyframe_ask_interval``.
     """
 
     def __init__(
@@ -690,7 +749,7 @@ class VideoFrameAssembler:
         max_requests: int = 3,
         min_hold: float = 0.1,
         max_hold: float = 0.8,
-        keyframe_interval: float = 1.0,
+        keyframe_interval: float | None = None,
         max_pending_packets: int = 4000,
     ) -> None:
         if max_requests < 1:
@@ -701,7 +760,7 @@ class VideoFrameAssembler:
         self.max_requests = max_requests
         self.min_hold = min_hold
         self.max_hold = max_hold
-        self.keyframe_interval = keyframe_interval
+        self.keyframe_interval = keyframe_interval  # (None: two round trips, see keyframe_ask_interval)
         self.max_pending_packets = max_pending_packets
         self.round_trip_time: float | None = None  # seconds; set it when known
         self.repair_time: float | None = None  # smoothed time from noticing a hole to its packet arriving
@@ -748,6 +807,15 @@ class VideoFrameAssembler:
         answers each packet once per round trip)."""
         rtt = self.round_trip_time if self.round_trip_time is not None else self.repair_time
         return max(1.25 * (rtt if rtt is not None else 0.1), 0.04)
+
+    @property
+    def keyframe_ask_interval(self) -> float:
+        """Time between keyframe requests: ``keyframe_interval`` if set, else two round trips (or
+        repairs, before a round-trip time is known) within KEYFRAME_ASK_MIN and KEYFRAME_ASK_MAX."""
+        if self.keyframe_interval is not None:
+            return self.keyframe_interval
+        rtt = self.round_trip_time if self.round_trip_time is not None else self.repair_time
+        return min(max(2 * (rtt or 0.0), KEYFRAME_ASK_MIN), KEYFRAME_ASK_MAX)
 
     @property
     def waiting_for_keyframe(self) -> bool:
@@ -1019,7 +1087,7 @@ class VideoFrameAssembler:
     def _request_keyframe(self, now: float) -> None:
         if any(f.keyframe for f in self._frames.values()):
             return  # one is on its way
-        if self._last_request is not None and now - self._last_request < self.keyframe_interval:
+        if self._last_request is not None and now - self._last_request < self.keyframe_ask_interval:
             return
         self._last_request = now
         self.counters.keyframes_requested += 1

@@ -27,11 +27,19 @@ from mediaserver.aiortc_adapter import (
     dtls_transport,
     filter_inbound_rtp,
     nara_receive_track,
+    negotiated_payload_type,
     restrict_host_addresses,
 )
 from mediaserver.encoders import OpusTrack
 from mediaserver.opus import OpusDecoder, has_fec
-from mediaserver.receive import AudioPlayout, PlayoutFrame, VideoFrameAssembler, VideoPlayout
+from mediaserver.receive import (
+    KEYFRAME_ASK_MIN,
+    AudioPlayout,
+    PacketFate,
+    PlayoutFrame,
+    VideoFrameAssembler,
+    VideoPlayout,
+)
 from mediaserver.receive_track import ReceivedAudioTrack, ReceivedVideoTrack
 from mediaserver.vp8 import PayloadDescriptor, parse_descriptor
 from signalling.client import ConsultationClient
@@ -216,6 +224,20 @@ def test_a_late_packet_is_concealed_then_dropped_when_it_comes() -> None:
     assert counters.late_dropped == 1
     assert counters.concealed == 1
     assert stream.sources()[20] == "c"
+
+
+def test_each_packet_is_told_with_its_fate_and_the_playout_timing() -> None:
+    arrivals = [(t + (0.2 if i == 20 else 0.0), i) for t, i in steady(60)] + [(TICK * 30 + 0.031, 30)]
+    stream = Stream(AudioPlayout(can_recover=lambda packet: False))
+    told: list[PacketFate] = []
+    stream.playout.on_packet = told.append
+    stream.run(arrivals, until=58 * TICK)
+    assert [p.sequence_number for p in told if p.fate == "kept"] == [stream.seq0 + i for i in range(57) if i != 20]
+    fates = {p.sequence_number - stream.seq0: p.fate for p in told if p.fate != "kept"}
+    assert fates == {20: "late", 30: "duplicate"}
+    late = next(p for p in told if p.fate == "late")
+    assert late.transit - late.base == pytest.approx(0.2, abs=1e-6)  # 200 ms later than the fastest
+    assert late.delay < 0.2 and late.target >= late.delay - TICK
 
 
 def test_jitter_grows_the_delay_until_late_packets_stop() -> None:
@@ -846,13 +868,19 @@ async def test_video_keeps_coming_through_loss_and_after_a_hole_nothing_can_repa
         restrict_host_addresses(None)
 
 
+async def join_listener(server: RunningServer, room: str) -> ConsultationClient:
+    """A participant who only listens, on Nära's receive path."""
+    listener = ConsultationClient(server.url, room, server.token(room, "Listener", participant_id="l1"),
+                                  publish=False, nara_receive=True)
+    await listener.join()
+    return listener
+
+
 async def test_a_participant_can_receive_through_naras_path(forwarding_server: RunningServer) -> None:
     server = forwarding_server  # the original's stamps, unscaled
     room = server.consultation()
     publisher, _ = await join_publisher(server, room, 1)
-    listener = ConsultationClient(server.url, room, server.token(room, "Listener", participant_id="l1"),
-                                  publish=False, nara_receive=True)
-    await listener.join()
+    listener = await join_listener(server, room)
     watcher = Watcher(listener)
     try:
         await receiving_from(listener, {"p1"})
@@ -862,6 +890,61 @@ async def test_a_participant_can_receive_through_naras_path(forwarding_server: R
         await watcher.wait_for(lambda: len(watcher.frames[1]) >= 15 and len(watcher.tones["p1"]) >= 50)
         assert set(watcher.frames) == {1}  # the publisher's own pictures
         assert np.median(watcher.tones["p1"]) == pytest.approx(TONES[1], abs=50)  # and its tone
+    finally:
+        await watcher.stop()
+        await listener.close()
+        await publisher.close()
+
+
+async def test_a_subscriber_whose_lost_packets_are_never_resent_asks_for_keyframes_and_its_picture_comes_back(
+        forwarding_server: RunningServer) -> None:
+    # As when a worker far behind sheds resends: one video packet in 25 lost on the way to the listener, and
+    # never resent (every copy of it dropped too). Each hole breaks the picture until a keyframe.
+    server = forwarding_server
+    room = server.consultation()
+    publisher, camera = await join_publisher(server, room, 1)
+    listener = await join_listener(server, room)
+    watcher = Watcher(listener)
+    try:
+        await receiving_from(listener, {"p1"})
+        assert listener.pc is not None
+        video = next(t for t in listener.pc.getTransceivers() if listener.owners.get(t.mid or "") == ("p1", "video"))
+        video_pt = negotiated_payload_type(video, "video/VP8")
+        track = listener.remote_tracks[video.mid or ""]
+        assert isinstance(track, ReceivedVideoTrack)
+        losing, seen, lost = False, 0, set()
+
+        def keep(data: bytes) -> bool:
+            nonlocal seen
+            if data[1] & 0x7F != video_pt:
+                return True
+            seq = int.from_bytes(data[2:4], "big")
+            if seq in lost:
+                return False  # its resends too: lost for good
+            seen += 1
+            if losing and seen % 25 == 0:
+                lost.add(seq)
+                return False
+            return True
+
+        filter_inbound_rtp(dtls_transport(listener.pc), keep)
+        watcher.follow()
+        await watcher.wait_for(lambda: len(watcher.frames[1]) >= 15, timeout=10)
+        losing, began = True, time.monotonic()
+        # The listener asks for a keyframe, and asks again while its picture stays broken.
+        await watcher.wait_for(lambda: track.counters.keyframes_requested >= 3, timeout=8)
+        losing = False
+        sent_after = camera.frames_sent + 2  # (the last two may have left before the loss stopped)
+        stopped = time.monotonic()
+        await watcher.wait_for(lambda: len([n for n in watcher.frames[1] if n >= sent_after]) >= 10, timeout=5)
+        # back within a hold, a keyframe's round trip and the playout delay, and 10 frames at 15 fps
+        assert time.monotonic() - stopped < 2.5 + 10 / 15
+        asked, lasted = track.counters.keyframes_requested, time.monotonic() - began
+        assert asked <= lasted / KEYFRAME_ASK_MIN + 1, (asked, lasted)  # never sooner than KEYFRAME_ASK_MIN apart
+        subscription = next(s.subscription for s in server.hub.media.rooms[room].peers["l1"].slots
+                            if s.subscription is not None and s.kind == "video")
+        assert 3 <= subscription.stats.keyframe_requests <= asked  # each one reached the server as a PLI
+        assert track.decode_errors == 0
     finally:
         await watcher.stop()
         await listener.close()
