@@ -40,6 +40,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -104,28 +105,63 @@ def encode_clip(bitrate: int, seconds: float = CLIP_SECONDS) -> list[tuple[bytes
 
 
 class ReplayVideoTrack(MediaStreamTrack):
-    """Hands aiortc the clip's encoded frames at ``FPS``, in a loop (aiortc only packetises them)."""
+    """Hands aiortc the clip's encoded frames at ``FPS``, in a loop (aiortc only packetises them).
+
+    Each track keeps its own frame clock. Independent publishers (the default, as real cameras are)
+    each start at a random phase within the frame interval and a random keyframe of the clip, so their
+    frames, and their keyframes' bursts, fall at unrelated times. ``align(True)`` is the worst case: every
+    aligned track, in every generator process, sends the same frame of the clip on the same instants of
+    the shared monotonic clock, so the server gets every publisher's frame (and keyframe) at once.
+    """
 
     kind = "video"
 
-    def __init__(self, frames: list[tuple[bytes, bool]]) -> None:
+    def __init__(self, frames: list[tuple[bytes, bool]], rng: random.Random | None = None) -> None:
         super().__init__()
         self.frames = frames
         self.frames_sent = 0
-        self._began: float | None = None
+        self.rng = rng or random.Random()
+        keyframes = [i for i, (_, keyframe) in enumerate(frames) if keyframe] or [0]
+        self._clip_at = self.rng.choice(keyframes)  # the clip's frame sent next
+        self._phase = self.rng.random() / FPS
+        self._due: float | None = None  # when the next frame is due (time.monotonic)
+
+    @property
+    def next_due(self) -> float | None:
+        """When (``time.monotonic``) the next frame goes; None before the first."""
+        return self._due
+
+    @property
+    def next_frame(self) -> int:
+        """The clip's frame that goes next."""
+        return self._clip_at % len(self.frames)
+
+    def align(self, aligned: bool, tick: int | None = None) -> None:
+        """From frame boundary ``tick`` of the shared monotonic clock on (default: the next one):
+        aligned with every other aligned track, or at a random phase and place in the clip of its own
+        (a jump in the clip breaks the picture until its next keyframe, within ``KEYFRAME_INTERVAL``:
+        the benchmark's subscribers count packets and decode nothing)."""
+        if tick is None:
+            tick = math.floor(time.monotonic() * FPS) + 1
+        if aligned:
+            self._due, self._clip_at = tick / FPS, tick % len(self.frames)
+        else:
+            self._due, self._clip_at = tick / FPS + self.rng.random() / FPS, self.rng.randrange(len(self.frames))
 
     async def recv(self) -> av.Packet[Any]:
-        if self._began is None:
-            self._began = time.monotonic()
-        delay = self._began + self.frames_sent / FPS - time.monotonic()
+        if self._due is None:
+            self._due = time.monotonic() + self._phase
+        delay = self._due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)  # (pacing the frames, not waiting for anything)
-        data, keyframe = self.frames[self.frames_sent % len(self.frames)]
+        data, keyframe = self.frames[self._clip_at % len(self.frames)]
         packet = av.Packet(data)
         packet.pts = self.frames_sent * 90000 // FPS
         packet.time_base = fractions.Fraction(1, 90000)
         packet.is_keyframe = keyframe
         self.frames_sent += 1
+        self._clip_at += 1
+        self._due += 1 / FPS  # (a late frame goes at once, and the clock keeps its phase)
         return packet
 
 
@@ -286,6 +322,10 @@ async def _generator(conn: Connection, mode: str, url: str, frames: list[tuple[b
                     _count_at_socket(subscriber, pc)
             subscribers.extend(new)
             conn.send({"ok": all(s.meter.packets for s in new)})
+        elif kind == "phase":
+            for video in videos:
+                video.align(command["aligned"], command["tick"])
+            conn.send({"ok": True})
         elif kind == "reset":
             for subscriber in subscribers:
                 subscriber.meter.reset()
@@ -598,80 +638,101 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
 
         results = []
         current = 0
+        # Each step measured once per phasing asked for: independent publishers, then (the worst case) aligned.
+        phases = [name == "aligned" for name in options.phases.split(",")]
+        aligned_now = False
         for n in steps:
             answers = []
             while current < n:
-                batch = min(options.batch, n - current)
+                # Near a busy worker's top, one consultation at a time: each batch starts a ladder per consultation.
+                size = options.batch if current < options.small_batches_from else (room_size or 3)
+                batch = min(size, n - current)
                 answers += await add(batch)
                 current += batch
             on, total = await server.levels()
             await asyncio.sleep(WARMUP)  # let the last moves' keyframes and rates settle
-            for _, conn in generators:
-                await _ask(conn, {"cmd": "reset"})
-            pids = server.pids()
-            profiles = (start_profiles(pids, options.duration, Path(options.profile), f"{mode}-{n}")
-                        if options.profile and mode == "forward" else [])
-            workers = server.worker_pids() if mode == "forward" else []
-            delay_start, counters_start = await server.readings()
-            loops_start = server.loop_readings()
-            sampler = (SecondSampler(workers[0], [p.pid for p, _ in generators if p.pid is not None])
-                       if workers else None)
-            cpu_start, worker_start, wall_start = _tree_cpu(pids), _tree_cpu(workers), time.monotonic()
-            if sampler is not None:
-                sampler.sample(wall_start)
-                while (left := wall_start + options.duration - time.monotonic()) > 0:
-                    await asyncio.sleep(min(1.0, left))  # the measurement window, read a second at a time
-                    sampler.sample(time.monotonic())
-            else:
-                await asyncio.sleep(options.duration)  # the measurement window
-            wall = time.monotonic() - wall_start
-            server_cores = (_tree_cpu(pids) - cpu_start) / wall
-            worker_cores = (_tree_cpu(workers) - worker_start) / wall
-            delay_end, counters_end = await server.readings()
-            loops_end = server.loop_readings()
-            for profile in profiles:
-                profile.wait(timeout=options.duration + 30)
-            stats = [await _ask(conn, {"cmd": "stats"}) for _, conn in generators]
-            subscribers = [s for st in stats for s in st["subscribers"]]
-            publishers = sum(st["publishers"] for st in stats)
-            sent_fps = sum(st["frames_sent"] for st in stats) / stats[0]["seconds"] / max(publishers, 1)
-            step: dict[str, Any] = {
-                "mode": mode,
-                "subscribers": n,
-                "consultations": len(rooms),
-                "server_processes": len(pids),
-                "on_original": on,
-                "all_receiving": all(r["ok"] for r in answers),
-                "server_cores": server_cores,
-                "worker_cores": worker_cores,  # the media workers alone (0 without workers)
-                "generator_cores": sum(st["cpu"] for st in stats),
-                "sent_fps": sent_fps,
-                "min_fps": min(s["frames_per_second"] for s in subscribers),
-                "mean_kbit_per_second": sum(s["kbit_per_second"] for s in subscribers) / len(subscribers),
-                "max_loss": max(s["loss"] for s in subscribers),
-                "max_delay_p95_ms": max(s["delay_p95_ms"] for s in subscribers),
-            }
-            if delay_start is not None and delay_end is not None:
-                window = delay_end.since(delay_start)
-                for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
-                    value = window.quantile(q)
-                    step[f"forwarding_delay_{name}_ms"] = value * 1000 if value is not None else None
-                step["forwarded_packets"] = window.total
-            if loops_end:
-                step["loop_watch"] = loop_watch.window(loops_start, loops_end)
-            if counters_end:
-                step["counters"] = {k: counters_end[k] - counters_start.get(k, 0) for k in COUNTERS}
-            if sampler is not None:
-                step["seconds"] = [second.to_json() for second in sampler.seconds]
-            if profiles:
-                step["profile"] = own_time([Path(options.profile) / f"{mode}-{n}-{pid}.raw" for pid in pids])
-            step["degraded"] = (
-                step["min_fps"] < DEGRADED_DELIVERY * sent_fps
-                or step["max_loss"] > DEGRADED_LOSS
-                or step["max_delay_p95_ms"] > DEGRADED_DELAY_MS
-            )
-            results.append(step)
-            progress(_row(step))
+            for phase in phases:
+                if phase != aligned_now:
+                    # Every publisher to the other phasing, then a keyframe interval and the warm-up for
+                    # the clips' jumps to pass (each is back on a keyframe within one interval).
+                    tick = math.floor(time.monotonic() * FPS) + FPS  # (a second ahead: every generator has it by then)
+                    for _, conn in generators:
+                        await _ask(conn, {"cmd": "phase", "aligned": phase, "tick": tick})
+                    aligned_now = phase
+                    await asyncio.sleep(KEYFRAME_INTERVAL + WARMUP)
+                for _, conn in generators:
+                    await _ask(conn, {"cmd": "reset"})
+                label = f"{mode}-{n}-aligned" if phase else f"{mode}-{n}"
+                pids = server.pids()
+                profiles = (start_profiles(pids, options.duration, Path(options.profile), label)
+                            if options.profile and mode == "forward" else [])
+                workers = server.worker_pids() if mode == "forward" else []
+                delay_start, counters_start = await server.readings()
+                loops_start = server.loop_readings()
+                sampler = (SecondSampler(workers[0], [p.pid for p, _ in generators if p.pid is not None])
+                           if workers else None)
+                cpu_start, worker_start, wall_start = _tree_cpu(pids), _tree_cpu(workers), time.monotonic()
+                if sampler is not None:
+                    sampler.sample(wall_start)
+                    while (left := wall_start + options.duration - time.monotonic()) > 0:
+                        await asyncio.sleep(min(1.0, left))  # the measurement window, read a second at a time
+                        sampler.sample(time.monotonic())
+                else:
+                    await asyncio.sleep(options.duration)  # the measurement window
+                wall = time.monotonic() - wall_start
+                server_cores = (_tree_cpu(pids) - cpu_start) / wall
+                worker_cores = (_tree_cpu(workers) - worker_start) / wall
+                delay_end, counters_end = await server.readings()
+                loops_end = server.loop_readings()
+                for profile in profiles:
+                    profile.wait(timeout=options.duration + 30)
+                stats = [await _ask(conn, {"cmd": "stats"}) for _, conn in generators]
+                subscribers = [s for st in stats for s in st["subscribers"]]
+                publishers = sum(st["publishers"] for st in stats)
+                sent_fps = sum(st["frames_sent"] for st in stats) / stats[0]["seconds"] / max(publishers, 1)
+                step: dict[str, Any] = {
+                    "mode": mode,
+                    "subscribers": n,
+                    "publishers_aligned": phase,
+                    "consultations": len(rooms),
+                    "server_processes": len(pids),
+                    "on_original": on,
+                    "all_receiving": all(r["ok"] for r in answers),
+                    "server_cores": server_cores,
+                    "worker_cores": worker_cores,  # the media workers alone (0 without workers)
+                    "generator_cores": sum(st["cpu"] for st in stats),
+                    "sent_fps": sent_fps,
+                    "min_fps": min(s["frames_per_second"] for s in subscribers),
+                    "mean_kbit_per_second": sum(s["kbit_per_second"] for s in subscribers) / len(subscribers),
+                    "max_loss": max(s["loss"] for s in subscribers),
+                    "max_delay_p95_ms": max(s["delay_p95_ms"] for s in subscribers),
+                }
+                if delay_start is not None and delay_end is not None:
+                    window = delay_end.since(delay_start)
+                    for name, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99)):
+                        value = window.quantile(q)
+                        step[f"forwarding_delay_{name}_ms"] = value * 1000 if value is not None else None
+                    step["forwarded_packets"] = window.total
+                if loops_end:
+                    step["loop_watch"] = loop_watch.window(loops_start, loops_end)
+                if counters_end:
+                    step["counters"] = {k: counters_end[k] - counters_start.get(k, 0) for k in COUNTERS}
+                if sampler is not None:
+                    step["seconds"] = [second.to_json() for second in sampler.seconds]
+                if profiles:
+                    step["profile"] = own_time([Path(options.profile) / f"{label}-{pid}.raw" for pid in pids])
+                step["degraded"] = (
+                    step["min_fps"] < DEGRADED_DELIVERY * sent_fps
+                    or step["max_loss"] > DEGRADED_LOSS
+                    or step["max_delay_p95_ms"] > DEGRADED_DELAY_MS
+                )
+                results.append(step)
+                progress(_row(step))
+            if aligned_now:  # (the climb goes on with independent publishers)
+                tick = math.floor(time.monotonic() * FPS) + 1
+                for _, conn in generators:
+                    await _ask(conn, {"cmd": "phase", "aligned": False, "tick": tick})
+                aligned_now = False
         for _, conn in generators:
             await _ask(conn, {"cmd": "stop"})
         return results
@@ -706,7 +767,8 @@ def _row(s: dict[str, Any]) -> str:
     held = "-"
     if s.get("forwarding_delay_p95_ms") is not None:
         held = "/".join(f"{s[f'forwarding_delay_{q}_ms']:.2f}" for q in ("p50", "p95", "p99"))
-    line = (f"{s['mode']:8} {s['subscribers']:>4} {s['consultations']:>5} {s['server_cores']:>12.3f} "
+    mode = f"{s['mode']}/al" if s.get("publishers_aligned") else s["mode"]  # (aligned publishers: the worst case)
+    line = (f"{mode:8} {s['subscribers']:>4} {s['consultations']:>5} {s['server_cores']:>12.3f} "
             f"{s.get('worker_cores', 0):>6.3f} {s['generator_cores']:>9.2f} {s['min_fps']:>7.1f} "
             f"{s['mean_kbit_per_second']:>7.0f} "
             f"{s['max_loss']:>8.2%} {s['max_delay_p95_ms']:>7.1f}ms {held:>20} {s['on_original']:>5}  {state}")
@@ -721,6 +783,16 @@ def _row(s: dict[str, Any]) -> str:
     for generation, (count, total, longest) in sorted(watched.get("collections", {}).items()):
         line += (f"\n    gc gen {generation}: {count:.0f} passes, {total * 1000:.1f} ms in all, "
                  f"longest {longest * 1000:.1f} ms")
+    if watched.get("socket_waits"):
+        waits = DelaySnapshot.from_json(watched["socket_waits"])
+        if waits.total:
+            line += ("\n    waited in the worker's sockets before that (p50/p95/p99 ms): "
+                     + "/".join(f"{(waits.quantile(q) or 0.0) * 1000:.2f}" for q in (0.5, 0.95, 0.99))
+                     + f" over {waits.total} datagrams")
+    if any(t[0] for t in watched.get("turns", [])):
+        line += "\n    loop turns (share of turns / of sockets found ready / of the turns' time): " + ", ".join(
+            f"{label} {turns:.1%}/{ready:.1%}/{took:.1%}"
+            for label, turns, ready, took in loop_watch.turn_shares(watched["turns"]))
     for name, (count, total, longest) in watched.get("callbacks", {}).items():
         line += (f"\n    {count:6.0f} callbacks over 1 ms, {total * 1000:7.1f} ms in all, "
                  f"longest {longest * 1000:5.1f} ms: {name}")
@@ -729,7 +801,8 @@ def _row(s: dict[str, Any]) -> str:
 
 def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    for mode, steps in results.items():
+    for mode, all_steps in results.items():
+        steps = [s for s in all_steps if not s.get("publishers_aligned")] or all_steps  # (one reading per N)
         # The fit uses healthy steps only: past saturation CPU says nothing about cost.
         healthy_steps = [s for s in steps if not s["degraded"]] or steps
         slope, intercept = marginal_cost(healthy_steps)
@@ -751,7 +824,8 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         capacity = summary["forward"].get("worker_streams_per_core", summary["forward"]["streams_per_core"])
         if math.isfinite(capacity):
             target = 0.8 * capacity
-            nearest = min(results["forward"], key=lambda s: abs(s["subscribers"] - target))
+            independent = [s for s in results["forward"] if not s.get("publishers_aligned")]
+            nearest = min(independent, key=lambda s: abs(s["subscribers"] - target))
             summary["forward"]["capacity_80_percent"] = target
             summary["forward"]["step_nearest_80_percent"] = {
                 "subscribers": nearest["subscribers"], "share_of_capacity": nearest["subscribers"] / capacity,
@@ -769,6 +843,8 @@ def summarise(results: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def main(args: argparse.Namespace) -> int:
     if args.pin and not args.workers:
         raise SystemExit("--pin needs --workers N (N media workers, each pinned to a core of its own)")
+    if not set(args.phases.split(",")) <= {"independent", "aligned"}:
+        raise SystemExit(f"--phases: independent and/or aligned, comma-separated (not {args.phases!r})")
     forward_steps = sorted({int(n) for n in args.subscribers.split(",") if n})
     naive_steps = sorted({int(n) for n in args.naive_subscribers.split(",") if n})
     shape = f"consultations of 1 + {args.room_size}" if args.room_size else "one consultation"

@@ -1246,3 +1246,105 @@ def set_transport_feedback_interval(pc: Any, interval: float | None) -> bool:
         return False
     dtls.nara_feedback_interval = interval
     return True
+
+
+# --- how long a datagram waited in its socket (a bench instrument) -----------------
+#
+# The forwarding delay (forwarding_delay.py) starts when aioice takes a datagram
+# from its socket. Before that, the datagram waits in the socket's receive queue
+# for the loop's next select, and asyncio reads one datagram per ready socket
+# per turn of the loop: behind a long turn, or behind the rest of a keyframe's
+# burst in the same socket, a datagram waits there unseen. With the loop watch on
+# (loop_watch.py), the media worker asks the kernel when each datagram reached
+# its socket (SIOCGSTAMPNS, right after the read: CLOCK_REALTIME, as
+# ``time.time_ns``) and counts the difference in a histogram. It costs one
+# ioctl per datagram read, which is why it is not left on.
+
+import fcntl  # noqa: E402
+
+SIOCGSTAMPNS = 0x8907  # Linux: the last datagram's arrival at this socket, as a struct timespec
+SO_TIMESTAMP = 29  # Linux (asm-generic): stamp datagrams arriving at this socket
+_TIMESPEC = struct.Struct("@qq")
+
+
+def watch_socket_waits(waits: DelayHistogram) -> Callable[[], None]:
+    """Count how long every SRTP/SRTCP datagram any ICE connection of this process reads had waited in its
+    socket, into ``waits``, from now on; returns what stops it."""
+    plain = aioice.ice.StunProtocol.datagram_received
+    empty = bytes(_TIMESPEC.size)
+    # The kernel stamps arriving datagrams only while some socket wants stamps, and begins a moment after the
+    # first asks (a datagram it did not stamp reads as arriving at the ioctl: no wait). This socket asks from now
+    # on, so the media sockets' datagrams are all stamped by the time they flow.
+    stamping = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stamping.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
+
+    def timed(self: aioice.ice.StunProtocol, data: bytes | str, addr: tuple[Any, ...]) -> None:
+        if isinstance(data, bytes) and data and 127 < data[0] < 192:  # (RTP and RTCP, not STUN or DTLS)
+            try:
+                fd = self.nara_socket_fd  # type: ignore[attr-defined]
+            except AttributeError:
+                fd = self.nara_socket_fd = self.transport.get_extra_info("socket").fileno()  # type: ignore[attr-defined]
+            try:
+                seconds, nanoseconds = _TIMESPEC.unpack(fcntl.ioctl(fd, SIOCGSTAMPNS, empty))
+            except OSError:
+                pass  # (ENOENT: the socket's first datagram, before the kernel stamped any)
+            else:
+                waits.record(max(time.time_ns() - seconds * 1_000_000_000 - nanoseconds, 1))
+        plain(self, data, addr)
+
+    aioice.ice.StunProtocol.datagram_received = timed  # type: ignore[method-assign]
+
+    def stop() -> None:
+        aioice.ice.StunProtocol.datagram_received = plain  # type: ignore[method-assign]
+        stamping.close()
+
+    return stop
+
+
+# --- several datagrams per ready socket per turn of the loop ---------------------------
+#
+# asyncio reads one datagram from a ready socket per turn of the loop, and aioice
+# hands each to aiortc's receive task, which runs in the next turn. A keyframe
+# arrives as a burst of datagrams in one socket: its last one waited in the
+# socket for as many turns as the burst had datagrams (the loop watch's socket
+# waits, docs/benchmarks.md, issue 9), each turn also paying a select and a task
+# wake-up per datagram. Read up to READS_PER_TURN of them at once instead: the
+# receive task then takes them from its queue in one step. (One run at 144
+# subscribers, 0.78 of the worker's core: the socket waits' p95 9-16 ms against
+# 17-500 ms without; the media worker turns it on at its start: worker.py.)
+
+import asyncio.selector_events  # noqa: E402
+
+READS_PER_TURN = 16
+
+
+def read_datagrams_in_batches(reads: int = READS_PER_TURN) -> Callable[[], None]:
+    """From now on, every datagram transport asyncio makes in this process reads up to ``reads`` datagrams when
+    its socket is ready (a media worker's are all ICE connections'); returns what restores asyncio's own."""
+    transport: Any = asyncio.selector_events._SelectorDatagramTransport  # type: ignore[attr-defined]
+    plain = transport._read_ready
+
+    def read_ready(self: Any) -> None:
+        for _ in range(reads):
+            if self._conn_lost:
+                return
+            try:
+                data, addr = self._sock.recvfrom(self.max_size)
+            except (BlockingIOError, InterruptedError):
+                return  # (drained)
+            except OSError as exc:
+                self._protocol.error_received(exc)
+                return
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._fatal_error(exc, "Fatal read error on datagram transport")
+                return
+            self._protocol.datagram_received(data, addr)
+
+    transport._read_ready = read_ready
+
+    def restore() -> None:
+        transport._read_ready = plain
+
+    return restore

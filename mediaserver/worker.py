@@ -200,7 +200,14 @@ async def run(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     worker = Worker(writer)
+    from .aiortc_adapter import read_datagrams_in_batches
+
+    read_datagrams_in_batches()  # (before any socket is made: each transport binds its read callback when made)
     worker.loop_watch = from_environment()
+    if worker.loop_watch is not None:  # (a bench instrument: how long datagrams waited in their sockets too)
+        from .aiortc_adapter import watch_socket_waits
+
+        watch_socket_waits(worker.loop_watch.socket_waits)
     try:
         await worker.serve(reader)
     finally:

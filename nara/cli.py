@@ -530,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="consultations of 1 publisher + K subscribers (default 0: one consultation for all)")
     forward.add_argument("--batch", type=int, default=24,
                          help="subscribers joining at once; each batch is on the original before the next joins")
+    forward.add_argument("--small-batches-from", type=int, default=1_000_000, metavar="N",
+                         help="from N subscribers on, one consultation joins at a time (a gentler climb near the top)")
     forward.add_argument("--workers", type=int, metavar="N", help="nara serve --workers N (default: its own)")
     forward.add_argument("--uvloop", action="store_true", help="run the server and its workers on uvloop")
     forward.add_argument("--pin", action="store_true",
@@ -538,6 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="py-spy every server process during each step's window (raw stacks into DIR)")
     forward.add_argument("--loop-watch", action="store_true",
                          help="report the media worker's callbacks over 1 ms and its garbage collections per step")
+    forward.add_argument("--phases", default="independent",
+                         help="comma-separated, each step measured once per phasing of the publishers' frames: "
+                              "independent (each its own phase and place in the clip) or aligned (all at once, "
+                              "the worst case)")
     forward.add_argument("--output", help="write the results as JSON here")
     forward.set_defaults(func=cmd_bench_forward)
 

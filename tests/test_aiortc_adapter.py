@@ -737,3 +737,69 @@ async def test_a_thin_uplinks_transport_feedback_comes_a_quarter_second_apart_an
         await sender_pc.close()
         await receiver_pc.close()
         restrict_host_addresses(None)
+
+
+async def test_socket_waits_count_the_time_a_datagram_sat_in_its_socket() -> None:
+    """The bench instrument over aioice's StunProtocol.datagram_received: every SRTP datagram read is counted,
+    and a datagram the loop got to late shows the time it waited in its socket (the kernel's stamp)."""
+    import time
+
+    from mediaserver.aiortc_adapter import watch_socket_waits
+    from mediaserver.forwarding_delay import DelayHistogram
+
+    global arrived
+    arrived = asyncio.Event()  # (this test's loop)
+    waits = DelayHistogram()
+    stop = watch_socket_waits(waits)
+    restrict_host_addresses(["127.0.0.1"])
+    sender_pc, receiver_pc, port, received, _, _ = await connected_pair()
+    try:
+        payload = bytes([0x10, 0x00]) + bytes(100)
+        for i in range(10):
+            await port.send(payload, sequence_number=200 + i, timestamp=3000 * i, marker=1)
+        await asyncio.wait_for(_until(lambda: len(received) >= 10), 5)
+        counted = waits.snapshot()
+        assert counted.total >= 9  # (the socket's very first datagram may precede the kernel's stamping)
+        await port.send(payload, sequence_number=210, timestamp=30000, marker=1)  # (in the receiver's socket now)
+        time.sleep(0.03)  # noqa: ASYNC251 -- the loop held by a 30 ms callback: the datagram waits in its socket
+        await asyncio.wait_for(_until(lambda: len(received) >= 11), 5)
+        late = waits.snapshot().since(counted)
+        assert late.total >= 1 and (late.quantile(1.0) or 0.0) >= 0.025
+    finally:
+        stop()
+        await sender_pc.close()
+        await receiver_pc.close()
+        restrict_host_addresses(None)
+    assert aioice.ice.StunProtocol.datagram_received.__name__ == "datagram_received"  # (stopped: aioice's own)
+
+
+async def test_a_burst_in_one_socket_is_read_in_a_few_turns_of_the_loop() -> None:
+    """asyncio's datagram transport, patched (``read_datagrams_in_batches``): a keyframe's burst of ten datagrams
+    in one socket reaches aiortc's receive path in a turn or two of the loop, not ten."""
+    from mediaserver.aiortc_adapter import read_datagrams_in_batches
+    from mediaserver.loop_watch import LoopWatch
+
+    global arrived
+    arrived = asyncio.Event()  # (this test's loop)
+    restore = read_datagrams_in_batches()  # (before the pair's sockets are made: each binds its reader then)
+    restrict_host_addresses(["127.0.0.1"])
+    try:
+        sender_pc, receiver_pc, port, received, _, _ = await connected_pair()
+    finally:
+        restore()
+    from pathlib import Path
+
+    watch = LoopWatch(Path("/nonexistent"))
+    try:
+        payload = bytes([0x10, 0x00]) + bytes(1000)
+        watch.install()
+        for i in range(10):  # (port.send never yields to the loop: all ten are in the socket before it turns)
+            await port.send(payload, sequence_number=300 + i, timestamp=9000, marker=int(i == 9))
+        await asyncio.wait_for(_until(lambda: len(received) >= 10), 5)
+        watch.uninstall()
+        assert sum(int(t[0]) for t in watch.turns) <= 4
+    finally:
+        watch.uninstall()
+        await sender_pc.close()
+        await receiver_pc.close()
+        restrict_host_addresses(None)

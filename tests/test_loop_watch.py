@@ -56,3 +56,40 @@ def test_a_window_holds_what_happened_in_it_only() -> None:
     assert list(seen["callbacks"]) == ["c", "a"]  # the longest in all first; b ran no long callback in between
     assert seen["callbacks"]["a"][0] == 3
     assert seen["collections"] == {"0": [9, 0.009, 0.001]}
+
+
+async def test_a_turn_is_timed_with_the_sockets_its_select_found_ready(tmp_path: Path) -> None:
+    import socket
+
+    from mediaserver.loop_watch import TURN_BUCKETS, turn_shares
+
+    clock = SteppedClock()
+    watch = LoopWatch(tmp_path, clock)
+    loop = asyncio.get_running_loop()
+    all_read: asyncio.Future[None] = loop.create_future()
+    read = []
+
+    class Publisher(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            clock.now += 0.003  # a packet's fan-out, 3 ms
+            read.append(data)
+            if len(read) == 3 and not all_read.done():
+                all_read.set_result(None)
+
+    endpoints = [await loop.create_datagram_endpoint(Publisher, local_addr=("127.0.0.1", 0)) for _ in range(3)]
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    watch.install()
+    try:
+        for transport, _ in endpoints:  # three publishers' packets at once: one select finds all three ready
+            sender.sendto(b"rtp", transport.get_extra_info("sockname"))
+        await asyncio.wait_for(all_read, 5)
+    finally:
+        watch.uninstall()
+        sender.close()
+        for transport, _ in endpoints:
+            transport.close()
+    nine_ms = next(i for i, bound in enumerate(TURN_BUCKETS) if bound >= 0.009)
+    assert watch.turns[nine_ms][:2] == [1, 3]  # one turn of 9 ms, with the three sockets in it
+    label, _, share_of_ready, share_of_time = turn_shares(watch.turns)[nine_ms]
+    assert label == "<=10 ms" and share_of_ready > 0.5 and share_of_time > 0.5
+    assert "turns" in window({}, watch.to_json())
