@@ -56,6 +56,8 @@ from typing import Any
 
 import aiohttp
 
+from mediaserver.receive import PacketFate
+
 from .link import GilbertElliott, LinkProfile
 from .metrics import AudioReceipt, audio_gap
 from .packetlink import Addressing, LinkReading, PacketLink
@@ -322,6 +324,8 @@ class Clinician:
         self.client: Any = None
         self._followed: set[str] = set()
         self.tracks: list[Any] = []  # the audio tracks followed (Nära's receive path: they count what they play)
+        self.run_start = run_start
+        self.packets: list[tuple[Any, ...]] = []  # what became of each of the kit's audio packets (packets.csv)
 
     async def join(self, url: str, room: str, token: str) -> None:
         from mediaserver.encoders import OpusTrack
@@ -341,6 +345,18 @@ class Clinician:
                 self._followed.add(mid)
                 self.tracks.append(track)
                 self.listener.follow(track, self._owner(mid))
+                playout = getattr(track, "playout", None)
+                if playout is not None:
+                    playout.on_packet = self._note_packet(self._owner(mid))
+
+    def _note_packet(self, owner: Callable[[], str | None]) -> Callable[[PacketFate], None]:
+        def note(p: PacketFate) -> None:
+            if owner() == KIT_LABEL:
+                self.packets.append((round(time.time() - self.run_start, 4), p.sequence_number, p.timestamp, p.fate,
+                                     int(p.asked), round(p.transit, 4), round(1000 * (p.transit - p.base), 1),
+                                     round(1000 * p.delay, 1), round(1000 * p.target, 1)))
+
+        return note
 
     def playout_counters(self) -> dict[str, int]:
         """What the receive path did with the kit's audio so far: played, concealed, dropped late, restarted..."""
@@ -396,6 +412,7 @@ class Run:
     upload_start: float | None = None  # when the photo was in the outbox
     image_at: float | None = None
     link_up: bool = True
+    packets: list[tuple[Any, ...]] = field(default_factory=list)  # the clinician's record of the kit's audio packets
 
     def now(self) -> float:
         return time.time() - self.start
@@ -588,6 +605,7 @@ async def run(settings: Settings, folder: Path, workdir: Path, photo: Path) -> d
     try:
         async with testbed(settings, r, folder, workdir) as bed:
             receipts = bed.clinician.receipts  # the clinician's own list, still filling
+            r.packets = bed.clinician.packets  # likewise
             sampler = asyncio.ensure_future(sample(bed.link, bed.kit, bed.clinician, r))
             try:
                 await baseline_phase(bed, r)
@@ -661,6 +679,13 @@ def write_results(folder: Path, result: dict[str, Any], r: Run, receipts: list[A
         frames = csv.writer(out)
         frames.writerow(["at", "pts", "rate", "duration", "played", "source"])
         frames.writerows((round(a.at, 4), a.pts, a.rate, a.duration, int(a.played), a.source) for a in receipts)
+    with (folder / "packets.csv").open("w", newline="") as out:
+        # Each of the kit's audio packets at the clinician: transit is arrival less media time (seconds, its own
+        # origin), excess how much later than the fastest of the last seconds it came; the playout's delay and
+        # target then, in ms behind those fastest.
+        packets = csv.writer(out)
+        packets.writerow(["at", "seq", "ts", "fate", "asked", "transit", "excess_ms", "delay_ms", "target_ms"])
+        packets.writerows(r.packets)
     (folder / "table.txt").write_text(table(result))
 
 
@@ -727,5 +752,5 @@ def main(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(table(result), end="")
-    print(f"Results in {folder}/ (summary.json, table.txt, per-second.csv, audio.csv, kit.log)")
+    print(f"Results in {folder}/ (summary.json, table.txt, per-second.csv, audio.csv, packets.csv, kit.log)")
     return 0 if result.get("image", {}).get("intact") and result["goodput_goal_met"] else 1

@@ -216,6 +216,14 @@ class ScavengerSettings:
     # ``thin_hold`` seconds after a queue showed while the upload carried under ``thin_below``.
     thin_below: float = 250_000 / 8
     thin_hold: float = 60.0
+    # A cut within this many seconds of the uplink's becoming thin keeps no knee: the queue it was for had
+    # the call's audio in 20 ms packets in it, 20-25 kbit/s more of a 256 kbit/s link than the 60 ms packets
+    # it goes to, and held to a quarter of the usual pace near that rate, the photo's first minute went at
+    # 115-135 kbit/s where the link had room for 180 (``nara bench upload``, issue 7's sixth round).
+    thin_settle: float = 5.0
+    # Seconds of a call's upload without its connection read after which a queue the call reports ends the
+    # slow start (see ``_queue_seen``): only where the system gives no ``TCP_INFO``.
+    unread_start: float = 10.0
 
 
 class ScavengerRate:
@@ -232,9 +240,11 @@ class ScavengerRate:
         self._cut_at = float("-inf")
         self._cut_queue = 0.0  # the queue that the last cut was for
         self._squeezed: tuple[float, float] | None = None  # (when, at what rate) a queue last showed in a call
+        self._thin_since: float | None = None  # when the uplink last became thin
         self._knee: float | None = None  # the rate the last cut was for
         self._calling = False
         self._starting = False  # in slow start: no queue seen yet in this call
+        self._began_at = 0.0  # when the call's upload began
         self.delivered: float | None = None  # bytes per second TCP delivered over the latest interval
         self.kept_up: bool | None = None  # whether TCP delivered what the rate asked over the latest interval
         self._misses = 0  # intervals in a row, on a settled connection, in which TCP did not keep up
@@ -284,6 +294,9 @@ class ScavengerRate:
             return self.rate
         if not self._calling:
             self._calling = self._starting = True
+            self._began_at = now
+            if sock is None:
+                self._heard = None  # a connection read in an earlier call says nothing of this one's upload
             self.rate = max(s.floor, min(self.rate, s.call_start))  # a call begins: start low, grow
             self._updated_at = now
         if sample is None:
@@ -313,7 +326,7 @@ class ScavengerRate:
         if sock is not None:
             return self._steer(now, queueing, elapsed, on_socket)
         if queueing > s.target:
-            self._starting = False
+            self._queue_seen(now)
             self._squeezed = (now, self.rate)
             if now - self._cut_at >= s.cut_interval:
                 self.rate *= s.cut
@@ -348,15 +361,12 @@ class ScavengerRate:
         s = self.settings
         pressure = max(queueing / s.steer_target, on_socket / s.socket_target)
         if pressure > 1.0:
-            # Cut, but a queue the call reports before the upload's connection has carried ``socket_settle``
-            # does not end the slow start: seen as a photo's first bytes went (its requests, the agent busy
-            # starting it), it ended the start at 35-50 kbit/s, and the usual pace took 20 s from there.
-            self._starting = self._starting and not self._settled
+            self._queue_seen(now)
             self._cut(now, max(queueing - s.steer_target, on_socket))
         elif self._starting and pressure < s.start_pressure:
             self._grow(self.rate * (2.0 ** (s.slow_start * elapsed) - 1.0))
         else:
-            self._starting = False
+            self._queue_seen(now)
             step = (1.0 - pressure) * max(s.min_step, s.growth * self.rate) * elapsed
             if self._knee is not None and s.knee_share * self._knee <= self.rate < s.knee_top * self._knee:
                 step *= s.past_knee
@@ -365,6 +375,17 @@ class ScavengerRate:
             self._grow(step)
         self.rate = min(s.ceiling, max(s.floor, self.rate))
         return self.rate
+
+    def _queue_seen(self, now: float) -> None:
+        """A queue showed: the slow start ends, unless the upload's connection has not carried ``socket_settle``
+        yet (or not been read at all: the photo's first request still going). Seen as a photo's first bytes went
+        (its requests, the agent busy starting it), such a queue ended the start at 35-50 kbit/s, and the usual
+        pace took 20 s from there; one the call reported before the connection could be read ended it at 49
+        kbit/s, and the usual pace took 26 s to 110 (``nara bench upload``, issue 7's sixth round). The rate is
+        still cut, or grows at the usual pace while the queue lasts. Where no connection is read at all (no
+        ``TCP_INFO``), the call's report alone ends it once ``unread_start`` seconds of the call's upload went."""
+        unread = self._heard is None and now - self._began_at >= self.settings.unread_start
+        self._starting = self._starting and not self._settled and not unread
 
     @property
     def _settled(self) -> bool:
@@ -391,7 +412,10 @@ class ScavengerRate:
     def _cut(self, now: float, queue: float) -> None:
         """Cut for a queue of ``queue`` seconds: under what TCP delivered, the deeper the longer the queue."""
         s = self.settings
+        thin = self.thin_uplink(now)
         self._squeezed = (now, min(self.rate, self.share or self.rate))
+        if not thin and self.thin_uplink(now):
+            self._thin_since = now
         if now - self._cut_at < s.cut_interval:
             return  # the last cut has not shown in the round trips yet
         if self.share is not None and queue < self._cut_queue and now - self._cut_at < 2 * s.cut_interval:
@@ -399,7 +423,9 @@ class ScavengerRate:
         # The rate this queue showed at: a second cut for the same queue, within ``knee_memory``, keeps the
         # first one's (after an outage the call's first reports cut twice, and the rate crept back from the
         # second cut's lower knee at a quarter of the usual pace, 140-160 kbit/s for 20 s).
-        if self._knee is None or now - self._cut_at > s.knee_memory:
+        if self._thin_since is not None and now - self._thin_since < s.thin_settle:
+            self._knee = None  # the call is about to take less of the link: the queue says little of the rest
+        elif self._knee is None or now - self._cut_at > s.knee_memory:
             self._knee = self.rate
         else:
             self._knee = max(self._knee, self.rate)

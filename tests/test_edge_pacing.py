@@ -379,10 +379,13 @@ def test_the_kernel_may_send_faster_than_the_rate_to_catch_up_unless_a_queue_cut
 
 def grown_for_ten_seconds() -> tuple[ScavengerRate, float]:
     """A rate past its slow start, grown from 24 kbit/s for 10 s over a link that carries what is asked,
-    and the bytes acknowledged by then."""
+    and the bytes acknowledged by then. The uplink counts as thin from the start (a queue showed just before)."""
     rate = scavenger()
     rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
-    acked = 0.0
+    rate.update(0.1, RttSample(0.100, 0.1), sock=reading(0.1, 100))
+    rate.update(0.2, RttSample(0.100, 0.2), sock=reading(0.2, 200, rtt=0.450))
+    assert rate.thin_uplink(0.2)
+    acked = 200.0
     rate.rate = 24_000.0
     rate._starting = False
     for tenth in range(1, 100):
@@ -533,3 +536,48 @@ def test_the_slow_start_ends_at_a_short_queue_well_under_the_targets() -> None:
         acked += rate.rate / 10
         rate.update(now, RttSample(0.133, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
     assert not rate._starting and rate.rate < 1.1 * before
+
+
+def test_the_cut_that_finds_the_uplink_thin_keeps_no_knee() -> None:
+    """That queue had the call's audio in 20 ms packets in it, which the thin uplink packs into 60 ms ones:
+    the rate it showed at says little of the link's room, and growing past it slowly cost the photo's first
+    minute a third of the link."""
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    rate.rate = 16_000.0
+    rate._starting = False
+    acked, now = 0.0, 0.0
+    for _ in range(20):
+        now = round(now + 0.1, 1)
+        acked += rate.rate / 10
+        rate.update(now, RttSample(0.100, now), sock=reading(now, acked))
+    knee = rate.rate
+    acked += knee / 10
+    rate.update(2.1, RttSample(0.100, 2.1), sock=reading(2.1, acked, rtt=0.450))  # the first queue: thin from now
+    assert rate.thin_uplink(2.1) and rate.rate < 0.8 * knee
+    now = 2.1
+    while rate.rate < 1.05 * knee and now < 60.0:  # no queue at all: TCP delivers what is asked
+        now = round(now + 0.1, 1)
+        acked += rate.rate / 10
+        rate.update(now, RttSample(0.100, now), sock=reading(now, acked))
+    assert now < 12.0  # with that cut's knee kept: 18 s
+
+
+def test_a_queue_the_call_reports_before_the_uploads_connection_is_read_cuts_but_the_slow_start_goes_on() -> None:
+    """The call's report showed 66 ms of queue a second after a photo went in, before its connection could be
+    read: the rate was cut to 49 kbit/s and the slow start ended, and the usual pace took 26 s to 110 kbit/s
+    on a link with room for 180. Now the rate is cut and, once the connection is read and the queue is short,
+    goes on doubling."""
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), in_call=True)  # the photo goes in: nothing read of its connection
+    before = rate.update(0.5, RttSample(0.100, 0.5), in_call=True)
+    cut = rate.update(1.0, RttSample(0.166, 1.0), in_call=True)
+    assert cut == pytest.approx(before * 0.75) and rate._starting
+    acked, now = 0.0, 1.0
+    rate.update(now, RttSample(0.166, 1.0), sock=SocketSignal(now, 1, 0, 0.150, 0.150))
+    while now < 11.0:  # the connection is open; TCP delivers what is asked; the queue 27 ms, then none
+        now = round(now + 0.1, 1)
+        acked += rate.rate / 10
+        rtt = 0.127 if now < 5.0 else 0.100
+        rate.update(now, RttSample(rtt, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
+    assert rate.rate > 110_000 / 8 and rate._starting

@@ -91,7 +91,7 @@ async def test_fifty_kills_and_four_server_restarts_lose_and_repeat_nothing(tmp_
         kit = await assigned_kit(server.url, server.admin_key, tmp_path, room)
         config = tmp_path / "kit" / "edge.toml"
         config.write_text(f'server = "{server.url}"\ncredential = "{kit.credential_path}"\n'
-                          f'data_dir = "{tmp_path / "kit" / "data"}"\nupload_kbps = 4000\n')
+                          f'data_dir = "{tmp_path / "kit" / "data"}"\nupload_kbps = 2000\n')
         outbox_dir = tmp_path / "kit" / "data" / "outbox"
         rng = random.Random(20250301)
         saved: set[str] = set()  # photos whose capture the kit reported finished: certainly committed
