@@ -48,9 +48,11 @@ from .turn import ImpairingTurnServer
 
 LINK_SAMPLE = 0.25  # seconds between readings of the relay's counters
 FIT_LASTING = 2.0  # seconds the sent rate must stay within a new capacity to count as fitting it
-# Frames encoded (or decoded) a second with 10 subscribers on a layer over those with 1: paid once, about 1;
-# an encoder per subscriber would make it about 10.
-LAYER_ENCODE_RATIO = 1.5
+# A layer's frames encoded a second (and its encode CPU a second) with 10 subscribers on it over those with 1:
+# paid once per layer, about 1; an encoder per subscriber would make it about 10.
+LAYER_ENCODE_RATIO = 1.2
+LAYER_CPU_SETTLE = 10.0  # seconds of layer-cpu's runs left out: eleven joins, and the doctor's climb to the original
+DOCTOR = "doctor"  # layer-cpu's subscriber on a fast link, who gets the original
 NARA_START_BITRATE = 800_000  # Nära's VP8 encoder starts here, then follows the SFU's REMB
 PUBLISHER = "pub"
 
@@ -130,6 +132,16 @@ class Settings:
         return time_scaled(find_profile(name), self.scale)
 
 
+class LayerCounts(NamedTuple):
+    """One layer's work so far, as the SFU reports it (``ladder_cpu.layers``), and who is on it now."""
+
+    frames: float  # encoded
+    encode_s: float  # CPU seconds encoding it
+    ran_s: float  # seconds it has run
+    subscribers: float  # on it now
+    framerate: float  # its own
+
+
 class LadderWork(NamedTuple):
     """The server's ladders: CPU seconds decoding originals and encoding layers, and the frames of each."""
 
@@ -137,6 +149,14 @@ class LadderWork(NamedTuple):
     encode_s: float
     decoded: float
     encoded: float
+
+
+class RateChain(NamedTuple):
+    """The way from a subscriber's link to the publisher's encoder, as the SFU reports it (kbit/s)."""
+
+    estimate_kbps: float | None  # the subscriber's bandwidth estimate
+    cap_kbps: float | None  # the rate cap (REMB) the publisher of its video was last told
+    source_kbps: float | None  # what that publisher sends (the original)
 
 
 @dataclass
@@ -149,7 +169,10 @@ class RunResult:
     links: list[tuple[float, dict[str, LinkRates]]] = field(default_factory=list)  # (seconds, per participant)
     cores: list[tuple[float, float]] = field(default_factory=list)  # (seconds, server cores over the last one)
     levels: list[tuple[float, dict[str, str]]] = field(default_factory=list)  # the SFU's level per subscriber
+    # (seconds, per subscriber: its estimate, the publisher's cap and what the publisher sends, kbit/s)
+    chain: list[tuple[float, dict[str, RateChain]]] = field(default_factory=list)
     ladder_cpu: list[tuple[float, LadderWork]] = field(default_factory=list)  # (seconds, the ladders' work so far)
+    layer_work: list[tuple[float, dict[str, LayerCounts]]] = field(default_factory=list)  # (seconds, by layer)
 
     def stream(self, receiver: str, publisher: str = PUBLISHER) -> StreamRecord:
         return self.participants[receiver].records.get(publisher) or StreamRecord(receiver, publisher)
@@ -215,7 +238,9 @@ async def _measure(result: RunResult, relay: ImpairingTurnServer, sfu: SfuProces
             result.cores.append((at, sfu.sample()[0]))
             stats = await sfu.api("GET", "/api/stats")
             result.levels.append((at, _levels(stats)))
+            result.chain.append((at, _rate_chain(stats)))
             result.ladder_cpu.append((at, _ladder_cpu(stats)))
+            result.layer_work.append((at, _layer_work(stats)))
 
 
 def _levels(stats: dict[str, Any]) -> dict[str, str]:
@@ -229,12 +254,45 @@ def _levels(stats: dict[str, Any]) -> dict[str, str]:
     return levels
 
 
+def _rate_chain(stats: dict[str, Any]) -> dict[str, RateChain]:
+    """Per subscriber: its estimate, and the cap and rate of the video it receives."""
+    published = {f"{peer_id}/{kind}": p for room in stats.get("rooms", {}).values()
+                 for peer_id, peer in room.items() for kind, p in peer.get("published", {}).items()}
+    chain = {}
+    for room in stats.get("rooms", {}).values():
+        for subscriber, peer in room.items():
+            video = next((published.get(str(r.get("from"))) for r in peer.get("received", [])
+                          if str(r.get("from", "")).endswith("/video")), None)
+            if video is None:
+                continue
+            estimate, cap = peer.get("bandwidth_estimate"), video.get("rate_cap")
+            chain[subscriber] = RateChain(None if estimate is None else estimate / 1000,
+                                          None if cap is None else cap / 1000, video.get("bitrate", 0) / 1000)
+    return chain
+
+
 def _ladder_cpu(stats: dict[str, Any]) -> LadderWork:
     """What the server's ladders have done so far: CPU seconds and frames, decoding originals and encoding layers."""
     ladders = [published.get("ladder_cpu") or {} for room in stats.get("rooms", {}).values()
                for peer in room.values() for published in peer.get("published", {}).values()]
     return LadderWork(*(sum(float(ladder.get(key) or 0.0) for ladder in ladders)
                         for key in ("decode_s", "encode_s", "decoded_frames", "encoded_frames")))
+
+
+def _layer_work(stats: dict[str, Any]) -> dict[str, LayerCounts]:
+    """Each layer's work so far, by name (a scenario has one publisher; a second one's layers would add up)."""
+    layers: dict[str, LayerCounts] = {}
+    for room in stats.get("rooms", {}).values():
+        for peer in room.values():
+            for published in peer.get("published", {}).values():
+                for name, work in ((published.get("ladder_cpu") or {}).get("layers") or {}).items():
+                    counts = LayerCounts(*(float(work.get(key) or 0.0) for key in (
+                        "encoded_frames", "encode_s", "ran_s", "subscribers", "framerate")))
+                    before = layers.get(name)
+                    layers[name] = counts if before is None else LayerCounts(
+                        before.frames + counts.frames, before.encode_s + counts.encode_s,
+                        before.ran_s + counts.ran_s, before.subscribers + counts.subscribers, counts.framerate)
+    return layers
 
 
 # --- measurements over a run -----------------------------------------------------------------
@@ -336,6 +394,38 @@ def ladder_work(run: RunResult, start: float, end: float) -> LadderWork | None:
         return None
     (t0, first), (t1, last) = readings[0], readings[-1]
     return LadderWork(*((b - a) / (t1 - t0) for a, b in zip(first, last, strict=True)))
+
+
+class LayerRate(NamedTuple):
+    """One layer's work a second over a window, from the server's per-layer counts."""
+
+    frames_per_s: float  # frames it encoded a second of the window
+    encode_millicores: float  # its encoding's CPU
+    ran_share: float  # of the window it ran
+    subscribers: float  # on it, mean of the readings
+    fewest_subscribers: float
+    framerate: float  # its own
+
+
+def layer_rate(run: RunResult, layer: str, start: float, end: float) -> LayerRate | None:
+    readings = [(at, work[layer]) for at, work in run.layer_work if start < at <= end and layer in work]
+    if len(readings) < 2 or readings[-1][0] <= readings[0][0]:
+        return None
+    (t0, first), (t1, last) = readings[0], readings[-1]
+    span = t1 - t0
+    on = [counts.subscribers for _, counts in readings]
+    return LayerRate((last.frames - first.frames) / span, (last.encode_s - first.encode_s) / span * 1000,
+                     (last.ran_s - first.ran_s) / span, sum(on) / len(on), min(on), last.framerate)
+
+
+def other_layers_frames_per_s(run: RunResult, layer: str | None, start: float, end: float) -> float | None:
+    """Frames a second every layer but ``layer`` encoded over the window (a subscriber trying the next one up)."""
+    readings = [(at, work) for at, work in run.layer_work if start < at <= end]
+    if len(readings) < 2 or readings[-1][0] <= readings[0][0]:
+        return None
+    (t0, first), (t1, last) = readings[0], readings[-1]
+    return sum(counts.frames - (first[name].frames if name in first else 0.0)
+               for name, counts in last.items() if name != layer) / (t1 - t0)
 
 
 def core_mean(run: RunResult, start: float, end: float) -> float | None:
@@ -476,44 +566,72 @@ def _mixed(runs: dict[str, RunResult], settings: Settings) -> Metrics:
 
 
 def _layer_cpu(runs: dict[str, RunResult], settings: Settings) -> Metrics:
-    """The server's work with 1 and with 10 subscribers on one low layer.
+    """The server's work with 1 and with 10 relatives on one low layer.
 
-    The goal is read from the ladder's own counts, in the server: the frames its layers encoded (and
-    the original's frames it decoded) a second with ten subscribers over that with one. Paid once per
-    layer, that is about 1; an encoder per subscriber would make it about 10 (a decoder per subscriber
-    would do the same to the decoding). Their CPU (thread time, in the server) is reported beside them,
-    per frame too: on a shared two-core machine the same frame costs more CPU time when the machine is
-    busier, so CPU alone moves with everything else that runs. The process's CPU per extra subscriber
-    is the forwarding's, reported beside the forwarding-only SFU's in the same run.
+    The goal is read from the server's counts for the layer the relatives sit on: its frames encoded
+    a second, and its encoding's CPU a second, with ten relatives on it over with one. Paid once per
+    layer, each is about 1 (and its frames a second about its own frame rate); an encoder per
+    subscriber would make each about 10. The doctor, on a fast link, gets the original in both runs,
+    so the publisher's rate follows the doctor's link and not the relatives' (its cap follows the
+    best-connected subscriber), and the relatives' links have room for the lowest layer and never for
+    the next, so none tries it. The whole ladder's figures (every layer's frames, the original's
+    decoding) and the process's CPU per extra subscriber (the forwarding's, beside the
+    forwarding-only SFU's in the same run) are reported beside them.
     """
     one, ten = runs["layer-cpu-1"], runs["layer-cpu-10"]
-    start, end = steady(one, settings)
+    start, end = max(settings.settle, LAYER_CPU_SETTLE * settings.scale), one.duration - 1.0
+    relatives_1 = [s for s in one.subscribers() if s != DOCTOR]
+    relatives_10 = [s for s in ten.subscribers() if s != DOCTOR]
     cores_1, cores_10 = core_mean(one, start, end), core_mean(ten, start, end)
-    fps = [video_fps(ten.stream(s), start, end) for s in ten.subscribers()]
+    fps = [video_fps(ten.stream(s), start, end) for s in relatives_10]
     marginal = None if cores_1 is None or cores_10 is None else (cores_10 - cores_1) / 9 * 1000
     work_1, work_10 = ladder_work(one, start, end), ladder_work(ten, start, end)
-    levels_10 = {main_level(ten, s, start, end) for s in ten.subscribers()}
-    level_10 = main_level(ten, "s1", start, end)
+    levels = {main_level(run, s, start, end) for run, who in ((one, relatives_1), (ten, relatives_10)) for s in who}
+    layer = levels.pop() if len(levels) == 1 else None
+    rate_1, rate_10 = (None if layer is None else layer_rate(run, layer, start, end) for run in (one, ten))
 
-    def ratio(key: str) -> float | None:  # (None where no layer was made: the goal then fails in Nära's mode)
-        a, b = (None if w is None else getattr(w, key) for w in (work_1, work_10))
+    def ratio(a: float | None, b: float | None) -> float | None:  # (None where no layer ran: the goal fails)
         return b / a if a and b is not None else None
+
+    def whole(work: LadderWork | None, key: str) -> float | None:
+        return None if work is None else float(getattr(work, key))
 
     def per_frame_ms(work: LadderWork | None, cpu: str, frames: str) -> float | None:
         return getattr(work, cpu) / getattr(work, frames) * 1000 if work and getattr(work, frames) else None
 
+    def of_layer(rate: LayerRate | None, key: str) -> float | None:
+        return None if rate is None else float(getattr(rate, key))
+
+    frames_1, frames_10 = of_layer(rate_1, "frames_per_s"), of_layer(rate_10, "frames_per_s")
+    cpu_1, cpu_10 = of_layer(rate_1, "encode_millicores"), of_layer(rate_10, "encode_millicores")
     return {
-        "same_layer_10": levels_10 == {main_level(one, "s1", start, end)} and level_10 not in (None, "original",
-                                                                                                 "paused"),
-        "layer_encodes_ratio_10_to_1": ratio("encoded"),
-        "decodes_ratio_10_to_1": ratio("decoded"),
+        "same_layer_10": layer not in (None, "original", "paused"),
+        "layer_frames_ratio_10_to_1": ratio(frames_1, frames_10),
+        "layer_encode_cpu_ratio_10_to_1": ratio(cpu_1, cpu_10),
         "server_makes_layers": MODES[one.mode].adaptation,
-        "layer_frames_encoded_per_s_1": None if work_1 is None else work_1.encoded,
-        "layer_frames_encoded_per_s_10": None if work_10 is None else work_10.encoded,
-        "layer_encode_millicores_1": None if work_1 is None else work_1.encode_s * 1000,
-        "layer_encode_millicores_10": None if work_10 is None else work_10.encode_s * 1000,
-        "encode_ms_per_frame_1": per_frame_ms(work_1, "encode_s", "encoded"),
-        "encode_ms_per_frame_10": per_frame_ms(work_10, "encode_s", "encoded"),
+        "layer": layer,
+        "layer_framerate": of_layer(rate_10, "framerate"),
+        "layer_frames_per_s_1": frames_1,
+        "layer_frames_per_s_10": frames_10,
+        "layer_frames_over_own_rate_10": ratio(of_layer(rate_10, "framerate"), frames_10),
+        "layer_encode_millicores_1": cpu_1,
+        "layer_encode_millicores_10": cpu_10,
+        "layer_encode_ms_per_frame_1": ratio(frames_1, cpu_1),
+        "layer_encode_ms_per_frame_10": ratio(frames_10, cpu_10),
+        "layer_ran_share_1": of_layer(rate_1, "ran_share"),
+        "layer_ran_share_10": of_layer(rate_10, "ran_share"),
+        "layer_subscribers_1": of_layer(rate_1, "subscribers"),
+        "layer_subscribers_10": of_layer(rate_10, "subscribers"),
+        "layer_fewest_subscribers_10": of_layer(rate_10, "fewest_subscribers"),
+        "other_layers_frames_per_s_1": other_layers_frames_per_s(one, layer, start, end),
+        "other_layers_frames_per_s_10": other_layers_frames_per_s(ten, layer, start, end),
+        # the whole ladder and the whole process, as the earlier versions of this check read them
+        "ladder_frames_encoded_per_s_1": whole(work_1, "encoded"),
+        "ladder_frames_encoded_per_s_10": whole(work_10, "encoded"),
+        "ladder_encodes_ratio_10_to_1": ratio(whole(work_1, "encoded"), whole(work_10, "encoded")),
+        "ladder_encode_millicores_1": None if work_1 is None else work_1.encode_s * 1000,
+        "ladder_encode_millicores_10": None if work_10 is None else work_10.encode_s * 1000,
+        "decodes_ratio_10_to_1": ratio(whole(work_1, "decoded"), whole(work_10, "decoded")),
         "decode_millicores_1": None if work_1 is None else work_1.decode_s * 1000,
         "decode_millicores_10": None if work_10 is None else work_10.decode_s * 1000,
         "decode_ms_per_frame_1": per_frame_ms(work_1, "decode_s", "decoded"),
@@ -522,9 +640,9 @@ def _layer_cpu(runs: dict[str, RunResult], settings: Settings) -> Metrics:
         "cores_1": cores_1,
         "cores_10": cores_10,
         "cost_ratio_10_to_1": cores_10 / cores_1 if cores_1 and cores_10 is not None else None,
-        "fps_1": video_fps(one.stream("s1"), start, end),
+        "fps_1": video_fps(one.stream(relatives_1[0]), start, end) if relatives_1 else None,
         "fps_10_worst": min(fps) if fps else None,
-        "level_10": level_10,
+        "doctor_level_10": main_level(ten, DOCTOR, start, end),
     }
 
 
@@ -570,13 +688,19 @@ SCENARIOS = {s.name: s for s in (
              (Setup("mixed", _with_publisher(Member("slow", "adapt-300k"), Member("fast", "adapt-4m")), 20),
               Setup("mixed-alone", _with_publisher(Member("fast", "adapt-4m")), 20)), _mixed,
              (Goal("fast_psnr_ratio", "within", 0.05), Goal("fast_fps_ratio", "within", 0.05))),
-    Scenario("layer-cpu", "One publisher and 1, then 10 subscribers, all behind 250 kbit/s (20 s each): server "
-                          "CPU; a layer is encoded once however many receive it.",
-             (Setup("layer-cpu-1", _with_publisher(Member("s1", "adapt-250k")), 20),
-              Setup("layer-cpu-10", _with_publisher(*(Member(f"s{i}", "adapt-250k") for i in range(1, 11))), 20)),
+    Scenario("layer-cpu", "One publisher; a doctor on a fast link (4 Mbit/s), who gets the original; and 1, then "
+                          "10 relatives, each behind 120 kbit/s: room for the lowest layer beside the audio, never "
+                          "for the next (25 s each). For the layer the relatives sit on, from the server's counts: "
+                          "its frames encoded a second and its encoding's CPU a second, with 10 relatives over "
+                          f"with 1, at most {LAYER_ENCODE_RATIO:g} each (a layer paid once: about 1, and its frames "
+                          "a second about its own frame rate; an encoder per subscriber: about 10). The whole "
+                          "ladder's and the whole process's figures beside them.",
+             (Setup("layer-cpu-1", _with_publisher(Member(DOCTOR, "adapt-4m"), Member("r1", "adapt-120k")), 25),
+              Setup("layer-cpu-10", _with_publisher(Member(DOCTOR, "adapt-4m"),
+                                                    *(Member(f"r{i}", "adapt-120k") for i in range(1, 11))), 25)),
              _layer_cpu, (Goal("same_layer_10", ">=", 1, applies=_makes_layers),
-                          Goal("layer_encodes_ratio_10_to_1", "<=", LAYER_ENCODE_RATIO, applies=_makes_layers),
-                          Goal("decodes_ratio_10_to_1", "<=", LAYER_ENCODE_RATIO, applies=_makes_layers)),
+                          Goal("layer_frames_ratio_10_to_1", "<=", LAYER_ENCODE_RATIO, applies=_makes_layers),
+                          Goal("layer_encode_cpu_ratio_10_to_1", "<=", LAYER_ENCODE_RATIO, applies=_makes_layers)),
              modes=("nara", "forward")),
 )}
 
@@ -595,6 +719,8 @@ def per_second_rows(scenario: str, run: RunResult) -> list[dict[str, Any]]:
             level = next((lv[receiver] for at, lv in run.levels if second < at <= second + 1 and receiver in lv),
                          None)
             state = [kind for at, kind in paused if at < second + 1]
+            chain = next((c[receiver] for at, c in run.chain if second < at <= second + 1 and receiver in c),
+                         RateChain(None, None, None))
             rows.append({
                 "scenario": scenario, "run": run.setup.name, "mode": run.mode, "second": second,
                 "receiver": receiver, "fps": values["fps"],
@@ -607,12 +733,14 @@ def per_second_rows(scenario: str, run: RunResult) -> list[dict[str, Any]]:
                                        if second < at <= second + 1 and receiver in r), None),
                 "server_cores": next((c for at, c in run.cores if second < at <= second + 1), None),
                 "level": level, "video_paused": bool(state) and state[-1] == "video-paused",
+                **chain._asdict(),
             })
     return rows
 
 
 CSV_FIELDS = ["scenario", "run", "mode", "second", "receiver", "fps", "freeze_ms", "latency_p50_ms", "psnr_db",
-              "audio_gap", "sent_kbps", "received_kbps", "capacity_kbps", "server_cores", "level", "video_paused"]
+              "audio_gap", "sent_kbps", "received_kbps", "capacity_kbps", "server_cores", "level", "video_paused",
+              "estimate_kbps", "cap_kbps", "source_kbps"]
 
 
 def run_scenario(scenario: Scenario, modes: Sequence[str], settings: Settings, workdir: Path,

@@ -156,7 +156,10 @@ ADAPT_PROFILES: dict[str, NamedProfile] = {
         _both(LinkProfile(rate_bps=4_000_000, queue_ms=300, delay_ms=25),
               "adapt-4m", "4 Mbit/s, 50 ms RTT, no loss: the fast subscriber of a mixed consultation."),
         _both(LinkProfile(rate_bps=250_000, queue_ms=300, delay_ms=25),
-              "adapt-250k", "250 kbit/s, 50 ms RTT, no loss: every subscriber of the layer-CPU scenario."),
+              "adapt-250k", "250 kbit/s, 50 ms RTT, no loss (the layer-CPU scenario's first links)."),
+        _both(LinkProfile(rate_bps=120_000, queue_ms=300, delay_ms=25),
+              "adapt-120k", "120 kbit/s, 50 ms RTT, no loss: the relatives of the layer-CPU scenario, with room "
+                            "for the lowest layer (50 kbit/s) beside the audio and never for the next (150 kbit/s)."),
     )
 }
 CATALOGUE.update(ADAPT_PROFILES)

@@ -30,6 +30,7 @@ import concurrent.futures
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -240,6 +241,25 @@ class StartPacer:
 
 
 @dataclass
+class LayerWork:
+    """What one layer of a published video has cost, over every time it ran: paid once per layer, so with
+    one subscriber on it or ten, it makes its own frame rate and no more."""
+
+    frames: int = 0  # frames its encoder made
+    encode_seconds: float = 0.0  # the worker thread's CPU time encoding (and scaling) for it
+    ran: float = 0.0  # seconds it ran, in the runs that ended
+    started: float | None = None  # when its current run began (None: not running)
+
+    def seconds(self, now: float) -> float:
+        """Seconds it has run, its current run included."""
+        return self.ran + (now - self.started if self.started is not None else 0.0)
+
+    def stop(self, now: float) -> None:
+        self.ran = self.seconds(now)
+        self.started = None
+
+
+@dataclass
 class Layer:
     """One lower layer of a published video: its encoder and its own RTP stream."""
 
@@ -257,6 +277,7 @@ class Layer:
     keyframe_wanted: bool = True
     stopped: bool = False
     frames: int = 0
+    work: LayerWork = field(default_factory=LayerWork)  # (the level's, kept by the ladder across runs)
 
     def encode(self, picture: av.VideoFrame, timestamp: int) -> EncodedFrame | None:
         """On the worker thread: one picture of the original into this layer (None: not due, or dropped).
@@ -316,6 +337,7 @@ class Ladder:
         self.decode_seconds = 0.0
         self.encode_seconds = 0.0
         self.encoded_frames = 0  # by all its layers together
+        self.layer_work: dict[int, LayerWork] = {}  # by level, since the video was published
 
     @property
     def source_level(self) -> int:
@@ -365,13 +387,16 @@ class Ladder:
             self._assembler = VideoFrameAssembler(on_keyframe_needed=self._keyframe_needed)
             self._decoder = None
             self._skipping = False
-        self.layers[level] = Layer(level, self.specs[level])
+        work = self.layer_work.setdefault(level, LayerWork())
+        work.started = self.publication.clock()
+        self.layers[level] = Layer(level, self.specs[level], work=work)
         self.publication.on_change()
         logger.info("%s: layer %s started", self.publication.id, self.specs[level].name)
 
     def _stop(self, level: int) -> None:
         layer = self.layers.pop(level)
         layer.stopped = True
+        layer.work.stop(self.publication.clock())
         self.publication.on_change()
         logger.info("%s: layer %s stopped", self.publication.id, layer.spec.name)
         executor = self._executor
@@ -381,6 +406,16 @@ class Ladder:
                 executor.shutdown(wait=False)
                 self._executor = None
                 self._assembler = None
+
+    def work_by_layer(self) -> dict[str, dict[str, float]]:
+        """Per layer that has run (by name): frames encoded, encode CPU seconds, seconds run, its frame rate,
+        and the subscribers on it now (``GET /api/stats``: ``ladder_cpu.layers``)."""
+        now = self.publication.clock()
+        on = Counter(s.level for s in self.publication.subscriptions)
+        return {self.specs[level].name: {"encoded_frames": work.frames, "encode_s": round(work.encode_seconds, 4),
+                                         "ran_s": round(work.seconds(now), 3),
+                                         "framerate": self.specs[level].framerate, "subscribers": on[level]}
+                for level, work in sorted(self.layer_work.items())}
 
     def request_keyframe(self, level: int) -> None:
         layer = self.layers.get(level)
@@ -442,9 +477,12 @@ class Ladder:
                     continue
                 began = time.thread_time()
                 encoded = layer.encode(picture, timestamp)
-                self.encode_seconds += time.thread_time() - began
+                spent = time.thread_time() - began
+                self.encode_seconds += spent
+                layer.work.encode_seconds += spent
                 if encoded is not None:
                     self.encoded_frames += 1
+                    layer.work.frames += 1
                     out.append((layer, encoded))
         return out
 

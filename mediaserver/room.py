@@ -229,7 +229,8 @@ class MediaServer:
                                   "ladder_cpu": {"decode_s": round(p.ladder.decode_seconds, 4),
                                                  "encode_s": round(p.ladder.encode_seconds, 4),
                                                  "decoded_frames": p.ladder.decoded_frames,
-                                                 "encoded_frames": p.ladder.encoded_frames}
+                                                 "encoded_frames": p.ladder.encoded_frames,
+                                                 "layers": p.ladder.work_by_layer()}
                                   if p.ladder is not None else None,
                                   "forwarding_delay": p.delays.snapshot().to_json()}
                               for k, p in peer.publications.items()},

@@ -339,8 +339,12 @@ class EncodedVideoTrack(MediaStreamTrack):
 
     aiortc's sender only packetises ``av.Packet`` objects and ignores REMB
     and keyframe requests for them, so ``attach`` routes those to this
-    track: the encoder's rate follows ``headroom`` × the REMB (at least
-    30 kbit/s) and PLI/FIR ask for a keyframe. With ``steps`` (the default)
+    track: the encoder's rate follows the REMB less a spare share of it
+    (``1 - headroom``, at most ``spare_most``; at least 30 kbit/s) and PLI/FIR
+    ask for a keyframe. The spare is for libvpx's overshoot on a keyframe
+    or a busy frame, a large share of a low rate's second; at 2 Mbit/s a
+    tenth would leave 200 kbit/s of a link unused for nothing (Nära's
+    server's cap already leaves the original a tenth over its rate). With ``steps`` (the default)
     picture size and frame rate come down at very low rates and go back up
     when the rate recovers. The track owns the encoder and closes it on
     ``stop``.
@@ -356,12 +360,14 @@ class EncodedVideoTrack(MediaStreamTrack):
         steps: SizeSteps | None = None,
         adapt_size: bool = True,
         headroom: float = 0.9,
+        spare_most: int = 60_000,
     ) -> None:
         super().__init__()
         self.source = source
         self.encoder = encoder
         self.steps = (steps or SizeSteps()) if adapt_size else None
         self.headroom = headroom
+        self.spare_most = spare_most
         self.remb: int | None = None  # the last REMB heard, bit/s
         self._full_size = (encoder.width, encoder.height)
         self._full_framerate = encoder.framerate
@@ -373,7 +379,8 @@ class EncodedVideoTrack(MediaStreamTrack):
 
     def follow_remb(self, bitrate: int) -> None:
         self.remb = bitrate
-        self.encoder.set_target(bitrate=round(bitrate * self.headroom))
+        spare = min(bitrate * (1 - self.headroom), self.spare_most)
+        self.encoder.set_target(bitrate=round(bitrate - spare))
 
     async def recv(self) -> av.Packet[Any]:
         loop = asyncio.get_running_loop()

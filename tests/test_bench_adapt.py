@@ -134,21 +134,25 @@ def test_the_encoder_benchmark_reports_cost_and_rate_following(capsys: pytest.Ca
     assert out.count("keyframes at the change: 0") == 3, out  # rate changes cost no keyframe
 
 
-def _layer_cpu_run(name: str, subscribers: int, encode_s_per_second: float) -> RunResult:
-    """A layer-cpu run read once a second: every subscriber on the 90p layer, the ladder's CPU growing evenly."""
+def _layer_cpu_run(name: str, relatives: int, layer_frames_per_s: float) -> RunResult:
+    """A layer-cpu run read once a second: the doctor on the original, every relative on the 90p layer, which
+    encodes ``layer_frames_per_s`` at 0.5 ms each; the ladder's totals grow evenly."""
     from types import SimpleNamespace
 
-    from bench.adapt import LadderWork, Member
+    from bench.adapt import DOCTOR, LadderWork, LayerCounts, Member
 
-    members = (Member("pub", "adapt-clean", publishes=True),
-               *(Member(f"s{i}", "adapt-250k") for i in range(1, subscribers + 1)))
+    members = (Member("pub", "adapt-clean", publishes=True), Member(DOCTOR, "adapt-4m"),
+               *(Member(f"r{i}", "adapt-120k") for i in range(1, relatives + 1)))
     participants: dict[str, object] = {m.label: SimpleNamespace(records={}, events=[]) for m in members}
-    run = RunResult(Setup(name, members, 20), "nara", 20.0, participants, 0.0)  # type: ignore[arg-type]
-    for second in range(1, 20):
-        run.cores.append((float(second), 0.05 + 0.008 * subscribers))
-        run.levels.append((float(second), {m.label: "90p" for m in members[1:]}))
-        run.ladder_cpu.append((float(second), LadderWork(0.012 * second, encode_s_per_second * second, 15.0 * second,
-                                                         encode_s_per_second * 2000 * second)))
+    run = RunResult(Setup(name, members, 25), "nara", 25.0, participants, 0.0)  # type: ignore[arg-type]
+    for second in range(1, 25):
+        run.cores.append((float(second), 0.05 + 0.008 * relatives))
+        run.levels.append((float(second), {DOCTOR: "original", **{m.label: "90p" for m in members[2:]}}))
+        encode_s = 0.0005 * layer_frames_per_s * second
+        run.ladder_cpu.append((float(second), LadderWork(0.012 * second, encode_s, 15.0 * second,
+                                                         layer_frames_per_s * second)))
+        run.layer_work.append((float(second), {"90p": LayerCounts(layer_frames_per_s * second, encode_s,
+                                                                  float(second), float(relatives), 8.0)}))
     return run
 
 
@@ -156,12 +160,15 @@ def test_layer_cpu_passes_a_layer_encoded_once_and_fails_one_encoded_per_subscri
     from bench.adapt import Settings
 
     scenario = SCENARIOS["layer-cpu"]
-    shared = scenario.evaluate({"layer-cpu-1": _layer_cpu_run("layer-cpu-1", 1, 0.004),
-                                "layer-cpu-10": _layer_cpu_run("layer-cpu-10", 10, 0.0042)}, Settings())
-    assert shared["layer_encodes_ratio_10_to_1"] == approx(1.05)
-    assert shared["encode_ms_per_frame_1"] == approx(0.5)
-    assert shared["same_layer_10"] is True
+    shared = scenario.evaluate({"layer-cpu-1": _layer_cpu_run("layer-cpu-1", 1, 7.8),
+                                "layer-cpu-10": _layer_cpu_run("layer-cpu-10", 10, 8.0)}, Settings())
+    assert shared["layer"] == "90p" and shared["same_layer_10"] is True
+    assert shared["layer_frames_ratio_10_to_1"] == approx(8.0 / 7.8)
+    assert shared["layer_frames_over_own_rate_10"] == approx(1.0)
+    assert shared["layer_encode_ms_per_frame_10"] == approx(0.5)
+    assert shared["layer_subscribers_10"] == 10 and shared["other_layers_frames_per_s_10"] == 0
     assert all(goal.judge(shared)["pass"] for goal in scenario.goals)
-    per_subscriber = scenario.evaluate({"layer-cpu-1": _layer_cpu_run("layer-cpu-1", 1, 0.004),
-                                        "layer-cpu-10": _layer_cpu_run("layer-cpu-10", 10, 0.04)}, Settings())
-    assert [goal.judge(per_subscriber)["pass"] for goal in scenario.goals] == [True, False, True]
+    per_subscriber = scenario.evaluate({"layer-cpu-1": _layer_cpu_run("layer-cpu-1", 1, 8.0),
+                                        "layer-cpu-10": _layer_cpu_run("layer-cpu-10", 10, 80.0)}, Settings())
+    assert per_subscriber["layer_frames_over_own_rate_10"] == approx(10.0)
+    assert [goal.judge(per_subscriber)["pass"] for goal in scenario.goals] == [True, False, False]

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
 from bench.link import LinkProfile
@@ -172,6 +173,14 @@ async def test_subscribers_on_one_layer_share_its_encoder_and_it_stops_when_they
         for view in views:
             await view.wait_for(lambda view=view: view.seen["kit"].count(size) >= 10)  # type: ignore[misc]
             await view.stop()
+        # The server's figures say so too: the layer made its own frame rate, not one per subscriber.
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.admin_key}"}) as http:
+            async with http.get(f"{server.url}/api/stats") as response:
+                stats = await response.json()
+        work = stats["rooms"][room]["kit"]["published"]["video"]["ladder_cpu"]["layers"][layer.spec.name]
+        assert work["subscribers"] == 2 and work["framerate"] == layer.spec.framerate
+        assert work["encoded_frames"] >= 10 and work["encode_s"] > 0
+        assert work["encoded_frames"] / work["ran_s"] <= layer.spec.framerate * 1.25, work
         for client in slow:
             await client.close()
         await server.hub.media.wait_until(lambda: not ladder.layers, timeout=15)
