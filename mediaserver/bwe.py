@@ -180,7 +180,11 @@ PACKET_OVERHEAD = 40  # bytes of SRTP, UDP and IP around each payload
 # With per-packet delay feedback:
 PER_PACKET_FRESH = 2.0  # seconds a transport feedback keeps the faster rules on
 OVERUSE_CUT = 0.85  # times the acknowledged rate
-OVERUSE_CUT_INTERVAL = 0.2  # seconds, at least (and a round trip)
+# Seconds between cuts, and no more: not a round trip. Under a standing queue the round trip is the queue's
+# (a 400 ms queue on a link that fell from 1.5 Mbit/s to 250 kbit/s held the second cut back for 0.8 s, and the
+# estimate sat 40 % over the link until the queue drained). Each cut is to what arrived, not a share of the
+# estimate, so cutting again within the queue's round trip cannot fall far under the link.
+OVERUSE_CUT_INTERVAL = 0.2
 # What arrives falling under this share of what arrived when a probe ended is the link falling, not the probe's
 # queue: it cuts even
 # right after a probe (a link that drops from 2 Mbit/s to 300 kbit/s as a probe ends would otherwise be flooded
@@ -583,7 +587,7 @@ class BandwidthEstimate:
                 self._judge_cluster(probe, now)
         elif (state == OVERUSE and acked is not None
               and (now >= self.blame_until or acked < self.blame_acked * LINK_FELL)
-              and (self.last_cut is None or now - self.last_cut >= max(self.rtt, OVERUSE_CUT_INTERVAL))):
+              and (self.last_cut is None or now - self.last_cut >= OVERUSE_CUT_INTERVAL)):
             self.overuse_cuts += 1
             self._cut_to(acked * OVERUSE_CUT, now, floor=0.0)
         else:
@@ -685,9 +689,13 @@ class BandwidthEstimate:
     def _cut_to(self, value: float, now: float, floor: float = DELIVERED_FLOOR) -> None:
         if self.delivered is not None and self.delivered_at is not None and now - self.delivered_at < DELIVERED_FRESH:
             value = max(value, self.delivered * floor)
-        self.estimate = self._bounded(min(value, self.estimate))
+        lowered = self._bounded(min(value, self.estimate))
+        if lowered < self.estimate:
+            # (only a cut that lowered the estimate waits for its effect: one held up by what the link delivered
+            # changed nothing, and stamping it as a cut held the per-packet cuts off for as long as reports came)
+            self.last_cut = now
+        self.estimate = lowered
         self._carried(0.0)  # (a cut to what the link has carried confirms the estimate)
-        self.last_cut = now
         self.last_growth = now  # no growth straight after a cut
         self.ceiling = None  # the link has changed: what failed before says nothing now
 
