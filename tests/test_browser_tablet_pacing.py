@@ -11,6 +11,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from bench.profiles import profile
 from bench.synthetic import ToneAudioTrack
 from bench.turn import ImpairingTurnServer
 from signalling.client import ConsultationClient
@@ -184,14 +185,13 @@ async def test_the_tablets_upload_slows_when_its_calls_round_trip_grows_and_spee
 
         # The call's link gains 150 ms each way: the tablet sees it in the audio's round trip, and gives way.
         set_delay(relay, 150)
-        # (bounded at 20 s: under the whole suite's load the first round trips through the slowed relay took over 10)
-        await tablet.wait_for_function(f"() => ({queueing})() > 0.06", timeout=20000)
+        await wait_or_tell(tablet, relay, f"() => ({queueing})() > 0.06", timeout=20)
         await tablet.wait_for_function(f"() => ({rate})() <= {clear} * 0.5", timeout=6000)
         low = await tablet.evaluate(rate)
 
         # Clear again: it takes the room back.
         set_delay(relay, 0)
-        await tablet.wait_for_function(f"() => ({queueing})() < 0.06", timeout=10000)
+        await wait_or_tell(tablet, relay, f"() => ({queueing})() < 0.06", timeout=10)
         await tablet.wait_for_function(f"() => ({rate})() >= {low} * 1.3", timeout=10000)
         assert await tablet.get_attribute('[data-testid="outbox-item"]', "data-state") == "queued", "still going"
         again = await tablet.evaluate(rate)
@@ -212,9 +212,26 @@ async def doctor_in_the_call(server: RunningServer, room: str) -> ConsultationCl
 
 
 def set_delay(relay: ImpairingTurnServer, delay_ms: float) -> None:
-    """Each client's link to the relay, towards the server, takes ``delay_ms`` longer from now on."""
+    """Each client's link to the relay, towards the server, takes ``delay_ms`` longer from now on: the links
+    there are and those a reconnecting client is given."""
     for _, uplink, _ in relay.links():
         uplink.profile = replace(uplink.profile, delay_ms=delay_ms)
+    named = profile("loopback")
+    relay.profiles = lambda _: replace(named, uplink=replace(named.uplink, delay_ms=delay_ms))
+
+
+async def wait_or_tell(tablet: Any, relay: ImpairingTurnServer, condition: str, timeout: float) -> None:
+    """Wait for ``condition`` in the tablet's page; if it never comes, fail with what the page's pacer read
+    and what the relay carried, so a failure says where the round trip went."""
+    try:
+        await tablet.wait_for_function(condition, timeout=timeout * 1000)
+    except Exception as failure:
+        seen = await tablet.evaluate("() => ({sample: naraDebug.outbox.pacer.sample, base: naraDebug.outbox.pacer"
+                                     ".pace.base, queueing: naraDebug.outbox.pacer.pace.queueing,"
+                                     " call: naraDebug.call?.state})")
+        links = [(name, up.profile.delay_ms) for name, up, _ in relay.links(ever=True)]
+        raise AssertionError(f"{condition} not within {timeout} s; the page's pacer: {seen}; "
+                             f"the relay's allocations ever (name, delay ms): {links}") from failure
 
 
 async def send_a_photo_over_a_throttled_link(context: Any, tablet: Any, photo: Path) -> list[tuple[float, int]]:
