@@ -47,6 +47,28 @@ SCENARIO = """async () => {
   return seen;
 }"""
 
+# The pacer reading a call whose audio round trips stop coming after 1 s (as they did once under load) while
+# the transport's STUN checks go on; at 8 s the link gains 200 ms.
+STALLED = """async () => {
+  const { Pacer, STALE_SECONDS } = await import("/static/pacer.js");
+  let t = 0, audioCount = 0, checks = 0, transportRtt = 0.05;
+  const stats = async () => new Map([
+    ["a", { type: "remote-inbound-rtp", kind: "audio", roundTripTime: 0.06, roundTripTimeMeasurements: audioCount }],
+    ["t", { type: "transport", selectedCandidatePairId: "p" }],
+    ["p", { type: "candidate-pair", id: "p", currentRoundTripTime: transportRtt, responsesReceived: checks }],
+  ]);
+  const pacer = new Pacer({ call: () => ({ pc: { getStats: stats } }), clock: () => t });
+  const seen = [];
+  for (; t < 11; t += 0.5) {
+    if (t < 1) audioCount += 1;
+    checks += 1;
+    if (t >= 8) transportRtt = 0.25;
+    await pacer.observe();
+    seen.push([t, pacer.sample.source, pacer.pace.queueing]);
+  }
+  return { seen, stale: STALE_SECONDS };
+}"""
+
 # A chunk leaves when the bytes before it are paid for at the rate: on a fast link (a chunk takes 50 ms)
 # at 16 KiB/s, 60 seconds of chunks carry 60 seconds of the rate, and one chunk of ~half a second each.
 PACED = """async () => {
@@ -96,6 +118,14 @@ async def test_the_pacing_gives_way_when_the_calls_round_trip_grows_and_takes_it
     assert seen["ended"] == 250000, "the call over, the ceiling again"
     assert seen["queries"] == [128, 2000, 2000, 2000], "the link's ?upload_kbps=, or 2000 kbit/s"
 
+    stalled = await page.evaluate(STALLED)
+    sources = {t: source for t, source, _ in stalled["seen"]}
+    assert stalled["stale"] == 6
+    assert {sources[t] for t in (0, 1, 6)} == {"audio"}, "the audio's round trip while it is measured"
+    assert {sources[t] for t in (6.5, 7, 10.5)} == {"transport"}, "once it stops for 6 s, the transport's"
+    assert max(q for t, _, q in stalled["seen"] if t < 8) < 0.01, "each source its own base: no queue read"
+    assert stalled["seen"][-1][2] > 0.15, "the link's slowing is seen through the transport's round trip"
+
     paced = await page.evaluate(PACED)
     rate, chunks = paced["rate"], paced["chunks"]
     assert {size for _, size in chunks} == {8 * KIB}, "in a call a chunk carries half a second of the rate"
@@ -122,7 +152,7 @@ async def test_a_photo_beside_the_call_on_a_throttled_link_goes_under_the_cap_an
     doctor = await doctor_in_the_call(server, room)
     try:
         await tablet.wait_for_function("() => naraDebug.call.participants.has('doctor')", timeout=10000)
-        # The pacer reads the call's round trip from the server's receiver reports on the tablet's audio.
+        # The call fully up: the server's receiver reports on the tablet's audio measure its round trip.
         await tablet.wait_for_function("() => naraDebug.call?.pc?.getStats().then(stats => [...stats.values()]"
                                        ".some(s => s.type === 'remote-inbound-rtp' && s.kind === 'audio'"
                                        " && s.roundTripTimeMeasurements > 0))", timeout=15000, polling=500)
@@ -134,7 +164,7 @@ async def test_a_photo_beside_the_call_on_a_throttled_link_goes_under_the_cap_an
 
     [stored] = await images_of(server, room)
     assert stored["sha256"] == hashlib.sha256(photo.read_bytes()).hexdigest(), "the photo arrived intact"
-    assert trace["rtt"]["source"] == "audio" and trace["kbps"] <= ceiling_kbps
+    assert trace["rtt"]["source"] in ("audio", "transport") and trace["kbps"] <= ceiling_kbps, "steered by the call"
 
     # Paced: by each chunk's start, the bytes before it (with the first) went at most at the cap.
     start = patches[0][0]

@@ -56,7 +56,9 @@ export class UploadPace {
     this.starting = false; // in slow start: no queue seen yet in this call
     this.base = null; // the call's lowest recent round trip
     this.queueing = null; // the latest round trip over the base
-    this.history = []; // [at, rtt] of recent samples, increasing in rtt: the first is the base
+    // Per source of round trips (the audio's, the transport's: each has a base of its own), [at, rtt] of
+    // recent samples, increasing in rtt: the first is the base.
+    this.histories = new Map();
     this.last = null;
     this.updatedAt = now;
     this.cutAt = -Infinity;
@@ -71,7 +73,7 @@ export class UploadPace {
     const s = this.settings;
     this.pay(now);
     if (!inCall) {
-      this.history = [];
+      this.histories.clear();
       this.last = this.base = this.queueing = null;
       this.inCall = false;
       this.rate = s.ceiling;
@@ -89,6 +91,7 @@ export class UploadPace {
     }
     if (!this.last) this.updatedAt = now; // growth counts from the first measurement
     if (!this.last || sample.rtt !== this.last.rtt || sample.at !== this.last.at) this.learn(sample);
+    this.base = this.histories.get(sample.source ?? "")[0][1];
     this.last = sample;
     const queueing = Math.max(0, sample.rtt - this.base);
     this.queueing = queueing;
@@ -111,12 +114,15 @@ export class UploadPace {
     return this.rate;
   }
 
+  // A round trip measured: its source's base follows it (also for a source the rate is not steered by
+  // now, so that if it takes over, its base is known).
   learn(sample) {
-    const history = this.history;
+    const key = sample.source ?? "";
+    if (!this.histories.has(key)) this.histories.set(key, []);
+    const history = this.histories.get(key);
     while (history.length && history[history.length - 1][1] >= sample.rtt) history.pop();
     history.push([sample.at, sample.rtt]);
     while (history[0][0] < sample.at - this.settings.baseWindow) history.shift();
-    this.base = history[0][1];
   }
 
   // `bytes` went out at `now` (a chunk, with its request's headers).
@@ -150,10 +156,18 @@ export class UploadPace {
 const OBSERVE_SECONDS = 0.25; // a wait looks at the call this often, so a cut takes effect at once
 const seconds = () => performance.now() / 1000;
 
-// The call's latest round trip from getStats(): the audio sender's, from the server's
-// receiver reports; without one, the transport's (its STUN checks). {rtt, count, source}
-// or null; `count` grows with each new measurement.
-export async function callRoundTrip(pc) {
+// A source of round trips that has measured nothing new for this long has stopped: the audio's, from the
+// server's receiver reports, came four times and then no more in one run under load, and the pacer, reading
+// the same stale sample, never saw the call's link slow down.
+export const STALE_SECONDS = 6;
+
+// Round trips are read from the audio while it measures them, else from the transport; whichever
+// is in use stays in use while it measures.
+
+// The call's latest round trips from getStats(): the audio sender's, from the server's receiver
+// reports, and the transport's, from its STUN checks; each {rtt, count, source} or null, where
+// `count` grows with each new measurement.
+export async function callRoundTrips(pc) {
   let audio = null;
   let selected = null;
   const pairs = new Map();
@@ -162,12 +176,18 @@ export async function callRoundTrip(pc) {
     else if (s.type === "transport" && s.selectedCandidatePairId) selected = s.selectedCandidatePairId;
     else if (s.type === "candidate-pair") pairs.set(s.id, s);
   }
-  if (audio) return { rtt: audio.roundTripTime, count: audio.roundTripTimeMeasurements ?? 0, source: "audio" };
   const pair = pairs.get(selected);
-  if (pair?.currentRoundTripTime !== undefined) {
-    return { rtt: pair.currentRoundTripTime, count: pair.responsesReceived ?? 0, source: "transport" };
-  }
-  return null;
+  return {
+    audio: audio && { rtt: audio.roundTripTime, count: audio.roundTripTimeMeasurements ?? 0, source: "audio" },
+    transport: pair?.currentRoundTripTime === undefined ? null
+      : { rtt: pair.currentRoundTripTime, count: pair.responsesReceived ?? 0, source: "transport" },
+  };
+}
+
+// The call's latest round trip: the audio's, or without one the transport's; or null.
+export async function callRoundTrip(pc) {
+  const { audio, transport } = await callRoundTrips(pc);
+  return audio ?? transport;
 }
 
 // `call()` answers null without a call, or the call: {pc} (pc null while it connects).
@@ -180,6 +200,7 @@ export class Pacer extends EventTarget {
     this.pace = new UploadPace({ ceiling: (ceilingKbps * 1000) / 8 }, clock());
     this.ceilingKbps = ceilingKbps;
     this.sample = null; // {rtt, at, count, source}
+    this.seen = {}; // source -> {count, at}: its latest measurement, and when it was first seen
   }
 
   get kbps() {
@@ -193,13 +214,30 @@ export class Pacer extends EventTarget {
   // Look at the call now and steer the rate.
   async observe() {
     const call = this.call();
-    let measured = null;
+    let found = { audio: null, transport: null };
     if (call?.pc) {
-      try { measured = await callRoundTrip(call.pc); } catch { /* the connection closed meanwhile */ }
+      try { found = await callRoundTrips(call.pc); } catch { /* the connection closed meanwhile */ }
     }
     const now = this.clock();
-    if (!call) this.sample = null;
-    else if (measured && (measured.source !== this.sample?.source || measured.count !== this.sample?.count)) {
+    const fresh = {};
+    for (const source of ["audio", "transport"]) {
+      const got = found[source];
+      fresh[source] = got !== null && got.count !== this.seen[source]?.count;
+      if (fresh[source]) this.seen[source] = { count: got.count, at: now };
+    }
+    // The source in use while it keeps measuring (a source that joins later has no base from before a queue
+    // that is already there: the audio's first round trips came after the link had slowed, and read none).
+    const alive = (source) => found[source] !== null && now - this.seen[source].at < STALE_SECONDS;
+    const order = this.sample?.source === "transport" ? ["transport", "audio"] : ["audio", "transport"];
+    const source = order.find(alive) ?? order.find((name) => found[name] !== null);
+    const measured = source === undefined ? null : found[source];
+    for (const source of ["audio", "transport"]) {
+      if (call && fresh[source] && found[source] !== measured) this.pace.learn({ ...found[source], at: now });
+    }
+    if (!call) {
+      this.sample = null;
+      this.seen = {};
+    } else if (measured && (measured.source !== this.sample?.source || measured.count !== this.sample?.count)) {
       this.sample = { rtt: measured.rtt, at: now, count: measured.count, source: measured.source };
     }
     const before = this.kbps;
