@@ -88,12 +88,15 @@ async def kit(config_path: Path, consultation: str, tag: str, captures: int, see
         return
     uploading = asyncio.ensure_future(uploader.run())
     print("ready", flush=True)
-    rng = random.Random(seed)
+    rng, camera = random.Random(seed), random.Random(-seed)
     for n in range(captures):
         await asyncio.sleep(rng.uniform(0.0, 0.4))  # the nurse's pace, not a wait for an event
         name = f"{tag}-{n}"
         image, metadata = photo_bytes(name), photo_metadata(consultation, name)
         print(f"capturing {name}", flush=True)
+        # The camera's readout (a still takes a Pi's camera some hundreds of milliseconds; here up to 8): on a
+        # busy machine the test's kill came after a store that follows at once, and too few landed in captures.
+        await asyncio.sleep(camera.uniform(0.0, 0.008))
         outbox.add(image, metadata)  # in the loop's thread: a kill lands before, inside or after it
         print(f"saved {name}", flush=True)
         uploader.wake()
