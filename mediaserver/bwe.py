@@ -73,7 +73,10 @@ receive path), adds faster rules; the ones above stay for subscribers without it
 * Overuse: when the delay detector sees the queue grow, cut at once to 0.85
   times what the receiver acknowledged over the last half second (no floor
   from what the reports said was delivered: they are a second old), at most
-  once per round trip (and no more often than every 0.2 s).
+  every 0.2 s. But where those packets arrived as fast as they were sent
+  (``KEPT_UP``), the link kept up with what it was given: the queue is a
+  burst's, and a sender held to a layer's rate would be cut far under the
+  link; then the estimate is cut once by 0.85 while the overuse lasts.
 * What arrives counts as carried: the acknowledged rate confirms the estimate
   as delivery from reports does, within a fraction of a second.
 * A probe is a cluster: 0.15 s of padding at the probe rate
@@ -180,6 +183,12 @@ PACKET_OVERHEAD = 40  # bytes of SRTP, UDP and IP around each payload
 # With per-packet delay feedback:
 PER_PACKET_FRESH = 2.0  # seconds a transport feedback keeps the faster rules on
 OVERUSE_CUT = 0.85  # times the acknowledged rate
+# What arrived at this share of the rate it was sent at or more: the link kept up with what it was given. An
+# overuse then is a burst's queue (a keyframe paced at 1.25 times an estimate near the link's capacity), not
+# the link full on average: a subscriber held to a layer's rate sends far less than its estimate, and a cut to
+# 0.85 times that (on a 1 Mbit/s link with 5 % loss, 927 kbit/s to 361 after each probe) sent it down a layer
+# for seconds. Such an overuse cuts the estimate once, by ``OVERUSE_CUT``, until the detector reads normal.
+KEPT_UP = 0.9
 # Seconds between cuts, and no more: not a round trip. Under a standing queue the round trip is the queue's
 # (a 400 ms queue on a link that fell from 1.5 Mbit/s to 250 kbit/s held the second cut back for 0.8 s, and the
 # estimate sat 40 % over the link until the queue drained). Each cut is to what arrived, not a share of the
@@ -331,6 +340,7 @@ class BandwidthEstimate:
     _streak: bool = False  # the last probe worked, judged by its own packets
     idle_until: float = 0.0  # no probe before then: the last one could not pad, and proved nothing
     cluster_time: float = PROBE_TIME_PER_PACKET  # seconds the next cluster lasts at most
+    _burst_cut: bool = False  # this overuse, the link keeping up, has cut once (``KEPT_UP``)
 
     def on_nack(self, now: float, packets: int = 1) -> None:
         """The subscriber reports ``packets`` lost. During a probe on a clean link, any loss is the
@@ -564,9 +574,12 @@ class BandwidthEstimate:
         return self.per_packet_at is not None and now - self.per_packet_at < PER_PACKET_FRESH
 
     def on_transport_feedback(self, results: list[PacketResult], state: str, acked: float | None,
-                              now: float) -> None:
+                              now: float, sent: float | None = None) -> None:
         """One transport feedback packet: ``results``, its packets matched to what was sent; ``state``,
-        the delay detector's after them; ``acked``, what the receiver acknowledged lately (bit/s)."""
+        the delay detector's after them; ``acked``, what the receiver acknowledged lately (bit/s); ``sent``,
+        the rate those packets were sent at (bit/s)."""
+        if state != OVERUSE:
+            self._burst_cut = False
         self.per_packet_at = now
         self.delay_state = state
         if self.heard_at is None:
@@ -588,8 +601,14 @@ class BandwidthEstimate:
         elif (state == OVERUSE and acked is not None
               and (now >= self.blame_until or acked < self.blame_acked * LINK_FELL)
               and (self.last_cut is None or now - self.last_cut >= OVERUSE_CUT_INTERVAL)):
-            self.overuse_cuts += 1
-            self._cut_to(acked * OVERUSE_CUT, now, floor=0.0)
+            if sent is not None and acked >= sent * KEPT_UP and acked < self.estimate:
+                if not self._burst_cut:  # (the link kept up: a burst's queue, once)
+                    self._burst_cut = True
+                    self.overuse_cuts += 1
+                    self._cut_to(self.estimate * OVERUSE_CUT, now, floor=0.0)
+            else:
+                self.overuse_cuts += 1
+                self._cut_to(acked * OVERUSE_CUT, now, floor=0.0)
         else:
             self._grow_per_packet(state, now)
 

@@ -19,7 +19,10 @@ and the WebRTC design notes), fed from transport-wide feedback (mediaserver/twcc
   queues, which come and go, do not starve this one; bursts far above it (a
   sudden route change) leave it alone.
 * The acknowledged bitrate: what the receiver says arrived over the last half
-  second of its own clock, headers included.
+  second of its own clock, headers included; and the rate those same packets
+  were sent at, over the span of their sending (``sent_rate``). A link that
+  carries all it is given passes them on at the rate they came; a full one
+  stretches them, and what arrives falls behind what was sent.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class DelayDetector:
         self.overuse_since: float | None = None  # when the signal last went over the threshold
         self.overuse_groups = 0
         self.acked_rate: float | None = None  # bit/s
+        self.sent_rate: float | None = None  # bit/s: the rate the packets behind acked_rate were sent at
         self.groups_seen = 0
         self._group: _Group | None = None
         self._previous: _Group | None = None
@@ -70,7 +74,7 @@ class DelayDetector:
         self._first_arrival: float | None = None
         self._points: deque[tuple[float, float]] = deque(maxlen=WINDOW)  # (arrival ms, smoothed delay ms)
         self._last_update: float | None = None
-        self._acked: deque[tuple[float, int]] = deque()  # (arrival, bytes) of the last ACKED_WINDOW
+        self._acked: deque[tuple[float, int, float]] = deque()  # (arrival, bytes, sent) of the last ACKED_WINDOW
         self._acked_bytes = 0
         self._newest_arrival: float | None = None
 
@@ -79,7 +83,7 @@ class DelayDetector:
         for result in sorted((r for r in results if r.arrival is not None), key=lambda r: r.sequence):
             arrival = result.arrival
             assert arrival is not None
-            self._acknowledge(arrival, result.size)
+            self._acknowledge(arrival, result.size, result.sent)
             group = self._group
             if group is None or result.sent - group.first_sent > GROUP_SPAN:
                 if group is not None:
@@ -88,12 +92,17 @@ class DelayDetector:
             else:
                 group.last_sent = max(group.last_sent, result.sent)
                 group.last_arrival = max(group.last_arrival, arrival)
+        if self.acked_rate is not None and self._acked:
+            # (once a feedback, not a packet: the window holds a few hundred packets at most)
+            first = min(sent for _, _, sent in self._acked)
+            last = max(sent for _, _, sent in self._acked)
+            self.sent_rate = self._acked_bytes * 8 / max(last - first, 1e-3)  # (no floor: a full link's is short)
         return self.state
 
-    def _acknowledge(self, arrival: float, size: int) -> None:
+    def _acknowledge(self, arrival: float, size: int, sent: float) -> None:
         if self._newest_arrival is None or arrival > self._newest_arrival:
             self._newest_arrival = arrival
-        self._acked.append((arrival, size + PACKET_OVERHEAD))
+        self._acked.append((arrival, size + PACKET_OVERHEAD, sent))
         self._acked_bytes += size + PACKET_OVERHEAD
         while self._acked and self._acked[0][0] < self._newest_arrival - ACKED_WINDOW:
             self._acked_bytes -= self._acked.popleft()[1]

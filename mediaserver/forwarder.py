@@ -86,9 +86,9 @@ SOURCE_FOLLOWS = 1.3
 # aiortc's estimate of the publisher's uplink (its REMB, kept by aiortc_adapter.InboundTap) grows 8 % a second and
 # never past 1.5 times what arrives: as a ceiling it held the cap, and so the whole way back up after a subscriber's
 # link recovered, to that pace (250 kbit/s to 1.6 Mbit/s in 25 s). It is a ceiling while it says the uplink is
-# congested: it fell (aiortc cuts it to 0.85 times what arrives on overuse) within UPLINK_CALM seconds. Otherwise the
-# cap may also reach UPLINK_STEP times what the publisher sends: on an uplink that cannot take that, the estimate
-# falls within a round trip or two, and is the ceiling again.
+# congested: it fell under what arrives (aiortc cuts it to 0.85 times that on overuse) within UPLINK_CALM seconds.
+# Otherwise the cap may also reach UPLINK_STEP times what the publisher sends: on an uplink that cannot take that,
+# the estimate falls within a round trip or two, and is the ceiling again.
 UPLINK_CALM = 10.0
 UPLINK_STEP = 3.0
 UPLINK_FALL = 0.95  # an estimate under this share of the last one seen fell
@@ -373,7 +373,10 @@ class Publication:
         uplink = self.tap.uplink_estimate
         if uplink is None:
             return None
-        if self.uplink_seen is not None and uplink < self.uplink_seen * UPLINK_FALL:
+        if self.uplink_seen is not None and uplink < self.uplink_seen * UPLINK_FALL and uplink < self.meter.rate:
+            # (fell under what arrives: overuse. One that sinks with what arrives, as after the publisher was
+            # told a lower cap, stays over it, and held the cap down with it: after a subscriber's link came back
+            # from 300 kbit/s, the publisher stayed at 130 kbit/s for 4 s, and that subscriber was not probed)
             self.uplink_fell_at = now
         self.uplink_seen = uplink
         if self.uplink_fell_at is not None and now - self.uplink_fell_at < UPLINK_CALM:

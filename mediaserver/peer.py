@@ -311,7 +311,8 @@ class Peer:
             return
         self.transport_feedbacks += 1
         state = self.delay.on_results(results)
-        self.bandwidth.on_transport_feedback(results, state, self.delay.acked_rate, time.monotonic())
+        self.bandwidth.on_transport_feedback(results, state, self.delay.acked_rate, time.monotonic(),
+                                             self.delay.sent_rate)
 
     def subscriptions(self) -> list[Subscription]:
         return [s.subscription for s in self.slots if s.subscription is not None]

@@ -140,6 +140,17 @@ async def test_a_lagging_uplink_estimate_does_not_hold_the_publishers_cap_but_a_
     await publication._tell_rate_cap()
     assert tap.told[-1] == pytest.approx(400_000 * UPLINK_STEP)  # calm again: twice what it sends
 
+    # The subscriber's link falls: the publisher is told less and sends less, and aiortc's estimate sinks with
+    # what arrives, staying over it. That is no congestion: the cap may still go a step over what it sends.
+    now[0] = 20.0
+    publication.meter.rate = 130_000.0
+    tap.uplink_estimate = 190_000
+    await publication._tell_rate_cap()
+    now[0] = 21.0
+    tap.uplink_estimate = 160_000
+    await publication._tell_rate_cap()
+    assert tap.told[-1] == pytest.approx(130_000 * UPLINK_STEP)
+
 
 def test_the_kits_encoder_uses_a_fast_links_cap_and_keeps_its_spare_on_a_thin_one() -> None:
     from aiortc.mediastreams import VideoStreamTrack
