@@ -36,6 +36,24 @@ def heard(bwe: BandwidthEstimate, now: float, acked: float = 100_000) -> None:
     bwe.on_transport_feedback([], NORMAL, acked, now)
 
 
+def test_an_overuse_while_the_link_keeps_up_with_a_layers_rate_cuts_the_estimate_once_not_to_that_rate() -> None:
+    # A subscriber held to a layer of 400 kbit/s, its estimate proven to 900 kbit/s; a keyframe paced over the
+    # link's capacity leaves a queue: what arrived came as fast as it was sent.
+    bwe = BandwidthEstimate(estimate=900_000, confirmed=True)
+    heard(bwe, 10.0, acked=400_000)
+    bwe.on_transport_feedback([], OVERUSE, 400_000, 10.1, sent=410_000)
+    assert bwe.estimate == pytest.approx(900_000 * OVERUSE_CUT), "once, by 0.85: not to 0.85 times 400 kbit/s"
+    bwe.on_transport_feedback([], OVERUSE, 400_000, 10.4, sent=405_000)
+    bwe.on_transport_feedback([], OVERUSE, 400_000, 10.7, sent=400_000)
+    assert bwe.estimate == pytest.approx(900_000 * OVERUSE_CUT) and bwe.overuse_cuts == 1, "while it lasts"
+    bwe.on_transport_feedback([], NORMAL, 400_000, 10.8, sent=400_000)
+    bwe.on_transport_feedback([], OVERUSE, 400_000, 11.0, sent=400_000)
+    assert bwe.overuse_cuts == 2, "a new overuse cuts again"
+    # The link falls: what arrives lags what was sent, and the cut is to what arrives.
+    bwe.on_transport_feedback([], OVERUSE, 250_000, 11.3, sent=400_000)
+    assert bwe.estimate == pytest.approx(250_000 * OVERUSE_CUT) and bwe.overuse_cuts == 3
+
+
 def test_overuse_cuts_at_once_to_a_share_of_what_was_acknowledged_without_a_report() -> None:
     bwe = BandwidthEstimate(estimate=2_000_000, confirmed=True)
     bwe.on_delivered(1_900_000, now=9.5)  # (a report's figure from before the drop does not hold the cut up)

@@ -74,3 +74,14 @@ def test_the_threshold_adapts_to_a_noisy_link_but_stays_bounded() -> None:
              for r in results]
     feed(detector, noisy)
     assert 6.0 <= detector.threshold <= 600.0
+
+
+def test_the_rate_sent_beside_the_rate_acknowledged_tells_a_link_that_keeps_up_from_a_full_one() -> None:
+    roomy = DelayDetector()
+    feed(roomy, link(rate_bps=1_000_000, send_bps=400_000, seconds=3)[0])
+    assert roomy.acked_rate is not None and roomy.sent_rate is not None
+    assert roomy.acked_rate >= 0.9 * roomy.sent_rate, "everything sent arrives as fast as it was sent"
+    full = DelayDetector()
+    feed(full, link(rate_bps=250_000, send_bps=500_000, seconds=3)[0])
+    assert full.acked_rate is not None and full.sent_rate is not None
+    assert full.acked_rate < 0.6 * full.sent_rate, "a full link stretches them: what arrives lags"
