@@ -77,6 +77,7 @@ class DelayDetector:
         self._acked: deque[tuple[float, int, float]] = deque()  # (arrival, bytes, sent) of the last ACKED_WINDOW
         self._acked_bytes = 0
         self._newest_arrival: float | None = None
+        self._newest_sent: float | None = None
 
     def on_results(self, results: list[PacketResult]) -> str:
         """Take one feedback packet's results; the state after them."""
@@ -92,16 +93,18 @@ class DelayDetector:
             else:
                 group.last_sent = max(group.last_sent, result.sent)
                 group.last_arrival = max(group.last_arrival, arrival)
-        if self.acked_rate is not None and self._acked:
-            # (once a feedback, not a packet: the window holds a few hundred packets at most)
-            first = min(sent for _, _, sent in self._acked)
-            last = max(sent for _, _, sent in self._acked)
-            self.sent_rate = self._acked_bytes * 8 / max(last - first, 1e-3)  # (no floor: a full link's is short)
+        if self.acked_rate is not None and self._acked and self._newest_sent is not None:
+            # (the oldest arrival's send time for the window's first: arrivals keep the order of sending, but for
+            # reordering, which moves the span by a packet's gap; a resend is a send of its own, sent later)
+            span = self._newest_sent - self._acked[0][2]
+            self.sent_rate = self._acked_bytes * 8 / max(span, 1e-3)  # (no floor: a full link's span is short)
         return self.state
 
     def _acknowledge(self, arrival: float, size: int, sent: float) -> None:
         if self._newest_arrival is None or arrival > self._newest_arrival:
             self._newest_arrival = arrival
+        if self._newest_sent is None or sent > self._newest_sent:
+            self._newest_sent = sent
         self._acked.append((arrival, size + PACKET_OVERHEAD, sent))
         self._acked_bytes += size + PACKET_OVERHEAD
         while self._acked and self._acked[0][0] < self._newest_arrival - ACKED_WINDOW:
