@@ -184,12 +184,6 @@ export async function callRoundTrips(pc) {
   };
 }
 
-// The call's latest round trip: the audio's, or without one the transport's; or null.
-export async function callRoundTrip(pc) {
-  const { audio, transport } = await callRoundTrips(pc);
-  return audio ?? transport;
-}
-
 // `call()` answers null without a call, or the call: {pc} (pc null while it connects).
 // Events: "change" when the rate changed.
 export class Pacer extends EventTarget {
@@ -231,8 +225,8 @@ export class Pacer extends EventTarget {
     const order = this.sample?.source === "transport" ? ["transport", "audio"] : ["audio", "transport"];
     const source = order.find(alive) ?? order.find((name) => found[name] !== null);
     const measured = source === undefined ? null : found[source];
-    for (const source of ["audio", "transport"]) {
-      if (call && fresh[source] && found[source] !== measured) this.pace.learn({ ...found[source], at: now });
+    for (const other of ["audio", "transport"]) {
+      if (call && fresh[other] && found[other] !== measured) this.pace.learn({ ...found[other], at: now });
     }
     if (!call) {
       this.sample = null;
