@@ -22,7 +22,10 @@ and the WebRTC design notes), fed from transport-wide feedback (mediaserver/twcc
   second of its own clock, headers included; and the rate those same packets
   were sent at, over the span of their sending (``sent_rate``). A link that
   carries all it is given passes them on at the rate they came; a full one
-  stretches them, and what arrives falls behind what was sent.
+  stretches them, and what arrives falls behind what was sent. A full queue
+  that drops what overflows it passes the few it keeps at about the rate they
+  came: the share of what was sent in that span that was lost
+  (``lost_share``) tells it apart from a link with room.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class DelayDetector:
         self.overuse_groups = 0
         self.acked_rate: float | None = None  # bit/s
         self.sent_rate: float | None = None  # bit/s: the rate the packets behind acked_rate were sent at
+        self.lost_share = 0.0  # of the bytes sent over the span they were sent in, the share lost
         self.groups_seen = 0
         self._group: _Group | None = None
         self._previous: _Group | None = None
@@ -78,12 +82,19 @@ class DelayDetector:
         self._acked_bytes = 0
         self._newest_arrival: float | None = None
         self._newest_sent: float | None = None
+        self._lost: deque[tuple[float, int]] = deque()  # (sent, bytes) of lost packets, sent since the window's first
+        self._lost_bytes = 0
 
     def on_results(self, results: list[PacketResult]) -> str:
         """Take one feedback packet's results; the state after them."""
-        for result in sorted((r for r in results if r.arrival is not None), key=lambda r: r.sequence):
+        for result in sorted(results, key=lambda r: r.sequence):
             arrival = result.arrival
-            assert arrival is not None
+            if arrival is None:
+                self._lost.append((result.sent, result.size + PACKET_OVERHEAD))
+                self._lost_bytes += result.size + PACKET_OVERHEAD
+                while self._lost[0][0] < result.sent - 2 * ACKED_WINDOW:  # (bounded while nothing arrives)
+                    self._lost_bytes -= self._lost.popleft()[1]
+                continue
             self._acknowledge(arrival, result.size, result.sent)
             group = self._group
             if group is None or result.sent - group.first_sent > GROUP_SPAN:
@@ -96,8 +107,12 @@ class DelayDetector:
         if self.acked_rate is not None and self._acked and self._newest_sent is not None:
             # (the oldest arrival's send time for the window's first: arrivals keep the order of sending, but for
             # reordering, which moves the span by a packet's gap; a resend is a send of its own, sent later)
-            span = self._newest_sent - self._acked[0][2]
+            first_sent = self._acked[0][2]
+            while self._lost and self._lost[0][0] < first_sent:
+                self._lost_bytes -= self._lost.popleft()[1]
+            span = self._newest_sent - first_sent
             self.sent_rate = self._acked_bytes * 8 / max(span, 1e-3)  # (no floor: a full link's span is short)
+            self.lost_share = self._lost_bytes / (self._acked_bytes + self._lost_bytes)
         return self.state
 
     def _acknowledge(self, arrival: float, size: int, sent: float) -> None:

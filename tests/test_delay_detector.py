@@ -85,3 +85,25 @@ def test_the_rate_sent_beside_the_rate_acknowledged_tells_a_link_that_keeps_up_f
     feed(full, link(rate_bps=250_000, send_bps=500_000, seconds=3)[0])
     assert full.acked_rate is not None and full.sent_rate is not None
     assert full.acked_rate < 0.6 * full.sent_rate, "a full link stretches them: what arrives lags"
+
+
+def test_a_full_queue_that_drops_what_overflows_it_reads_as_a_link_that_does_not_keep_up() -> None:
+    # 1.5 Mbit/s into a 300 kbit/s link with a 300 ms queue: the packets that get in leave at about the rate
+    # they came (one in five), and only the lost ones tell it from a link with room.
+    detector = DelayDetector()
+    free_at, results = 0.0, []
+    gap, service = 1000 * 8 / 1_500_000, 1000 * 8 / 300_000
+    for i in range(int(2.0 / gap)):
+        sent = i * gap
+        if max(free_at, sent) - sent > 0.3:
+            results.append(PacketResult(i, sent, 1000, False, None))
+            continue
+        free_at = max(free_at, sent) + service
+        results.append(PacketResult(i, sent, 1000, False, free_at + 0.05))
+    feed(detector, results)
+    assert detector.acked_rate is not None and detector.sent_rate is not None
+    assert detector.acked_rate > 0.8 * detector.sent_rate, "the ones it keeps are not stretched"
+    assert detector.lost_share > 0.7, "four in five are lost"
+    clean = DelayDetector()
+    feed(clean, link(rate_bps=1_000_000, send_bps=400_000, seconds=3)[0])
+    assert clean.lost_share == 0.0
