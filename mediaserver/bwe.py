@@ -74,9 +74,15 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   times what the receiver acknowledged over the last half second (no floor
   from what the reports said was delivered: they are a second old), at most
   every 0.2 s. But where those packets arrived as fast as they were sent
-  (``KEPT_UP``), the link kept up with what it was given: the queue is a
+  (``KEPT_UP``), and no more of what was sent was lost than the link loses of
+  its own and a burst's overflow (``OVERFLOW_LOSS``: a queue full to
+  overflowing keeps only what the link carries, and passes that on as fast
+  as it came), the link kept up with what it was given: the queue is a
   burst's, and a sender held to a layer's rate would be cut far under the
   link; then the estimate is cut once by 0.85 while the overuse lasts.
+* An overuse seen before any of a probe's packets has arrived is the link's,
+  not the probe's: the probe is dropped (no failure, no blame) and the
+  overuse cuts as any other.
 * What arrives counts as carried: the acknowledged rate confirms the estimate
   as delivery from reports does, within a fraction of a second.
 * A probe is a cluster: 0.15 s of padding at the probe rate
@@ -135,6 +141,9 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   failed earlier (``PROBE_ABOVE_CEILING``) instead of closing in on it
   halfway: that rate may have failed while the link was low, and the link
   may be back; if it works, the rate is forgotten and the streak goes on.
+* A link that has carried ``FALLEN`` times the usable estimate fell and may
+  come back: probes back off at most ``FALLEN_BACKOFF``, and one that worked
+  on time steps on by ``PROBE_STREAK_STEP``, past a rate that failed.
 * Without per-packet feedback for ``PER_PACKET_FRESH`` seconds the
   estimate falls back to the rules above.
 """
@@ -189,6 +198,12 @@ OVERUSE_CUT = 0.85  # times the acknowledged rate
 # 0.85 times that (on a 1 Mbit/s link with 5 % loss, 927 kbit/s to 361 after each probe) sent it down a layer
 # for seconds. Such an overuse cuts the estimate once, by ``OVERUSE_CUT``, until the detector reads normal.
 KEPT_UP = 0.9
+# ... and no more of what was sent lost than the link loses of its own and this much more. A queue full to
+# overflowing keeps what the link carries and passes that on as fast as it came: a link that fell from 2 Mbit/s
+# to 300 kbit/s lost four packets in five, and read as keeping up, it was cut by 0.85 where it needed 0.15. A
+# keyframe's burst into a full queue loses a few; a link with 5 % loss of its own (repaired by NACK) loses that
+# much; cut to 0.85 times what a layer sends, the subscriber went down a layer for seconds.
+OVERFLOW_LOSS = 0.3
 # Seconds between cuts, and no more: not a round trip. Under a standing queue the round trip is the queue's
 # (a 400 ms queue on a link that fell from 1.5 Mbit/s to 250 kbit/s held the second cut back for 0.8 s, and the
 # estimate sat 40 % over the link until the queue drained). Each cut is to what arrived, not a share of the
@@ -209,6 +224,12 @@ PROBE_SETTLE_PER_PACKET = 0.5  # seconds after a failed probe whose overuse is i
 PROBE_STEPS_PER_PACKET = (2.0, 2.0)  # the first probes' steps: to 2x what was carried, then 4x
 PROBE_STREAK_STEP = 2.0  # a probe right after one that worked steps this far (1.5x otherwise)
 PROBE_BACKOFF_PER_PACKET = (1.0, 2.0, 4.0, 4.0, 4.0)
+# A link that has carried this many times the usable estimate fell (a cell's edge, a handover) and may come back
+# as suddenly: probes back off no longer than ``FALLEN_BACKOFF`` (a rate that failed a few times in a row held the
+# next probe off for 4 s, and the climb back to 2 Mbit/s began up to 3 s after the link was back), and one that
+# worked on time steps on by ``PROBE_STREAK_STEP`` instead of closing in on a rate that failed while it was low.
+FALLEN = 3.0
+FALLEN_BACKOFF = 2.0
 PROBE_DELAY_RISE = 0.025  # seconds a probe's packets' one-way delay may grow
 PROBE_RECEIVED_SHARE = 0.85  # a probe's packets must arrive at least this share of the rate they were sent at
 PROBE_REACHED = 0.7  # padding that reached this share of a probe's rate proves the rate (it runs a little short)
@@ -477,6 +498,8 @@ class BandwidthEstimate:
         per_packet = self.per_packet(now)
         backoffs = PROBE_BACKOFF_PER_PACKET if per_packet else PROBE_BACKOFF
         backoff = backoffs[min(self.failed_probes, len(backoffs)) - 1] if self.failed_probes else 0.0
+        if per_packet and self._fallen():
+            backoff = min(backoff, FALLEN_BACKOFF)  # (it may come back any moment: a late probe leaves it unused)
         calm = PROBE_CALM_PER_PACKET if per_packet else PROBE_CALM
         if self.last_cut is not None and now - self.last_cut < calm:
             return None
@@ -506,11 +529,18 @@ class BandwidthEstimate:
             if self.per_packet_at is not None and self.probes and self.failed_probes == 0 and self._streak:
                 return usable * PROBE_STREAK_STEP
             return usable * (FIRST_PROBE_STEP if self.probes == 0 else PROBE_STEP)
+        if self._streak and self.per_packet_at is not None and self._fallen():
+            # (the last worked on time, far under what the link has carried: it may be back)
+            return max(self.ceiling * PROBE_ABOVE_CEILING, usable * PROBE_STREAK_STEP)
         if self.ceiling > usable * CEILING_GAP:
             if self._streak:  # (the last one worked on time: the link may have grown since that rate failed)
                 return self.ceiling * PROBE_ABOVE_CEILING
             return (usable + self.ceiling) / 2
         return max(self.ceiling, usable) * PROBE_ABOVE_CEILING
+
+    def _fallen(self) -> bool:
+        """Whether the link has carried ``FALLEN`` times the usable estimate or more: it fell, and may come back."""
+        return self.carried >= self.usable * FALLEN
 
     def _nack_rate(self, now: float) -> float:
         recent = sum(n for t, n in self.nacks if t >= now - NACK_MEMORY)
@@ -574,10 +604,10 @@ class BandwidthEstimate:
         return self.per_packet_at is not None and now - self.per_packet_at < PER_PACKET_FRESH
 
     def on_transport_feedback(self, results: list[PacketResult], state: str, acked: float | None,
-                              now: float, sent: float | None = None) -> None:
+                              now: float, sent: float | None = None, lost: float = 0.0) -> None:
         """One transport feedback packet: ``results``, its packets matched to what was sent; ``state``,
         the delay detector's after them; ``acked``, what the receiver acknowledged lately (bit/s); ``sent``,
-        the rate those packets were sent at (bit/s)."""
+        the rate those packets were sent at (bit/s); ``lost``, the share lost of what was sent meanwhile."""
         if state != OVERUSE:
             self._burst_cut = False
         self.per_packet_at = now
@@ -591,8 +621,15 @@ class BandwidthEstimate:
             self._carried(acked)
         probe = self.probe
         if probe is not None:
-            self.last_growth = now  # (a probe's verdict decides, not growth)
             probe.packets.extend(r for r in results if probe.start <= r.sent < probe.start + probe.duration)
+            if state == OVERUSE and not probe.stopped and not any(r.arrival is not None for r in probe.packets):
+                # The queue grew before any of the probe's packets arrived: the link's doing, not the probe's (a link
+                # that fell from 2 Mbit/s to 300 kbit/s just as a probe started went uncut for the probe's blame).
+                # The probe is dropped, no failure, and the overuse cuts as any other.
+                self.probe = probe = None
+                self.last_probe_end = now
+        if probe is not None:
+            self.last_growth = now  # (a probe's verdict decides, not growth)
             if not probe.stopped and (state == OVERUSE or self._delay_rise(probe) > PROBE_DELAY_RISE):
                 probe.stopped = True  # the queue grows: the padding stops now, and the cluster ends here
                 probe.duration = min(probe.duration, max(now - probe.start, 0.0))
@@ -601,7 +638,8 @@ class BandwidthEstimate:
         elif (state == OVERUSE and acked is not None
               and (now >= self.blame_until or acked < self.blame_acked * LINK_FELL)
               and (self.last_cut is None or now - self.last_cut >= OVERUSE_CUT_INTERVAL)):
-            if sent is not None and acked >= sent * KEPT_UP and acked < self.estimate:
+            kept_up = sent is not None and acked >= sent * KEPT_UP and lost <= self._own_loss() + OVERFLOW_LOSS
+            if kept_up and acked < self.estimate:
                 if not self._burst_cut:  # (the link kept up: a burst's queue, once)
                     self._burst_cut = True
                     self.overuse_cuts += 1
@@ -611,6 +649,11 @@ class BandwidthEstimate:
                 self._cut_to(acked * OVERUSE_CUT, now, floor=0.0)
         else:
             self._grow_per_packet(state, now)
+
+    def _own_loss(self) -> float:
+        """The share of packets the link loses of its own, as far as it is known (NACKed loss, learned slowly:
+        a queue that starts to overflow does not move it)."""
+        return self.asked_level or 0.0
 
     def _grow_per_packet(self, state: str, now: float) -> None:
         """Grow ``GROWTH_PER_PACKET`` a second while the delay detector reads normal and no more is lost than

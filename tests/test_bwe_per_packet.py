@@ -228,3 +228,53 @@ def test_a_cluster_with_nothing_to_pad_proves_nothing_and_the_next_waits() -> No
     assert bwe.probe_rate(now + 0.3, wanted=500_000) is None  # not at once, as after one that proved its rate
     bwe.on_report(0, now=now + 1.2)  # (reports in between let the estimate grow)
     assert bwe.probe_rate(now + 1.3, wanted=500_000) is not None
+
+
+def test_a_link_that_falls_as_a_probe_starts_is_cut_at_once_not_blamed_on_the_probe() -> None:
+    bwe = BandwidthEstimate(estimate=1_500_000, confirmed=True, carried=1_500_000)
+    heard(bwe, 0.0, acked=1_400_000)
+    bwe.on_report(0, now=0.1)
+    assert bwe.probe_rate(10.0, wanted=4_000_000) is not None
+    # The link fell to 300 kbit/s a moment before: the queue grows in packets sent before the probe began,
+    # and what arrives lags what was sent.
+    bwe.on_transport_feedback(packets(9.8, 0.15, 1_500_000), OVERUSE, 300_000, 10.1, sent=1_500_000)
+    assert bwe.probe is None and bwe.failed_probes == 0, "not the probe's doing"
+    assert bwe.estimate == pytest.approx(300_000 * OVERUSE_CUT), "cut at once, not after a probe's blame"
+
+
+def test_a_link_that_fell_far_is_probed_often_and_a_probe_that_works_steps_on() -> None:
+    # The link carried 1.5 Mbit/s, then fell to 250 kbit/s: probes just above it failed three times in a row.
+    bwe = BandwidthEstimate(estimate=200_000, confirmed=True, carried=1_500_000)
+    heard(bwe, 0.0, acked=200_000)
+    bwe.on_report(0, now=0.1)
+    for start in (1.0, 3.4, 5.8):
+        heard(bwe, start - 0.1, acked=200_000)
+        assert bwe.probe_rate(start, wanted=4_000_000) is not None, start
+        bwe.on_transport_feedback(packets(start, 0.1, 300_000), OVERUSE, 200_000, start + 0.2)
+        bwe.on_transport_feedback(packets(start + 0.1, 0.1, 300_000, first_seq=100), OVERUSE, 200_000, start + 0.3)
+        assert bwe.probe is None
+        bwe.on_transport_feedback([], NORMAL, 200_000, start + 0.4)
+    assert bwe.failed_probes == 3 and bwe.ceiling is not None
+    heard(bwe, 7.8, acked=200_000)
+    assert bwe.probe_rate(7.9, wanted=4_000_000) is None
+    # The next goes 2 s after the last failure (not 4): the link may be back any moment.
+    rate = bwe.probe_rate(8.2, wanted=4_000_000)
+    assert rate is not None and rate < 2 * bwe.usable, "closing in on the rate that failed"
+    # It is: the cluster arrives as it was sent, and the next probe doubles instead of closing in on that rate.
+    bwe.on_transport_feedback(packets(8.2, 0.3, rate, size=300, first_seq=1000), NORMAL, 200_000, 8.6)
+    assert bwe.probe is None and bwe.successful_probes == 1
+    assert bwe.probe_rate(8.7, wanted=4_000_000) == pytest.approx(bwe.usable * 2)
+
+
+def test_a_queue_that_overflows_is_no_link_keeping_up_though_what_it_keeps_comes_as_fast_as_it_was_sent() -> None:
+    # The link fell from 1.5 Mbit/s to 300 kbit/s: its full queue keeps one packet in five, and passes those on
+    # at about the rate they came.
+    bwe = BandwidthEstimate(estimate=1_500_000, confirmed=True)
+    heard(bwe, 10.0, acked=1_400_000)
+    bwe.on_transport_feedback([], OVERUSE, 300_000, 10.1, sent=310_000, lost=0.8)
+    assert bwe.estimate == pytest.approx(300_000 * OVERUSE_CUT), "to what arrives, not by 0.85"
+    # A keyframe's burst on a link with room, a few of it lost besides the link's own 5 %: kept up.
+    bursty = BandwidthEstimate(estimate=900_000, confirmed=True, asked_level=0.05)
+    heard(bursty, 10.0, acked=600_000)
+    bursty.on_transport_feedback([], OVERUSE, 600_000, 10.1, sent=610_000, lost=0.15)
+    assert bursty.estimate == pytest.approx(900_000 * OVERUSE_CUT), "once, by 0.85: not a layer down"
