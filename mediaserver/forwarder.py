@@ -59,11 +59,17 @@ KEYFRAME_WAIT = 1.0
 # probe with per-packet feedback is over in a fraction of a second, before the layer has even started
 # (and while paused there was nothing to pad it with), so the layer's own packets must be the measure.
 TRIAL_TIME = 2.0
-# At most this many times the level's own rate while probing. (At six, a probe from the lowest layer, 35-50
-# kbit/s, could not reach twice what a 1 Mbit/s link had carried, and the climb from it took seconds more.)
-MAX_PROBE_FACTOR = 10.0
-# Seconds of a probe's paced padding that may wait to be sent.
-PADDING_BACKLOG = 0.25
+# A probe's padding goes on a clock of its own, not behind each packet: behind the lowest layer's packets
+# (40 kbit/s, eight frames a second) it could not reach 0.7 Mbit/s, and after a link came back the climb waited
+# on clusters that fell short. It falls behind by at most this many seconds before it drops what it missed
+# (a busy loop must not send them in one burst), and waits this long for a packet to repeat.
+PADDING_CATCH_UP = 0.02
+PADDING_TICK = 0.005
+PADDING_LONGEST = 1.0  # seconds a padder runs at most (a cluster lasts 0.6 s at most)
+# A duplicate repeats the latest packet sent of at least this many bytes (fewer, larger duplicates make the
+# same rate), or a smaller one if no such packet went within PADDING_FRESH seconds.
+PADDING_LARGE = 600
+PADDING_FRESH = 0.5
 # A publisher sending at least this share of its cap is held back by it. (An encoder allowed
 # more takes seconds to use it: when the cap rises step by step, it runs some way below. Nära's
 # encoder aims at 0.9 of its cap and libvpx a little under that: at 0.8 a held kit read as free
@@ -88,7 +94,9 @@ SOURCE_FOLLOWS = 1.3
 # link recovered, to that pace (250 kbit/s to 1.6 Mbit/s in 25 s). It is a ceiling while it says the uplink is
 # congested: it fell under what arrives (aiortc cuts it to 0.85 times that on overuse) within UPLINK_CALM seconds.
 # Otherwise the cap may also reach UPLINK_STEP times what the publisher sends: on an uplink that cannot take that,
-# the estimate falls within a round trip or two, and is the ceiling again.
+# the estimate falls within a round trip or two, and is the ceiling again. (What it sends as its last half second
+# shows it, when that is more than the smoothed rate: an encoder given more uses it within half a second, and with
+# each step waiting on the smoothing, a kit capped at 150 kbit/s took 5 s to send 1.2 Mbit/s again.)
 UPLINK_CALM = 10.0
 UPLINK_STEP = 3.0
 UPLINK_FALL = 0.95  # an estimate under this share of the last one seen fell
@@ -381,13 +389,13 @@ class Publication:
         self.uplink_seen = uplink
         if self.uplink_fell_at is not None and now - self.uplink_fell_at < UPLINK_CALM:
             return float(uplink)
-        return max(float(uplink), self.meter.rate * UPLINK_STEP)
+        return max(float(uplink), self.meter.rising * UPLINK_STEP)
 
     def held_by_cap(self, now: float) -> bool:
         """Whether the publisher sends about all its cap allows (so more would be used, if allowed)."""
         caps = [cap for at, cap in self.caps if now - at <= CAP_SETTLE] or (
             [self.rate_cap] if self.rate_cap is not None else [])
-        return bool(caps) and self.meter.rate >= CAP_HELD * min(caps)
+        return bool(caps) and self.meter.rising >= CAP_HELD * min(caps)
 
     def levels_changed(self) -> None:
         """A subscriber moved: stop a layer no one needs any more at once, and tell whoever waits."""
@@ -568,10 +576,10 @@ class Subscription:
         self.trial_until: float | None = None  # a paused subscriber's trial of the lowest layer lasts until then
         self.chooser = LayerChooser()
         self.meter = RateMeter()
-        self.probe_factor = 0.0
-        self.probe_credit = 0.0
+        self.probe_factor = 0.0  # the probe's rate over the level's own (over 1: probing)
         self.padding_rate = 0.0  # bit/s of duplicates while probing
-        self.padding_due = 0.0  # when the next duplicate may go
+        self.pad_source: tuple[RtpPacket, int, int, float] | None = None  # (packet, seq, timestamp, when) to repeat
+        self._padder: asyncio.Future[Any] | None = None
         self._padding: set[asyncio.Future[Any]] = set()  # (and the pacer's sends through aiortc)
         self.switches = 0
         self.announced_pause = False
@@ -659,8 +667,12 @@ class Subscription:
             self.probe_factor = 0.0
         else:
             current = max(self.publication.level_rate(self.level), 1.0)
-            self.probe_factor = min(probe / current, MAX_PROBE_FACTOR) if probe > current else 0.0
-            self.padding_rate = current * (self.probe_factor - 1.0)
+            self.probe_factor = probe / current if probe > current else 0.0
+            self.padding_rate = max(probe - current, 0.0)
+            if self.probe_factor > 1.0 and (self._padder is None or self._padder.done()):
+                self._padder = asyncio.ensure_future(self._pad())
+                self._padding.add(self._padder)
+                self._padder.add_done_callback(self._padding.discard)
         if self.pacer is not None:
             self._pace(now, None if known_budget is None else budget)  # (a trial's budget holds its layer)
 
@@ -752,34 +764,36 @@ class Subscription:
             self._hold(packet, 0, now, keyframe)
             return
         out_seq, out_ts = self.rewriter.rewrite(packet.sequence_number, packet.timestamp, now)
-        if await self._send(packet, out_seq, out_ts) and self.probe_factor > 1.0 and self.link.padding(now):
-            # Probing: pad up to the probe rate with duplicates of what was just sent.
-            # Receivers drop duplicates; the link carries them, which is the point.
-            # (A probe is a short cluster: it may end, or be stopped, between two decisions.)
-            self.probe_credit += len(packet.payload) * (self.probe_factor - 1.0)
-            while self.probe_credit >= len(packet.payload) > 0:
-                self.probe_credit -= len(packet.payload)
-                self._pad(packet, out_seq, out_ts, now)
+        if await self._send(packet, out_seq, out_ts) and self.probe_factor > 1.0:
+            source = self.pad_source
+            if (source is None or len(packet.payload) >= min(len(source[0].payload), PADDING_LARGE)
+                    or now - source[3] > PADDING_FRESH):
+                self.pad_source = (packet, out_seq, out_ts, now)
 
-    def _pad(self, packet: RtpPacket, out_seq: int, out_ts: int, now: float) -> None:
-        """Send a duplicate, paced at the padding's own rate: sent in a burst behind the packet, the
-        duplicates of a frame would hold up the audio behind them on a thin link for tens of ms."""
-        self.padding_due = max(self.padding_due, now) + len(packet.payload) * 8 / max(self.padding_rate, 1.0)
-        delay = self.padding_due - now
-        if delay > PADDING_BACKLOG:
-            self.padding_due -= len(packet.payload) * 8 / max(self.padding_rate, 1.0)
-            return  # (the padding falls behind: leave this one out rather than queue it)
-
-        async def send() -> None:
-            await asyncio.sleep(delay)
-            if (self.probe_factor > 1.0 and self.link.padding(self.publication.clock())
-                    and (self.pacer is None or not self.pacer.waiting)  # (padding never delays media)
-                    and await self._send(packet, out_seq, out_ts, extra=True, probe=True)):
-                self.stats.padding += 1
-
-        task = asyncio.ensure_future(send())
-        self._padding.add(task)
-        task.add_done_callback(self._padding.discard)
+    async def _pad(self) -> None:
+        """Probing: pad up to the probe rate with duplicates of a packet just sent, paced at the padding's
+        own rate while the probe pads. Receivers drop duplicates; the link carries them, which is the point.
+        (Sent in a burst behind each packet, the duplicates of a frame held up the audio behind them on a
+        thin link for tens of ms.) Padding never delays media: while any waits in the pacer, none goes."""
+        clock = self.publication.clock
+        due = clock()
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + PADDING_LONGEST
+        while (self.probe_factor > 1.0 and self.link.padding(clock()) and not self.publication.closed
+               and loop.time() < ends):
+            now = clock()
+            source = self.pad_source
+            if source is None or now - source[3] > PADDING_FRESH:
+                await asyncio.sleep(PADDING_TICK)  # (nothing sent lately to repeat)
+                due = clock()
+                continue
+            if now >= due:
+                packet, out_seq, out_ts, _ = source
+                due = max(due, now - PADDING_CATCH_UP) + len(packet.payload) * 8 / max(self.padding_rate, 1.0)
+                if ((self.pacer is None or not self.pacer.waiting)
+                        and await self._send(packet, out_seq, out_ts, extra=True, probe=True)):
+                    self.stats.padding += 1
+            await asyncio.sleep(max(due - clock(), 0.0))
 
     def _hold(self, packet: RtpPacket, arrival_ns: int, now: float, keyframe: bool | None) -> None:
         """A packet the pacer did not let go at once: queued, or dropped while waiting for a keyframe."""

@@ -14,8 +14,15 @@ class RateMeter:
     """Bits per second, smoothed over the last few half-second windows."""
 
     rate: float = 0.0
+    latest: float = 0.0  # the last half-second window's rate, unsmoothed
     window_start: float | None = None
     window_bytes: int = 0
+
+    @property
+    def rising(self) -> float:
+        """The smoothed rate, or the last window's if that is more: a rise shows within a window, not after
+        the smoothing has followed it (an encoder given more uses it within half a second)."""
+        return max(self.rate, self.latest)
 
     def add(self, size: int, now: float) -> None:
         self._roll(now)
@@ -32,7 +39,7 @@ class RateMeter:
         elapsed = now - self.window_start
         if elapsed < WINDOW:
             return
-        sample = self.window_bytes * 8 / elapsed
+        sample = self.latest = self.window_bytes * 8 / elapsed
         first = self.rate == 0.0
         self.rate = sample if first else (1 - SMOOTHING) * self.rate + SMOOTHING * sample
         # A long silence counts as one sample of nothing, not many.

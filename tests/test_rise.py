@@ -241,3 +241,21 @@ def test_a_link_that_falls_right_after_a_probe_is_cut_at_once() -> None:
     assert bwe.estimate == 1_800_000
     bwe.on_transport_feedback([], OVERUSE, 320_000, 10.4)  # what arrives fell to a sixth: that is the link
     assert bwe.estimate == pytest.approx(320_000 * 0.85)
+
+
+async def test_the_cap_steps_from_what_the_publisher_sent_in_its_last_half_second_not_from_the_smoothed_rate() -> None:
+    now = [0.0]
+    tap = _Tap(uplink_estimate=200_000)
+    publication = Publication("kit", "video", cast(Any, tap), clock=lambda: now[0])
+    publication.source_ssrc = 1234
+    publication.subscriptions.add(cast(Any, _Subscriber(_Budget(2_000_000))))
+    meter = publication.meter
+    for tick in range(40):  # four seconds at 150 kbit/s
+        meter.add(150_000 // 8 // 10, tick / 10)
+    for tick in range(40, 46):  # then half a second at 450 kbit/s: its encoder used the cap it was told
+        meter.add(450_000 // 8 // 10, tick / 10)
+    meter.current(4.6)
+    assert meter.rate < 300_000 < meter.latest, "the smoothed rate still lags"
+    now[0] = 4.6
+    await publication._tell_rate_cap()
+    assert tap.told[-1] == pytest.approx(meter.latest * UPLINK_STEP)

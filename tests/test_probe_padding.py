@@ -1,0 +1,79 @@
+"""A probe's padding on a clock of its own: behind the lowest layer's few packets it still reaches the probe's
+rate, paced, and it stops when the probe does."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from aiortc.rtp import RtpPacket
+
+from mediaserver.forwarder import Publication, Subscription
+from mediaserver.rewriter import StreamRewriter
+
+PROBE = 1_000_000.0  # bit/s the probe asks for
+LAYER = 40_000.0  # the lowest layer's own rate: 8 frames a second of 625 bytes
+
+
+@dataclass
+class _Port:
+    connected: bool = True
+    payload_type: int | None = 96
+    sent: list[tuple[float, int, bool]] = field(default_factory=list)  # (when, bytes, a probe's duplicate)
+
+    async def send(self, payload: bytes, *, sequence_number: int, timestamp: int, marker: bool, padding_size: int,
+                   audio_level: Any, probe: bool) -> None:
+        self.sent.append((asyncio.get_running_loop().time(), len(payload), probe))
+
+
+@dataclass
+class _ProbingLink:
+    until: float  # the probe pads until then
+
+    def video_budget(self) -> float | None:
+        return 100_000.0
+
+    def rise_budget(self) -> float | None:
+        return 100_000.0
+
+    def probe(self, now: float, wanted: float) -> float | None:
+        return PROBE
+
+    def padding(self, now: float) -> bool:
+        return now < self.until
+
+    def lost_packets(self, now: float, packets: int = 1) -> None:
+        pass
+
+    def transit(self) -> float | None:
+        return None
+
+
+async def test_padding_behind_a_thin_layer_reaches_the_probe_rate_and_stops_with_the_probe() -> None:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    publication = Publication("kit", "video", cast(Any, None), clock=loop.time)
+    publication.meter.rate = LAYER
+    port = _Port()
+    link = _ProbingLink(until=start + 0.6)
+    subscription = Subscription(publication, cast(Any, port), StreamRewriter(90000), link)
+    subscription.level, subscription.target = 0, None
+    await subscription.decide(start, [(0, LAYER), (1, 2_000_000.0)], cap_limited=False)
+    assert subscription.probe_factor > 1.0
+    frame = 0
+    while loop.time() < start + 0.6:  # the layer's frames, one packet each, as they come
+        packet = RtpPacket(payload_type=96, sequence_number=frame, timestamp=frame * 11250, ssrc=7)
+        packet.payload = bytes(625)
+        await subscription.offer(0, packet, keyframe=frame == 0)
+        frame += 1
+        await asyncio.sleep(0.125)
+    padder = subscription._padder
+    assert padder is not None
+    await asyncio.wait_for(padder, 2.0)  # it ends with the probe
+    padding = [(at, size) for at, size, probe in port.sent if probe]
+    assert padding and all(at <= link.until + 0.05 for at, _ in padding), "none after the probe"
+    rate = sum(size for _, size in padding) * 8 / (padding[-1][0] - padding[0][0])
+    # (behind each packet, at most ten times the layer's rate went: 0.4 Mbit/s)
+    assert rate >= 0.7 * (PROBE - LAYER), f"padding at {rate / 1e3:.0f} kbit/s"
+    assert rate <= 1.2 * (PROBE - LAYER), "paced at the padding's rate, not flooded"
