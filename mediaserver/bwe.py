@@ -209,8 +209,8 @@ OVERFLOW_LOSS = 0.3
 # estimate sat 40 % over the link until the queue drained). Each cut is to what arrived, not a share of the
 # estimate, so cutting again within the queue's round trip cannot fall far under the link.
 OVERUSE_CUT_INTERVAL = 0.2
-# What arrives falling under this share of what arrived when a probe ended is the link falling, not the probe's
-# queue: it cuts even
+# What arrives falling under this share of what arrived when a probe ended, or a queue overflowing with the
+# stream's own packets (``OVERFLOW_LOSS``), is the link falling, not the probe's queue: it cuts even
 # right after a probe (a link that drops from 2 Mbit/s to 300 kbit/s as a probe ends would otherwise be flooded
 # for the rest of the probe's blame).
 LINK_FELL = 0.5
@@ -235,6 +235,10 @@ PROBE_RECEIVED_SHARE = 0.85  # a probe's packets must arrive at least this share
 PROBE_REACHED = 0.7  # padding that reached this share of a probe's rate proves the rate (it runs a little short)
 CLUSTER_SHARE = 0.9  # a cluster that found the link full moves the estimate to this share of its arrival rate
 CLUSTER_ON_TIME = 0.97  # ... one arriving slower than this share of its send rate proves only what arrived
+# ... and backs off as a failure unless that lifted the usable estimate by this much: after a link came back to
+# 2 Mbit/s, clusters arriving at 0.92-0.95 of their rate (the publisher's keyframes at a new size beside them) each
+# proved 15-25 % more, and each backed the next off longer (1, 2, then 4 s), holding the climb at 1.3 Mbit/s.
+CLUSTER_GAINED = 1.1
 CLUSTER_MARKERS = 5  # a cluster needs this many of its packets noted by the receiver to be measured
 
 
@@ -619,6 +623,8 @@ class BandwidthEstimate:
         if acked is not None:
             self.acked = acked
             self._carried(acked)
+        # (a queue overflowing with the stream's own packets, not a probe's duplicates: the link is full)
+        overflowing = lost > self._own_loss() + OVERFLOW_LOSS
         probe = self.probe
         if probe is not None:
             probe.packets.extend(r for r in results if probe.start <= r.sent < probe.start + probe.duration)
@@ -636,9 +642,9 @@ class BandwidthEstimate:
             if any(r.sent >= probe.start + probe.duration for r in results):  # feedback has covered all of it
                 self._judge_cluster(probe, now)
         elif (state == OVERUSE and acked is not None
-              and (now >= self.blame_until or acked < self.blame_acked * LINK_FELL)
+              and (now >= self.blame_until or acked < self.blame_acked * LINK_FELL or overflowing)
               and (self.last_cut is None or now - self.last_cut >= OVERUSE_CUT_INTERVAL)):
-            kept_up = sent is not None and acked >= sent * KEPT_UP and lost <= self._own_loss() + OVERFLOW_LOSS
+            kept_up = sent is not None and acked >= sent * KEPT_UP and not overflowing
             if kept_up and acked < self.estimate:
                 if not self._burst_cut:  # (the link kept up: a burst's queue, once)
                     self._burst_cut = True
@@ -698,10 +704,11 @@ class BandwidthEstimate:
                 return  # (else the next goes at once: this one was no failure, and restarts no back-off)
             # Arrived a little slower than sent: the link is about full, at what arrived.
             self._streak = rates.arrived >= rates.sent * CLUSTER_ON_TIME
-            failed = self.failed_probes
+            failed, before = self.failed_probes, self.usable
             self._verdict(probe, now, True, rate if self._streak else min(rate, rates.arrived))
             if not self._streak:
-                self.failed_probes = failed + 1  # (backs off, as below: the next would find the same)
+                if self.usable < before * CLUSTER_GAINED:
+                    self.failed_probes = failed + 1  # (backs off, as below: the next would find the same)
                 # (and the queue it left is its own doing: on a 1 Mbit/s link with 100 ms of round trip, read as
                 # overuse, it cut the estimate it had just proven to 0.85 times what the publisher was sending)
                 self.blame_until = now + PROBE_SETTLE_PER_PACKET + (self.base_rtt or self.rtt)

@@ -278,3 +278,17 @@ def test_a_queue_that_overflows_is_no_link_keeping_up_though_what_it_keeps_comes
     heard(bursty, 10.0, acked=600_000)
     bursty.on_transport_feedback([], OVERUSE, 600_000, 10.1, sent=610_000, lost=0.15)
     assert bursty.estimate == pytest.approx(900_000 * OVERUSE_CUT), "once, by 0.85: not a layer down"
+
+
+def test_a_queue_overflowing_with_the_streams_own_packets_right_after_a_failed_probe_is_the_link_falling() -> None:
+    bwe = BandwidthEstimate(estimate=1_800_000, confirmed=True)
+    heard(bwe, 0.0, acked=1_700_000)
+    bwe.on_report(0, now=0.1)
+    assert bwe.probe_rate(10.0, wanted=4_000_000) is not None
+    bwe.on_transport_feedback(packets(10.0, 0.1, 2_600_000), OVERUSE, 1_700_000, 10.15, sent=1_750_000)
+    bwe.on_transport_feedback(packets(10.1, 0.1, 2_600_000, first_seq=100), OVERUSE, 1_600_000, 10.25)
+    assert bwe.probe is None and bwe.failed_probes == 1 and bwe.estimate == 1_800_000  # (its queue: no cut)
+    # Within its blame, the link falls to 300 kbit/s: what arrives has not yet halved, but four in five of the
+    # stream's own packets are lost.
+    bwe.on_transport_feedback([], OVERUSE, 1_000_000, 10.45, sent=1_050_000, lost=0.8)
+    assert bwe.estimate == pytest.approx(1_000_000 * OVERUSE_CUT), "cut at once, to what arrives"

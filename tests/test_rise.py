@@ -259,3 +259,17 @@ async def test_the_cap_steps_from_what_the_publisher_sent_in_its_last_half_secon
     now[0] = 4.6
     await publication._tell_rate_cap()
     assert tap.told[-1] == pytest.approx(meter.latest * UPLINK_STEP)
+
+
+def test_a_cluster_a_little_slower_than_it_was_sent_that_still_proves_much_more_does_not_back_the_next_off() -> None:
+    bwe = BandwidthEstimate(estimate=1_000_000, confirmed=True)
+    heard(bwe, 0.0, acked=900_000)
+    bwe.on_report(0, now=0.1)
+    rate = bwe.probe_rate(1.0, wanted=4_000_000)
+    assert rate is not None
+    # its packets arrive over 1.07 times the span they were sent in: the link is about full at what arrived,
+    # which is still well over the estimate
+    bwe.on_transport_feedback(packets(1.0, 0.2, rate, delay_growth=0.07), NORMAL, 900_000, 1.3)
+    assert bwe.probe is None and bwe.usable >= 1_000_000 * 1.1
+    assert bwe.failed_probes == 0, "it proved more: no back-off"
+    assert bwe.probe_rate(1.35, wanted=4_000_000) is not None, "the next at once"
