@@ -71,9 +71,10 @@ and mediaserver/delay_detector.py), where the subscriber sends it (browsers, Nä
 receive path), adds faster rules; the ones above stay for subscribers without it:
 
 * Overuse: when the delay detector sees the queue grow, cut at once to 0.85
-  times what the receiver acknowledged over the last half second (no floor
-  from what the reports said was delivered: they are a second old), at most
-  every 0.2 s. But where those packets arrived as fast as they were sent
+  times what the receiver acknowledged over the last half second, or over
+  the last fifth of one if that is less (a link that has just fallen), with
+  no floor from what the reports said was delivered (they are a second old),
+  at most every 0.2 s. But where those packets arrived as fast as they were sent
   (``KEPT_UP``), and no more of what was sent was lost than the link loses of
   its own and a burst's overflow (``OVERFLOW_LOSS``: a queue full to
   overflowing keeps only what the link carries, and passes that on as fast
@@ -608,10 +609,12 @@ class BandwidthEstimate:
         return self.per_packet_at is not None and now - self.per_packet_at < PER_PACKET_FRESH
 
     def on_transport_feedback(self, results: list[PacketResult], state: str, acked: float | None,
-                              now: float, sent: float | None = None, lost: float = 0.0) -> None:
+                              now: float, sent: float | None = None, lost: float = 0.0,
+                              arriving: float | None = None) -> None:
         """One transport feedback packet: ``results``, its packets matched to what was sent; ``state``,
         the delay detector's after them; ``acked``, what the receiver acknowledged lately (bit/s); ``sent``,
-        the rate those packets were sent at (bit/s); ``lost``, the share lost of what was sent meanwhile."""
+        the rate those packets were sent at (bit/s); ``lost``, the share lost of what was sent meanwhile;
+        ``arriving``, what arrives over the last fifth of a second (bit/s)."""
         if state != OVERUSE:
             self._burst_cut = False
         self.per_packet_at = now
@@ -651,8 +654,9 @@ class BandwidthEstimate:
                     self.overuse_cuts += 1
                     self._cut_to(self.estimate * OVERUSE_CUT, now, floor=0.0)
             else:
+                # (what arrives now, if less: the half second's average still holds what came before a fall)
                 self.overuse_cuts += 1
-                self._cut_to(acked * OVERUSE_CUT, now, floor=0.0)
+                self._cut_to(min(acked, arriving or acked) * OVERUSE_CUT, now, floor=0.0)
         else:
             self._grow_per_packet(state, now)
 

@@ -26,6 +26,10 @@ and the WebRTC design notes), fed from transport-wide feedback (mediaserver/twcc
   that drops what overflows it passes the few it keeps at about the rate they
   came: the share of what was sent in that span that was lost
   (``lost_share``) tells it apart from a link with room.
+* What arrives now (``arriving_rate``): the same over the last fifth of a
+  second of arrivals. Through a full link packets arrive evenly at its
+  capacity, and a link that has just fallen shows there at once, where the
+  half second's average still holds most of what came before.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ THRESHOLD_UP, THRESHOLD_DOWN = 0.0087, 0.039  # per millisecond of the signal's 
 THRESHOLD_IGNORE = 15.0  # a signal this far past the threshold does not move it
 OVERUSE_TIME = 0.010  # seconds the signal must stay over the threshold
 ACKED_WINDOW = 0.5  # seconds of arrivals the acknowledged bitrate counts
+ARRIVING_WINDOW = 0.2  # seconds of the latest arrivals ``arriving_rate`` counts
+ARRIVING_PACKETS = 5  # ... at least this many packets, over at least half that time
 PACKET_OVERHEAD = 28  # bytes of IP and UDP around each datagram
 
 NORMAL, OVERUSE, UNDERUSE = "normal", "overuse", "underuse"
@@ -70,6 +76,7 @@ class DelayDetector:
         self.acked_rate: float | None = None  # bit/s
         self.sent_rate: float | None = None  # bit/s: the rate the packets behind acked_rate were sent at
         self.lost_share = 0.0  # of the bytes sent over the span they were sent in, the share lost
+        self.arriving_rate: float | None = None  # bit/s over the last ARRIVING_WINDOW of arrivals
         self.groups_seen = 0
         self._group: _Group | None = None
         self._previous: _Group | None = None
@@ -115,7 +122,25 @@ class DelayDetector:
             span = self._newest_sent - first_sent
             self.sent_rate = self._acked_bytes * 8 / max(span, 1e-3)  # (no floor: a full link's span is short)
             self.lost_share = self._lost_bytes / (self._acked_bytes + self._lost_bytes)
+            self.arriving_rate = self._arriving()
         return self.state
+
+    def _arriving(self) -> float | None:
+        newest = self._newest_arrival
+        if newest is None:
+            return None
+        count = total = 0
+        oldest = newest
+        for arrival, size, _ in reversed(self._acked):
+            if arrival < newest - ARRIVING_WINDOW:
+                break
+            if count:
+                total += size  # (the oldest packet's bytes arrived before the span began)
+            count += 1
+            oldest = arrival
+        if count < ARRIVING_PACKETS or newest - oldest < ARRIVING_WINDOW / 2:
+            return None
+        return total * 8 / (newest - oldest)
 
     def _acknowledge(self, arrival: float, size: int, sent: float) -> None:
         if self._newest_arrival is None or arrival > self._newest_arrival:

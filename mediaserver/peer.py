@@ -312,7 +312,7 @@ class Peer:
         self.transport_feedbacks += 1
         state = self.delay.on_results(results)
         self.bandwidth.on_transport_feedback(results, state, self.delay.acked_rate, time.monotonic(),
-                                             self.delay.sent_rate, self.delay.lost_share)
+                                             self.delay.sent_rate, self.delay.lost_share, self.delay.arriving_rate)
 
     def subscriptions(self) -> list[Subscription]:
         return [s.subscription for s in self.slots if s.subscription is not None]

@@ -292,3 +292,10 @@ def test_a_queue_overflowing_with_the_streams_own_packets_right_after_a_failed_p
     # stream's own packets are lost.
     bwe.on_transport_feedback([], OVERUSE, 1_000_000, 10.45, sent=1_050_000, lost=0.8)
     assert bwe.estimate == pytest.approx(1_000_000 * OVERUSE_CUT), "cut at once, to what arrives"
+
+
+def test_a_link_that_has_just_fallen_is_cut_to_what_arrives_now_not_the_half_seconds_average() -> None:
+    bwe = BandwidthEstimate(estimate=1_800_000, confirmed=True)
+    heard(bwe, 10.0, acked=1_700_000)
+    bwe.on_transport_feedback([], OVERUSE, 1_000_000, 10.2, sent=1_500_000, lost=0.5, arriving=310_000)
+    assert bwe.estimate == pytest.approx(310_000 * OVERUSE_CUT)

@@ -109,3 +109,16 @@ def test_a_full_queue_that_drops_what_overflows_it_reads_as_a_link_that_does_not
     # (a probe's duplicates, every third packet, are dropped by the receiver unnoted: they are no loss)
     feed(clean, [PacketResult(r.sequence, r.sent, r.size, True, None) if r.sequence % 3 == 0 else r for r in results])
     assert clean.lost_share == 0.0
+
+
+def test_what_arrives_now_shows_a_fall_at_once_where_the_half_seconds_average_lags() -> None:
+    detector = DelayDetector()
+    calm, free_at = link(rate_bps=2_000_000, send_bps=1_500_000, seconds=3)
+    feed(detector, calm)
+    assert detector.arriving_rate is not None and abs(detector.arriving_rate - 1_500_000 * 1028 / 1000) < 150_000
+    # The link falls to 300 kbit/s: 0.2 s of arrivals later, the half second's average still reads about 1 Mbit/s.
+    fallen, _ = link(rate_bps=300_000, send_bps=1_500_000, seconds=0.05, start=3.0, first_seq=len(calm),
+                     free_at=free_at)
+    feed(detector, fallen)
+    assert detector.acked_rate is not None and detector.acked_rate > 600_000
+    assert detector.arriving_rate is not None and detector.arriving_rate < 350_000
