@@ -78,7 +78,8 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   (``KEPT_UP``), and no more of what was sent was lost than the link loses of
   its own and a burst's overflow (``OVERFLOW_LOSS``: a queue full to
   overflowing keeps only what the link carries, and passes that on as fast
-  as it came), the link kept up with what it was given: the queue is a
+  as it came; such a loss cuts as an overuse does, before the detector's
+  trend reads one), the link kept up with what it was given: the queue is a
   burst's, and a sender held to a layer's rate would be cut far under the
   link; then the estimate is cut once by 0.85 while the overuse lasts.
 * An overuse seen before any of a probe's packets has arrived is the link's,
@@ -626,7 +627,9 @@ class BandwidthEstimate:
         if acked is not None:
             self.acked = acked
             self._carried(acked)
-        # (a queue overflowing with the stream's own packets, not a probe's duplicates: the link is full)
+        # A queue overflowing with the stream's own packets (not a probe's duplicates) is a full link, even before
+        # the delay detector's trend reads overuse: a queue of 300 ms at 300 kbit/s fills in 60 ms at 1.8 Mbit/s,
+        # and the losses are in the next feedback, where the trend took most of a second to cross its threshold.
         overflowing = lost > self._own_loss() + OVERFLOW_LOSS
         probe = self.probe
         if probe is not None:
@@ -644,7 +647,7 @@ class BandwidthEstimate:
                 probe.duration = min(probe.duration, max(now - probe.start, 0.0))
             if any(r.sent >= probe.start + probe.duration for r in results):  # feedback has covered all of it
                 self._judge_cluster(probe, now)
-        elif (state == OVERUSE and acked is not None
+        elif ((state == OVERUSE or overflowing) and acked is not None
               and (now >= self.blame_until or acked < self.blame_acked * LINK_FELL or overflowing)
               and (self.last_cut is None or now - self.last_cut >= OVERUSE_CUT_INTERVAL)):
             kept_up = sent is not None and acked >= sent * KEPT_UP and not overflowing

@@ -299,3 +299,15 @@ def test_a_link_that_has_just_fallen_is_cut_to_what_arrives_now_not_the_half_sec
     heard(bwe, 10.0, acked=1_700_000)
     bwe.on_transport_feedback([], OVERUSE, 1_000_000, 10.2, sent=1_500_000, lost=0.5, arriving=310_000)
     assert bwe.estimate == pytest.approx(310_000 * OVERUSE_CUT)
+
+
+def test_a_queue_overflowing_cuts_before_the_delay_trend_reads_overuse() -> None:
+    bwe = BandwidthEstimate(estimate=1_800_000, confirmed=True)
+    heard(bwe, 10.0, acked=1_700_000)
+    bwe.on_transport_feedback([], NORMAL, 1_500_000, 10.1, sent=1_700_000, lost=0.6, arriving=320_000)
+    assert bwe.estimate == pytest.approx(320_000 * OVERUSE_CUT)
+    # a link's own loss, as high, is no overflow once known
+    lossy = BandwidthEstimate(estimate=900_000, confirmed=True, asked_level=0.5)
+    heard(lossy, 10.0, acked=800_000)
+    lossy.on_transport_feedback([], NORMAL, 800_000, 10.1, sent=800_000, lost=0.6, arriving=800_000)
+    assert lossy.estimate >= 900_000
