@@ -32,6 +32,11 @@ def packets(start: float, seconds: float, rate_bps: float, *, first_seq: int = 0
     return found
 
 
+def dropped(sent: float, count: int = 4, first_seq: int = 5000) -> list[PacketResult]:
+    """The stream's own packets sent from ``sent`` on that a full queue dropped."""
+    return [PacketResult(first_seq + i, sent + i * 0.005, SIZE, False, None) for i in range(count)]
+
+
 def heard(bwe: BandwidthEstimate, now: float, acked: float = 100_000) -> None:
     bwe.on_transport_feedback([], NORMAL, acked, now)
 
@@ -271,7 +276,7 @@ def test_a_queue_that_overflows_is_no_link_keeping_up_though_what_it_keeps_comes
     # at about the rate they came.
     bwe = BandwidthEstimate(estimate=1_500_000, confirmed=True)
     heard(bwe, 10.0, acked=1_400_000)
-    bwe.on_transport_feedback([], OVERUSE, 300_000, 10.1, sent=310_000, lost=0.8)
+    bwe.on_transport_feedback(dropped(10.0), OVERUSE, 300_000, 10.1, sent=310_000, lost=0.8)
     assert bwe.estimate == pytest.approx(300_000 * OVERUSE_CUT), "to what arrives, not by 0.85"
     # A keyframe's burst on a link with room, a few of it lost besides the link's own 5 %: kept up.
     bursty = BandwidthEstimate(estimate=900_000, confirmed=True, asked_level=0.05)
@@ -290,7 +295,7 @@ def test_a_queue_overflowing_with_the_streams_own_packets_right_after_a_failed_p
     assert bwe.probe is None and bwe.failed_probes == 1 and bwe.estimate == 1_800_000  # (its queue: no cut)
     # Within its blame, the link falls to 300 kbit/s: what arrives has not yet halved, but four in five of the
     # stream's own packets are lost.
-    bwe.on_transport_feedback([], OVERUSE, 1_000_000, 10.45, sent=1_050_000, lost=0.8)
+    bwe.on_transport_feedback(dropped(10.35), OVERUSE, 1_000_000, 10.45, sent=1_050_000, lost=0.8)
     assert bwe.estimate == pytest.approx(1_000_000 * OVERUSE_CUT), "cut at once, to what arrives"
 
 
@@ -304,10 +309,18 @@ def test_a_link_that_has_just_fallen_is_cut_to_what_arrives_now_not_the_half_sec
 def test_a_queue_overflowing_cuts_before_the_delay_trend_reads_overuse() -> None:
     bwe = BandwidthEstimate(estimate=1_800_000, confirmed=True)
     heard(bwe, 10.0, acked=1_700_000)
-    bwe.on_transport_feedback([], NORMAL, 1_500_000, 10.1, sent=1_700_000, lost=0.6, arriving=320_000)
+    bwe.on_transport_feedback(dropped(10.0), NORMAL, 1_500_000, 10.1, sent=1_700_000, lost=0.6, arriving=320_000)
     assert bwe.estimate == pytest.approx(320_000 * OVERUSE_CUT)
+    # The share still counts those losses for half a second: they cut nothing more. Losses of packets sent
+    # after the cut do.
+    bwe.on_transport_feedback(dropped(10.05, first_seq=6000), NORMAL, 700_000, 10.35, sent=800_000, lost=0.6,
+                              arriving=250_000)
+    assert bwe.overuse_cuts == 1 and bwe.estimate >= 320_000 * OVERUSE_CUT
+    bwe.on_transport_feedback(dropped(10.2, first_seq=7000), NORMAL, 400_000, 10.5, sent=500_000, lost=0.5,
+                              arriving=250_000)
+    assert bwe.estimate == pytest.approx(250_000 * OVERUSE_CUT)
     # a link's own loss, as high, is no overflow once known
     lossy = BandwidthEstimate(estimate=900_000, confirmed=True, asked_level=0.5)
     heard(lossy, 10.0, acked=800_000)
-    lossy.on_transport_feedback([], NORMAL, 800_000, 10.1, sent=800_000, lost=0.6, arriving=800_000)
+    lossy.on_transport_feedback(dropped(10.0), NORMAL, 800_000, 10.1, sent=800_000, lost=0.6, arriving=800_000)
     assert lossy.estimate >= 900_000
