@@ -113,8 +113,9 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   it), the next probes close in on it, and they back off as after a failure
   (a probe just above a full link, one after another, would keep it full).
   There is no waiting a second for a report. A cluster whose padding fell short of its rate
-  proves nothing: a low layer's packets come a frame apart and the padding
-  goes behind them, so the next is twice as long (up to
+  proves nothing: the padding repeats a packet sent lately, and a low layer's
+  packets come a frame apart (the padding waits for the first, and stops
+  while media waits in the pacer), so the next is twice as long (up to
   ``PROBE_TIME_LONGEST``) and goes at once; after one at the longest (as
   when a paused stream has nothing to pad with), the next waits a back-off.
 * They start sooner and go further: half a second after the link is first
@@ -702,11 +703,11 @@ class BandwidthEstimate:
             elif rates.sent >= probe.rate * CLUSTER_FULL:
                 self.cluster_time = max(self.cluster_time / 2, PROBE_TIME_PER_PACKET)
             if rate * 0.95 <= self.usable:
-                # Its padding could not go: it proved nothing. A low layer's packets come a frame apart, and the
-                # padding goes behind them: a short cluster may hold one frame's padding or none, so the next
-                # is longer and follows at once. Once at the longest (or with nothing to pad with at all: a paused
-                # subscriber), the next waits a back-off (one after another, they would hold off the growth
-                # between them for good).
+                # Its padding could not go: it proved nothing. The padding repeats a packet sent lately, and a low
+                # layer's packets come a frame apart: a short cluster may end before its padding had much to
+                # repeat, so the next is longer and follows at once. Once at the longest (or with nothing to pad
+                # with at all: a paused subscriber), the next waits a back-off (one after another, they would hold
+                # off the growth between them for good).
                 self._streak = False
                 self.probe = None
                 if probe.duration >= PROBE_TIME_LONGEST:
