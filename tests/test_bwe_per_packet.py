@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from mediaserver.bwe import (
@@ -39,6 +41,17 @@ def dropped(sent: float, count: int = 4, first_seq: int = 5000) -> list[PacketRe
 
 def heard(bwe: BandwidthEstimate, now: float, acked: float = 100_000) -> None:
     bwe.on_transport_feedback([], NORMAL, acked, now)
+
+
+def probing(acked: float, wanted: float, **fields: Any) -> tuple[BandwidthEstimate, float]:
+    """An estimate (``fields``) heard from at 0 s with ``acked`` arriving, a clean report at 0.1 s, and the
+    probe it starts at 1 s toward ``wanted``: the estimate, and the probe's rate."""
+    bwe = BandwidthEstimate(**fields)
+    heard(bwe, 0.0, acked=acked)
+    bwe.on_report(0, now=0.1)
+    rate = bwe.probe_rate(1.0, wanted=wanted)
+    assert rate is not None
+    return bwe, rate
 
 
 def test_an_overuse_while_the_link_keeps_up_with_a_layers_rate_cuts_the_estimate_once_not_to_that_rate() -> None:
@@ -88,11 +101,7 @@ def test_a_probe_whose_packets_arrive_on_time_is_proven_as_soon_as_their_feedbac
 
 
 def test_a_cluster_that_arrives_slower_than_it_was_sent_measures_the_link() -> None:
-    bwe = BandwidthEstimate()
-    heard(bwe, 0.0)
-    bwe.on_report(0, now=0.1)
-    rate = bwe.probe_rate(1.0, wanted=2_000_000)
-    assert rate is not None
+    bwe, rate = probing(acked=100_000, wanted=2_000_000)
     # the link stretches the cluster: its packets arrive over 1.2 times the span they were sent in
     bwe.on_transport_feedback(packets(1.0, 0.6, rate, delay_growth=0.2, size=300), NORMAL, 150_000, 1.65)
     assert bwe.probe is None and bwe.failed_probes == 1  # (backed off: the link is full at the probe's rate)
@@ -200,11 +209,7 @@ def test_no_probe_while_the_queue_grows_or_drains() -> None:
 
 
 def test_a_cluster_spread_by_jitter_below_what_the_link_carried_is_no_measure_of_it() -> None:
-    bwe = BandwidthEstimate()
-    heard(bwe, 0.0, acked=150_000)
-    bwe.on_report(0, now=0.1)
-    rate = bwe.probe_rate(1.0, wanted=2_000_000)
-    assert rate is not None
+    bwe, rate = probing(acked=150_000, wanted=2_000_000)
     # a lossy, jittery link: the cluster's few noted packets arrive spread over twice their span
     bwe.on_transport_feedback(packets(1.0, 0.6, rate, delay_growth=1.0, size=300), NORMAL, 150_000, 1.65)
     assert bwe.probe is None and bwe.failed_probes == 1 and bwe.measured is None
@@ -212,11 +217,7 @@ def test_a_cluster_spread_by_jitter_below_what_the_link_carried_is_no_measure_of
 
 
 def test_a_cluster_with_nothing_to_pad_proves_nothing_and_the_next_waits() -> None:
-    bwe = BandwidthEstimate(estimate=100_000, confirmed=True)
-    heard(bwe, 0.0, acked=60_000)
-    bwe.on_report(0, now=0.1)
-    rate = bwe.probe_rate(1.0, wanted=500_000)
-    assert rate is not None
+    bwe, rate = probing(acked=60_000, wanted=500_000, estimate=100_000, confirmed=True)
     # a paused subscriber: only its sound (40 kbit/s) goes, and the padding has nothing to repeat
     now = 1.0
     durations = []

@@ -12,7 +12,7 @@ from mediaserver.bwe import GROWTH_ABOVE_ACKED, GROWTH_PER_PACKET, PROBE_ABOVE_C
 from mediaserver.delay_detector import NORMAL, OVERUSE
 from mediaserver.forwarder import UPLINK_CALM, UPLINK_STEP, Publication
 from mediaserver.ladder import SOURCE_HEADROOM
-from tests.test_bwe_per_packet import fifo_link, heard, packets
+from tests.test_bwe_per_packet import fifo_link, heard, packets, probing
 
 
 def lossy_feedback(bwe: BandwidthEstimate, start: float, seconds: float, acked: float, state: str = NORMAL) -> None:
@@ -168,11 +168,7 @@ def test_the_kits_encoder_uses_a_fast_links_cap_and_keeps_its_spare_on_a_thin_on
 
 
 def test_the_queue_a_cluster_left_on_a_full_link_is_its_own_doing_and_cuts_nothing() -> None:
-    bwe = BandwidthEstimate(estimate=600_000, confirmed=True)
-    heard(bwe, 0.0, acked=300_000)
-    bwe.on_report(0, now=0.1)
-    rate = bwe.probe_rate(1.0, wanted=2_000_000)
-    assert rate is not None
+    bwe, rate = probing(acked=300_000, wanted=2_000_000, estimate=600_000, confirmed=True)
     # the link is about full: the cluster arrives at 90 % of the rate it was sent at, and is proven at that
     bwe.on_transport_feedback(packets(1.0, 0.3, rate, size=300, delay_growth=0.11), NORMAL, 300_000, 1.35)
     proven = bwe.estimate
@@ -262,11 +258,7 @@ async def test_the_cap_steps_from_what_the_publisher_sent_in_its_last_half_secon
 
 
 def test_a_cluster_a_little_slower_than_it_was_sent_that_still_proves_much_more_does_not_back_the_next_off() -> None:
-    bwe = BandwidthEstimate(estimate=1_000_000, confirmed=True)
-    heard(bwe, 0.0, acked=900_000)
-    bwe.on_report(0, now=0.1)
-    rate = bwe.probe_rate(1.0, wanted=4_000_000)
-    assert rate is not None
+    bwe, rate = probing(acked=900_000, wanted=4_000_000, estimate=1_000_000, confirmed=True)
     # its packets arrive over 1.07 times the span they were sent in: the link is about full at what arrived,
     # which is still well over the estimate
     bwe.on_transport_feedback(packets(1.0, 0.2, rate, delay_growth=0.07), NORMAL, 900_000, 1.3)
