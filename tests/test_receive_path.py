@@ -34,6 +34,7 @@ from mediaserver.encoders import OpusTrack
 from mediaserver.opus import OpusDecoder, has_fec
 from mediaserver.receive import (
     KEYFRAME_ASK_MIN,
+    PEAK_MEMORY,
     AudioPlayout,
     PacketFate,
     PlayoutFrame,
@@ -279,6 +280,45 @@ def test_the_delay_shrinks_slowly_when_the_jitter_is_gone() -> None:
     assert all(a - b <= TICK + 1e-9 for a, b in zip([grown, *delays], delays, strict=False))
     assert delays[-1] <= 0.061
     assert stream.playout.counters.concealed - 0 <= 6
+
+
+def queue_spikes(spikes: list[float], until: float, height: float = 0.15) -> list[tuple[float, int]]:
+    """Packets 30 ms after their media time, except behind a queue that fills for 0.3 s from each of ``spikes``
+    (seconds) to ``height`` more and then drains, as a sender overshooting a thin link leaves."""
+    arrivals: list[tuple[float, int]] = []
+    last = 0.0
+    for i in range(int(until / TICK)):
+        t = i * TICK
+        extra = 0.0
+        for start in spikes:
+            if start <= t < start + 0.3:
+                extra = height * (t - start) / 0.3
+            elif start + 0.3 <= t:
+                extra = max(extra, height - (t - start - 0.3))
+        last = max(last, t + 0.03 + extra)
+        arrivals.append((last, i))
+    return arrivals
+
+
+def test_queue_spikes_that_recur_hold_the_delay_they_needed_and_lose_no_more_sound() -> None:
+    spikes = [2.0, 6.0, 10.0, 14.0, 18.0]
+    stream = Stream(AudioPlayout(can_recover=lambda packet: False))
+    told: list[PacketFate] = []
+    stream.playout.on_packet = told.append
+    stream.run(queue_spikes(spikes, until=22.0), until=22.0 - TICK)
+
+    def late_in(start: float) -> int:
+        return sum(1 for p in told
+                   if p.fate == "late" and start <= (p.sequence_number - stream.seq0) * TICK < start + 2)
+
+    assert late_in(2.0) > 0 and late_in(6.0) > 0  # sound lost to the first two: the jitter figures had forgotten
+    assert [late_in(s) for s in spikes[2:]] == [0, 0, 0]  # the next ones wait for their packets
+    held = stream.playout.target_delay
+    assert 0.15 <= held <= 0.25
+    # a quiet link: once PEAK_MEMORY has passed since the last, the delay comes down again
+    quiet = steady(int((PEAK_MEMORY + 10.0) / TICK), start=int(22.0 / TICK))
+    stream.run(quiet, until=quiet[-1][0] - TICK)
+    assert stream.playout.target_delay < 0.1 and stream.playout.delay < held
 
 
 def test_a_new_ssrc_starts_a_new_stream() -> None:
