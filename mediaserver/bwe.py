@@ -116,7 +116,8 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   proves nothing: the padding repeats a packet sent lately, and a low layer's
   packets come a frame apart (the padding waits for the first, and stops
   while media waits in the pacer), so the next is twice as long (up to
-  ``PROBE_TIME_LONGEST``) and goes at once; after one at the longest (as
+  ``PROBE_TIME_LONGEST``, and no longer than it takes to add ``PROBE_QUEUE``
+  of queue at the usable rate) and goes at once; after one at the longest (as
   when a paused stream has nothing to pad with), the next waits a back-off.
 * They start sooner and go further: half a second after the link is first
   heard from (or a cut), a cluster each, each to twice the last (the first
@@ -226,7 +227,9 @@ PROBE_CALM_PER_PACKET = 0.5  # seconds without a cut (or after the link is first
 PROBE_SETTLE_PER_PACKET = 0.5  # seconds after a failed probe whose overuse is its own doing
 PROBE_STEPS_PER_PACKET = (2.0, 2.0)  # the first probes' steps: to 2x what was carried, then 4x
 PROBE_STREAK_STEP = 2.0  # a probe right after one that worked steps this far (1.5x otherwise)
-PROBE_BACKOFF_PER_PACKET = (1.0, 2.0, 4.0, 4.0, 4.0)
+# (Past three failures in a row, 8 s: on a full 150 kbit/s link each failed probe still holds the sound back by tens
+# of ms, and probes every 4 s found the same link each time.)
+PROBE_BACKOFF_PER_PACKET = (1.0, 2.0, 4.0, 8.0, 8.0)
 # A link that has carried this many times the usable estimate fell (a cell's edge, a handover) and may come back
 # as suddenly: probes back off no longer than ``FALLEN_BACKOFF`` (a rate that failed a few times in a row held the
 # next probe off for 4 s, and the climb back to 2 Mbit/s began up to 3 s after the link was back), and one that
@@ -243,6 +246,11 @@ CLUSTER_ON_TIME = 0.97  # ... one arriving slower than this share of its send ra
 # proved 15-25 % more, and each backed the next off longer (1, 2, then 4 s), holding the climb at 1.3 Mbit/s.
 CLUSTER_GAINED = 1.1
 CLUSTER_MARKERS = 5  # a cluster needs this many of its packets noted by the receiver to be measured
+# A cluster's padding beyond the usable estimate fills the queue by that much if the link is full: it lasts no
+# longer than it takes to add PROBE_QUEUE seconds of queue at the usable rate (nor shorter than
+# PROBE_TIME_PER_PACKET). (On a 150 kbit/s link, a cluster that fell short was followed at once by one twice as
+# long, at 1.5 times the estimate: it held the audio 0.25 s, and 0.6 s of it came too late to play.)
+PROBE_QUEUE = 0.1
 
 
 @dataclass(frozen=True)
@@ -325,6 +333,7 @@ class Probe:
     packets: list[PacketResult] = field(default_factory=list)  # its packets' feedback (per-packet feedback only)
     stopped: bool = False  # its padding was stopped early: its packets showed a queue growing
     per_packet: bool = False  # judged by its own packets' delay and arrival (then never by NACKs)
+    longest: bool = False  # it lasted as long as a cluster at its rate may
 
 
 @dataclass
@@ -520,9 +529,11 @@ class BandwidthEstimate:
             return None  # (the last could not pad: it proved nothing)
         if per_packet and self.delay_state != NORMAL:
             return None  # (a queue growing, or one still draining: the probe would only add to it)
+        longest = min(PROBE_TIME_LONGEST, max(PROBE_TIME_PER_PACKET, PROBE_QUEUE * usable / (target - usable)))
         self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_queue=self.queue_delay,
                            nack_rate=self._nack_rate(now), asked_before=self.asked,
-                           duration=self.cluster_time if per_packet else PROBE_TIME, per_packet=per_packet)
+                           duration=min(self.cluster_time, longest) if per_packet else PROBE_TIME,
+                           per_packet=per_packet, longest=self.cluster_time >= longest)
         self.probes += 1
         return target
 
@@ -710,7 +721,7 @@ class BandwidthEstimate:
                 # off the growth between them for good).
                 self._streak = False
                 self.probe = None
-                if probe.duration >= PROBE_TIME_LONGEST:
+                if probe.longest:
                     self.last_probe_end = now
                     self.idle_until = now + PROBE_BACKOFF_PER_PACKET[0]
                 return  # (else the next goes at once: this one was no failure, and restarts no back-off)
@@ -744,9 +755,11 @@ class BandwidthEstimate:
     @staticmethod
     def _delay_rise(probe: Probe) -> float:
         """How much the one-way delay of a probe's packets grew so far: its latest quarter's average
-        over its first quarter's lowest (0 before eight of them came back)."""
-        delays = [r.arrival - r.sent for r in sorted(probe.packets, key=lambda r: r.sent)
-                  if not r.probe and r.arrival is not None]
+        over its first quarter's lowest (0 before eight of them came back). Its padding counts: it crosses
+        the same queue. (Counting the media alone, a 150 kbit/s link's seven frames a second took half a
+        second to bring eight back, and a probe at 1.5 times the link padded on that long: the queue it
+        left held the audio 150-200 ms, and each probe cost 0.3-0.6 s of sound.)"""
+        delays = [r.arrival - r.sent for r in sorted(probe.packets, key=lambda r: r.sent) if r.arrival is not None]
         if len(delays) < 8:
             return 0.0
         quarter = len(delays) // 4
