@@ -436,7 +436,13 @@ class BandwidthEstimate:
         if now < self.blame_until:
             return  # what the failed probe left in the queue
         if self.remb < self.estimate:
-            self._cut_to(self.remb, now, floor=REMB_DELIVERED_FLOOR)
+            value = self.remb
+            if self.per_packet(now) and self.acked is not None:
+                # The per-packet feedback says what arrives: a REMB far under it is the receiver's estimator
+                # overshooting a fall (aiortc's REMB sank to 63 kbit/s on a link fallen to 300 kbit/s, where
+                # 160 kbit/s was arriving, and paused the video for seconds). Cut as an overuse would.
+                value = max(value, self.acked * OVERUSE_CUT)
+            self._cut_to(value, now, floor=REMB_DELIVERED_FLOOR)
 
     def on_rtt(self, rtt: float, now: float, stream: str = "") -> None:
         """A round trip measured on one of the link's streams (``stream`` names it)."""

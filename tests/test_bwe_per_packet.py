@@ -331,3 +331,18 @@ def test_a_queue_overflowing_cuts_before_the_delay_trend_reads_overuse() -> None
     lossy.on_transport_feedback(dropped(10.0), NORMAL, 800_000, 10.1, sent=800_000, lost=0.6, arriving=800_000)
     assert lossy.estimate >= 900_000
 
+
+def test_a_remb_far_under_what_the_per_packet_feedback_sees_arrive_cuts_no_further_than_an_overuse() -> None:
+    # A link fallen from 2 Mbit/s to 300 kbit/s: the receiver's REMB overshoots the fall, to 63 kbit/s.
+    bwe = BandwidthEstimate(estimate=1_800_000, confirmed=True, carried=1_800_000)
+    heard(bwe, 0.0, acked=1_700_000)
+    bwe.on_remb(1_800_000, now=0.5)
+    bwe.on_transport_feedback([], OVERUSE, 160_000, 1.0)  # (cut at once to what arrives)
+    assert bwe.estimate == pytest.approx(160_000 * OVERUSE_CUT)
+    bwe.on_remb(63_000, now=1.3)
+    assert bwe.estimate == pytest.approx(160_000 * OVERUSE_CUT)  # not paused on the REMB's word
+    # without per-packet feedback, the REMB is all there is to go by
+    alone = BandwidthEstimate(estimate=1_800_000, confirmed=True, carried=1_800_000)
+    alone.on_remb(1_800_000, now=0.5)
+    alone.on_remb(63_000, now=1.3)
+    assert alone.estimate == 63_000
