@@ -270,6 +270,7 @@ class AudioPlayout:
         self._guessing_after = 0.0  # no asking for overdue packets before this time
         self._last_arrival = 0.0
         self._peaks: deque[tuple[float, float]] = deque()  # (last late arrival, delay it needed) of each spike
+        self._answered_after: float | None = None  # the packet being taken in came this long after it was asked for
         self._requests: dict[int, _Request] = {}  # by extended sequence number
         self._given_up: dict[int, float] = {}  # asked for, frame played without it: seq -> when first asked
         self._late_since: float | None = None  # first arrival of the packets in a row that all came too late
@@ -343,7 +344,10 @@ class AudioPlayout:
             self._playhead = ts
         if ts < self._playhead and not self._late_for_good(now):
             self.counters.late_dropped += 1
-            if not repaired or seq in self._guessed:  # (late from a queue, not a repair of a gap that came slowly)
+            if not repaired or (seq in self._guessed and self._answered_after is not None
+                                and self._answered_after < (self.round_trip_time or self.assumed_round_trip)):
+                # (late from a queue: not asked for, or asked for as overdue and here sooner than a resend could
+                # be; not a resend that came slowly, which the repair delay answers)
                 self._note_peak(now, now - ts / self.clock_rate - self._base_transit + self._stride_duration)
             return "late"
         if ts < self._playhead:
@@ -416,6 +420,7 @@ class AudioPlayout:
 
     def _note_sequence(self, seq: int, ts: int, highest: int | None, now: float) -> bool:
         """Ask at once for a gap this packet reveals; True if this packet is one we asked for."""
+        self._answered_after = None
         if highest is not None and (seq <= highest or seq in self._requests):
             if seq > highest:
                 self._highest_ts = ts
@@ -424,6 +429,7 @@ class AudioPlayout:
             if first is None:
                 return False
             self._learn_repair_time(now - first)
+            self._answered_after = now - first
             return True
         previous_ts, self._highest_ts = self._highest_ts, ts
         if highest is None or seq == highest + 1 or self.on_missing is None:

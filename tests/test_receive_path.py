@@ -321,6 +321,22 @@ def test_queue_spikes_that_recur_hold_the_delay_they_needed_and_lose_no_more_sou
     assert stream.playout.target_delay < 0.1 and stream.playout.delay < held
 
 
+def test_resends_that_come_too_late_are_no_queue_spike() -> None:
+    asked: list[int] = []
+    playout = AudioPlayout(can_recover=lambda packet: False, on_missing=asked.extend)
+    playout.round_trip_time = 0.1
+    stream = Stream(playout)
+    lost = [100, 300, 500, 700]
+    # each lost packet comes again 0.4 s after it was due: too late to play
+    arrivals = steady(900, skip=frozenset(lost)) + [(i * TICK + 0.43, i) for i in lost]
+    told: list[PacketFate] = []
+    playout.on_packet = told.append
+    stream.run(arrivals, until=898 * TICK)
+    assert {p.sequence_number - stream.seq0 for p in told if p.fate == "late"} == set(lost)
+    assert all(stream.seq0 + i in asked for i in lost)
+    assert playout.peak_delay is None  # the repair delay's business, not a spike's
+
+
 def test_a_new_ssrc_starts_a_new_stream() -> None:
     playout = fec_playout()
     first = Stream(playout, ssrc=1)
