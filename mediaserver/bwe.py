@@ -116,8 +116,7 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   proves nothing: the padding repeats a packet sent lately, and a low layer's
   packets come a frame apart (the padding waits for the first, and stops
   while media waits in the pacer), so the next is twice as long (up to
-  ``PROBE_TIME_LONGEST``, and no longer than it takes to add ``PROBE_QUEUE``
-  of queue at the usable rate) and goes at once; after one at the longest (as
+  ``PROBE_TIME_LONGEST``) and goes at once; after one at the longest (as
   when a paused stream has nothing to pad with), the next waits a back-off.
 * They start sooner and go further: half a second after the link is first
   heard from (or a cut), a cluster each, each to twice the last (the first
@@ -246,11 +245,6 @@ CLUSTER_ON_TIME = 0.97  # ... one arriving slower than this share of its send ra
 # proved 15-25 % more, and each backed the next off longer (1, 2, then 4 s), holding the climb at 1.3 Mbit/s.
 CLUSTER_GAINED = 1.1
 CLUSTER_MARKERS = 5  # a cluster needs this many of its packets noted by the receiver to be measured
-# A cluster's padding beyond the usable estimate fills the queue by that much if the link is full: it lasts no
-# longer than it takes to add PROBE_QUEUE seconds of queue at the usable rate (nor shorter than
-# PROBE_TIME_PER_PACKET). (On a 150 kbit/s link, a cluster that fell short was followed at once by one twice as
-# long, at 1.5 times the estimate: it held the audio 0.25 s, and 0.6 s of it came too late to play.)
-PROBE_QUEUE = 0.1
 
 
 @dataclass(frozen=True)
@@ -333,7 +327,6 @@ class Probe:
     packets: list[PacketResult] = field(default_factory=list)  # its packets' feedback (per-packet feedback only)
     stopped: bool = False  # its padding was stopped early: its packets showed a queue growing
     per_packet: bool = False  # judged by its own packets' delay and arrival (then never by NACKs)
-    longest: bool = False  # it lasted as long as a cluster at its rate may
 
 
 @dataclass
@@ -535,11 +528,9 @@ class BandwidthEstimate:
             return None  # (the last could not pad: it proved nothing)
         if per_packet and self.delay_state != NORMAL:
             return None  # (a queue growing, or one still draining: the probe would only add to it)
-        longest = min(PROBE_TIME_LONGEST, max(PROBE_TIME_PER_PACKET, PROBE_QUEUE * usable / (target - usable)))
         self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_queue=self.queue_delay,
                            nack_rate=self._nack_rate(now), asked_before=self.asked,
-                           duration=min(self.cluster_time, longest) if per_packet else PROBE_TIME,
-                           per_packet=per_packet, longest=self.cluster_time >= longest)
+                           duration=self.cluster_time if per_packet else PROBE_TIME, per_packet=per_packet)
         self.probes += 1
         return target
 
@@ -727,7 +718,7 @@ class BandwidthEstimate:
                 # off the growth between them for good).
                 self._streak = False
                 self.probe = None
-                if probe.longest:
+                if probe.duration >= PROBE_TIME_LONGEST:
                     self.last_probe_end = now
                     self.idle_until = now + PROBE_BACKOFF_PER_PACKET[0]
                 return  # (else the next goes at once: this one was no failure, and restarts no back-off)
