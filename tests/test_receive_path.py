@@ -263,7 +263,8 @@ def test_the_delay_shrinks_slowly_when_the_jitter_is_gone() -> None:
     rng = random.Random(3)
     arrivals: list[tuple[float, int]] = []
     last = 0.0
-    for i in range(1000):
+    seconds = int(5 + PEAK_MEMORY + 15)  # (a packet that came late holds the delay for PEAK_MEMORY)
+    for i in range(seconds * 50):
         jitter = rng.uniform(0, 0.1) if i < 250 else 0.0  # five jittery seconds, then a quiet link
         last = max(last, i * TICK + 0.01 + jitter)
         arrivals.append((last, i))
@@ -272,7 +273,7 @@ def test_the_delay_shrinks_slowly_when_the_jitter_is_gone() -> None:
     grown = stream.playout.delay
     assert grown > 0.09
     delays = []
-    for second in range(5, 20):
+    for second in range(5, seconds):
         window = [a for a in arrivals if second * 50 <= a[1] < (second + 1) * 50]
         stream.run(window, until=((second + 1) * 50 - 1) * TICK)
         delays.append(stream.playout.delay)
@@ -300,7 +301,7 @@ def queue_spikes(spikes: list[float], until: float, height: float = 0.15) -> lis
     return arrivals
 
 
-def test_queue_spikes_that_recur_hold_the_delay_they_needed_and_lose_no_more_sound() -> None:
+def test_a_queue_spike_holds_the_delay_it_needed_and_the_next_lose_no_sound() -> None:
     spikes = [2.0, 6.0, 10.0, 14.0, 18.0]
     stream = Stream(AudioPlayout(can_recover=lambda packet: False))
     told: list[PacketFate] = []
@@ -311,10 +312,10 @@ def test_queue_spikes_that_recur_hold_the_delay_they_needed_and_lose_no_more_sou
         return sum(1 for p in told
                    if p.fate == "late" and start <= (p.sequence_number - stream.seq0) * TICK < start + 2)
 
-    assert late_in(2.0) > 0 and late_in(6.0) > 0  # sound lost to the first two: the jitter figures had forgotten
-    assert [late_in(s) for s in spikes[2:]] == [0, 0, 0]  # the next ones wait for their packets
+    assert late_in(2.0) > 0  # sound lost to the first: nothing had come late yet
+    assert [late_in(s) for s in spikes[1:]] == [0, 0, 0, 0]  # the next ones wait for their packets
     held = stream.playout.target_delay
-    assert 0.15 <= held <= 0.25
+    assert 0.15 <= held <= stream.playout.max_delay
     # a quiet link: once PEAK_MEMORY has passed since the last, the delay comes down again
     quiet = steady(int((PEAK_MEMORY + 10.0) / TICK), start=int(22.0 / TICK))
     stream.run(quiet, until=quiet[-1][0] - TICK)
