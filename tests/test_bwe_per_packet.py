@@ -341,3 +341,24 @@ def test_a_remb_far_under_what_the_per_packet_feedback_sees_arrive_cuts_no_furth
     alone.on_remb(1_800_000, now=0.5)
     alone.on_remb(63_000, now=1.3)
     assert alone.estimate == 63_000
+
+
+def test_probes_on_a_full_link_back_off_to_eight_seconds_after_three_failures() -> None:
+    # A 150 kbit/s link, full: each probe's packets queue up (their delay grows), and the probe fails.
+    bwe, rate = probing(acked=120_000, wanted=2_000_000, estimate=120_000, confirmed=True, carried=150_000)
+    now, seq = 1.0, 0
+    waits: list[int] = []
+    for _ in range(5):
+        assert bwe.probe is not None
+        results = packets(now, 0.3, rate, delay_growth=0.3, size=300, first_seq=seq)
+        seq += len(results)
+        bwe.on_transport_feedback(results, NORMAL, 120_000, now + 0.35)
+        assert bwe.probe is None  # failed
+        failed_at = now + 0.35
+        now = failed_at
+        while bwe.probe_rate(now, wanted=2_000_000) is None:
+            heard(bwe, now, acked=120_000)
+            now = round(now + 0.05, 3)
+        waits.append(round(now - failed_at))
+        rate = bwe.probe.rate if bwe.probe is not None else rate
+    assert waits == [1, 2, 4, 8, 8]
