@@ -273,6 +273,7 @@ class AudioPlayout:
         self._last_arrival = 0.0
         self._peaks: deque[tuple[float, float]] = deque()  # (last late arrival, delay it needed) of each spike
         self._answered_after: float | None = None  # the packet being taken in came this long after it was asked for
+        self._held: int | None = None  # the slot the playout last waited on (played one frame later)
         self._requests: dict[int, _Request] = {}  # by extended sequence number
         self._given_up: dict[int, float] = {}  # asked for, frame played without it: seq -> when first asked
         self._late_since: float | None = None  # first arrival of the packets in a row that all came too late
@@ -346,14 +347,14 @@ class AudioPlayout:
             self._playhead = ts
         if ts < self._playhead and not self._late_for_good(now):
             self.counters.late_dropped += 1
-            if not repaired or (seq in self._guessed and self._answered_after is not None
-                                and self._answered_after < (self.round_trip_time or self.assumed_round_trip)):
-                # (late from a queue: not asked for, or asked for as overdue and here sooner than a resend could
-                # be; not a resend that came slowly, which the repair delay answers)
+            if self._held_by_queue(seq, repaired):
                 self._note_peak(now, now - ts / self.clock_rate - self._base_transit + self._stride_duration)
             return "late"
         if ts < self._playhead:
             self._resync(ts, now)
+        if ts == self._held and self._held_by_queue(seq, repaired):
+            # Waited for, and here in time: a spike the hold saved is a spike all the same, and keeps it held.
+            self._note_peak(now, now - ts / self.clock_rate - self._base_transit + self._stride_duration)
         self._late_since = None
         if ts in self._packets:
             self.counters.duplicates += 1
@@ -617,6 +618,12 @@ class AudioPlayout:
         excess = sorted(t - self._base_transit for _, t in self._transits)
         return excess[int(self.jitter_quantile * (len(excess) - 1))]
 
+    def _held_by_queue(self, seq: int, repaired: bool) -> bool:
+        """Whether the packet being taken in was late from a queue: not asked for, or asked for as overdue and
+        here sooner than a resend could be (not a resend that came slowly, which the repair delay answers)."""
+        return not repaired or (seq in self._guessed and self._answered_after is not None
+                                and self._answered_after < (self.round_trip_time or self.assumed_round_trip))
+
     def _note_peak(self, now: float, needed: float) -> None:
         if self._peaks and now - self._peaks[-1][0] < PEAK_MERGE:
             needed = max(needed, self._peaks.pop()[1])
@@ -688,6 +695,7 @@ class AudioPlayout:
             # Nothing newer has come, so the packet is more likely late than lost, or it has
             # been asked for again; and the delay is below target. Play this slot one frame later.
             self._origin += self.frame_duration
+            self._held = slot
             return self._out("conceal", None, slot, 0)
         return self._out("conceal", None, slot, missing)
 
