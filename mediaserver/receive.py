@@ -348,13 +348,13 @@ class AudioPlayout:
         if ts < self._playhead and not self._late_for_good(now):
             self.counters.late_dropped += 1
             if self._held_by_queue(seq, repaired):
-                self._note_peak(now, now - ts / self.clock_rate - self._base_transit + self._stride_duration)
+                self._note_peak(now, ts)
             return "late"
         if ts < self._playhead:
             self._resync(ts, now)
         if ts == self._held and self._held_by_queue(seq, repaired):
             # Waited for, and here in time: a spike the hold saved is a spike all the same, and keeps it held.
-            self._note_peak(now, now - ts / self.clock_rate - self._base_transit + self._stride_duration)
+            self._note_peak(now, ts)
         self._late_since = None
         if ts in self._packets:
             self.counters.duplicates += 1
@@ -624,7 +624,10 @@ class AudioPlayout:
         return not repaired or (seq in self._guessed and self._answered_after is not None
                                 and self._answered_after < (self.round_trip_time or self.assumed_round_trip))
 
-    def _note_peak(self, now: float, needed: float) -> None:
+    def _note_peak(self, now: float, ts: int) -> None:
+        """A packet of media time ``ts`` held back by a queue: the delay that would have played it, with room
+        for FEC, as one spike's (merged with the last if that was less than ``PEAK_MERGE`` seconds ago)."""
+        needed = now - ts / self.clock_rate - self._base_transit + self._stride_duration
         if self._peaks and now - self._peaks[-1][0] < PEAK_MERGE:
             needed = max(needed, self._peaks.pop()[1])
         self._peaks.append((now, needed))
