@@ -39,12 +39,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-# Video may leave at this many times what the subscriber's videos are allowed. At 1.0 a burst leaves no
-# faster than the estimate says the link carries, but the estimate runs under what a thin link carries (80-100
-# kbit/s on a 150 kbit/s link in nara bench adapt's thin150), and a pacer at about the stream's own mean rate
-# rarely empties: every frame waited (the picture 110 ms later than unpaced). At 1.25 a keyframe still leaves
-# at about what such a link carries beside its sound.
-PACING_FACTOR = 1.25
+# Video may leave at this many times what the subscriber's videos are allowed: a burst (a keyframe and the
+# frame after it) leaves no faster than the estimate says the link carries beside its sound. The estimate
+# sits at about what a thin link carries (100-120 kbit/s of video on nara bench adapt's 150 kbit/s thin150),
+# so anything faster queues in the link, and the sound with it: at 1.25, each of the original's keyframes
+# (every 3 s) put 100-250 ms of queue before the audio, and thin150 lost 0.4-0.7 % of its sound to them;
+# at 1.0, 0.2 %. The queue waits here instead, where the audio overtakes it: the picture comes later.
+PACING_FACTOR = 1.0
 BURST_TIME = 0.03  # seconds at the pacing rate that may go at once (and one packet more)
 # Seconds of queued video at the pacing rate before a video that overflows loses its queue and waits for a
 # keyframe. A thin link's keyframe and the frame after it take about 0.35 s at the lowest rates.
