@@ -832,6 +832,8 @@ class Subscription:
                 self.meter.add(len(packet.payload), now)
         else:
             packet, out_seq, out_ts = item
+            if packet.ssrc != self.rewriter.source_ssrc or self.publication.closed or self.pacing_dropped:
+                return  # (a resend for a level this subscriber has left, or from before a keyframe it awaits)
             self._send_copy(packet, out_seq, out_ts, 0)
 
     def _send_copy(self, packet: RtpPacket, out_seq: int, out_ts: int, arrival_ns: int) -> bool:
@@ -894,8 +896,8 @@ class Subscription:
             if floor is not None and ((self.rewriter.last_out_seq or floor) - floor) % 65536 > 1024:
                 floor = self.resend_floor = None  # (long past: the numbers will come round again)
             for out_seq in feedback.lost:
-                if floor is not None and seq_newer(floor, out_seq):
-                    continue  # (from before the pacer's queue overflowed: the keyframe since makes it moot)
+                if self.pacing_dropped or (floor is not None and seq_newer(floor, out_seq)):
+                    continue  # (from before the pacer's queue overflowed: the keyframe awaited makes it moot)
                 source_seq = self.rewriter.source_seq(out_seq)
                 cached = cache.get(source_seq) if cache is not None else None
                 if cached is None or cached.ssrc != self.rewriter.source_ssrc:

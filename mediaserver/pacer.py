@@ -18,8 +18,9 @@ never passes through here, overtakes whatever video waits.
   whole frame.
 * The queue is bounded in time: when what waits would take more than
   ``QUEUE_LIMIT`` to leave at the pacing rate, the video that overflows it
-  loses its queued packets and waits for its next keyframe (``hold`` returns
-  False and the forwarder asks for one). Latency does not grow without bound,
+  loses its queued packets, resends too (they would mend a picture the
+  keyframe replaces, and held up that keyframe in turn), and waits for its
+  next keyframe (``hold`` returns False and the forwarder asks for one). Latency does not grow without bound,
   and no one sees a broken picture.
 * No rate known (nothing heard from the link yet, or adaptation off): nothing
   is paced.
@@ -162,7 +163,7 @@ class VideoPacer:
             stream.release(item, 0.0)
             return True
         if not resend and (self.queued_bytes + size) > rate * self.queue_limit:
-            self._drop(stream, resends=False)
+            self._drop(stream, resends=True)
             self.dropped += 1
             return False
         (self.resends if resend else self.media).append(_Waiting(stream, size, item, now))
