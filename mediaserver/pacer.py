@@ -10,7 +10,9 @@ never passes through here, overtakes whatever video waits.
 
 * A token bucket: the rate is ``PACING_FACTOR`` times the sum of what each of
   the subscriber's videos is allowed (``allow``), and up to ``BURST_TIME`` of
-  it may go at once. A packet goes whenever the bucket is not in debt, and
+  it may go at once. A second bucket, at the allowance itself, holds what went
+  to at most ``AHEAD_TIME`` of the allowance ahead of it: the queue a long
+  burst leaves in the link. A packet goes whenever the bucket is not in debt, and
   takes its size from it, so one packet can always go; a subscriber whose
   queue is empty and whose bucket has room pays one check (``admit``), and a
   timer runs only while something waits.
@@ -40,13 +42,16 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-# Video may leave at this many times what the subscriber's videos are allowed: a burst (a keyframe and the
-# frame after it) leaves no faster than the estimate says the link carries beside its sound. The estimate
-# sits at about what a thin link carries (100-120 kbit/s of video on nara bench adapt's 150 kbit/s thin150),
-# so anything faster queues in the link, and the sound with it: at 1.25, each of the original's keyframes
-# (every 3 s) put 100-250 ms of queue before the audio, and thin150 lost 0.4-0.7 % of its sound to them;
-# at 1.0, 0.2 %. The queue waits here instead, where the audio overtakes it: the picture comes later.
-PACING_FACTOR = 1.0
+# Video may leave at this many times what the subscriber's videos are allowed, but no further than AHEAD_TIME
+# of that allowance ahead of it. The allowance is about what the link carries beside the sound, and video sent
+# faster queues there, the sound with it: as much as it ran ahead. A keyframe of a layer on a few hundred
+# kbit/s takes a fraction of a second, within the lead: it leaves at the full factor, and the picture comes
+# back soonest after a link falls. The original's keyframe on nara bench adapt's 150 kbit/s thin150 (8-9 kB,
+# 100-120 kbit/s of video) takes most of a second: at 1.25 throughout, it queued the sound 100-250 ms behind
+# it, every 3 s, and thin150 lost 0.4-0.7 % of its sound. (At 1.0 throughout, thin150 lost 0.2 %, but the
+# step's picture came back 0.2 s later after its drop.)
+PACING_FACTOR = 1.25
+AHEAD_TIME = 0.05  # seconds of the allowance
 BURST_TIME = 0.03  # seconds at the pacing rate that may go at once (and one packet more)
 # Seconds of queued video at the pacing rate before a video that overflows loses its queue and waits for a
 # keyframe. A thin link's keyframe and the frame after it take about 0.35 s at the lowest rates.
@@ -85,15 +90,18 @@ class VideoPacer:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, schedule: Schedule = _loop_schedule,
                  factor: float = PACING_FACTOR, burst_time: float = BURST_TIME,
-                 queue_limit: float = QUEUE_LIMIT) -> None:
+                 queue_limit: float = QUEUE_LIMIT, ahead_time: float = AHEAD_TIME) -> None:
         self.clock = clock
         self.schedule = schedule
         self.factor = factor
         self.burst_time = burst_time
+        self.ahead_time = ahead_time
         self.queue_limit = queue_limit
         self.allowances: dict[PacedStream, float] = {}  # bit/s each video may use
         self.rate: float | None = None  # bytes a second, None: not paced
         self.tokens = 0.0  # bytes that may go now (negative: in debt)
+        self.allowed = 0.0  # bytes a second: the allowance (the rate without the factor)
+        self.lead = 0.0  # bytes that may still go ahead of the allowance (negative: in debt)
         self.last = 0.0
         self.resends: deque[_Waiting] = deque()
         self.media: deque[_Waiting] = deque()
@@ -125,10 +133,13 @@ class VideoPacer:
         total = sum(self.allowances.values())
         rate = total * self.factor / 8 if self.allowances and total > 0 else None
         if rate is not None and self.rate is None:
-            self.tokens, self.last = rate * self.burst_time, now  # (a bucket starts full)
+            self.allowed = rate / self.factor
+            self.tokens, self.lead, self.last = rate * self.burst_time, self.allowed * self.ahead_time, now  # (full)
         elif rate is not None:
             self._refill(now)
         self.rate = rate
+        if rate is not None:
+            self.allowed = rate / self.factor
         if self.waiting:
             self._arm(now)
 
@@ -136,6 +147,7 @@ class VideoPacer:
         rate = self.rate
         if rate is not None and now > self.last:
             self.tokens = min(self.tokens + (now - self.last) * rate, rate * self.burst_time)
+            self.lead = min(self.lead + (now - self.last) * self.allowed, self.allowed * self.ahead_time)
         self.last = now
 
     def admit(self, size: int, now: float) -> bool:
@@ -145,15 +157,17 @@ class VideoPacer:
         if self.media or self.resends:
             return False
         self._refill(now)
-        if self.tokens < 0:
+        if self.tokens < 0 or self.lead < 0:
             return False
         self.tokens -= size
+        self.lead -= size
         return True
 
     def refund(self, size: int) -> None:
         """A packet ``admit`` let go did not go after all."""
         if self.rate is not None:
             self.tokens += size
+            self.lead += size
 
     def hold(self, stream: PacedStream, size: int, item: Any, now: float, resend: bool = False) -> bool:
         """Queue a packet that ``admit`` refused. False: the queue is over its limit, so the stream's
@@ -187,7 +201,7 @@ class VideoPacer:
         if self.closed:
             return
         rate = self.rate
-        delay = 0.0 if rate is None else max(-self._tokens_at(now) / rate, 0.0)
+        delay = 0.0 if rate is None else max(-self._tokens_at(now) / rate, -self.lead / self.allowed, 0.0)
         self.timer = self.schedule(delay, self.drain)
 
     def _tokens_at(self, now: float) -> float:
@@ -202,12 +216,13 @@ class VideoPacer:
         now = self.clock()
         self._refill(now)
         while self.resends or self.media:
-            if self.rate is not None and self.tokens < -1.0:  # (a byte's rounding would wake it forever)
-                self._arm(now)
+            if self.rate is not None and (self.tokens < -1.0 or self.lead < -1.0):  # (a byte's rounding would
+                self._arm(now)  # wake it forever)
                 return
             waiting = (self.resends or self.media).popleft()
             self.queued_bytes -= waiting.size
             self.tokens -= waiting.size
+            self.lead -= waiting.size
             waiting.stream.release(waiting.item, now - waiting.since)
 
     def close(self) -> None:

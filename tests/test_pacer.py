@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from mediaserver.pacer import VideoPacer
 
 
@@ -70,9 +72,7 @@ def make(**kwargs: Any) -> tuple[FakeTimers, VideoPacer, Video]:
 
 
 def test_a_keyframe_burst_leaves_at_the_pacing_rate_not_at_once() -> None:
-    # (by default no faster than the video is allowed: the estimate sits at what a thin link carries beside
-    # its sound, and video sent faster queues the sound behind it there)
-    timers, pacer, video = make(burst_time=0.03, queue_limit=1.0)
+    timers, pacer, video = make(factor=1.0, burst_time=0.03, queue_limit=1.0)
     pacer.allow(video, 80_000, 0.0)  # 10 kB a second
     for n in range(8):  # a keyframe and the frame after it: 8 kB in one go
         assert offer(pacer, video, 1000, n)
@@ -108,8 +108,30 @@ def test_a_burst_allowance_lets_a_few_packets_go_at_once() -> None:
     assert len(video.sent) == 10
 
 
+def test_a_long_burst_runs_no_further_ahead_of_the_allowance_than_its_lead_a_short_one_goes_at_the_factor() -> None:
+    # The allowance is about what the link carries beside the sound: what video runs ahead of it waits in
+    # the link's queue, and the sound with it. 10 kB a second allowed; 12.5 kB a second at most.
+    def burst(kilobytes: int) -> list[float]:
+        timers, pacer, video = make(factor=1.25, burst_time=0.0, queue_limit=50.0, ahead_time=0.1)
+        pacer.allow(video, 80_000, 0.0)
+        timers.run_until(1.0)  # (idle: both buckets full)
+        for n in range(kilobytes):
+            offer(pacer, video, 1000, n)
+        timers.run_until(10.0)
+        return [at - 1.0 for at, _ in video.sent]
+
+    short = burst(4)  # 4 kB: within the lead (1 kB) at the factor's pace, it goes at 12.5 kB a second
+    assert short[-1] == pytest.approx(3 / 12.5, abs=0.01)
+    long = burst(9)  # a thin link's keyframe: the first part at the factor's pace, the rest at the allowance
+    for i, at in enumerate(long):
+        assert (i + 1) * 1000 <= at * 10_000 + 1000 + 1000 + 1e-6  # never more than the lead (and a packet) ahead
+    assert long[-1] == pytest.approx((9 - 1 - 1) / 10, abs=0.02)  # 7 kB after the first at 10 kB/s, the lead's
+    # 1 kB sooner
+    assert long[4] < 4 / 10  # its start went faster than the allowance
+
+
 def test_the_factor_scales_the_rate() -> None:
-    timers, pacer, video = make(factor=1.5, burst_time=0.0, queue_limit=5.0)
+    timers, pacer, video = make(factor=1.5, burst_time=0.0, queue_limit=5.0, ahead_time=100.0)
     pacer.allow(video, 80_000, 0.0)
     for n in range(16):
         offer(pacer, video, 1000, n)
