@@ -12,8 +12,8 @@ never passes through here, overtakes whatever video waits.
   the subscriber's videos is allowed (``allow``), and up to ``BURST_TIME`` of
   it may go at once. A second bucket, at the allowance itself, holds what went
   to at most ``AHEAD_TIME`` of the allowance ahead of it: the queue a long
-  burst leaves in the link. A packet goes whenever the bucket is not in debt, and
-  takes its size from it, so one packet can always go; a subscriber whose
+  burst leaves in the link. A packet goes whenever neither bucket is in debt,
+  and takes its size from both, so one packet can always go; a subscriber whose
   queue is empty and whose bucket has room pays one check (``admit``), and a
   timer runs only while something waits.
 * Resends wait ahead of new media: a hole the subscriber waits on holds up a

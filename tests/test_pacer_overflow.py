@@ -56,7 +56,7 @@ async def test_an_overflowed_video_answers_no_asks_until_its_keyframe_and_sends_
     port = _Port()
     subscription = Subscription(publication, cast(Any, port), StreamRewriter(90000), _Link())
     subscription.level, subscription.target = publication.source_level, None
-    pacer = VideoPacer(clock=timers.clock, schedule=timers.schedule, burst_time=0.0, queue_limit=0.5)
+    pacer = VideoPacer(clock=timers.clock, schedule=timers.schedule, factor=1.0, burst_time=0.0, queue_limit=0.5)
     subscription.pacer = pacer
     pacer.allow(subscription, 80_000, 0.0)  # 10 kB a second: 5 kB may wait
     subscription.meter.rate = 80_000.0  # (what the resend budget is a share of)
