@@ -10,7 +10,7 @@ from typing import Any, cast
 from aiortc.rtp import RtpPacket
 
 from mediaserver.aiortc_adapter import RtcpFeedback
-from mediaserver.forwarder import Publication, Subscription
+from mediaserver.forwarder import Publication, Subscription, UnknownLink
 from mediaserver.pacer import VideoPacer
 from mediaserver.rewriter import StreamRewriter
 
@@ -29,36 +29,15 @@ class _Port:
         self.sent.append((sequence_number, payload))
 
 
-@dataclass
-class _Link:
-    def video_budget(self) -> float | None:
-        return 80_000.0
-
-    def rise_budget(self) -> float | None:
-        return 80_000.0
-
-    def probe(self, now: float, wanted: float) -> float | None:
-        return None
-
-    def padding(self, now: float) -> bool:
-        return False
-
-    def lost_packets(self, now: float, packets: int = 1) -> None:
-        pass
-
-    def transit(self) -> float | None:
-        return None
-
-
 async def test_an_overflowed_video_answers_no_asks_until_its_keyframe_and_sends_no_stale_resend() -> None:
     timers = FakeTimers()
     publication = Publication("kit", "video", cast(Any, None), clock=timers.clock)
     port = _Port()
-    subscription = Subscription(publication, cast(Any, port), StreamRewriter(90000), _Link())
+    subscription = Subscription(publication, cast(Any, port), StreamRewriter(90000), UnknownLink())
     subscription.level, subscription.target = publication.source_level, None
     pacer = VideoPacer(clock=timers.clock, schedule=timers.schedule, factor=1.0, burst_time=0.0, queue_limit=0.5)
     subscription.pacer = pacer
-    pacer.allow(subscription, 80_000, 0.0)  # 10 kB a second: 5 kB may wait
+    pacer.allow(subscription, 80_000, 0.0)  # 10 kB a second: 5 kB may wait (the pacer's allowance, set here)
     subscription.meter.rate = 80_000.0  # (what the resend budget is a share of)
     sequence = iter(range(100, 200))
 
