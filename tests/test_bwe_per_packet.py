@@ -375,3 +375,16 @@ def test_a_cluster_that_went_out_faster_than_its_rate_and_arrived_as_fast_proves
     assert bwe.probe is None and bwe.failed_probes == 0
     assert bwe.usable >= 1_350_000 * 1.3  # (at 0.95 of what arrived, within the cap of 1.5 times its rate)
 
+
+def test_on_a_link_that_fell_a_queue_draining_does_not_hold_back_the_probe() -> None:
+    """The step's link back at 2 Mbit/s after 15 s at 300 kbit/s: the queue the low link held drains, and the
+    detector reads underuse. On a link that carried 1.8 Mbit/s, that is the first sign it came back: the probe
+    goes (on one that never carried more, a queue draining still holds it back)."""
+    from mediaserver.delay_detector import UNDERUSE
+
+    for carried, probes in ((1_800_000, True), (300_000, False)):
+        bwe = BandwidthEstimate(estimate=250_000, confirmed=True, carried=carried)
+        heard(bwe, 0.0, acked=250_000)
+        bwe.on_report(0, now=0.1)
+        bwe.on_transport_feedback([], UNDERUSE, 250_000, 0.9)
+        assert (bwe.probe_rate(1.0, wanted=2_000_000) is not None) is probes
