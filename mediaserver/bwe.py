@@ -102,9 +102,7 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   of it. Arrived at ``PROBE_RECEIVED_SHARE`` of the rate sent or more, with
   no sign of a queue: the link carries the probe's rate if the cluster went
   out at ``PROBE_REACHED`` of it or more (the padding duplicates what is
-  forwarded, paced, and runs a little short), or what it went out and
-  arrived at if both were more (a frame's burst beside the padding; at most
-  ``PROBE_OVERSHOOT_PROVEN`` times its rate), else the rate it went out at;
+  forwarded, paced, and runs a little short), else the rate it went out at;
   but no more than it arrived at, if that was under ``CLUSTER_ON_TIME`` of
   the rate sent (the link is about full: no step further from there).
   Arrived slower, or stopped: the link is full, and the rate the cluster
@@ -243,7 +241,6 @@ PROBE_DELAY_RISE = 0.025  # seconds a probe's packets' one-way delay may grow
 PROBE_RECEIVED_SHARE = 0.85  # a probe's packets must arrive at least this share of the rate they were sent at
 PROBE_REACHED = 0.7  # padding that reached this share of a probe's rate proves the rate (it runs a little short)
 CLUSTER_SHARE = 0.9  # a cluster that found the link full moves the estimate to this share of its arrival rate
-PROBE_OVERSHOOT_PROVEN = 1.5  # a cluster proves at most this times its rate, however fast it went and arrived
 CLUSTER_ON_TIME = 0.97  # ... one arriving slower than this share of its send rate proves only what arrived
 # ... and backs off as a failure unless that lifted the usable estimate by this much: after a link came back to
 # 2 Mbit/s, clusters arriving at 0.92-0.95 of their rate (the publisher's keyframes at a new size beside them) each
@@ -714,11 +711,6 @@ class BandwidthEstimate:
         if not probe.stopped and not stretched:
             reached = rates.sent >= probe.rate * PROBE_REACHED
             rate = probe.rate if reached else rates.sent
-            if reached:
-                # Went out faster than asked (a frame's burst with the padding) and arrived as fast: the link
-                # carried that too. Proven at the probe's rate only, a cluster that carried 1.8 Mbit/s back up
-                # the step's link lifted the estimate to 1.3, and the next probe took another second.
-                rate = max(rate, min(rates.sent, rates.arrived, probe.rate * PROBE_OVERSHOOT_PROVEN))
             if not reached:
                 self.cluster_time = min(self.cluster_time * 2, PROBE_TIME_LONGEST)
             elif rates.sent >= probe.rate * CLUSTER_FULL:
