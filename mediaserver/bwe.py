@@ -126,9 +126,7 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   ``PROBE_STREAK_STEP``), and the back-off after a failure is shorter
   (``PROBE_BACKOFF_PER_PACKET``): a failed probe is stopped within a round
   trip of the first sign instead of filling the queue for a second. None goes
-  while the detector reads anything but normal: underuse is a queue draining
-  (on a link that fell, though, a queue draining is the first sign it came
-  back: there a probe goes).
+  while the detector reads anything but normal: underuse is a queue draining.
 * A cluster is judged by its packets alone, never by NACKs: on a link that
   loses packets of its own, the first probes (half a second after it is
   first heard from, before it has lost enough to count as lossy) failed on
@@ -158,7 +156,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .delay_detector import NORMAL, OVERUSE, UNDERUSE
+from .delay_detector import NORMAL, OVERUSE
 from .twcc import PacketResult
 
 GROW_BELOW = 0.02
@@ -528,11 +526,8 @@ class BandwidthEstimate:
             return None
         if now < self.idle_until:
             return None  # (the last could not pad: it proved nothing)
-        if per_packet and self.delay_state != NORMAL and not (self.delay_state == UNDERUSE and self._fallen()):
-            # (a queue growing, or one still draining: the probe would only add to it. But on a link that fell,
-            # a queue draining is the first sign that it came back: the step's first probe came up to 2.3 s after
-            # its link returned, most of a second later than its back-off allowed.)
-            return None
+        if per_packet and self.delay_state != NORMAL:
+            return None  # (a queue growing, or one still draining: the probe would only add to it)
         self.probe = Probe(rate=target, start=now, base_rtt=self.base_rtt or self.rtt, worst_queue=self.queue_delay,
                            nack_rate=self._nack_rate(now), asked_before=self.asked,
                            duration=self.cluster_time if per_packet else PROBE_TIME, per_packet=per_packet)

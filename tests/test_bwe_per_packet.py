@@ -362,17 +362,3 @@ def test_probes_on_a_full_link_back_off_to_eight_seconds_after_three_failures() 
         waits.append(round(now - failed_at))
         rate = bwe.probe.rate if bwe.probe is not None else rate
     assert waits == [1, 2, 4, 8, 8]
-
-
-def test_on_a_link_that_fell_a_queue_draining_does_not_hold_back_the_probe() -> None:
-    """The step's link back at 2 Mbit/s after 15 s at 300 kbit/s: the queue the low link held drains, and the
-    detector reads underuse. On a link that carried 1.8 Mbit/s, that is the first sign it came back: the probe
-    goes (on one that never carried more, a queue draining still holds it back)."""
-    from mediaserver.delay_detector import UNDERUSE
-
-    for carried, probes in ((1_800_000, True), (300_000, False)):
-        bwe = BandwidthEstimate(estimate=250_000, confirmed=True, carried=carried)
-        heard(bwe, 0.0, acked=250_000)
-        bwe.on_report(0, now=0.1)
-        bwe.on_transport_feedback([], UNDERUSE, 250_000, 0.9)
-        assert (bwe.probe_rate(1.0, wanted=2_000_000) is not None) is probes
