@@ -201,12 +201,9 @@ class VideoPacer:
         if self.closed:
             return
         rate = self.rate
-        delay = 0.0 if rate is None else max(-self._tokens_at(now) / rate, -self.lead / self.allowed, 0.0)
+        self._refill(now)  # (both buckets, as they stand now)
+        delay = 0.0 if rate is None else max(-self.tokens / rate, -self.lead / self.allowed, 0.0)
         self.timer = self.schedule(delay, self.drain)
-
-    def _tokens_at(self, now: float) -> float:
-        self._refill(now)
-        return self.tokens
 
     def drain(self) -> None:
         """Let go of what the bucket allows now, resends first; wake again when the next may go."""
