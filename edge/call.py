@@ -32,7 +32,13 @@ from typing import Any
 import aiohttp
 from aiortc import RTCIceServer, RTCPeerConnection
 
-from mediaserver.aiortc_adapter import follow_round_trips, set_transport_feedback_interval
+from mediaserver.aiortc_adapter import (
+    follow_round_trips,
+    follow_transport_feedback,
+    set_transport_feedback_interval,
+    stamp_sent_packets,
+)
+from mediaserver.twcc import SendHistory, TransportFeedback
 from signalling.client import ConsultationClient, JoinRefused
 
 from .config import TurnRelay
@@ -41,6 +47,7 @@ from .media import KitMedia
 from .pacing import RttSample
 from .reconnect import Failure
 from .remote import RemoteMedia
+from .uplink import QueueSample, UplinkQueue
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +98,11 @@ class KitCall:
         self._attached: set[int] = set()
         self._timed: set[int] = set()
         self.rtt: RttSample | None = None  # the latest round trip a receiver report told, for photo uploads
+        # The queue standing in the uplink, from the server's transport feedback on what the kit sends (finer
+        # than the reports' round trips: edge/uplink.py), for photo uploads; per media connection.
+        self.uplink: QueueSample | None = None
+        self._uplink_queue: UplinkQueue | None = None
+        self._sent: SendHistory | None = None
         self.feedback_interval: float | None = None  # seconds between its transport feedback (None: the usual)
         self._pc: RTCPeerConnection | None = None  # the media connection, once answered
         self._loop = asyncio.get_running_loop()
@@ -105,7 +117,7 @@ class KitCall:
         client = ConsultationClient(
             self.server, self.assignment.consultation_id, self.assignment.token, audio=audio, video=video,
             ice_servers=ice_servers, relay_only=self.turn is not None, nara_receive=True,
-            on_answered=self._answered, heartbeat_interval=self.timings.ping_interval,
+            on_answered=self._answered, heartbeat_interval=self.timings.ping_interval, uplink_feedback=True,
         )
         self._client = client
         try:
@@ -202,11 +214,21 @@ class KitCall:
             if sent is not None and id(sender) not in self._timed:
                 self._timed.add(id(sender))
                 follow_round_trips(sender, self._round_trip)
+                stamp_sent_packets(sender)
+        if self._sent is None:
+            self._uplink_queue = UplinkQueue()
+            self._sent = follow_transport_feedback(pc, self._transport_feedback)
         for mid, track in self._client.remote_tracks.items():
             self.remote.follow(mid, track, functools.partial(self._owner, mid))
 
     def _round_trip(self, rtt: float) -> None:
         self.rtt = RttSample(rtt, self._loop.time())
+
+    def _transport_feedback(self, feedback: TransportFeedback) -> None:
+        if self._sent is None or self._uplink_queue is None:
+            return
+        results = self._sent.results(feedback)
+        self.uplink = self._uplink_queue.on_arrivals(((r.sent, r.arrival) for r in results), self._loop.time())
 
     def _owner(self, mid: str) -> str | None:
         owner = self._client.owners.get(mid)

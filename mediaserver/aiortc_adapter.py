@@ -1107,6 +1107,31 @@ def stamps_transport_cc(sender: RTCRtpSender) -> bool:
     return bool(extensions_map._HeaderExtensionsMap__ids.transport_sequence_number)
 
 
+def stamp_sent_packets(sender: RTCRtpSender) -> None:
+    """Stamp every RTP packet aiortc's own send loop makes for ``sender`` (media and resends alike) with
+    its connection's next transport-wide sequence number once the stream has negotiated the extension,
+    and record each in the connection's send history (``transport_history``): what a sender whose
+    packets aiortc builds needs to read the receiver's transport feedback (``follow_transport_feedback``).
+    aiortc serialises each packet's header extensions through the sender's map just before sending it,
+    so the number is taken there. A resend gets a number of its own, as the feedback's format wants
+    (aiortc's RTX packet shares its original's extensions). Sizes are not known there: recorded as 0."""
+    extensions_map = sender._RTCRtpSender__rtp_header_extensions_map  # type: ignore[attr-defined]
+    if getattr(extensions_map, "nara_stamped", False):
+        return
+    if not hasattr(extensions_map, "set") or not hasattr(sender, "transport"):
+        raise RuntimeError("aiortc changed: RTCRtpSender's header extension map has no set()")
+    original = extensions_map.set
+    clock = time.monotonic
+
+    def set_extensions(values: Any) -> Any:
+        if stamps_transport_cc(sender):
+            values.transport_sequence_number = transport_history(sender.transport).take(clock(), 0)
+        return original(values)
+
+    extensions_map.set = set_extensions
+    extensions_map.nara_stamped = True
+
+
 def follow_transport_feedback(pc: Any, on_feedback: Callable[[TransportFeedback], None]) -> SendHistory | None:
     """Call ``on_feedback`` for each transport feedback packet ``pc``'s remote side sends (read from
     the raw RTCP before aiortc parses it; aiortc still gets every packet). The connection's send

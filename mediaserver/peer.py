@@ -37,6 +37,7 @@ from .aiortc_adapter import (
     follow_transport_feedback,
     negotiated_payload_type,
     prefer_codec,
+    send_transport_feedback,
 )
 from .bwe import DELIVERED_FRESH, BandwidthEstimate, DeliveryMeter, NackLoss
 from .delay_detector import DelayDetector
@@ -63,6 +64,9 @@ class ParticipantInfo:
     name: str
     role: str
     can_publish: bool
+    # The client stamps what it sends with transport-wide sequence numbers and wants the server's transport
+    # feedback on them (a home kit: it reads its uplink's queue from them, edge/uplink.py).
+    uplink_feedback: bool = False
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "role": self.role}
@@ -188,6 +192,8 @@ class Peer:
             return
         if kind not in self._taps:
             return
+        if self.info.uplink_feedback:
+            send_transport_feedback(self.inbound[kind].receiver)
         publication = Publication(self.info.id, kind, self._taps[kind], adaptation=self.room.adaptation)
         if publication.ladder is not None:
             publication.ladder.pacer = self.room.ladder_starts  # (a join storm's ladders start paced, worker-wide)
@@ -223,7 +229,9 @@ class Peer:
             if not self.pc.getTransceivers():
                 return  # nothing to send or receive yet; an empty offer is not valid SDP
             offer = await self.pc.createOffer()
-            sdp = transport_cc_toward_subscribers(with_opus_fec(offer.sdp))
+            sdp = with_opus_fec(offer.sdp)
+            if not self.info.uplink_feedback:
+                sdp = transport_cc_toward_subscribers(sdp)
             offer = RTCSessionDescription(sdp=sdp, type=offer.type)
             await self.pc.setLocalDescription(offer)
             self._awaiting_answer = True

@@ -65,6 +65,7 @@ class ConsultationClient:
         on_answered: Callable[[RTCPeerConnection], object] | None = None,
         nara_receive: bool = False,
         heartbeat_interval: float | None = None,
+        uplink_feedback: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.room = room
@@ -77,6 +78,8 @@ class ConsultationClient:
         self.relay_only = relay_only
         self.on_answered = on_answered
         self.nara_receive = nara_receive  # play remote media through Nära's receive path (FEC, no stalls)
+        # Ask the server for transport feedback on what this client sends (docs/protocol.md, "join").
+        self.uplink_feedback = uplink_feedback
         # Seconds between pings; None: the interval the server asks for in 'joined'.
         self.heartbeat_interval = heartbeat_interval
         self.last_pong: float | None = None  # event-loop time of the last pong
@@ -124,7 +127,10 @@ class ConsultationClient:
         self._ws = await self._http.ws_connect(f"{self.base_url}/ws", heartbeat=None)
         self._joined = asyncio.get_running_loop().create_future()
         self._tasks.append(asyncio.ensure_future(self._read()))
-        await self.send({"type": "join", "room": self.room, "token": self.token, "publish": self.publish})
+        join: dict[str, Any] = {"type": "join", "room": self.room, "token": self.token, "publish": self.publish}
+        if self.uplink_feedback:
+            join["uplink_feedback"] = True
+        await self.send(join)
         return await asyncio.wait_for(asyncio.shield(self._joined), timeout)
 
     async def _drop_connection(self) -> None:

@@ -31,6 +31,7 @@ class Join:
     room: str
     token: str
     publish: bool
+    uplink_feedback: bool = False  # the client stamps what it sends and reads the server's transport feedback
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ def parse_client_message(raw: str | bytes) -> ClientMessage:
         raise ProtocolError("message_invalid", "Field 'type' is required.")
     if kind == "join":
         publish = _field(data, "publish", bool, required=False)
+        uplink_feedback = _field(data, "uplink_feedback", bool, required=False)
         return Join(room=_text(data, "room", 64), token=_text(data, "token", 4096),
-                    publish=True if publish is None else publish)
+                    publish=True if publish is None else publish, uplink_feedback=bool(uplink_feedback))
     if kind == "answer":
         sdp = _text(data, "sdp", MAX_SDP_BYTES)
         if not sdp.startswith("v=0"):

@@ -268,7 +268,8 @@ class ParticipantSocket:
         previous = self.hub.sessions.get(key)
         if previous is not None and previous is not self:
             await previous.refuse("replaced", "You joined from another connection.", CLOSE_REPLACED)
-        info = ParticipantInfo(claims.participant_id, claims.name, claims.role, message.publish)
+        info = ParticipantInfo(claims.participant_id, claims.name, claims.role, message.publish,
+                               uplink_feedback=message.uplink_feedback and message.publish)
         self._held = []
         try:
             self.peer = await self.hub.media.join(message.room, info, self.signal, self._media_failed)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import inspect
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aioice.ice
 import aiortc
@@ -648,6 +649,66 @@ async def test_two_aiortc_peers_negotiate_stamp_and_feed_back_transport_wide_seq
     finally:
         await sender_pc.close()
         await receiver_pc.close()
+        restrict_host_addresses(None)
+
+
+def test_aiortcs_own_sender_still_serialises_its_packets_through_its_extension_map() -> None:
+    from aiortc.rtp import RtpPacket
+
+    # stamp_sent_packets takes the number where aiortc's map writes a packet's extensions, for media and
+    # resends alike, just before the packet is sent
+    assert "extensions_map.set(self.extensions)" in inspect.getsource(RtpPacket.serialize)
+    for method in (RTCRtpSender._run_rtp, RTCRtpSender._retransmit):
+        assert "packet.serialize(self.__rtp_header_extensions_map)" in inspect.getsource(method)
+
+
+async def test_a_sender_aiortc_drives_stamps_every_packet_and_reads_the_feedback_on_them() -> None:
+    """The home kit's case: its audio goes through aiortc's own send loop, not Nära's port."""
+    from aiortc.mediastreams import AudioStreamTrack
+
+    from mediaserver.aiortc_adapter import follow_transport_feedback, send_transport_feedback, stamp_sent_packets
+    from mediaserver.twcc import TransportFeedback
+
+    global arrived
+    arrived = asyncio.Event()  # (this test's loop)
+    restrict_host_addresses(["127.0.0.1"])
+    publisher, subscriber = RTCPeerConnection(), RTCPeerConnection()
+    feedbacks: list[TransportFeedback] = []
+    stamped: list[int | None] = []
+
+    def on_feedback(feedback: TransportFeedback) -> None:
+        feedbacks.append(feedback)
+        arrived.set()
+
+    try:
+        transceiver = publisher.addTransceiver(AudioStreamTrack(), direction="sendonly")
+        await publisher.setLocalDescription(await publisher.createOffer())
+        await subscriber.setRemoteDescription(publisher.localDescription)
+        await subscriber.setLocalDescription(await subscriber.createAnswer())
+        await publisher.setRemoteDescription(subscriber.localDescription)
+        stamp_sent_packets(transceiver.sender)
+        stamp_sent_packets(transceiver.sender)  # (twice is once)
+        history = follow_transport_feedback(publisher, on_feedback)
+        assert history is not None
+        receiver = subscriber.getTransceivers()[0].receiver
+        send_transport_feedback(receiver)
+        router = receiver.transport._rtp_router
+        original = router.route_rtp
+
+        def route_rtp(packet: Any) -> Any:
+            stamped.append(packet.extensions.transport_sequence_number)
+            return original(packet)
+
+        router.route_rtp = route_rtp
+        await asyncio.wait_for(_until(lambda: sum(len(f.arrivals) for f in feedbacks) >= 20), 10)
+        numbers = [n for n in stamped if n is not None]
+        assert len(numbers) == len(stamped) >= 20  # every packet stamped ...
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # ... with the next number
+        results = [r for f in feedbacks for r in history.results(f)]
+        assert len(results) >= 20 and all(r.arrival is not None for r in results)
+    finally:
+        await publisher.close()
+        await subscriber.close()
         restrict_host_addresses(None)
 
 
