@@ -284,7 +284,7 @@ class KitAgent:
                 self.uploader.wake()
 
     def call_signal(self) -> CallSignal:
-        """For the uploader: whether a call is up, and its latest round trip.
+        """For the uploader: whether a call is up, its latest round trip, and the queue standing in the uplink.
 
         A dropped call being rebuilt still counts, with the last round trip it had (which soon grows old,
         and holds the upload's rate): the link is the same, and an upload at its ceiling there took the
@@ -297,7 +297,7 @@ class KitAgent:
             return CallSignal(True, self._last_rtt)
         if call is None or self.machine.state not in (State.CONNECTING, State.CONNECTED):
             return NO_CALL
-        return CallSignal(True, call.rtt if call.rtt is not None else self._last_rtt)
+        return CallSignal(True, call.rtt if call.rtt is not None else self._last_rtt, call.uplink)
 
     def call_event(self, event: dict[str, Any]) -> None:
         """A message of the call's signalling that is not about the call itself."""

@@ -42,6 +42,13 @@ TCP makes up the time it stalls repairing each loss. After a queue showed
 beside an upload under ``thin_below``, ``thin_uplink`` says the link is thin
 for ``thin_hold`` seconds (the call's audio then goes in longer packets).
 
+Where the server tells the kit when each of its packets arrived (transport
+feedback, ``QueueSample`` from edge/uplink.py), the call's queue is the one
+every packet of the last half second met, against ``standing_target``, in
+place of the one packet a second a report tells: on a thin uplink a report
+that came behind one or two of the photo's packets read as a queue while the
+link was far from full, and each such reading cut the rate.
+
 In a fluid model of a 256 kbit/s uplink with a 32 kbit/s call and a receiver
 report a second (tests/test_edge_pacing.py), the queue in front of the audio
 peaks once at about 250 ms when the slow start ends and then stays under
@@ -57,6 +64,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+from .uplink import QueueSample
 
 KIB = 1024
 MIN_CHUNK = 16 * KIB
@@ -74,10 +83,12 @@ class RttSample:
 
 @dataclass(frozen=True)
 class CallSignal:
-    """What the upload knows of the call: whether one is up, and its latest round trip (None until measured)."""
+    """What the upload knows of the call: whether one is up, its latest round trip (None until measured), and
+    the queue standing in the uplink (None until the server's transport feedback told it: edge/uplink.py)."""
 
     in_call: bool
     rtt: RttSample | None = None
+    queue: QueueSample | None = None
 
 
 NO_CALL = CallSignal(False)
@@ -224,6 +235,13 @@ class ScavengerSettings:
     # Seconds of a call's upload without its connection read after which a queue the call reports ends the
     # slow start (see ``_queue_seen``): only where the system gives no ``TCP_INFO``.
     unread_start: float = 10.0
+    # With the server's transport feedback on the call's packets (``QueueSample``, edge/uplink.py): the queue
+    # every packet of the last half second met, against this target, in place of the one packet's round trip
+    # a report tells a second. On the 256 kbit/s uplink one of the photo's full packets takes 47 ms to send,
+    # so a report that came behind one or two of them read 60-100 ms while the link was 83-88 % full, and cut
+    # the rate by a tenth every 5-10 s (issue 7's eighth round); a queue that stands is the link being full.
+    standing_target: float = 0.040
+    standing_stale: float = 0.5  # seconds: an older standing queue says nothing of now (the report's then counts)
 
 
 class ScavengerRate:
@@ -268,14 +286,16 @@ class ScavengerRate:
         self.rate = min(self.rate, ceiling) if self.in_call else ceiling
 
     def update(self, now: float, sample: RttSample | None, in_call: bool | None = None, unsent: int = 0,
-               sock: SocketSignal | None = None) -> float:
+               sock: SocketSignal | None = None, queue: QueueSample | None = None) -> float:
         """The rate at ``now``; ``sample`` is the call's latest RTT, or None without a call.
 
         ``in_call`` says a call is up even before its first RTT (it defaults to ``sample is not None``):
         the rate then stays at the call's starting rate until there is a measurement. ``unsent``: bytes
         waiting unsent in the upload's socket. ``sock``: the upload connection's own reading, if any;
         with it the rate keeps near what TCP delivers and is cut as soon as the connection's round trip
-        shows a queue (see ``_steer``).
+        shows a queue (see ``_steer``). ``queue``: the queue standing in the uplink, if the call's transport
+        feedback tells it; while fresh it stands for the queue in place of the round trip's, against
+        ``standing_target``.
         """
         s = self.settings
         if self._asked_at is not None and sock is not None:
@@ -309,47 +329,52 @@ class ScavengerRate:
         self._last = sample
         assert self.base is not None
         queueing = max(0.0, sample.rtt - self.base)
+        standing = queue is not None and now - queue.at <= s.standing_stale
+        if queue is not None and standing:
+            queueing = queue.queue
+        target = s.standing_target if standing else s.target
+        steer_target = s.standing_target if standing else s.steer_target
         self.queueing = queueing
         elapsed = max(0.0, now - (self._updated_at if self._updated_at is not None else now))
         self._updated_at = now
-        on_socket = self._socket_queue(queueing, now - sample.at <= s.stale_after)
+        on_socket = self._socket_queue(queueing, standing or now - sample.at <= s.stale_after, steer_target)
         if fresh_socket is not None and on_socket > s.socket_target:
             self._starting = False
             self._cut(now, on_socket)  # seen per acknowledgement: no waiting for the next report
             return self.rate
-        if now - sample.at > s.stale_after:
+        if not standing and now - sample.at > s.stale_after:
             # No report for a while: lost, or stuck behind a queue that has grown long. No news is not
             # good news: grown on an old "no queue", the rate ran to the ceiling while the audio waited.
             return self.rate
-        if unsent > s.busy_after * self.rate and queueing <= s.target:
+        if unsent > s.busy_after * self.rate and queueing <= target:
             return self.rate  # TCP is behind the rate: no growth (a queue above the target still cuts)
         if sock is not None:
-            return self._steer(now, queueing, elapsed, on_socket)
-        if queueing > s.target:
+            return self._steer(now, queueing, elapsed, on_socket, steer_target)
+        if queueing > target:
             self._queue_seen(now)
             self._squeezed = (now, self.rate)
             if now - self._cut_at >= s.cut_interval:
                 self.rate *= s.cut
                 self._cut_at = now
-        elif self._starting and queueing < s.target / 2:
+        elif self._starting and queueing < target / 2:
             self.rate *= 2.0 ** (s.slow_start * elapsed)
         else:
             self._starting = False
-            off_target = 1.0 - queueing / s.target
+            off_target = 1.0 - queueing / target
             self.rate += off_target * max(s.min_step, s.growth * self.rate) * elapsed
         self.rate = min(s.ceiling, max(s.floor, self.rate))
         return self.rate
 
-    def _socket_queue(self, queueing: float, fresh: bool) -> float:
+    def _socket_queue(self, queueing: float, fresh: bool, steer_target: float) -> float:
         """The connection's queue as it counts: alone when long, else while the call's report agrees
         (else at most half its target: it slows the growth, and never cuts)."""
         s = self.settings
         on_socket = self.socket_queueing or 0.0
-        if on_socket > s.socket_alone or (fresh and queueing >= s.steer_target / 2):
+        if on_socket > s.socket_alone or (fresh and queueing >= steer_target / 2):
             return on_socket
         return min(on_socket, s.socket_target / 2)
 
-    def _steer(self, now: float, queueing: float, elapsed: float, on_socket: float) -> float:
+    def _steer(self, now: float, queueing: float, elapsed: float, on_socket: float, steer_target: float) -> float:
         """The rate beside a call, with the upload's own connection to read.
 
         The queue in front of the audio is the larger of the call's (late, from its reports) and the
@@ -359,10 +384,10 @@ class ScavengerRate:
         rate far above what the link carries fills its queue in seconds, ahead of the audio.
         """
         s = self.settings
-        pressure = max(queueing / s.steer_target, on_socket / s.socket_target)
+        pressure = max(queueing / steer_target, on_socket / s.socket_target)
         if pressure > 1.0:
             self._queue_seen(now)
-            self._cut(now, max(queueing - s.steer_target, on_socket))
+            self._cut(now, max(queueing - steer_target, on_socket))
         elif self._starting and pressure < s.start_pressure:
             self._grow(self.rate * (2.0 ** (s.slow_start * elapsed) - 1.0))
         else:

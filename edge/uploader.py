@@ -415,7 +415,7 @@ class Uploader:
         while True:
             call = self.call()
             now = self._loop.time()  # a chunk at today's rate
-            rate = self.scavenger.update(now, call.rtt, call.in_call, sock=self._socket_signal(now))
+            rate = self.scavenger.update(now, call.rtt, call.in_call, sock=self._socket_signal(now), queue=call.queue)
             self._judge_link(now)
             blocks = self._blocks
             if blocks:
@@ -549,7 +549,7 @@ class Uploader:
             now = self._loop.time()
             call = self.call()
             unsent = self._unsent()
-            rate = self.scavenger.update(now, call.rtt, call.in_call, unsent, self._socket_signal(now))
+            rate = self.scavenger.update(now, call.rtt, call.in_call, unsent, self._socket_signal(now), call.queue)
             self._judge_link(now)
             self._bucket.set_rate(rate, now)
             self._bucket.burst = 2 * self._piece(rate)  # sized at the ceiling, it let 10 kB go at once as a call began

@@ -17,6 +17,7 @@ from edge.pacing import (
     TokenBucket,
     chunk_size,
 )
+from edge.uplink import QueueSample
 
 CEILING = 250_000.0  # 2 Mbit/s in bytes per second
 
@@ -581,3 +582,23 @@ def test_a_queue_the_call_reports_before_the_uploads_connection_is_read_cuts_but
         rtt = 0.127 if now < 5.0 else 0.100
         rate.update(now, RttSample(rtt, now), sock=SocketSignal(now, 1, int(acked), 0.150, 0.150))
     assert rate.rate > 110_000 / 8 and rate._starting
+
+
+def test_with_the_uplinks_standing_queue_a_report_behind_one_of_the_photos_packets_does_not_cut() -> None:
+    """On a 256 kbit/s uplink one of the photo's full packets takes 47 ms to send: the report of a packet that
+    came behind one or two reads 60-100 ms while the link is not full. Where the server's transport feedback
+    tells the queue every packet of the last half second met, that is what counts, against its own target."""
+    rate, acked = grown_for_ten_seconds()
+    grown = rate.rate
+    behind = RttSample(0.180, 10.0)  # 80 ms over the base: over the report's 60 ms target
+    acked += grown / 10
+    kept = rate.update(10.0, behind, sock=reading(10.0, acked), queue=QueueSample(0.008, 10.0, 9))
+    assert kept >= grown and rate.queueing == pytest.approx(0.008)
+    # A queue that stands over its target (40 ms) cuts, as the report's did.
+    acked += kept / 10
+    cut = rate.update(10.1, behind, sock=reading(10.1, acked), queue=QueueSample(0.070, 10.1, 9))
+    assert cut < 0.9 * kept
+    # Without the feedback (older than half a second), the report counts again: over its target, a cut.
+    rate, acked = grown_for_ten_seconds()
+    acked += rate.rate / 10
+    assert rate.update(10.0, behind, sock=reading(10.0, acked), queue=QueueSample(0.008, 9.4, 9)) < 0.9 * grown
