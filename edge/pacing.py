@@ -561,6 +561,47 @@ class ScavengerRate:
         self.base = history[0][1]
 
 
+class HeldEstimate:
+    """Notices the upload connection's BBR holding its bandwidth estimate under the rate: its long-term
+    ("policer") mode. BBR enters it after two sampling intervals of a few round trips each that lost a fifth
+    of their packets at about the same throughput, takes their throughput as the link's and paces at it with
+    a gain of 1 for 48 round trips, about 10 s here. On a link that loses 10 % at random, with a few packets
+    per round trip, that happens now and then, and the photo then went at 130-180 kbit/s for 10-14 s while
+    the rate asked 200 and no queue showed (``nara bench upload``, issue 7's sixth and ninth rounds).
+
+    ``held`` says when to start the connection's congestion control afresh (``edge.tcpinfo``): the gain
+    has stayed at exactly 1 and the estimate unchanged for ``held_for`` seconds (and for ``rounds`` of its
+    round trips: while probing, BBR leaves a gain of 1 after six), under ``share`` of the rate; at most once
+    per ``every`` seconds. Everything here takes ``now`` as an argument.
+    """
+
+    def __init__(self, held_for: float = 3.0, rounds: int = 10, share: float = 0.95, every: float = 15.0) -> None:
+        self.held_for = held_for
+        self.rounds = rounds
+        self.share = share
+        self.every = every
+        self._since: float | None = None  # when the gain and the estimate last became what they are
+        self._seen: tuple[int, float] | None = None
+        self._restarted_at = float("-inf")
+        self.restarts = 0
+
+    def held(self, now: float, bandwidth: int, pacing_gain: float, min_rtt: float, rate: float) -> bool:
+        """Whether to restart, given BBR's estimate (bytes per second), its pacing gain and round trip now,
+        and the upload's rate (bytes per second)."""
+        seen = (bandwidth, pacing_gain)
+        if seen != self._seen or pacing_gain != 1.0:
+            self._seen, self._since = seen, now
+            return False
+        assert self._since is not None
+        if now - self._since < max(self.held_for, self.rounds * min_rtt) or bandwidth >= self.share * rate:
+            return False
+        if now - self._restarted_at < self.every:
+            return False
+        self._restarted_at, self._seen, self._since = now, None, None
+        self.restarts += 1
+        return True
+
+
 def chunk_size(rate: float, seconds: float = 1.5, smallest: int = MIN_CHUNK, largest: int = MAX_CHUNK) -> int:
     """Bytes per PATCH: about ``seconds`` at ``rate`` bytes per second, within the bounds."""
     return int(min(largest, max(smallest, rate * seconds)))

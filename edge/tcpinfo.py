@@ -82,3 +82,44 @@ def parse(raw: bytes) -> TcpInfo:
 def read(sock: socket.socket) -> TcpInfo:
     """The kernel's ``tcp_info`` of ``sock``; raises ``OSError`` where there is none (not Linux, not TCP)."""
     return parse(sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _LAYOUT.size))
+
+
+# --- BBR's own state (``getsockopt(TCP_CC_INFO)``: ``struct tcp_bbr_info``) ---------------------
+
+TCP_CC_INFO = getattr(socket, "TCP_CC_INFO", 26)
+_BBR_LAYOUT = struct.Struct("=5I")  # bw_lo, bw_hi, min_rtt (µs), pacing_gain and cwnd_gain (<< 8)
+
+
+@dataclass(frozen=True)
+class BbrInfo:
+    """BBR's model of the path: its bandwidth estimate (bytes per second) and the gain it paces with."""
+
+    bandwidth: int
+    min_rtt: float  # seconds
+    pacing_gain: float  # 1.25 while probing for more, 0.75 draining, 1.0 cruising (and in its long-term mode)
+
+
+def parse_bbr(raw: bytes) -> BbrInfo:
+    """A ``BbrInfo`` from the bytes ``getsockopt(IPPROTO_TCP, TCP_CC_INFO, 20)`` returned for a BBR socket."""
+    if len(raw) < _BBR_LAYOUT.size:
+        raise ValueError(f"TCP_CC_INFO of {len(raw)} bytes is too short for BBR's")
+    bw_lo, bw_hi, min_rtt, pacing_gain, _cwnd_gain = _BBR_LAYOUT.unpack_from(raw)
+    return BbrInfo((bw_hi << 32) | bw_lo, min_rtt / 1e6, pacing_gain / 256)
+
+
+def read_bbr(sock: socket.socket) -> BbrInfo | None:
+    """BBR's state of ``sock``, or None when the socket does not use BBR; raises ``OSError`` where the
+    system says nothing (not Linux, not TCP)."""
+    name = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0")
+    if name != b"bbr":
+        return None
+    return parse_bbr(sock.getsockopt(socket.IPPROTO_TCP, TCP_CC_INFO, _BBR_LAYOUT.size))
+
+
+def restart_congestion_control(sock: socket.socket) -> None:
+    """Start ``sock``'s congestion control afresh, keeping the connection: Linux initialises an algorithm
+    only when a socket switches to it, so switch to reno (always allowed) and back. Raises ``OSError``
+    if the switch back is refused (the socket then stays on reno)."""
+    name = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name)

@@ -86,6 +86,7 @@ from .pacing import (
     MIN_CHUNK,
     NO_CALL,
     CallSignal,
+    HeldEstimate,
     ScavengerRate,
     ScavengerSettings,
     SocketSignal,
@@ -100,6 +101,7 @@ TUS_VERSION = "1.0.0"
 TOS_CS1 = 0x20  # DSCP CS1 (8) in the upper six bits: "lower effort" than best effort
 SO_MAX_PACING_RATE = getattr(socket, "SO_MAX_PACING_RATE", 47)  # Linux; bytes per second
 SIOCOUTQNSD = 0x894B  # Linux: bytes in a TCP socket's send queue not sent yet
+BBR_READ_INTERVAL = 0.25  # seconds between readings of the upload connection's BBR state
 WIRE_OVERHEAD = 1500 / 1448  # IP and TCP headers (with timestamps) on a full packet
 UPLOAD_CONGESTION_CONTROL = b"bbr"
 MAX_CHECKSUM_RETRIES = 5
@@ -254,6 +256,8 @@ class Uploader:
         self._opened_count = 0
         self._wire_rate = 0
         self._retransmitted = 0.0  # the share of the current connection's bytes sent again
+        self._held = HeldEstimate()  # BBR holding its estimate under the rate (its long-term mode)
+        self._bbr_read_at = float("-inf")
         self._deadline: asyncio.Timeout | None = None
         self._progress_at = self._loop.time()
         self._failures = 0
@@ -684,8 +688,26 @@ class Uploader:
             if info.state != tcpinfo.TCP_ESTABLISHED or info.bytes_acked is None or info.min_rtt is None:
                 return None
             self._retransmitted = min(0.3, info.retransmitted_share)
+            self._watch_bbr(now, sock)
             return SocketSignal(now, number, info.bytes_acked, info.rtt, info.min_rtt, info.notsent or 0)
         return None
+
+    def _watch_bbr(self, now: float, sock: socket.socket) -> None:
+        """Start the connection's BBR afresh when it holds its estimate under the rate (``HeldEstimate``);
+        read every quarter of a second at most."""
+        if now - self._bbr_read_at < BBR_READ_INTERVAL:
+            return
+        self._bbr_read_at = now
+        try:
+            bbr = tcpinfo.read_bbr(sock)
+            if bbr is None or not self._held.held(now, bbr.bandwidth, bbr.pacing_gain, bbr.min_rtt,
+                                                  self.scavenger.rate):
+                return
+            tcpinfo.restart_congestion_control(sock)
+        except (OSError, ValueError):
+            return
+        logger.info("the upload's BBR held its estimate at %.0f kbit/s under the rate (%.0f kbit/s): restarted",
+                    bbr.bandwidth * 8 / 1000, self.scavenger.rate * 8 / 1000)
 
     def _pace_wire(self, rate: float) -> None:
         """The kernel paces the upload's packets at ``rate`` (payload bytes per second, with headers and with

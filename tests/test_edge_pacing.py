@@ -10,6 +10,7 @@ from edge.pacing import (
     KIB,
     MAX_CHUNK,
     MIN_CHUNK,
+    HeldEstimate,
     RttSample,
     ScavengerRate,
     ScavengerSettings,
@@ -623,3 +624,30 @@ def test_with_the_uplinks_standing_queue_the_slow_start_runs_further_ahead_of_wh
             now = round(now + 0.1, 1)
         assert rate.share == pytest.approx(12_000, rel=0.02)
         assert highest == pytest.approx(headroom * 12_000, rel=0.03), standing
+
+
+def test_bbr_holding_its_estimate_under_the_rate_is_restarted_once_it_has_held_for_a_while() -> None:
+    """BBR's long-term mode: a gain of exactly 1 and an unchanged estimate, 48 round trips long."""
+    held = HeldEstimate(held_for=3.0, rounds=10, share=0.95, every=15.0)
+    rate = 25_000.0  # 200 kbit/s
+    assert not any(held.held(t / 4, 22_600, 1.0, 0.15, rate) for t in range(12))  # under 3 s
+    assert held.held(3.0, 22_600, 1.0, 0.15, rate)
+    assert held.restarts == 1
+    # ... at most once per 15 s, even if it holds again at once
+    assert not any(held.held(3.25 + t / 4, 22_600, 1.0, 0.15, rate) for t in range(40))
+    assert held.held(18.25, 22_600, 1.0, 0.15, rate)
+
+
+def test_bbr_probing_or_at_the_rate_or_on_a_long_path_is_left_alone() -> None:
+    rate = 25_000.0
+    probing = HeldEstimate()
+    gains = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # ProbeBW's cycle, one phase a round trip (0.2 s)
+    assert not any(probing.held(k * 0.2, 22_600, gains[k % 8], 0.2, rate) for k in range(200))
+    at_the_rate = HeldEstimate()
+    assert not any(at_the_rate.held(t / 4, 24_000, 1.0, 0.15, rate) for t in range(80))  # 0.96 of it
+    changing = HeldEstimate()
+    assert not any(changing.held(t / 4, 20_000 + t, 1.0, 0.15, rate) for t in range(80))
+    # a satellite path: six phases of 1.0 last 3.6 s at 0.6 s a round trip, so ten round trips must pass
+    far = HeldEstimate()
+    assert not any(far.held(t / 4, 22_600, 1.0, 0.6, rate) for t in range(24))
+    assert far.held(6.0, 22_600, 1.0, 0.6, rate)

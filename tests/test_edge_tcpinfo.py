@@ -72,3 +72,35 @@ def test_an_older_kernels_shorter_struct_reads_as_far_as_it_goes() -> None:
 def test_a_socket_that_is_not_tcp_has_no_tcp_info() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, pytest.raises(OSError):
         tcpinfo.read(udp)
+
+
+def test_bbrs_state_is_read_and_its_restart_keeps_the_connection_and_bbr() -> None:
+    with connection() as (sender, receiver):
+        try:
+            sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"bbr")
+        except OSError:
+            pytest.skip("this kernel offers no BBR to this process")  # (the kit then keeps the system's default)
+        sender.sendall(b"x" * 200_000)
+        got = 0
+        while got < 200_000:
+            got += len(receiver.recv(65536))
+        bbr = tcpinfo.read_bbr(sender)
+        assert bbr is not None and bbr.bandwidth > 0 and bbr.min_rtt > 0
+        assert bbr.pacing_gain in (2.885, 0.75, 1.0, 1.25) or bbr.pacing_gain == pytest.approx(739 / 256)
+        tcpinfo.restart_congestion_control(sender)
+        assert sender.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0") == b"bbr"
+        sender.sendall(b"y" * 100_000)  # the connection carries on ...
+        got = 0
+        while got < 100_000:
+            got += len(receiver.recv(65536))
+        afresh = tcpinfo.read_bbr(sender)
+        assert afresh is not None and afresh.pacing_gain == pytest.approx(739 / 256)  # ... in BBR's start-up again
+        sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
+        assert tcpinfo.read_bbr(sender) is None  # not BBR: nothing to read
+
+
+def test_bbrs_state_parses_from_its_struct() -> None:
+    raw = struct.pack("=5I", 25_000, 0, 120_000, 256, 512)
+    assert tcpinfo.parse_bbr(raw) == tcpinfo.BbrInfo(25_000, 0.120, 1.0)
+    with pytest.raises(ValueError):
+        tcpinfo.parse_bbr(raw[:12])
