@@ -48,6 +48,9 @@ lets it (CAP_NET_ADMIN, or ``bbr`` in ``net.ipv4.tcp_allowed_congestion_control`
 the socket uses BBR: on a link that loses 10 % of its packets at random,
 loss-based TCP (cubic, reno) halves its window at every loss and carried about
 65 % of a 256 kbit/s link even alone, BBR about 90 % (``nara bench upload``).
+BBR held in its long-term mode under the rate is started afresh
+(``HeldEstimate``), and Nagle's algorithm is on, so the photo's small pieces
+go in full packets.
 The kernel may pace up to a quarter above the rate so TCP makes up the time it
 stalls repairing losses, and beside a call at most ``backlog_limit`` bytes
 wait unsent in the socket, so what it makes up stays small. A request given up
