@@ -49,8 +49,7 @@ the socket uses BBR: on a link that loses 10 % of its packets at random,
 loss-based TCP (cubic, reno) halves its window at every loss and carried about
 65 % of a 256 kbit/s link even alone, BBR about 90 % (``nara bench upload``).
 BBR held in its long-term mode under the rate is started afresh
-(``HeldEstimate``), and Nagle's algorithm is on, so the photo's small pieces
-go in full packets.
+(``HeldEstimate``).
 The kernel may pace up to a quarter above the rate so TCP makes up the time it
 stalls repairing losses, and beside a call at most ``backlog_limit`` bytes
 wait unsent in the socket, so what it makes up stays small. A request given up
@@ -715,12 +714,7 @@ class Uploader:
     def _pace_wire(self, rate: float) -> None:
         """The kernel paces the upload's packets at ``rate`` (payload bytes per second, with headers and with
         room for the share of them the connection has had to send again: else TCP falls behind the rate on a
-        lossy link, and what it delivers says less of what the link would carry).
-
-        Each socket also gets Nagle's algorithm back (aiohttp turns it off as it connects): the bytes are
-        written in pieces of a fiftieth of a second, 1 KiB on a thin link, and each went out as a packet of
-        its own: 52 bytes of headers on every 1 KiB (5 %), where a full packet carries 1448 (3.6 %). Held
-        until a full packet is ready while earlier ones are unacknowledged, they go in full packets."""
+        lossy link, and what it delivers says less of what the link would carry)."""
         wire = int(rate * WIRE_OVERHEAD / (1.0 - self._retransmitted))
         if abs(wire - self._wire_rate) <= self._wire_rate // 50:
             return  # within 2 %: not worth a system call per piece
@@ -728,8 +722,6 @@ class Uploader:
         for sock in list(self._sockets.keys()):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, wire)
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
 
     def _abort_connections(self) -> None:
         """Closing the upload's connections drops what they still hold (a reset, not a goodbye). A stalled
