@@ -29,7 +29,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class QueueSample:
     """The standing queue in front of the kit's packets on its uplink (seconds), learnt at ``at`` (the
-    caller's clock), from ``packets`` packets' arrivals."""
+    caller's clock) from a feedback that told ``packets`` packets' arrivals."""
 
     queue: float
     at: float
