@@ -24,6 +24,8 @@ _PREFIXES = {  # shorter kernels: the fields each one has, by the struct's lengt
     104: struct.Struct("=8B24I"),  # up to tcpi_total_retrans
 }
 TCP_ESTABLISHED = 1
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+TCP_RTO_MAX_MS = 44  # Linux 6.15 and later: the longest a retransmission timeout may grow, in ms (1000 at least)
 
 
 @dataclass(frozen=True)
@@ -123,3 +125,18 @@ def restart_congestion_control(sock: socket.socket) -> None:
     name = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"reno")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name)
+
+
+def cap_retransmission_timeout(sock: socket.socket, seconds: float, patience: float) -> bool:
+    """Keep ``sock``'s retransmission timeout at most ``seconds`` (one at least), however often it backs off,
+    and let it give up only after ``patience`` seconds without an acknowledgement; whether the kernel took
+    it (Linux 6.15 and later). Across an outage TCP doubles the timeout at each retransmission lost, to two
+    minutes by default: after a 20 s outage its next try came up to 20 s after the link was back. Capped at
+    a second, it tries every second, and goes on within one of the link's return. (Capped, the kernel's
+    count of tries, ``tcp_retries2``, runs out after about 16 s: hence ``TCP_USER_TIMEOUT``.)"""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, max(1000, round(seconds * 1000)))
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, round(patience * 1000))
+    except OSError:
+        return False
+    return True

@@ -54,7 +54,14 @@ The kernel may pace up to a quarter above the rate so TCP makes up the time it
 stalls repairing losses, and beside a call at most ``backlog_limit`` bytes
 wait unsent in the socket, so what it makes up stays small. A request given up
 resets its connection: closed gracefully, the kernel sent what it still held
-after the outage, beside the new connection.
+after the outage, beside the new connection. Where Linux allows (6.15 and
+later) the connection's retransmission timeout is capped at a second: across
+an outage it tries each second and goes on by itself within about one of the
+link's return, with its congestion control's model of the link, where a
+request given up paid a new connection's handshake and a HEAD first. A request
+counts as stalled there only after a minute without progress (bytes written
+or acknowledged), or when it stays silent for ``back_grace`` after the agent
+reached the server again.
 """
 
 from __future__ import annotations
@@ -112,6 +119,13 @@ BLOCKS_CONTENT_TYPE = "application/vnd.nara.blocks"  # signalling/tus.py: a PATC
 BLOCK_HEADER = struct.Struct(">I32s")  # a block's length and SHA-256, then its bytes
 MIN_BLOCK = 4 * 1024
 MAX_BLOCK = 256 * 1024
+# A request whose connection brings no progress for this long is given up (``UploadSettings.stall_timeout``):
+# 20 s where TCP backs off as it likes; where its retransmission timeout is capped (``rto_max``) the connection
+# tries again each second and goes on by itself after an outage, so only a long silence says it is dead, or
+# the agent reaching the server while it stays silent (``back_grace``). Given up after a 20 s outage, as the
+# link came back, the next request paid a new connection's handshake and a HEAD: 1.5-4 s over a lossy link.
+STALL_TIMEOUT = 20.0
+CAPPED_STALL_TIMEOUT = 60.0
 MAX_RESTARTS = 3  # an image whose upload vanished or was reset this often in a row waits for the back-off
 DEVICE_CODES = frozenset({"device_revoked", "device_unknown", "device_credential_invalid",
                           "device_credential_missing"})
@@ -131,7 +145,13 @@ class UploadSettings:
     min_chunk: int = MIN_CHUNK
     max_chunk: int = MAX_CHUNK
     backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, cap=60.0))
-    stall_timeout: float = 20.0  # nothing sent and no answer for this long: the connection is dead
+    # Nothing sent, acknowledged or answered for this long: the connection is dead. None: ``STALL_TIMEOUT``,
+    # or ``CAPPED_STALL_TIMEOUT`` where the connection's retransmission timeout is capped at ``rto_max``.
+    stall_timeout: float | None = None
+    rto_max: float = 1.0  # seconds: the longest the upload connection's retransmission timeout may grow
+    # The agent reached the server again while the upload made no progress: a connection whose retransmission
+    # timeout is capped has this long to show it is alive (a try a second, one or two lost), else none.
+    back_grace: float = 3.0
     connect_timeout: float = 10.0
     idle_check: float = 1.0  # how often an idle uploader looks for photos another process added
     token_margin: float = 60.0  # a token is asked for again this long before it expires
@@ -262,6 +282,9 @@ class Uploader:
         self._bbr_read_at = float("-inf")
         self._deadline: asyncio.Timeout | None = None
         self._progress_at = self._loop.time()
+        self._rto_capped = False  # the latest connection's retransmission timeout is capped at ``rto_max``
+        self._ack_mark = (0, 0)  # (connection, bytes it had acknowledged) at the latest reading
+        self._said_uncapped = False
         self._failures = 0
         self._acked = 0  # the current image's acknowledged offset
         self._max_chunk = s.max_chunk  # halved if the server says a chunk is too large
@@ -292,12 +315,24 @@ class Uploader:
         self._network.set()
         now = self._loop.time()
         if now - self._progress_at > 1.0:
-            self._move_deadline(now)
+            self._move_deadline(now + (self.settings.back_grace if self._rto_capped else 0.0), sooner=True)
 
-    def _move_deadline(self, when: float) -> None:
-        """Move the running request's deadline, unless it has already passed (it cannot be moved then)."""
-        if self._deadline is not None and not self._deadline.expired():
-            self._deadline.reschedule(when)
+    def _move_deadline(self, when: float, sooner: bool = False) -> None:
+        """Move the running request's deadline (only ever nearer if ``sooner``), unless it has already passed
+        (it cannot be moved then)."""
+        deadline = self._deadline
+        if deadline is None or deadline.expired():
+            return
+        current = deadline.when()
+        if not sooner or current is None or when < current:
+            deadline.reschedule(when)
+
+    @property
+    def stall_timeout(self) -> float:
+        """Seconds without progress after which a request is given up (see ``STALL_TIMEOUT``)."""
+        if self.settings.stall_timeout is not None:
+            return self.settings.stall_timeout
+        return CAPPED_STALL_TIMEOUT if self._rto_capped else STALL_TIMEOUT
 
     def status(self) -> dict[str, Any]:
         """For the kit's page and the log: what the uploader is doing, how fast, and how far it got."""
@@ -587,7 +622,7 @@ class Uploader:
                     raw = await response.read()
                     self._progress()
         except TimeoutError:
-            raise _Transient(f"{method} stalled: no progress for {self.settings.stall_timeout:g} s") from None
+            raise _Transient(f"{method} stalled: no progress for {self.stall_timeout:g} s") from None
         except (aiohttp.ClientError, OSError) as exc:
             raise _Transient(f"{method} failed: {type(exc).__name__} {exc}".strip()) from None
         finally:
@@ -669,6 +704,11 @@ class Uploader:
         self._sockets[sock] = self._opened_count
         self._wire_rate = 0  # a new socket: set its pacing with the next piece
         self._retransmitted = 0.0
+        self._rto_capped = tcpinfo.cap_retransmission_timeout(sock, self.settings.rto_max, CAPPED_STALL_TIMEOUT)
+        if not self._rto_capped and not self._said_uncapped:
+            self._said_uncapped = True
+            logger.info("this system cannot cap the upload's retransmission timeout (Linux 6.15 and later can): "
+                        "after an outage, a stalled request is given up after %g s", self.stall_timeout)
 
     def _judge_link(self, now: float) -> None:
         thin = self.scavenger.thin_uplink(now)
@@ -690,6 +730,9 @@ class Uploader:
             if info.state != tcpinfo.TCP_ESTABLISHED or info.bytes_acked is None or info.min_rtt is None:
                 return None
             self._retransmitted = min(0.3, info.retransmitted_share)
+            if number == self._ack_mark[0] and info.bytes_acked > self._ack_mark[1]:
+                self._progress()  # the server acknowledged more: the connection is alive, written to or not
+            self._ack_mark = (number, info.bytes_acked)
             self._watch_bbr(now, sock)
             return SocketSignal(now, number, info.bytes_acked, info.rtt, info.min_rtt, info.notsent or 0)
         return None
@@ -745,7 +788,7 @@ class Uploader:
     def _progress(self) -> None:
         now = self._loop.time()
         self._progress_at = now
-        self._move_deadline(now + self.settings.stall_timeout)
+        self._move_deadline(now + self.stall_timeout)
 
     def _show(self, state: str, detail: str | None) -> None:
         changed = (state, detail) != (self.state, self.detail)

@@ -1,7 +1,9 @@
 """A peer for network tests, run inside a namespace of its own: TCP bulk sender and UDP echo.
 
-TCP (port ``TCP_PORT``): a client sends ``SEND <bytes> <seed>\\n`` and gets that
-many pseudo-random bytes (``payload(bytes, seed)``), then the connection closes.
+TCP (port ``TCP_PORT``): a client sends ``SEND <bytes> <seed> [<rto_max>]\\n`` and gets
+that many pseudo-random bytes (``payload(bytes, seed)``), then the connection
+closes; with ``rto_max`` (seconds) the sending socket's retransmission timeout
+is capped there (``edge.tcpinfo.cap_retransmission_timeout``).
 UDP (port ``UDP_PORT``): every datagram is sent back to where it came from.
 It binds to every address, so it may start before its namespace has a network.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 from typing import Any
+
+from edge.tcpinfo import cap_retransmission_timeout
 
 TCP_PORT = 9000
 UDP_PORT = 9001
@@ -29,7 +33,10 @@ class Echo(asyncio.DatagramProtocol):
 
 
 async def send_bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    _, size, seed = (await reader.readline()).split()
+    _, size, seed, *rto_max = (await reader.readline()).split()
+    if rto_max and not cap_retransmission_timeout(writer.get_extra_info("socket"), float(rto_max[0]), 60.0):
+        writer.close()  # the test learns it from a connection closed with nothing sent
+        return
     writer.write(payload(int(size), int(seed)))
     await writer.drain()
     writer.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import platform
 import socket
 import struct
 from collections.abc import Iterator
@@ -104,3 +105,18 @@ def test_bbrs_state_parses_from_its_struct() -> None:
     assert tcpinfo.parse_bbr(raw) == tcpinfo.BbrInfo(25_000, 0.120, 1.0)
     with pytest.raises(ValueError):
         tcpinfo.parse_bbr(raw[:12])
+
+
+def test_a_connections_retransmission_timeout_is_capped_where_the_kernel_allows() -> None:
+    """Linux 6.15 and later take a cap (at least a second) and a patience beside it; older ones refuse it."""
+    release = tuple(int(part) for part in platform.release().split(".")[:2] if part.isdigit())
+    with socket.socket() as sock:
+        capped = tcpinfo.cap_retransmission_timeout(sock, 0.2, 60.0)
+        assert capped == (release >= (6, 15))
+        if capped:
+            assert sock.getsockopt(socket.IPPROTO_TCP, tcpinfo.TCP_RTO_MAX_MS) == 1000, "a second at least"
+            assert sock.getsockopt(socket.IPPROTO_TCP, tcpinfo.TCP_USER_TIMEOUT) == 60_000, "no giving up at 16 s"
+            assert tcpinfo.cap_retransmission_timeout(sock, 2.5, 30.0)
+            assert sock.getsockopt(socket.IPPROTO_TCP, tcpinfo.TCP_RTO_MAX_MS) == 2500
+    with socket.socket(type=socket.SOCK_DGRAM) as udp:
+        assert not tcpinfo.cap_retransmission_timeout(udp, 1.0, 60.0)

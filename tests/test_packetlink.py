@@ -194,3 +194,75 @@ async def test_a_udp_round_trip_takes_the_configured_delay() -> None:
     assert statistics.median(round_trips) < 0.110, round_trips
     assert reading.uplink.udp.delay_mean == pytest.approx(0.040, abs=0.002)
     assert reading.downlink.udp.delay_mean == pytest.approx(0.060, abs=0.002)
+
+
+class Stream:
+    """A bulk download from the peer, read as it comes: when each piece arrived."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.arrivals: list[tuple[float, int]] = []
+        self.changed = asyncio.Event()
+        self.closed = False  # the peer closed or reset the connection
+        self._task = asyncio.ensure_future(self._read(reader))
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                self.arrivals.append((time.monotonic(), len(chunk)))
+                self.changed.set()
+        except ConnectionError:
+            pass
+        self.closed = True
+        self.changed.set()
+
+    @property
+    def received(self) -> int:
+        return sum(size for _, size in self.arrivals)
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(30):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+    def first_after(self, moment: float) -> float | None:
+        return next((at for at, _ in self.arrivals if at > moment), None)
+
+    def close(self) -> None:
+        self._task.cancel()
+        self.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.close()
+
+
+async def bulk_from(link: PacketLink, size: int, rto_max: float | None = None) -> Stream:
+    reader, writer = await asyncio.open_connection(link.kit_address, TCP_PORT)
+    writer.write(f"SEND {size} 3{'' if rto_max is None else f' {rto_max}'}\n".encode())
+    return Stream(reader, writer)
+
+
+async def test_a_connection_whose_retransmission_timeout_is_capped_goes_on_first_after_an_outage() -> None:
+    """The kit's photo upload caps its connection's retransmission timeout at a second (edge/uploader.py): across
+    the bench's 20 s outage it tries again each second, where TCP's own timer doubles at each try lost, and it
+    is still there at the end (the kernel's count of tries alone would have closed it after about 16 s), so it
+    carries on as the link returns, before a connection left to the kernel's defaults does."""
+    outage = 20.0  # seconds the link stays cut, as in ``nara bench upload``
+    profile = LinkProfile(rate_bps=1_000_000, queue_ms=100, delay_ms=20)
+    async with peer_behind(profile, profile) as link:
+        capped = await bulk_from(link, 4_000_000, rto_max=1.0)
+        plain = await bulk_from(link, 4_000_000)
+        try:
+            await capped.until(lambda: capped.received >= 64 * 1024)
+            await plain.until(lambda: plain.received >= 64 * 1024)
+            await link.cut()
+            await asyncio.sleep(outage)  # the outage itself: how long the link is down, not a wait for an event
+            await link.restore()
+            back_at = time.monotonic()
+            await capped.until(lambda: capped.first_after(back_at) is not None or capped.closed)
+            plain_then = plain.first_after(back_at)
+        finally:
+            capped.close()
+            plain.close()
+    assert not capped.closed, "the capped connection lived through the outage"
+    assert capped.received < 4_000_000, "it was still carrying at the outage"
+    assert plain_then is None, "when the capped connection carried on, the other one still waited"
