@@ -36,7 +36,8 @@ also grows with no queue at all when a slow upload's packets come far apart
 (the server delays its acknowledgements), so below ``socket_alone`` it
 counts only while the call's report shows a queue too, and a new connection's
 round trip counts only once it has carried ``socket_settle`` (its first ones
-are inflated after an outage). The kernel may send the bytes up to
+are inflated after an outage), and so does one back from a silence of
+``resume_silence`` (an outage it lived through). The kernel may send the bytes up to
 ``catch_up`` times the rate (``pacing_rate``) unless a queue cut it lately, so
 TCP makes up the time it stalls repairing each loss. After a queue showed
 beside an upload under ``thin_below``, ``thin_uplink`` says the link is thin
@@ -169,6 +170,9 @@ class ScavengerSettings:
     # connection's queue counts only while the call's last report showed a queue too (half its target).
     socket_alone: float = 0.300
     socket_settle: int = 64 * KIB  # a connection's round trip counts (base and queue) once it carried this much
+    # ... and again after this many seconds without an acknowledgement (an outage it lived through): the round
+    # trips of the first packets after a 20 s outage read 0.6-2.7 s, and as a queue cut the rate by a quarter.
+    resume_silence: float = 3.0
     # What TCP delivered is measured over at least this long: over a shorter time a repaired loss, which
     # acknowledges many segments at once, reads as a burst far above the link's rate.
     delivery_interval: float = 2.0
@@ -280,6 +284,7 @@ class ScavengerRate:
         self._deliveries: deque[tuple[float, float]] = deque()  # (at, bytes per second), kept decreasing
         self._recall: deque[tuple[float, float]] = deque()  # the same over recall_window
         self._heard: SocketSignal | None = None  # the last reading with news (an acknowledgement since the one before)
+        self._settle_from = 0  # the connection's bytes acknowledged before it last came back from a silence
         # The upload connections' base: the lowest smoothed round trip of the last base_window, once full
         # packets set it (a connection's first round trips are of small packets, quicker through a thin link).
         self._socket_history: deque[tuple[float, float]] = deque()
@@ -424,7 +429,7 @@ class ScavengerRate:
     @property
     def _settled(self) -> bool:
         """The upload's connection has carried ``socket_settle``: its round trips and deliveries count."""
-        return self._heard is not None and self._heard.acked >= self.settings.socket_settle
+        return self._heard is not None and self._heard.acked - self._settle_from >= self.settings.socket_settle
 
     def _grow(self, step: float) -> None:
         share = self.share
@@ -513,17 +518,20 @@ class ScavengerRate:
         mark = self._mark
         if mark is None or mark.connection != sock.connection or sock.acked < mark.acked:
             self._mark = self._heard = sock
+            self._settle_from = 0
             self._asked, self.kept_up, self._misses = 0.0, None, 0
             return None
         news = self._heard is None or sock.acked != self._heard.acked
         if news:
+            if self._heard is not None and sock.at - self._heard.at > s.resume_silence:
+                self._settle_from = self._heard.acked  # back from a silence: it settles anew
             self._heard = sock
             self._learn_socket(sock)
         span = sock.at - mark.at
         if span >= s.delivery_interval or (span >= s.short_interval and sock.acked - mark.acked >= s.short_bytes):
             delivered = (sock.acked - mark.acked) / span
             self.kept_up = delivered * span >= s.kept_up_share * self._asked
-            settled = mark.acked >= s.socket_settle
+            settled = mark.acked - self._settle_from >= s.socket_settle
             self._misses = self._misses + 1 if settled and not self.kept_up else 0
             self._mark, self._asked = sock, 0.0
             self.delivered = delivered
@@ -539,7 +547,7 @@ class ScavengerRate:
 
     def _learn_socket(self, sock: SocketSignal) -> None:
         history = self._socket_history
-        settled = sock.acked >= self.settings.socket_settle
+        settled = sock.acked - self._settle_from >= self.settings.socket_settle
         if settled:
             while history and history[-1][1] >= sock.rtt:
                 history.pop()

@@ -651,3 +651,30 @@ def test_bbr_probing_or_at_the_rate_or_on_a_long_path_is_left_alone() -> None:
     far = HeldEstimate()
     assert not any(far.held(t / 4, 22_600, 1.0, 0.6, rate) for t in range(24))
     assert far.held(6.0, 22_600, 1.0, 0.6, rate)
+
+
+def test_a_connection_back_from_an_outage_settles_again_before_its_round_trip_cuts() -> None:
+    """The upload's connection lives through a 20 s outage (its retransmission timeout is capped): the round
+    trips of its first packets after it are seconds long (the burst it sends as the link returns, into the
+    call's rebuilding) and say nothing of a queue; they count again once it has carried ``socket_settle``."""
+    rate = scavenger()
+    rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
+    rate.rate = 20_000.0
+    acked = 0.0
+    for tenth in range(1, 300):  # 30 s at the rate, the round trip at its base
+        acked += 2_000.0
+        rate.update(tenth / 10, RttSample(0.100, tenth / 10), sock=reading(tenth / 10, acked, rtt=0.150))
+    before = rate.rate
+    for half in range(60, 100):  # the outage: nothing acknowledged, the call's last report grows old
+        rate.update(half / 2, RttSample(0.100, 29.9), sock=reading(half / 2, acked, rtt=0.150))
+    # Back: the same connection carries on, its smoothed round trip 1.9 s. No cut for it.
+    for tenth in range(500, 510):
+        acked += 2_000.0
+        rate.update(tenth / 10, RttSample(0.100, 29.9), sock=reading(tenth / 10, acked, rtt=1.9))
+    assert rate.rate == before
+    # Once it has carried 64 KiB more, a queue on it counts again, and cuts.
+    for tenth in range(510, 560):
+        acked += 2_000.0
+        rate.update(tenth / 10, RttSample(0.100, tenth / 10), sock=reading(tenth / 10, acked, rtt=0.150))
+    settled = rate.rate
+    assert rate.update(56.1, RttSample(0.100, 56.0), sock=reading(56.1, acked + 2_000, rtt=0.600)) < settled
