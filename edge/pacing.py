@@ -41,7 +41,8 @@ are inflated after an outage), and so does one back from a silence of
 ``catch_up`` times the rate (``pacing_rate``) unless a queue cut it lately, so
 TCP makes up the time it stalls repairing each loss. After a queue showed
 beside an upload under ``thin_below``, ``thin_uplink`` says the link is thin
-for ``thin_hold`` seconds (the call's audio then goes in longer packets).
+for ``thin_hold`` seconds (the call's audio then goes in longer packets); a
+call's upload begins with the link presumed thin until it shows itself.
 
 Where the server tells the kit when each of its packets arrived (transport
 feedback, ``QueueSample`` from edge/uplink.py), the call's queue is the one
@@ -231,6 +232,11 @@ class ScavengerSettings:
     # ``thin_hold`` seconds after a queue showed while the upload carried under ``thin_below``.
     thin_below: float = 250_000 / 8
     thin_hold: float = 60.0
+    # A call's upload begins with the uplink presumed thin, until the first queue shows (the rules above then
+    # judge it), TCP delivers ``thin_below``, or this many seconds pass: else the slow start met the audio in
+    # 20 ms packets, 20-25 kbit/s more of a 256 kbit/s link than the 60 ms ones it went to only at the first
+    # queue, 7-10 s later, and that queue was the start's overshoot over the larger share.
+    presume_thin: float = 10.0
     # A cut within this many seconds of the uplink's becoming thin keeps no knee: the queue it was for had
     # the call's audio in 20 ms packets in it, 20-25 kbit/s more of a 256 kbit/s link than the 60 ms packets
     # it goes to, and held to a quarter of the usual pace near that rate, the photo's first minute went at
@@ -271,6 +277,7 @@ class ScavengerRate:
         self._cut_queue = 0.0  # the queue that the last cut was for
         self._squeezed: tuple[float, float] | None = None  # (when, at what rate) a queue last showed in a call
         self._thin_since: float | None = None  # when the uplink last became thin
+        self._presumed_until = float("-inf")  # the uplink counts as thin until then, unless shown otherwise
         self._knee: float | None = None  # the rate the last cut was for
         self._calling = False
         self._starting = False  # in slow start: no queue seen yet in this call
@@ -328,6 +335,7 @@ class ScavengerRate:
             return self.rate
         if not self._calling:
             self._calling = self._starting = True
+            self._presumed_until, self._thin_since = now + s.presume_thin, now
             self._began_at = now
             if sock is None:
                 self._heard = None  # a connection read in an earlier call says nothing of this one's upload
@@ -366,7 +374,7 @@ class ScavengerRate:
             return self._steer(now, queueing, elapsed, on_socket, steer_target)
         if queueing > target:
             self._queue_seen(now)
-            self._squeezed = (now, self.rate)
+            self._squeezed, self._presumed_until = (now, self.rate), float("-inf")
             if now - self._cut_at >= s.cut_interval:
                 self.rate *= s.cut
                 self._cut_at = now
@@ -454,6 +462,7 @@ class ScavengerRate:
         s = self.settings
         thin = self.thin_uplink(now)
         self._squeezed = (now, min(self.rate, self.share or self.rate))
+        self._presumed_until = float("-inf")  # the link has shown itself: judged by its queue from now
         if not thin and self.thin_uplink(now):
             self._thin_since = now
         if now - self._cut_at < s.cut_interval:
@@ -501,8 +510,14 @@ class ScavengerRate:
 
     def thin_uplink(self, now: float) -> bool:
         """Whether the link is thin: lately a queue showed in front of the call while the upload carried
-        less than ``thin_below`` (at most what it was sending and what TCP had delivered)."""
+        less than ``thin_below`` (at most what it was sending and what TCP had delivered), or, as a call's
+        upload begins, until it shows itself (``presume_thin``)."""
         s = self.settings
+        if self._calling and now < self._presumed_until:
+            carried = self.share if self._heard is not None else self.rate
+            if carried is None or carried < s.thin_below:
+                return True
+            self._presumed_until = float("-inf")  # room shown
         return self._squeezed is not None and now - self._squeezed[0] < s.thin_hold and self._squeezed[1] < s.thin_below
 
     @property
