@@ -714,7 +714,9 @@ class Uploader:
         thin = self.scavenger.thin_uplink(now)
         if thin != self.thin_uplink:
             self.thin_uplink = thin
-            logger.info("the uplink is %s", "thin: a queue showed in front of the call" if thin else "no longer thin")
+            why = ("presumed so as a photo goes beside the call, until it shows otherwise"
+                   if self.scavenger.thin_presumed(now) else "a queue showed in front of the call")
+            logger.info("the uplink is %s", f"thin: {why}" if thin else "no longer thin")
             if self.on_thin_uplink is not None:
                 self.on_thin_uplink(thin)
 

@@ -279,7 +279,7 @@ def test_the_uplink_counts_as_thin_for_a_minute_after_a_queue_showed_beside_a_sl
     assert rate.thin_uplink(0.0)  # presumed so as the call's upload begins
     rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 40_000))  # 20 kB/s: 160 kbit/s
     rate.update(2.5, RttSample(0.100, 2.0), sock=reading(2.5, 45_000, rtt=0.500))  # a queue in front of the call
-    assert rate.thin_uplink(3.0) and rate.thin_uplink(62.0)
+    assert rate.thin_uplink(3.0) and rate.thin_uplink(62.0) and not rate.thin_presumed(3.0)
     assert not rate.thin_uplink(63.0)  # a minute without another: the call may spend more on headers again
 
 
@@ -288,7 +288,7 @@ def test_a_calls_upload_begins_with_the_uplink_presumed_thin_until_it_shows_itse
     or ten seconds pass: the slow start then no longer meets the call's audio in 20 ms packets."""
     rate = scavenger()
     rate.update(0.0, RttSample(0.100, 0.0), sock=reading(0.0, 0))
-    assert rate.thin_uplink(0.0)
+    assert rate.thin_uplink(0.0) and rate.thin_presumed(0.0)
     rate.update(2.0, RttSample(0.100, 2.0), sock=reading(2.0, 20_000))  # 80 kbit/s delivered: still unknown
     assert rate.thin_uplink(2.0)
     rate.update(4.0, RttSample(0.100, 4.0), sock=reading(4.0, 100_000))  # 320 kbit/s: room shown
