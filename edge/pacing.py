@@ -280,6 +280,7 @@ class ScavengerRate:
         self._updated_at: float | None = None
         self._cut_at = float("-inf")
         self._cut_queue = 0.0  # the queue that the last cut was for
+        self._cut_report: RttSample | None = None  # the call's report that the last cut was for, if one
         self._squeezed: tuple[float, float] | None = None  # (when, at what rate) a queue last showed in a call
         self._thin_since: float | None = None  # when the uplink last became thin
         self._presumed_until = float("-inf")  # the uplink counts as thin until then, unless shown otherwise
@@ -376,7 +377,7 @@ class ScavengerRate:
         if unsent > s.busy_after * self.rate and queueing <= target:
             return self.rate  # TCP is behind the rate: no growth (a queue above the target still cuts)
         if sock is not None:
-            return self._steer(now, queueing, elapsed, on_socket, steer_target)
+            return self._steer(now, queueing, elapsed, on_socket, steer_target, None if standing else sample)
         if queueing > target:
             self._queue_seen(now)
             self._squeezed, self._presumed_until = (now, self.rate), float("-inf")
@@ -401,20 +402,27 @@ class ScavengerRate:
             return on_socket
         return min(on_socket, s.socket_target / 2)
 
-    def _steer(self, now: float, queueing: float, elapsed: float, on_socket: float, steer_target: float) -> float:
+    def _steer(self, now: float, queueing: float, elapsed: float, on_socket: float, steer_target: float,
+               report: RttSample | None) -> float:
         """The rate beside a call, with the upload's own connection to read.
 
         The queue in front of the audio is the larger of the call's (late, from its reports) and the
         connection's (per acknowledgement), each against its target. Above it, the rate is cut at once
         to under what TCP delivered, the deeper the longer the queue. Below half of it, the rate grows
         (a slow start at first), but never beyond ``headroom`` times the most TCP delivered lately: a
-        rate far above what the link carries fills its queue in seconds, ahead of the audio.
+        rate far above what the link carries fills its queue in seconds, ahead of the audio. A report
+        (``report``: the call's queue came from one, not from the standing queue) cuts once: as an outage
+        began, the last report before it cut the rate twice, a second apart, and it stayed there until the
+        call was back.
         """
         s = self.settings
         pressure = max(queueing / steer_target, on_socket / s.socket_target)
-        if pressure > 1.0:
+        told = report is not None and report == self._cut_report and on_socket <= s.socket_target
+        if pressure > 1.0 and told:
+            self._queue_seen(now)  # that report's queue was cut for: hold until another says more
+        elif pressure > 1.0:
             self._queue_seen(now)
-            self._cut(now, max(queueing - steer_target, on_socket))
+            self._cut(now, max(queueing - steer_target, on_socket), report)
         elif self._starting and pressure < s.start_pressure:
             self._grow(self.rate * (2.0 ** (s.slow_start * elapsed) - 1.0))
         else:
@@ -462,8 +470,9 @@ class ScavengerRate:
         ceiling = share * start_headroom if self._starting else share * s.headroom + s.probe
         self.rate = max(self.rate, min(self.rate + step, max(ceiling, recalled)))
 
-    def _cut(self, now: float, queue: float) -> None:
-        """Cut for a queue of ``queue`` seconds: under what TCP delivered, the deeper the longer the queue."""
+    def _cut(self, now: float, queue: float, report: RttSample | None = None) -> None:
+        """Cut for a queue of ``queue`` seconds (told by ``report``, if by one): under what TCP delivered, the
+        deeper the longer the queue."""
         s = self.settings
         thin = self.thin_uplink(now)
         self._squeezed = (now, min(self.rate, self.share or self.rate))
@@ -483,7 +492,7 @@ class ScavengerRate:
             self._knee = self.rate
         else:
             self._knee = max(self._knee, self.rate)
-        self._cut_at, self._cut_queue = now, queue
+        self._cut_at, self._cut_queue, self._cut_report = now, queue, report
         share = self.share
         if share is None:
             self.rate *= s.cut

@@ -718,3 +718,21 @@ def test_with_the_uplinks_standing_queue_the_slow_start_measures_what_tcp_delive
             rate.update(now, RttSample(0.100, now), sock=reading(now, acked), queue=queue)
         reached[standing] = now
     assert reached[True] <= 4.5 and reached[False] >= 7.0, reached
+
+
+def test_one_report_of_the_call_cuts_once() -> None:
+    """The last report before an outage showed 68 ms: it cut the rate as the link died, and again a second
+    later (the report still fresh, nothing newer), and the photo spent the outage and the call's rebuilding
+    a fifth under its rate. One report is one measurement: it cuts once; the next one, if it shows the
+    queue still, cuts again."""
+    rate, acked = grown_for_ten_seconds()
+    report = RttSample(0.170, 10.0)  # 70 ms over the base, over the 60 ms target
+    before = rate.rate
+    acked += before / 10
+    cut = rate.update(10.0, report, sock=reading(10.0, acked))
+    assert cut < before
+    for tenth in range(101, 120):  # the link is dead: nothing acknowledged, the report stays the latest
+        assert rate.update(tenth / 10, report, sock=reading(tenth / 10, acked)) == cut
+    acked += cut / 10
+    again = rate.update(12.0, RttSample(0.170, 11.9), sock=reading(12.0, acked))
+    assert again < cut, "a new report of the same queue cuts again"
