@@ -281,6 +281,7 @@ class ScavengerRate:
         self._cut_at = float("-inf")
         self._cut_queue = 0.0  # the queue that the last cut was for
         self._cut_report: RttSample | None = None  # the call's report that the last cut was for, if one
+        self._restarted_at = float("-inf")  # when the connection's congestion control was last started afresh
         self._squeezed: tuple[float, float] | None = None  # (when, at what rate) a queue last showed in a call
         self._thin_since: float | None = None  # when the uplink last became thin
         self._presumed_until = float("-inf")  # the uplink counts as thin until then, unless shown otherwise
@@ -509,11 +510,19 @@ class ScavengerRate:
         a loss (``catch_up``) beside a call unless a queue cut the rate in the last ``catch_up_after`` s, or
         the connection has not carried ``socket_settle`` yet: a new one has nothing to make up, and after an
         outage its first window at the catch-up rate met the call coming back (300 ms of queue in front of the
-        audio, two cuts)."""
+        audio, two cuts); nor in the ``catch_up_after`` s after its congestion control was started afresh
+        (``restarted``): BBR starts at nearly three times its estimate, and at the catch-up rate the 7-8 kB that
+        had waited unsent went into a link already full, the audio met 250-400 ms of queue, and the rate was
+        cut by a fifth."""
         s = self.settings
-        if not self._calling or now - self._cut_at < s.catch_up_after or not self._settled:
+        if (not self._calling or now - max(self._cut_at, self._restarted_at) < s.catch_up_after
+                or not self._settled):
             return self.rate
         return min(s.ceiling, self.rate * s.catch_up)
+
+    def restarted(self, now: float) -> None:
+        """The upload connection's congestion control was started afresh (``HeldEstimate``): see ``pacing_rate``."""
+        self._restarted_at = now
 
     def backlog_limit(self) -> float:
         """The most bytes that may wait unsent in the upload's socket (``backlog`` seconds at the rate, at

@@ -753,6 +753,7 @@ class Uploader:
             tcpinfo.restart_congestion_control(sock)
         except (OSError, ValueError):
             return
+        self.scavenger.restarted(now)
         logger.info("the upload's BBR held its estimate at %.0f kbit/s under the rate (%.0f kbit/s): restarted",
                     bbr.bandwidth * 8 / 1000, self.scavenger.rate * 8 / 1000)
 

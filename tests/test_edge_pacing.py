@@ -400,6 +400,10 @@ def test_the_kernel_may_send_faster_than_the_rate_to_catch_up_unless_a_queue_cut
     assert rate.pacing_rate(6.0) == rate.rate
     rate.update(9.0, RttSample(0.100, 9.0), sock=SocketSignal(9.0, 2, 70_000, 0.150, 0.150))
     assert rate.pacing_rate(9.0) == pytest.approx(rate.rate * 1.25)
+    # BBR started afresh (it begins at nearly three times its estimate): the rate itself for two seconds.
+    rate.restarted(9.0)
+    assert rate.pacing_rate(10.9) == rate.rate
+    assert rate.pacing_rate(11.1) == pytest.approx(rate.rate * 1.25)
 
 
 def grown_for_ten_seconds() -> tuple[ScavengerRate, float]:
