@@ -512,8 +512,8 @@ class ScavengerRate:
         outage its first window at the catch-up rate met the call coming back (300 ms of queue in front of the
         audio, two cuts); nor in the ``catch_up_after`` s after its congestion control was started afresh
         (``restarted``): BBR starts at nearly three times its estimate, and at the catch-up rate the 7-8 kB that
-        had waited unsent went into a link already full, the audio met 250-400 ms of queue, and the rate was
-        cut by a fifth."""
+        had waited unsent went into a link already full, the audio met 220-400 ms of queue, and the rate was
+        cut by a tenth to two fifths."""
         s = self.settings
         if (not self._calling or now - max(self._cut_at, self._restarted_at) < s.catch_up_after
                 or not self._settled):
