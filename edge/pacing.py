@@ -544,9 +544,9 @@ class ScavengerRate:
         return self._squeezed is not None and now - self._squeezed[0] < s.thin_hold and self._squeezed[1] < s.thin_below
 
     def thin_presumed(self, now: float) -> bool:
-        """Whether the uplink counts as thin only by presumption, as a call's upload began (``presume_thin``)."""
-        squeezed = self._squeezed is not None and now - self._squeezed[0] < self.settings.thin_hold
-        return self._calling and now < self._presumed_until and not squeezed
+        """Whether the uplink counts as thin only by presumption, as a call's upload began (``presume_thin``;
+        a queue, which every cut is for, ends the presumption)."""
+        return self._calling and now < self._presumed_until
 
     @property
     def share(self) -> float | None:
