@@ -106,6 +106,7 @@ ASK_MEMORY = 0.5
 AUDIO_LATE_SHARE = 0.5
 # Seconds by which an ask may come sooner than the link's measured transit and still be for a lost packet.
 ANSWER_SLACK = 0.02
+RESEND_BUCKET_MIN = 1500  # bytes the resend bucket holds at the least: one full packet
 
 
 @dataclass
@@ -171,9 +172,9 @@ class ResendLimit:
             return False
         per_second = max(rate * self.share, self.floor) / 8
         if self.last is not None:
-            self.tokens = min(self.tokens + (now - self.last) * per_second, per_second * self.burst)
+            self.tokens = min(self.tokens + (now - self.last) * per_second, self._capacity(per_second))
         else:
-            self.tokens = per_second * self.burst
+            self.tokens = self._capacity(per_second)
         self.last = now
         previous = self.sent_at.get(seq)
         if previous is not None and now - previous < max(rtt, 0.05):
@@ -185,6 +186,11 @@ class ResendLimit:
         if len(self.sent_at) > 1024:
             self.sent_at = {k: t for k, t in self.sent_at.items() if now - t < 2.0}
         return True
+
+    def _capacity(self, per_second: float) -> float:
+        # (at least one full packet: at the floor's 40 kbit/s a quarter second is 1250 bytes, and a stream
+        # measured that low, a thin link's or one just moved up from a layer, could never resend a full one)
+        return max(per_second * self.burst, RESEND_BUCKET_MIN)
 
 
 class SubscriberLink(Protocol):

@@ -169,3 +169,15 @@ def test_a_burst_of_lost_audio_asked_for_three_times_is_still_resent() -> None:
     answered = [limit.allow(seq, 100, now=2.0 + ask * 0.06, rtt=0.05, rate=30_000)
                 for ask in range(3) for seq in (96, 97, 98, 99)]
     assert all(answered)  # a packet asked for again is one loss, not one more
+
+
+def test_a_full_packet_is_resent_even_on_a_stream_measured_at_the_floor() -> None:
+    from mediaserver.forwarder import ResendLimit
+
+    # The lowest layer, or a subscriber just moved up from it whose stream is still measured at 60 kbit/s:
+    # a quarter second of the 40 kbit/s floor is 1250 bytes. The keyframe's full packets must still be
+    # resent (they were refused outright, and the picture waited for the next keyframe).
+    limit = ResendLimit()
+    assert limit.allow(1, 1300, now=0.0, rtt=0.1, rate=60_000)
+    assert not limit.allow(2, 1300, now=0.01, rtt=0.1, rate=60_000)  # the bucket, spent, refills at 5 kB/s
+    assert limit.allow(2, 1300, now=0.3, rtt=0.1, rate=60_000)
