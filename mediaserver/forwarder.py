@@ -107,6 +107,9 @@ AUDIO_LATE_SHARE = 0.5
 # Seconds by which an ask may come sooner than the link's measured transit and still be for a lost packet.
 ANSWER_SLACK = 0.02
 RESEND_BUCKET_MIN = 1500  # bytes the resend bucket holds at the least: one full packet
+# A video ask for a packet asked for this shortly before is the same ask sent twice (Nära's receive path echoes
+# each first ask, mediaserver/receive.py ECHO_GAP): answered once, as any, and counted once as a loss.
+ECHO_WINDOW = 0.08
 
 
 @dataclass
@@ -141,6 +144,20 @@ class ResendLimit:
     sends: float = 0.0
     counted_at: float | None = None
     asked: deque[int] = field(default_factory=lambda: deque(maxlen=128))  # (a packet asked for again counts once)
+    asked_at: dict[int, float] = field(default_factory=dict)  # video: when each packet was last asked for
+
+    def new_asks(self, seqs: list[int], now: float) -> int:
+        """How many of ``seqs`` (a video NACK) are asked for anew: not echoes of an ask just before."""
+        asked_at = self.asked_at
+        if len(asked_at) > 512:
+            self.asked_at = asked_at = {seq: t for seq, t in asked_at.items() if now - t < ECHO_WINDOW}
+        fresh = 0
+        for seq in seqs:
+            last = asked_at.get(seq)
+            if last is None or now - last >= ECHO_WINDOW:
+                fresh += 1
+            asked_at[seq] = now
+        return fresh
 
     def sent(self, seq: int, now: float) -> None:
         """A packet went out for the first time (once per packet per subscriber: kept cheap)."""
@@ -246,7 +263,7 @@ class ForwardingStats:
     padding: int = 0  # duplicates sent to probe the link
     resends_refused: int = 0  # NACKed packets not sent again: already resent this round trip, or over budget
     resends_shed: int = 0  # NACKed packets not sent again because the worker's loop was behind (loop_lag.py)
-    nacked: int = 0  # packets the subscriber reported missing (each ask counted)
+    nacked: int = 0  # packets the subscriber reported missing (each ask counted; a video ask and its echo once)
     paced_drops: int = 0  # times the pacer's queue toward this subscriber overflowed: video waited for a keyframe
 
 
@@ -886,13 +903,16 @@ class Subscription:
     async def on_feedback(self, feedback: RtcpFeedback) -> None:
         if feedback.kind == "nack":
             self.stats.nacks += 1
-            self.stats.nacked += len(feedback.lost)
             upstream = []
             cache = self.publication.cache_for(self.level)
             now = self.publication.clock()
             if self.publication.kind == "video":
-                # (audio receivers also ask for packets that are merely late: no sign of loss)
-                self.link.lost_packets(now, len(feedback.lost))
+                asked = self.resends.new_asks(feedback.lost, now)
+                self.stats.nacked += asked
+                if asked:
+                    self.link.lost_packets(now, asked)
+            else:  # (audio receivers also ask for packets that are merely late: no sign of loss)
+                self.stats.nacked += len(feedback.lost)
             rtt = self.port.round_trip_time or 0.1
             # Video receivers ask only for holes a later packet has shown (aiortc's NACK, Chromium's, Nära's
             # assembler): lost, not queued. Refused as "on its way", it costs the frame another round trip.

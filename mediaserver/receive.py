@@ -57,6 +57,12 @@ STRAYS_BEFORE_RESYNC = 3  # packets in a row not of the stream (far from it, or 
 REPAIR_MEMORY = 10.0  # seconds after the last hole found or repaired that a video stream counts as one with holes
 REPAIR_ROOM = 1.2  # ... and its playout delay leaves this much more than a repair takes
 ASSUMED_REPAIR = 0.1  # seconds a video repair is taken to need before one has been measured
+# Seconds after a hole's first ask (aiortc's NACK, sent as the hole shows) that it is asked for once more. On a
+# link that loses one packet in twenty each way, one ask in twenty is lost too; the next ask, a repair's time
+# later, came too late for the frame's turn: three of the four freezes of a 5 %-loss run (docs/benchmarks.md,
+# issue 5, "A lost ask"). Apart by this much, the two asks are seldom lost together; the server answers the
+# first that reaches it and counts the pair as one ask.
+ECHO_GAP = 0.03
 # Seconds between keyframe requests while a broken picture waits for one: two round trips (the request's way,
 # and the keyframe's, several packets), within these bounds. A request inside that time would ask for the
 # keyframe already on its way; one asked only every second left a subscriber whose every keyframe could
@@ -758,6 +764,7 @@ class AssemblyCounters:
     malformed: int = 0
     resets: int = 0
     asked_again: int = 0  # holes asked for again after aiortc's first NACK (each ask counted)
+    echoes: int = 0  # holes whose first ask was sent once more, ECHO_GAP after it
 
 
 @dataclass
@@ -825,6 +832,7 @@ class VideoFrameAssembler:
         self._frames: dict[int, _PendingFrame] = {}  # by extended timestamp
         self._missing: dict[int, float] = {}  # extended seq -> when we knew it was missing, in seq order
         self._asked: dict[int, tuple[float, int]] = {}  # extended seq -> (when last asked, how often)
+        self._echoed: set[int] = set()  # holes whose first ask has been sent again
         self._given_up: dict[int, float] = {}  # the same, for holes no longer waited for
         self._fillers: set[int] = set()  # sequence numbers of padding-only packets not yet passed
         self._expected: int | None = None  # first sequence number of the next frame to hand on
@@ -921,6 +929,7 @@ class VideoFrameAssembler:
         elif seq in self._missing:
             self._learn_repair_time(now - self._missing.pop(seq))
             self._asked.pop(seq, None)
+            self._echoed.discard(seq)
             self.repaired_at = now
         elif self._expected is None or seq >= self._expected:
             self.counters.duplicates += 1
@@ -994,22 +1003,28 @@ class VideoFrameAssembler:
         interval = self.ask_interval
         due = [self._asked.get(seq, (noticed, 1))[0] + interval for seq, noticed in self._missing.items()
                if self._asked.get(seq, (noticed, 1))[1] < self.max_requests]
+        due += [noticed + ECHO_GAP for seq, noticed in self._missing.items() if seq not in self._echoed]
         return min(due) if due else None
 
     def request_missing(self, now: float) -> None:
-        """Ask again for the holes whose turn has come (aiortc's NACK was the first ask)."""
+        """Ask again for the holes whose turn has come (aiortc's NACK was the first ask, and is echoed)."""
         due_at = self.next_request_due()
         if due_at is None or due_at > now + 1e-9 or self.on_missing is None:
             return
-        interval, again = self.ask_interval, []
+        interval, again, echoes = self.ask_interval, [], []
         for seq, noticed in self._missing.items():
             last, asks = self._asked.get(seq, (noticed, 1))
             if asks < self.max_requests and last + interval <= now + 1e-9:
                 self._asked[seq] = (now, asks + 1)
+                self._echoed.add(seq)  # (the ask again stands for the echo)
                 again.append(seq % (1 << 16))
-        if again:
+            elif seq not in self._echoed and noticed + ECHO_GAP <= now + 1e-9:
+                self._echoed.add(seq)
+                echoes.append(seq % (1 << 16))
+        if again or echoes:
             self.counters.asked_again += len(again)
-            self.on_missing(again)
+            self.counters.echoes += len(echoes)
+            self.on_missing(again + echoes)
 
     def decode_failed(self, now: float) -> None:
         """The decoder refused a frame: decode nothing more until a keyframe, and ask for one."""
@@ -1111,6 +1126,7 @@ class VideoFrameAssembler:
         self._given_up.update(holes)
         for seq in holes:
             self._asked.pop(seq, None)
+            self._echoed.discard(seq)
         if holes is self._missing:
             self._missing = {}
         while len(self._given_up) > 512:

@@ -171,6 +171,19 @@ def test_a_burst_of_lost_audio_asked_for_three_times_is_still_resent() -> None:
     assert all(answered)  # a packet asked for again is one loss, not one more
 
 
+def test_a_video_ask_and_its_echo_are_answered_once_and_counted_as_one_loss() -> None:
+    from mediaserver.forwarder import ECHO_WINDOW, ResendLimit
+
+    limit = ResendLimit()
+    limit.sent(7, now=10.0)
+    assert limit.new_asks([7], now=10.1) == 1 and limit.allow(7, 1000, now=10.1, rtt=0.1, rate=800_000)
+    # Nära's receive path sends each first ask twice, 30 ms apart, in case one is lost on the way
+    assert limit.new_asks([7], now=10.13) == 0 and not limit.allow(7, 1000, now=10.13, rtt=0.1, rate=800_000)
+    # asked for again a repair's time later: its resend was lost, a loss of its own kind, answered anew
+    assert limit.new_asks([7, 9], now=10.13 + ECHO_WINDOW + 0.1) == 2
+    assert limit.allow(7, 1000, now=10.13 + ECHO_WINDOW + 0.1, rtt=0.1, rate=800_000)
+
+
 def test_a_full_packet_is_resent_even_on_a_stream_measured_at_the_floor() -> None:
     from mediaserver.forwarder import ResendLimit
 
