@@ -273,6 +273,24 @@ def filter_inbound_rtp(transport: Any, keep: Callable[[bytes], bool]) -> None:
     ice._recv = recv
 
 
+def filter_outbound_rtcp(transport: Any, keep: Callable[[bytes], bool]) -> None:
+    """Drop outbound RTCP on ``transport`` (an RTCDtlsTransport) unless ``keep(data)``.
+
+    ``data`` is the plain RTCP datagram, before SRTCP protects it. Loss on the
+    way out, for tests and benchmarks of what a lost report or NACK costs.
+    """
+    if not hasattr(transport, "_send_rtp"):
+        raise RuntimeError("aiortc changed: RTCDtlsTransport has no _send_rtp to filter")
+    original = transport._send_rtp
+
+    async def send_rtp(data: bytes) -> None:
+        if len(data) >= 2 and 192 <= data[1] <= 208 and not keep(data):
+            return
+        await original(data)
+
+    transport._send_rtp = send_rtp
+
+
 def selected_local_candidate_type(pc: Any) -> str | None:
     """'host', 'srflx' or 'relay': the kind of local candidate ICE chose, if any."""
     transport = dtls_transport(pc)

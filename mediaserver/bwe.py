@@ -642,7 +642,7 @@ class BandwidthEstimate:
         # (only for losses of packets sent after the last cut: the share counts half a second of losses, and cut
         # again for those the last cut already answered, to 0.85 times what arrives each time, a link that fell to
         # 300 kbit/s was cut to 53 kbit/s and its video paused)
-        overflowing = lost > self._own_loss() + OVERFLOW_LOSS and any(
+        overflowing = lost > self.own_loss() + OVERFLOW_LOSS and any(
             r.arrival is None and not r.probe and (self.last_cut is None or r.sent > self.last_cut) for r in results)
         probe = self.probe
         if probe is not None:
@@ -676,7 +676,7 @@ class BandwidthEstimate:
         else:
             self._grow_per_packet(state, now)
 
-    def _own_loss(self) -> float:
+    def own_loss(self) -> float:
         """The share of packets the link loses of its own, as far as it is known (NACKed loss, learned slowly:
         a queue that starts to overflow does not move it)."""
         return self.asked_level or 0.0

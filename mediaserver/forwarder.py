@@ -110,6 +110,12 @@ RESEND_BUCKET_MIN = 1500  # bytes the resend bucket holds at the least: one full
 # A video ask for a packet asked for this shortly before is the same ask sent twice (Nära's receive path echoes
 # each first ask, mediaserver/receive.py ECHO_GAP): answered once, as any, and counted once as a loss.
 ECHO_WINDOW = 0.08
+# On a link that loses this share of packets of its own, each video resend goes twice, RESEND_COPY_GAP apart:
+# there a resend is lost as often as any packet, and the next ask comes a repair's time later, after the
+# frame's turn. At 5 % loss that was most of the freezes left (docs/benchmarks.md, issue 5, "A lost ask").
+# The copies cost the loss rate again in resends; on a link that only overflows, none go.
+RESEND_TWICE_ABOVE = 0.02
+RESEND_COPY_GAP = 0.02  # (apart, so that a burst of loss seldom takes both)
 
 
 @dataclass
@@ -209,6 +215,13 @@ class ResendLimit:
         # measured that low, a thin link's or one just moved up from a layer, could never resend a full one)
         return max(per_second * self.burst, RESEND_BUCKET_MIN)
 
+    def take(self, size: int) -> bool:
+        """Spend the bucket's tokens on a second copy of a resend just allowed, if there are enough."""
+        if self.tokens < size:
+            return False
+        self.tokens -= size
+        return True
+
 
 class SubscriberLink(Protocol):
     """What a subscription needs to know about its subscriber's link."""
@@ -222,6 +235,10 @@ class SubscriberLink(Protocol):
     def padding(self, now: float) -> bool: ...
 
     def lost_packets(self, now: float, packets: int = 1) -> None: ...
+
+    def own_loss(self) -> float:
+        """The share of packets the link loses of its own (not by overflowing), as far as it is known."""
+        ...
 
     def transit(self) -> float | None: ...
 
@@ -241,6 +258,9 @@ class UnknownLink:
 
     def lost_packets(self, now: float, packets: int = 1) -> None:
         pass
+
+    def own_loss(self) -> float:
+        return 0.0
 
     def transit(self) -> float | None:
         return None
@@ -265,6 +285,7 @@ class ForwardingStats:
     resends_shed: int = 0  # NACKed packets not sent again because the worker's loop was behind (loop_lag.py)
     nacked: int = 0  # packets the subscriber reported missing (each ask counted; a video ask and its echo once)
     paced_drops: int = 0  # times the pacer's queue toward this subscriber overflowed: video waited for a keyframe
+    resent_twice: int = 0  # resends sent a second time (a link that loses packets of its own)
 
 
 class Publication:
@@ -859,6 +880,18 @@ class Subscription:
                 return  # (a resend for a level this subscriber has left, or from before a keyframe it awaits)
             self._send_copy(packet, out_seq, out_ts, 0)
 
+    def _resend_copy(self, packet: RtpPacket, out_seq: int, out_ts: int) -> None:
+        """The second copy of a resend, on a link that loses packets of its own (RESEND_TWICE_ABOVE)."""
+        if packet.ssrc != self.rewriter.source_ssrc or self.publication.closed or self.pacing_dropped:
+            return
+        now = self.publication.clock()
+        pacer = self.pacer
+        if pacer is not None and not pacer.admit(len(packet.payload), now):
+            pacer.hold(self, len(packet.payload), (packet, out_seq, out_ts), now, resend=True)
+        elif not self._send_copy(packet, out_seq, out_ts, 0):
+            return
+        self.stats.resent_twice += 1
+
     def _send_copy(self, packet: RtpPacket, out_seq: int, out_ts: int, arrival_ns: int) -> bool:
         """Send one packet from outside a coroutine; False if it could not go now."""
         try:
@@ -918,6 +951,7 @@ class Subscription:
             # assembler): lost, not queued. Refused as "on its way", it costs the frame another round trip.
             transit = self.link.transit() if self.publication.kind == "audio" else None
             far_behind = self.publication.loop_lag.shedding
+            twice = self.publication.kind == "video" and self.link.own_loss() >= RESEND_TWICE_ABOVE
             floor = self.resend_floor
             if floor is not None and ((self.rewriter.last_out_seq or floor) - floor) % 65536 > 1024:
                 floor = self.resend_floor = None  # (long past: the numbers will come round again)
@@ -941,6 +975,8 @@ class Subscription:
                     continue
                 out_ts = (cached.timestamp + self.rewriter.ts_offset) % (1 << 32)
                 self.stats.retransmitted += 1
+                if twice and self.resends.take(len(cached.payload)):
+                    asyncio.get_running_loop().call_later(RESEND_COPY_GAP, self._resend_copy, cached, out_seq, out_ts)
                 pacer = self.pacer
                 if pacer is not None and not pacer.admit(len(cached.payload), now):
                     pacer.hold(self, len(cached.payload), (cached, out_seq, out_ts), now, resend=True)

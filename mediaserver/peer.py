@@ -378,6 +378,9 @@ class Peer:
     def lost_packets(self, now: float, packets: int = 1) -> None:
         self.bandwidth.on_nack(now, packets)
 
+    def own_loss(self) -> float:
+        return self.bandwidth.own_loss()
+
     def transit(self) -> float | None:
         """How long this subscriber's link now takes to answer a packet: its lowest round trip plus
         the queue it shows. A packet asked for sooner than that after it was sent is still on its way."""

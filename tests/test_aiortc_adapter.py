@@ -233,6 +233,10 @@ def test_receive_path_hook_points_exist() -> None:
     assert "encoding.ssrc" in register and "rtx" not in register
     # a stopped receiver ends its remote track through the decoder queue: that is how Nära's track ends
     assert "output_q.put(None)" in inspect.getsource(decoder_worker)
+    # filter_outbound_rtcp: every RTCP datagram still leaves through _send_rtp, in the clear until it protects it
+    assert list(inspect.signature(RTCDtlsTransport._send_rtp).parameters) == ["self", "data"]
+    assert "protect_rtcp(data)" in inspect.getsource(RTCDtlsTransport._send_rtp)
+    assert "self.transport._send_rtp(" in inspect.getsource(RTCRtpReceiver._send_rtcp)
 
 
 async def test_nara_receive_track_keeps_aiortcs_feedback_and_gets_its_retransmissions() -> None:

@@ -46,6 +46,9 @@ class _ProbingLink:
     def lost_packets(self, now: float, packets: int = 1) -> None:
         pass
 
+    def own_loss(self) -> float:
+        return 0.0
+
     def transit(self) -> float | None:
         return None
 

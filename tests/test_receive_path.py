@@ -26,11 +26,13 @@ from bench.synthetic import StampedVideoTrack, read_stamp
 from mediaserver.aiortc_adapter import (
     dtls_transport,
     filter_inbound_rtp,
+    filter_outbound_rtcp,
     nara_receive_track,
     negotiated_payload_type,
     restrict_host_addresses,
 )
 from mediaserver.encoders import OpusTrack
+from mediaserver.forwarder import RESEND_TWICE_ABOVE
 from mediaserver.opus import OpusDecoder, has_fec
 from mediaserver.receive import (
     ECHO_GAP,
@@ -1009,6 +1011,81 @@ async def test_a_subscriber_whose_lost_packets_are_never_resent_asks_for_keyfram
         await listener.close()
         await publisher.close()
 
+
+
+async def test_on_a_lossy_link_a_lost_ask_and_a_lost_resend_cost_the_picture_nothing(
+        forwarding_server: RunningServer) -> None:
+    # A listener's link loses one video packet in ten. Once the server has learned that the link loses
+    # packets of its own, the first ask for each hole (aiortc's NACK) is lost on its way out too, and so is
+    # the first copy of each resend. The ask's echo and the resend's second copy repair every hole: no frame
+    # is given up, no keyframe asked for, every frame shown.
+    server = forwarding_server
+    room = server.consultation()
+    publisher, camera = await join_publisher(server, room, 1)
+    listener = await join_listener(server, room)
+    watcher = Watcher(listener)
+    try:
+        await receiving_from(listener, {"p1"})
+        assert listener.pc is not None
+        video = next(t for t in listener.pc.getTransceivers() if listener.owners.get(t.mid or "") == ("p1", "video"))
+        video_pt = negotiated_payload_type(video, "video/VP8")
+        track = listener.remote_tracks[video.mid or ""]
+        assert isinstance(track, ReceivedVideoTrack)
+        peer = server.hub.media.rooms[room].peers["l1"]
+        harsh, seen, holes, nacks_lost = False, 0, 0, 0
+        copies: dict[int, int] = {}  # a lost packet's sequence number -> copies of it that came since
+        asked: set[int] = set()
+
+        def keep(data: bytes) -> bool:
+            nonlocal seen, holes
+            if data[1] & 0x7F != video_pt:
+                return True
+            seq = int.from_bytes(data[2:4], "big")
+            if seq in copies:
+                copies[seq] += 1
+                return not (harsh and copies[seq] == 1)  # the first copy of its resend: lost as well
+            seen += 1
+            if seen % 10:
+                return True
+            copies[seq] = 0
+            holes += harsh
+            return False
+
+        def keep_rtcp(data: bytes) -> bool:
+            nonlocal nacks_lost
+            if data[1] != 205 or data[0] & 0x1F != 1 or len(data) < 16:
+                return True  # (not a generic NACK)
+            wanted = set()
+            for at in range(12, len(data) - 3, 4):
+                pid, blp = int.from_bytes(data[at:at + 2], "big"), int.from_bytes(data[at + 2:at + 4], "big")
+                wanted |= {pid} | {(pid + 1 + bit) % 65536 for bit in range(16) if blp >> bit & 1}
+            first = bool(wanted - asked)
+            asked.update(wanted)
+            if harsh and first:
+                nacks_lost += 1
+                return False
+            return True
+
+        filter_inbound_rtp(dtls_transport(listener.pc), keep)
+        filter_outbound_rtcp(dtls_transport(listener.pc), keep_rtcp)
+        watcher.follow()
+        await watcher.wait_for(lambda: peer.bandwidth.own_loss() >= RESEND_TWICE_ABOVE, timeout=15)
+        subscription = next(s.subscription for s in peer.slots if s.subscription is not None and s.kind == "video")
+        dropped, keyframes = track.counters.frames_dropped, track.counters.keyframes_requested
+        resent_twice = subscription.stats.resent_twice
+        harsh, first_frame = True, camera.frames_sent
+        await watcher.wait_for(lambda: holes >= 12, timeout=15)
+        harsh, last_frame = False, camera.frames_sent
+        await watcher.wait_for(lambda: max(watcher.frames[1]) >= last_frame + 3, timeout=5)
+        assert set(range(first_frame, last_frame)) <= watcher.frames[1]  # every frame shown
+        assert track.counters.frames_dropped == dropped and track.counters.keyframes_requested == keyframes
+        # (the last hole may be asked for after the harsh spell ended: its first ask then came through)
+        assert nacks_lost >= holes - 1 and track.counters.echoes >= holes - 1
+        assert subscription.stats.resent_twice - resent_twice >= holes - 1
+    finally:
+        await watcher.stop()
+        await listener.close()
+        await publisher.close()
 
 
 # --- asking again for video holes, and showing frames on time (fake clock) ---------------

@@ -36,6 +36,9 @@ class _Link:
     def lost_packets(self, now: float, packets: int = 1) -> None:
         self.bandwidth.on_nack(now, packets)
 
+    def own_loss(self) -> float:
+        return 0.0
+
     def transit(self) -> float | None:
         return None
 
