@@ -957,6 +957,15 @@ async def test_a_participant_can_receive_through_naras_path(forwarding_server: R
         await publisher.close()
 
 
+def listened_video(listener: ConsultationClient) -> tuple[int | None, ReceivedVideoTrack]:
+    """p1's video at ``listener``: its VP8 payload type, and the track of Nära's receive path."""
+    assert listener.pc is not None
+    video = next(t for t in listener.pc.getTransceivers() if listener.owners.get(t.mid or "") == ("p1", "video"))
+    track = listener.remote_tracks[video.mid or ""]
+    assert isinstance(track, ReceivedVideoTrack)
+    return negotiated_payload_type(video, "video/VP8"), track
+
+
 async def test_a_subscriber_whose_lost_packets_are_never_resent_asks_for_keyframes_and_its_picture_comes_back(
         forwarding_server: RunningServer) -> None:
     # As when a worker far behind sheds resends: one video packet in 25 lost on the way to the listener, and
@@ -968,11 +977,7 @@ async def test_a_subscriber_whose_lost_packets_are_never_resent_asks_for_keyfram
     watcher = Watcher(listener)
     try:
         await receiving_from(listener, {"p1"})
-        assert listener.pc is not None
-        video = next(t for t in listener.pc.getTransceivers() if listener.owners.get(t.mid or "") == ("p1", "video"))
-        video_pt = negotiated_payload_type(video, "video/VP8")
-        track = listener.remote_tracks[video.mid or ""]
-        assert isinstance(track, ReceivedVideoTrack)
+        video_pt, track = listened_video(listener)
         losing, seen, lost = False, 0, set()
 
         def keep(data: bytes) -> bool:
@@ -1012,7 +1017,6 @@ async def test_a_subscriber_whose_lost_packets_are_never_resent_asks_for_keyfram
         await publisher.close()
 
 
-
 async def test_on_a_lossy_link_a_lost_ask_and_a_lost_resend_cost_the_picture_nothing(
         forwarding_server: RunningServer) -> None:
     # A listener's link loses one video packet in ten. Once the server has learned that the link loses
@@ -1026,11 +1030,7 @@ async def test_on_a_lossy_link_a_lost_ask_and_a_lost_resend_cost_the_picture_not
     watcher = Watcher(listener)
     try:
         await receiving_from(listener, {"p1"})
-        assert listener.pc is not None
-        video = next(t for t in listener.pc.getTransceivers() if listener.owners.get(t.mid or "") == ("p1", "video"))
-        video_pt = negotiated_payload_type(video, "video/VP8")
-        track = listener.remote_tracks[video.mid or ""]
-        assert isinstance(track, ReceivedVideoTrack)
+        video_pt, track = listened_video(listener)
         peer = server.hub.media.rooms[room].peers["l1"]
         harsh, seen, holes, nacks_lost = False, 0, 0, 0
         copies: dict[int, int] = {}  # a lost packet's sequence number -> copies of it that came since
