@@ -107,8 +107,10 @@ AUDIO_LATE_SHARE = 0.5
 # Seconds by which an ask may come sooner than the link's measured transit and still be for a lost packet.
 ANSWER_SLACK = 0.02
 RESEND_BUCKET_MIN = 1500  # bytes the resend bucket holds at the least: one full packet
-# A video ask for a packet asked for this shortly before is the same ask sent twice (Nära's receive path echoes
-# each first ask, mediaserver/receive.py ECHO_GAP): answered once, as any, and counted once as a loss.
+# A video ask for a packet asked for this shortly before counts as no new loss: the echo of Nära's receive path
+# (mediaserver/receive.py ECHO_GAP), or aiortc's repeat of every hole it still tracks when a new one shows
+# (counted in full, loss5 froze 1.66 % of the time against 0.66 %: docs/benchmarks.md, issue 5). Its resend
+# is decided as any (ResendLimit.allow: at most one a round trip).
 ECHO_WINDOW = 0.08
 # On a link that loses this share of packets of its own, each video resend goes twice, RESEND_COPY_GAP apart:
 # there a resend is lost as often as any packet, and the next ask comes a repair's time later, after the
@@ -153,7 +155,7 @@ class ResendLimit:
     asked_at: dict[int, float] = field(default_factory=dict)  # video: when each packet was last asked for
 
     def new_asks(self, seqs: list[int], now: float) -> int:
-        """How many of ``seqs`` (a video NACK) are asked for anew: not echoes of an ask just before."""
+        """How many of ``seqs`` (a video NACK) are asked for anew: not within ECHO_WINDOW of the last ask."""
         asked_at = self.asked_at
         if len(asked_at) > 512:
             self.asked_at = asked_at = {seq: t for seq, t in asked_at.items() if now - t < ECHO_WINDOW}
@@ -283,7 +285,7 @@ class ForwardingStats:
     padding: int = 0  # duplicates sent to probe the link
     resends_refused: int = 0  # NACKed packets not sent again: already resent this round trip, or over budget
     resends_shed: int = 0  # NACKed packets not sent again because the worker's loop was behind (loop_lag.py)
-    nacked: int = 0  # packets the subscriber reported missing (each ask counted; a video ask and its echo once)
+    nacked: int = 0  # packets the subscriber reported missing (a video packet once in any ECHO_WINDOW)
     paced_drops: int = 0  # times the pacer's queue toward this subscriber overflowed: video waited for a keyframe
     resent_twice: int = 0  # resends sent a second time (a link that loses packets of its own)
 
