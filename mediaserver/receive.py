@@ -93,7 +93,7 @@ class _Unwrapper:
 
 # --- audio -------------------------------------------------------------------------
 
-FrameSource = Literal["packet", "fec", "conceal", "silence"]
+FrameSource = Literal["packet", "stretch", "fec", "conceal", "silence"]
 GUESS_PAUSE = 2.0  # seconds without asking for overdue packets after one turned out only late
 STALE_TIMING = 0.5  # seconds without a packet measured (each asked for first) before the newest are measured anyway
 RESYNC_AFTER = 1.0  # seconds of every packet coming too late, at the stream's pace, before the playout takes it up
@@ -108,6 +108,11 @@ RESYNC_AFTER = 1.0  # seconds of every packet coming too late, at the stream's p
 PEAK_MEMORY = 20.0
 PEAKS_TO_HOLD = 1
 PEAK_MERGE = 1.0
+# Seconds at least between two frames lengthened to grow the delay (each by about a frame): a delay 50 ms short
+# of its target grows in under a quarter of a second, and the sound is never slowed for long at a stretch.
+# (On nara bench adapt's 150 kbit/s thin150, the delay sat 40-50 ms under its target for seconds at a time, grown
+# only when a packet the queue held back was missing at its turn: one or two concealed frames per run.)
+STRETCH_INTERVAL = 0.08
 PAUSE_PACKET_SIZE = 2  # an Opus packet this small carries no audio: the sender goes quiet (DTX)
 
 
@@ -115,7 +120,9 @@ PAUSE_PACKET_SIZE = 2  # an Opus packet this small carries no audio: the sender 
 class PlayoutFrame:
     """What to play on one tick.
 
-    ``source``: "packet" (decode ``payload``), "fec" (rebuild the frame from the
+    ``source``: "packet" (decode ``payload``), "stretch" (decode ``payload`` and
+    lengthen it by about a frame, ``mediaserver.stretch``, then tell the playout
+    how much with ``AudioPlayout.stretched``), "fec" (rebuild the frame from the
     FEC data in ``payload``, the packet after it), "conceal" (a lost frame:
     the decoder's concealment) or "silence" (the sender paused, DTX: the
     decoder's concealment, which fades to comfort noise).
@@ -135,6 +142,7 @@ class PlayoutFrame:
 @dataclass
 class PlayoutCounters:
     played: int = 0  # frames decoded from their own packet
+    stretched: int = 0  # of those, frames lengthened to grow the delay ahead of need (played sound, not a gap)
     recovered_fec: int = 0  # lost frames rebuilt from the next packet's FEC
     concealed: int = 0  # frames the decoder had to make up: gaps a listener hears
     silent: int = 0  # ticks in a pause the sender announced (DTX), not losses
@@ -201,6 +209,11 @@ class AudioPlayout:
     has come, and play what it returns. Times are seconds on any monotonic clock.
     ``can_recover(packet)`` says whether a packet carries FEC for the frame
     before it (``mediaserver.opus.has_fec`` for Opus).
+
+    With ``can_stretch``, the player can lengthen a frame (``mediaserver.stretch``): while the delay is
+    more than half a frame below its target, a packet now and then comes out as "stretch", and the
+    player says by how much it lengthened it (``stretched``). The delay then grows before the packets
+    a filling queue holds back are due, instead of by concealment once one of them is missing.
     """
 
     def __init__(
@@ -223,6 +236,8 @@ class AudioPlayout:
         repair_window: float = 10.0,
         repair_quantile: float = 0.9,
         assumed_round_trip: float = 0.1,
+        can_stretch: bool = False,
+        stretch_interval: float = STRETCH_INTERVAL,
     ) -> None:
         if not 0 < min_delay <= start_delay <= max_delay:
             raise ValueError("need 0 < min_delay <= start_delay <= max_delay")
@@ -246,6 +261,8 @@ class AudioPlayout:
         self.repair_window = repair_window
         self.repair_quantile = repair_quantile
         self.assumed_round_trip = assumed_round_trip
+        self.can_stretch = can_stretch
+        self.stretch_interval = stretch_interval
         self.round_trip_time: float | None = None  # seconds; set it when known
         self.repair_time: float | None = None  # what most recent asks took, from first asking to arrival
         self.counters = PlayoutCounters()
@@ -269,6 +286,7 @@ class AudioPlayout:
         self._origin = 0.0  # local time at which media time 0 would play
         self._reference: _AudioPacket | None = None  # the last packet played
         self._last_shrink: float | None = None
+        self._last_stretch: float | None = None
         self._new_stream = False
         self._strays: list[tuple[int, int, bytes, float, int | None]] = []
         self._highest_ts = 0  # extended timestamp of the packet with the highest sequence number
@@ -358,8 +376,9 @@ class AudioPlayout:
             return "late"
         if ts < self._playhead:
             self._resync(ts, now)
-        if ts == self._held and self._held_by_queue(seq, repaired):
-            # Waited for, and here in time: a spike the hold saved is a spike all the same, and keeps it held.
+        if self._held_by_queue(seq, repaired) and (ts == self._held or self._saved_by_peak(now, ts)):
+            # Waited for, or in time only for the delay a spike before it left: a spike the hold saved is a
+            # spike all the same, and keeps it held.
             self._note_peak(now, ts)
         self._late_since = None
         if ts in self._packets:
@@ -630,10 +649,18 @@ class AudioPlayout:
         return not repaired or (seq in self._guessed and self._answered_after is not None
                                 and self._answered_after < (self.round_trip_time or self.assumed_round_trip))
 
+    def _saved_by_peak(self, now: float, ts: int) -> bool:
+        """Whether a packet of media time ``ts`` in time now would have been late but for the held spike."""
+        return self.peak_delay is not None and self._needed(now, ts) > self.jitter_delay
+
+    def _needed(self, now: float, ts: int) -> float:
+        """The delay that plays a packet of media time ``ts`` here at ``now``, with room for FEC."""
+        return now - ts / self.clock_rate - self._base_transit + self._stride_duration
+
     def _note_peak(self, now: float, ts: int) -> None:
         """A packet of media time ``ts`` held back by a queue: the delay that would have played it, with room
         for FEC, as one spike's (merged with the last if that was less than ``PEAK_MERGE`` seconds ago)."""
-        needed = now - ts / self.clock_rate - self._base_transit + self._stride_duration
+        needed = self._needed(now, ts)
         if self._peaks and now - self._peaks[-1][0] < PEAK_MERGE:
             needed = max(needed, self._peaks.pop()[1])
         self._peaks.append((now, needed))
@@ -685,6 +712,10 @@ class AudioPlayout:
             self.counters.played += 1
             self.counters.recovered_retransmission += packet.repaired
             self._reference = packet
+            if self._should_stretch(now):
+                self.counters.stretched += 1
+                self._last_stretch = now
+                return self._out("stretch", packet.payload, slot, packet.samples)
             return self._out("packet", packet.payload, slot, packet.samples)
         following = self._following(slot)
         reference = self._reference
@@ -718,6 +749,18 @@ class AudioPlayout:
     def _following(self, slot: int) -> _AudioPacket | None:
         later = [ts for ts in self._packets if ts > slot]
         return self._packets[min(later)] if later else None
+
+    def _should_stretch(self, now: float) -> bool:
+        if not self.can_stretch or self.delay >= self.target_delay - self.frame_duration / 2:
+            return False
+        return self._last_stretch is None or now - self._last_stretch >= self.stretch_interval
+
+    def stretched(self, seconds: float) -> None:
+        """The player lengthened the "stretch" frame it was given by ``seconds``: what follows plays that much
+        later (the delay grows by as much)."""
+        if seconds < 0:
+            raise ValueError("a stretch lengthens a frame")
+        self._origin += seconds
 
     def _should_shrink(self, now: float) -> bool:
         if self.delay > self._ceiling + self.frame_duration:

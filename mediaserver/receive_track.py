@@ -1,9 +1,10 @@
 """Tracks that play a received stream through Nära's receive path.
 
 The thin shell around ``mediaserver.receive``: packets go in with the time
-they arrived; audio comes out paced by the playout buffer's clock, one 20 ms
-frame at a time, decoded by libopus with FEC and concealment; video comes
-out as pictures decoded from whole frames only. ``nara_receive_track`` in
+they arrived; audio comes out paced by the playout buffer's clock, one
+packet's frames at a time (now and then lengthened to grow the delay),
+decoded by libopus with FEC and concealment; video comes out as pictures
+decoded from whole frames only. ``nara_receive_track`` in
 ``aiortc_adapter`` connects one to an aiortc receiver.
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import av
+import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .opus import OpusDecodeError, OpusDecoder, has_fec, packet_samples
@@ -32,6 +34,7 @@ from .receive import (
     VideoFrameAssembler,
     VideoPlayout,
 )
+from .stretch import lengthen
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +47,14 @@ class ReceivedAudioTrack(MediaStreamTrack):
     """Opus received through an adaptive playout buffer: one frame every 20 ms, never a stall.
 
     Right after ``recv`` returns, ``last_frame_source`` says where that frame
-    came from: "packet", "fec" (rebuilt from the next packet), "conceal" (made
-    up for a lost packet: a gap a listener hears) or "silence" (the sender
-    paused); ``last_frame_concealed`` is True for "conceal". ``counters`` adds
-    them up. (PyAV's ``frame.opaque`` is not used: it does not survive
-    another frame being freed.)
+    came from: "packet", "stretch" (its packet, lengthened to grow the delay:
+    ``mediaserver.stretch``), "fec" (rebuilt from the next packet), "conceal"
+    (made up for a lost packet: a gap a listener hears) or "silence" (the
+    sender paused); ``last_frame_concealed`` is True for "conceal". ``counters``
+    adds them up. Frames are as long as their packets, and a lengthened one
+    longer (by a whole number of the sound's periods, about 20 ms). (PyAV's
+    ``frame.opaque`` is not used: it does not survive another frame being
+    freed.)
 
     ``request_retransmission(sequence_numbers)``, if given, is called to ask
     the sender for missing packets again (a generic NACK); the playout delay
@@ -61,7 +67,8 @@ class ReceivedAudioTrack(MediaStreamTrack):
                  request_retransmission: Callable[[list[int]], None] | None = None) -> None:
         super().__init__()
         self.playout = playout if playout is not None else AudioPlayout(can_recover=has_fec,
-                                                                        packet_samples=_opus_samples)
+                                                                        packet_samples=_opus_samples,
+                                                                        can_stretch=True)
         if request_retransmission is not None:
             self.playout.on_missing = request_retransmission
         self.channels = channels
@@ -71,6 +78,7 @@ class ReceivedAudioTrack(MediaStreamTrack):
         self._layout = "mono" if channels == 1 else "stereo"
         self._arrived = asyncio.Event()
         self._samples = 0
+        self._history = np.zeros((0, channels), dtype=np.int16)  # the sound played last, for a stretch to reach into
         self._ask_timer: asyncio.TimerHandle | None = None
 
     @property
@@ -113,6 +121,13 @@ class ReceivedAudioTrack(MediaStreamTrack):
             self.playout.request_missing(asyncio.get_running_loop().time())
             self._schedule_requests()
 
+    def _stretch(self, pcm: np.ndarray) -> np.ndarray:
+        """The decoded packet lengthened by about a frame; the playout is told by how much."""
+        frame = pcm.reshape(-1, self.channels)
+        longer = lengthen(self._history, frame, self.playout.frame_samples, AUDIO_RATE)
+        self.playout.stretched((len(longer) - len(frame)) / AUDIO_RATE)
+        return longer.reshape(-1)
+
     async def recv(self) -> av.AudioFrame:
         loop = asyncio.get_running_loop()
         while True:
@@ -143,9 +158,10 @@ class ReceivedAudioTrack(MediaStreamTrack):
         source = step.source
         if step.new_stream:
             self._decoder.reset()
+            self._history = self._history[:0]
         samples = step.samples
         try:
-            if source == "packet":
+            if source in ("packet", "stretch"):
                 assert step.payload is not None
                 pcm = self._decoder.decode(step.payload)
             elif source == "fec":
@@ -158,6 +174,9 @@ class ReceivedAudioTrack(MediaStreamTrack):
             self.decode_errors += 1
             source = "conceal"
             pcm = self._decoder.conceal(samples)
+        if source == "stretch":
+            pcm = self._stretch(pcm)
+        self._history = pcm.reshape(-1, self.channels)
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout=self._layout)
         frame.sample_rate = AUDIO_RATE
         frame.pts = self._samples

@@ -131,6 +131,7 @@ class Stream:
         self.playout = playout
         self.seq0, self.ts0, self.ssrc = seq0, ts0, ssrc
         self.played: list[PlayoutFrame] = []
+        self.played_at: list[float] = []
         self.now = 0.0
 
     def packet(self, index: int) -> tuple[int, int, bytes]:
@@ -151,11 +152,15 @@ class Stream:
                 frame = self.playout.pop(self.now)
                 assert frame is not None
                 self.played.append(frame)
+                self.played_at.append(self.now)
+                if frame.source == "stretch":
+                    self.playout.stretched(TICK)  # as a player lengthening the frame by one frame's time
             else:
                 return
 
     def sources(self) -> str:
-        return "".join({"packet": "p", "fec": "f", "conceal": "c", "silence": "s"}[f.source] for f in self.played)
+        letters = {"packet": "p", "stretch": "S", "fec": "f", "conceal": "c", "silence": "s"}
+        return "".join(letters[f.source] for f in self.played)
 
 
 def steady(count: int, skip: frozenset[int] = frozenset(), delay: float = 0.03,
