@@ -15,7 +15,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 logger = logging.getLogger(__name__)
 
 AUDIO_RATE = 48000
-MIX_BACKLOG = 10  # 20 ms frames kept per voice before the oldest are dropped
+CHUNK = AUDIO_RATE // 50 * 2  # 20 ms of interleaved stereo: what the mixer takes from each voice at a time
+MIX_BACKLOG = 10  # 20 ms chunks kept per voice before the oldest are dropped
 
 
 @dataclass
@@ -43,6 +43,24 @@ def mix(chunks: list[np.ndarray]) -> np.ndarray:
     for chunk in chunks:
         total += chunk.astype(np.int32)
     return np.clip(total, -32768, 32767).astype(np.int16)
+
+
+class Voice:
+    """One remote voice's sound waiting to be mixed, cut into 20 ms chunks whatever length its frames come in
+    (a packet of 40 ms, a frame the receive path lengthened by a period or two)."""
+
+    def __init__(self) -> None:
+        self._pending = np.zeros(0, dtype=np.int16)
+
+    def add(self, samples: np.ndarray) -> None:
+        self._pending = np.concatenate([self._pending, samples])[-MIX_BACKLOG * CHUNK:]
+
+    def take(self) -> np.ndarray | None:
+        """The next 20 ms, or None when less is waiting."""
+        if len(self._pending) < CHUNK:
+            return None
+        chunk, self._pending = self._pending[:CHUNK], self._pending[CHUNK:]
+        return chunk
 
 
 class Speaker:
@@ -97,7 +115,7 @@ class RemoteMedia:
         self.video_frames = 0
         self.audio_frames = 0
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._voices: dict[str, deque[np.ndarray]] = {}
+        self._voices: dict[str, Voice] = {}
         self._mixer: asyncio.Task[None] | None = None
 
     def follow(self, mid: str, track: MediaStreamTrack, owner: Callable[[], str | None]) -> None:
@@ -126,8 +144,7 @@ class RemoteMedia:
                     self.picture = RemotePicture(frame, owner(), time.monotonic())
                 elif isinstance(frame, av.AudioFrame):
                     self.audio_frames += 1
-                    voice = self._voices.setdefault(mid, deque(maxlen=MIX_BACKLOG))
-                    voice.append(frame.to_ndarray().reshape(-1))
+                    self._voices.setdefault(mid, Voice()).add(frame.to_ndarray().reshape(-1))
         except MediaStreamError:
             pass
         finally:
@@ -140,7 +157,6 @@ class RemoteMedia:
         while True:
             due += 0.02
             await asyncio.sleep(max(0.0, due - loop.time()))
-            chunks = [voice.popleft() for voice in self._voices.values() if voice]
-            chunks = [c for c in chunks if c.shape == chunks[0].shape] if chunks else []
+            chunks = [chunk for voice in self._voices.values() if (chunk := voice.take()) is not None]
             if chunks and self.speaker is not None:
                 self.speaker.play(mix(chunks))

@@ -21,7 +21,7 @@ from edge.device_api import CredentialError, DeviceCredential, classify, read_cr
 from edge.media import SYNTHETIC_TAG, Capture, KitMedia
 from edge.page import encode_jpeg
 from edge.reconnect import Failure
-from edge.remote import mix
+from edge.remote import CHUNK, MIX_BACKLOG, Voice, mix
 
 
 async def test_a_missing_camera_leaves_sound_only() -> None:
@@ -74,6 +74,32 @@ def test_voices_are_summed_and_clipped() -> None:
     b = np.array([500, 500, 10000, -10000], dtype=np.int16)
     assert mix([a, b]).tolist() == [1500, -500, 32767, -32768]
     assert mix([a]).tolist() == a.tolist()
+
+
+def test_a_voice_reaches_the_mixer_in_20_ms_chunks_whatever_its_frames_are_long() -> None:
+    """A 40 ms packet, and a frame the receive path lengthened by a period (here 21.5 ms), play whole and in order."""
+    voice = Voice()
+    sound = np.arange(3 * CHUNK + 172, dtype=np.int16)
+    voice.add(sound[:2 * CHUNK])  # a 40 ms packet
+    voice.add(sound[2 * CHUNK:])  # a 20 ms frame lengthened by 1.8 ms (86 stereo samples)
+    chunks = []
+    while (chunk := voice.take()) is not None:
+        chunks.append(chunk)
+    assert [len(c) for c in chunks] == [CHUNK] * 3
+    assert np.concatenate(chunks).tolist() == sound[:3 * CHUNK].tolist()
+    voice.add(np.zeros(CHUNK - 172, dtype=np.int16))  # the next frame completes the fourth chunk
+    fourth = voice.take()
+    assert fourth is not None and fourth[:172].tolist() == sound[3 * CHUNK:].tolist()
+
+
+def test_a_voice_keeps_only_its_newest_sound_when_the_speaker_falls_behind() -> None:
+    voice = Voice()
+    for n in range(MIX_BACKLOG + 5):
+        voice.add(np.full(CHUNK, n, dtype=np.int16))
+    taken = []
+    while (chunk := voice.take()) is not None:
+        taken.append(int(chunk[0]))
+    assert taken == list(range(5, MIX_BACKLOG + 5))
 
 
 def test_jpeg_of_a_picture_is_scaled_to_the_page() -> None:
