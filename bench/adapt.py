@@ -513,6 +513,7 @@ def _steady_quality(run: RunResult, settings: Settings, subscriber: str = "sub")
         "audio_gap_pct": audio_gap_pct(record, start, end),
         "audio_fec_frames": audio_frames_from(record, start, end, "fec"),
         "audio_made_up_frames": audio_frames_from(record, start, end, "conceal", "silence"),
+        "audio_stretched_frames": audio_frames_from(record, start, end, "stretch"),
         "received_kbps": window_rate(run, subscriber, start, end, "received_kbps"),
         "level": main_level(run, subscriber, start, end),
     }
@@ -536,6 +537,7 @@ def _thin150(runs: dict[str, RunResult], settings: Settings) -> Metrics:
         "audio_gap_pct": audio_gap_pct(record, start, end),
         "audio_fec_frames": audio_frames_from(record, start, end, "fec"),
         "audio_made_up_frames": audio_frames_from(record, start, end, "conceal", "silence"),
+        "audio_stretched_frames": audio_frames_from(record, start, end, "stretch"),
         "video_fps": video_fps(record, start, end),
         "paused": bool(pauses),
         "pause_notice_s": pauses[0] - joined if pauses else None,

@@ -101,7 +101,7 @@ class AudioReceipt:
     rate: int  # ticks per second
     duration: float  # seconds of sound
     played: bool  # carried the tone and was not concealed
-    source: str | None = None  # Nära's receive path: "packet", "fec", "conceal" or "silence"
+    source: str | None = None  # Nära's receive path: "packet", "stretch", "fec", "conceal" or "silence"
 
 
 def audio_gap(receipts: list[AudioReceipt], start: float, end: float, slack: float = 0.2) -> float | None:
@@ -127,8 +127,11 @@ def audio_gap(receipts: list[AudioReceipt], start: float, end: float, slack: flo
         ticks = (r.pts - first.pts) % (1 << 32)
         if ticks >= 1 << 31:
             ticks -= 1 << 32  # arrived out of order
-        index = round(ticks / r.rate / AUDIO_FRAME_S)
-        units = range(index, index + max(1, round(r.duration / AUDIO_FRAME_S)))
+        # A frame covers the 20 ms units from its start to its end, rounded alike, so that frames of any
+        # length (a packet of 40 ms, one lengthened by a period or two) tile the units without gap or overlap.
+        begins = ticks / r.rate / AUDIO_FRAME_S
+        index = round(begins)
+        units = range(index, max(index + 1, round(begins + r.duration / AUDIO_FRAME_S)))
         due.update(units)
         if r.played:
             played.update(units)

@@ -33,14 +33,15 @@ PSNR_EVERY = 3  # frames; PSNR costs a regenerated frame, so sample it
 def made_up(track: MediaStreamTrack) -> bool:
     """Whether the receive path made up the audio frame it just returned.
 
-    Nära's receive path says where each frame came from: a packet, FEC in the
-    next packet, concealment, or silence while it thinks the sender paused
-    (ours never does: its tone is continuous). aiortc's never makes one up:
-    a lost frame simply never comes.
+    Nära's receive path says where each frame came from: a packet (played
+    as it is, or lengthened to grow the delay: the sound is there either way),
+    FEC in the next packet, concealment, or silence while it thinks the sender
+    paused (ours never does: its tone is continuous). aiortc's never makes one
+    up: a lost frame simply never comes.
     """
     source = getattr(track, "last_frame_source", None)
     if source is not None:
-        return source not in ("packet", "fec")
+        return source not in ("packet", "stretch", "fec")
     return bool(getattr(track, "last_frame_concealed", False))
 
 

@@ -83,6 +83,21 @@ def test_audio_gaps_survive_the_rtp_timestamp_wrapping() -> None:
     assert audio_gap(receipts, 0, 0.4) == approx(1 / 20)
 
 
+def test_audio_gaps_count_frames_of_any_length_once() -> None:
+    """Packets of 40 ms and frames lengthened by a period (Nära's playout growing its delay) tile the 20 ms
+    units without a gap or an overlap: only the concealed frame counts."""
+    lengths = [960, 1920, 960 + 981, 960, 960 + 1090, 960, 960, 960 + 545, 1920, 960] * 3
+    receipts, pts, at = [], 0, 0.0
+    for i, samples in enumerate(lengths):
+        receipts.append(AudioReceipt(at, pts, 48000, samples / 48000, i != 13))
+        pts += samples
+        at += samples / 48000
+    total = pts / 960
+    assert audio_gap(receipts, 0, at + 0.01) == approx(1 / total, rel=0.05)
+    every_one = [AudioReceipt(r.at, r.pts, r.rate, r.duration, True) for r in receipts]
+    assert audio_gap(every_one, 0, at + 0.01) == 0
+
+
 def test_frozen_time_counts_a_picture_that_stopped_coming() -> None:
     smooth = [i / 15 for i in range(150)]  # 10 s at 15 fps
     assert frozen_time(smooth, 1, 9) == 0
