@@ -351,6 +351,13 @@ def audio_frames_from(record: StreamRecord, start: float, end: float, *sources: 
     return sum(1 for source in known if source in sources) if known else None
 
 
+def audio_frames_skipped(record: StreamRecord, start: float, end: float) -> int | None:
+    """How many frames Nära's receive path passed over in [start, end) to shrink its delay or catch up (sound
+    that never played and that no gap shows: the frames around it follow on). None: another receive path."""
+    counts = [r.skipped for r in record.audio_receipts if start <= r.at < end and r.skipped is not None]
+    return counts[-1] - counts[0] if counts else None
+
+
 def delivered_pct(run: RunResult, receiver: str, start: float, end: float) -> float | None:
     """Frames captured in [start, end) that reached ``receiver``, as a share of those the camera made."""
     camera = run.participants[PUBLISHER].camera
@@ -514,6 +521,8 @@ def _steady_quality(run: RunResult, settings: Settings, subscriber: str = "sub")
         "audio_fec_frames": audio_frames_from(record, start, end, "fec"),
         "audio_made_up_frames": audio_frames_from(record, start, end, "conceal", "silence"),
         "audio_stretched_frames": audio_frames_from(record, start, end, "stretch"),
+        "audio_shortened_frames": audio_frames_from(record, start, end, "shorten"),
+        "audio_skipped_frames": audio_frames_skipped(record, start, end),
         "received_kbps": window_rate(run, subscriber, start, end, "received_kbps"),
         "level": main_level(run, subscriber, start, end),
     }
@@ -538,6 +547,8 @@ def _thin150(runs: dict[str, RunResult], settings: Settings) -> Metrics:
         "audio_fec_frames": audio_frames_from(record, start, end, "fec"),
         "audio_made_up_frames": audio_frames_from(record, start, end, "conceal", "silence"),
         "audio_stretched_frames": audio_frames_from(record, start, end, "stretch"),
+        "audio_shortened_frames": audio_frames_from(record, start, end, "shorten"),
+        "audio_skipped_frames": audio_frames_skipped(record, start, end),
         "video_fps": video_fps(record, start, end),
         "paused": bool(pauses),
         "pause_notice_s": pauses[0] - joined if pauses else None,

@@ -101,7 +101,9 @@ class AudioReceipt:
     rate: int  # ticks per second
     duration: float  # seconds of sound
     played: bool  # carried the tone and was not concealed
-    source: str | None = None  # Nära's receive path: "packet", "stretch", "fec", "conceal" or "silence"
+    source: str | None = None  # Nära's receive path: "packet", "stretch", "shorten", "fec", "conceal"
+    # or "silence"
+    skipped: int | None = None  # Nära's receive path: frames it had passed over by then (to shrink its delay)
 
 
 def audio_gap(receipts: list[AudioReceipt], start: float, end: float, slack: float = 0.2) -> float | None:

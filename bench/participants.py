@@ -34,14 +34,15 @@ def made_up(track: MediaStreamTrack) -> bool:
     """Whether the receive path made up the audio frame it just returned.
 
     Nära's receive path says where each frame came from: a packet (played
-    as it is, or lengthened to grow the delay: the sound is there either way),
+    as it is, or lengthened or shortened to move the delay: the sound is there
+    either way),
     FEC in the next packet, concealment, or silence while it thinks the sender
     paused (ours never does: its tone is continuous). aiortc's never makes one
     up: a lost frame simply never comes.
     """
     source = getattr(track, "last_frame_source", None)
     if source is not None:
-        return source not in ("packet", "stretch", "fec")
+        return source not in ("packet", "stretch", "shorten", "fec")
     return bool(getattr(track, "last_frame_concealed", False))
 
 
@@ -110,8 +111,10 @@ class Participant:
     def _hear(self, who: str, at: float, track: Any, frame: Any) -> None:
         played = not made_up(track) and dominant_frequency(frame) > 0
         rate = int(1 / frame.time_base) if frame.time_base else frame.sample_rate
+        counters = getattr(track, "counters", None)
         self.record(who).add_audio(AudioReceipt(at, frame.pts, rate, frame.samples / frame.sample_rate, played,
-                                                getattr(track, "last_frame_source", None)))
+                                                getattr(track, "last_frame_source", None),
+                                                getattr(counters, "skipped", None)))
 
     def _see(self, who: str, at: float, frame: Any, with_psnr: bool) -> bool:
         """Measure a decoded picture; False when it is not a picture anyone sent."""

@@ -93,7 +93,7 @@ class _Unwrapper:
 
 # --- audio -------------------------------------------------------------------------
 
-FrameSource = Literal["packet", "stretch", "fec", "conceal", "silence"]
+FrameSource = Literal["packet", "stretch", "shorten", "fec", "conceal", "silence"]
 GUESS_PAUSE = 2.0  # seconds without asking for overdue packets after one turned out only late
 STALE_TIMING = 0.5  # seconds without a packet measured (each asked for first) before the newest are measured anyway
 RESYNC_AFTER = 1.0  # seconds of every packet coming too late, at the stream's pace, before the playout takes it up
@@ -120,9 +120,10 @@ PAUSE_PACKET_SIZE = 2  # an Opus packet this small carries no audio: the sender 
 class PlayoutFrame:
     """What to play on one tick.
 
-    ``source``: "packet" (decode ``payload``), "stretch" (decode ``payload`` and
-    lengthen it by about a frame, ``mediaserver.stretch``, then tell the playout
-    how much with ``AudioPlayout.stretched``), "fec" (rebuild the frame from the
+    ``source``: "packet" (decode ``payload``), "stretch" or "shorten" (decode
+    ``payload``, lengthen it by about a frame or shorten it by up to most of one,
+    ``mediaserver.stretch``, then tell the playout how much with
+    ``AudioPlayout.resized``), "fec" (rebuild the frame from the
     FEC data in ``payload``, the packet after it), "conceal" (a lost frame:
     the decoder's concealment) or "silence" (the sender paused, DTX: the
     decoder's concealment, which fades to comfort noise).
@@ -143,6 +144,7 @@ class PlayoutFrame:
 class PlayoutCounters:
     played: int = 0  # frames decoded from their own packet
     stretched: int = 0  # of those, frames lengthened to grow the delay ahead of need (played sound, not a gap)
+    shortened: int = 0  # ... and frames shortened to bring it down (nothing passed over)
     recovered_fec: int = 0  # lost frames rebuilt from the next packet's FEC
     concealed: int = 0  # frames the decoder had to make up: gaps a listener hears
     silent: int = 0  # ticks in a pause the sender announced (DTX), not losses
@@ -210,10 +212,11 @@ class AudioPlayout:
     ``can_recover(packet)`` says whether a packet carries FEC for the frame
     before it (``mediaserver.opus.has_fec`` for Opus).
 
-    With ``can_stretch``, the player can lengthen a frame (``mediaserver.stretch``): while the delay is
-    more than half a frame below its target, a packet now and then comes out as "stretch", and the
-    player says by how much it lengthened it (``stretched``). The delay then grows before the packets
-    a filling queue holds back are due, instead of by concealment once one of them is missing.
+    With ``can_stretch``, the player can lengthen and shorten a frame (``mediaserver.stretch``): while
+    the delay is more than half a frame below its target, a packet now and then comes out as "stretch",
+    and the player says by how much it lengthened it (``resized``). The delay then grows before the
+    packets a filling queue holds back are due, instead of by concealment once one of them is missing.
+    When the delay is to come down, a packet comes out as "shorten" instead of being passed over.
     """
 
     def __init__(
@@ -699,8 +702,18 @@ class AudioPlayout:
         slot = self._playhead
         frame = self.frame_samples
         packet = self._packets.pop(slot, None)
-        if (packet is not None and self._should_shrink(now) and slot + packet.samples in self._packets
-                and (packet.samples == frame or self.delay > self._ceiling + self.frame_duration)):
+        shrink = packet is not None and self._should_shrink(now) and slot + packet.samples in self._packets
+        far_too_late = self.delay > self._ceiling + self.frame_duration
+        if packet is not None and shrink and self.can_stretch and not far_too_late:
+            # A player that can shorten a frame plays this one shorter by whole periods of its sound: nothing
+            # of it is passed over, and the delay comes down all the same.
+            self.counters.played += 1
+            self.counters.shortened += 1
+            self.counters.recovered_retransmission += packet.repaired
+            self._last_shrink = now
+            self._reference = packet
+            return self._out("shorten", packet.payload, slot, packet.samples)
+        if packet is not None and shrink and (packet.samples == frame or far_too_late):
             # Passing over a packet of several frames is heard: the delay waits for short ones to shrink.
             self.counters.skipped += packet.samples // frame
             self._last_shrink = now
@@ -755,11 +768,11 @@ class AudioPlayout:
             return False
         return self._last_stretch is None or now - self._last_stretch >= self.stretch_interval
 
-    def stretched(self, seconds: float) -> None:
-        """The player lengthened the "stretch" frame it was given by ``seconds``: what follows plays that much
-        later (the delay grows by as much)."""
-        if seconds < 0:
-            raise ValueError("a stretch lengthens a frame")
+    def resized(self, seconds: float) -> None:
+        """The player made the "stretch" or "shorten" frame it was given ``seconds`` longer (shorter, if
+        negative): what follows plays that much later (sooner), and the delay is that much more (less)."""
+        if abs(seconds) > self.max_delay:
+            raise ValueError(f"a frame resized by {seconds:.3f} s: more than the playout's whole delay")
         self._origin += seconds
 
     def _should_shrink(self, now: float) -> bool:

@@ -34,7 +34,7 @@ from .receive import (
     VideoFrameAssembler,
     VideoPlayout,
 )
-from .stretch import lengthen
+from .stretch import lengthen, shorten
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +47,13 @@ class ReceivedAudioTrack(MediaStreamTrack):
     """Opus received through an adaptive playout buffer: one frame every 20 ms, never a stall.
 
     Right after ``recv`` returns, ``last_frame_source`` says where that frame
-    came from: "packet", "stretch" (its packet, lengthened to grow the delay:
-    ``mediaserver.stretch``), "fec" (rebuilt from the next packet), "conceal"
+    came from: "packet", "stretch" or "shorten" (its packet, lengthened to grow
+    the delay or shortened to bring it down: ``mediaserver.stretch``), "fec"
+    (rebuilt from the next packet), "conceal"
     (made up for a lost packet: a gap a listener hears) or "silence" (the
     sender paused); ``last_frame_concealed`` is True for "conceal". ``counters``
-    adds them up. Frames are as long as their packets, and a lengthened one
-    longer (by a whole number of the sound's periods, about 20 ms). (PyAV's
+    adds them up. Frames are as long as their packets, a lengthened one longer
+    and a shortened one shorter (by a whole number of the sound's periods). (PyAV's
     ``frame.opaque`` is not used: it does not survive another frame being
     freed.)
 
@@ -121,12 +122,15 @@ class ReceivedAudioTrack(MediaStreamTrack):
             self.playout.request_missing(asyncio.get_running_loop().time())
             self._schedule_requests()
 
-    def _stretch(self, pcm: np.ndarray) -> np.ndarray:
-        """The decoded packet lengthened by about a frame; the playout is told by how much."""
+    def _resize(self, pcm: np.ndarray, source: FrameSource) -> np.ndarray:
+        """The decoded packet lengthened by about a frame, or shortened; the playout is told by how much."""
         frame = pcm.reshape(-1, self.channels)
-        longer = lengthen(self._history, frame, self.playout.frame_samples, AUDIO_RATE)
-        self.playout.stretched((len(longer) - len(frame)) / AUDIO_RATE)
-        return longer.reshape(-1)
+        if source == "stretch":
+            resized = lengthen(self._history, frame, self.playout.frame_samples, AUDIO_RATE)
+        else:
+            resized = shorten(frame, AUDIO_RATE)
+        self.playout.resized((len(resized) - len(frame)) / AUDIO_RATE)
+        return resized.reshape(-1)
 
     async def recv(self) -> av.AudioFrame:
         loop = asyncio.get_running_loop()
@@ -161,7 +165,7 @@ class ReceivedAudioTrack(MediaStreamTrack):
             self._history = self._history[:0]
         samples = step.samples
         try:
-            if source in ("packet", "stretch"):
+            if source in ("packet", "stretch", "shorten"):
                 assert step.payload is not None
                 pcm = self._decoder.decode(step.payload)
             elif source == "fec":
@@ -174,8 +178,8 @@ class ReceivedAudioTrack(MediaStreamTrack):
             self.decode_errors += 1
             source = "conceal"
             pcm = self._decoder.conceal(samples)
-        if source == "stretch":
-            pcm = self._stretch(pcm)
+        if source in ("stretch", "shorten"):
+            pcm = self._resize(pcm, source)
         self._history = pcm.reshape(-1, self.channels)
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout=self._layout)
         frame.sample_rate = AUDIO_RATE

@@ -3,9 +3,10 @@
 A queue that fills on the listener's link holds the sound back. The playout
 learns the delay it needs from the first spike; the frames it then lengthens
 (by whole periods of the sound, crossfaded) grow the delay before the next
-spike's packets are due, and nothing is concealed. These tests run the
-lengthening on real signals, the playout on a fake clock, and the track on
-real Opus packets.
+spike's packets are due, and nothing is concealed. When the delay is to come
+down, frames are shortened the same way instead of passed over. These tests
+run the resizing on real signals, the playout on a fake clock, and the track
+on real Opus packets.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mediaserver.receive import STRETCH_INTERVAL, AudioPlayout, PlayoutFrame
+from mediaserver.receive import PEAK_MEMORY, STRETCH_INTERVAL, AudioPlayout, PlayoutFrame
 from mediaserver.receive_track import ReceivedAudioTrack
-from mediaserver.stretch import MAX_SHARE, MIN_SHARE, lengthen
+from mediaserver.stretch import MATCH_TIME, MAX_SHARE, MIN_SHARE, lengthen, shorten
 
-from .test_receive_path import FRAME, PACKETS, RATE, TICK, Stream, queue_spikes, speech_like
+from .test_receive_path import FRAME, PACKETS, RATE, TICK, Stream, queue_spikes, speech_like, steady
+
+WINDOW = int(RATE * MATCH_TIME)
 
 
 def tone(frequency: float, samples: int, channels: int = 1, start: int = 0) -> np.ndarray:
@@ -76,6 +79,31 @@ def test_the_first_frame_of_a_stream_reaches_back_only_into_itself() -> None:
     assert (lengthen(frame[:0], too_short, FRAME, RATE) == too_short).all()
 
 
+@pytest.mark.parametrize("frequency", [110.0, 220.0, 440.0, 997.0])
+def test_a_tone_is_shortened_by_whole_periods_without_a_click(frequency: float) -> None:
+    sound = tone(frequency, 3 * FRAME, channels=2)
+    shorter = shorten(sound[FRAME:2 * FRAME], RATE)
+    removed = FRAME - len(shorter)
+    assert WINDOW <= removed <= FRAME - WINDOW
+    periods = removed * frequency / RATE
+    assert abs(periods - round(periods)) < 0.05
+    played = np.concatenate([sound[:FRAME], shorter, sound[2 * FRAME:]])  # the frames around it follow on
+    assert largest_step(played) <= 1.05 * largest_step(sound)
+    assert np.abs(played[:, 0]).max() >= 0.95 * 8000
+    assert shorter.shape[1] == 2 and (shorter[0] == sound[FRAME]).all()
+
+
+def test_a_voice_is_shortened_by_its_pitch_periods() -> None:
+    rng = np.random.default_rng(3)
+    voice = np.concatenate([speech_like(i, rng) for i in range(3)])[:, None]
+    shorter = shorten(voice[FRAME:2 * FRAME], RATE)
+    assert (FRAME - len(shorter)) % (RATE // 200) in (0, 1, RATE // 200 - 1)
+    played = np.concatenate([voice[:FRAME], shorter, voice[2 * FRAME:]])
+    assert largest_step(played) <= 1.1 * largest_step(voice)
+    too_short = voice[:WINDOW]
+    assert (shorten(too_short, RATE) == too_short).all()
+
+
 def test_frames_of_different_channels_are_refused() -> None:
     with pytest.raises(ValueError, match="same channels"):
         lengthen(tone(440.0, FRAME, channels=2), tone(440.0, FRAME), FRAME, RATE)
@@ -110,10 +138,26 @@ def test_a_steady_link_is_never_stretched() -> None:
     assert stream.sources().count("S") == 0 and stream.playout.counters.concealed == 0
 
 
-def test_a_playout_is_told_how_much_a_frame_was_lengthened() -> None:
+def test_the_delay_comes_down_by_shortened_frames_and_nothing_is_passed_over() -> None:
+    quiet_from = 2.0 + 4.0 * 8
+    quiet = steady(int((PEAK_MEMORY + 10.0) / TICK), start=int(quiet_from / TICK))
+    runs = {}
+    for can_stretch in (True, False):
+        stream, _ = spiky_run(can_stretch)
+        held = stream.playout.delay
+        passed_over = stream.playout.counters.skipped
+        stream.run(quiet, until=quiet[-1][0] - TICK)
+        assert stream.playout.delay < held - 0.05  # a quiet link: the spikes forgotten, the delay comes down
+        runs[can_stretch] = (stream.playout.counters, stream.playout.counters.skipped - passed_over)
+    (resizing, passed_over), (_, dropped) = runs[True], runs[False]
+    assert passed_over == 0 and resizing.shortened > 0 and resizing.concealed == runs[True][0].concealed
+    assert dropped > 0  # a player that cannot shorten has frames passed over instead
+
+
+def test_a_playout_is_told_how_much_a_frame_was_resized() -> None:
     playout = AudioPlayout(can_stretch=True)
-    with pytest.raises(ValueError, match="lengthens"):
-        playout.stretched(-0.01)
+    with pytest.raises(ValueError, match="more than the playout's whole delay"):
+        playout.resized(-1.0)
 
 
 async def test_the_track_plays_a_stretch_as_its_packet_lengthened_and_moves_the_playout_on() -> None:
@@ -129,6 +173,10 @@ async def test_the_track_plays_a_stretch_as_its_packet_lengthened_and_moves_the_
     assert MIN_SHARE * FRAME <= longer.samples - FRAME <= MAX_SHARE * FRAME
     assert playout.next_due() == pytest.approx(due_before + (longer.samples - FRAME) / RATE)
     assert longer.pts == first.samples  # the next frame's media time follows on from this one's length
-    after = track._frame(PlayoutFrame("packet", PACKETS[2], 2 * FRAME))
-    assert after.pts == first.samples + longer.samples
+    due_before = playout.next_due()
+    assert due_before is not None
+    shorter = track._frame(PlayoutFrame("shorten", PACKETS[2], 2 * FRAME))
+    assert track.last_frame_source == "shorten" and WINDOW <= FRAME - shorter.samples <= FRAME - WINDOW
+    assert playout.next_due() == pytest.approx(due_before - (FRAME - shorter.samples) / RATE)
+    assert shorter.pts == first.samples + longer.samples
     track.stop()

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pytest import approx
 
-from bench.adapt import SCENARIOS, Goal, RunResult, Setup, seconds_until
-from bench.metrics import AudioReceipt, audio_gap, frozen_time
+from bench.adapt import SCENARIOS, Goal, RunResult, Setup, audio_frames_skipped, seconds_until
+from bench.metrics import AudioReceipt, StreamRecord, audio_gap, frozen_time
 from bench.participants import LinkRates
 from tests.test_bench_run import nara
 
@@ -96,6 +96,16 @@ def test_audio_gaps_count_frames_of_any_length_once() -> None:
     assert audio_gap(receipts, 0, at + 0.01) == approx(1 / total, rel=0.05)
     every_one = [AudioReceipt(r.at, r.pts, r.rate, r.duration, True) for r in receipts]
     assert audio_gap(every_one, 0, at + 0.01) == 0
+
+
+def test_frames_passed_over_are_counted_within_the_window() -> None:
+    record = StreamRecord("sub", "pub")
+    for i in range(100):  # one frame passed over at 0.5 s and one at 1.5 s
+        record.add_audio(AudioReceipt(i * 0.02, i * 960, 48000, 0.02, True, "packet", (i >= 25) + (i >= 75)))
+    assert audio_frames_skipped(record, 0.0, 1.0) == 1
+    assert audio_frames_skipped(record, 0.0, 2.0) == 2
+    assert audio_frames_skipped(record, 1.0, 1.4) == 0
+    assert audio_frames_skipped(StreamRecord("sub", "pub"), 0.0, 2.0) is None  # another receive path
 
 
 def test_frozen_time_counts_a_picture_that_stopped_coming() -> None:

@@ -153,13 +153,13 @@ class Stream:
                 assert frame is not None
                 self.played.append(frame)
                 self.played_at.append(self.now)
-                if frame.source == "stretch":
-                    self.playout.stretched(TICK)  # as a player lengthening the frame by one frame's time
+                if frame.source in ("stretch", "shorten"):  # as a player resizing the frame would
+                    self.playout.resized(TICK if frame.source == "stretch" else -TICK / 2)
             else:
                 return
 
     def sources(self) -> str:
-        letters = {"packet": "p", "stretch": "S", "fec": "f", "conceal": "c", "silence": "s"}
+        letters = {"packet": "p", "stretch": "S", "shorten": "h", "fec": "f", "conceal": "c", "silence": "s"}
         return "".join(letters[f.source] for f in self.played)
 
 
