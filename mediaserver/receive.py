@@ -704,16 +704,10 @@ class AudioPlayout:
         packet = self._packets.pop(slot, None)
         shrink = packet is not None and self._should_shrink(now) and slot + packet.samples in self._packets
         far_too_late = self.delay > self._ceiling + self.frame_duration
-        if packet is not None and shrink and self.can_stretch and not far_too_late:
-            # A player that can shorten a frame plays this one shorter by whole periods of its sound: nothing
-            # of it is passed over, and the delay comes down all the same.
-            self.counters.played += 1
-            self.counters.shortened += 1
-            self.counters.recovered_retransmission += packet.repaired
-            self._last_shrink = now
-            self._reference = packet
-            return self._out("shorten", packet.payload, slot, packet.samples)
-        if packet is not None and shrink and (packet.samples == frame or far_too_late):
+        # A player that can shorten a frame plays this one shorter by whole periods of its sound: nothing of it
+        # is passed over, and the delay comes down all the same (unless it is far too late: then at once).
+        shorten = shrink and self.can_stretch and not far_too_late
+        if packet is not None and shrink and not shorten and (packet.samples == frame or far_too_late):
             # Passing over a packet of several frames is heard: the delay waits for short ones to shrink.
             self.counters.skipped += packet.samples // frame
             self._last_shrink = now
@@ -725,6 +719,10 @@ class AudioPlayout:
             self.counters.played += 1
             self.counters.recovered_retransmission += packet.repaired
             self._reference = packet
+            if shorten:
+                self.counters.shortened += 1
+                self._last_shrink = now
+                return self._out("shorten", packet.payload, slot, packet.samples)
             if self._should_stretch(now):
                 self.counters.stretched += 1
                 self._last_stretch = now
