@@ -798,6 +798,8 @@ class Subscription:
                 self.switches += 1
                 self.rewriter.switch_source(packet.ssrc, packet.sequence_number, packet.timestamp, now)
                 self.publication.levels_changed()
+                if self.pacer is not None:
+                    self.pacer.discard(self)  # (what waits is of the level left: its release would only drop it)
             elif self.keyframe_asked is None or now - self.keyframe_asked >= KEYFRAME_WAIT:
                 self.keyframe_asked = now
                 await self.publication.request_keyframe(level)

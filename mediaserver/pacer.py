@@ -129,6 +129,11 @@ class VideoPacer:
         self._drop(stream, resends=True)
         self._set_rate(self.clock())
 
+    def discard(self, stream: PacedStream) -> None:
+        """What waits of this video went stale (it moved to another level): it goes nowhere and takes no
+        tokens, so the new level's keyframe is not held behind packets that would be thrown away."""
+        self._drop(stream, resends=True)
+
     def _set_rate(self, now: float) -> None:
         total = sum(self.allowances.values())
         rate = total * self.factor / 8 if self.allowances and total > 0 else None

@@ -216,3 +216,17 @@ def test_a_rate_that_rises_wakes_the_queue_sooner() -> None:
     pacer.allow(video, 800_000, 0.5)  # the estimate grew
     timers.run_until(0.6)
     assert len(video.sent) == 3
+
+
+def test_a_discarded_queue_takes_no_turn_from_what_comes_after() -> None:
+    timers, pacer, video = make(factor=1.0, burst_time=0.0, queue_limit=5.0)
+    pacer.allow(video, 80_000, 0.0)  # 10 kB a second
+    for n in range(5):
+        offer(pacer, video, 1000, n)  # 0 goes; 1-4 wait
+    pacer.discard(video)  # (the video moved to another level: what waits is stale)
+    assert not pacer.waiting and pacer.queued_bytes == 0
+    offer(pacer, video, 1000, "keyframe")
+    timers.run_until(0.15)
+    assert [item for _, item in video.sent] == [0, "keyframe"]
+    assert video.sent[-1][0] == pytest.approx(0.1)  # its own turn, not behind four stale packets
+    assert pacer.rate is not None  # (the video keeps its allowance)
