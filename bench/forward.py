@@ -713,6 +713,8 @@ async def run_mode(mode: str, steps: list[int], options: Any, frames: list[tuple
                         value = window.quantile(q)
                         step[f"forwarding_delay_{name}_ms"] = value * 1000 if value is not None else None
                     step["forwarded_packets"] = window.total
+                    # (with the loop watched, each packet's arrival is the kernel's stamp as it reached the socket)
+                    step["forwarding_delay_from"] = "socket" if loops_end else "read"
                 if loops_end:
                     step["loop_watch"] = loop_watch.window(loops_start, loops_end)
                 if counters_end:
@@ -767,6 +769,7 @@ def _row(s: dict[str, Any]) -> str:
     held = "-"
     if s.get("forwarding_delay_p95_ms") is not None:
         held = "/".join(f"{s[f'forwarding_delay_{q}_ms']:.2f}" for q in ("p50", "p95", "p99"))
+        held += "*" if s.get("forwarding_delay_from") == "socket" else ""  # (from the datagram reaching its socket)
     mode = f"{s['mode']}/al" if s.get("publishers_aligned") else s["mode"]  # (aligned publishers: the worst case)
     line = (f"{mode:8} {s['subscribers']:>4} {s['consultations']:>5} {s['server_cores']:>12.3f} "
             f"{s.get('worker_cores', 0):>6.3f} {s['generator_cores']:>9.2f} {s['min_fps']:>7.1f} "
@@ -786,7 +789,7 @@ def _row(s: dict[str, Any]) -> str:
     if watched.get("socket_waits"):
         waits = DelaySnapshot.from_json(watched["socket_waits"])
         if waits.total:
-            line += ("\n    waited in the worker's sockets before that (p50/p95/p99 ms): "
+            line += ("\n    of which waited in the worker's sockets (p50/p95/p99 ms): "
                      + "/".join(f"{(waits.quantile(q) or 0.0) * 1000:.2f}" for q in (0.5, 0.95, 0.99))
                      + f" over {waits.total} datagrams")
     if any(t[0] for t in watched.get("turns", [])):
@@ -857,6 +860,9 @@ def main(args: argparse.Namespace) -> int:
     clip_rate = sum(len(d) for d, _ in frames) * 8 / (len(frames) / FPS)
     print(f"clip: {len(frames)} frames, {clip_rate / 1000:.0f} kbit/s, "
           f"{sum(k for _, k in frames)} keyframes", flush=True)
+    if args.loop_watch:
+        print("fwd delay*: from each datagram reaching the worker's socket (the kernel's stamp) to its copies' "
+              "sendto; without --loop-watch, from its read", flush=True)
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         results = {

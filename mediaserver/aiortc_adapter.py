@@ -859,8 +859,14 @@ PACKET_SIZE_AROUND_PAYLOAD = 32  # RTP header, its extensions and the SRTP tag, 
 _SEQ_TS = struct.Struct("!HL")
 
 
+# While ``watch_socket_waits`` watches: the kernel's stamp of the datagram being handed to aioice now, on the
+# monotonic clock (0: none). Its arrival stamp is then that, not the time it was read.
+_kernel_arrival_ns = 0
+
+
 class _ArrivalStamps:
-    """When each datagram in one ICE connection's queue arrived; ``last_ns``: the one taken last."""
+    """When each datagram in one ICE connection's queue arrived (read from its socket, or, while socket waits
+    are watched, stamped by the kernel as it reached the socket); ``last_ns``: the one taken last."""
 
     def __init__(self, queue: asyncio.Queue[Any]) -> None:
         self.last_ns = 0
@@ -869,7 +875,7 @@ class _ArrivalStamps:
         clock = time.monotonic_ns
 
         def stamped_put(item: Any) -> None:
-            stamps.append(clock())
+            stamps.append(_kernel_arrival_ns or clock())
             put(item)
 
         def stamped_get() -> Any:
@@ -1312,7 +1318,9 @@ _TIMESPEC = struct.Struct("@qq")
 
 def watch_socket_waits(waits: DelayHistogram) -> Callable[[], None]:
     """Count how long every SRTP/SRTCP datagram any ICE connection of this process reads had waited in its
-    socket, into ``waits``, from now on; returns what stops it."""
+    socket, into ``waits``, from now on; returns what stops it. Meanwhile each datagram's arrival stamp (what
+    the forwarding delay is counted from) is the kernel's: the forwarding delay is then a copy's whole time in
+    the server, from the datagram reaching its socket to the copy's ``sendto``."""
     plain = aioice.ice.StunProtocol.datagram_received
     empty = bytes(_TIMESPEC.size)
     # The kernel stamps arriving datagrams only while some socket wants stamps, and begins a moment after the
@@ -1332,7 +1340,15 @@ def watch_socket_waits(waits: DelayHistogram) -> Callable[[], None]:
             except OSError:
                 pass  # (ENOENT: the socket's first datagram, before the kernel stamped any)
             else:
-                waits.record(max(time.time_ns() - seconds * 1_000_000_000 - nanoseconds, 1))
+                waited = max(time.time_ns() - seconds * 1_000_000_000 - nanoseconds, 1)  # (the stamp is wall time)
+                waits.record(waited)
+                global _kernel_arrival_ns
+                _kernel_arrival_ns = time.monotonic_ns() - waited
+                try:
+                    plain(self, data, addr)
+                finally:
+                    _kernel_arrival_ns = 0
+                return
         plain(self, data, addr)
 
     aioice.ice.StunProtocol.datagram_received = timed  # type: ignore[method-assign]

@@ -817,7 +817,15 @@ async def test_socket_waits_count_the_time_a_datagram_sat_in_its_socket() -> Non
     waits = DelayHistogram()
     stop = watch_socket_waits(waits)
     restrict_host_addresses(["127.0.0.1"])
-    sender_pc, receiver_pc, port, received, _, _ = await connected_pair()
+    sender_pc, receiver_pc, port, received, _, tap = await connected_pair()
+    arrivals: list[int] = []  # the arrival stamp each packet was handed on with (the forwarding delay's start)
+    handed_on = tap._on_packet
+
+    async def stamped(packet: RtpPacket) -> None:
+        arrivals.append(tap.arrival_ns)
+        await handed_on(packet)
+
+    tap._on_packet = stamped
     try:
         payload = bytes([0x10, 0x00]) + bytes(100)
         for i in range(10):
@@ -825,11 +833,14 @@ async def test_socket_waits_count_the_time_a_datagram_sat_in_its_socket() -> Non
         await asyncio.wait_for(_until(lambda: len(received) >= 10), 5)
         counted = waits.snapshot()
         assert counted.total >= 9  # (the socket's very first datagram may precede the kernel's stamping)
+        sent_ns = time.monotonic_ns()
         await port.send(payload, sequence_number=210, timestamp=30000, marker=1)  # (in the receiver's socket now)
         time.sleep(0.03)  # noqa: ASYNC251 -- the loop held by a 30 ms callback: the datagram waits in its socket
         await asyncio.wait_for(_until(lambda: len(received) >= 11), 5)
         late = waits.snapshot().since(counted)
         assert late.total >= 1 and (late.quantile(1.0) or 0.0) >= 0.025
+        # and the forwarding delay counts from when it reached the socket, not from when it was read
+        assert sent_ns <= arrivals[-1] < sent_ns + 15_000_000
     finally:
         stop()
         await sender_pc.close()
