@@ -1,4 +1,5 @@
-"""Lengthening and shortening a decoded audio frame without making anything up or passing any over.
+"""Lengthening and shortening a decoded audio frame by whole periods of its sound: the playout's delay moved
+without a frame concealed or dropped.
 
 When a queue starts to fill on the listener's link, the playout buffer learns
 that it needs more delay before the packets that the queue holds back come.
@@ -19,8 +20,8 @@ last frame played is the history a jump may reach back into.
 
 When the delay is to come down again, a frame is shortened the same way the
 other way round: from its start, the sound jumps forward by a whole number of
-periods (at most what the frame holds beyond the crossfade), so none of it is
-passed over whole, as dropping a frame would.
+periods (at most what the frame holds beyond the crossfade). What is left out
+is a few periods of a sound that repeats them, not a 20 ms frame cut out whole.
 
 NetEQ, the browser's playout buffer, does the same ("preemptive expand" and
 "accelerate"), and its statistics count the samples it adds and removes so
