@@ -358,6 +358,18 @@ def audio_frames_skipped(record: StreamRecord, start: float, end: float) -> int 
     return counts[-1] - counts[0] if counts else None
 
 
+def audio_figures(record: StreamRecord, start: float, end: float) -> Metrics:
+    """The sound in [start, end): its gaps, and where Nära's receive path took its frames from."""
+    return {
+        "audio_gap_pct": audio_gap_pct(record, start, end),
+        "audio_fec_frames": audio_frames_from(record, start, end, "fec"),
+        "audio_made_up_frames": audio_frames_from(record, start, end, "conceal", "silence"),
+        "audio_stretched_frames": audio_frames_from(record, start, end, "stretch"),
+        "audio_shortened_frames": audio_frames_from(record, start, end, "shorten"),
+        "audio_skipped_frames": audio_frames_skipped(record, start, end),
+    }
+
+
 def delivered_pct(run: RunResult, receiver: str, start: float, end: float) -> float | None:
     """Frames captured in [start, end) that reached ``receiver``, as a share of those the camera made."""
     camera = run.participants[PUBLISHER].camera
@@ -517,12 +529,7 @@ def _steady_quality(run: RunResult, settings: Settings, subscriber: str = "sub")
         "freeze_pct": freeze_pct(record, start, end),
         "psnr_db": mean_psnr(record, start, end),
         "fps": video_fps(record, start, end),
-        "audio_gap_pct": audio_gap_pct(record, start, end),
-        "audio_fec_frames": audio_frames_from(record, start, end, "fec"),
-        "audio_made_up_frames": audio_frames_from(record, start, end, "conceal", "silence"),
-        "audio_stretched_frames": audio_frames_from(record, start, end, "stretch"),
-        "audio_shortened_frames": audio_frames_from(record, start, end, "shorten"),
-        "audio_skipped_frames": audio_frames_skipped(record, start, end),
+        **audio_figures(record, start, end),
         "received_kbps": window_rate(run, subscriber, start, end, "received_kbps"),
         "level": main_level(run, subscriber, start, end),
     }
@@ -543,12 +550,7 @@ def _thin150(runs: dict[str, RunResult], settings: Settings) -> Metrics:
     pauses = [at for at, kind in pause_events(run, "sub") if kind == "video-paused"]
     joined = run.participants["sub"].joined_at or 0.0
     return {
-        "audio_gap_pct": audio_gap_pct(record, start, end),
-        "audio_fec_frames": audio_frames_from(record, start, end, "fec"),
-        "audio_made_up_frames": audio_frames_from(record, start, end, "conceal", "silence"),
-        "audio_stretched_frames": audio_frames_from(record, start, end, "stretch"),
-        "audio_shortened_frames": audio_frames_from(record, start, end, "shorten"),
-        "audio_skipped_frames": audio_frames_skipped(record, start, end),
+        **audio_figures(record, start, end),
         "video_fps": video_fps(record, start, end),
         "paused": bool(pauses),
         "pause_notice_s": pauses[0] - joined if pauses else None,
