@@ -555,8 +555,9 @@ def nara_receive_track(receiver: RTCRtpReceiver, kind: str, *, channels: int = 2
     """A track that plays ``receiver``'s stream through Nära's receive path.
 
     Audio: a ``ReceivedAudioTrack`` (Opus decoded to 48 kHz s16 in 20 ms
-    frames, ``channels`` 1 or 2, paced by its playout buffer, each frame marked
-    "packet", "fec", "conceal" or "silence"; missing packets are asked for
+    frames, now and then one lengthened or shortened to move the delay,
+    ``channels`` 1 or 2, paced by its playout buffer, each frame marked "packet",
+    "stretch", "shorten", "fec", "conceal" or "silence"; missing packets are asked for
     again with a generic NACK while they can still play). Video: a ``ReceivedVideoTrack``
     (VP8 pictures shown on their own clock; keyframe requests go out as PLI from this
     receiver, holes are asked for again with a generic NACK). Call it
