@@ -33,12 +33,11 @@ PSNR_EVERY = 3  # frames; PSNR costs a regenerated frame, so sample it
 def made_up(track: MediaStreamTrack) -> bool:
     """Whether the receive path made up the audio frame it just returned.
 
-    Nära's receive path says where each frame came from: a packet (played
-    as it is, or lengthened or shortened to move the delay: the sound is there
-    either way),
-    FEC in the next packet, concealment, or silence while it thinks the sender
-    paused (ours never does: its tone is continuous). aiortc's never makes one
-    up: a lost frame simply never comes.
+    Nära's receive path says where each frame came from: a packet (played as
+    it is, or lengthened or shortened to move the delay: the sound is there
+    either way), FEC in the next packet, concealment, or silence while it
+    thinks the sender paused (ours never does: its tone is continuous).
+    aiortc's never makes one up: a lost frame simply never comes.
     """
     source = getattr(track, "last_frame_source", None)
     if source is not None:

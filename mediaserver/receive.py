@@ -144,7 +144,7 @@ class PlayoutFrame:
 class PlayoutCounters:
     played: int = 0  # frames decoded from their own packet
     stretched: int = 0  # of those, frames lengthened to grow the delay ahead of need (played sound, not a gap)
-    shortened: int = 0  # ... and frames shortened to bring it down (nothing passed over)
+    shortened: int = 0  # ... and frames shortened by a few periods to bring it down (no frame passed over)
     recovered_fec: int = 0  # lost frames rebuilt from the next packet's FEC
     concealed: int = 0  # frames the decoder had to make up: gaps a listener hears
     silent: int = 0  # ticks in a pause the sender announced (DTX), not losses

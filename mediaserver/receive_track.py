@@ -44,7 +44,7 @@ MAX_QUEUED_PICTURES = 30
 
 
 class ReceivedAudioTrack(MediaStreamTrack):
-    """Opus received through an adaptive playout buffer: one frame every 20 ms, never a stall.
+    """Opus received through an adaptive playout buffer: one packet's sound at a time, never a stall.
 
     Right after ``recv`` returns, ``last_frame_source`` says where that frame
     came from: "packet", "stretch" or "shorten" (its packet, lengthened to grow
