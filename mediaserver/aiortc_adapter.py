@@ -1408,3 +1408,91 @@ def read_datagrams_in_batches(reads: int = READS_PER_TURN) -> Callable[[], None]
         transport._read_ready = plain
 
     return restore
+
+
+# --- receivers' rate windows, kept out of the collector's walks -------------------------
+#
+# Every video receiver aiortc makes (a subscriber's too, whose receiver never gets
+# a packet) holds a bitrate estimator whose rate counter keeps a second in 1000
+# bucket objects. In a media worker at 180 subscribers those were 168,000 of the
+# 257,000 objects the garbage collector tracks, and each of its full passes walks
+# every one while the loop, and every packet, waits: 100-200 ms (docs/benchmarks.md,
+# issue 9). ``RateWindow`` counts the same in two arrays, which the collector does
+# not track, and gives the same rates; ``aiortc.rate`` looks its ``RateCounter`` up
+# when an estimator is made, so the swap applies to every receiver made afterwards.
+
+from array import array  # noqa: E402
+
+import aiortc.rate  # noqa: E402
+
+AIORTC_RATE_COUNTER: Any = getattr(aiortc.rate, "RateCounter", None)  # (aiortc's own, for the tests' comparison)
+
+
+class RateWindow:
+    """aiortc's ``RateCounter`` (what arrived in the last ``window_size`` ms, in 1 ms buckets) without an
+    object per bucket."""
+
+    __slots__ = ("_counts", "_values", "_origin_index", "_origin_ms", "_scale", "_window_size", "_total_count",
+                 "_total_value")
+
+    def __init__(self, window_size: int, scale: int = 8000) -> None:
+        self._scale = scale
+        self._window_size = window_size
+        self.reset()
+
+    def add(self, value: int, now_ms: int) -> None:
+        if self._origin_ms is None:
+            self._origin_ms = now_ms
+        else:
+            self._erase_old(now_ms)
+        index = (self._origin_index + now_ms - self._origin_ms) % self._window_size
+        self._counts[index] += 1
+        self._values[index] += value
+        self._total_count += 1
+        self._total_value += value
+
+    def rate(self, now_ms: int) -> int | None:
+        if self._origin_ms is not None:
+            self._erase_old(now_ms)
+            active_window_size = now_ms - self._origin_ms + 1
+            if self._total_count > 0 and active_window_size > 1:
+                return round(self._scale * self._total_value / active_window_size)
+        return None
+
+    def reset(self) -> None:
+        self._counts = array("q", bytes(8 * self._window_size))
+        self._values = array("q", bytes(8 * self._window_size))
+        self._origin_index = 0
+        self._origin_ms: int | None = None
+        self._total_count = 0
+        self._total_value = 0
+
+    def _erase_old(self, now_ms: int) -> None:
+        assert self._origin_ms is not None
+        new_origin_ms = now_ms - self._window_size + 1
+        if new_origin_ms - self._origin_ms >= self._window_size:
+            # (the whole window has passed: every bucket empties, and the origin moves as it would a ms at a time)
+            self._origin_index = (self._origin_index + new_origin_ms - self._origin_ms) % self._window_size
+            self._origin_ms = new_origin_ms
+            self._counts = array("q", bytes(8 * self._window_size))
+            self._values = array("q", bytes(8 * self._window_size))
+            self._total_count = self._total_value = 0
+            return
+        counts, values, size = self._counts, self._values, self._window_size
+        while self._origin_ms < new_origin_ms:
+            index = self._origin_index
+            self._total_count -= counts[index]
+            self._total_value -= values[index]
+            counts[index] = values[index] = 0
+            self._origin_index = (index + 1) % size
+            self._origin_ms += 1
+
+
+def compact_rate_windows() -> None:
+    """Make every receive bitrate estimator aiortc makes from now on (in this process) count in a ``RateWindow``."""
+    if not hasattr(aiortc.rate, "RateCounter") or not hasattr(aiortc.rate, "RemoteBitrateEstimator"):
+        raise RuntimeError("aiortc changed: aiortc.rate has no RateCounter for its receive estimator")
+    aiortc.rate.RateCounter = RateWindow  # type: ignore[misc,assignment]
+
+
+compact_rate_windows()

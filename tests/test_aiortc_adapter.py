@@ -879,3 +879,35 @@ async def test_a_burst_in_one_socket_is_read_in_a_few_turns_of_the_loop() -> Non
         await sender_pc.close()
         await receiver_pc.close()
         restrict_host_addresses(None)
+
+
+def test_receive_estimators_count_in_rate_windows_that_give_aiortcs_rates() -> None:
+    """Each video receiver's rate counter held 1000 objects the collector walks at each full pass; Nära's
+    window counts in two arrays and must give exactly the rates aiortc's counter gives."""
+    import gc
+    import random
+
+    import aiortc.rate
+
+    original = aiortc_adapter.AIORTC_RATE_COUNTER
+    assert original is not None and original is not aiortc_adapter.RateWindow
+    gc.collect()
+    before = len(gc.get_objects())
+    estimators = [aiortc.rate.RemoteBitrateEstimator() for _ in range(10)]
+    assert all(isinstance(e.incoming_bitrate, aiortc_adapter.RateWindow) for e in estimators)
+    assert (len(gc.get_objects()) - before) / len(estimators) < 100  # (aiortc's own counter: over 1000 each)
+
+    rng = random.Random(5)
+    theirs, ours = original(1000, 8000), aiortc_adapter.RateWindow(1000, 8000)
+    now = 10_000
+    for step in range(20_000):
+        # packets 0-30 ms apart, now and then an outage longer than the window, and a reset
+        now += rng.choice((0, 0, 1, 2, 5, 30)) if step % 3000 else rng.choice((999, 1000, 1001, 4321))
+        if step % 7919 == 0:
+            theirs.reset()
+            ours.reset()
+        assert ours.rate(now) == theirs.rate(now)
+        size = rng.randrange(50, 1300)
+        theirs.add(size, now)
+        ours.add(size, now)
+        assert ours.rate(now) == theirs.rate(now)
