@@ -1438,6 +1438,10 @@ class RateWindow:
     def __init__(self, window_size: int, scale: int = 8000) -> None:
         self._scale = scale
         self._window_size = window_size
+        self._counts = self._values = array("q")
+        self._origin_index = 0
+        self._origin_ms: int | None = None
+        self._total_count = self._total_value = 0
         self.reset()
 
     def add(self, value: int, now_ms: int) -> None:
@@ -1463,9 +1467,8 @@ class RateWindow:
         self._counts = array("q", bytes(8 * self._window_size))
         self._values = array("q", bytes(8 * self._window_size))
         self._origin_index = 0
-        self._origin_ms: int | None = None
-        self._total_count = 0
-        self._total_value = 0
+        self._origin_ms = None
+        self._total_count = self._total_value = 0
 
     def _erase_old(self, now_ms: int) -> None:
         assert self._origin_ms is not None
