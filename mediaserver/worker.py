@@ -20,6 +20,8 @@ import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCIceServer
@@ -50,6 +52,42 @@ LOAD_INTERVAL = 2.0  # seconds between two load events
 # and about what it allowed at 1 ms (docs/benchmarks.md, issue 9).
 SWITCH_INTERVAL = 0.001
 PR_SET_PDEATHSIG = 1  # prctl(2)
+COLLECT_EVERY = 600.0  # seconds between full collections while no one leaves (``Collector``)
+
+
+class Collector:
+    """When the garbage collector walks a media worker's long-lived objects.
+
+    Each full pass of the collector walks every object it tracks, and the loop, with every packet arriving,
+    waits until it is done: at 180-200 subscribers, 90-200 ms (docs/benchmarks.md, issue 9). The packets
+    that forwarding keeps for a few seconds drive a full pass every 10 s or so on a busy worker, yet almost
+    everything it walks is a participant's connection that lives as long as the participant does. So once
+    participants have joined, what lives is frozen out of the passes (``gc.freeze``), and the passes walk
+    only what was made since. Frozen cyclic garbage is never freed, so when a participant leaves (its
+    connection is such garbage), and every ``COLLECT_EVERY`` seconds whatever else, all is thawed, collected
+    in one pass, and frozen again.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, every: float = COLLECT_EVERY) -> None:
+        self.clock = clock
+        self.every = every
+        self.peers: set[int] = set()
+        self.collected_at = clock()
+        self.passes = 0  # full collections it made
+
+    def tick(self, peers: set[int]) -> None:
+        """Called every few seconds with the ids of the peers the worker holds."""
+        left, joined = bool(self.peers - peers), bool(peers - self.peers)
+        self.peers = peers
+        now = self.clock()
+        if left or now - self.collected_at >= self.every:
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
+            self.collected_at = now
+            self.passes += 1
+        elif joined:
+            gc.freeze()
 
 
 class Worker:
@@ -59,6 +97,7 @@ class Worker:
         self.sessions: dict[int, tuple[str, Peer]] = {}  # session -> (room, peer)
         self.tasks: set[asyncio.Task[None]] = set()
         self.loop_watch: LoopWatch | None = None  # (a bench instrument: loop_watch.py)
+        self.collector = Collector()
 
     def send(self, message: Message) -> None:
         self.send_frame(encode(message))
@@ -87,6 +126,8 @@ class Worker:
             if self.media is not None:
                 # (its CPU the server reads from /proc; how far behind its loop runs only the worker knows)
                 self.send({"event": "load", **self.media.counts(), "loop_lag": round(self.media.loop_lag.lag, 4)})
+                self.collector.tick({id(peer) for room in list(self.media.rooms.values())
+                                     for peer in list(room.peers.values())})
             if self.loop_watch is not None:
                 self.loop_watch.write()
 
