@@ -317,6 +317,7 @@ class Publication:
         self.held_asks: set[int] = set()  # asked for by a subscriber before any later packet came
         self.last_remb: float | None = None
         self.last_decision: float | None = None
+        self.decide_soon = False  # a subscriber's estimate fell far: decide at the next packet, not the next tick
         self.rate_cap: int | None = None  # what the publisher was last told, bit/s
         self.caps: deque[tuple[float, int]] = deque()  # (when, cap) told in the last CAP_SETTLE seconds
         self.uplink_seen: int | None = None  # aiortc's estimate of the publisher's uplink, when last looked at
@@ -380,9 +381,10 @@ class Publication:
         if self.throttle.pending and self.throttle.due(now):
             await self._send_keyframe_request()
         if self.kind == "video":
-            if self.ladder is not None and (self.last_decision is None
+            if self.ladder is not None and (self.decide_soon or self.last_decision is None
                                             or now - self.last_decision >= DECISION_INTERVAL):
                 self.last_decision = now
+                self.decide_soon = False
                 await self.decide(now)
             if self.last_remb is None or now - self.last_remb >= REMB_INTERVAL:
                 self.last_remb = now

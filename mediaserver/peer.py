@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 Signal = Callable[[dict[str, Any]], Awaitable[None]]
 
+DECIDE_AT_ONCE = 0.5  # an estimate cut under this share of what it was has its videos' levels decided at once
 ANSWER_DEADLINE = 15.0
 
 
@@ -319,8 +320,13 @@ class Peer:
             return
         self.transport_feedbacks += 1
         state = self.delay.on_results(results)
+        before = self.bandwidth.estimate
         self.bandwidth.on_transport_feedback(results, state, self.delay.acked_rate, time.monotonic(),
                                              self.delay.sent_rate, self.delay.lost_share, self.delay.arriving_rate)
+        if self.bandwidth.estimate < before * DECIDE_AT_ONCE:
+            # (a link that fell: each quarter second's wait for the next decision is more of the old level flooding it)
+            for subscription in self._receiving("video"):
+                subscription.publication.decide_soon = True
 
     def subscriptions(self) -> list[Subscription]:
         return [s.subscription for s in self.slots if s.subscription is not None]
