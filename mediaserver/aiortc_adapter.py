@@ -1438,10 +1438,7 @@ class RateWindow:
     def __init__(self, window_size: int, scale: int = 8000) -> None:
         self._scale = scale
         self._window_size = window_size
-        self._counts = self._values = array("q")
-        self._origin_index = 0
         self._origin_ms: int | None = None
-        self._total_count = self._total_value = 0
         self.reset()
 
     def add(self, value: int, now_ms: int) -> None:
@@ -1464,10 +1461,13 @@ class RateWindow:
         return None
 
     def reset(self) -> None:
-        self._counts = array("q", bytes(8 * self._window_size))
-        self._values = array("q", bytes(8 * self._window_size))
+        self._empty()
         self._origin_index = 0
         self._origin_ms = None
+
+    def _empty(self) -> None:
+        self._counts = array("q", bytes(8 * self._window_size))
+        self._values = array("q", bytes(8 * self._window_size))
         self._total_count = self._total_value = 0
 
     def _erase_old(self, now_ms: int) -> None:
@@ -1477,9 +1477,7 @@ class RateWindow:
             # (the whole window has passed: every bucket empties, and the origin moves as it would a ms at a time)
             self._origin_index = (self._origin_index + new_origin_ms - self._origin_ms) % self._window_size
             self._origin_ms = new_origin_ms
-            self._counts = array("q", bytes(8 * self._window_size))
-            self._values = array("q", bytes(8 * self._window_size))
-            self._total_count = self._total_value = 0
+            self._empty()
             return
         counts, values, size = self._counts, self._values, self._window_size
         while self._origin_ms < new_origin_ms:
