@@ -59,9 +59,9 @@ class Collector:
     """When the garbage collector walks a media worker's long-lived objects.
 
     Each full pass of the collector walks every object it tracks, and the loop, with every packet arriving,
-    waits until it is done: at 180-200 subscribers, 90-200 ms (docs/benchmarks.md, issue 9). The packets
-    that forwarding keeps for a few seconds drive a full pass every 10 s or so on a busy worker, yet almost
-    everything it walks is a participant's connection that lives as long as the participant does. So once
+    waits until it is done: at 180-200 subscribers, 90-200 ms (docs/benchmarks.md, issue 9). On a busy worker
+    a full pass came about every 10-20 s, yet almost everything it walks is a participant's connection,
+    which lives as long as the participant does. So once
     participants have joined, what lives is frozen out of the passes (``gc.freeze``), and the passes walk
     only what was made since. Frozen cyclic garbage is never freed, so when a participant leaves (its
     connection is such garbage), and every ``COLLECT_EVERY`` seconds whatever else, all is thawed, collected
