@@ -446,8 +446,10 @@ class OutboundPort:
         padding_size: int = 0,
         audio_level: Any = None,
         probe: bool = False,
+        resend: bool = False,
     ) -> None:
-        """Send one RTP packet on this sender's SSRC and payload type (``probe``: a probe's padding).
+        """Send one RTP packet on this sender's SSRC and payload type (``probe``: a probe's padding;
+        ``resend``: a packet sent before, asked for again).
 
         Raises ConnectionError (SendFailed for SRTP refusals) when the packet
         cannot go out; nothing else.
@@ -470,7 +472,7 @@ class OutboundPort:
         packet.extensions.audio_level = audio_level
         if stamps_transport_cc(sender):
             packet.extensions.transport_sequence_number = transport_history(sender.transport).take(
-                time.monotonic(), len(payload) + padding_size + PACKET_SIZE_AROUND_PAYLOAD, probe)
+                time.monotonic(), len(payload) + padding_size + PACKET_SIZE_AROUND_PAYLOAD, probe or resend)
         data = packet.serialize(sender._RTCRtpSender__rtp_header_extensions_map)  # type: ignore[attr-defined]
         try:
             await sender.transport._send_rtp(data)
@@ -963,11 +965,13 @@ def _find_route(sender: Any) -> _Route | None:
 
 
 def direct_send(port: OutboundPort, payload: bytes, sequence_number: int, timestamp: int, marker: int,
-                audio_level: tuple[bool, int] | None, arrival_ns: int, delays: DelayHistogram) -> bool:
+                audio_level: tuple[bool, int] | None, arrival_ns: int, delays: DelayHistogram,
+                resend: bool = False) -> bool:
     """Send one forwarded packet on ``port``'s stream straight to the socket; False: use ``port.send``.
 
     ``arrival_ns``: when the packet it copies reached the server (``time.monotonic_ns``; 0 if
-    unknown); its forwarding delay is recorded in ``delays``. Raises ConnectionError (SendFailed for SRTP
+    unknown); its forwarding delay is recorded in ``delays``. ``resend``: a packet sent before, asked
+    for again (a copy to the send history, ``SendHistory.take``). Raises ConnectionError (SendFailed for SRTP
     refusals) when the packet cannot go out.
     """
     sender: Any = port._sender
@@ -1000,7 +1004,7 @@ def direct_send(port: OutboundPort, payload: bytes, sequence_number: int, timest
         buffer[template.audio_level_at] = (0x80 if audio_level[0] else 0) | (audio_level[1] & 0x7F)
     at = template.transport_cc_at
     if at:
-        transport_sequence = route.history.take(time.monotonic(), len(buffer) + len(payload) + SRTP_TAG)
+        transport_sequence = route.history.take(time.monotonic(), len(buffer) + len(payload) + SRTP_TAG, resend)
         buffer[at] = transport_sequence >> 8
         buffer[at + 1] = transport_sequence & 0xFF
     try:

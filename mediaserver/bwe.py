@@ -264,7 +264,7 @@ def cluster_rates(packets: list[PacketResult]) -> ClusterRates | None:
     over the span they arrived in. The first marker's own size is left out: its arrival is where
     the span begins."""
     ordered = sorted(packets, key=lambda r: r.sent)
-    noted = [(i, r.arrival) for i, r in enumerate(ordered) if r.arrival is not None and not r.probe]
+    noted = [(i, r.arrival) for i, r in enumerate(ordered) if r.arrival is not None and not r.copy]
     if len(noted) < CLUSTER_MARKERS:
         return None
     (first, first_arrival), (last, last_arrival) = noted[0], noted[-1]
@@ -636,14 +636,14 @@ class BandwidthEstimate:
         if acked is not None:
             self.acked = acked
             self._carried(acked)
-        # A queue overflowing with the stream's own packets (not a probe's duplicates) is a full link, even before
+        # A queue overflowing with the stream's own packets (not copies: padding, resends) is a full link, even before
         # the delay detector's trend reads overuse: a queue of 300 ms at 300 kbit/s fills in 60 ms at 1.8 Mbit/s,
         # and the losses are in the next feedback, where the trend took most of a second to cross its threshold.
         # (only for losses of packets sent after the last cut: the share counts half a second of losses, and cut
         # again for those the last cut already answered, to 0.85 times what arrives each time, a link that fell to
         # 300 kbit/s was cut to 53 kbit/s and its video paused)
         overflowing = lost > self.own_loss() + OVERFLOW_LOSS and any(
-            r.arrival is None and not r.probe and (self.last_cut is None or r.sent > self.last_cut) for r in results)
+            r.arrival is None and not r.copy and (self.last_cut is None or r.sent > self.last_cut) for r in results)
         probe = self.probe
         if probe is not None:
             probe.packets.extend(r for r in results if probe.start <= r.sent < probe.start + probe.duration)

@@ -97,8 +97,8 @@ class DelayDetector:
         for result in sorted(results, key=lambda r: r.sequence):
             arrival = result.arrival
             if arrival is None:
-                if result.probe:
-                    continue  # (a probe's duplicate: the receiver drops it unnoted, lost or not)
+                if result.copy:
+                    continue  # (a probe's padding or a resend: dropped unnoted where the original came)
                 self._lost.append((result.sent, result.size + PACKET_OVERHEAD))
                 self._lost_bytes += result.size + PACKET_OVERHEAD
                 while self._lost[0][0] < result.sent - 2 * ACKED_WINDOW:  # (bounded while nothing arrives)

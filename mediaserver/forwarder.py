@@ -884,7 +884,7 @@ class Subscription:
             packet, out_seq, out_ts = item
             if packet.ssrc != self.rewriter.source_ssrc or self.publication.closed or self.pacing_dropped:
                 return  # (a resend for a level this subscriber has left, or from before a keyframe it awaits)
-            self._send_copy(packet, out_seq, out_ts, 0)
+            self._send_copy(packet, out_seq, out_ts, 0, resend=True)
 
     def _resend_copy(self, packet: RtpPacket, out_seq: int, out_ts: int) -> None:
         """The second copy of a resend, on a link that loses packets of its own (RESEND_TWICE_ABOVE)."""
@@ -894,29 +894,29 @@ class Subscription:
         pacer = self.pacer
         if pacer is not None and not pacer.admit(len(packet.payload), now):
             pacer.hold(self, len(packet.payload), (packet, out_seq, out_ts), now, resend=True)
-        elif not self._send_copy(packet, out_seq, out_ts, 0):
+        elif not self._send_copy(packet, out_seq, out_ts, 0, resend=True):
             return
         self.stats.resent_twice += 1
 
-    def _send_copy(self, packet: RtpPacket, out_seq: int, out_ts: int, arrival_ns: int) -> bool:
-        """Send one packet from outside a coroutine; False if it could not go now."""
+    def _send_copy(self, packet: RtpPacket, out_seq: int, out_ts: int, arrival_ns: int, resend: bool = False) -> bool:
+        """Send one packet from outside a coroutine (``resend``: one sent before); False if it could not go now."""
         try:
             if direct_send(self.port, packet.payload, out_seq, out_ts, packet.marker, packet.extensions.audio_level,
-                           arrival_ns, self.publication.delays):
+                           arrival_ns, self.publication.delays, resend):
                 return True
         except SendFailed:
             self.stats.send_errors += 1
             return False
         except ConnectionError:
             return False
-        task = asyncio.ensure_future(self._send(packet, out_seq, out_ts, extra=True))  # (aiortc's own path: TURN)
+        task = asyncio.ensure_future(self._send(packet, out_seq, out_ts, extra=True, resend=resend))  # (TURN)
         self._padding.add(task)
         task.add_done_callback(self._padding.discard)
         return True
 
     async def _send(self, packet: RtpPacket, out_seq: int, out_ts: int, extra: bool = False,
-                    probe: bool = False) -> bool:
-        """Send one packet; ``extra`` marks a retransmission or a probe's duplicate, which the
+                    probe: bool = False, resend: bool = False) -> bool:
+        """Send one packet; ``extra`` marks a resend or a probe's duplicate (``resend``, ``probe``), which the
         rate meter leaves out (it measures the stream itself)."""
         try:
             await self.port.send(
@@ -927,6 +927,7 @@ class Subscription:
                 padding_size=packet.padding_size,
                 audio_level=packet.extensions.audio_level,
                 probe=probe,
+                resend=resend,
             )
         except ConnectionError:
             self.stats.send_errors += 1
@@ -987,7 +988,7 @@ class Subscription:
                 if pacer is not None and not pacer.admit(len(cached.payload), now):
                     pacer.hold(self, len(cached.payload), (cached, out_seq, out_ts), now, resend=True)
                     continue
-                await self._send(cached, out_seq, out_ts, extra=True)
+                await self._send(cached, out_seq, out_ts, extra=True, resend=True)
             if upstream and self.rewriter.source_ssrc == self.publication.source_ssrc:
                 await self.publication.recover(upstream)
         elif feedback.kind == "keyframe":

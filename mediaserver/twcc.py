@@ -278,16 +278,16 @@ class PacketResult:
     sequence: int  # unwrapped
     sent: float  # seconds, the sender's clock
     size: int  # bytes on the wire
-    probe: bool  # a probe's padding
+    copy: bool  # a copy of a packet sent before (a probe's padding, or a resend): see SendHistory.take
     arrival: float | None  # seconds, the receiver's clock (only differences mean anything); None: lost
 
 
 class SendHistory:
     """The packets sent on one connection, by transport-wide sequence number, in a bounded ring:
-    send time, size and whether it was probe padding. ``take`` runs once per packet sent, on the
+    send time, size and whether it was a copy. ``take`` runs once per packet sent, on the
     forwarding hot path: it writes into preallocated arrays and allocates nothing."""
 
-    __slots__ = ("next", "_times", "_sizes", "_probes", "_seqs", "_mask", "_last_arrival_base")
+    __slots__ = ("next", "_times", "_sizes", "_copies", "_seqs", "_mask", "_last_arrival_base")
 
     def __init__(self, capacity: int = 8192) -> None:
         if capacity & (capacity - 1) or capacity > 0x8000:
@@ -295,18 +295,23 @@ class SendHistory:
         self.next = 0  # unwrapped
         self._times = array("d", bytes(8 * capacity))
         self._sizes = array("l", bytes(array("l").itemsize * capacity))
-        self._probes = bytearray(capacity)
+        self._copies = bytearray(capacity)
         self._seqs = array("q", [-1]) * capacity
         self._mask = capacity - 1
         self._last_arrival_base: tuple[int, int] | None = None  # (reference time, its unwrapped 64 ms count)
 
-    def take(self, now: float, size: int, probe: bool = False) -> int:
-        """Record a packet about to be sent; its 16-bit transport-wide sequence number."""
+    def take(self, now: float, size: int, copy: bool = False) -> int:
+        """Record a packet about to be sent; its 16-bit transport-wide sequence number.
+
+        ``copy``: the packet repeats one sent before, with the same stream and sequence number (a probe's
+        padding, or a resend). A receiver that has the original drops the copy as a replay (SRTP's replay
+        check) before noting its arrival, so its feedback reads lost whether or not the link carried it:
+        not a loss to count."""
         seq = self.next
         i = seq & self._mask
         self._times[i] = now
         self._sizes[i] = size
-        self._probes[i] = probe
+        self._copies[i] = copy
         self._seqs[i] = seq
         self.next = seq + 1
         return seq & 0xFFFF
@@ -315,7 +320,7 @@ class SendHistory:
         """The packets ``feedback`` describes that are still in the ring, with their send records
         (none for a feedback describing more packets than the ring holds: a few bytes of run
         length can describe 65535, and matching them all would cost far more than reading them)."""
-        if len(feedback.arrivals) > 2 * len(self._probes):
+        if len(feedback.arrivals) > 2 * len(self._copies):
             return []
         base = self._unwrap(feedback.base_sequence)
         offset = self._unwrap_reference(feedback.reference_time)
@@ -326,7 +331,7 @@ class SendHistory:
             if self._seqs[i] != seq:
                 continue  # (not sent yet, or overwritten: too old)
             arrival = None if at is None else (at + offset) / 1e6
-            found.append(PacketResult(seq, self._times[i], self._sizes[i], bool(self._probes[i]), arrival))
+            found.append(PacketResult(seq, self._times[i], self._sizes[i], bool(self._copies[i]), arrival))
         return found
 
     def _unwrap(self, sequence: int) -> int:

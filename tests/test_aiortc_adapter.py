@@ -649,7 +649,7 @@ async def test_two_aiortc_peers_negotiate_stamp_and_feed_back_transport_wide_seq
         await asyncio.wait_for(_until(lambda: sum(len(f.arrivals) for f in feedbacks) >= 10), 5)
         results = [r for f in feedbacks for r in history.results(f)]
         assert [r.sequence for r in results] == list(range(10))
-        assert all(r.arrival is not None for r in results) and [r.probe for r in results] == [False] * 9 + [True]
+        assert all(r.arrival is not None for r in results) and [r.copy for r in results] == [False] * 9 + [True]
     finally:
         await sender_pc.close()
         await receiver_pc.close()

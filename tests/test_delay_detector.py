@@ -61,7 +61,7 @@ def test_a_queue_draining_reads_underuse_then_normal_once_it_is_empty() -> None:
 def test_lost_packets_and_jitter_within_a_burst_say_nothing() -> None:
     detector = DelayDetector()
     results, _ = link(rate_bps=2_000_000, send_bps=500_000, seconds=5)
-    shaken = [PacketResult(r.sequence, r.sent, r.size, r.probe,
+    shaken = [PacketResult(r.sequence, r.sent, r.size, r.copy,
                            None if r.sequence % 7 == 0 else (r.arrival or 0) + (0.002 if r.sequence % 2 else 0.0))
               for r in results]
     assert set(feed(detector, shaken)) == {NORMAL}
@@ -70,7 +70,7 @@ def test_lost_packets_and_jitter_within_a_burst_say_nothing() -> None:
 def test_the_threshold_adapts_to_a_noisy_link_but_stays_bounded() -> None:
     detector = DelayDetector()
     results, _ = link(rate_bps=2_000_000, send_bps=500_000, seconds=20)
-    noisy = [PacketResult(r.sequence, r.sent, r.size, r.probe, (r.arrival or 0) + 0.004 * ((r.sequence // 3) % 2))
+    noisy = [PacketResult(r.sequence, r.sent, r.size, r.copy, (r.arrival or 0) + 0.004 * ((r.sequence // 3) % 2))
              for r in results]
     feed(detector, noisy)
     assert 6.0 <= detector.threshold <= 600.0

@@ -25,7 +25,7 @@ class _Port:
     sent: list[tuple[int, bytes]] = field(default_factory=list)  # (sequence number, payload)
 
     async def send(self, payload: bytes, *, sequence_number: int, timestamp: int, marker: bool, padding_size: int,
-                   audio_level: Any, probe: bool) -> None:
+                   audio_level: Any, probe: bool, resend: bool = False) -> None:
         self.sent.append((sequence_number, payload))
 
 

@@ -23,7 +23,7 @@ class _Port:
     sent: list[tuple[float, int, bool]] = field(default_factory=list)  # (when, bytes, a probe's duplicate)
 
     async def send(self, payload: bytes, *, sequence_number: int, timestamp: int, marker: bool, padding_size: int,
-                   audio_level: Any, probe: bool) -> None:
+                   audio_level: Any, probe: bool, resend: bool = False) -> None:
         self.sent.append((asyncio.get_running_loop().time(), len(payload), probe))
 
 

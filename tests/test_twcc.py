@@ -125,13 +125,13 @@ def test_the_recorder_starts_a_new_packet_where_a_delta_would_not_fit() -> None:
 
 def test_the_send_history_matches_feedback_to_what_was_sent_and_forgets_the_oldest() -> None:
     history = SendHistory(capacity=16)
-    sequences = [history.take(100.0 + i / 100, 1000 + i, probe=(i % 2 == 1)) for i in range(20)]
+    sequences = [history.take(100.0 + i / 100, 1000 + i, copy=(i % 2 == 1)) for i in range(20)]
     assert sequences == list(range(20))
     results = history.results(parse_feedback(encode_feedback(1, 2, 2, 0, [1000 * i for i in range(1, 19)])))
     # 2 and 3 were overwritten by 18 and 19: only 4..19 are still known
     assert [r.sequence for r in results] == list(range(4, 20))
-    assert results[0].sent == pytest.approx(100.04) and results[0].size == 1004 and not results[0].probe
-    assert results[1].probe and results[1].arrival == pytest.approx(0.004)  # (seq 5: the fourth described)
+    assert results[0].sent == pytest.approx(100.04) and results[0].size == 1004 and not results[0].copy
+    assert results[1].copy and results[1].arrival == pytest.approx(0.004)  # (seq 5: the fourth described)
 
 
 def test_the_send_history_wraps_its_sequence_numbers() -> None:
