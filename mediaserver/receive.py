@@ -274,6 +274,7 @@ class AudioPlayout:
         self._jump = int((max(max_delay, max_repair_delay) + 3.0 + 0.5) * clock_rate)  # farther: not this stream
         self._repairs: deque[tuple[float, float]] = deque()  # (arrival, delay it needed) of packets asked for
         self._repair_samples: deque[float] = deque(maxlen=20)  # times from asking for a packet to its arrival
+        self._resend_samples: deque[float] = deque(maxlen=20)  # ... of those that came behind a later packet
         self._started = False
         self._clear()
 
@@ -353,6 +354,15 @@ class AudioPlayout:
         newest = highest is None or seq > highest
         repaired = self._note_sequence(seq, ts, highest, now)
         self._asked = repaired
+        if repaired and self._answered_after is not None:
+            if not newest:
+                self._resend_samples.append(self._answered_after)
+            elif seq in self._guessed and self._answered_after < min(self._resend_samples,
+                                                                     default=self.assumed_round_trip):
+                # Asked for as overdue, and here before any packet sent after it, sooner than any resend came:
+                # the original, only late. The same as coming twice, where the copy never shows: SRTP refuses
+                # a copy of a packet already here as a replay.
+                self._guessing_after = now + GUESS_PAUSE
         samples = self._length_of(payload)
         if newest:
             self._highest_pauses = len(payload) <= PAUSE_PACKET_SIZE

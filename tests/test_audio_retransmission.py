@@ -49,13 +49,15 @@ class RepairingLink:
     def __init__(self, playout: AudioPlayout | None = None, *, one_way: float = 0.04,
                  lost: Callable[[int], bool] = lambda index: False,
                  repair_lost: Callable[[int], bool] = lambda index: False,
-                 seq0: int = 1000, ts0: int = 77_000, asking: bool = True) -> None:
+                 seq0: int = 1000, ts0: int = 77_000, asking: bool = True, replays_refused: bool = False) -> None:
         self.playout = playout if playout is not None else AudioPlayout()
         self.playout.on_missing = self.ask if asking else None
         self.one_way = one_way
         self.lost = lost
         self.repair_lost = repair_lost
         self.seq0, self.ts0 = seq0, ts0
+        self.replays_refused = replays_refused  # a copy of a packet already here never reaches the playout (SRTP)
+        self._delivered: set[int] = set()
         self.now = 0.0
         self.sent = 0
         self.requests: list[tuple[float, list[int]]] = []  # (when, sequence numbers)
@@ -91,6 +93,9 @@ class RepairingLink:
             if arrival is not None and arrival <= end and (due is None or arrival <= due) and (
                     ask is None or arrival <= ask):
                 self.now, _, index = heapq.heappop(self._arrivals)
+                if self.replays_refused and index in self._delivered:
+                    continue
+                self._delivered.add(index)
                 self.playout.push((self.seq0 + index) % 65536, (self.ts0 + index * FRAME) % (1 << 32),
                                   PACKETS[index % len(PACKETS)], self.now)
             elif ask is not None and ask <= end and (due is None or ask <= due):
@@ -381,6 +386,19 @@ def test_a_filling_queue_is_late_not_lost_and_is_not_asked_for() -> None:
         when + max(0, index - 50) * 0.005, index)
     link.run(3.0)
     assert link.playout.counters.nacked <= 3  # of the 100 packets that came late, a handful asked for
+    assert all(when < 1.2 for when, _ in link.requests)
+
+
+def test_a_filling_queue_is_not_asked_for_though_the_copies_asked_for_never_come() -> None:
+    # The same queue behind SRTP: the receiver refuses the copy of a packet it has as a replay, so a
+    # packet asked for as overdue never comes twice. It came sooner than a resend could: that alone
+    # says it was only late.
+    link = RepairingLink(one_way=0.02, replays_refused=True)
+    on_time = link._arrive
+    link._arrive = lambda when, index: on_time(  # type: ignore[method-assign]
+        when + max(0, index - 50) * 0.005, index)
+    link.run(3.0)
+    assert link.playout.counters.nacked <= 3
     assert all(when < 1.2 for when, _ in link.requests)
 
 
