@@ -30,6 +30,11 @@ and the WebRTC design notes), fed from transport-wide feedback (mediaserver/twcc
   second of arrivals. Through a full link packets arrive evenly at its
   capacity, and a link that has just fallen shows there at once, where the
   half second's average still holds most of what came before.
+* The queue (``queue_delay``): the newest arrival's one-way delay over the
+  least seen in the last ten seconds (the two clocks' offset cancels out). A
+  queue that drops what overflows it is a full one, which holds every packet
+  it keeps well above that least; a radio link's bursts of loss leave it at
+  the least.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ ACKED_WINDOW = 0.5  # seconds of arrivals the acknowledged bitrate counts
 ARRIVING_WINDOW = 0.2  # seconds of the latest arrivals ``arriving_rate`` counts
 ARRIVING_PACKETS = 5  # ... at least this many packets, over at least half that time
 PACKET_OVERHEAD = 28  # bytes of IP and UDP around each datagram
+QUEUE_WINDOW = 10.0  # seconds of arrivals whose least one-way delay is taken as the link's own, with no queue
 
 NORMAL, OVERUSE, UNDERUSE = "normal", "overuse", "underuse"
 
@@ -77,6 +83,7 @@ class DelayDetector:
         self.sent_rate: float | None = None  # bit/s: the rate the packets behind acked_rate were sent at
         self.lost_share = 0.0  # of the bytes sent over the span they were sent in, the share lost
         self.arriving_rate: float | None = None  # bit/s over the last ARRIVING_WINDOW of arrivals
+        self.queue_delay: float | None = None  # seconds: the newest arrival's one-way delay over the least lately
         self.groups_seen = 0
         self._group: _Group | None = None
         self._previous: _Group | None = None
@@ -91,6 +98,8 @@ class DelayDetector:
         self._newest_sent: float | None = None
         self._lost: deque[tuple[float, int]] = deque()  # (sent, bytes) of lost packets, sent since the window's first
         self._lost_bytes = 0
+        # (arrival, one-way delay) of the last QUEUE_WINDOW, each delay lower than all after it: the least first
+        self._least_delays: deque[tuple[float, float]] = deque()
 
     def on_results(self, results: list[PacketResult]) -> str:
         """Take one feedback packet's results; the state after them."""
@@ -105,6 +114,7 @@ class DelayDetector:
                     self._lost_bytes -= self._lost.popleft()[1]
                 continue
             self._acknowledge(arrival, result.size, result.sent)
+            self._queue(arrival, arrival - result.sent)
             group = self._group
             if group is None or result.sent - group.first_sent > GROUP_SPAN:
                 if group is not None:
@@ -141,6 +151,16 @@ class DelayDetector:
         if count < ARRIVING_PACKETS or newest - oldest < ARRIVING_WINDOW / 2:
             return None
         return total * 8 / (newest - oldest)
+
+    def _queue(self, arrival: float, delay: float) -> None:
+        least = self._least_delays
+        while least and least[-1][1] >= delay:
+            least.pop()
+        least.append((arrival, delay))
+        while least[0][0] < arrival - QUEUE_WINDOW:
+            least.popleft()
+        if arrival >= (self._newest_arrival or arrival):  # (a reordered packet does not speak for the queue now)
+            self.queue_delay = delay - least[0][1]
 
     def _acknowledge(self, arrival: float, size: int, sent: float) -> None:
         if self._newest_arrival is None or arrival > self._newest_arrival:

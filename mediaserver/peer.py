@@ -322,7 +322,8 @@ class Peer:
         state = self.delay.on_results(results)
         before = self.bandwidth.estimate
         self.bandwidth.on_transport_feedback(results, state, self.delay.acked_rate, time.monotonic(),
-                                             self.delay.sent_rate, self.delay.lost_share, self.delay.arriving_rate)
+                                             self.delay.sent_rate, self.delay.lost_share, self.delay.arriving_rate,
+                                             self.delay.queue_delay)
         if self.bandwidth.estimate < before * DECIDE_AT_ONCE:
             # (a link that fell: each quarter second's wait for the next decision is more of the old level flooding it)
             for subscription in self._receiving("video"):

@@ -327,6 +327,22 @@ def test_a_queue_overflowing_cuts_before_the_delay_trend_reads_overuse() -> None
     assert lossy.estimate >= 900_000
 
 
+def test_losses_without_a_standing_queue_are_the_links_own_and_no_overflow() -> None:
+    # nara bench adapt's burst10 at its start: the 300 kbit/s guess on a 1 Mbit/s link, a third of the half
+    # second's few packets lost in a burst, and every packet that came, came at the link's least delay.
+    burst = BandwidthEstimate(estimate=300_000)
+    heard(burst, 0.3, acked=80_000)
+    burst.on_transport_feedback(dropped(0.3), NORMAL, 78_000, 0.45, sent=78_000, lost=0.31, arriving=67_000,
+                                queued=0.002)
+    assert burst.estimate == 300_000 and burst.overuse_cuts == 0
+    # the same losses from a queue standing 250 ms over the least: a full queue, dropping
+    full = BandwidthEstimate(estimate=300_000)
+    heard(full, 0.3, acked=80_000)
+    full.on_transport_feedback(dropped(0.3), NORMAL, 78_000, 0.45, sent=78_000, lost=0.31, arriving=67_000,
+                               queued=0.25)
+    assert full.estimate == pytest.approx(67_000 * OVERUSE_CUT)
+
+
 def test_a_remb_far_under_what_the_per_packet_feedback_sees_arrive_cuts_no_further_than_an_overuse() -> None:
     # A link fallen from 2 Mbit/s to 300 kbit/s: the receiver's REMB overshoots the fall, to 63 kbit/s.
     bwe = BandwidthEstimate(estimate=1_800_000, confirmed=True, carried=1_800_000)

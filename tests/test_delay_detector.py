@@ -122,3 +122,15 @@ def test_what_arrives_now_shows_a_fall_at_once_where_the_half_seconds_average_la
     feed(detector, fallen)
     assert detector.acked_rate is not None and detector.acked_rate > 600_000
     assert detector.arriving_rate is not None and detector.arriving_rate < 350_000
+
+
+def test_the_queue_is_the_newest_arrivals_delay_over_the_least_lately() -> None:
+    detector = DelayDetector()
+    # a link with room: every packet at its least delay, whatever the clocks' offset (here 1000 s)
+    results, free_at = link(rate_bps=2_000_000, send_bps=500_000, seconds=2)
+    feed(detector, [PacketResult(r.sequence, r.sent, r.size, r.copy, (r.arrival or 0) + 1000) for r in results])
+    assert detector.queue_delay is not None and detector.queue_delay < 0.005
+    # sent at twice the link for half a second: a queue half a second deep by its end
+    results, _ = link(rate_bps=500_000, send_bps=1_000_000, seconds=0.5, start=2.0, first_seq=1000, free_at=free_at)
+    feed(detector, [PacketResult(r.sequence, r.sent, r.size, r.copy, (r.arrival or 0) + 1000) for r in results])
+    assert detector.queue_delay is not None and 0.45 < detector.queue_delay < 0.55
