@@ -80,9 +80,10 @@ receive path), adds faster rules; the ones above stay for subscribers without it
   overflowing keeps only what the link carries, and passes that on as fast
   as it came; such a loss, with a queue standing (``OVERFLOW_QUEUE``: a radio
   link's own bursts of loss come with none), cuts as an overuse does, before
-  the detector's trend reads one), the link kept up with what it was given: the queue is a
-  burst's, and a sender held to a layer's rate would be cut far under the
-  link; then the estimate is cut once by 0.85 while the overuse lasts.
+  the detector's trend reads one), the link kept up with what it was given:
+  the queue is a burst's, and a sender held to a layer's rate would be cut
+  far under the link; then the estimate is cut once by 0.85 while the
+  overuse lasts.
 * An overuse seen before any of a probe's packets has arrived is the link's,
   not the probe's: the probe is dropped (no failure, no blame) and the
   overuse cuts as any other.
