@@ -64,7 +64,8 @@ and never cut.
   each probe that overshoots delays the audio behind it. A cut forgets that
   rate (the link has changed).
 * What a failed probe leaves behind (a queue, a REMB that dips) is the
-  probe's doing: for a moment after it, those signs cut nothing.
+  probe's doing, and so is the queue of one whose padding fell short: for a
+  moment after it, those signs cut nothing.
 
 Per-packet delay feedback (transport-wide congestion control, mediaserver/twcc.py
 and mediaserver/delay_detector.py), where the subscriber sends it (browsers, Nära's
@@ -728,6 +729,10 @@ class BandwidthEstimate:
                 # off the growth between them for good).
                 self._streak = False
                 self.probe = None
+                # What padding did go queued all the same: that queue is the probe's doing too (nara bench adapt's
+                # step, at 300 kbit/s: read as overuse a moment later, it cut 263 kbit/s to 88 just before the
+                # link rose, and the rise took 9 s from there).
+                self._blame_probe(now)
                 if probe.duration >= PROBE_TIME_LONGEST:
                     self.last_probe_end = now
                     self.idle_until = now + PROBE_BACKOFF_PER_PACKET[0]
@@ -741,8 +746,7 @@ class BandwidthEstimate:
                     self.failed_probes = failed + 1  # (backs off, as below: the next would find the same)
                 # (and the queue it left is its own doing: on a 1 Mbit/s link with 100 ms of round trip, read as
                 # overuse, it cut the estimate it had just proven to 0.85 times what the publisher was sending)
-                self.blame_until = now + PROBE_SETTLE_PER_PACKET + (self.base_rtt or self.rtt)
-                self.blame_acked = self.acked or 0.0
+                self._blame_probe(now)
             return
         self._streak = False
         self._fail_probe(now)  # (backs off: probes just above a full link, one after another, keep it full)
@@ -758,6 +762,11 @@ class BandwidthEstimate:
         found = self._bounded(capacity * CLUSTER_SHARE)
         self.estimate = found if not self.confirmed else max(self.estimate, found)
         self._carried(found)
+
+    def _blame_probe(self, now: float) -> None:
+        """The queue a probe's cluster left, and the delay it shows for a moment, are the probe's doing."""
+        self.blame_until = now + PROBE_SETTLE_PER_PACKET + (self.base_rtt or self.rtt)
+        self.blame_acked = self.acked or 0.0
 
     @staticmethod
     def _delay_rise(probe: Probe) -> float:

@@ -236,6 +236,20 @@ def test_a_cluster_with_nothing_to_pad_proves_nothing_and_the_next_waits() -> No
     assert bwe.probe_rate(now + 1.3, wanted=500_000) is not None
 
 
+def test_the_queue_a_cluster_that_proved_nothing_left_is_its_own_doing() -> None:
+    # nara bench adapt's step at 300 kbit/s: a layer's frames, a cluster whose padding fell short of its rate,
+    # and then the queue that padding left read as overuse, with less arriving than went
+    bwe, rate = probing(acked=90_000, wanted=1_000_000, estimate=263_000, confirmed=True)
+    end = 1.0 + bwe.probe.duration if bwe.probe is not None else 1.0
+    bwe.on_transport_feedback(packets(1.0, end - 1.0 + 0.1, 90_000, size=400), NORMAL, 90_000, end + 0.1)
+    assert bwe.probe is None and bwe.estimate == 263_000  # (proved nothing)
+    bwe.on_transport_feedback([], OVERUSE, 104_000, end + 0.15, sent=117_000, arriving=107_000)
+    assert bwe.estimate == 263_000 and bwe.overuse_cuts == 0
+    # once the moment has passed, an overuse cuts as ever
+    bwe.on_transport_feedback([], OVERUSE, 104_000, end + 1.0, sent=117_000, arriving=107_000)
+    assert bwe.estimate == pytest.approx(104_000 * OVERUSE_CUT)
+
+
 def test_a_link_that_falls_as_a_probe_starts_is_cut_at_once_not_blamed_on_the_probe() -> None:
     bwe = BandwidthEstimate(estimate=1_500_000, confirmed=True, carried=1_500_000)
     heard(bwe, 0.0, acked=1_400_000)
