@@ -75,8 +75,14 @@ class NaraProcess:
     def _collect(self, stream: Any, lines: list[str], loop: asyncio.AbstractEventLoop) -> None:
         for line in stream:
             lines.append(line)
+            self._wake(loop)
+        self._wake(loop)
+
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
             loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._notify()))
-        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._notify()))
+        except RuntimeError:
+            pass  # (the test that waited is over and its loop closed: the server's last lines still count)
 
     async def _notify(self) -> None:
         async with self._changed:
