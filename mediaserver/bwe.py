@@ -750,10 +750,12 @@ class BandwidthEstimate:
             return
         self._streak = False
         self._fail_probe(now)  # (backs off: probes just above a full link, one after another, keep it full)
-        if not stretched or rates.arrived <= self.carried:
-            # Stopped before its packets showed how much the link carries; or they show less than it has
-            # carried, which is a cluster's few packets spread by jitter, not the link (on a lossy link with
-            # 100 ms of round trip, taken as the capacity it paused the video for ten seconds).
+        if not stretched or rates.arrived <= self.usable:
+            # Stopped before its packets showed how much the link carries; or they show no more than is used,
+            # which is a cluster's few packets spread by jitter, not the link (on a lossy link with 100 ms of
+            # round trip, taken as the capacity it paused the video for ten seconds). (Not what the link has
+            # ever carried: after a link fell from 2 Mbit/s and came back, clusters stopped by the queue they
+            # made arrived at 1.97 Mbit/s, no more than before the fall, and measured nothing.)
             return
         # The link is full: what the cluster arrived at is what it carries.
         capacity = rates.arrived

@@ -216,6 +216,21 @@ def test_a_cluster_spread_by_jitter_below_what_the_link_carried_is_no_measure_of
     assert bwe.usable == 150_000  # what it carried still stands: the video is not paused for it
 
 
+def test_a_link_back_from_a_fall_is_measured_by_a_cluster_stopped_by_its_queue() -> None:
+    # The link carried 2.2 Mbit/s, fell, and is back at 2 Mbit/s: a cluster at 2.6 Mbit/s fills its queue, and
+    # the detector stops it; its packets arrived at the link's 2 Mbit/s.
+    bwe = BandwidthEstimate(estimate=1_400_000, confirmed=True, carried=2_200_000)
+    heard(bwe, 0.0, acked=1_000_000)
+    bwe.on_report(0, now=0.1)
+    rate = bwe.probe_rate(1.0, wanted=4_000_000)
+    assert rate is not None and rate > 2_000_000
+    sent = packets(1.0, 0.2, 2_600_000, delay_growth=0.3)  # (arriving 1.3 times the span they were sent in)
+    bwe.on_transport_feedback([r for r in sent if r.sent < 1.1], OVERUSE, 1_000_000, 1.12)  # (stopped here)
+    bwe.on_transport_feedback([r for r in sent if r.sent >= 1.1], OVERUSE, 1_000_000, 1.3)
+    assert bwe.probe is None and bwe.measured == pytest.approx(2_000_000, rel=0.05)
+    assert bwe.usable == pytest.approx(2_000_000 * CLUSTER_SHARE, rel=0.05)
+
+
 def test_a_cluster_with_nothing_to_pad_proves_nothing_and_the_next_waits() -> None:
     bwe, rate = probing(acked=60_000, wanted=500_000, estimate=100_000, confirmed=True)
     # a paused subscriber: only its sound (40 kbit/s) goes, and the padding has nothing to repeat
