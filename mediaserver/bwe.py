@@ -223,8 +223,7 @@ OVERUSE_CUT_INTERVAL = 0.2
 # What arrives falling under this share of what arrived when a probe ended, or a queue overflowing with the
 # stream's own packets (``OVERFLOW_LOSS``), is the link falling, not the probe's queue: it cuts even
 # right after a probe (a link that drops from 2 Mbit/s to 300 kbit/s as a probe ends would otherwise be flooded
-# for the rest of the probe's blame). What arrives now, over the last fifth of a second, if less: the half
-# second's average still held what came before the fall, and the cut waited 0.2 s for it to halve.
+# for the rest of the probe's blame).
 LINK_FELL = 0.5
 GROWTH_PER_PACKET = 1.08  # a second, while the delay detector reads normal (whatever loss the link has of its own)
 GROWTH_ABOVE_ACKED = 1.5  # ... up to this multiple of what the receiver acknowledged
@@ -673,8 +672,7 @@ class BandwidthEstimate:
             if any(r.sent >= probe.start + probe.duration for r in results):  # feedback has covered all of it
                 self._judge_cluster(probe, now)
         elif ((state == OVERUSE or overflowing) and acked is not None
-              and (now >= self.blame_until or min(acked, arriving or acked) < self.blame_acked * LINK_FELL
-                   or overflowing)
+              and (now >= self.blame_until or acked < self.blame_acked * LINK_FELL or overflowing)
               and (self.last_cut is None or now - self.last_cut >= OVERUSE_CUT_INTERVAL)):
             kept_up = sent is not None and acked >= sent * KEPT_UP and not overflowing
             if kept_up and acked < self.estimate:

@@ -329,20 +329,6 @@ def test_a_queue_overflowing_with_the_streams_own_packets_right_after_a_failed_p
     assert bwe.estimate == pytest.approx(1_000_000 * OVERUSE_CUT), "cut at once, to what arrives"
 
 
-def test_a_link_that_falls_within_a_failed_probes_blame_is_cut_as_soon_as_what_arrives_now_halves() -> None:
-    bwe = BandwidthEstimate(estimate=1_800_000, confirmed=True)
-    heard(bwe, 0.0, acked=1_700_000)
-    bwe.on_report(0, now=0.1)
-    assert bwe.probe_rate(10.0, wanted=4_000_000) is not None
-    bwe.on_transport_feedback(packets(10.0, 0.1, 2_600_000), OVERUSE, 1_700_000, 10.15, sent=1_750_000)
-    bwe.on_transport_feedback(packets(10.1, 0.1, 2_600_000, first_seq=100), OVERUSE, 1_600_000, 10.25)
-    assert bwe.probe is None and bwe.failed_probes == 1 and bwe.estimate == 1_800_000  # (its queue: no cut)
-    # Within its blame, the link falls to 300 kbit/s, its queue not yet overflowing: the half second's average
-    # still holds most of what came before, what arrives now is the link's.
-    bwe.on_transport_feedback([], OVERUSE, 1_000_000, 10.35, sent=1_500_000, arriving=310_000)
-    assert bwe.estimate == pytest.approx(310_000 * OVERUSE_CUT), "cut at once, to what arrives now"
-
-
 def test_a_link_that_has_just_fallen_is_cut_to_what_arrives_now_not_the_half_seconds_average() -> None:
     bwe = BandwidthEstimate(estimate=1_800_000, confirmed=True)
     heard(bwe, 10.0, acked=1_700_000)
