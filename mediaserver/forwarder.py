@@ -625,7 +625,7 @@ class Subscription:
         self.chooser = LayerChooser()
         self.meter = RateMeter()
         self.probe_factor = 0.0  # the probe's rate over the level's own (over 1: probing)
-        self.padding_rate = 0.0  # bit/s of duplicates while probing
+        self.probe_rate = 0.0  # bit/s the probe's cluster goes at, this video's own packets and duplicates together
         self.pad_source: tuple[RtpPacket, int, int, float] | None = None  # (packet, seq, timestamp, when) to repeat
         self._padder: asyncio.Future[Any] | None = None
         self._padding: set[asyncio.Future[Any]] = set()  # (and the pacer's sends through aiortc)
@@ -716,7 +716,7 @@ class Subscription:
         else:
             current = max(self.publication.level_rate(self.level), 1.0)
             self.probe_factor = probe / current if probe > current else 0.0
-            self.padding_rate = max(probe - current, 0.0)
+            self.probe_rate = probe
             if self.probe_factor > 1.0 and (self._padder is None or self._padder.done()):
                 self._padder = asyncio.ensure_future(self._pad())
                 self._padding.add(self._padder)
@@ -821,29 +821,38 @@ class Subscription:
                 self.pad_source = (packet, out_seq, out_ts, now)
 
     async def _pad(self) -> None:
-        """Probing: pad up to the probe rate with duplicates of a packet just sent, paced at the padding's
-        own rate while the probe pads. Receivers drop duplicates; the link carries them, which is the point.
-        (Sent in a burst behind each packet, the duplicates of a frame held up the audio behind them on a
-        thin link for tens of ms.) Padding never delays media: while any waits in the pacer, none goes."""
+        """Probing: the cluster goes at the probe's rate, this video's own packets and duplicates of a packet just
+        sent together: the duplicates fill what the video leaves. Receivers drop duplicates; the link carries them,
+        which is the point. (Padding at the probe's rate less the level's mean, a publisher whose cap had just
+        risen sent more than its mean, and clusters went at 1.2-1.5 times their rate: on a link that came back
+        to 2 Mbit/s, one at 0.83 Mbit/s filled it, failed, and held the climb back.) Paced at the probe's rate:
+        sent in a burst behind each packet, the duplicates of a frame held up the audio behind them on a thin
+        link for tens of ms. Padding never delays media: while any waits in the pacer, none goes."""
         clock = self.publication.clock
-        due = clock()
         loop = asyncio.get_running_loop()
         ends = loop.time() + PADDING_LONGEST
+        last, own = clock(), self.stats.bytes
+        credit = 0.0  # bytes the cluster may still send: what its rate allowed, less what went
         while (self.probe_factor > 1.0 and self.link.padding(clock()) and not self.publication.closed
                and loop.time() < ends):
             now = clock()
+            rate = max(self.probe_rate, 1.0)
             source = self.pad_source
+            size = len(source[0].payload) if source is not None else 0
+            # (what it fell behind by is dropped past PADDING_CATCH_UP, or a packet: a busy loop must not send it in
+            # one burst; what the video sent over the rate is not: a keyframe's burst is the cluster's too)
+            credit = (min(credit + (now - last) * rate / 8, max(rate * PADDING_CATCH_UP / 8, size))
+                      - (self.stats.bytes - own))
+            last, own = now, self.stats.bytes
             if source is None or now - source[3] > PADDING_FRESH:
                 await asyncio.sleep(PADDING_TICK)  # (nothing sent lately to repeat)
-                due = clock()
                 continue
-            if now >= due:
-                packet, out_seq, out_ts, _ = source
-                due = max(due, now - PADDING_CATCH_UP) + len(packet.payload) * 8 / max(self.padding_rate, 1.0)
-                if ((self.pacer is None or not self.pacer.waiting)
-                        and await self._send(packet, out_seq, out_ts, extra=True, probe=True)):
-                    self.stats.padding += 1
-            await asyncio.sleep(max(due - clock(), 0.0))
+            packet, out_seq, out_ts, _ = source
+            if (credit >= size and (self.pacer is None or not self.pacer.waiting)
+                    and await self._send(packet, out_seq, out_ts, extra=True, probe=True)):
+                self.stats.padding += 1
+                credit -= size
+            await asyncio.sleep(min(max((size - credit) * 8 / rate, 0.0), PADDING_CATCH_UP))
 
     def _hold(self, packet: RtpPacket, arrival_ns: int, now: float, keyframe: bool | None) -> None:
         """A packet the pacer did not let go at once: queued, or dropped while waiting for a keyframe."""

@@ -7,6 +7,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import pytest
 from aiortc.rtp import RtpPacket
 
 from mediaserver.forwarder import Publication, Subscription
@@ -37,8 +38,10 @@ class _ProbingLink:
     def rise_budget(self) -> float | None:
         return 100_000.0
 
+    rate: float = PROBE
+
     def probe(self, now: float, wanted: float) -> float | None:
-        return PROBE
+        return self.rate
 
     def padding(self, now: float) -> bool:
         return now < self.until
@@ -53,13 +56,14 @@ class _ProbingLink:
         return None
 
 
-async def test_padding_behind_a_thin_layer_reaches_the_probe_rate_and_stops_with_the_probe() -> None:
+@pytest.mark.parametrize("probe", [PROBE, 150_000.0])  # (at 150 kbit/s, 20 ms of padding is less than a packet)
+async def test_padding_behind_a_thin_layer_reaches_the_probe_rate_and_stops_with_the_probe(probe: float) -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
     publication = Publication("kit", "video", cast(Any, None), clock=loop.time)
     publication.meter.rate = LAYER
     port = _Port()
-    link = _ProbingLink(until=start + 0.4)  # (a cluster, shorter than a sent packet stays fresh to repeat)
+    link = _ProbingLink(until=start + 0.4, rate=probe)  # (a cluster, shorter than a sent packet stays fresh to repeat)
     subscription = Subscription(publication, cast(Any, port), StreamRewriter(90000), link)
     subscription.level, subscription.target = 0, None
     await subscription.decide(start, [(0, LAYER), (1, 2_000_000.0)], cap_limited=False)
@@ -75,5 +79,36 @@ async def test_padding_behind_a_thin_layer_reaches_the_probe_rate_and_stops_with
     assert padding and all(at <= link.until + 0.05 for at, _ in padding), "none after the probe"
     rate = sum(size for _, size in padding) * 8 / (padding[-1][0] - padding[0][0])
     # (behind each packet, at most ten times the layer's rate went: 0.4 Mbit/s)
-    assert rate >= 0.7 * (PROBE - LAYER), f"padding at {rate / 1e3:.0f} kbit/s"
-    assert rate <= 1.2 * (PROBE - LAYER), "paced at the padding's rate, not flooded"
+    assert rate >= 0.7 * (probe - LAYER), f"padding at {rate / 1e3:.0f} kbit/s"
+    assert rate <= 1.2 * probe, "paced at the probe's rate, not flooded"
+
+
+async def test_the_video_sent_during_a_cluster_counts_toward_its_rate() -> None:
+    """A publisher whose cap has just risen sends more than its level's mean: the duplicates fill only what the
+    video leaves, so the cluster goes at the probe's rate, not over it (at 1.2-1.5 times it, a cluster filled a
+    link that carried its rate, and failed)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    publication = Publication("kit", "video", cast(Any, None), clock=loop.time)
+    publication.meter.rate = LAYER  # (the mean, lagging behind what the publisher now sends)
+    port = _Port()
+    link = _ProbingLink(until=start + 0.4)
+    subscription = Subscription(publication, cast(Any, port), StreamRewriter(90000), link)
+    subscription.level, subscription.target = 0, None
+    await subscription.decide(start, [(0, LAYER), (1, 2_000_000.0)], cap_limited=False)
+    sequence = 0
+    while loop.time() < link.until:  # the video itself at 400 kbit/s: 1250 bytes every 25 ms
+        packet = RtpPacket(payload_type=96, sequence_number=sequence, timestamp=sequence * 2250, ssrc=7)
+        packet.payload = bytes(1250)
+        await subscription.offer(0, packet, keyframe=sequence == 0)
+        sequence += 1
+        await asyncio.sleep(0.025)  # (the source's own pace)
+    padder = subscription._padder
+    assert padder is not None
+    await asyncio.wait_for(padder, 2.0)
+    video = sum(size for _, size, probe in port.sent if not probe)
+    padding = sum(size for _, size, probe in port.sent if probe)
+    span = port.sent[-1][0] - port.sent[0][0]
+    rate = (video + padding) * 8 / span
+    assert padding > 0
+    assert 0.8 * PROBE <= rate <= 1.1 * PROBE, f"the cluster went at {rate / 1e3:.0f} kbit/s"
