@@ -111,4 +111,4 @@ async def test_the_video_sent_during_a_cluster_counts_toward_its_rate() -> None:
     span = port.sent[-1][0] - port.sent[0][0]
     rate = (video + padding) * 8 / span
     assert padding > 0
-    assert 0.8 * PROBE <= rate <= 1.1 * PROBE, f"the cluster went at {rate / 1e3:.0f} kbit/s"
+    assert 0.6 * PROBE <= rate <= 1.1 * PROBE, f"the cluster went at {rate / 1e3:.0f} kbit/s"
