@@ -181,6 +181,13 @@ PROBE_CALM = 2.0  # seconds without a cut before probing
 NACK_MEMORY = 3.0  # seconds of NACKs that tell how much the link loses of its own
 PROBE_LOSS_RISE = 0.03  # a probe on a clean link (less NACKed loss than this) fails when a report shows this much
 ASKED_LEARNING = 0.03  # weight of each report in the link's own level of NACKed loss
+# The link's own loss learned by this weight from reports of a calm link (no probe running, no queue by the round
+# trip or the per-packet delay), for what depends on the loss alone (own_loss: each video resend goes twice).
+# ASKED_LEARNING alone learned a link losing 5 % of its own (nara bench adapt's loss5) as one losing 2 % only
+# after 20 s: until then each resend went once, and one lost too brought its frame a round trip late
+# (docs/benchmarks.md, issue 5, "A lossy link's resends twice from its first seconds"). Growth stays on the slow
+# level: it holds growth on a lossy link, and the link then has room for the repairs.
+ASKED_LEARNING_CALM = 0.2
 # A probe overshooting a thin link fills its queue, and audio waits in that queue too:
 # probes step from what the link has carried, close in on a rate that failed, and stop
 # at the first sign of queueing.
@@ -348,6 +355,7 @@ class BandwidthEstimate:
     loss: float = 0.0  # fraction lost, smoothed over the last few reports
     asked: float = 0.0  # fraction NACKed, smoothed the same way
     asked_level: float | None = None  # the link's own level of NACKed loss, learned slowly
+    calm_asked_level: float | None = None  # the same, learned sooner from calm reports only (ASKED_LEARNING_CALM)
     rtt: float = 0.1  # seconds, the last one reported
     queue_delay: float = 0.0  # how far that round trip is above its stream's lowest, seconds
     bases: dict[str, tuple[float, float]] = field(default_factory=dict)  # stream -> (lowest round trip, when)
@@ -476,6 +484,9 @@ class BandwidthEstimate:
             self.asked = asked if first else LOSS_SMOOTHING * asked + (1 - LOSS_SMOOTHING) * self.asked
             level = self.asked if self.asked_level is None else self.asked_level
             self.asked_level = level + ASKED_LEARNING * (self.asked - level)
+            if self._calm():
+                calm = self.asked_level if self.calm_asked_level is None else self.calm_asked_level
+                self.calm_asked_level = calm + ASKED_LEARNING_CALM * (self.asked - calm)
         self._finish_probe(now)
         if self.heard_at is None:
             self.heard_at = now
@@ -564,6 +575,11 @@ class BandwidthEstimate:
     def _fallen(self) -> bool:
         """Whether the link has carried ``FALLEN`` times the usable estimate or more: it fell, and may come back."""
         return self.carried >= self.usable * FALLEN
+
+    def _calm(self) -> bool:
+        """Whether losses now are the link's own: no probe running, no queue by the round trip, nor by the
+        per-packet delay where it comes."""
+        return self.probe is None and self.queue_delay < QUEUE_CALM and self.delay_state != OVERUSE
 
     def _nack_rate(self, now: float) -> float:
         recent = sum(n for t, n in self.nacks if t >= now - NACK_MEMORY)
@@ -688,9 +704,9 @@ class BandwidthEstimate:
             self._grow_per_packet(state, now)
 
     def own_loss(self) -> float:
-        """The share of packets the link loses of its own, as far as it is known (NACKed loss, learned slowly:
-        a queue that starts to overflow does not move it)."""
-        return self.asked_level or 0.0
+        """The share of packets the link loses of its own, as far as it is known: NACKed loss, learned slowly,
+        so that a queue that starts to overflow does not move it, or sooner from reports of a calm link."""
+        return max(self.asked_level or 0.0, self.calm_asked_level or 0.0)
 
     def _grow_per_packet(self, state: str, now: float) -> None:
         """Grow ``GROWTH_PER_PACKET`` a second while the delay detector reads normal and no more is lost than

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mediaserver.bwe import PACKET_OVERHEAD, BandwidthEstimate, DeliveryMeter, NackLoss
+from mediaserver.forwarder import RESEND_TWICE_ABOVE
 
 
 def lost(fraction: float) -> int:
@@ -199,6 +200,24 @@ def test_a_links_own_repaired_loss_does_not_cut_but_more_of_it_stops_growth() ->
     for t in range(30, 36):  # then far more is asked for: no more growth
         bwe.on_report(0, now=float(t), asked=0.30)
     assert bwe.estimate == before
+
+
+def test_a_calm_links_own_loss_is_learned_in_seconds_a_queues_is_not() -> None:
+    """A link that loses 5 % of its own, with no queue, is known as one within five reports (each video resend
+    then goes twice: forwarder.RESEND_TWICE_ABOVE); the same NACKs with a queue standing are a queue overflowing
+    and move the link's own level slowly."""
+    radio = BandwidthEstimate(estimate=800_000, confirmed=True)
+    queue = BandwidthEstimate(estimate=800_000, confirmed=True)
+    for bwe in (radio, queue):  # (the call's first report: nothing lost yet)
+        bwe.on_rtt(0.1, now=0.0)
+        bwe.on_report(0, now=0.0, asked=0.0)
+    for t in range(1, 6):
+        radio.on_rtt(0.1, now=float(t))
+        radio.on_report(0, now=float(t), asked=0.05)
+        queue.on_rtt(0.1 + 0.06 * t, now=float(t))  # a queue growing: 60 ms more every second
+        queue.on_report(0, now=float(t), asked=0.05)
+    assert radio.own_loss() >= RESEND_TWICE_ABOVE
+    assert queue.own_loss() < 0.5 * RESEND_TWICE_ABOVE
 
 
 def test_radio_loss_with_a_flat_round_trip_does_not_stop_probing() -> None:
