@@ -182,7 +182,8 @@ NACK_MEMORY = 3.0  # seconds of NACKs that tell how much the link loses of its o
 PROBE_LOSS_RISE = 0.03  # a probe on a clean link (less NACKed loss than this) fails when a report shows this much
 ASKED_LEARNING = 0.03  # weight of each report in the link's own level of NACKed loss
 # The link's own loss learned by this weight from reports of a calm link (no probe running, no queue by the round
-# trip or the per-packet delay), for what depends on the loss alone (own_loss: each video resend goes twice).
+# trip or the per-packet delay), for what depends on the loss alone (own_loss: whether each video resend goes
+# twice, and how much loss a queue may show before it reads as overflowing).
 # ASKED_LEARNING alone learned a link losing 5 % of its own (nara bench adapt's loss5) as one losing 2 % only
 # after 20 s: until then each resend went once, and one lost too brought its frame a round trip late
 # (docs/benchmarks.md, issue 5, "A lossy link's resends twice from its first seconds"). Growth stays on the slow
