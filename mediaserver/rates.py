@@ -60,28 +60,38 @@ class BurstMeter:
     (which makes up the detail the keyframe's coarse quantizer left out), carry most of a second's
     bits in a few hundred milliseconds, and on a link that is nearly full they queue the audio
     behind them past its playout time.
+
+    The buckets are kept as two columns of floats, which the garbage collector does not track: kept
+    as a ``[start, bytes]`` list each, every stream added about thirty tracked objects a second that
+    lived for seconds, and on a worker of 50 streams each young pass of the collector walked a
+    thousand or more of them while the loop, and every packet arriving, waited (docs/benchmarks.md,
+    issue 9, "A stream's bursts out of the collector's way").
     """
 
-    buckets: deque[list[float]] = field(default_factory=deque)  # [start, bytes], oldest first
+    starts: deque[float] = field(default_factory=deque)  # each bucket's first packet, oldest first
+    sizes: deque[float] = field(default_factory=deque)  # bytes in each bucket
 
     def add(self, size: int, now: float) -> None:
-        buckets = self.buckets
-        if buckets and now - buckets[-1][0] < BURST_BUCKET:
-            buckets[-1][1] += size
+        starts, sizes = self.starts, self.sizes
+        if starts and now - starts[-1] < BURST_BUCKET:
+            sizes[-1] += size
         else:
-            buckets.append([now, float(size)])
-            while now - buckets[0][0] > BURST_MEMORY:
-                buckets.popleft()
+            starts.append(now)
+            sizes.append(float(size))
+            while now - starts[0] > BURST_MEMORY:
+                starts.popleft()
+                sizes.popleft()
 
     def peak(self, now: float) -> float:
         """Bits, in the fullest window of the remembered ones (0 for a stream not heard from lately)."""
-        buckets = [b for b in self.buckets if now - b[0] <= BURST_MEMORY]
+        kept = [(start, size) for start, size in zip(self.starts, self.sizes, strict=True)
+                if now - start <= BURST_MEMORY]
         best = total = 0.0
         first = 0
-        for start, size in buckets:
+        for start, size in kept:
             total += size
-            while start - buckets[first][0] >= BURST_WINDOW:
-                total -= buckets[first][1]
+            while start - kept[first][0] >= BURST_WINDOW:
+                total -= kept[first][1]
                 first += 1
             best = max(best, total)
         return best * 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import av
@@ -131,6 +132,18 @@ def test_a_burst_meter_finds_the_fullest_window_and_forgets_old_bursts() -> None
     for frame in range(24, 96):
         meter.add(1000, frame / 8)
     assert meter.peak(12.0) == 3 * 1000 * 8  # the keyframe is eleven seconds old: forgotten
+
+
+def test_a_burst_meter_keeps_seconds_of_bursts_without_objects_the_collector_walks() -> None:
+    meter = BurstMeter()
+    meter.add(1000, 0.0)
+    gc.collect()
+    before = len(gc.get_objects())
+    for frame in range(1, 300):  # 25 frames a second for 12 s, each a little larger: the last 7 s remembered
+        meter.add(1000 + frame, frame / 25)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 10  # not an object per bucket
+    assert meter.peak(12.0) == sum(1000 + frame for frame in range(292, 300)) * 8  # the fullest 0.3 s: the last
 
 
 def test_a_level_whose_keyframes_would_hold_up_the_audio_does_not_fit_a_thin_link() -> None:
