@@ -24,6 +24,7 @@ import asyncio
 import logging
 import math
 import time
+from array import array
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -146,7 +147,11 @@ class ResendLimit:
     tokens: float = 0.0  # bytes
     last: float | None = None
     sent_at: dict[int, float] = field(default_factory=dict)  # resends
-    first_sent: list[tuple[int, float]] = field(default_factory=lambda: [(-1, 0.0)] * 1024)  # by seq % 1024
+    # When each of the last 1024 packets first went, by seq % 1024, as two columns of plain numbers: as a
+    # tuple per packet, every copy forwarded made an object the garbage collector tracks that lived for
+    # seconds, and each young pass walked thousands of them (docs/benchmarks.md, issue 9).
+    first_seqs: array[int] = field(default_factory=lambda: array("q", [-1]) * 1024)
+    first_times: array[float] = field(default_factory=lambda: array("d", [0.0]) * 1024)
     late_share: float | None = None
     asks: float = 0.0  # packets asked for lately, and sent for the first time (each decaying over ASK_MEMORY)
     sends: float = 0.0
@@ -169,7 +174,8 @@ class ResendLimit:
 
     def sent(self, seq: int, now: float) -> None:
         """A packet went out for the first time (once per packet per subscriber: kept cheap)."""
-        self.first_sent[seq & 1023] = (seq, now)
+        self.first_seqs[seq & 1023] = seq
+        self.first_times[seq & 1023] = now
         if self.late_share is not None:  # (only the share of asks needs the sends counted)
             self._decay(now)
             self.sends += 1
@@ -183,8 +189,9 @@ class ResendLimit:
     def on_its_way(self, seq: int, now: float, transit: float | None) -> bool:
         # (An ask for a hole the next packet showed comes a round trip after the packet went: on a link
         # without a queue, right at ``transit``, give or take how the round trip was measured.)
-        first = self.first_sent[seq % len(self.first_sent)]
-        return transit is not None and first[0] == seq and now - first[1] < transit - ANSWER_SLACK
+        slot = seq & 1023
+        return (transit is not None and self.first_seqs[slot] == seq
+                and now - self.first_times[slot] < transit - ANSWER_SLACK)
 
     def allow(self, seq: int, size: int, now: float, rtt: float, rate: float, transit: float | None = None) -> bool:
         self._decay(now)

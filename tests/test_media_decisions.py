@@ -131,6 +131,24 @@ def test_a_packet_asked_for_before_the_link_could_have_lost_it_is_not_resent() -
     assert limit.allow(8, 100, now=11.1, rtt=0.06, rate=30_000, transit=None)  # nothing known of the link
 
 
+def test_noting_every_packet_sent_leaves_the_collectors_young_pass_nothing_to_walk() -> None:
+    import gc
+
+    from mediaserver.forwarder import ResendLimit
+
+    limit = ResendLimit()
+    gc.collect()
+    gc.disable()  # (every object made from here on waits in the youngest generation)
+    try:
+        for seq in range(3000):  # a subscriber's minute of video: noted once per packet, as it is forwarded
+            limit.sent(seq, now=seq * 0.02)
+        young = len(gc.get_objects(generation=0))
+    finally:
+        gc.enable()
+    assert young < 10  # not one per packet kept
+    assert limit.on_its_way(2999, now=59.99, transit=0.2) and not limit.on_its_way(1975, now=59.99, transit=0.2)
+
+
 def test_an_ask_that_comes_a_round_trip_after_the_packet_went_is_for_a_lost_one() -> None:
     from mediaserver.forwarder import ResendLimit
 
