@@ -6,7 +6,7 @@ NACK is mapped back to the source sequence number and served from here.
 
 from __future__ import annotations
 
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from .aiortc_adapter import RtpPacket
 
@@ -69,7 +69,9 @@ class RtpPacketCache:
         self._timestamps = [0] * size
         self._ssrcs = [0] * size
         self._padding = [0] * size
-        self._audio_levels: list[Any] = [None] * size  # aiortc's (voice activity, level), or None
+        # aiortc's (voice activity, level) as one number, -1 for none: a tuple per audio packet would be an object
+        # the collector tracks, waiting in its youngest generation for the next pass to walk it.
+        self._audio_levels = [-1] * size
         self._payloads = [b""] * size
 
     def store(self, seq: int, packet: RtpPacket) -> bool:
@@ -82,7 +84,8 @@ class RtpPacketCache:
         self._timestamps[slot] = packet.timestamp
         self._ssrcs[slot] = packet.ssrc
         self._padding[slot] = packet.padding_size
-        self._audio_levels[slot] = packet.extensions.audio_level
+        level = packet.extensions.audio_level
+        self._audio_levels[slot] = -1 if level is None else int(level[0]) << 7 | level[1]
         self._payloads[slot] = packet.payload
         return True
 
@@ -93,10 +96,11 @@ class RtpPacketCache:
         packet = RtpPacket(self._payload_types[slot], self._markers[slot], seq, self._timestamps[slot],
                            self._ssrcs[slot], self._payloads[slot])
         packet.padding_size = self._padding[slot]
-        packet.extensions.audio_level = self._audio_levels[slot]
+        level = self._audio_levels[slot]
+        packet.extensions.audio_level = None if level < 0 else (bool(level >> 7), level & 0x7F)
         return packet
 
     def clear(self) -> None:
         self._seqs.clear()
         self._payloads = [b""] * len(self._payloads)
-        self._audio_levels = [None] * len(self._audio_levels)
+        self._audio_levels = [-1] * len(self._audio_levels)

@@ -44,3 +44,18 @@ def test_storing_packets_makes_no_object_the_collector_tracks() -> None:
     del packets, p
     gc.collect()
     assert len(gc.get_objects()) <= before - 2000  # the packets went; nothing was kept in their place
+
+
+def test_storing_audio_packets_leaves_the_collectors_young_pass_nothing_to_walk() -> None:
+    cache = RtpPacketCache(1024)
+    gc.collect()
+    gc.disable()  # (every object made from here on, and kept, waits in the youngest generation)
+    try:
+        for seq in range(3000):  # each packet parsed as it arrives, with its sound level, and stored
+            cache.store(seq, packet(seq, (seq % 2 == 0, seq % 128)))
+        young = len(gc.get_objects(generation=0))
+    finally:
+        gc.enable()
+    assert young < 10  # not a level kept per packet
+    back = cache.get(2999)
+    assert back is not None and back.extensions.audio_level == (False, 2999 % 128)
