@@ -92,14 +92,22 @@ class DelayDetector:
         self._first_arrival: float | None = None
         self._points: deque[tuple[float, float]] = deque(maxlen=WINDOW)  # (arrival ms, smoothed delay ms)
         self._last_update: float | None = None
-        self._acked: deque[tuple[float, int, float]] = deque()  # (arrival, bytes, sent) of the last ACKED_WINDOW
+        # Per packet, in columns of plain numbers (a tuple per packet would be an object the garbage collector
+        # tracks, thousands of them waiting for each young pass on a busy worker: docs/benchmarks.md, issue 9).
+        # Arrival, bytes and send time of the last ACKED_WINDOW of arrivals:
+        self._acked_arrivals: deque[float] = deque()
+        self._acked_sizes: deque[int] = deque()
+        self._acked_sents: deque[float] = deque()
         self._acked_bytes = 0
         self._newest_arrival: float | None = None
         self._newest_sent: float | None = None
-        self._lost: deque[tuple[float, int]] = deque()  # (sent, bytes) of lost packets, sent since the window's first
+        # Send time and bytes of lost packets, sent since the window's first:
+        self._lost_sents: deque[float] = deque()
+        self._lost_sizes: deque[int] = deque()
         self._lost_bytes = 0
-        # (arrival, one-way delay) of the last QUEUE_WINDOW, each delay lower than all after it: the least first
-        self._least_delays: deque[tuple[float, float]] = deque()
+        # Arrival and one-way delay of the last QUEUE_WINDOW, each delay lower than all after it: the least first
+        self._least_arrivals: deque[float] = deque()
+        self._least_delays: deque[float] = deque()
 
     def on_results(self, results: list[PacketResult]) -> str:
         """Take one feedback packet's results; the state after them."""
@@ -108,10 +116,12 @@ class DelayDetector:
             if arrival is None:
                 if result.copy:
                     continue  # (a probe's padding or a resend: dropped unnoted where the original came)
-                self._lost.append((result.sent, result.size + PACKET_OVERHEAD))
+                self._lost_sents.append(result.sent)
+                self._lost_sizes.append(result.size + PACKET_OVERHEAD)
                 self._lost_bytes += result.size + PACKET_OVERHEAD
-                while self._lost[0][0] < result.sent - 2 * ACKED_WINDOW:  # (bounded while nothing arrives)
-                    self._lost_bytes -= self._lost.popleft()[1]
+                while self._lost_sents[0] < result.sent - 2 * ACKED_WINDOW:  # (bounded while nothing arrives)
+                    self._lost_sents.popleft()
+                    self._lost_bytes -= self._lost_sizes.popleft()
                 continue
             self._acknowledge(arrival, result.size, result.sent)
             self._queue(arrival, arrival - result.sent)
@@ -123,12 +133,13 @@ class DelayDetector:
             else:
                 group.last_sent = max(group.last_sent, result.sent)
                 group.last_arrival = max(group.last_arrival, arrival)
-        if self.acked_rate is not None and self._acked and self._newest_sent is not None:
+        if self.acked_rate is not None and self._acked_sents and self._newest_sent is not None:
             # (the oldest arrival's send time for the window's first: arrivals keep the order of sending, but for
             # reordering, which moves the span by a packet's gap; a resend is a send of its own, sent later)
-            first_sent = self._acked[0][2]
-            while self._lost and self._lost[0][0] < first_sent:
-                self._lost_bytes -= self._lost.popleft()[1]
+            first_sent = self._acked_sents[0]
+            while self._lost_sents and self._lost_sents[0] < first_sent:
+                self._lost_sents.popleft()
+                self._lost_bytes -= self._lost_sizes.popleft()
             span = self._newest_sent - first_sent
             self.sent_rate = self._acked_bytes * 8 / max(span, 1e-3)  # (no floor: a full link's span is short)
             self.lost_share = self._lost_bytes / (self._acked_bytes + self._lost_bytes)
@@ -141,7 +152,7 @@ class DelayDetector:
             return None
         count = total = 0
         oldest = newest
-        for arrival, size, _ in reversed(self._acked):
+        for arrival, size in zip(reversed(self._acked_arrivals), reversed(self._acked_sizes), strict=True):
             if arrival < newest - ARRIVING_WINDOW:
                 break
             if count:
@@ -153,25 +164,33 @@ class DelayDetector:
         return total * 8 / (newest - oldest)
 
     def _queue(self, arrival: float, delay: float) -> None:
-        least = self._least_delays
-        while least and least[-1][1] >= delay:
+        arrivals, least = self._least_arrivals, self._least_delays
+        while least and least[-1] >= delay:
             least.pop()
-        least.append((arrival, delay))
-        while least[0][0] < arrival - QUEUE_WINDOW:
+            arrivals.pop()
+        least.append(delay)
+        arrivals.append(arrival)
+        while arrivals[0] < arrival - QUEUE_WINDOW:
+            arrivals.popleft()
             least.popleft()
         if arrival >= (self._newest_arrival or arrival):  # (a reordered packet does not speak for the queue now)
-            self.queue_delay = delay - least[0][1]
+            self.queue_delay = delay - least[0]
 
     def _acknowledge(self, arrival: float, size: int, sent: float) -> None:
         if self._newest_arrival is None or arrival > self._newest_arrival:
             self._newest_arrival = arrival
         if self._newest_sent is None or sent > self._newest_sent:
             self._newest_sent = sent
-        self._acked.append((arrival, size + PACKET_OVERHEAD, sent))
+        arrivals, sizes, sents = self._acked_arrivals, self._acked_sizes, self._acked_sents
+        arrivals.append(arrival)
+        sizes.append(size + PACKET_OVERHEAD)
+        sents.append(sent)
         self._acked_bytes += size + PACKET_OVERHEAD
-        while self._acked and self._acked[0][0] < self._newest_arrival - ACKED_WINDOW:
-            self._acked_bytes -= self._acked.popleft()[1]
-        span = self._newest_arrival - self._acked[0][0]
+        while arrivals and arrivals[0] < self._newest_arrival - ACKED_WINDOW:
+            arrivals.popleft()
+            sents.popleft()
+            self._acked_bytes -= sizes.popleft()
+        span = self._newest_arrival - arrivals[0]
         if span >= ACKED_WINDOW / 2:
             self.acked_rate = self._acked_bytes * 8 / max(span, ACKED_WINDOW * 0.9)
 

@@ -134,3 +134,20 @@ def test_the_queue_is_the_newest_arrivals_delay_over_the_least_lately() -> None:
     results, _ = link(rate_bps=500_000, send_bps=1_000_000, seconds=0.5, start=2.0, first_seq=1000, free_at=free_at)
     feed(detector, [PacketResult(r.sequence, r.sent, r.size, r.copy, (r.arrival or 0) + 1000) for r in results])
     assert detector.queue_delay is not None and 0.45 < detector.queue_delay < 0.55
+
+
+def test_the_packets_of_the_last_half_second_are_kept_without_objects_the_collector_walks() -> None:
+    import gc
+
+    detector = DelayDetector()
+    results, _ = link(rate_bps=10_000_000, send_bps=5_000_000, seconds=3)  # 625 packets a second
+    gc.collect()
+    gc.disable()  # (every object made from here on, and kept, waits in the youngest generation)
+    try:
+        states = feed(detector, results)
+        young = len(gc.get_objects(generation=0))
+    finally:
+        gc.enable()
+    assert set(states) == {NORMAL}
+    assert young < 60  # the detector's few groups and points, not the 300 packets of its window
+    assert detector.acked_rate is not None and abs(detector.acked_rate - 5_000_000 * 1028 / 1000) < 250_000
