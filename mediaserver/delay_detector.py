@@ -93,7 +93,7 @@ class DelayDetector:
         self._points: deque[tuple[float, float]] = deque(maxlen=WINDOW)  # (arrival ms, smoothed delay ms)
         self._last_update: float | None = None
         # Per packet, in columns of plain numbers (a tuple per packet would be an object the garbage collector
-        # tracks, thousands of them waiting for each young pass on a busy worker: docs/benchmarks.md, issue 9).
+        # tracks, hundreds per subscriber waiting for each young pass on a busy worker: docs/benchmarks.md, issue 9).
         # Arrival, bytes and send time of the last ACKED_WINDOW of arrivals:
         self._acked_arrivals: deque[float] = deque()
         self._acked_sizes: deque[int] = deque()

@@ -63,9 +63,9 @@ class BurstMeter:
 
     The buckets are kept as two columns of floats, which the garbage collector does not track: kept
     as a ``[start, bytes]`` list each, every stream added about thirty tracked objects a second that
-    lived for seconds, and on a worker of 50 streams each young pass of the collector walked a
-    thousand or more of them while the loop, and every packet arriving, waited (docs/benchmarks.md,
-    issue 9, "A stream's bursts out of the collector's way").
+    lived for seconds, walked by the collector's passes as they aged through its generations while
+    the loop, and every packet arriving, waited (docs/benchmarks.md, issue 9, "The young passes:
+    what waited in the youngest generation").
     """
 
     starts: deque[float] = field(default_factory=deque)  # each bucket's first packet, oldest first
