@@ -5,6 +5,8 @@ from __future__ import annotations
 from mediaserver.delay_detector import NORMAL, OVERUSE, UNDERUSE, DelayDetector
 from mediaserver.twcc import PacketResult
 
+from .gc_helpers import young_objects_after
+
 
 def link(rate_bps: float, send_bps: float, seconds: float, start: float = 0.0, first_seq: int = 0,
          free_at: float = 0.0, size: int = 1000) -> tuple[list[PacketResult], float]:
@@ -137,17 +139,10 @@ def test_the_queue_is_the_newest_arrivals_delay_over_the_least_lately() -> None:
 
 
 def test_the_packets_of_the_last_half_second_are_kept_without_objects_the_collector_walks() -> None:
-    import gc
-
     detector = DelayDetector()
     results, _ = link(rate_bps=10_000_000, send_bps=5_000_000, seconds=3)  # 625 packets a second
-    gc.collect()
-    gc.disable()  # (every object made from here on, and kept, waits in the youngest generation)
-    try:
-        states = feed(detector, results)
-        young = len(gc.get_objects(generation=0))
-    finally:
-        gc.enable()
+    states: list[str] = []
+    young = young_objects_after(lambda: states.extend(feed(detector, results)))
     assert set(states) == {NORMAL}
     assert young < 60  # the detector's few groups and points, not the 300 packets of its window
     assert detector.acked_rate is not None and abs(detector.acked_rate - 5_000_000 * 1028 / 1000) < 250_000

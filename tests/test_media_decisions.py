@@ -132,19 +132,17 @@ def test_a_packet_asked_for_before_the_link_could_have_lost_it_is_not_resent() -
 
 
 def test_noting_every_packet_sent_leaves_the_collectors_young_pass_nothing_to_walk() -> None:
-    import gc
-
     from mediaserver.forwarder import ResendLimit
 
+    from .gc_helpers import young_objects_after
+
     limit = ResendLimit()
-    gc.collect()
-    gc.disable()  # (every object made from here on waits in the youngest generation)
-    try:
-        for seq in range(3000):  # a subscriber's minute of video: noted once per packet, as it is forwarded
+
+    def forward_a_minute() -> None:  # a subscriber's minute of video: noted once per packet, as it is forwarded
+        for seq in range(3000):
             limit.sent(seq, now=seq * 0.02)
-        young = len(gc.get_objects(generation=0))
-    finally:
-        gc.enable()
+
+    young = young_objects_after(forward_a_minute)
     assert young < 10  # not one per packet kept
     assert limit.on_its_way(2999, now=59.99, transit=0.2) and not limit.on_its_way(1975, now=59.99, transit=0.2)
 

@@ -9,6 +9,8 @@ from aiortc.rtp import RtpPacket
 
 from mediaserver.packet_cache import RtpPacketCache
 
+from .gc_helpers import young_objects_after
+
 
 def packet(seq: int, audio_level: tuple[bool, int] | None = None) -> RtpPacket:
     p = RtpPacket(payload_type=96, marker=seq % 2, sequence_number=seq, timestamp=seq * 3000, ssrc=1234,
@@ -48,14 +50,12 @@ def test_storing_packets_makes_no_object_the_collector_tracks() -> None:
 
 def test_storing_audio_packets_leaves_the_collectors_young_pass_nothing_to_walk() -> None:
     cache = RtpPacketCache(1024)
-    gc.collect()
-    gc.disable()  # (every object made from here on, and kept, waits in the youngest generation)
-    try:
-        for seq in range(3000):  # each packet parsed as it arrives, with its sound level, and stored
+
+    def store_audio() -> None:  # each packet parsed as it arrives, with its sound level, and stored
+        for seq in range(3000):
             cache.store(seq, packet(seq, (seq % 2 == 0, seq % 128)))
-        young = len(gc.get_objects(generation=0))
-    finally:
-        gc.enable()
+
+    young = young_objects_after(store_audio)
     assert young < 10  # not a level kept per packet
     back = cache.get(2999)
     assert back is not None and back.extensions.audio_level == (False, 2999 % 128)
